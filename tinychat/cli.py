@@ -1,0 +1,71 @@
+"""`tinychat <command>`: a thin dispatcher.
+
+Each command is a (config dataclass, function) pair living in the module that does the work; the CLI
+only finds it, parses flags with the one config system (tinychat.config) and calls it. Modules are
+imported lazily so `tinychat --help` answers at once, without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from tinychat.config import help_text, parse_args
+from tinychat.errors import UserError
+
+# command words -> ("module", "ConfigClass", "function", "one-line description")
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("tinychat.demo", "DemoConfig", "run", "train a tokenizer and a tiny model for a minute, then generate"),
+    "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
+    "model init": ("tinychat.model.cli", "ModelInitConfig", "run_init", "create a randomly initialised model directory"),
+    "model info": ("tinychat.model.cli", "ModelInfoConfig", "run_info", "print a model directory's size and FLOPs"),
+    "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: tinychat <command> [options]   (tinychat <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {entry[3]}" for name, entry in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name = None
+    for n_words in (2, 1):
+        cand = " ".join(argv[:n_words])
+        if cand in COMMANDS:
+            name, rest = cand, argv[n_words:]
+            break
+    if name is None:
+        groups = sorted({c.split()[0] for c in COMMANDS if c.split()[0] == argv[0]})
+        if groups:
+            subs = [c for c in COMMANDS if c.startswith(argv[0] + " ")]
+            print(f"error: '{' '.join(argv[:2])}' is not a command; try one of: {', '.join(subs)}.", file=sys.stderr)
+        else:
+            print(f"error: unknown command '{argv[0]}'; run 'tinychat --help' for the list.", file=sys.stderr)
+        return 2
+    module_name, cfg_name, fn_name, desc = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    cfg_cls, fn = getattr(module, cfg_name), getattr(module, fn_name)
+    if "-h" in rest or "--help" in rest:
+        print(f"tinychat {name}: {desc}\n\noptions:\n{help_text(cfg_cls)}")
+        return 0
+    try:
+        cfg = parse_args(cfg_cls, rest)
+        result = fn(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
