@@ -17,7 +17,12 @@ from tinychat.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("tinychat.demo", "DemoConfig", "run", "train a tokenizer and a tiny model for a minute, then generate"),
     "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
-    "model init": ("tinychat.model.cli", "ModelInitConfig", "run_init", "create a randomly initialised model directory"),
+    "model init": (
+        "tinychat.model.cli",
+        "ModelInitConfig",
+        "run_init",
+        "create a randomly initialised model directory",
+    ),
     "model info": ("tinychat.model.cli", "ModelInfoConfig", "run_info", "print a model directory's size and FLOPs"),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
 }

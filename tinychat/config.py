@@ -121,9 +121,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
     for key, value in data.items():
         k = key.replace("-", "_")
         if k not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(names))}."
-            )
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(names))}.")
         tp = hints[k]
         if _is_dataclass_type(tp):
             setattr(obj, k, from_dict(tp, value, f"{prefix}{k}.", getattr(obj, k)))

@@ -1,0 +1,49 @@
+"""Choosing a device and a precision without hard-coding CUDA.
+
+`auto` picks CUDA, then Apple's MPS, then the CPU. bf16 is the fast path on CPUs with AVX-512/AMX and on
+recent GPUs; fp16 is never chosen silently because it needs loss scaling in training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinychat.errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}' is not a device name; use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but this torch build sees no CUDA GPU.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device '{name}' was asked for but MPS is not available here.")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on CUDA GPUs that support it, else fp32 (weights for inference)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype '{name}' is not known; use auto, float32, bfloat16 or float16.")
+    return DTYPES[name]

@@ -1,0 +1,78 @@
+"""`tinychat generate`: text from a model directory, streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from tinychat.config import field
+
+
+@dataclass
+class GenerateConfig:
+    model: str = field("", help="model directory (HF layout, with the tokenizer files)")
+    prompt: list[str] = field([], help="one or more prompts; several prompts are generated as one batch")
+    chat: bool = field(False, help="wrap each prompt as a user turn in the chat template")
+    system: str = field("", help="system message when --chat is given")
+    max_new_tokens: int = field(128)
+    temperature: float = field(0.8, help="0 = greedy")
+    top_k: int = field(0, help="0 = off")
+    top_p: float = field(1.0)
+    min_p: float = field(0.0)
+    repetition_penalty: float = field(1.0)
+    stop: list[str] = field([], help="stop strings (not included in the output)")
+    seed: int | None = field(None, help="same seed, same text")
+    stream: bool = field(True, help="print tokens as they come (batch of one)")
+    truncate: Literal["error", "left"] = field("error", help="what to do with a prompt over the context window")
+    device: str = field("auto")
+    dtype: str = field("auto")
+
+
+def run(cfg: GenerateConfig) -> int:
+    from tinychat.device import pick_device, pick_dtype
+    from tinychat.errors import UserError
+    from tinychat.infer.generate import generate
+    from tinychat.infer.sampling import SamplingParams
+    from tinychat.model import Model
+    from tinychat.tokenizer import Tokenizer
+
+    if not cfg.model:
+        raise UserError("--model DIR is required (a directory saved by tinychat or transformers).")
+    if not cfg.prompt:
+        raise UserError("--prompt TEXT is required.")
+    device = pick_device(cfg.device)
+    model = Model.from_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=str(device))
+    tok = Tokenizer.from_pretrained(cfg.model)
+    prompts = cfg.prompt
+    if cfg.chat:
+
+        def wrap(p: str) -> str:
+            msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+                {"role": "user", "content": p}
+            ]
+            return tok.apply_chat_template(msgs, add_generation_prompt=True)
+
+        prompts = [wrap(p) for p in prompts]
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
+        max_new_tokens=cfg.max_new_tokens,
+        stop=cfg.stop,
+        seed=cfg.seed,
+    )
+    streaming = cfg.stream and len(prompts) == 1
+    if streaming:
+        if not cfg.chat:
+            sys.stdout.write(cfg.prompt[0])
+        on_text = lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())  # noqa: E731
+        generate(model, tok, prompts, params, on_text=on_text, truncate=cfg.truncate)
+        sys.stdout.write("\n")
+    else:
+        for i, g in enumerate(generate(model, tok, prompts, params, truncate=cfg.truncate)):
+            head = "" if cfg.chat else cfg.prompt[i]
+            print(f"--- [{i}] ({g.finish_reason}, {len(g.token_ids)} tokens)\n{head}{g.text}")
+    return 0

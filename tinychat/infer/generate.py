@@ -1,0 +1,203 @@
+"""Batched text generation with the KV cache: prefill once, then one token per step for every row.
+
+Prompts of different lengths share one batch: they are right-padded, prefilled in one forward call
+(the cache records each row's real length) and then decode together, each row at its own position.
+Text is streamed as it becomes final: a trailing partial UTF-8 character, or text that could still
+turn into a stop string, is held back until the next token decides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tinychat.errors import UserError
+from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+
+
+class _TextTracker:
+    """Incremental detokenisation of one row, with stop-string detection and safe streaming."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:  # noqa: ANN001 - any tinychat/HF-like tokenizer
+        self.tok, self.stop = tokenizer, list(stop)
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already handed to the caller
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the newly final text (possibly empty)."""
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        for s in self.stop:
+            i = text.find(s)
+            if i != -1:
+                self.text, self.stopped = text[:i], True
+                return self._flush(len(self.text))
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))  # an unfinished multi-byte character
+        for s in self.stop:  # hold back a suffix that is a prefix of a stop string
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:n]):
+                    safe -= n
+                    break
+        return self._flush(safe)
+
+    def finish(self) -> str:
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta, self.emitted = self.text[self.emitted : upto], upto
+        return delta
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_prompts(
+    prompt_ids: list[list[int]], max_new_tokens: int, context: int, truncate: Literal["error", "left"]
+) -> list[list[int]]:
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise UserError(f"prompt {i} is empty after tokenisation; give at least one token.")
+        if len(ids) >= context:
+            if truncate != "left":
+                raise UserError(
+                    f"prompt {i} has {len(ids)} tokens but the context window is {context}; shorten it or "
+                    "ask for truncation from the left (truncate='left')."
+                )
+            ids = ids[-max(1, context - max_new_tokens) :]
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def generate_ids(
+    model,  # noqa: ANN001 - tinychat Model
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    stop_ids: set[int] | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
+    truncate: Literal["error", "left"] = "error",
+) -> tuple[list[list[int]], list[str], list[int]]:
+    """Generate token ids for a batch of prompts.
+
+    on_token(row, token_id) is called for each new token of an unfinished row and returns True when
+    that row should stop (e.g. a stop string appeared). Returns (new ids per row, finish reasons,
+    prompt lengths after truncation).
+    """
+    params.validate()
+    context = model.cfg.max_seq_len
+    prompts = prepare_prompts(prompt_ids, params.max_new_tokens, context, truncate)
+    device = _device(model)
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T0 = int(lengths.max())
+    budget = min(params.max_new_tokens, context - T0)  # the longest prompt bounds the shared cache
+    x = torch.zeros(B, T0, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p, device=device)
+    V = model.cfg.vocab_size
+    context_mask = torch.zeros(B, V, dtype=torch.bool, device=device)  # tokens seen: repetition penalty
+    for i, p in enumerate(prompts):
+        context_mask[i, torch.tensor(p, device=device)] = True
+    counts = torch.zeros(B, V, device=device)
+    sp = BatchSampling.stack([params] * B, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    stop_ids = stop_ids if params.stop_on_eos else set()
+    stop_t = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
+
+    cache = model.new_cache(B, max_len=T0 + budget)
+    logits = model(x, cache, n_new=lengths)
+    last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
+    new_ids: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(budget):
+        logits_f = apply_penalties(last.float(), context_mask, counts, sp)
+        nxt = sample(logits_f, sp, gen)  # (B,)
+        is_stop = (torch.isin(nxt, stop_t) if stop_t.numel() else torch.zeros_like(done)).tolist()
+        toks = nxt.tolist()
+        for row in torch.nonzero(~done).flatten().tolist():
+            tok = toks[row]
+            if is_stop[row]:
+                reasons[row], done[row] = "stop", True
+                continue
+            new_ids[row].append(tok)
+            if on_token is not None and on_token(row, tok):
+                reasons[row], done[row] = "stop", True
+        if bool(done.all()) or step == budget - 1:
+            break
+        context_mask.scatter_(1, nxt[:, None], True)
+        counts.scatter_add_(1, nxt[:, None], (~done).float()[:, None])
+        last = model(nxt[:, None], cache)[:, -1]
+    return new_ids, reasons, [len(p) for p in prompts]
+
+
+def generate(
+    model,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    prompts: str | list[str],
+    params: SamplingParams | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    truncate: Literal["error", "left"] = "error",
+) -> list[Generation]:
+    """Generate continuations of text prompts; on_text(row, delta) streams final text as it comes."""
+    params = params or SamplingParams()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    trackers = [_TextTracker(tokenizer, params.stop) for _ in prompts]
+
+    def on_token(row: int, tok: int) -> bool:
+        delta = trackers[row].push(tok)
+        if delta and on_text is not None:
+            on_text(row, delta)
+        return trackers[row].stopped
+
+    ids = [tokenizer.encode(p) for p in prompts]
+    new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
+    out = []
+    for row, tr in enumerate(trackers):
+        tail = tr.finish()
+        if tail and on_text is not None:
+            on_text(row, tail)
+        out.append(Generation(tr.text, new_ids[row], reasons[row], plens[row]))  # type: ignore[arg-type]
+    return out
+
+
+def stream(model, tokenizer, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:  # noqa: ANN001
+    """Yield text pieces of one prompt's continuation as they are generated (a Python generator)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+    err: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate(model, tokenizer, prompt, params, on_text=lambda _r, d: q.put(d))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            err.append(e)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (piece := q.get()) is not None:
+        yield piece
+    if err:
+        raise err[0]

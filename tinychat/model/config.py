@@ -1,0 +1,115 @@
+"""Model hyper-parameters and the size presets.
+
+One dataclass covers the Llama, Qwen2 and Qwen3 families because they differ only in switches: Qwen2
+adds q/k/v biases, Qwen3 adds per-head RMSNorm on queries and keys and lets head_dim differ from
+d_model / n_head. `arch` picks the Hugging Face class name a saved directory carries, so transformers
+opens it with no conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tinychat.config import field
+from tinychat.errors import UserError
+
+Arch = Literal["llama", "qwen2", "qwen3"]
+
+
+@dataclass
+class ModelConfig:
+    preset: str = field("tiny", help="size preset the other fields start from (tiny, small, base, medium)")
+    arch: Arch = field("qwen3", help="HF family the saved directory declares: llama, qwen2 or qwen3")
+    vocab_size: int = field(8192, help="set from the tokenizer when a run trains one")
+    d_model: int = field(256, help="hidden size")
+    n_layer: int = field(6)
+    n_head: int = field(4)
+    n_kv_head: int = field(2, help="key/value heads; divides n_head (1 = multi-query attention)")
+    head_dim: int = field(64, help="per-head size, independent of d_model (Qwen3 allows it)")
+    d_ff: int = field(768, help="SwiGLU intermediate size")
+    max_seq_len: int = field(512, help="context window in tokens")
+    rope_theta: float = field(10000.0)
+    rope_scaling: dict[str, Any] | None = field(None, help="HF rope_scaling/rope_parameters (llama3, linear)")
+    norm_eps: float = field(1e-6)
+    qk_norm: bool = field(True, help="RMSNorm on each query/key head (Qwen3)")
+    qkv_bias: bool = field(False, help="bias on q/k/v projections (Qwen2)")
+    o_bias: bool = field(False, help="bias on the output projection (Llama attention_bias)")
+    mlp_bias: bool = field(False, help="bias on the MLP projections (Llama mlp_bias)")
+    tie_embeddings: bool = field(True, help="share the input embedding and the output head")
+    init_std: float = field(0.02)
+    bos_token_id: int | None = field(None)
+    eos_token_id: int | list[int] | None = field(None)
+    pad_token_id: int | None = field(None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}).")
+        if self.head_dim % 2:
+            raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+
+# Sizes are quoted for the default 8192-token vocabulary (base/medium assume larger vocabularies).
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~6.8M parameters: the CPU speedrun model (~9k tokens/s bf16 training on 2 cores)
+    "tiny": dict(d_model=256, n_layer=6, n_head=4, n_kv_head=2, head_dim=64, d_ff=768, max_seq_len=512),
+    # ~29M parameters: a CPU model for an hour, or a GPU smoke test
+    "small": dict(d_model=512, n_layer=8, n_head=8, n_kv_head=4, head_dim=64, d_ff=1536, max_seq_len=1024),
+    # ~115M parameters with a 32k vocabulary: GPT-2-small class
+    "base": dict(
+        d_model=768,
+        n_layer=12,
+        n_head=12,
+        n_kv_head=4,
+        head_dim=64,
+        d_ff=2560,
+        max_seq_len=2048,
+        vocab_size=32768,
+    ),
+    # ~354M parameters with a 50k vocabulary: GPT-2-medium class, for GPUs
+    "medium": dict(
+        d_model=1024,
+        n_layer=24,
+        n_head=16,
+        n_kv_head=8,
+        head_dim=64,
+        d_ff=3072,
+        max_seq_len=2048,
+        vocab_size=50304,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig of a named size, with any field overridden (e.g. vocab_size from a tokenizer)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}.")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise UserError(f"unknown model option(s) {', '.join(bad)}.")
+    return ModelConfig(**{**PRESETS[name], **overrides, "preset": name})
+
+
+def resolve(cfg: ModelConfig, explicit: set[str] | None = None) -> ModelConfig:
+    """Apply cfg.preset underneath the fields a user set explicitly (those in `explicit`)."""
+    explicit = explicit or set()
+    base = preset(cfg.preset)
+    values = {f.name: getattr(cfg if f.name in explicit else base, f.name) for f in dataclasses.fields(cfg)}
+    return ModelConfig(**values)

@@ -1,0 +1,264 @@
+"""Saving and opening Hugging Face model directories (config.json + safetensors), both ways.
+
+Why HF's layout as our only format: every tool a user already has (transformers, vLLM, llama.cpp's
+converter, PEFT) opens it, and tinychat opens what those tools saved. Parameter names need no mapping
+because tinychat's modules use HF's names. Weights are read with safetensors only: nothing is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tinychat.errors import UserError
+from tinychat.model.config import ModelConfig
+from tinychat.model.transformer import Model, rope_inv_freq
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------- config.json
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    d: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.arch]],
+        "model_type": cfg.arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # older transformers read this key ...
+        "rope_parameters": rope,  # ... transformers 5 reads this one
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "tinychat_preset": cfg.preset,
+    }
+    if cfg.rope_scaling:
+        d["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.arch == "llama":
+        if cfg.qk_norm:
+            raise UserError("model.qk_norm is not part of the llama family; use arch qwen3.")
+        if cfg.qkv_bias != cfg.o_bias:
+            raise UserError("llama's attention_bias covers q/k/v and o together; set qkv_bias == o_bias.")
+        d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.arch == "qwen2":
+        if cfg.qk_norm or not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+            raise UserError("qwen2 has q/k/v biases and nothing else: qkv_bias=true, qk_norm/o_bias/mlp_bias false.")
+        d.update(use_sliding_window=False, sliding_window=None)
+    else:  # qwen3
+        if not cfg.qk_norm or cfg.qkv_bias != cfg.o_bias or cfg.mlp_bias:
+            raise UserError("qwen3 needs qk_norm=true, qkv_bias == o_bias (attention_bias) and no mlp_bias.")
+        d.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None)
+    return d
+
+
+def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    archs = d.get("architectures") or []
+    arch = next((MODEL_TYPES[a] for a in archs if a in MODEL_TYPES), None)
+    if arch is None and d.get("model_type") in ARCHITECTURES:
+        arch = d["model_type"]
+    if arch is None:
+        found = ", ".join(archs) or d.get("model_type") or "none"
+        raise UserError(
+            f"{source}: unsupported architecture {found}; tinychat opens {', '.join(ARCHITECTURES.values())}."
+        )
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (expected silu).")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope else None
+    if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
+        raise UserError(f"{source}: rope scaling {scaling} is not supported (default, linear or llama3).")
+    if d.get("use_sliding_window"):
+        raise UserError(f"{source}: sliding-window attention is not supported.")
+    n_head = int(d["num_attention_heads"])
+    try:
+        bias = bool(d.get("attention_bias", False))
+        cfg = ModelConfig(
+            preset=d.get("tinychat_preset", "custom"),
+            arch=arch,
+            vocab_size=int(d["vocab_size"]),
+            d_model=int(d["hidden_size"]),
+            n_layer=int(d["num_hidden_layers"]),
+            n_head=n_head,
+            n_kv_head=int(d.get("num_key_value_heads") or n_head),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // n_head),
+            d_ff=int(d["intermediate_size"]),
+            max_seq_len=int(d.get("max_position_embeddings", 2048)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            qk_norm=arch == "qwen3",
+            qkv_bias=True if arch == "qwen2" else bias,
+            o_bias=False if arch == "qwen2" else bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", arch != "llama")),
+            init_std=float(d.get("initializer_range", 0.02)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+        )
+    except KeyError as e:
+        raise UserError(f"{source}: required field {e.args[0]!r} is missing.") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------- atomic directory writes
+def write_files_atomically(path: str | Path, files: dict[str, Any]) -> None:
+    """Write {name: bytes | callable(tmp_path)} into directory `path` without ever leaving it half-written.
+
+    A new directory is built beside the target and renamed into place in one step. An existing
+    directory (which may hold a tokenizer or other files we must not touch) gets each file replaced by
+    an atomic os.replace, so every file is always either the old or the new version.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for name, content in files.items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        if not target.is_dir():
+            raise UserError(f"{target} exists and is not a directory.")
+        for name in files:
+            os.replace(tmp / name, target / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- save
+def save_pretrained(model: Model, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json, model.safetensors and generation_config.json in HF's layout."""
+    cfg = model.cfg
+    dtype = dtype or next(model.parameters()).dtype
+    state = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue  # HF leaves the tied head out and re-ties it on load
+        state[name] = t.detach().to("cpu", dtype).contiguous()
+    gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    if cfg.eos_token_id is not None:
+        gen["eos_token_id"] = cfg.eos_token_id
+    for key in ("bos_token_id", "pad_token_id"):
+        if getattr(cfg, key) is not None:
+            gen[key] = getattr(cfg, key)
+    write_files_atomically(
+        path,
+        {
+            "config.json": (json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n").encode(),
+            "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+            "generation_config.json": (json.dumps(gen, indent=2) + "\n").encode(),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- load
+def read_config(path: str | Path) -> ModelConfig:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"model directory {p} does not exist.")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{cfg_file} is missing; a model directory needs config.json and model.safetensors.")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file} is not valid JSON: {e}.") from None
+    return config_from_hf(data, str(cfg_file))
+
+
+def _weight_files(p: Path) -> list[Path]:
+    single = p / "model.safetensors"
+    index = p / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is not a valid safetensors index: {e}.") from None
+        missing = [s for s in shards if not (p / s).is_file()]
+        if missing:
+            raise UserError(f"{index} names shard {missing[0]}, which is missing.")
+        return [p / s for s in shards]
+    if (p / "pytorch_model.bin").exists():
+        raise UserError(
+            f"{p} holds pytorch_model.bin; tinychat reads safetensors only (never unpickles). "
+            "Re-save it with transformers' save_pretrained(safe_serialization=True)."
+        )
+    raise UserError(f"{single} is missing.")
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
+    p = Path(path)
+    cfg = read_config(p)
+    files = _weight_files(p)
+    with torch.device("meta"):
+        model = Model(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open is not iterable
+                    loaded[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}).") from None
+    if cfg.tie_embeddings:
+        loaded.pop("lm_head.weight", None)  # some writers store the tied copy too
+        expected.pop("lm_head.weight", None)
+    unexpected = sorted(set(loaded) - set(expected))
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise UserError(f"{files[0].parent}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all).")
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise UserError(f"{files[0].parent}: tensor {missing[0]} is missing ({len(missing)} in all).")
+    for name, t in loaded.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{files[0].parent}: tensor {name} has shape {tuple(t.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}."
+            )
+    if dtype is None:
+        dtype = next(iter(loaded.values())).dtype if loaded else torch.float32
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # the rotary buffer is not in the file: derive it (it was a meta tensor until now)
+    model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device or "cpu"), persistent=False)
+    return model.to(device or "cpu").eval()
