@@ -267,7 +267,12 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
             vals = [inline] if eq else []
             j = i + 1
             if not eq:
+                arity = _arity(cls, key)
                 while j < len(argv) and not (argv[j].startswith("--") and not _is_number(argv[j])):
+                    if arity == "one" and vals:
+                        break
+                    if arity == "bool" and (vals or argv[j].lower() not in _BOOL_WORDS):
+                        break
                     vals.append(argv[j])
                     j += 1
             if key == "config":
@@ -306,6 +311,25 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
         if positional:
             raise ConfigError(f"unexpected argument {positional[0]!r}.")
     return obj
+
+
+_BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "on", "off"}
+
+
+def _arity(cls: type, key: str) -> str:
+    """How many words a flag takes: "many" (list), "bool" (zero or one true/false word) or "one"."""
+    resolved = key.replace("-", "_")
+    if "." not in resolved:
+        resolved = _find_field(cls, resolved) or resolved
+    tp: Any = cls
+    for part in resolved.split("."):
+        if not _is_dataclass_type(tp) or part not in _hints(tp):
+            return "many"  # unknown: let set_dotted report it with every word it got
+        tp = _hints(tp)[part]
+    inner, _ = _unwrap_optional(tp)
+    if get_origin(inner) is list:
+        return "many"
+    return "bool" if inner is bool else "one"
 
 
 def _is_number(tok: str) -> bool:

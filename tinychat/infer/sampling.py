@@ -57,6 +57,15 @@ class BatchSampling:
     presence_penalty: torch.Tensor
     frequency_penalty: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # decided once per batch so the decode loop skips work (a full-vocabulary sort) nobody asked for
+        self.any_sampling = bool((self.temperature > 0).any())
+        self.needs_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any() or (self.min_p > 0).any())
+        self.needs_penalties = bool(
+            (self.repetition_penalty != 1).any() or (self.presence_penalty != 0).any()
+            or (self.frequency_penalty != 0).any()
+        )
+
     @classmethod
     def stack(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> BatchSampling:
         def col(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,6 +88,8 @@ def apply_penalties(
     output_counts: torch.Tensor,  # (B, V) times each token appeared in the output so far
     sp: BatchSampling,
 ) -> torch.Tensor:
+    if not sp.needs_penalties:
+        return logits
     rp = sp.repetition_penalty[:, None]
     penalised = torch.where(logits > 0, logits / rp, logits * rp)
     logits = torch.where(context_mask, penalised, logits)
@@ -108,8 +119,11 @@ def sample(logits: torch.Tensor, sp: BatchSampling, generator: torch.Generator |
     """Next tokens (B,) from logits (B, V) after penalties; temperature 0 rows are greedy."""
     logits = logits.float()
     greedy = logits.argmax(-1)
+    if not sp.any_sampling:
+        return greedy
     t = sp.temperature.clamp(min=1e-5)[:, None]
-    probs = filter_logits(logits / t, sp).softmax(-1)
+    scaled = logits / t
+    probs = (filter_logits(scaled, sp) if sp.needs_filter else scaled).softmax(-1)
     # exponential-race sampling (argmax p/E) is one vectorised call and honours the generator
     u = torch.empty_like(probs).exponential_(1.0, generator=generator)
     sampled = (probs / u).argmax(-1)

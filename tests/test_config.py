@@ -1,0 +1,74 @@
+"""The one config system: defaults < TOML < flags, dotted keys, types, unknown keys as errors."""
+
+from dataclasses import dataclass, field as dc_field
+
+import pytest
+
+from tinychat.config import ConfigError, dumps_toml, field, from_dict, load_toml, parse_args
+
+
+@dataclass
+class Opt:
+    lr: float = field(1e-3)
+    steps: int = field(10)
+    schedule: str = field("cosine")
+
+
+@dataclass
+class Cmd:
+    name: str = field("", positional=True)
+    inputs: list[str] = field([])
+    verbose: bool = field(False)
+    seed: int | None = field(None)
+    optim: Opt = dc_field(default_factory=Opt)
+
+
+def test_defaults_toml_then_flags(tmp_path):
+    (tmp_path / "c.toml").write_text('verbose = true\n[optim]\nlr = 0.5\nsteps = 3\n')
+    cfg = parse_args(Cmd, ["--config", str(tmp_path / "c.toml"), "--optim.steps", "7", "run1"])
+    assert (cfg.name, cfg.verbose, cfg.optim.lr, cfg.optim.steps) == ("run1", True, 0.5, 7)
+    assert cfg.optim.schedule == "cosine"
+
+
+def test_flag_spellings_lists_bools_and_optionals():
+    cfg = parse_args(Cmd, ["--inputs", "a.txt", "b/", "--verbose", "--seed=3", "--optim-lr", "2e-4"][:-2])
+    assert cfg.inputs == ["a.txt", "b/"] and cfg.verbose and cfg.seed == 3
+    cfg = parse_args(Cmd, ["--steps", "5", "--seed", "none", "--optim.lr", "-1"])  # bare name of a nested field
+    assert cfg.optim.steps == 5 and cfg.seed is None and cfg.optim.lr == -1.0
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--optim.nope", "1"], "unknown option --optim.nope"),
+        (["--steps", "x"], "must be of type int"),
+        (["--verbose=maybe"], "true or false"),
+        (["--optim", "1"], "names a section"),
+        (["--seed", "1", "a", "b"], "unexpected argument .b."),
+        (["--config", "/no/such.toml"], "does not exist"),
+    ],
+)
+def test_errors_are_one_sentence(argv, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_args(Cmd, argv)
+
+
+def test_unknown_toml_key_is_an_error(tmp_path):
+    (tmp_path / "c.toml").write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        parse_args(Cmd, ["--config", str(tmp_path / "c.toml")])
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = parse_args(Cmd, ["x", "--inputs", "a", "--optim.lr", "0.25"])
+    (tmp_path / "c.toml").write_text(dumps_toml(cfg))
+    again = from_dict(Cmd, load_toml(tmp_path / "c.toml"))
+    assert again == cfg
+
+
+def test_presets_in_configs_dir_parse():
+    """Every TOML preset shipped in configs/ is valid TOML (commands validate their own sections)."""
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml")):
+        assert isinstance(load_toml(path), dict)
