@@ -106,3 +106,26 @@ def test_bf16_autocast_close_to_fp32():
 
 def test_every_preset_is_documented_in_presets_table():
     assert {"tiny", "small", "base", "medium"} <= set(PRESETS)
+
+
+def test_cache_rows_feed_a_subset_of_slots():
+    """A serving engine runs only active slots: feeding rows [2, 0] equals running those sequences alone."""
+    m = tiny()
+    torch.manual_seed(2)
+    a, b = torch.randint(0, 300, (9,)), torch.randint(0, 300, (6,))
+    with torch.no_grad():
+        cache = m.new_cache(4)
+        rows = torch.tensor([2, 0])
+        x = torch.zeros(2, 9, dtype=torch.long)
+        x[0], x[1, :6] = a, b
+        first = m(x, cache, n_new=torch.tensor([9, 6]), rows=rows)
+        assert cache.lengths.tolist() == [6, 0, 9, 0]
+        nxt = m(torch.tensor([[5], [7]]), cache, rows=rows)[:, 0]
+        only_a = m(torch.cat([a, torch.tensor([5])])[None])[0]
+        only_b = m(torch.cat([b, torch.tensor([7])])[None])[0]
+    torch.testing.assert_close(first[0, 8], only_a[8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first[1, 5], only_b[5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt[0], only_a[9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt[1], only_b[6], atol=1e-5, rtol=1e-5)
+    cache.reset([2])
+    assert cache.lengths.tolist() == [7, 0, 0, 0]

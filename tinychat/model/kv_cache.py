@@ -35,11 +35,19 @@ class KVCache:
         # set by Model.forward for the duration of one call
         self._positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
         self._span = 0  # number of key positions the current call needs to look at
+        self._rows: torch.Tensor | None = None  # which rows the current call feeds (None: all)
+        self._start: int | None = None
 
-    def begin(self, n_tokens: int) -> torch.Tensor:
-        """Start a forward call of `n_tokens` new tokens per row; returns their positions (B, T)."""
-        pos = self.lengths[:, None] + torch.arange(n_tokens, device=self.lengths.device)[None, :]
-        lo, hi = int(self.lengths.min().item()), int(self.lengths.max().item())
+    def begin(self, n_tokens: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Start a forward call of `n_tokens` new tokens per row; returns their positions (B, T).
+
+        `rows` (B,) selects which cache rows ("slots") this call feeds, so a serving engine can run
+        only its active sequences; by default the call feeds every row.
+        """
+        self._rows = rows
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        pos = lengths[:, None] + torch.arange(n_tokens, device=self.lengths.device)[None, :]
+        lo, hi = int(lengths.min().item()), int(lengths.max().item())
         span = hi + n_tokens
         if span > self.max_len:
             raise ValueError(f"KV cache overflow: {span} positions needed, the cache holds {self.max_len}.")
@@ -51,6 +59,11 @@ class KVCache:
         """Write new keys/values (B, n_kv, T, hd) for one layer; return the cached span (B, n_kv, S, hd)."""
         assert self._positions is not None, "call begin() first"
         ck, cv = self.k[layer], self.v[layer]
+        if self._rows is not None:  # a subset of slots: index by (row, position), read the rows back
+            r = self._rows[:, None]
+            ck[r, :, self._positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, n_kv, hd) at [row, :, pos]
+            cv[r, :, self._positions] = v.transpose(1, 2).to(cv.dtype)
+            return ck[self._rows, :, : self._span], cv[self._rows, :, : self._span]
         if self._start is not None:
             s, T = self._start, k.shape[2]
             ck[:, :, s : s + T] = k
@@ -79,8 +92,11 @@ class KVCache:
 
     def advance(self, n_new: torch.Tensor) -> None:
         """Commit the call: row b now holds n_new[b] more real tokens."""
-        self.lengths += n_new.to(self.lengths)
-        self._positions = None
+        if self._rows is None:
+            self.lengths += n_new.to(self.lengths)
+        else:
+            self.lengths[self._rows] += n_new.to(self.lengths)
+        self._positions, self._rows = None, None
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all by default) so their slots can serve new sequences."""

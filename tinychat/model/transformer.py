@@ -197,6 +197,7 @@ class Model(nn.Module):
         input_ids: torch.Tensor,  # (B, T) token ids
         cache: KVCache | None = None,
         n_new: torch.Tensor | None = None,  # (B,) real tokens per row when right-padded; default T
+        rows: torch.Tensor | None = None,  # (B,) cache rows this call feeds; default all
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads."""
         B, T = input_ids.shape
@@ -206,8 +207,9 @@ class Model(nn.Module):
             pos = torch.arange(T, device=input_ids.device)[None, :]
             mask, is_causal = None, True
         else:
-            assert B == cache.batch_size, f"batch {B} != cache batch {cache.batch_size}"
-            pos = cache.begin(T)
+            expect = cache.batch_size if rows is None else len(rows)
+            assert expect == B, f"batch {B} != {expect} cache rows"
+            pos = cache.begin(T, rows)
             mask, is_causal = cache.attention_mask()
         x = self.model.embed_tokens(input_ids)
         freqs = pos[..., None].float() * self.inv_freq.float()  # (B|1, T, hd/2), fp32 as in HF
@@ -227,9 +229,10 @@ class Model(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         n_new: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, n_new))
+        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows))
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = self.lm_head.weight
