@@ -8,7 +8,7 @@ turn into a stop string, is held back until the next token decides it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +16,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
+from tinychat.infer.text import TextTracker
 
 
 @dataclass
@@ -24,44 +25,6 @@ class Generation:
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
-
-
-class _TextTracker:
-    """Incremental detokenisation of one row, with stop-string detection and safe streaming."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]) -> None:  # noqa: ANN001 - any tinychat/HF-like tokenizer
-        self.tok, self.stop = tokenizer, list(stop)
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already handed to the caller
-        self.text = ""
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add a token; return the newly final text (possibly empty)."""
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        for s in self.stop:
-            i = text.find(s)
-            if i != -1:
-                self.text, self.stopped = text[:i], True
-                return self._flush(len(self.text))
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))  # an unfinished multi-byte character
-        for s in self.stop:  # hold back a suffix that is a prefix of a stop string
-            for n in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:n]):
-                    safe -= n
-                    break
-        return self._flush(safe)
-
-    def finish(self) -> str:
-        return self._flush(len(self.text))
-
-    def _flush(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        delta, self.emitted = self.text[self.emitted : upto], upto
-        return delta
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -153,15 +116,21 @@ def generate_ids(
 def generate(
     model,  # noqa: ANN001
     tokenizer,  # noqa: ANN001
-    prompts: str | list[str],
+    prompts: str | list[int] | list[str] | list[list[int]],
     params: SamplingParams | None = None,
     on_text: Callable[[int, str], None] | None = None,
     truncate: Literal["error", "left"] = "error",
 ) -> list[Generation]:
-    """Generate continuations of text prompts; on_text(row, delta) streams final text as it comes."""
+    """Generate continuations of prompts; on_text(row, delta) streams final text as it comes.
+
+    A prompt is text (encoded as plain text: special-token look-alikes stay text) or token ids (what a
+    chat template renders, with real special tokens).
+    """
     params = params or SamplingParams()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    trackers = [_TextTracker(tokenizer, params.stop) for _ in prompts]
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    prompts = list(prompts)
+    trackers = [TextTracker(tokenizer, params.stop) for _ in prompts]
 
     def on_token(row: int, tok: int) -> bool:
         delta = trackers[row].push(tok)
@@ -169,7 +138,7 @@ def generate(
             on_text(row, delta)
         return trackers[row].stopped
 
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
     out = []
     for row, tr in enumerate(trackers):
@@ -180,7 +149,7 @@ def generate(
     return out
 
 
-def stream(model, tokenizer, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:  # noqa: ANN001
+def stream(model, tokenizer, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:  # noqa: ANN001
     """Yield text pieces of one prompt's continuation as they are generated (a Python generator)."""
     import queue
     import threading

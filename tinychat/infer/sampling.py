@@ -62,7 +62,8 @@ class BatchSampling:
         self.any_sampling = bool((self.temperature > 0).any())
         self.needs_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any() or (self.min_p > 0).any())
         self.needs_penalties = bool(
-            (self.repetition_penalty != 1).any() or (self.presence_penalty != 0).any()
+            (self.repetition_penalty != 1).any()
+            or (self.presence_penalty != 0).any()
             or (self.frequency_penalty != 0).any()
         )
 

@@ -45,7 +45,7 @@ def run_init(cfg: ModelInitConfig) -> int:
         from tinychat.tokenizer import Tokenizer
 
         tok = Tokenizer.from_pretrained(cfg.tokenizer)
-        explicit.update(vocab_size=tok.vocab_size, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
+        explicit.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     mcfg = preset(cfg.model.preset, **explicit)
     torch.manual_seed(cfg.seed)
     model = Model(mcfg)

@@ -158,12 +158,17 @@ def write_files_atomically(path: str | Path, files: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- save
-def save_pretrained(model: Model, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write config.json, model.safetensors and generation_config.json in HF's layout."""
+def save_pretrained(
+    model: Model, path: str | Path, dtype: torch.dtype | None = None, state_dict: dict | None = None
+) -> None:
+    """Write config.json, model.safetensors and generation_config.json in HF's layout.
+
+    `state_dict` overrides the model's own (a trainer passes the full weights gathered from FSDP shards).
+    """
     cfg = model.cfg
     dtype = dtype or next(model.parameters()).dtype
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in (state_dict if state_dict is not None else model.state_dict()).items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # HF leaves the tied head out and re-ties it on load
         state[name] = t.detach().to("cpu", dtype).contiguous()

@@ -1,0 +1,113 @@
+"""`tinychat tokenizer train` end to end on every input format, and every input mistake."""
+
+import gzip
+import json
+
+import pytest
+
+from tinychat.cli import main
+from tinychat.tokenizer import Tokenizer
+from tinychat.tokenizer.train import TokenizerTrainConfig, _read, _Stats
+
+
+def write_inputs(root, corpus):
+    """One file of each format (plus broken input); returns (directory, number of good documents)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    root.mkdir()
+    (root / "a.txt").write_text("".join(corpus[:50]), encoding="utf-8")
+    (root / "b.md").write_text("# Notes\n\n" + "".join(corpus[50:60]), encoding="utf-8")
+    sub = root / "nested" / "deeper"
+    sub.mkdir(parents=True)
+    lines = [json.dumps({"text": t, "id": i}, ensure_ascii=False) for i, t in enumerate(corpus[60:100])]
+    lines.insert(3, "{not json")  # bad line
+    lines.insert(7, json.dumps({"body": "no text field"}))  # bad line
+    lines.insert(9, "")  # blank: ignored silently
+    (sub / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with gzip.open(sub / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in corpus[100:150]:
+            f.write(json.dumps({"text": t}) + "\n")
+    pq.write_table(pa.table({"text": corpus[150:200], "n": list(range(50))}), root / "nested" / "e.parquet")
+    (root / "bad.txt").write_bytes(b"caf\xe9 latin-1 is not UTF-8")  # skipped with a warning
+    (root / "README.rst").write_text("ignored: unknown suffix inside a directory")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.txt").write_text("ignored: hidden directory")
+    return root, 1 + 1 + 40 + 50 + 50
+
+
+def test_cli_trains_on_every_format(tmp_path, corpus, capsys):
+    src, n_docs = write_inputs(tmp_path / "in", corpus)
+    out = tmp_path / "out"
+    rc = main(["tokenizer", "train", "--input", str(src), "--vocab-size", "500", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"on {n_docs} documents" in captured.out and "3 skipped" in captured.out
+    assert captured.err.count("warning: skipped") == 4  # three bad inputs + the total
+    assert "c.jsonl:3" in captured.err and "bad.txt" in captured.err
+    assert "skipped 3 unreadable files, lines or rows in total" in captured.err
+    tok = Tokenizer.from_pretrained(out)
+    assert tok.vocab_size == 500
+    text = corpus[7] + "<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_cli_text_field_files_and_max_bytes(tmp_path, corpus, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps({"content": t}) for t in corpus[:40]) + "\n")
+    other = tmp_path / "more.md"
+    other.write_text("".join(corpus[40:80]))
+    out = tmp_path / "out"
+    argv = ["tokenizer", "train", "--input", str(src), str(other), "--text-field", "content", "--out", str(out)]
+    assert main([*argv, "--vocab_size", "300", "--max-bytes", "2000"]) == 0
+    assert "(0.00 MB, 2 files, 0 skipped)" in capsys.readouterr().out
+    assert Tokenizer.from_pretrained(out).vocab_size == 300
+
+
+def test_max_bytes_cuts_at_a_character_boundary(tmp_path):
+    paths = []
+    for i, t in enumerate(["aaaa", "你好世界", "never read"]):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(t, encoding="utf-8")
+    stats = _Stats()
+    assert list(_read(paths, "text", 10, stats)) == ["aaaa", "你好"]
+    assert stats.bytes == 10 and stats.docs == 2
+
+
+def test_config_defaults():
+    cfg = TokenizerTrainConfig()
+    assert (cfg.input, cfg.vocab_size, cfg.out, cfg.text_field, cfg.max_bytes) == ([], 8192, "", "text", None)
+
+
+@pytest.mark.parametrize(
+    "make_argv,pattern",
+    [
+        (lambda t: ["--input", str(t / "missing.txt"), "--out", str(t / "o")], "missing.txt does not exist"),
+        (lambda t: ["--input", str(t / "empty"), "--out", str(t / "o")], "no input files"),
+        (lambda t: ["--input", str(t / "notes.rst"), "--out", str(t / "o")], "notes.rst has an unknown format"),
+        (lambda t: ["--input", str(t / "broken.txt"), "--out", str(t / "o")], "no text could be read"),
+        (lambda t: ["--out", str(t / "o")], "--input is required"),
+        (lambda t: ["--input", str(t / "ok.txt")], "--out is required"),
+        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--vocab-size", "100"], "at least 272"),
+        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--max-bytes", "0"], "must be positive"),
+        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--vocab", "300"], "unknown option"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, make_argv, pattern):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.rst").write_text("x")
+    (tmp_path / "broken.txt").write_bytes(b"\xff\xfe\xfa")
+    (tmp_path / "ok.txt").write_text("fine text")
+    rc = main(["tokenizer", "train", *make_argv(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and pattern in last
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help(capsys):
+    assert main(["tokenizer", "train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--input", "--vocab_size", "--out", "--text_field", "--max_bytes"):
+        assert flag in out

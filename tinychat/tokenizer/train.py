@@ -1,0 +1,160 @@
+"""Train a byte-level BPE tokenizer: `tinychat tokenizer train --input FILES/DIRS... --vocab-size N --out DIR`.
+
+Choices, and why:
+  * Byte level with all 256 bytes in the initial alphabet: every string encodes, no unknown token ever,
+    and decode(encode(s)) == s exactly (there is no normalizer to change the text either).
+  * Pre-tokenisation with the Qwen2 / GPT-4 style regex, but digits one by one (\\p{N} singly): numbers
+    then tokenize the same way whatever their length, which small models need to learn arithmetic.
+    Letter runs are \\p{L}+, so Chinese and other scripts without spaces form words too.
+  * The 16 special tokens come first (ids 0..15) so that every tinychat tokenizer, whatever its size,
+    agrees on them.
+Reading uses tinychat.data's streaming readers: one document at a time, bad lines or files skipped with
+a warning and counted, a missing path a UserError before any work starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+
+from tinychat.config import field
+from tinychat.data.readers import ReadError, expand_paths, iter_documents
+from tinychat.errors import UserError
+from tinychat.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+__all__ = ["SPECIAL_TOKENS", "SPLIT_PATTERN", "TokenizerTrainConfig", "build_backend", "run", "train_tokenizer"]
+
+# Qwen2's pattern (itself GPT-4's with \p{N} taken singly instead of in runs of up to three).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # English contractions
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"  # a word, with one leading space or punctuation mark
+    r"|\p{N}"  # ONE digit
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"  # punctuation runs
+    r"|\s*[\r\n]+"  # newlines (with the spaces before them)
+    r"|\s+(?!\S)"  # spaces, leaving the last one to the next word
+    r"|\s+"
+)
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # specials + one token per byte
+
+
+def build_backend() -> tokenizers.Tokenizer:
+    """An untrained tokenizer with tinychat's pipeline: regex split -> bytes -> BPE; ByteLevel decoder."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Learn BPE merges from `texts` (streamed: any iterable, consumed once) up to `vocab_size` ids.
+
+    The result may be smaller than vocab_size when the text has fewer distinct pairs to merge.
+    """
+    if vocab_size < MIN_VOCAB:
+        raise UserError(
+            f"vocab_size must be at least {MIN_VOCAB} ({len(SPECIAL_TOKENS)} special tokens + 256 bytes), "
+            f"got {vocab_size}."
+        )
+    backend = build_backend()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert backend.token_to_id(t) == i, f"special token {t} landed on id {backend.token_to_id(t)}, not {i}"
+    return Tokenizer(backend)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    input: list[str] = field([], help="text files or directories (.txt .md .jsonl .jsonl.gz .parquet), recursive")
+    vocab_size: int = field(8192, help="number of ids, the 16 special tokens and 256 bytes included")
+    out: str = field("", help="directory to write tokenizer.json and tokenizer_config.json into")
+    text_field: str = field("text", help="field holding the text in .jsonl / .parquet rows")
+    max_bytes: int | None = field(None, help="stop reading after this many bytes of UTF-8 text (default: all)")
+
+
+@dataclass
+class _Stats:
+    """What the reader saw: for the summary line and the skip warnings."""
+
+    docs: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    sample: str = ""  # the first ~256 KB, to report bytes per token after training
+
+
+MAX_WARNINGS = 10
+
+
+def _read(files: list[Path], text_field: str, max_bytes: int | None, stats: _Stats) -> Iterator[str]:
+    """Texts of `files`, stopping at max_bytes (the last one cut at a character boundary)."""
+
+    def on_error(err: ReadError) -> None:
+        stats.skipped += 1
+        if stats.skipped <= MAX_WARNINGS:
+            print(f"warning: skipped {err}", file=sys.stderr)
+        elif stats.skipped == MAX_WARNINGS + 1:
+            print("warning: more skipped input; the total is reported at the end.", file=sys.stderr)
+
+    for doc in iter_documents(files, text_field=text_field, on_error=on_error):
+        text = doc.text
+        n = len(text.encode("utf-8"))
+        if max_bytes is not None and stats.bytes + n > max_bytes:
+            text = text.encode("utf-8")[: max_bytes - stats.bytes].decode("utf-8", errors="ignore")
+            n = len(text.encode("utf-8"))
+        if text:
+            stats.docs += 1
+            stats.bytes += n
+            if len(stats.sample) < 1 << 18:
+                stats.sample += text[: (1 << 18) - len(stats.sample)]
+            yield text
+        if max_bytes is not None and stats.bytes >= max_bytes:
+            return
+
+
+def run(cfg: TokenizerTrainConfig) -> int:
+    """The CLI command: read, train, save, print one summary line."""
+    if not cfg.input:
+        raise UserError("--input is required: give one or more text files or directories.")
+    if not cfg.out:
+        raise UserError("--out is required: the directory to write the tokenizer into.")
+    if cfg.max_bytes is not None and cfg.max_bytes <= 0:
+        raise UserError(f"--max-bytes must be positive, got {cfg.max_bytes}.")
+    if cfg.vocab_size < MIN_VOCAB:
+        raise UserError(
+            f"--vocab-size must be at least {MIN_VOCAB} (16 special tokens + 256 bytes), got {cfg.vocab_size}."
+        )
+    files = expand_paths(cfg.input)  # UserError for a missing path, before any work
+    if not files:
+        raise UserError(
+            f"no input files (.txt .md .jsonl .jsonl.gz .parquet) found under {', '.join(map(str, cfg.input))}."
+        )
+    stats = _Stats()
+    tok = train_tokenizer(_read(files, cfg.text_field, cfg.max_bytes, stats), cfg.vocab_size, sys.stderr.isatty())
+    if stats.skipped:
+        print(f"warning: skipped {stats.skipped} unreadable files, lines or rows in total.", file=sys.stderr)
+    if stats.docs == 0:
+        raise UserError(f"no text could be read from {', '.join(map(str, cfg.input))}; nothing to train on.")
+    out = tok.save_pretrained(cfg.out)
+    n_tokens = len(tok.encode(stats.sample))
+    ratio = len(stats.sample.encode("utf-8")) / max(1, n_tokens)
+    print(
+        f"trained a {tok.vocab_size}-token BPE tokenizer on {stats.docs} documents "
+        f"({stats.bytes / 1e6:.2f} MB, {len(files)} files, {stats.skipped} skipped); "
+        f"{ratio:.2f} bytes/token on the first {len(stats.sample)} characters; wrote {out}"
+    )
+    return 0
