@@ -38,8 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, greedy, "
-          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sequence")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, greedy, "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sequence"
+    )
     print(f"{'preset':<8}{'params':>8}{'batch':>7}{'tinychat tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}")
     for name in args.presets.split(","):
         torch.manual_seed(0)
@@ -54,15 +56,22 @@ def main() -> None:
 
             def theirs() -> None:
                 with torch.no_grad():
-                    hf.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                do_sample=False, pad_token_id=0)
+                    hf.generate(
+                        prompts,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
 
             ours()
             theirs()  # warm-up
             t_ours, t_hf = best_of(ours, args.repeats), best_of(theirs, args.repeats)
             n = B * args.new_tokens
-            print(f"{name:<8}{model.num_params() / 1e6:>7.1f}M{B:>7}{n / t_ours:>16.1f}{n / t_hf:>20.1f}"
-                  f"{t_hf / t_ours:>7.2f}x")
+            print(
+                f"{name:<8}{model.num_params() / 1e6:>7.1f}M{B:>7}{n / t_ours:>16.1f}{n / t_hf:>20.1f}"
+                f"{t_hf / t_ours:>7.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -6,22 +6,11 @@ is random; nothing is downloaded.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-
-WORDS = "the quick brown fox jumps over a lazy dog and then the small model learns to chat call tools".split()
-
-
-def tiny_corpus(n_docs: int = 200, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15)))
-        docs.append(f"{words.capitalize()}. {rng.randint(0, 9999)} + {rng.randint(0, 99)} 今天天气很好。\n")
-    return docs
+from helpers import tiny_corpus
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +27,17 @@ def tiny_model_dir(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> 
 
     torch.manual_seed(0)
     cfg = preset(
-        "tiny", vocab_size=tiny_tokenizer.vocab_size, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-        d_ff=128, max_seq_len=128, eos_token_id=tiny_tokenizer.eos_id, pad_token_id=tiny_tokenizer.pad_id,
+        "tiny",
+        vocab_size=tiny_tokenizer.vocab_size,
+        d_model=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=16,
+        d_ff=128,
+        max_seq_len=128,
+        eos_token_id=tiny_tokenizer.eos_id,
+        pad_token_id=tiny_tokenizer.pad_id,
     )
     d = tmp_path_factory.mktemp("models") / "tiny"
     Model(cfg).save_pretrained(str(d))

@@ -16,6 +16,8 @@ from tinychat.errors import UserError
 # command words -> ("module", "ConfigClass", "function", "one-line description")
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("tinychat.demo", "DemoConfig", "run", "train a tokenizer and a tiny model for a minute, then generate"),
+    "data prepare": ("tinychat.data.prepare", "PrepareConfig", "run", "clean, filter, dedup and PII-scrub a corpus"),
+    "data tokenize": ("tinychat.data.tokenize", "TokenizeConfig", "run", "tokenize a corpus into memmap token shards"),
     "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
     "model init": (
         "tinychat.model.cli",
@@ -24,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "create a randomly initialised model directory",
     ),
     "model info": ("tinychat.model.cli", "ModelInfoConfig", "run_info", "print a model directory's size and FLOPs"),
+    "pretrain": ("tinychat.train.pretrain", "PretrainConfig", "run", "pretrain a model on token shards"),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
+    "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
+    "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
 }
 
 
@@ -37,6 +42,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m tinychat.cli -- pretrain --run x` keeps torchrun off our flags
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinychat {name}: {desc}\n\noptions:\n{help_text(cfg_cls)}")
         return 0
     try:
-        cfg = parse_args(cfg_cls, rest)
+        sections = {c.replace(" ", "_") for c in COMMANDS}
+        cfg = parse_args(cfg_cls, rest, section=name.replace(" ", "_"), sections=sections)
         result = fn(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

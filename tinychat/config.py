@@ -251,7 +251,28 @@ def _find_field(cls: type, name: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def parse_args(cls: type[T], argv: list[str]) -> T:
+# Sections a preset file may share between commands: ignored by a command that has no such field.
+SHARED_SECTIONS = {"model", "train"}
+
+
+def apply_toml(cls: type[T], obj: T, data: dict[str, Any], section: str | None, sections: set[str]) -> T:
+    """Apply a preset file to a command's config: its shared keys, then its own [section] table.
+
+    One preset (configs/cpu-tiny.toml) serves every command: a top-level [model] or [train] table
+    reaches each command that has one, and a table named after the command ([pretrain], [sft],
+    [pretrain.train], ...) overrides them for that command only; other commands' tables are skipped.
+    """
+    data = dict(data)
+    own = data.pop(section, {}) if section else {}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in list(data):
+        if key not in names and (key in sections or key in SHARED_SECTIONS):
+            data.pop(key)
+    obj = from_dict(cls, data, base=obj)
+    return from_dict(cls, own, prefix=f"{section}.", base=obj) if own else obj
+
+
+def parse_args(cls: type[T], argv: list[str], section: str | None = None, sections: set[str] | None = None) -> T:
     """Parse a command's argv into its config dataclass (defaults < --config TOML < flags)."""
     positional: list[str] = []
     flags: list[tuple[str, list[str]]] = []
@@ -288,7 +309,7 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
 
     obj = cls()  # type: ignore[call-arg]
     for path in config_files:
-        obj = from_dict(cls, load_toml(path), base=obj)
+        obj = apply_toml(cls, obj, load_toml(path), section, sections or set())
     pos_fields = [f for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     hints = _hints(cls)
     for key, vals in flags:

@@ -23,30 +23,22 @@ class ModelInfoConfig:
 
 
 def run_init(cfg: ModelInitConfig) -> int:
-    import dataclasses
-
     import torch
 
     from tinychat.errors import UserError
-    from tinychat.model.config import preset
+    from tinychat.model.config import resolve
     from tinychat.model.transformer import Model
 
     if not cfg.out:
         raise UserError("--out DIR is required.")
-    # fields left at their dataclass defaults come from the preset; explicit ones win
-    default = ModelConfig()
-    explicit = {
-        f.name: getattr(cfg.model, f.name)
-        for f in dataclasses.fields(ModelConfig)
-        if f.name != "preset" and getattr(cfg.model, f.name) != getattr(default, f.name)
-    }
+    explicit: dict = {}
     tok = None
     if cfg.tokenizer:
         from tinychat.tokenizer import Tokenizer
 
         tok = Tokenizer.from_pretrained(cfg.tokenizer)
         explicit.update(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    mcfg = preset(cfg.model.preset, **explicit)
+    mcfg = resolve(cfg.model, **explicit)  # fields left at their defaults come from the preset
     torch.manual_seed(cfg.seed)
     model = Model(mcfg)
     model.save_pretrained(cfg.out)

@@ -107,9 +107,16 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides, "preset": name})
 
 
-def resolve(cfg: ModelConfig, explicit: set[str] | None = None) -> ModelConfig:
-    """Apply cfg.preset underneath the fields a user set explicitly (those in `explicit`)."""
-    explicit = explicit or set()
-    base = preset(cfg.preset)
-    values = {f.name: getattr(cfg if f.name in explicit else base, f.name) for f in dataclasses.fields(cfg)}
-    return ModelConfig(**values)
+def resolve(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
+    """Put cfg.preset underneath the fields a user changed from the defaults, then apply `overrides`.
+
+    The dataclass defaults are the tiny preset, so `--model.preset small --model.n_layer 10` gives
+    small with 10 layers. (A field set explicitly to its tiny default value also yields to the preset.)
+    """
+    default = ModelConfig()
+    changed = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name != "preset" and getattr(cfg, f.name) != getattr(default, f.name)
+    }
+    return preset(cfg.preset, **{**changed, **overrides})

@@ -1,0 +1,151 @@
+"""Resumable checkpoints: an HF model directory plus the optimiser, RNG and loop state beside it.
+
+A checkpoint is `checkpoints/STAGE/step_000123/`: config.json + model.safetensors (fp32, opens in
+transformers), the tokenizer files, optimizer.safetensors (AdamW moments by parameter name) with
+optimizer.json (param groups), and trainer_state.json (step, tokens, objective state, RNG). It is written
+into a temporary directory and renamed into place, so a kill at any moment leaves either the old set
+of checkpoints or the new one, never a half-written directory. Nothing here is pickled.
+
+Weights and optimiser state go through torch.distributed.checkpoint's state-dict API, which gathers
+full tensors from DDP and FSDP2 alike, so a run can resume with another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from tinychat.errors import UserError
+from tinychat.model.hf import save_pretrained
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def step_dirs(stage_dir: Path) -> list[Path]:
+    if not stage_dir.is_dir():
+        return []
+    return sorted((p for p in stage_dir.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    dirs = [p for p in step_dirs(stage_dir) if (p / "trainer_state.json").is_file()]
+    return dirs[-1] if dirs else None
+
+
+def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
+    if not src:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimiser state dicts, keyed by parameter name; collective under FSDP."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=opts), {}
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(
+    stage_dir: Path,
+    step: int,
+    model: torch.nn.Module,  # the unwrapped tinychat Model (FSDP2 shards it in place)
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    tokenizer_dir: str | Path | None,
+    keep: int,
+    is_main: bool,
+) -> Path:
+    model_sd, optim_sd = gather_state(model, optimizer)  # every rank takes part in the gather
+    final = stage_dir / f"step_{step:06d}"
+    if not is_main:
+        return final
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.tmp-", dir=stage_dir))
+    try:
+        save_pretrained(model, tmp / "model", dtype=torch.float32, state_dict=model_sd)
+        for f in (tmp / "model").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "model").rmdir()
+        copy_tokenizer(tokenizer_dir, tmp)
+        if optim_sd:
+            tensors, groups = flatten_optimizer_state(optim_sd)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in step_dirs(stage_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def flatten_optimizer_state(optim_sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for fqn, st in optim_sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"{fqn}::{k}"] = t.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+    return tensors, groups
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        fqn, _, k = key.rpartition("::")
+        state.setdefault(fqn, {})[k] = t
+    param_groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore weights, optimiser and RNG from `path` into an already built (and wrapped) model; return
+    the trainer state. Every rank reads the files (they are small next to training, and shared storage
+    is what torchrun setups have)."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path} cannot be read: {e}.") from None
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        unwrapped = getattr(model, "module", model)
+        if unwrapped.cfg.tie_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    if optimizer is not None and (path / "optimizer.safetensors").is_file():
+        osd = unflatten_optimizer_state(
+            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        )
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=osd, options=opts)
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, weights, options=opts)
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

@@ -1,0 +1,43 @@
+"""Options of the one training loop, shared by every objective (pretrain, sft, reward, dpo, ppo, grpo, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tinychat.config import field
+
+
+@dataclass
+class TrainConfig:
+    device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = field(
+        "auto", help="autocast dtype; auto = bf16 where this machine's matmul probe shows it faster"
+    )
+    compile: bool = field(False, help="torch.compile the model")
+    activation_checkpointing: bool = field(False, help="recompute block activations in the backward pass")
+    distributed: Literal["ddp", "fsdp"] = field("ddp", help="how torchrun ranks share the model")
+    seed: int = field(1337)
+    batch_size: int = field(16, help="sequences per micro-batch per rank")
+    seq_len: int = field(256, help="tokens per training sequence")
+    batch_tokens: int = field(0, help="tokens per optimiser step across ranks (0 = one micro-batch per rank)")
+    lr: float = field(3e-3, help="peak learning rate")
+    min_lr_ratio: float = field(0.1, help="final learning rate as a fraction of the peak")
+    warmup_steps: int = field(50)
+    schedule: Literal["cosine", "wsd", "constant"] = field("cosine", help="cosine, warmup-stable-decay, constant")
+    decay_frac: float = field(0.2, help="wsd: fraction of the run spent decaying")
+    weight_decay: float = field(0.1, help="AdamW decay on matrices only (not norms or biases)")
+    beta1: float = field(0.9)
+    beta2: float = field(0.95)
+    eps: float = field(1e-8)
+    grad_clip: float = field(1.0, help="clip the global gradient norm (0 = off)")
+    max_steps: int = field(0, help="optimiser steps (0 = no step budget)")
+    max_tokens: int = field(0, help="training tokens (0 = no token budget)")
+    max_time: float = field(0.0, help="minutes of training (0 = no time budget)")
+    epochs: float = field(0.0, help="passes over the training data (0 = no epoch budget)")
+    eval_every: int = field(100, help="steps between evaluations (0 = only at the end)")
+    eval_batches: int = field(8, help="validation micro-batches per evaluation")
+    checkpoint_every: int = field(200, help="steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="step checkpoints kept on disk")
+    log_every: int = field(10, help="steps between log lines when the output is not a terminal")
+    tensorboard: bool = field(True, help="write TensorBoard event files")

@@ -1,0 +1,331 @@
+"""The one training loop. Every objective (pretrain, SFT, reward, DPO, PPO, GRPO, distillation) runs here.
+
+An objective only says what a step's batches are and what the loss of a batch is (`Objective` below);
+the loop owns everything else: device and precision, DDP/FSDP2, gradient accumulation, the optimiser
+and schedule, clipping, budgets, evaluation, metrics, checkpoints, exact resume, Ctrl-C and the NaN
+guard. So a new objective is one small file, and a fix to the loop reaches all of them.
+
+Loss normalisation: an objective returns the *sum* of its per-unit losses for a micro-batch and the
+number of units (target tokens, pairs, ...). The loop divides by the global count over all
+micro-batches and ranks, so gradient accumulation and data parallelism give exactly the gradient of
+the mean over the global batch, whatever the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinychat.errors import UserError
+from tinychat.train.checkpoint import copy_tokenizer, latest_checkpoint, load_checkpoint, save_checkpoint
+from tinychat.train.config import TrainConfig
+from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
+from tinychat.train.metrics import Console, MetricsLog
+from tinychat.train.mfu import autocast_dtype, measure_peak_flops
+from tinychat.train.optim import build_optimizer, lr_factor
+
+
+class Objective:
+    """What an objective supplies to the loop; subclasses override the first five methods."""
+
+    name: str = "objective"
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once the device and world are known, before the first batch."""
+        self.ctx = ctx
+
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        """This rank's micro-batches for optimiser step `step` (deterministic in step, rank, world)."""
+        raise NotImplementedError
+
+    def count(self, batch: Any) -> int:
+        """Units the loss is averaged over (target tokens, pairs, ...)."""
+        raise NotImplementedError
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens the model processes for this batch (forward), for throughput and MFU."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss over units, {metric: summed value over units}) for one micro-batch."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        """Validation numbers; run on every rank (collectives allowed), logged by rank 0."""
+        return {}
+
+    def progress(self, step: int) -> float:
+        """Passes over the training data so far (for an epoch budget); 0 if not meaningful."""
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
+        """Write the trained module as a model directory (default: an HF causal LM)."""
+        from tinychat.model.hf import save_pretrained
+
+        save_pretrained(model, path, dtype=torch.float32, state_dict=state_dict)
+
+
+@dataclass
+class TrainContext:
+    cfg: TrainConfig
+    dist: DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    run_dir: Path
+    stage: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    model_dir: Path
+    interrupted: bool = False
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _step_budget(cfg: TrainConfig, tokens_per_step: int) -> int | None:
+    budgets = []
+    if cfg.max_steps:
+        budgets.append(cfg.max_steps)
+    if cfg.max_tokens:
+        budgets.append(math.ceil(cfg.max_tokens / max(tokens_per_step, 1)))
+    return min(budgets) if budgets else None
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(
+    objective: Objective,
+    module: torch.nn.Module,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    stage: str,
+    tokenizer_dir: str | Path | None = None,
+    resume: bool = False,
+    dist_info: DistInfo | None = None,
+) -> TrainResult:
+    """Train `module` with `objective` until a budget is spent; the result lands in run_dir/checkpoints/stage."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / "checkpoints" / stage
+    info = dist_info or init_distributed(cfg.device)
+    device = info.device
+    if not any((cfg.max_steps, cfg.max_tokens, cfg.max_time, cfg.epochs)):
+        raise UserError("no training budget: set one of --train.max_steps, max_tokens, max_time or epochs.")
+    torch.manual_seed(cfg.seed)
+    amp = autocast_dtype(device, cfg.precision)
+    ctx = TrainContext(cfg, info, device, amp, run_dir, stage)
+    raw = module.to(device)
+    model = wrap_model(raw, info, cfg.distributed, cfg.activation_checkpointing, cfg.compile)
+    optimizer = build_optimizer(model, cfg, device)
+    objective.setup(ctx)
+
+    log = MetricsLog(run_dir, stage, info.is_main, cfg.tensorboard)
+    step, tokens, elapsed = 0, 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(stage_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer)
+            step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+            objective.load_state_dict(state.get("objective", {}))
+            log.truncate_after(step)
+            if info.is_main:
+                print(f"resumed {stage} from {ckpt} at step {step}", flush=True)
+    elif latest_checkpoint(stage_dir) is not None and info.is_main:
+        print(f"note: {stage_dir} holds checkpoints from an earlier run; starting fresh (use --resume to continue)")
+
+    peak = measure_peak_flops(device, amp or torch.float32) if info.is_main else 0.0
+    flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0
+    first = objective.micro_batches(step, raw)
+    tokens_per_step = sum(objective.tokens(b) for b in first) * info.world
+    total_steps = _step_budget(cfg, tokens_per_step)
+    console = Console(info.is_main, total_steps, cfg.log_every, stage)
+    is_ddp = hasattr(model, "no_sync")
+    is_fsdp = hasattr(model, "set_requires_gradient_sync")
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens": tokens,
+            "elapsed": elapsed,
+            "stage": stage,
+            "objective": objective.state_dict(),
+            "world": info.world,
+        }
+
+    def checkpoint() -> Path:
+        path = save_checkpoint(
+            stage_dir, step, raw, optimizer, trainer_state(), tokenizer_dir, cfg.keep_checkpoints, info.is_main
+        )
+        barrier()
+        return path
+
+    last_loss, last_eval, interrupted = float("nan"), {}, False
+    pending = first
+    t_start = time.perf_counter() - elapsed
+    with _Interrupt() as stop:
+        while True:
+            progress = max(
+                step / total_steps if total_steps else 0.0,
+                elapsed / (cfg.max_time * 60) if cfg.max_time else 0.0,
+                objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
+            )
+            if progress >= 1.0 or (total_steps is not None and step >= total_steps):
+                break
+            t0 = time.perf_counter()
+            lr = cfg.lr * lr_factor(step, progress, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            batches = pending if pending is not None else objective.micro_batches(step, raw)
+            pending = None
+            model.train()
+            count = all_reduce_sum(torch.tensor(float(sum(objective.count(b) for b in batches)), device=device))
+            if count.item() <= 0:
+                raise UserError(f"{stage}: step {step} has no training targets (every label is masked).")
+            scale = info.world / count.item()  # DDP/FSDP average over ranks; undo it to get the global mean
+            sums: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                if is_fsdp:
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+                with sync:
+                    with ctx.autocast():
+                        loss, extra = objective.loss(model, batch)
+                    (loss.float() * scale).backward()
+                loss_sum += loss.detach().float()
+                for k, v in extra.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            reduced = all_reduce_sum(torch.stack([loss_sum, *sums.values()])) / count
+            loss_value = reduced[0].item()
+            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+                console.close()
+                good = latest_checkpoint(stage_dir)
+                where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
+                raise TrainingDiverged(
+                    f"{stage}: the {what} is not finite at step {step}; stopped without saving, {where} "
+                    "(lower --train.lr or raise --train.warmup_steps)."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = sum(objective.tokens(b) for b in batches) * info.world
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t_start
+            tok_s = step_tokens / dt
+            mfu = flops_tok * tok_s / (peak * info.world) if peak and flops_tok else 0.0
+            last_loss = loss_value
+            rec = {
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tok_per_s": tok_s,
+                "mfu": mfu,
+                "step_time": dt,
+                "elapsed": elapsed,
+                **{k: v.item() for k, v in zip(sums, reduced[1:])},
+            }
+            log.log(step, rec)
+            eta = ""
+            if total_steps:
+                eta = f" | eta {(total_steps - step) * elapsed / max(step, 1) / 60:.1f}m"
+            console.update(step, f"loss {loss_value:.4f} | {tok_s:,.0f} tok/s | mfu {mfu:.1%}{eta}")
+
+            done_now = (total_steps is not None and step >= total_steps) or (
+                cfg.max_time and elapsed >= cfg.max_time * 60
+            )
+            if cfg.eval_every and step % cfg.eval_every == 0 and not done_now:
+                last_eval = _evaluate(objective, model, step, log, console, info)
+            if stop.flag:
+                interrupted = True
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done_now:
+                checkpoint()
+        last_eval = _evaluate(objective, model, step, log, console, info) if not interrupted else last_eval
+        path = checkpoint()
+        if not interrupted:
+            _save_final(objective, raw, stage_dir, tokenizer_dir, info)
+    console.close()
+    log.close()
+    if interrupted and info.is_main:
+        print(f"interrupted at step {step}; saved {path}; continue with --resume", flush=True)
+    return TrainResult(step, tokens, elapsed, last_loss, stage_dir, interrupted, last_eval)
+
+
+def _evaluate(objective, model, step, log, console, info) -> dict[str, Any]:  # noqa: ANN001
+    model.eval()
+    with torch.no_grad():
+        result = objective.evaluate(model, step)
+    scalars = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    log.log(step, result, kind="eval")
+    if scalars:
+        console.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    for sample in result.get("samples", [])[:3] if info.is_main else []:
+        console.write(f"  sample: {json.dumps(sample, ensure_ascii=False)[:200]}")
+    return result
+
+
+def _save_final(objective, raw, stage_dir: Path, tokenizer_dir, info: DistInfo) -> None:  # noqa: ANN001
+    """The stage's result as a plain model directory at checkpoints/STAGE/ (step dirs stay beside it)."""
+    from tinychat.train.checkpoint import gather_state
+
+    model_sd, _ = gather_state(raw, None)
+    if info.is_main:
+        objective.save_model(raw, stage_dir, model_sd)
+        copy_tokenizer(tokenizer_dir, stage_dir)
+    barrier()

@@ -1,0 +1,209 @@
+"""Pretraining: next-token prediction on packed token shards — the first objective on the one loop.
+
+`tinychat pretrain --config configs/cpu-tiny.toml [--dotted.overrides]` trains a model from scratch
+(or continues one, `--init DIR`) on the shards that `tinychat data tokenize` wrote, into
+runs/NAME/checkpoints/pretrain/. Evaluation reports validation loss and bits per byte (loss in bits
+divided by the UTF-8 bytes the target tokens stand for, comparable across tokenizers) and a few sampled
+continuations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tinychat.config import dumps_toml, field
+from tinychat.errors import UserError
+from tinychat.model.config import ModelConfig
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import Objective, TrainContext, TrainResult, train
+
+
+@dataclass
+class PretrainConfig:
+    run: str = field("default", help="run name: everything goes to RUNS_DIR/NAME")
+    runs_dir: str = field("runs")
+    data: str = field("", help="tokenized data directory (default RUNS_DIR/NAME/data/tokens)")
+    tokenizer: str = field("", help="tokenizer directory (default RUNS_DIR/NAME/tokenizer)")
+    init: str = field("", help="start from this model directory instead of random weights")
+    resume: bool = field(False, help="continue from the newest checkpoint of this stage")
+    stage: str = field("pretrain", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
+    samples: list[str] = field(["The", "Velmora", "12 + 7 ="], help="prompts sampled at each evaluation")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over targets != -100, computed in fp32 from (possibly bf16) logits."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+
+
+class PretrainObjective(Objective):
+    name = "pretrain"
+
+    def __init__(self, data_dir: Path, tokenizer: Any, cfg: TrainConfig, samples: list[str]) -> None:
+        self.data_dir, self.tok, self.cfg, self.samples = data_dir, tokenizer, cfg, samples
+
+    def setup(self, ctx: TrainContext) -> None:
+        from tinychat.data.loader import PackedLoader
+        from tinychat.tokenizer.bytes import token_byte_lengths
+
+        super().setup(ctx)
+        cfg, d = self.cfg, ctx.dist
+        per_micro = cfg.batch_size * cfg.seq_len * d.world
+        self.accum = max(1, cfg.batch_tokens // per_micro) if cfg.batch_tokens else 1
+        if cfg.batch_tokens and cfg.batch_tokens % per_micro:
+            raise UserError(
+                f"train.batch_tokens ({cfg.batch_tokens}) must be a multiple of batch_size x seq_len x ranks "
+                f"({per_micro})."
+            )
+        self.loader = PackedLoader(
+            self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=d.rank, world_size=d.world
+        )
+        self.token_bytes = torch.tensor(token_byte_lengths(self.tok), dtype=torch.float32, device=ctx.device)
+
+    # loader step = optimiser step x accumulation + micro index: the global batch is the same set of
+    # sequences whatever the split between ranks and accumulation (see tinychat.data.loader)
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        dev = self.ctx.device
+        out = []
+        for m in range(self.accum):
+            x, y = self.loader.batch(step * self.accum + m)
+            out.append((x.to(dev), y.to(dev)))
+        return out
+
+    def count(self, batch: Any) -> int:
+        return batch[1].numel()
+
+    def tokens(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return lm_loss(model, *batch), {}
+
+    def progress(self, step: int) -> float:
+        return step * self.accum / self.loader.steps_per_epoch
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        result = evaluate_lm(model, self.data_dir, self.cfg, self.token_bytes, self.ctx)
+        if self.ctx.dist.is_main and self.samples:
+            result["samples"] = sample_texts(model, self.tok, self.samples, self.ctx)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.cfg.seed, "accum": self.accum}
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module, data_dir: Path, cfg: TrainConfig, token_bytes: torch.Tensor, ctx: TrainContext
+) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte over the fixed validation batches of every rank."""
+    from tinychat.data.loader import val_batches
+    from tinychat.train.distributed import all_reduce_sum
+
+    nats = torch.zeros((), device=ctx.device)
+    n_tok = torch.zeros((), device=ctx.device)
+    n_bytes = torch.zeros((), device=ctx.device)
+    for x, y in val_batches(
+        data_dir,
+        cfg.batch_size,
+        cfg.seq_len,
+        rank=ctx.dist.rank,
+        world_size=ctx.dist.world,
+        max_batches=cfg.eval_batches,
+    ):
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with ctx.autocast():
+            logits = model(x)
+        per_tok = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nats += per_tok.sum()
+        n_tok += y.numel()
+        n_bytes += token_bytes[y.flatten()].sum()
+    nats, n_tok, n_bytes = all_reduce_sum(torch.stack([nats, n_tok, n_bytes])).tolist()
+    if n_tok == 0:
+        return {}
+    return {"val_loss": nats / n_tok, "val_bpb": nats / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+
+
+def sample_texts(model: torch.nn.Module, tok: Any, prompts: list[str], ctx: TrainContext) -> list[dict[str, str]]:
+    from tinychat.infer.generate import generate
+    from tinychat.infer.sampling import SamplingParams
+
+    raw = getattr(model, "module", model)
+    if not hasattr(raw, "new_cache") or any(type(p).__name__ == "DTensor" for p in raw.parameters()):
+        return []  # sharded (FSDP) weights: sampling would need a gather; the evaluation numbers suffice
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, seed=0)
+    with ctx.autocast():
+        outs = generate(raw, tok, prompts, params)
+    return [{"prompt": p, "completion": o.text} for p, o in zip(prompts, outs)]
+
+
+def check_inputs(cfg: PretrainConfig, mcfg: ModelConfig, data_dir: Path, tok: Any) -> dict[str, Any]:
+    """Every mistake we can see before training starts, as one sentence each."""
+    index_file = data_dir / "index.json"
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist; run `tinychat data tokenize` first.")
+    if not index_file.is_file():
+        raise UserError(f"{index_file} is missing; {data_dir} is not a tokenized data directory.")
+    index = json.loads(index_file.read_text())
+    data_vocab = int(index.get("vocab_size", 0))
+    if data_vocab and data_vocab != tok.vocab_size:
+        raise UserError(
+            f"{data_dir} was tokenized with a {data_vocab}-token vocabulary but the tokenizer has "
+            f"{tok.vocab_size}; re-tokenize with this tokenizer."
+        )
+    if tok.vocab_size > mcfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}.")
+    if cfg.train.seq_len > mcfg.max_seq_len:
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window "
+            f"({mcfg.max_seq_len}); raise model.max_seq_len or lower train.seq_len."
+        )
+    return index
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    from tinychat.model.config import resolve
+    from tinychat.model.transformer import Model
+    from tinychat.tokenizer import Tokenizer
+
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else run_dir / "tokenizer"
+    data_dir = Path(cfg.data) if cfg.data else run_dir / "data" / "tokens"
+    if not tok_dir.is_dir():
+        raise UserError(f"tokenizer directory {tok_dir} does not exist; run `tinychat tokenizer train` first.")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    if cfg.init:
+        model = Model.from_pretrained(cfg.init, dtype=torch.float32)
+        mcfg = model.cfg
+    else:
+        mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        model = None
+    check_inputs(cfg, mcfg, data_dir, tok)
+    if model is None:
+        torch.manual_seed(cfg.train.seed)
+        model = Model(mcfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(dataclasses.replace(cfg, model=mcfg)))
+    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples)
+    return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
+
+
+def run(cfg: PretrainConfig) -> int:
+    result = run_pretrain(cfg)
+    ev = result.last_eval
+    bpb = f", val bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+    print(
+        f"pretrain: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min, "
+        f"loss {result.final_loss:.3f}{bpb} -> {result.model_dir}"
+    )
+    return 130 if result.interrupted else 0
