@@ -52,7 +52,7 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
     def flops_per_token(self, T: int) -> float:
         n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
