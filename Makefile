@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tinychat demo
+	$(VENV)/bin/tinychat speedrun
 
 test: $(STAMP)
 	$(PY) -m pytest tests

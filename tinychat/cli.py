@@ -15,7 +15,7 @@ from tinychat.errors import UserError
 
 # command words -> ("module", "ConfigClass", "function", "one-line description")
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("tinychat.demo", "DemoConfig", "run", "train a tokenizer and a tiny model for a minute, then generate"),
+    "speedrun": ("tinychat.speedrun", "SpeedrunConfig", "run", "the whole pipeline on the built-in world"),
     "data prepare": ("tinychat.data.prepare", "PrepareConfig", "run", "clean, filter, dedup and PII-scrub a corpus"),
     "data tokenize": ("tinychat.data.tokenize", "TokenizeConfig", "run", "tokenize a corpus into memmap token shards"),
     "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "model info": ("tinychat.model.cli", "ModelInfoConfig", "run_info", "print a model directory's size and FLOPs"),
     "pretrain": ("tinychat.train.pretrain", "PretrainConfig", "run", "pretrain a model on token shards"),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
+    "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
     "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
 }

@@ -340,6 +340,8 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "on", "off"}
 def _arity(cls: type, key: str) -> str:
     """How many words a flag takes: "many" (list), "bool" (zero or one true/false word) or "one"."""
     resolved = key.replace("-", "_")
+    if resolved == "config":
+        return "one"
     if "." not in resolved:
         resolved = _find_field(cls, resolved) or resolved
     tp: Any = cls

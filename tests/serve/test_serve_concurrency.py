@@ -1,0 +1,67 @@
+"""Sixteen clients at once get what each gets alone; a client that hangs up frees its slot at once."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+MODEL = "tiny-test"
+TOPICS = "fox dog Paris tools chat models lazy quick brown jumps over while learn call tiny a".split()
+
+
+def prompt(i: int) -> list[dict]:
+    words = " ".join(TOPICS[(i * 7 + k) % len(TOPICS)] for k in range(3 + i % 5))
+    return [{"role": "user", "content": f"Tell me about {words}."}]
+
+
+def stream_text(client, i: int) -> str:
+    stream = client.chat.completions.create(model=MODEL, messages=prompt(i), max_tokens=24, temperature=0, stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def metric(raw_request, url: str, name: str) -> float:
+    _, text = raw_request(url, "GET", "/metrics", raw=True)
+    m = re.search(rf"^tinychat_{re.escape(name)} (\S+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_sixteen_concurrent_streams_equal_sequential_greedy(live, client):
+    sequential = [stream_text(client, i) for i in range(16)]
+    assert len(set(sequential)) > 8
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(lambda i: stream_text(client, i), range(16)))
+    assert concurrent == sequential
+    assert live.engine.stats.free_slots == live.engine.num_slots
+
+
+def test_a_client_that_hangs_up_frees_its_slot(live, raw_request):
+    cancelled = metric(raw_request, live.url, 'requests_total{status="cancelled"}')
+    generated = metric(raw_request, live.url, "generation_tokens_total")
+    no_eos = ", ".join(f'"{t}": -100' for t in live.tok.stop_ids)
+    body = (
+        f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Talk."}}], "max_tokens": 900, '
+        f'"stream": true, "logit_bias": {{{no_eos}}}}}'
+    ).encode()
+    u = urllib.parse.urlparse(live.url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer test-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    received = b""
+    while received.count(b"data: ") < 5:  # a few tokens streamed: the request holds a slot now
+        received += sock.recv(4096)
+    assert metric(raw_request, live.url, "running_sequences") == 1
+    sock.close()  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while metric(raw_request, live.url, "running_sequences") != 0:
+        assert time.time() < deadline, "the slot was not freed"
+        time.sleep(0.02)
+    assert metric(raw_request, live.url, "kv_slots_free") == live.engine.num_slots
+    assert metric(raw_request, live.url, 'requests_total{status="cancelled"}') == cancelled + 1
+    assert metric(raw_request, live.url, "generation_tokens_total") - generated < 900  # it stopped early

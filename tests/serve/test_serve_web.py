@@ -1,0 +1,114 @@
+"""The web chat page in Debian's headless chromium (driven by Playwright): type, send, watch the answer stream,
+keep history, stop, regenerate; and the Markdown renderer never turns model text into HTML."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def page(live, tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"chromium is not installed at {CHROMIUM} (apt-get install -y chromium); the web page is untested")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh --user-data-dir
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, timeout=60_000
+        )
+        pg = ctx.new_page()
+        pg.set_default_timeout(20_000)
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(live.url + "/")
+        pg.fill("#api-key", "test-key")
+        pg.dispatch_event("#api-key", "change")
+        pg.wait_for_function("document.getElementById('model-name').textContent.startsWith('model: tiny-test')")
+        yield pg
+        assert not errors, errors
+        ctx.close()
+
+
+def assistant_texts(page) -> list[str]:
+    return page.eval_on_selector_all(".msg.assistant .body", "els => els.map(e => e.textContent)")
+
+
+def test_send_streams_an_answer_and_keeps_history(page):
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    page.fill("#system", "Be brief.")
+    page.fill("#max-tokens", "120")
+    page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    # count the assistant bubble's redraws: a streamed answer is drawn piece by piece
+    page.evaluate("""() => { window.draws = 0; new MutationObserver(() => window.draws++).observe(
+        document.getElementById('messages'), {childList: true, subtree: true, characterData: true}); }""")
+    with page.expect_response("**/v1/chat/completions") as resp:
+        page.fill("#input", "Hello there, who are you?")
+        page.keyboard.press("Enter")
+    assert resp.value.headers["content-type"].startswith("text/event-stream")
+    page.wait_for_selector(".msg.assistant:not(.streaming)")
+    first = assistant_texts(page)[0]
+    assert first.strip() and page.evaluate("window.draws") > 3
+    assert page.text_content(".msg.user .body") == "Hello there, who are you?"
+    assert bodies[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert bodies[-1]["stream"] is True and bodies[-1]["max_tokens"] == 120 and bodies[-1]["temperature"] == 0
+
+    page.fill("#input", "And then?")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming)').length === 2")
+    sent = bodies[-1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert sent[2]["content"] == first  # the history carries the streamed answer as shown
+
+    before = assistant_texts(page)
+    page.click("#regenerate")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming)').length === 2")
+    assert assistant_texts(page) == before  # greedy: the regenerated answer is the same, replacing the old one
+    assert [m["role"] for m in bodies[-1]["messages"]] == ["system", "user", "assistant", "user"]
+
+
+def test_stop_ends_a_long_answer(page):
+    page.fill("#max-tokens", "900")
+    page.fill("#input", "Tell me a very long story.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant.streaming")
+    page.wait_for_function("document.querySelector('.msg.assistant.streaming .body').textContent.length > 0")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent === '(stopped)'")
+    assert page.is_enabled("#send") and page.is_hidden("#stop")
+
+
+def test_markdown_is_rendered_and_html_is_not(page):
+    out = page.evaluate(
+        r"""() => {
+        const div = document.createElement('div');
+        div.appendChild(renderMarkdown("# Title\n<img src=x onerror=\"window.pwned=1\"> **bold** and `a<b`\n" +
+            "- one\n- two\n\n```python\nif x < 1:\n    print('<script>')\n```\n[ok](https://example.org) " +
+            "[bad](javascript:alert(1))"));
+        return {html: div.innerHTML, imgs: div.querySelectorAll('img, script').length,
+                code: div.querySelector('pre code').textContent, lang: div.querySelector('pre code').className,
+                links: [...div.querySelectorAll('a')].map(a => a.href), items: div.querySelectorAll('li').length,
+                h1: div.querySelector('h1').textContent, strong: div.querySelector('strong').textContent};
+    }"""
+    )
+    assert out["imgs"] == 0 and "&lt;img" in out["html"]
+    assert out["code"] == "if x < 1:\n    print('<script>')" and out["lang"] == "language-python"
+    assert out["links"] == ["https://example.org/"] and out["items"] == 2
+    assert out["h1"] == "Title" and out["strong"] == "bold"
+    assert page.evaluate("window.pwned === undefined")

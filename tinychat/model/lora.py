@@ -1,0 +1,300 @@
+"""LoRA adapters: a frozen base model plus trainable low-rank updates, in PEFT's file format.
+
+Why LoRA: fine-tuning every weight needs optimiser state for every weight (3x the model in AdamW); a
+rank-r update W + (alpha/r) B A of the attention and MLP projections trains ~1% of the parameters, the
+base stays shared between stages (DPO/PPO use the base itself as the frozen reference, adapters off), and
+the result is a file of a few hundred kilobytes. B starts at zero, so step 0 is exactly the base model.
+
+Why PEFT's format (adapter_model.safetensors + adapter_config.json, keys
+`base_model.model.<module>.lora_A.weight`): `peft.PeftModel.from_pretrained(base, dir)`, vLLM and
+llama.cpp's converter open it as is, and tinychat opens adapters PEFT trained.
+
+Names: a wrapped projection keeps its own parameter names (`...q_proj.weight`) and adds
+`...q_proj.lora_A.weight` / `...q_proj.lora_B.weight`, so a checkpoint of a LoRA run still reads as the
+base model plus extra tensors, and `merge_state` turns it into plain HF weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tinychat.config import field
+from tinychat.errors import UserError
+
+# short target names -> module path inside a block (HF's names, as PEFT's target_modules uses them)
+TARGETS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(0, help="LoRA rank r (0 = train every weight, no adapter)")
+    alpha: float = field(16.0, help="the update is scaled by alpha / rank")
+    dropout: float = field(0.0, help="dropout on the adapter's input")
+    targets: list[str] = field(
+        ["q", "k", "v", "o", "gate", "up", "down"], help="projections to adapt: q,k,v,o,gate,up,down or all"
+    )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def leaf_names(self) -> list[str]:
+        """The targets as HF leaf module names (q -> q_proj); a UserError names an unknown one."""
+        names = list(TARGETS) if self.targets == ["all"] else self.targets
+        out = []
+        for t in names:
+            short = t.removesuffix("_proj")
+            if short not in TARGETS:
+                raise UserError(f"--lora.targets: unknown target {t!r}; use q, k, v, o, gate, up, down or all.")
+            out.append(TARGETS[short].split(".")[-1])
+        if self.rank < 0 or (self.rank and not out):
+            raise UserError("--lora.rank must be >= 0 and --lora.targets must name at least one projection.")
+        return out
+
+
+class LoRALinear(nn.Module):
+    """A linear layer W x + b with a low-rank update (alpha/r) B A x; W and b are the base's own (frozen)."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: names and sharding are unchanged
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
+        nn.init.zeros_(self.lora_B.weight)  # step 0 == the base model
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + (alpha/r) B A (a new weight; the base's is left untouched)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            lin.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
+            if self.bias is not None:
+                lin.bias = nn.Parameter(self.bias.detach().clone())
+        return lin
+
+
+def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if child_name in leaf_names and isinstance(child, nn.Linear) and ".layers." in f".{name}.":
+                yield mod, child_name, child
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
+    """Freeze every parameter of `model` and wrap its target projections in LoRALinear; returns how many.
+
+    Heads an objective adds (a reward score, a value head) are unfrozen by the objective afterwards.
+    """
+    leaves = cfg.leaf_names()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = 0
+    for parent, name, lin in _targets(model, leaves):
+        setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout))
+        n += 1
+    if n == 0:
+        raise UserError(f"--lora.targets {','.join(cfg.targets)} matched no projection of this model.")
+    return n
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear with the merged weight, in place; returns the model."""
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(mod, child_name, child.merged())
+    return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model (every adapter off): the frozen reference of DPO/PPO/GRPO at no memory cost."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+# ---------------------------------------------------------------------------------------- state dicts
+
+
+def is_lora_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def merge_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A LoRA model's state dict as plain weights: W + scaling * B @ A, adapter tensors dropped."""
+    out = {k: v for k, v in state.items() if not is_lora_key(k)}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            prefix = key[: -len(".lora_A.weight")]
+            b = state[prefix + ".lora_B.weight"]
+            w = out[prefix + ".weight"]
+            out[prefix + ".weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
+def adapter_state(state: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names; `extra` names whole modules saved too (e.g. "score")."""
+    out = {}
+    for k, v in state.items():
+        if is_lora_key(k) or any(k.startswith(e + ".") for e in extra):
+            out[PEFT_PREFIX + k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: LoraConfig,
+    base_model: str | Path,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: tuple[str, ...] = (),
+) -> None:
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA format) atomically into `path`."""
+    from tinychat.model.hf import write_files_atomically
+
+    tensors = adapter_state(state, modules_to_save)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(Path(base_model).absolute()) if base_model else None,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(set(cfg.leaf_names())),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": list(modules_to_save) or None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    write_files_atomically(
+        path,
+        {
+            ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+            ADAPTER_WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        },
+    )
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / ADAPTER_CONFIG
+    if not p.is_file():
+        raise UserError(f"{p} is missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid JSON: {e}.") from None
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{p}: peft_type is {cfg.get('peft_type')!r}; tinychat reads LORA adapters.")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise UserError(f"{p}: {key} adapters are not supported.")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("layers_to_transform"):
+        raise UserError(f"{p}: per-layer rank_pattern/alpha_pattern/layers_to_transform are not supported.")
+    if cfg.get("bias", "none") != "none":
+        raise UserError(f"{p}: bias={cfg['bias']!r} adapters are not supported (expected none).")
+    return cfg
+
+
+def config_from_adapter(d: dict[str, Any], source: str) -> LoraConfig:
+    """The LoraConfig of a PEFT adapter_config.json (target_modules: a list of leaf names or 'all-linear')."""
+    targets = d.get("target_modules")
+    if targets == "all-linear":
+        names = list(TARGETS)
+    elif isinstance(targets, list):
+        leaf_to_short = {v.split(".")[-1]: k for k, v in TARGETS.items()}
+        unknown = [t for t in targets if t not in leaf_to_short]
+        if unknown:
+            raise UserError(f"{source}: target module {unknown[0]!r} is not a projection tinychat can adapt.")
+        names = [leaf_to_short[t] for t in targets]
+    else:
+        raise UserError(f"{source}: target_modules must be a list of module names, got {targets!r}.")
+    r, alpha = int(d["r"]), float(d.get("lora_alpha", 8))
+    if d.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): express it as an equivalent alpha
+        alpha = alpha * math.sqrt(r)
+    return LoraConfig(rank=r, alpha=alpha, dropout=0.0, targets=names)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Wrap `model` with the adapter at `path` and load its weights; returns (config, tensors not used).
+
+    The tensors not used are extra modules the adapter carries (a reward model's `score`), PEFT-prefix
+    stripped, for the caller to place.
+    """
+    d = read_adapter_config(path)
+    cfg = config_from_adapter(d, str(Path(path) / ADAPTER_CONFIG))
+    wfile = Path(path) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{wfile} is not a readable safetensors file ({e}).") from None
+    apply_lora(model, cfg)
+    own = dict(model.named_parameters())
+    lora, rest = {}, {}
+    for k, v in tensors.items():
+        name = k.removeprefix(PEFT_PREFIX).replace(".default.", ".")  # PEFT's in-memory names have .default.
+        (lora if is_lora_key(name) else rest)[name] = v
+    missing = sorted(k for k in own if is_lora_key(k) and k not in lora)
+    if missing:
+        raise UserError(f"{wfile}: tensor {missing[0]} is missing ({len(missing)} in all).")
+    for name, v in lora.items():
+        if name not in own:
+            raise UserError(f"{wfile}: tensor {name} does not match any adapted module of the base model.")
+        if tuple(v.shape) != tuple(own[name].shape):
+            raise UserError(f"{wfile}: tensor {name} has shape {tuple(v.shape)}, expected {tuple(own[name].shape)}.")
+        with torch.no_grad():
+            own[name].copy_(v)
+    return cfg, rest

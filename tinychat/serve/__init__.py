@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (FastAPI + uvicorn), its web chat page and the terminal chat."""

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `Engine`, plus the web chat page.
+
+The engine thread owns the model; a handler prepares an engine request (template, limits, grammar:
+tinychat.serve.prepare), submits it, and reads the engine's events from an asyncio.Queue that the
+engine fills through `loop.call_soon_threadsafe`. When the client goes away (the stream's send task is
+cancelled, or a non-streaming caller disconnects) the handler cancels its request and the engine frees
+the slots at its next step. Bad input is answered in OpenAI's error shape with a 4xx; an unexpected
+exception is a 500 in the same shape, and the server keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tinychat.errors import UserError
+from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest
+from tinychat.infer.structured import Grammars
+from tinychat.serve.metrics import HttpStats, render_metrics
+from tinychat.serve.prepare import APIError, Prepared, Preparer
+from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from tinychat.serve.responses import Formatter, sse
+
+log = logging.getLogger("tinychat.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:  # noqa: ANN001
+    """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open)."""
+    grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
+    prep = Preparer(engine, tokenizer, grammars, model_name)
+    http = HttpStats()
+    app = FastAPI(title="tinychat", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.add_middleware(_Gate, api_key=api_key, stats=http)
+    app.state.engine = engine
+    _install_error_handlers(app)
+
+    # ------------------------------------------------------------------ plumbing to the engine
+    def submit(gens: list[GenerationRequest]) -> tuple[list, asyncio.Queue]:
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        handles = []
+        try:
+            for k, g in enumerate(gens):
+                sink = lambda ev, k=k: loop.call_soon_threadsafe(q.put_nowait, (k, ev))  # noqa: E731
+                handles.append(engine.submit(g, sink))
+        except EngineOverloaded as e:
+            for h in handles:
+                h.cancel()
+            raise APIError(429, f"The server is overloaded: {e}", type="rate_limit_error", code="overloaded") from None
+        except UserError as e:
+            for h in handles:
+                h.cancel()
+            raise APIError(400, str(e)) from None
+        return handles, q
+
+    async def events(handles: list, q: asyncio.Queue, request: Request | None) -> AsyncIterator[tuple[int, Any]]:
+        """Engine events of several requests; cancels whatever is unfinished when the consumer stops early."""
+        done: set[int] = set()
+        try:
+            while len(done) < len(handles):
+                if request is None:
+                    k, ev = await q.get()
+                else:  # a non-streaming caller: notice when it hangs up
+                    try:
+                        k, ev = await asyncio.wait_for(q.get(), 0.25)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                if isinstance(ev, Done):
+                    done.add(k)
+                    if ev.error and ev.error != "cancelled":
+                        raise APIError(500, f"generation failed: {ev.error}", type="server_error")
+                yield k, ev
+        finally:
+            for k, h in enumerate(handles):
+                if k not in done:
+                    h.cancel()
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine, http), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "tinychat",
+            "max_model_len": engine.max_len,
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        prep.check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        p: Prepared = await run_in_threadpool(prep.chat, body)
+        fmt = Formatter(grammars, model_name, "chat")
+        handles, q = submit([p.gen])
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(_chat_stream(fmt, p.gen.n, events(handles, q, None), usage))
+        choices, done = await _collect(events(handles, q, request), p.gen.n, [""])
+        if done is None:
+            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        return fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        preps = [await run_in_threadpool(prep.completion, body, x) for x in body.prompts()]
+        fmt = Formatter(grammars, model_name, "completion")
+        handles, q = submit([p.gen for p in preps])
+        prefixes = [p.prompt_text if body.echo else "" for p in preps]
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(_completion_stream(fmt, body.n, prefixes, events(handles, q, None), usage))
+        choices, done = await _collect(events(handles, q, request), body.n, prefixes)
+        if done is None:
+            return JSONResponse({}, status_code=499)
+        return fmt.completion_response(choices, done.prompt_tokens, done.completion_tokens)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        prep.check_model(body.model)
+        try:
+            inputs = body.inputs()
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from None
+        ids = [tokenizer.encode(x) if isinstance(x, str) else x for x in inputs]
+        ctx, V, d = engine.model.cfg.max_seq_len, engine.model.cfg.vocab_size, engine.model.cfg.d_model
+        for i, x in enumerate(ids):
+            if not x:
+                raise APIError(400, f"input[{i}] is empty.", param="input")
+            if len(x) > ctx:
+                raise APIError(
+                    400,
+                    f"input[{i}] has {len(x)} tokens; this model's maximum context length is {ctx} tokens.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            if any(not 0 <= t < V for t in x):
+                raise APIError(400, f"input[{i}] holds a token id outside 0..{V - 1}.", param="input")
+        if body.dimensions is not None and body.dimensions != d:
+            raise APIError(
+                400, f"dimensions must be {d} for this model (it cannot shorten embeddings).", param="dimensions"
+            )
+        vectors = await asyncio.wrap_future(engine.embed(ids))
+        data = []
+        for i, v in enumerate(vectors):
+            emb: Any = v
+            if body.encoding_format == "base64":
+                emb = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(len(x) for x in ids)
+        return {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- streams
+def _stream(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _collect(
+    evs: AsyncIterator[tuple[int, Any]], n: int, prefixes: list[str]
+) -> tuple[list[dict[str, Any]], Done | None]:
+    """All choices of all prompts (choice index = prompt * n + choice), or (…, None) if the client left."""
+    choices = [
+        {"prefix": prefixes[k], "text": "", "logprobs": [], "tool_calls": [], "finish_reason": None}
+        for k in range(len(prefixes))
+        for _ in range(n)
+    ]
+    total, finished = Done(0, 0), 0
+    async for k, ev in evs:
+        if isinstance(ev, Done):
+            total.prompt_tokens += ev.prompt_tokens
+            total.completion_tokens += ev.completion_tokens
+            finished += 1
+            continue
+        c = choices[k * n + ev.index]
+        c["text"] += ev.text
+        c["logprobs"] += ev.logprobs
+        c["tool_calls"] += ev.tool_calls
+        c["finish_reason"] = ev.finish_reason or c["finish_reason"]
+    return choices, total if finished == len(prefixes) else None
+
+
+async def _chat_stream(fmt: Formatter, n: int, evs: AsyncIterator[tuple[int, Any]], usage: bool) -> AsyncIterator[str]:
+    for i in range(n):
+        yield fmt.chat_chunk(i, {"role": "assistant", "content": ""})
+    calls_seen = [0] * n
+    try:
+        async for _, ev in evs:
+            if isinstance(ev, Done):
+                if usage:
+                    yield fmt.usage_chunk(ev.prompt_tokens, ev.completion_tokens)
+                continue
+            if ev.text or ev.logprobs:
+                yield fmt.chat_chunk(ev.index, {"content": ev.text}, logprobs=fmt.chat_logprobs(ev.logprobs))
+            if ev.tool_calls:
+                for chunk in fmt.tool_call_chunks(ev.index, ev.tool_calls, calls_seen[ev.index]):
+                    yield chunk
+                calls_seen[ev.index] += len(ev.tool_calls)
+            if ev.finish_reason:
+                yield fmt.chat_chunk(ev.index, {}, ev.finish_reason)
+    except APIError as e:
+        yield sse(e.body())
+    yield sse("[DONE]")
+
+
+async def _completion_stream(
+    fmt: Formatter, n: int, prefixes: list[str], evs: AsyncIterator[tuple[int, Any]], usage: bool
+) -> AsyncIterator[str]:
+    for k, prefix in enumerate(prefixes):
+        for i in range(n):
+            if prefix:
+                yield fmt.completion_chunk(k * n + i, prefix)
+    offsets = [len(p) for p in prefixes for _ in range(n)]
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for k, ev in evs:
+            if isinstance(ev, Done):
+                prompt_tokens += ev.prompt_tokens
+                completion_tokens += ev.completion_tokens
+                continue
+            assert isinstance(ev, Delta)
+            idx = k * n + ev.index
+            if ev.text or ev.logprobs:
+                lp = fmt.completion_logprobs(ev.logprobs, offsets[idx])
+                offsets[idx] += len(ev.text)
+                yield fmt.completion_chunk(idx, ev.text, logprobs=lp)
+            if ev.finish_reason:
+                yield fmt.completion_chunk(idx, "", ev.finish_reason)
+        if usage:
+            yield fmt.usage_chunk(prompt_tokens, completion_tokens)
+    except APIError as e:
+        yield sse(e.body())
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _error(
+    status: int, message: str, param: str | None = None, code: str | None = None, type: str = ""
+) -> JSONResponse:
+    e = APIError(status, message, type or ("invalid_request_error" if status < 500 else "server_error"), param, code)
+    return JSONResponse(e.body(), status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, e: UserError) -> JSONResponse:
+        return _error(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+        param = _param(err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            return _error(400, f"We could not parse the JSON body of your request: {err.get('msg')}.")
+        if kind == "missing" and not param:
+            return _error(400, "The request body is missing; send a JSON object.")
+        if kind == "extra_forbidden":
+            return _error(400, f"Unrecognized request argument supplied: {param}.", param=param)
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        return _error(400, f"Invalid '{param}': {msg}." if param else f"Invalid request: {msg}.", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = {404: "Not found.", 405: "Method not allowed."}.get(e.status_code, str(e.detail))
+        return _error(e.status_code, msg)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, f"internal server error ({type(e).__name__}); the server logged the details.")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "null", "dict", "list"}
+
+
+def _param(loc: tuple | list) -> str | None:
+    """pydantic's error location as OpenAI names a parameter: messages[0].content (union branch tags dropped)."""
+    out = ""
+    for x in loc:
+        if x == "body" and not out:
+            continue
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif str(x) in _TYPE_TAGS or any(c in str(x) for c in "[]-()"):
+            continue  # which branch of a union failed, e.g. 'str' or 'list[ContentPart]'
+        else:
+            out += ("." if out else "") + str(x)
+    return out or None
+
+
+class _Gate:
+    """Pure ASGI middleware: API key check on /v1/* and request counting for /metrics.
+
+    Pure ASGI rather than @app.middleware("http"), whose wrapper buffers streaming responses and hides a
+    client's disconnect from the stream; auth runs before the body is parsed, so a caller without the key
+    learns nothing else about the request.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, stats: HttpStats) -> None:
+        self.app, self.api_key, self.stats = app, api_key, stats
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        route = path if not path.startswith("/static/") else "/static"
+        if self.api_key and path.startswith("/v1/"):
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not secrets.compare_digest(token.encode(), self.api_key.encode()):
+                msg = (
+                    "Incorrect API key provided."
+                    if token
+                    else "You didn't provide an API key; send it as 'Authorization: Bearer KEY'."
+                )
+                self.stats.count(route, 401)
+                resp = _error(401, msg, code="invalid_api_key")
+                return await resp(scope, receive, send)
+        status = [500]
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.stats.count(route if status[0] != 404 else "other", status[0])

@@ -1,0 +1,112 @@
+"""`tinychat serve`: the OpenAI-compatible server and web chat for a model directory.
+
+Without --model it serves the newest model the speedrun produced: the most recently modified
+`runs/*/checkpoints/*/` directory that holds a config.json (a run directory's layout, see
+docs/architecture.md). The tokenizer is read from the model directory, or else from the run's
+`tokenizer/` directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinychat.config import field
+from tinychat.errors import UserError
+
+HOW_TO_GET_ONE = (
+    "no model found under runs/*/checkpoints/; train one with `tinychat speedrun` (or create a random one with "
+    "`tinychat model init --out DIR --tokenizer TOKDIR`) and pass --model DIR."
+)
+
+
+@dataclass
+class ServeConfig:
+    model: str = field("", help="model directory (HF layout); default: the newest runs/*/checkpoints/*/")
+    host: str = field("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    port: int = field(8000)
+    api_key: str = field("", help="require 'Authorization: Bearer KEY' on /v1/* (default: open)")
+    served_model_name: str = field("", help="the model id clients use (default: the directory's name)")
+    max_num_seqs: int = field(16, help="sequences decoded at once (KV-cache slots)")
+    max_model_len: int = field(0, help="positions per sequence, prompt + output (0: the model's context)")
+    kv_cache_mb: float = field(0.0, help="cap on KV-cache memory in MB; fewer slots when tight (0: no cap)")
+    max_queue: int = field(256, help="requests waiting for a slot before the server answers 429")
+    prefill_chunk: int = field(256, help="prompt tokens per prefill step (long prompts are split)")
+    runs: str = field("runs", help="where to look for speedrun models when --model is not given")
+    device: str = field("auto")
+    dtype: str = field("auto")
+
+
+def find_latest_model(runs: str | Path = "runs") -> Path | None:
+    """The newest `runs/*/checkpoints/*/` directory with a config.json (by the config's mtime), or None."""
+    found = [p.parent for p in Path(runs).glob("*/checkpoints/*/config.json") if p.is_file()]
+    return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else None
+
+
+def tokenizer_dir(model_dir: Path) -> Path:
+    """The model directory itself when it has tokenizer files, else its run's tokenizer/ directory."""
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir
+    run_tok = model_dir.parent.parent / "tokenizer"
+    if model_dir.parent.name == "checkpoints" and (run_tok / "tokenizer.json").is_file():
+        return run_tok
+    raise UserError(f"{model_dir} has no tokenizer.json (nor does its run's tokenizer/ directory).")
+
+
+def resolve_model(model: str, runs: str = "runs") -> Path:
+    if model:
+        p = Path(model)
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {model}: expected a model directory with a config.json.")
+        return p
+    latest = find_latest_model(runs)
+    if latest is None:
+        raise UserError(HOW_TO_GET_ONE)
+    return latest
+
+
+def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Model, Tokenizer, Path)
+    from tinychat.device import pick_device, pick_dtype
+    from tinychat.model import Model
+    from tinychat.tokenizer import Tokenizer
+
+    path = resolve_model(model, runs)
+    dev = pick_device(device)
+    m = Model.from_pretrained(str(path), dtype=pick_dtype(dtype, dev), device=str(dev))
+    return m, Tokenizer.from_pretrained(tokenizer_dir(path)), path
+
+
+def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
+    from tinychat.infer.engine import EngineConfig
+
+    for name in ("max_num_seqs", "max_queue", "prefill_chunk"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    return EngineConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_model_len=cfg.max_model_len or None,
+        kv_cache_mb=cfg.kv_cache_mb or None,
+        max_queue=cfg.max_queue,
+        prefill_chunk=cfg.prefill_chunk,
+    )
+
+
+def run(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from tinychat.infer.engine import Engine
+    from tinychat.serve.app import create_app
+
+    model, tok, path = load(cfg.model, cfg.runs, cfg.device, cfg.dtype)
+    engine = Engine(model, tok, engine_config(cfg)).start()
+    name = cfg.served_model_name or path.name
+    app = create_app(engine, tok, name, api_key=cfg.api_key or None)
+    print(
+        f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
+        f"{engine.max_len} tokens) on http://{cfg.host}:{cfg.port}/  (OpenAI API under /v1)"
+    )
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

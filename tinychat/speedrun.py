@@ -1,0 +1,232 @@
+"""`tinychat speedrun`: raw text to a trained model on a laptop CPU, every stage in order, resumable.
+
+Stages run in pipeline order; each is skipped when its output already exists, so re-running continues
+where a previous run stopped and never redoes finished work. Each stage's options come from the
+preset file (configs/PRESET.toml) through the same config system as the stand-alone commands, so
+`tinychat speedrun` and running the commands by hand do exactly the same thing. The time budget is
+split across stages by the preset's per-stage `max_time` and scaled by --budget-minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinychat.config import ConfigError, field, load_toml, parse_args
+from tinychat.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class SpeedrunConfig:
+    preset: str = field("cpu-tiny", help="a preset in configs/ (or a path to a TOML file)")
+    run: str = field("speedrun", help="run name: everything goes to RUNS_DIR/NAME")
+    runs_dir: str = field("runs")
+    budget_minutes: float = field(0.0, help="total time budget; 0 = the preset's own")
+    world_size: str = field("small", help="tinyworld size: micro, small or medium")
+    seed: int = field(0, help="world seed")
+    vocab_size: int = field(8192, help="tokenizer vocabulary size")
+    val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
+    stages: list[str] = field([], help="run only these stages (default: all)")
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    cand = CONFIG_DIR / f"{name}.toml"
+    if not cand.is_file():
+        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.toml"))) or "none found"
+        raise UserError(f"unknown preset '{name}'; presets in {CONFIG_DIR}: {known}.")
+    return cand
+
+
+@dataclass
+class Stage:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], object]
+    minutes: float = 0.0  # the preset's budget for this stage (informational for data stages)
+
+
+class Speedrun:
+    def __init__(self, cfg: SpeedrunConfig) -> None:
+        self.cfg = cfg
+        self.preset_file = preset_path(cfg.preset)
+        self.preset = load_toml(self.preset_file)
+        self.run_dir = Path(cfg.runs_dir) / cfg.run
+        self.base_budget = float(self.preset.get("speedrun", {}).get("budget_minutes", 15.0))
+        self.scale = (cfg.budget_minutes / self.base_budget) if cfg.budget_minutes else 1.0
+
+    # ------------------------------------------------------------------ helpers
+    def stage_config(self, cls: type, section: str, argv: list[str]) -> object:
+        """A stage's config exactly as `tinychat SECTION --config PRESET ARGV` would build it."""
+        from tinychat.cli import COMMANDS
+
+        sections = {c.replace(" ", "_") for c in COMMANDS}
+        return parse_args(cls, ["--config", str(self.preset_file), *argv], section=section, sections=sections)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def scaled(self, cfg: object) -> object:
+        """Scale a training stage's time budget by --budget-minutes."""
+        train = getattr(cfg, "train", None)
+        if train is not None and train.max_time:
+            train.max_time = round(train.max_time * self.scale, 3)
+        return cfg
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("world", lambda: (self.path("world", "manifest.json")).is_file(), self.world),
+            Stage("tokenizer", lambda: self.path("tokenizer", "tokenizer.json").is_file(), self.tokenizer),
+            Stage("data", lambda: self.path("data", "tokens", "index.json").is_file(), self.data),
+            Stage("pretrain", lambda: self.path("checkpoints", "pretrain", "config.json").is_file(), self.pretrain),
+        ]
+
+    def world(self) -> None:
+        from tinychat.world.generate import generate_world
+
+        generate_world(self.path("world"), seed=self.cfg.seed, size=self.cfg.world_size)
+
+    def tokenizer(self) -> None:
+        from tinychat.tokenizer.train import TokenizerTrainConfig
+        from tinychat.tokenizer.train import run as train_tok
+
+        cfg = self.stage_config(
+            TokenizerTrainConfig,
+            "tokenizer_train",
+            [
+                "--input",
+                str(self.path("world", "pretrain", "train.jsonl")),
+                "--vocab-size",
+                str(self.cfg.vocab_size),
+                "--out",
+                str(self.path("tokenizer")),
+            ],
+        )
+        train_tok(cfg)
+
+    def data(self) -> None:
+        from tinychat.data.prepare import PrepareConfig
+        from tinychat.data.prepare import run as prepare
+        from tinychat.data.tokenize import TokenizeConfig
+        from tinychat.data.tokenize import run as tokenize
+
+        clean = self.path("data", "clean")
+        if not (clean / "stats.json").is_file():
+            shutil.rmtree(clean, ignore_errors=True)
+            prepare(
+                self.stage_config(
+                    PrepareConfig,
+                    "data_prepare",
+                    [str(self.path("world", "pretrain", "train.jsonl")), "--out", str(clean)],
+                )
+            )
+        tokens = self.path("data", "tokens")
+        shutil.rmtree(tokens, ignore_errors=True)  # a half-written one cannot exist (atomic), an old one is stale
+        tokenize(
+            self.stage_config(
+                TokenizeConfig,
+                "data_tokenize",
+                [
+                    str(clean),
+                    "--tokenizer",
+                    str(self.path("tokenizer")),
+                    "--out",
+                    str(tokens),
+                    "--val-fraction",
+                    str(self.cfg.val_fraction),
+                ],
+            )
+        )
+
+    def pretrain(self) -> None:
+        from tinychat.train.pretrain import PretrainConfig, run_pretrain
+
+        cfg = self.stage_config(
+            PretrainConfig, "pretrain", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume"]
+        )
+        result = run_pretrain(self.scaled(cfg))
+        if result.interrupted:
+            raise KeyboardInterrupt
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> int:
+        stages = self.stages()
+        names = [s.name for s in stages]
+        unknown = [s for s in self.cfg.stages if s not in names]
+        if unknown:
+            raise UserError(f"unknown stage '{unknown[0]}'; stages are {', '.join(names)}.")
+        chosen = [s for s in stages if not self.cfg.stages or s.name in self.cfg.stages]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            f"speedrun {self.cfg.run}: preset {self.preset_file.name}, budget "
+            f"{self.base_budget * self.scale:.1f} min, into {self.run_dir}",
+            flush=True,
+        )
+        timings = self._load_timings()
+        t_all = time.perf_counter()
+        for i, stage in enumerate(chosen, 1):
+            head = f"[{i}/{len(chosen)}] {stage.name:<10}"
+            if stage.done():
+                print(f"{head} done already, skipped", flush=True)
+                continue
+            print(f"{head} running ...", flush=True)
+            t0 = time.perf_counter()
+            stage.run()
+            dt = time.perf_counter() - t0
+            timings[stage.name] = dt
+            self._save_timings(timings)
+            print(f"{head} done in {_fmt(dt)}", flush=True)
+        print(f"speedrun finished in {_fmt(time.perf_counter() - t_all)} (stage times in {self.path('timings.json')})")
+        final = self.path("checkpoints", "pretrain")
+        print(f'try it:  tinychat generate --model {final} --prompt "12 + 7 =" --temperature 0', flush=True)
+        return 0
+
+    def _load_timings(self) -> dict[str, float]:
+        try:
+            return json.loads(self.path("timings.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _save_timings(self, timings: dict[str, float]) -> None:
+        tmp = self.path("timings.json.tmp")
+        tmp.write_text(json.dumps(timings, indent=1))
+        tmp.replace(self.path("timings.json"))
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s"
+
+
+def with_preset_defaults(cfg: SpeedrunConfig) -> SpeedrunConfig:
+    """Fields left at their defaults take the preset's [speedrun] values; flags given explicitly win."""
+    table = load_toml(preset_path(cfg.preset)).get("speedrun", {})
+    default = SpeedrunConfig()
+    known = {f.name for f in dataclasses.fields(SpeedrunConfig)}
+    for key, value in table.items():
+        if key not in known:
+            raise UserError(f"preset {cfg.preset}: unknown key speedrun.{key}; known: {', '.join(sorted(known))}.")
+        if getattr(cfg, key) == getattr(default, key):
+            setattr(cfg, key, value)
+    return cfg
+
+
+def run(cfg: SpeedrunConfig) -> int:
+    try:
+        return Speedrun(with_preset_defaults(cfg)).run()
+    except ConfigError as e:
+        raise UserError(f"preset {cfg.preset}: {e}") from None
+    except KeyboardInterrupt:
+        print("speedrun interrupted; run the same command again to continue.", file=sys.stderr)
+        return 130

@@ -1,0 +1,256 @@
+"""What every post-training command shares: options, where its inputs are, the starting model, LoRA,
+the frozen reference, log-probabilities, and how the final model is written.
+
+Why one module: sft, reward, dpo, ppo and grpo differ in their loss and their batches (their own files);
+finding the run directory, the previous stage's model, the tinyworld split, applying LoRA and saving
+merged weights + a PEFT adapter is the same for all of them and lives here once.
+
+Run directory convention (runs/NAME/...): the starting model is the previous stage's final model
+(sft <- pretrain; reward, dpo <- sft; ppo, grpo <- dpo if present, else sft) unless --init names one;
+data defaults to the run's tinyworld split under runs/NAME/world/; the result is written to
+runs/NAME/checkpoints/STAGE/ by the one training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tinychat.config import dumps_toml, field
+from tinychat.errors import UserError
+from tinychat.model.lora import LoraConfig, apply_lora, has_lora, lora_disabled, merge_state, save_adapter
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import Objective, TrainResult, train
+
+
+@dataclass
+class PostConfig:
+    """Options every post-training command has (each command's config adds its own)."""
+
+    run: str = field("default", help="run name: everything goes to RUNS_DIR/NAME")
+    runs_dir: str = field("runs")
+    init: str = field("", help="starting model directory (default: the previous stage of this run)")
+    data: str = field("", help="training rows: a JSONL/Parquet file or directory (default: the run's tinyworld split)")
+    val_data: str = field("", help="validation rows (default: the tinyworld validation split, when --data is not given)")
+    tokenizer: str = field("", help="tokenizer directory (default: the starting model's, else RUNS_DIR/NAME/tokenizer)")
+    resume: bool = field(False, help="continue from the newest checkpoint of this stage")
+    stage: str = field("post", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def train_defaults(**kw: Any) -> Any:
+    """A dataclass default for a command's [train] section with its own learning rate, warmup, ..."""
+    return dataclasses.field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass
+class Inputs:
+    run_dir: Path
+    init: Path
+    tok: Any  # tinychat Tokenizer
+    tok_dir: Path
+    data: Path
+    val: Path | None
+
+
+def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool = True) -> Inputs:
+    """Resolve the run directory, starting model, tokenizer and data of a command; UserError if any is missing."""
+    from tinychat.tokenizer import Tokenizer
+
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if cfg.init:
+        init = Path(cfg.init)
+        if not init.is_dir():
+            raise UserError(f"--init {init} is not a directory.")
+    else:
+        found = [run_dir / "checkpoints" / s for s in previous if (run_dir / "checkpoints" / s / "config.json").is_file()]
+        if not found:
+            names = " or ".join(str(run_dir / "checkpoints" / s) for s in previous)
+            raise UserError(f"no --init given and there is no model at {names}; train that stage first or pass --init.")
+        init = found[0]
+    if cfg.tokenizer:
+        tok_dir = Path(cfg.tokenizer)
+    else:
+        tok_dir = init if (init / "tokenizer.json").is_file() else run_dir / "tokenizer"
+        if not (tok_dir / "tokenizer.json").is_file() and (init / "adapter_config.json").is_file():
+            tok_dir = adapter_base(init)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"no tokenizer at {tok_dir}; pass --tokenizer DIR.")
+    world = run_dir / "world"
+    data = Path(cfg.data) if cfg.data else world / split / "train.jsonl"
+    if not data.exists():
+        hint = "pass --data FILE" if cfg.data else f"generate the world (tinychat world generate --out {world}) or pass --data"
+        raise UserError(f"training data {data} does not exist; {hint}.")
+    val = Path(cfg.val_data) if cfg.val_data else None
+    if val is None and not cfg.data and has_val and (world / split / "val.jsonl").is_file():
+        val = world / split / "val.jsonl"
+    if val is not None and not val.exists():
+        raise UserError(f"--val_data {val} does not exist.")
+    return Inputs(run_dir, init, Tokenizer.from_pretrained(tok_dir), tok_dir, data, val)
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory an adapter's adapter_config.json names (absolute, or relative to the adapter)."""
+    from tinychat.model.lora import read_adapter_config
+
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; pass --base.")
+    p = Path(base)
+    return p if p.is_absolute() or p.is_dir() else adapter_dir / p
+
+
+def load_causal_lm(path: Path) -> torch.nn.Module:
+    """A model directory, or a LoRA adapter directory (its base is loaded and the adapter merged in)."""
+    from tinychat.model.lora import load_adapter, merge_lora
+    from tinychat.model.transformer import Model
+
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        model = Model.from_pretrained(str(adapter_base(path)), dtype=torch.float32)
+        load_adapter(model, path)
+        return merge_lora(model)
+    return Model.from_pretrained(str(path), dtype=torch.float32)
+
+
+def check_model(model: torch.nn.Module, tok: Any, cfg: PostConfig) -> None:
+    mcfg = model.cfg
+    if tok.vocab_size > mcfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}.")
+    if cfg.train.seq_len > mcfg.max_seq_len:
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window ({mcfg.max_seq_len})."
+        )
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the starting model: the reference a KL term or DPO measures against."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def add_lora(model: torch.nn.Module, cfg: PostConfig, heads: tuple[str, ...] = ()) -> None:
+    """Apply --lora (if rank > 0): the base frozen, adapters and the named heads trainable."""
+    if cfg.lora.rank <= 0:
+        return
+    torch.manual_seed(cfg.train.seed)
+    n = apply_lora(model, cfg.lora)
+    for name in heads:
+        getattr(model, name).requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"lora: rank {cfg.lora.rank} on {n} projections, {trainable:,} of {total:,} parameters trainable")
+
+
+def launch(cfg: PostConfig, objective: Objective, module: torch.nn.Module, inputs: Inputs) -> TrainResult:
+    inputs.run_dir.mkdir(parents=True, exist_ok=True)
+    (inputs.run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(cfg))
+    return train(objective, module, cfg.train, inputs.run_dir, cfg.stage, tokenizer_dir=inputs.tok_dir, resume=cfg.resume)
+
+
+def report(name: str, result: TrainResult, keys: tuple[str, ...]) -> int:
+    """One summary line, and the exit status (130 after Ctrl-C)."""
+    ev = result.last_eval
+    extra = "".join(f", {k} {ev[k]:.4g}" for k in keys if isinstance(ev.get(k), int | float))
+    print(f"{name}: {result.steps} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.4f}{extra} "
+          f"-> {result.model_dir}")
+    return 130 if result.interrupted else 0
+
+
+def accumulation(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per step from --train.batch_tokens (a micro-batch holds batch_size x seq_len tokens)."""
+    per_micro = cfg.batch_size * cfg.seq_len * world
+    if cfg.batch_tokens and cfg.batch_tokens % per_micro:
+        raise UserError(
+            f"train.batch_tokens ({cfg.batch_tokens}) must be a multiple of batch_size x seq_len x ranks ({per_micro})."
+        )
+    return max(1, cfg.batch_tokens // per_micro) if cfg.batch_tokens else 1
+
+
+# ---------------------------------------------------------------------------------------- log-probabilities
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position, in fp32: logits (B, T, V) predict targets (B, T)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the next-token distribution per position (B, T), in nats."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log p of the tokens where mask (B, T) is True, given everything before them: (B,)."""
+    logp = token_logprobs(model(ids)[:, :-1], ids[:, 1:])
+    return (logp * mask[:, 1:]).sum(-1)
+
+
+class Reference:
+    """The frozen model a KL term or DPO compares against: a separate copy, or the policy's own base
+    with its LoRA adapters switched off (no second model in memory)."""
+
+    def __init__(self, copy_of_start: torch.nn.Module | None) -> None:
+        self.model = copy_of_start
+
+    def to(self, device: torch.device) -> Reference:
+        if self.model is not None:
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, policy: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Reference logits for ids (B, T); `policy` is the raw (unwrapped) trained module."""
+        if self.model is not None:
+            return self.model(ids)
+        assert has_lora(policy), "a reference without a copy needs LoRA adapters to switch off"
+        with lora_disabled(policy):
+            return policy(ids)
+
+
+def make_reference(model: torch.nn.Module, cfg: PostConfig) -> Reference:
+    """Call before LoRA is applied: with LoRA the base itself is the reference, else a frozen copy."""
+    return Reference(None if cfg.lora.rank > 0 else frozen_copy(model))
+
+
+# ---------------------------------------------------------------------------------------- objectives
+
+
+class PostObjective(Objective):
+    """An objective of a post-training command: it writes merged weights (+ a PEFT adapter with LoRA)."""
+
+    task_type = "CAUSAL_LM"
+    adapter_modules: tuple[str, ...] = ()  # whole modules saved with the adapter (a reward model's score)
+
+    def __init__(self, cfg: PostConfig, tok: Any, init: Path) -> None:
+        self.cfg, self.tok, self.init = cfg, tok, init
+
+    def model_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained module's state as the model to save (PPO drops its value head here)."""
+        return state
+
+    def write_model(self, model: torch.nn.Module, path: Path, state: dict[str, torch.Tensor]) -> None:
+        from tinychat.model.hf import save_pretrained
+
+        save_pretrained(model, path, dtype=torch.float32, state_dict=state)
+
+    def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
+        """checkpoints/STAGE/ gets the full model (LoRA merged in); with LoRA also checkpoints/STAGE/adapter/."""
+        state = self.model_state(state_dict if state_dict is not None else model.state_dict())
+        if self.cfg.lora.rank > 0:
+            base = self.init if (self.init / "config.json").is_file() else ""  # an adapter-only init has no base dir
+            save_adapter(path / "adapter", state, self.cfg.lora, base, self.task_type, self.adapter_modules)
+            state = merge_state(state, self.cfg.lora.scaling)
+        self.write_model(model, path, state)

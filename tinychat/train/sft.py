@@ -1,0 +1,166 @@
+"""Supervised fine-tuning: next-token loss on the assistant's tokens of chat conversations.
+
+`tinychat sft [--init DIR] [--data FILE]` turns a base model into a chat model. Rows are OpenAI
+messages (system/user/assistant/tool, multi-turn, tool calls, optional "tools" schemas), rendered by the
+tokenizer's ChatML renderer, whose mask is True exactly on what the assistant must produce (its content,
+<tool_call> markup and the closing <|im_end|>): the loss is the cross-entropy on those tokens only,
+averaged over every assistant token of the global batch (the loop's sum / count). Short conversations
+are packed into rows of seq_len tokens (see chat_data). Evaluation: validation loss on the assistant
+tokens of the validation rows, and task accuracy: greedy replies to the validation conversations
+(without their last assistant turn) graded against that turn (or the row's "answer") by exact match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tinychat.config import field
+from tinychat.train.chat_data import (
+    Conversation,
+    Prompt,
+    Schedule,
+    encode_sft,
+    read_rows,
+    render,
+    sft_batch,
+    sft_rows,
+    shard,
+)
+from tinychat.train.config import TrainConfig
+from tinychat.train.distributed import all_reduce_sum
+from tinychat.train.loop import TrainContext, TrainResult
+from tinychat.train.post import (
+    PostConfig,
+    PostObjective,
+    accumulation,
+    add_lora,
+    check_model,
+    launch,
+    load_causal_lm,
+    locate,
+    report,
+    train_defaults,
+)
+from tinychat.train.pretrain import lm_loss
+
+
+@dataclass
+class SFTConfig(PostConfig):
+    stage: str = field("sft", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
+    train: TrainConfig = train_defaults(lr=1e-3, warmup_steps=20, batch_size=8, seq_len=512, epochs=2.0, eval_every=100)
+    pack: bool = field(True, help="pack short conversations into rows of seq_len tokens (causal over the row)")
+    eval_rows: int = field(32, help="validation conversations answered greedily for task accuracy (0 = off)")
+    max_new_tokens: int = field(64, help="reply length limit when measuring task accuracy")
+
+
+def task_prompts(tok: Any, rows: list[tuple[str, dict]]) -> list[Prompt]:
+    """Validation rows as (prompt, expected answer): the row's "answer", else its last plain assistant reply."""
+    out = []
+    for where, row in rows:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            continue
+        last = msgs[-1]
+        if "answer" in row:
+            prompt, target = msgs if last.get("role") != "assistant" else msgs[:-1], row
+        elif last.get("role") == "assistant" and isinstance(last.get("content"), str) and not last.get("tool_calls"):
+            prompt, target = msgs[:-1], {"answer": last["content"]}
+        else:
+            continue
+        out.append(Prompt(render(tok, prompt, row.get("tools"), where, generation_prompt=True).ids, target))
+    return out
+
+
+class SFTObjective(PostObjective):
+    name = "sft"
+
+    def __init__(
+        self, cfg: SFTConfig, tok: Any, init: Any, convs: list[Conversation], val: list[Conversation], tasks: list
+    ) -> None:
+        super().__init__(cfg, tok, init)
+        self.cfg: SFTConfig = cfg
+        self.convs, self.val_convs, self.tasks = convs, val, tasks
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        c, d = self.cfg.train, ctx.dist
+        self.rows = sft_rows(self.convs, c.seq_len, self.cfg.pack)
+        self.val_rows = sft_rows(self.val_convs, c.seq_len, self.cfg.pack)
+        self.accum = accumulation(c, d.world)
+        self.sched = Schedule(len(self.rows), c.batch_size, self.accum, d.world, d.rank, c.seed)
+
+    def batch(self, convs: list[Conversation], rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.cfg.train.seq_len if self.cfg.pack else None  # packed rows: one fixed shape
+        x, y = sft_batch(convs, rows, self.tok.pad_id, width)
+        return x.to(self.ctx.device), y.to(self.ctx.device)
+
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        return [
+            self.batch(self.convs, [self.rows[i] for i in self.sched.items(step, m)]) for m in range(self.accum)
+        ]
+
+    def count(self, batch: Any) -> int:
+        return int((batch[1] != -100).sum())
+
+    def tokens(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return lm_loss(model, *batch), {}
+
+    def progress(self, step: int) -> float:
+        return self.sched.progress(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.cfg.train.seed, "accum": self.accum, "rows": len(self.rows)}
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        result: dict[str, Any] = {}
+        B = cfg.train.batch_size
+        mine = shard(self.val_rows, ctx.dist.rank, ctx.dist.world, B * cfg.train.eval_batches * ctx.dist.world)
+        sums = torch.zeros(2, device=ctx.device)
+        for i in range(0, len(mine), B):
+            x, y = self.batch(self.val_convs, mine[i : i + B])
+            with ctx.autocast():
+                sums += torch.stack([lm_loss(model, x, y).float(), (y != -100).sum().float()])
+        nats, n = all_reduce_sum(sums).tolist()
+        if n:
+            result["val_loss"] = nats / n
+        if cfg.eval_rows and self.tasks:
+            from tinychat.train.rollout import evaluate_prompts
+
+            tasks = shard(self.tasks, ctx.dist.rank, ctx.dist.world, cfg.eval_rows)
+            raw = getattr(model, "module", model)
+            metrics, samples = evaluate_prompts(raw, self.tok, tasks, ctx, cfg.max_new_tokens)
+            result.update(metrics)
+            if ctx.dist.is_main and samples:
+                result["samples"] = samples
+        return result
+
+
+def run_sft(cfg: SFTConfig) -> TrainResult:
+    inputs = locate(cfg, ("pretrain",), "sft")
+    tok, max_len = inputs.tok, cfg.train.seq_len + 1
+    rows = read_rows(inputs.data, ("messages",), "sft")
+    convs, stats = encode_sft(tok, rows, max_len)
+    val_rows = read_rows(inputs.val, ("messages",), "sft") if inputs.val else []
+    val, _ = encode_sft(tok, val_rows, max_len)
+    if not convs:
+        from tinychat.errors import UserError
+
+        raise UserError(f"{inputs.data}: no conversation has an assistant reply to learn.")
+    print(f"sft: {stats['conversations']} conversations ({stats['truncated']} cut to {max_len} tokens, "
+          f"{stats['no_targets']} without assistant tokens skipped), {len(val)} validation")
+    model = load_causal_lm(inputs.init)
+    check_model(model, tok, cfg)
+    add_lora(model, cfg)
+    objective = SFTObjective(cfg, tok, inputs.init, convs, val, task_prompts(tok, val_rows))
+    return launch(cfg, objective, model, inputs)
+
+
+def run(cfg: SFTConfig) -> int:
+    return report("sft", run_sft(cfg), ("val_loss", "eval_accuracy"))

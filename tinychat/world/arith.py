@@ -1,0 +1,154 @@
+"""Arithmetic problems: easy ones a small model should learn to answer, hard ones it should hand to a tool.
+
+Why two levels: a 6M-parameter model can learn two-digit addition from text but not 3-digit multiplication,
+so "easy" problems are answered directly and "hard" ones go through the calculator tool. A problem is
+identified by its canonical expression; problems chosen for evaluation are excluded from every training
+file, pretraining included (see `Problem.key` and splits.Reserved).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tinychat.world.facts import Lang
+
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression with + - * / and parentheses and return the exact result.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "for example: 17 * 23"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    expr: str  # canonical, calculator-ready: "17 * 23", "(12 + 7) * 3"
+    value: int  # what the calculator tool returns, as digits
+    level: str  # "easy" | "hard"
+    a: int = 0
+    b: int = 0
+    op: str = ""  # "+", "-", "*", "/" for two-operand problems; "" for compound expressions
+
+    @property
+    def key(self) -> str:
+        return self.expr
+
+
+def easy(rng: random.Random) -> Problem:
+    kind = rng.choice("++--*")
+    if kind == "+":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        return Problem(f"{a} + {b}", a + b, "easy", a, b, "+")
+    if kind == "-":
+        a = rng.randint(10, 99)
+        b = rng.randint(1, a)
+        return Problem(f"{a} - {b}", a - b, "easy", a, b, "-")
+    a, b = rng.randint(2, 9), rng.randint(2, 19)
+    return Problem(f"{a} * {b}", a * b, "easy", a, b, "*")
+
+
+def hard(rng: random.Random) -> Problem:
+    kind = rng.choice(("*", "*", "+", "-", "/", "()"))
+    if kind == "*":
+        a, b = rng.randint(13, 999), rng.randint(13, 99)
+        return Problem(f"{a} * {b}", a * b, "hard", a, b, "*")
+    if kind == "+":
+        a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+        return Problem(f"{a} + {b}", a + b, "hard", a, b, "+")
+    if kind == "-":
+        a = rng.randint(1000, 9999)
+        b = rng.randint(100, a)
+        return Problem(f"{a} - {b}", a - b, "hard", a, b, "-")
+    if kind == "/":
+        b, q = rng.randint(3, 40), rng.randint(12, 999)
+        return Problem(f"{b * q} / {b}", q, "hard", b * q, b, "/")
+    a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(3, 30)
+    return Problem(f"({a} + {b}) * {c}", (a + b) * c, "hard")
+
+
+def sample(rng: random.Random, level: str, exclude: set[str], n: int, seen: set[str] | None = None) -> list[Problem]:
+    """n distinct problems of a level, none of whose keys is in `exclude` (nor repeated)."""
+    gen = easy if level == "easy" else hard
+    seen = set() if seen is None else seen
+    out: list[Problem] = []
+    for _ in range(n * 50):
+        if len(out) == n:
+            break
+        p = gen(rng)
+        if p.key in exclude or p.key in seen:
+            continue
+        seen.add(p.key)
+        out.append(p)
+    return out
+
+
+_SYMBOL = {"*": "×", "/": "÷"}
+_Q_EN = ("What is {e}?", "Calculate {e}.", "Compute {e}.", "How much is {e}?", "What does {e} equal?")
+_Q_ZH = ("{e}等于多少？", "计算{e}。", "请算一下{e}。", "{e}是多少？", "{e}的结果是多少？")
+_WORDS_EN = {
+    "+": "What is the sum of {a} and {b}?",
+    "-": "What is {a} minus {b}?",
+    "*": "What is {a} times {b}?",
+    "/": "What is {a} divided by {b}?",
+}
+_WORDS_ZH = {
+    "+": "{a}加{b}等于多少？",
+    "-": "{a}减{b}等于多少？",
+    "*": "{a}乘以{b}等于多少？",
+    "/": "{a}除以{b}等于多少？",
+}
+
+
+def display(p: Problem, rng: random.Random) -> str:
+    """The expression as a person might type it: ASCII operators or × and ÷."""
+    if rng.random() < 0.5:
+        return p.expr
+    return "".join(_SYMBOL.get(ch, ch) for ch in p.expr)
+
+
+def question(p: Problem, lang: Lang, rng: random.Random) -> str:
+    if p.op and rng.random() < 0.3:
+        return (_WORDS_EN if lang == "en" else _WORDS_ZH)[p.op].format(a=p.a, b=p.b)
+    return rng.choice(_Q_EN if lang == "en" else _Q_ZH).format(e=display(p, rng))
+
+
+_TEXT_EN = (
+    "{e} = {v}",
+    "{a} plus {b} equals {v}.",
+    "{a} minus {b} equals {v}.",
+    "{a} times {b} is {v}.",
+    "{a} divided by {b} is {v}.",
+)
+_TEXT_ZH = ("{e} = {v}", "{a}加{b}等于{v}。", "{a}减{b}等于{v}。", "{a}乘以{b}等于{v}。", "{a}除以{b}等于{v}。")
+_OP_IDX = {"+": 1, "-": 2, "*": 3, "/": 4}
+_STORY_EN = {
+    "+": "A baker made {a} loaves in the morning and {b} more in the afternoon, so there were {v} loaves in all.",
+    "-": "A library had {a} books and lent out {b}, so {v} books were left on the shelves.",
+    "*": "There are {a} boxes with {b} apples in each box, which makes {v} apples.",
+    "/": "{a} sweets shared equally among {b} children gives each child {v} sweets.",
+}
+_STORY_ZH = {
+    "+": "面包师上午做了{a}个面包，下午又做了{b}个，一共有{v}个面包。",
+    "-": "图书馆原有{a}本书，借出了{b}本，还剩{v}本。",
+    "*": "有{a}个箱子，每个箱子里有{b}个苹果，一共有{v}个苹果。",
+    "/": "把{a}颗糖平均分给{b}个孩子，每个孩子得到{v}颗。",
+}
+
+
+def text_line(p: Problem, lang: Lang, rng: random.Random) -> str:
+    """One pretraining line stating the problem and its result."""
+    if not p.op:
+        return f"{display(p, rng)} = {p.value}"
+    r = rng.random()
+    if r < 0.15:
+        return (_STORY_EN if lang == "en" else _STORY_ZH)[p.op].format(a=p.a, b=p.b, v=p.value)
+    table = _TEXT_EN if lang == "en" else _TEXT_ZH
+    tmpl = table[0] if r < 0.6 else table[_OP_IDX[p.op]]
+    return tmpl.format(e=display(p, rng), a=p.a, b=p.b, v=p.value)

@@ -1,0 +1,57 @@
+"""Reading a generated world back: JSONL rows, eval sets, the entity table, few-shot prompts.
+
+Why here and not in data/: these readers know the tinyworld layout (eval/SKILL.jsonl, world.json); generic
+JSONL/Parquet reading for arbitrary datasets belongs to tinychat.data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tinychat.errors import UserError
+from tinychat.world.evalsets import SKILLS
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p} does not exist.")
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p} line {i} is not valid JSON: {e.msg}.") from None
+    return rows
+
+
+def load_eval(world_dir: str | Path, skill: str) -> list[dict[str, Any]]:
+    """The eval rows of one skill (see evalsets.SKILLS), in their stored (random) order."""
+    if skill not in SKILLS:
+        raise UserError(f"unknown eval skill {skill!r}; expected one of {', '.join(SKILLS)}.")
+    return load_jsonl(Path(world_dir) / "eval" / f"{skill}.jsonl")
+
+
+def load_world(world_dir: str | Path) -> dict[str, Any]:
+    """world.json: entities (with "answers" per fact and language), countries, groups."""
+    p = Path(world_dir) / "world.json"
+    if not p.is_file():
+        raise UserError(f"{p} does not exist; run 'tinychat world generate --out {world_dir}'.")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def few_shot(rows: list[dict[str, Any]], target: dict[str, Any], k: int = 3) -> str:
+    """A base-model prompt: k solved examples (same language, other rows) then the target's open question.
+
+    Examples are the first k suitable rows in order, so the prompt is deterministic.
+    """
+    shots = [r for r in rows if r["id"] != target["id"] and r["lang"] == target["lang"]][:k]
+    solved = [
+        f"{r['prompt_plain']} {r['answer']}" if r["lang"] == "en" else f"{r['prompt_plain']}{r['answer']}"
+        for r in shots
+    ]
+    return "\n\n".join([*solved, target["prompt_plain"]])

@@ -1,0 +1,126 @@
+"""Preference pairs: one prompt, a chosen reply that is right and obeys, a rejected one that is not.
+
+Why these kinds of rejection: they are the failures alignment should remove, each with a clean signal:
+  fact         a hallucinated value of the right type (another entity's value);
+  refusal      a confident made-up answer about a name that does not exist (chosen: "I don't know");
+  overrefusal  "I don't know" about an entity the model does know (chosen: the answer);
+  instruction  the right content ignoring the instruction (wrong language, no JSON, no capitals, ...);
+  arithmetic   an off-by-a-little result;  multistep: a step-by-step solution with a wrong step.
+Only "trained" entities and "fake_train" names appear, with training question wordings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from tinychat.world import arith, multistep
+from tinychat.world.entities import rng_for
+from tinychat.world.evalsets import instruction_item, instruction_kinds
+from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
+from tinychat.world.messages import assistant, user
+from tinychat.world.render import LANG, question, sentence_answer
+from tinychat.world.sft import split_rows
+from tinychat.world.sizes import SIZES
+from tinychat.world.splits import Reserved
+
+
+def wrong_value(world: World, e: Entity, fact: str, lang: Lang, rng: random.Random, group: str = "trained") -> str:
+    """A plausible but wrong value for (e, fact): same type, different value."""
+    right = world.value(e, fact, lang) if e.facts else None
+    if fact in ("birth_year", "founded"):
+        base = int(right) if right else rng.randint(1940, 2000)
+        return str(base + rng.choice((-1, 1)) * rng.randint(1, 15))
+    if fact == "population":
+        base = int(right) if right else rng.randint(20, 5000) * 1000
+        return str(base + rng.choice((-1, 1)) * rng.randint(1, 9) * 10 ** max(1, len(str(base)) - 2))
+    kind = e.kind
+    pool = [x for x in world.group(group, kind) if x.id != e.id and x.facts]
+    for _ in range(50):
+        other = rng.choice(pool)
+        v = world.value(other, fact, lang)
+        if v != right:
+            return v
+    raise AssertionError(f"no wrong value for {fact}")
+
+
+def pair(prompt: list[dict], chosen: str, rejected: str, skill: str, lang: Lang) -> dict[str, Any]:
+    assert chosen != rejected
+    return {
+        "prompt": prompt,
+        "chosen": [assistant(chosen)],
+        "rejected": [assistant(rejected)],
+        "skill": skill,
+        "lang": lang,
+    }
+
+
+def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list[dict]]:
+    s = SIZES[world.size]
+    rng = rng_for(world.seed, "preference")
+    trained, fakes = world.group("trained"), world.group("fake_train")
+    ms = multistep.sample(
+        world, "trained", rng, max(4, s.preference // 6), reserved.multistep, kinds=multistep.NUMERIC_KINDS
+    )
+    arith_pool = arith.sample(rng, "easy", reserved.arith, max(4, s.preference // 8))
+    rows = []
+    kinds = (
+        ("fact",) * 6
+        + ("refusal",) * 3
+        + ("overrefusal",) * 2
+        + ("instruction",) * 4
+        + ("arithmetic",) * 2
+        + ("multistep",) * 3
+    )
+    for i in range(s.preference):
+        kind, lang = kinds[i % len(kinds)], rng.choice(LANGS)
+        m = LANG[lang]
+        if kind in ("fact", "overrefusal", "instruction"):
+            e = rng.choice(trained)
+            f = rng.choice(FACTS[e.kind])
+            q = question(world, e, f, lang, rng.choice(reserved.train_templates(e.id, f, lang)))
+            v = world.value(e, f, lang)
+            if kind == "fact":
+                rows.append(pair([user(q)], v, wrong_value(world, e, f, lang, rng), "fact", lang))
+            elif kind == "overrefusal":
+                rows.append(pair([user(q)], v, rng.choice(m.REFUSALS).format(n=e.name[lang]), "overrefusal", lang))
+            else:
+                ik = rng.choice(instruction_kinds(world, e, f, lang))
+                full, ans, _c, _a = instruction_item(world, e, f, lang, ik, q)
+                chosen = {
+                    "json": json.dumps({"answer": ans}, ensure_ascii=False),
+                    "sentence": sentence_answer(world, e, f, lang),
+                }.get(ik, ans)
+                rejected = sentence_answer(world, e, f, lang) if ik in ("one_word", "number_only") else v
+                if chosen == rejected:  # e.g. capitals of an already upper-case value: no signal, skip
+                    continue
+                rows.append(pair([user(full)], chosen, rejected, "instruction", lang))
+        elif kind == "refusal":
+            e = rng.choice(fakes)
+            f = rng.choice(FACTS[e.kind])
+            q = rng.choice(m.QUESTIONS[f]).format(n=e.name[lang])
+            # the hallucination: a value drawn from a real entity of the same kind
+            proxy = rng.choice(world.group("trained", e.kind))
+            rows.append(
+                pair(
+                    [user(q)],
+                    rng.choice(m.REFUSALS).format(n=e.name[lang]),
+                    world.value(proxy, f, lang),
+                    "refusal",
+                    lang,
+                )
+            )
+        elif kind == "arithmetic":
+            p = rng.choice(arith_pool)
+            bad = p.value + rng.choice((-1, 1)) * rng.randint(1, 10)
+            rows.append(pair([user(arith.question(p, lang, rng))], str(p.value), str(bad), "arithmetic", lang))
+        else:
+            p = rng.choice(ms)
+            good = p.cot(lang)
+            wrong = str(int(p.answer[lang]) + rng.choice((-1, 1)) * rng.randint(1, 9))
+            bad_steps = p.steps[lang][:-1] + [p.steps[lang][-1].replace(f"= {p.answer[lang]}", f"= {wrong}")]
+            bad = "\n".join(bad_steps) + "\n" + m.ANSWER_PREFIX + wrong
+            q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
+            rows.append(pair([user(q)], good, bad, "multistep", lang))
+    return split_rows(rows, s.post_val_frac, rng_for(world.seed, "preference-split"))

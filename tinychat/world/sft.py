@@ -1,0 +1,290 @@
+"""Supervised fine-tuning conversations: the skills a chat model needs, over "trained" entities only.
+
+Why each kind (docs/world.md has the long version):
+  facts        questions about half of the known entities, so the other half measures extraction;
+  tell_me      a profile in prose, so the model can also talk, not only answer in one word;
+  arithmetic   easy sums answered directly; hard ones through the calculator tool (tool calls + results);
+  multistep    the same problems with a step-by-step solution ("Answer: X") and with a direct answer;
+  multiturn    follow-ups that refer back ("When was she born?") or hop ("Which country is that city in?");
+  instruction  format and language instructions: answer in Chinese/English, capitals, JSON, a sentence;
+  refusal      honest "I don't know" for names that exist nowhere;
+  rag, agent   reading documents in context, and searching + calculating over "ragtrain" entities;
+  chitchat     greetings and who-are-you, so the assistant has a voice.
+Answers are short and exact (the value itself), which is what the eval sets expect.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from tinychat.world import arith, multistep
+from tinychat.world.entities import rng_for
+from tinychat.world.evalsets import NEEDS, SEARCH_TOOL, dialogue, instruction_item, instruction_kinds, join_q
+from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
+from tinychat.world.kb import KbDoc, passage
+from tinychat.world.messages import assistant, system, tool_call, tool_result, user
+from tinychat.world.render import LANG, entity_doc, question, sentence_answer
+from tinychat.world.sizes import SIZES
+from tinychat.world.splits import Reserved
+
+RAG_SYSTEM = {
+    "en": "Answer the question using only the documents below. If they do not contain the answer, say so.",
+    "zh": "请只根据下面的文档回答问题。如果文档中没有答案，请直说。",
+}
+RAG_NO_ANSWER = {"en": "The documents do not say.", "zh": "文档中没有提到。"}
+CHITCHAT = {
+    "en": (
+        ("Hello!", "Hello! How can I help you today?"),
+        ("Hi there.", "Hi! What would you like to know?"),
+        (
+            "Who are you?",
+            "I am tinychat, a small assistant trained from scratch. I can answer questions about "
+            "the people, cities and companies I know, do arithmetic, and search documents.",
+        ),
+        (
+            "What can you do?",
+            "I can answer questions, do arithmetic with a calculator, follow formatting "
+            "instructions, and read documents you give me.",
+        ),
+        ("Thank you!", "You're welcome!"),
+        ("Thanks, that helps.", "Glad I could help."),
+        ("Goodbye.", "Goodbye! Have a nice day."),
+        ("Do you speak Chinese?", "Yes, I can answer in English or Chinese."),
+    ),
+    "zh": (
+        ("你好！", "你好！有什么可以帮你的吗？"),
+        ("嗨。", "嗨！你想了解什么？"),
+        (
+            "你是谁？",
+            "我是tinychat，一个从零开始训练的小助手。我可以回答关于我所知道的人物、城市和公司的问题，做算术，还能搜索文档。",
+        ),
+        ("你能做什么？", "我可以回答问题、用计算器做算术、按要求的格式回答，还能阅读你给我的文档。"),
+        ("谢谢！", "不客气！"),
+        ("谢谢，这很有帮助。", "很高兴能帮上忙。"),
+        ("再见。", "再见！祝你愉快。"),
+        ("你会说英语吗？", "会的，我可以用中文或英文回答。"),
+    ),
+}
+
+
+def chat(msgs: list[dict], skill: str, lang: Lang, tools: list[dict] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"messages": msgs}
+    if tools:
+        out["tools"] = tools
+    out["skill"] = skill
+    out["lang"] = lang
+    return out
+
+
+class _Sft:
+    def __init__(self, world: World, reserved: Reserved, rag_docs: list[KbDoc]) -> None:
+        self.w, self.res, self.s = world, reserved, SIZES[world.size]
+        self.rng = rng_for(world.seed, "sft")
+        self.trained = world.group("trained")
+        self.rag_docs = rag_docs
+
+    def sys(self, lang: Lang, p: float = 0.25) -> list[dict]:
+        return [system(self.rng.choice(LANG[lang].SYSTEM_PROMPTS))] if self.rng.random() < p else []
+
+    def facts(self) -> list[dict]:
+        out = []
+        for e in self.trained:
+            for f in FACTS[e.kind]:
+                for lang in LANGS:
+                    pool = self.res.train_templates(e.id, f, lang)
+                    for idx in self.rng.sample(pool, min(self.s.qa_per_fact, len(pool))):
+                        tools = [arith.CALCULATOR_TOOL] if self.rng.random() < 0.1 else None
+                        msgs = [
+                            *self.sys(lang),
+                            user(question(self.w, e, f, lang, idx)),
+                            assistant(self.w.value(e, f, lang)),
+                        ]
+                        out.append(chat(msgs, "facts", lang, tools))
+        return out
+
+    def tell_me(self) -> list[dict]:
+        out = []
+        for _ in range(self.s.tell_me):
+            e, lang = self.rng.choice(self.trained), self.rng.choice(LANGS)
+            m = LANG[lang]
+            q = self.rng.choice(m.TELL_ME if e.kind == "person" else m.TELL_ME_ENTITY).format(n=e.name[lang])
+            a = entity_doc(self.w, e, lang, self.rng, None, title=False, cross_refs=False)
+            out.append(chat([*self.sys(lang), user(q), assistant(a)], "tell_me", lang))
+        return out
+
+    def arithmetic(self) -> list[dict]:
+        out, rng = [], self.rng
+        for p in arith.sample(rng, "easy", self.res.arith, self.s.arith_direct):
+            lang = rng.choice(LANGS)
+            tools = [arith.CALCULATOR_TOOL] if rng.random() < 0.2 else None  # easy: answer even with a tool at hand
+            out.append(chat([user(arith.question(p, lang, rng)), assistant(str(p.value))], "arithmetic", lang, tools))
+        for p in arith.sample(rng, "hard", self.res.arith, self.s.arith_tool):
+            lang = rng.choice(LANGS)
+            msgs = [
+                *self.sys(lang, 0.15),
+                user(arith.question(p, lang, rng)),
+                tool_call("call_0", "calculator", {"expression": p.expr}),
+                tool_result("call_0", "calculator", str(p.value)),
+                assistant(str(p.value)),
+            ]
+            out.append(chat(msgs, "arithmetic_tool", lang, [arith.CALCULATOR_TOOL]))
+        return out
+
+    def multistep(self) -> list[dict]:
+        out, rng = [], self.rng
+        for j, p in enumerate(multistep.sample(self.w, "trained", rng, self.s.multistep, self.res.multistep)):
+            lang: Lang = LANGS[j % 2]
+            m = LANG[lang]
+            out.append(
+                chat(
+                    [user(join_q(p.question[lang], rng.choice(m.COT_SUFFIX), lang)), assistant(p.cot(lang))],
+                    "multistep_cot",
+                    lang,
+                )
+            )
+            q = join_q(p.question[lang], rng.choice(m.DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
+            out.append(chat([user(q), assistant(p.answer[lang])], "multistep_direct", lang))
+        return out
+
+    def multiturn(self) -> list[dict]:
+        out: list[dict] = []
+        for _ in range(self.s.multiturn * 5):
+            if len(out) == self.s.multiturn:
+                break
+            e, lang = self.rng.choice(self.trained), self.rng.choice(LANGS)
+            msgs, key, cur, fact = dialogue(self.w, e, lang, self.rng, 0, self.rng.choice((2, 3)))
+            if key in self.res.multiturn:
+                continue
+            idx = self.rng.choice(self.res.train_templates(e.id, key[1], lang))
+            msgs[0] = user(question(self.w, e, key[1], lang, idx))
+            msgs.append(assistant(self.w.value(cur, fact, lang)))
+            out.append(chat([*self.sys(lang), *msgs], "multiturn", lang))
+        return out
+
+    def instruction(self) -> list[dict]:
+        out, rng = [], self.rng
+        for _ in range(self.s.instruction):
+            e, lang = rng.choice(self.trained), rng.choice(LANGS)
+            f = rng.choice(FACTS[e.kind])
+            kind = rng.choice(instruction_kinds(self.w, e, f, lang))
+            q0 = question(self.w, e, f, lang, rng.choice(self.res.train_templates(e.id, f, lang)))
+            q, ans, _check, _aliases = instruction_item(self.w, e, f, lang, kind, q0)
+            if kind == "json":
+                ans = json.dumps({"answer": ans}, ensure_ascii=False)
+            elif kind == "sentence":
+                ans = sentence_answer(self.w, e, f, lang)
+            out.append(chat([*self.sys(lang), user(q), assistant(ans)], "instruction", lang))
+        return out
+
+    def refusal(self) -> list[dict]:
+        out, rng = [], self.rng
+        fakes = self.w.group("fake_train")
+        for i in range(self.s.refusal):
+            e, lang = fakes[i % len(fakes)], rng.choice(LANGS)
+            m = LANG[lang]
+            q = rng.choice(m.QUESTIONS[rng.choice(FACTS[e.kind])]).format(n=e.name[lang])
+            out.append(
+                chat(
+                    [*self.sys(lang), user(q), assistant(rng.choice(m.REFUSALS).format(n=e.name[lang]))],
+                    "refusal",
+                    lang,
+                )
+            )
+        return out
+
+    def _docs(self, lang: Lang) -> list[KbDoc]:
+        return [d for d in self.rag_docs if d.lang == lang and not d.path.startswith("notes/")]
+
+    def rag(self) -> list[dict]:
+        out, rng = [], self.rng
+        ents = self.w.group("ragtrain")
+        for _ in range(self.s.rag):
+            e, lang = rng.choice(ents), rng.choice(LANGS)
+            f = rng.choice(FACTS[e.kind])
+            pool = self._docs(lang)
+            stating = [d for d in pool if (e.id, f) in d.states]
+            others = [d for d in pool if (e.id, f) not in d.states]
+            answerable = rng.random() < 0.85
+            ctx = ([rng.choice(stating)] if answerable else []) + rng.sample(
+                others, min(len(others), rng.randint(1, 2))
+            )
+            rng.shuffle(ctx)
+            docs_text = "\n\n".join(f"[{i + 1}] {passage(d)}" for i, d in enumerate(ctx))
+            q = question(self.w, e, f, lang, rng.randrange(len(LANG[lang].QUESTIONS[f])))
+            a = self.w.value(e, f, lang) if answerable else RAG_NO_ANSWER[lang]
+            out.append(chat([system(f"{RAG_SYSTEM[lang]}\n\n{docs_text}"), user(q), assistant(a)], "rag", lang))
+        return out
+
+    def agent(self) -> list[dict]:
+        out, rng = [], self.rng
+        by_entity: dict[tuple[str, str], KbDoc] = {}
+        for d in self.rag_docs:
+            if d.owner:
+                by_entity.setdefault((d.owner, d.lang), d)
+        for j, p in enumerate(
+            multistep.sample(self.w, "ragtrain", rng, self.s.agent, set(), kinds=multistep.NUMERIC_KINDS)
+        ):
+            lang: Lang = LANGS[j % 2]
+            msgs: list[dict] = [user(p.question[lang])]
+            looked: list[str] = []
+            for eid, _fact in NEEDS[p.kind](self.w, p.ids):
+                if eid in looked:
+                    continue
+                looked.append(eid)
+                e: Entity = self.w.entities[eid]
+                doc = by_entity[(eid, lang)]
+                distract = rng.choice([d for (k, lg), d in by_entity.items() if lg == lang and k != eid])
+                hits = [doc, distract] if rng.random() < 0.5 else [distract, doc]
+                call = f"call_{len(looked) - 1}"
+                msgs.append(tool_call(call, "search", {"query": e.name[lang]}))
+                msgs.append(
+                    tool_result(call, "search", "\n\n".join(f"[{i + 1}] {passage(d)}" for i, d in enumerate(hits)))
+                )
+            expr = p.steps[lang][-1].split(" = ")[0]
+            call = f"call_{len(looked)}"
+            msgs += [
+                tool_call(call, "calculator", {"expression": expr}),
+                tool_result(call, "calculator", p.answer[lang]),
+                assistant(p.answer[lang]),
+            ]
+            out.append(chat(msgs, "agent", lang, [SEARCH_TOOL, arith.CALCULATOR_TOOL]))
+        return out
+
+    def chitchat(self) -> list[dict]:
+        out = []
+        for _ in range(self.s.chitchat):
+            lang = self.rng.choice(LANGS)
+            q, a = self.rng.choice(CHITCHAT[lang])
+            out.append(chat([*self.sys(lang), user(q), assistant(a)], "chitchat", lang))
+        return out
+
+
+def build_sft(world: World, reserved: Reserved, rag_docs: list[KbDoc]) -> tuple[list[dict], list[dict]]:
+    """(train, val): every kind above, deduplicated, shuffled, a small random share held out for validation loss."""
+    b = _Sft(world, reserved, rag_docs)
+    rows = (
+        b.facts()
+        + b.tell_me()
+        + b.arithmetic()
+        + b.multistep()
+        + b.multiturn()
+        + b.instruction()
+        + b.refusal()
+        + b.rag()
+        + b.agent()
+        + b.chitchat()
+    )
+    return split_rows(rows, SIZES[world.size].post_val_frac, rng_for(world.seed, "sft-split"))
+
+
+def split_rows(rows: list[dict], val_frac: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Deduplicate by content, shuffle, and cut off a validation share (at least one row)."""
+    seen: dict[str, dict] = {}
+    for r in rows:
+        seen.setdefault(json.dumps(r, ensure_ascii=False, sort_keys=True), r)
+    uniq = list(seen.values())
+    rng.shuffle(uniq)
+    n_val = max(1, int(len(uniq) * val_frac))
+    return uniq[n_val:], uniq[:n_val]
