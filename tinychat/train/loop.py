@@ -290,13 +290,13 @@ def train(
                 cfg.max_time and elapsed >= cfg.max_time * 60
             )
             if cfg.eval_every and step % cfg.eval_every == 0 and not done_now:
-                last_eval = _evaluate(objective, model, step, log, console, info)
+                last_eval = _evaluate(objective, raw, step, log, console, info)
             if stop.flag:
                 interrupted = True
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done_now:
                 checkpoint()
-        last_eval = _evaluate(objective, model, step, log, console, info) if not interrupted else last_eval
+        last_eval = _evaluate(objective, raw, step, log, console, info) if not interrupted else last_eval
         path = checkpoint()
         if not interrupted:
             _save_final(objective, raw, stage_dir, tokenizer_dir, info)
@@ -308,6 +308,7 @@ def train(
 
 
 def _evaluate(objective, model, step, log, console, info) -> dict[str, Any]:  # noqa: ANN001
+    """Evaluate the unwrapped module: no DDP hooks, and no torch.compile recompilation for no-grad shapes."""
     model.eval()
     with torch.no_grad():
         result = objective.evaluate(model, step)
