@@ -284,3 +284,14 @@ def test_manifest_counts_match_world(micro_dir: Path) -> None:
     assert m.entities == w["group_counts"]
     text = decoded_text(micro_dir / "pretrain/train.jsonl")
     assert "tinyworld" not in text  # no generator artefacts in training text
+
+
+def test_no_duplicates_and_val_disjoint_from_train(small_dir: Path) -> None:
+    """A dedup stage downstream would silently drop repeats; validation must not copy training rows."""
+    for split in ("pretrain", "sft", "preference"):
+        train = [json.dumps(r, sort_keys=True) for r in read_jsonl(small_dir / split / "train.jsonl")]
+        val = [json.dumps(r, sort_keys=True) for r in read_jsonl(small_dir / split / "val.jsonl")]
+        assert len(set(train)) == len(train), split
+        assert not set(val) & set(train), split
+    rl = [json.dumps(r["messages"]) for r in read_jsonl(small_dir / "rl/train.jsonl")]
+    assert len(set(rl)) == len(rl)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,21 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path) -> N
     assert set(a) != set(c) or any(a[k] != c[k] for k in a)
     for rel in ("pretrain/train.jsonl", "sft/train.jsonl", "eval/facts_heldout.jsonl", "world.json"):
         assert a[rel] != c[rel], rel
+
+
+def test_output_does_not_depend_on_hash_seed() -> None:
+    """Set or dict-of-str iteration order must never reach the output: two processes, two PYTHONHASHSEEDs."""
+    code = (
+        "import hashlib; from tinychat.world.generate import build_files; _, f, _ = build_files(5, 'micro'); "
+        "print(hashlib.sha256(b''.join(k.encode() + f[k] for k in sorted(f))).hexdigest())"
+    )
+    outs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outs.add(
+            subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        )
+    assert len(outs) == 1
 
 
 def test_in_memory_build_matches_disk(micro_dir: Path) -> None:

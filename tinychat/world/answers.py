@@ -23,7 +23,7 @@ from typing import Any
 
 _PUNCT = ".,!?;:。！？，、；：…"
 _QUOTES = "\"'`“”‘’「」『』《》()（）[]【】*"
-_ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
+_ARTICLE = re.compile(r"^(?:(?:the|a|an)\s+)+", re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _ANSWER = re.compile(r"(?:answer\s*:|答案\s*[:：])", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -47,14 +47,18 @@ REFUSAL_MARKERS = (
 
 
 def normalize(text: str) -> str:
-    """The comparable form of an answer; see the module docstring."""
-    s = unicodedata.normalize("NFKC", text).strip()
-    for _ in range(3):  # peel nested quotes/punctuation like '"Velmora".'
+    """The comparable form of an answer; see the module docstring. Idempotent (applied until it settles)."""
+    s = text
+    for _ in range(100):  # each round peels a layer (quotes, punctuation, articles); real answers take 1-2
+        prev = s
+        s = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", s).casefold())
         s = s.strip().strip(_QUOTES).rstrip(_PUNCT).strip()
-    s = s.casefold()
-    s = _ARTICLE.sub("", s)
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    return re.sub(r"\s+", " ", s).strip()
+        s = _ARTICLE.sub("", s)
+        s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
+        s = re.sub(r"\s+", " ", s).strip()
+        if s == prev:
+            break
+    return s
 
 
 def extract_answer(reply: str) -> str:

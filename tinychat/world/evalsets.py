@@ -4,7 +4,7 @@ Row schema (every skill): id, skill, lang, messages (chat form, ends with the us
 answer (the exact expected string), aliases (other accepted strings), check (how to grade, see
 answers.check), entity (id of the entity asked about, or null), prompt_plain ("Question: ...\\nAnswer:"
 for base models and few-shot prompts). Some skills add fields: fact, cloze, tools, mode and problem_id
-(multistep), instruction, sources (kb_qa, agent), reference (a model full-sentence answer).
+(multistep), instruction, sources (kb_qa, agent), reference (a correct full reply: a sentence or a solution).
 Eval sets are built *before* any training data, and reserve what they use (splits.Reserved).
 """
 

@@ -61,6 +61,7 @@ class Manifest:
     seed: int
     size: str
     version: int
+    generator: str  # generator_hash() of the code that wrote the world
     files: dict[str, dict[str, Any]]  # relative path -> {"rows", "bytes", "est_tokens", "sha256"}
     entities: dict[str, int]  # group -> count
     pretrain: dict[str, Any]
@@ -162,6 +163,7 @@ def _manifest_json(seed: int, size: str, world: World, files: dict[str, bytes], 
     return {
         "format": FORMAT,
         "version": VERSION,
+        "generator": generator_hash(),
         "seed": seed,
         "size": size,
         "entities": groups,
@@ -169,6 +171,14 @@ def _manifest_json(seed: int, size: str, world: World, files: dict[str, bytes], 
         "files": info,
         "token_estimate": "non-CJK UTF-8 bytes / 4 + CJK characters / 1.5",
     }
+
+
+def generator_hash() -> str:
+    """sha256 of this package's source: a world made by other code is stale even if VERSION was not bumped."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _is_world(path: Path) -> bool:
@@ -188,7 +198,7 @@ def load_manifest(world_dir: str | Path) -> Manifest:
     d = json.loads(p.read_text(encoding="utf-8"))
     if d.get("format") != FORMAT:
         raise UserError(f"{p} is not a tinyworld manifest (format is {d.get('format')!r}).")
-    return Manifest(root, d["seed"], d["size"], d["version"], d["files"], d["entities"], d["pretrain"])
+    return Manifest(root, d["seed"], d["size"], d["version"], d["generator"], d["files"], d["entities"], d["pretrain"])
 
 
 def generate_world(
@@ -238,11 +248,11 @@ def generate_world(
 
 
 def ensure_world(out_dir: str | Path, seed: int = 0, size: str = "small") -> Manifest:
-    """The world at out_dir if it was generated with this seed, size and version; otherwise generate it."""
+    """The world at out_dir if this code generated it with this seed and size; otherwise (re)generate it."""
     out = Path(out_dir)
     if _is_world(out):
         m = load_manifest(out)
-        if (m.seed, m.size, m.version) == (seed, size, VERSION):
+        if (m.seed, m.size, m.version, m.generator) == (seed, size, VERSION, generator_hash()):
             return m
     return generate_world(out, seed, size)
 

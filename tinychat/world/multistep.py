@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tinychat.world.facts import Entity, Lang, World
+from tinychat.world.facts import Lang, World
 from tinychat.world.render import LANG
 
 NUMERIC_KINDS = ("founder_age", "birth_gap", "turn_age", "pop_sum", "founded_gap")
@@ -34,10 +34,6 @@ class Problem:
 
     def cot(self, lang: Lang) -> str:
         return "\n".join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + self.answer[lang]
-
-
-def _n(e: Entity) -> dict[str, str]:
-    return e.name
 
 
 def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | None:

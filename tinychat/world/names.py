@@ -1,7 +1,7 @@
 """Invented names with one fixed Chinese transliteration each.
 
 Why syllables: a name is a few syllables from a fixed inventory, and each syllable has exactly one Chinese
-character, so "Talven" is always "塔文" and a model can learn the correspondence instead of a random pairing.
+character, so "Talven" is always "泰汶" and a model can learn the correspondence instead of a random pairing.
 Why a registry: every name *part* (a given name, a family name, a city, a company stem, a country) is used
 by exactly one entity, and no Chinese part is a substring of another. That makes the leak tests exact
 (an English part is matched as a whole word, a Chinese name as a substring) and means a name never

@@ -58,11 +58,19 @@ def build_pretrain(world: World, exclude_arith: set[str]) -> tuple[list[dict], l
     mentions: Mentions = Mentions()
     known = [e for e in world.entities.values() if e.group in ("trained", "heldout")]
     docs: list[str] = []
+    seen: set[str] = set()
     for e in known:
         for lang in LANGS:
             for _ in range(s.docs_per_lang):
-                style = "narrative" if rng.random() < 0.35 else "encyclopedia"
-                docs.append(entity_doc(world, e, lang, rng, mentions, style=style))
+                for _attempt in range(20):  # no exact duplicates: a dedup stage would silently drop them
+                    style = "narrative" if rng.random() < 0.35 else "encyclopedia"
+                    counted = Mentions()
+                    doc = entity_doc(world, e, lang, rng, counted, style=style)
+                    if doc not in seen:
+                        break
+                seen.add(doc)
+                docs.append(doc)
+                mentions.update(counted)
     docs += _country_docs(world, rng, mentions)
     docs += [_arith_doc(rng, exclude_arith) for _ in range(s.arith_docs)]
     docs += [filler.paragraph(rng.choice(LANGS), rng) for _ in range(s.filler_docs)]

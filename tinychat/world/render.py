@@ -123,8 +123,9 @@ def entity_doc(
     sents: list[str] = []
     if style == "narrative":
         first = m.NARRATIVE_OPEN[e.kind].format(n=e.name[lang])
-        if e.kind != "person":
-            rng.shuffle(facts)
+        rest = facts[2:] if e.kind == "person" else facts  # a life story starts with the birth
+        rng.shuffle(rest)
+        facts = facts[:2] + rest if e.kind == "person" else rest
         body = [statement(world, e, f, lang, rng, mentions, narrative=True) for f in facts]
         sents = [first, *body]
     else:

@@ -2,9 +2,10 @@
 
 Why these numbers (small, the speedrun default): the cpu-tiny preset trains ~6M parameters for ~8 minutes,
 about 4.5M tokens (DESIGN.md). A calibration run learned 400 invented people from 6 paraphrased bios each.
-"small" has 300 known entities whose pretraining text is ~0.35M estimated tokens, so the budget passes
-over every fact 10+ times, and each fact is stated 4 times per language per pass (plus cross references).
-Token counts are estimates (ASCII bytes / 4 + CJK characters / 1.5); manifest.json records them per file.
+"small" has 300 known entities (150 trained + 150 held out); its pretraining text is ~0.35M estimated tokens
+(0.27M with an 8k byte-level BPE trained on it), so the budget passes over every fact 12-16 times, and each
+pass states every fact 6 times per language (plus cross references from related entities' documents).
+Token counts are estimates (non-CJK UTF-8 bytes / 4 + CJK characters / 1.5); manifest.json records them.
 """
 
 from __future__ import annotations
