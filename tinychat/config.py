@@ -374,6 +374,10 @@ def help_text(cls: type, prefix: str = "") -> str:
             continue
         default = getattr(defaults, f.name)
         name = f.name.upper() if f.metadata.get("positional") else f"--{prefix}{f.name}"
-        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        inner, _ = _unwrap_optional(tp)
+        if get_origin(inner) is Literal:
+            tname = "|".join(map(str, get_args(inner)))
+        else:
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
         lines.append(f"  {name:<34} {tname:<14} default {default!r}  {f.metadata.get('help', '')}".rstrip())
     return "\n".join(lines)
