@@ -32,10 +32,9 @@ ZH = (
     "那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想"
     "已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指"
 )
-_FUNCTION = (
-    "the of and to in that for with as it was on by this are from at or have they which were their has"
-)
+_FUNCTION = "the of and to in that for with as it was on by this are from at or have they which were their has"
 FUNCTION = _FUNCTION.split()
+WIDTHS = (10, 8, 8, 9, 8, 13, 8, 10)
 PII = ["mail me at lee.chan@example.com", "call +1 (415) 555-2671", "server 10.20.30.40", "手机13812345678"]
 
 
@@ -48,10 +47,7 @@ def _vocab(rng: random.Random, n: int) -> list[str]:
 def en_paragraph(rng: random.Random, vocab: list[str]) -> str:
     sents = []
     for _ in range(rng.randint(3, 7)):
-        words = [
-            rng.choice(FUNCTION) if rng.random() < 0.4 else rng.choice(vocab)
-            for _ in range(rng.randint(8, 24))
-        ]
+        words = [rng.choice(FUNCTION) if rng.random() < 0.4 else rng.choice(vocab) for _ in range(rng.randint(8, 24))]
         sents.append(" ".join(words).capitalize() + rng.choice(".!?."))
     return " ".join(sents)
 
@@ -136,9 +132,8 @@ def main() -> None:
         sample = (t for i, t in zip(range(3000), texts))
         tok = train_tokenizer(sample, args.vocab)
         tok.save_pretrained(root / "tok")
-        print(
-            f"{'step':<10}{'workers':>8}{'MB in':>8}{'seconds':>9}{'MB/s':>8}{'vs 1 worker':>13}{'CPU s':>8}{'MB/CPU-s':>10}"
-        )
+        cols = ("step", "workers", "MB in", "seconds", "MB/s", "vs 1 worker", "CPU s", "MB/CPU-s")
+        print("".join(f"{c:<10}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, WIDTHS))))
         base: dict[str, float] = {}
 
         def report(step: str, w: int, n_bytes: int, secs: float, cpu: float) -> None:
@@ -151,9 +146,7 @@ def main() -> None:
 
         for w in [int(x) for x in args.workers.split(",")]:
             c0 = cpu_seconds()
-            st = prepare(
-                PrepareConfig(input=[root / "raw"], out=root / f"prep{w}", workers=w, progress=False)
-            )
+            st = prepare(PrepareConfig(input=[root / "raw"], out=root / f"prep{w}", workers=w, progress=False))
             report("prepare", w, st["in"]["bytes"], st["elapsed_s"], cpu_seconds() - c0)
             c0 = cpu_seconds()
             tcfg = TokenizeConfig(
@@ -165,9 +158,8 @@ def main() -> None:
             )
             idx = tokenize(tcfg)
             report("tokenize", w, idx["bytes_in"], idx["elapsed_s"], cpu_seconds() - c0)
-        print(
-            f"load average during the run: {os.getloadavg()[0]:.1f} (2 cores; above ~1 other jobs were competing)"
-        )
+        load = os.getloadavg()[0]
+        print(f"load average at the end: {load:.1f} (on 2 cores, above ~1 means other jobs were competing)")
         kept, din = st["kept"]["docs"], st["in"]["docs"]
         drops = {k: v["docs"] for k, v in st["dropped"].items() if v["docs"]}
         print(

@@ -36,8 +36,7 @@ def en_doc(rng: random.Random, n_sentences: int = 12) -> str:
     sents = []
     for _ in range(n_sentences):
         words = [
-            rng.choice(EN_FUNCTION) if rng.random() < 0.4 else rng.choice(EN_CONTENT)
-            for _ in range(rng.randint(8, 16))
+            rng.choice(EN_FUNCTION) if rng.random() < 0.4 else rng.choice(EN_CONTENT) for _ in range(rng.randint(8, 16))
         ]
         sents.append(" ".join(words).capitalize() + rng.choice(".!?."))
     paras = [" ".join(sents[i : i + 4]) for i in range(0, len(sents), 4)]
@@ -47,9 +46,7 @@ def en_doc(rng: random.Random, n_sentences: int = 12) -> str:
 def zh_doc(rng: random.Random, n_sentences: int = 10) -> str:
     sents = []
     for _ in range(n_sentences):
-        clauses = [
-            "".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(5, 10))) for _ in range(rng.randint(2, 3))
-        ]
+        clauses = ["".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(5, 10))) for _ in range(rng.randint(2, 3))]
         sents.append("，".join(clauses) + rng.choice("。！？"))
     return "".join(sents)
 

@@ -18,9 +18,7 @@ def test_clean_examples():
     assert clean_text("\n\n  para one\n\n\n\n\npara two   \n\n", cfg) == "para one\n\npara two"
     assert clean_text("a\u00a0b\u2003c", cfg) == "a b c"
     assert clean_text("\u3000\u3000中文段落", cfg) == "\u3000\u3000中文段落"  # ideographic indent kept
-    assert (
-        clean_text("    code\n\tindent", cfg) == "code\n\tindent"
-    )  # leading spaces of the doc stripped only
+    assert clean_text("    code\n\tindent", cfg) == "code\n\tindent"  # leading spaces of the doc stripped only
     assert clean_text("\x00\x01\x02  \n", cfg) == ""
     assert clean_text("x\x00", CleanConfig(enabled=False)) == "x\x00"
     assert clean_text("a\x00  ", CleanConfig(whitespace=False)) == "a  "

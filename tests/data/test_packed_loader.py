@@ -74,9 +74,7 @@ def test_ranks_are_disjoint_and_epochs_reshuffle(data_dir):
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 80), st.integers(1, 5), st.integers(0, 2**32 - 1))
 def test_disjointness_property(data_dir, batch, seq_len, world, seed):
-    loaders = [
-        PackedLoader(data_dir, batch, seq_len, seed=seed, rank=r, world_size=world) for r in range(world)
-    ]
+    loaders = [PackedLoader(data_dir, batch, seq_len, seed=seed, rank=r, world_size=world) for r in range(world)]
     spe = loaders[0].steps_per_epoch
     for step in (0, spe // 2, spe - 1):
         ids = np.concatenate([ld.seq_ids(step) for ld in loaders])

@@ -73,12 +73,8 @@ def build_messy_corpus(root: Path) -> Path:
     (web / "short.txt").write_text("Too short to keep.", encoding="utf-8")
     fr = "Le chat est sur la table et il ne veut pas descendre, mais nous sommes patients avec lui. " * 2
     (web / "french.md").write_text(fr + en_doc(rng, 1), encoding="utf-8")
-    (web / "menu.txt").write_text(
-        "\n".join(f"- {w} page" for w in en_doc(rng).split()[:60]), encoding="utf-8"
-    )
-    spam = (
-        en_doc(rng, 4).split("\n")[0] + "\n" + "\n".join(["Subscribe to our newsletter for more news."] * 8)
-    )
+    (web / "menu.txt").write_text("\n".join(f"- {w} page" for w in en_doc(rng).split()[:60]), encoding="utf-8")
+    spam = en_doc(rng, 4).split("\n")[0] + "\n" + "\n".join(["Subscribe to our newsletter for more news."] * 8)
     (web / "spam.txt").write_text(spam, encoding="utf-8")
     (web / "logo.png").write_bytes(b"\x89PNG\r\n")
     return web

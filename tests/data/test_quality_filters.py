@@ -27,9 +27,7 @@ def test_each_check_catches_its_junk(rng):
         "bullet_lines": "\n".join(f"- {w} item" for w in good.split()[:80]),
         "ellipsis_lines": "\n".join(s + " ..." for s in good.split(". ")),
         "line_punct": "\n".join(" ".join(good.split()[i : i + 6]).rstrip(".!?") for i in range(0, 120, 6)),
-        "dup_lines": "\n".join(
-            [good.split("\n")[0]] + ["Click here to subscribe to our newsletter today."] * 5
-        ),
+        "dup_lines": "\n".join([good.split("\n")[0]] + ["Click here to subscribe to our newsletter today."] * 5),
         "top_ngram": " ".join(["the river"] * 40) + " " + en_doc(rng, 3),
         "dup_ngram": (en_doc(rng, 2) + " ") * 3,
     }

@@ -56,8 +56,7 @@ def test_named_field(tmp_path):
 def test_bad_input_is_reported_with_file_and_reason(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
     (tmp_path / "lines.jsonl").write_bytes(
-        b'{"text": "ok"}\n{broken\n{"text": 5}\n[1, 2]\n'
-        b'{"text": "\xff"}\n{"text": "a\\ud800"}\n{"text": "ok2"}\n'
+        b'{"text": "ok"}\n{broken\n{"text": 5}\n[1, 2]\n{"text": "\xff"}\n{"text": "a\\ud800"}\n{"text": "ok2"}\n'
     )
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"text": [f"r{i}" for i in range(50)]}), good, row_group_size=10)

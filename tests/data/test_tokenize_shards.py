@@ -26,9 +26,7 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 def _cfg(corpus: Path, out: Path, tok_dir: Path | None, **kw) -> TokenizeConfig:
-    cfg = TokenizeConfig(
-        input=[corpus], out=out, tokenizer=tok_dir, progress=False, workers=1, val_fraction=0.1
-    )
+    cfg = TokenizeConfig(input=[corpus], out=out, tokenizer=tok_dir, progress=False, workers=1, val_fraction=0.1)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg

@@ -32,9 +32,7 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 class CleanConfig:
     enabled: bool = field(True, help="run the normalisation step at all")
     nfc: bool = field(True, help="Unicode NFC normalisation (canonical composition)")
-    control_chars: bool = field(
-        True, help="remove control and invisible format characters (keeps tab/newline)"
-    )
+    control_chars: bool = field(True, help="remove control and invisible format characters (keeps tab/newline)")
     whitespace: bool = field(
         True,
         help="unify newlines and odd spaces, strip trailing spaces, collapse 3+ newlines to a blank line",

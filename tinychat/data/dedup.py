@@ -89,9 +89,7 @@ def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
-def optimal_bands(
-    threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9
-) -> tuple[int, int]:
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
     """(bands, rows) with bands * rows <= num_perm minimising weighted false positives and negatives.
 
     A pair with similarity s becomes a candidate with probability 1 - (1 - s^r)^b; we integrate the

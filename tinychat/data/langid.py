@@ -15,8 +15,9 @@ back as the closest of the seven with a low score, or "und"). Good enough to kee
 and drop the rest, which is what the corpus filter needs.
 
 Score: in [0, 1]; for script decisions the dominant script's share of letters, for Latin languages
-that share times the stop-word evidence (saturating at 15% stop words) times how much of the stop-word
-evidence points at the winner.
+that share times the stop-word evidence (saturating at 15% stop words) times the winner's share of the
+stop-word votes (a word listed for several languages splits its vote between them: "on" is English
+and French, "in" English, German, Dutch and Italian).
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ _LATIN_WORD = re.compile(r"[^\W\d_]+")
 
 _STOPWORD_TEXT: dict[str, str] = {
     "en": (
-        "the and of to was that for with as it be by this are from at or have they which you were their "
-        "has been would there what will when who more can not but his her she he we had its into than "
-        "them only about also these after other some could should our your one all"
+        "the and of to is a an in on was that for with as it be by this are from at or have they which you "
+        "were their has been would there what will when who more can not but his her she he we had its into "
+        "than them only about also these after other some could should our your one all"
     ),
     "fr": (
         "le les des est et une du dans qui pour pas sur au avec ce elle sont mais nous vous leur aux "
-        "cette été fait comme plus ne son ses par je on tout été sont être ont"
+        "cette été fait comme ne son ses par je on tout sont être ont"
     ),
     "de": (
         "der die und das ist nicht ein eine zu den von mit sich auf für dem auch es wird wie oder aber "
@@ -94,20 +95,22 @@ _STOPWORD_TEXT: dict[str, str] = {
         "quando já ele ela nos às"
     ),
     "nl": (
-        "het een van en is niet zijn voor met op aan dat ook maar bij als wordt worden naar uit werd nog "
+        "het een van en niet zijn voor met op aan dat ook maar bij als wordt worden naar uit werd nog "
         "heeft hebben deze kan zo dan over wat er"
     ),
 }
 _STOPWORDS = {lang: frozenset(words.split()) for lang, words in _STOPWORD_TEXT.items()}
 LATIN_LANGS = tuple(_STOPWORDS)
+_WORD_LANGS: dict[str, tuple[str, ...]] = {}  # stop word -> the languages that list it
+for _lang, _words in _STOPWORDS.items():
+    for _w in _words:
+        _WORD_LANGS[_w] = (*_WORD_LANGS.get(_w, ()), _lang)
 
 
 @dataclass
 class LangIdConfig:
     enabled: bool = field(True, help="identify each document's language and filter on it")
-    keep: list[str] = field(
-        ["en", "zh"], help="languages to keep (codes as in docs/data.md); empty keeps all"
-    )
+    keep: list[str] = field(["en", "zh"], help="languages to keep (codes as in docs/data.md); empty keeps all")
     min_score: float = field(0.5, help="drop documents whose language score is below this")
     sample_chars: int = field(4000, help="look at this many characters from the start of each document")
 
@@ -138,10 +141,16 @@ def detect_language(text: str, sample_chars: int = 4000) -> tuple[str, float]:
     if not words:
         return "und", 0.0
     counts_w = Counter(words)  # count once, then look up each language's (short) list in it
-    hits = {lang: sum(counts_w[w] for w in sw if w in counts_w) for lang, sw in _STOPWORDS.items()}
-    best = max(LATIN_LANGS, key=lambda lang: hits[lang])  # ties: first in LATIN_LANGS, deterministic
-    total = sum(hits.values())
+    hits = {lang: 0 for lang in LATIN_LANGS}  # occurrences of the language's stop words
+    votes = dict.fromkeys(LATIN_LANGS, 0.0)  # the same, a shared word's vote split between its languages
+    for w, n in counts_w.items():
+        langs = _WORD_LANGS.get(w)
+        if langs:
+            for lang in langs:
+                hits[lang] += n
+                votes[lang] += n / len(langs)
+    best = max(LATIN_LANGS, key=lambda lang: votes[lang])  # ties: first in LATIN_LANGS, deterministic
     if hits[best] == 0:
         return "und", 0.0
     evidence = min(1.0, hits[best] / len(words) / 0.15)
-    return best, share * evidence * hits[best] / total
+    return best, share * evidence * votes[best] / sum(votes.values())

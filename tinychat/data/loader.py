@@ -57,9 +57,7 @@ class PackedLoader:
             raise UserError(f"rank must be in [0, world_size), got rank {rank} of {world_size}.")
         self.index = TokenIndex.load(data_dir)
         self.maps = self.index.memmaps(split)
-        self.offsets = np.cumsum(
-            [0] + [len(m) for m in self.maps]
-        )  # shard k covers [offsets[k], offsets[k+1])
+        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])  # shard k covers [offsets[k], offsets[k+1])
         self.total_tokens = int(self.offsets[-1])
         self.B, self.T, self.split = batch_size, seq_len, split
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
@@ -142,9 +140,7 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["seed"]) != self.seed:
-            raise UserError(
-                f"loader state has seed {state['seed']}, this loader was built with seed {self.seed}."
-            )
+            raise UserError(f"loader state has seed {state['seed']}, this loader was built with seed {self.seed}.")
         self.step = int(state["step"])
 
 

@@ -34,9 +34,7 @@ def map_ordered(
             yield key, fn(payload)
         return
     max_pending = max_pending or 2 * workers
-    ex = ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs
-    )
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs)
     pending: deque[tuple[K, Future]] = deque()
     try:
         for key, payload in items:

@@ -193,9 +193,7 @@ def _validate(cfg: PrepareConfig) -> None:
             continue  # the reader names it
         inp = Path(p).resolve()
         if inp in (out, *out.parents) or out in inp.parents:  # would read its own output / replace its input
-            raise UserError(
-                f"output directory {cfg.out} overlaps input {p}; choose an output outside the inputs."
-            )
+            raise UserError(f"output directory {cfg.out} overlaps input {p}; choose an output outside the inputs.")
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -228,12 +226,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                     if key in exact_seen:
                         reason = "exact_dup"
                     exact_seen.add(key)
-                if (
-                    reason is None
-                    and near is not None
-                    and sig is not None
-                    and near.check_and_add(sig) is not None
-                ):
+                if reason is None and near is not None and sig is not None and near.check_and_add(sig) is not None:
                     reason = "near_dup"
                 if reason is not None:
                     stats.drop(reason, n_in)
@@ -299,7 +292,7 @@ def summary(st: dict[str, Any]) -> str:
 
     def row(name: str, docs: int, nbytes: int) -> str:
         pct = 100.0 * docs / din if din else 0.0
-        return f"| {name:<32} | {docs:>10,} | {nbytes / 2**20:>10.2f} | {pct:>6.2f}% |"
+        return f"| {name:<32} | {docs:>10,} | {nbytes / 2**20:>10.2f} | {pct:>7.2f}% |"
 
     n_dropped = din - st["kept"]["docs"]
     lines = [
@@ -308,8 +301,8 @@ def summary(st: dict[str, Any]) -> str:
         f"{din:,} documents ({bin_ / 2**20:.2f} MB) in, {st['kept']['docs']:,} kept, {n_dropped:,} dropped; "
         f"{st['elapsed_s']:.1f} s, {st['mb_per_s']:.2f} MB/s.",
         "",
-        "| step                             |  documents |         MB |   docs |",
-        "|----------------------------------|-----------:|-----------:|-------:|",
+        "| step                             |  documents |         MB |   % docs |",
+        "|----------------------------------|-----------:|-----------:|---------:|",
         row("in", din, bin_),
         row("kept", st["kept"]["docs"], st["kept"]["bytes"]),
     ]
@@ -324,9 +317,7 @@ def summary(st: dict[str, Any]) -> str:
     else:
         lines.append("PII replaced: none.")
     if st["languages"]:
-        lines.append(
-            "Languages seen: " + ", ".join(f"{k} {v:,}" for k, v in list(st["languages"].items())[:12]) + "."
-        )
+        lines.append("Languages seen: " + ", ".join(f"{k} {v:,}" for k, v in list(st["languages"].items())[:12]) + ".")
     errs = st["read_errors"]
     if errs["total"]:
         lines += ["", f"Read errors: {errs['total']:,} skipped ("]
@@ -336,9 +327,7 @@ def summary(st: dict[str, Any]) -> str:
             for e in errs["listed"][:20]
         ]
         if errs["total"] > 20:
-            lines.append(
-                f"- ... and {errs['total'] - 20:,} more (stats.json lists up to {len(errs['listed']):,})."
-            )
+            lines.append(f"- ... and {errs['total'] - 20:,} more (stats.json lists up to {len(errs['listed']):,}).")
     ign = st["ignored_files"]
     if ign["total"]:
         shown = ", ".join(ign["listed"][:5]) + (", ..." if ign["total"] > 5 else "")

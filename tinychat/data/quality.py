@@ -56,9 +56,7 @@ class QualityConfig:
     min_words: int = field(50, help="drop documents with fewer word units (a CJK character counts as one)")
     max_words: int = field(100_000, help="drop documents with more word units")
     min_mean_word_len: float = field(3.0, help="drop when mean whitespace-word length is below (not for CJK)")
-    max_mean_word_len: float = field(
-        10.0, help="drop when mean whitespace-word length is above (not for CJK)"
-    )
+    max_mean_word_len: float = field(10.0, help="drop when mean whitespace-word length is above (not for CJK)")
     max_symbol_word_ratio: float = field(0.1, help="drop when ('#' + ellipses) per word is above")
     min_alpha_word_frac: float = field(0.8, help="drop when fewer words contain a letter")
     max_bullet_line_frac: float = field(0.9, help="drop when more lines start with a bullet")

@@ -74,8 +74,7 @@ def _raise(err: ReadError) -> None:
 def is_hf_dataset_dir(p: Path) -> bool:
     """A directory written by datasets' save_to_disk (Dataset or DatasetDict)."""
     return p.is_dir() and (
-        (p / "dataset_dict.json").is_file()
-        or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
+        (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
     )
 
 
@@ -84,9 +83,7 @@ def _has_suffix(p: Path, suffixes: Iterable[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def expand_paths(
-    paths: Iterable[str | os.PathLike], on_ignored: Callable[[Path], None] | None = None
-) -> list[Path]:
+def expand_paths(paths: Iterable[str | os.PathLike], on_ignored: Callable[[Path], None] | None = None) -> list[Path]:
     """Files and HF dataset dirs to read, in a deterministic order. Missing paths raise UserError.
 
     A named file is read whatever its suffix (an unknown suffix is a UserError: the user asked for it);
@@ -309,9 +306,7 @@ def iter_documents(
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    files = expand_paths(
-        paths, on_ignored
-    )  # eagerly, so a missing path fails at the call, not at the first next()
+    files = expand_paths(paths, on_ignored)  # eagerly, so a missing path fails at the call, not at the first next()
     return _iter_files(files, text_field, on_error or _raise)
 
 

@@ -68,9 +68,7 @@ class TextShardWriter:
     text (and source, index, lang when provenance is on). JSONL shards hold one {"text", ...} per line.
     """
 
-    def __init__(
-        self, out: Path, fmt: str, shard_bytes: int, provenance: bool = True, rows_per_group: int = 2048
-    ):
+    def __init__(self, out: Path, fmt: str, shard_bytes: int, provenance: bool = True, rows_per_group: int = 2048):
         assert fmt in ("parquet", "jsonl"), fmt
         self.out, self.fmt, self.shard_bytes, self.provenance = out, fmt, shard_bytes, provenance
         self.rows_per_group = rows_per_group
@@ -162,9 +160,7 @@ class TokenShardWriter:
         self._f: Any = None
 
     def write_doc(self, ids: np.ndarray) -> None:
-        if self._f is None or (
-            self.shards[-1]["tokens"] and self.shards[-1]["tokens"] + len(ids) > self.shard_tokens
-        ):
+        if self._f is None or (self.shards[-1]["tokens"] and self.shards[-1]["tokens"] + len(ids) > self.shard_tokens):
             self._next()
         self._f.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         self.shards[-1]["tokens"] += len(ids)
@@ -209,9 +205,7 @@ class TokenIndex:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
             assert meta.get("kind") == TOKENS_KIND
-            return cls(
-                root, np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eot_id"]), meta["splits"]
-            )
+            return cls(root, np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eot_id"]), meta["splits"])
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UserError(f"{path} is not a valid tinychat token index.") from None
 
@@ -224,9 +218,7 @@ class TokenIndex:
             path = self.root / s["file"]
             expected = s["tokens"] * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
-                raise UserError(
-                    f"token shard {path} is missing or has the wrong size (expected {expected} bytes)."
-                )
+                raise UserError(f"token shard {path} is missing or has the wrong size (expected {expected} bytes).")
             if s["tokens"]:
                 maps.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(s["tokens"],)))
         return maps

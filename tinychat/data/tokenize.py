@@ -106,9 +106,7 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     eot = tok.eot_id
     ids = tok.encode_batch(texts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(
-        chain.from_iterable(chain(x, (eot,)) for x in ids), dtype=np.int64, count=int(lengths.sum())
-    )
+    flat = np.fromiter(chain.from_iterable(chain(x, (eot,)) for x in ids), dtype=np.int64, count=int(lengths.sum()))
     if len(flat) and (flat.min() < 0 or flat.max() >= np.iinfo(dtype).max + 1):
         raise ValueError(f"token id out of range for {dtype} (vocab_size {tok.vocab_size})")
     return flat.astype(dtype), lengths
@@ -212,10 +210,7 @@ def run(cfg: TokenizeConfig) -> int:
         f"{idx['dtype']} tokens ({idx['bytes_per_token']:.2f} bytes/token) in {idx['elapsed_s']:.1f} s, "
         f"{idx['mb_per_s']:.2f} MB/s"
     )
-    print(
-        f"train: {tr['tokens']:,} tokens in {tr['docs']:,} docs; "
-        f"val: {va['tokens']:,} tokens in {va['docs']:,} docs"
-    )
+    print(f"train: {tr['tokens']:,} tokens in {tr['docs']:,} docs; val: {va['tokens']:,} tokens in {va['docs']:,} docs")
     if idx["read_errors"]["total"]:
         print(f"skipped {idx['read_errors']['total']:,} unreadable inputs (listed in index.json).")
     print(f"wrote {cfg.out}")
