@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
     "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
+    "eval": ("tinychat.eval.run", "EvalConfig", "run", "bits per byte, tinyworld suites and lm-eval tasks for a model"),
+    "report": ("tinychat.eval.report", "ReportConfig", "run", "re-render a run's report card (report.md + plots)"),
 }
 
 

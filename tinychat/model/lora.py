@@ -62,7 +62,8 @@ class LoraConfig:
 
     def leaf_names(self) -> list[str]:
         """The targets as HF leaf module names (q -> q_proj); a UserError names an unknown one."""
-        names = list(TARGETS) if self.targets == ["all"] else self.targets
+        names = [t.strip() for item in self.targets for t in item.split(",") if t.strip()]  # "q,v" or q v
+        names = list(TARGETS) if names == ["all"] else names
         out = []
         for t in names:
             short = t.removesuffix("_proj")

@@ -25,9 +25,7 @@ def _key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{name}|{dtype}|threads{torch.get_num_threads()}|torch{torch.__version__}"
 
 
-def measure_peak_flops(
-    device: torch.device, dtype: torch.dtype, seconds: float = 0.5, use_cache: bool = True
-) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5, use_cache: bool = True) -> float:
     """FLOP/s of a square matmul loop (best of three bursts), cached on disk after the first measurement.
 
     Best of three, because a probe that runs while something else loads the machine under-reports the

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,13 @@ class PostConfig:
     runs_dir: str = field("runs")
     init: str = field("", help="starting model directory (default: the previous stage of this run)")
     data: str = field("", help="training rows: a JSONL/Parquet file or directory (default: the run's tinyworld split)")
-    val_data: str = field("", help="validation rows (default: the tinyworld validation split, when --data is not given)")
+    val_data: str = field("", help="validation rows (default: the tinyworld validation split, without --data)")
     tokenizer: str = field("", help="tokenizer directory (default: the starting model's, else RUNS_DIR/NAME/tokenizer)")
     resume: bool = field(False, help="continue from the newest checkpoint of this stage")
     stage: str = field("post", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    default_budget: ClassVar[dict[str, Any]] = {"epochs": 1.0}  # when no --train budget is given
 
 
 def train_defaults(**kw: Any) -> Any:
@@ -65,12 +66,14 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
     from tinychat.tokenizer import Tokenizer
 
     run_dir = Path(cfg.runs_dir) / cfg.run
+    if cfg.lora.rank:
+        cfg.lora.leaf_names()  # a wrong --lora.targets fails now, not after the data and model are loaded
     if cfg.init:
         init = Path(cfg.init)
         if not init.is_dir():
             raise UserError(f"--init {init} is not a directory.")
     else:
-        found = [run_dir / "checkpoints" / s for s in previous if (run_dir / "checkpoints" / s / "config.json").is_file()]
+        found = [d for s in previous if ((d := run_dir / "checkpoints" / s) / "config.json").is_file()]
         if not found:
             names = " or ".join(str(run_dir / "checkpoints" / s) for s in previous)
             raise UserError(f"no --init given and there is no model at {names}; train that stage first or pass --init.")
@@ -86,7 +89,7 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
     world = run_dir / "world"
     data = Path(cfg.data) if cfg.data else world / split / "train.jsonl"
     if not data.exists():
-        hint = "pass --data FILE" if cfg.data else f"generate the world (tinychat world generate --out {world}) or pass --data"
+        hint = "pass --data FILE" if cfg.data else f"run `tinychat world generate --out {world}` or pass --data"
         raise UserError(f"training data {data} does not exist; {hint}.")
     val = Path(cfg.val_data) if cfg.val_data else None
     if val is None and not cfg.data and has_val and (world / split / "val.jsonl").is_file():
@@ -117,6 +120,13 @@ def load_causal_lm(path: Path) -> torch.nn.Module:
         load_adapter(model, path)
         return merge_lora(model)
     return Model.from_pretrained(str(path), dtype=torch.float32)
+
+
+def start_model(cfg: PostConfig, inputs: Inputs) -> torch.nn.Module:
+    """The starting model (--init or the previous stage), checked against the tokenizer and seq_len."""
+    model = load_causal_lm(inputs.init)
+    check_model(model, inputs.tok, cfg)
+    return model
 
 
 def check_model(model: torch.nn.Module, tok: Any, cfg: PostConfig) -> None:
@@ -151,17 +161,28 @@ def add_lora(model: torch.nn.Module, cfg: PostConfig, heads: tuple[str, ...] = (
 
 
 def launch(cfg: PostConfig, objective: Objective, module: torch.nn.Module, inputs: Inputs) -> TrainResult:
+    """Train `module` with `objective` on the one loop; with no budget given, the command's default budget."""
+    t = cfg.train
+    if not any((t.max_steps, t.max_tokens, t.max_time, t.epochs)):
+        for key, value in cfg.default_budget.items():
+            setattr(t, key, value)
+        budget = ", ".join(f"{k} {v}" for k, v in cfg.default_budget.items())
+        print(f"{cfg.stage}: no budget given (--train.max_steps, epochs, max_time, max_tokens); using {budget}")
     inputs.run_dir.mkdir(parents=True, exist_ok=True)
     (inputs.run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(cfg))
-    return train(objective, module, cfg.train, inputs.run_dir, cfg.stage, tokenizer_dir=inputs.tok_dir, resume=cfg.resume)
+    return train(
+        objective, module, cfg.train, inputs.run_dir, cfg.stage, tokenizer_dir=inputs.tok_dir, resume=cfg.resume
+    )
 
 
 def report(name: str, result: TrainResult, keys: tuple[str, ...]) -> int:
     """One summary line, and the exit status (130 after Ctrl-C)."""
     ev = result.last_eval
     extra = "".join(f", {k} {ev[k]:.4g}" for k in keys if isinstance(ev.get(k), int | float))
-    print(f"{name}: {result.steps} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.4f}{extra} "
-          f"-> {result.model_dir}")
+    print(
+        f"{name}: {result.steps} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.4f}{extra} "
+        f"-> {result.model_dir}"
+    )
     return 130 if result.interrupted else 0
 
 
@@ -254,3 +275,39 @@ class PostObjective(Objective):
             save_adapter(path / "adapter", state, self.cfg.lora, base, self.task_type, self.adapter_modules)
             state = merge_state(state, self.cfg.lora.scaling)
         self.write_model(model, path, state)
+
+
+class ItemObjective(PostObjective):
+    """A post-training objective over a fixed list of training items (packed SFT rows, preference pairs):
+    shuffled epochs, `batch_size` items per micro-batch, accumulation from --train.batch_tokens, split
+    over ranks (chat_data.Schedule). Subclasses set `self.items` before setup and define `batch`."""
+
+    items: list[Any]
+
+    def batch(self, items: list[Any], model: torch.nn.Module) -> Any:
+        """One micro-batch of `items`, on the device (`model` is the raw module, for a reference pass)."""
+        raise NotImplementedError
+
+    def setup(self, ctx: Any) -> None:
+        from tinychat.train.chat_data import Schedule
+
+        super().setup(ctx)
+        c, d = self.cfg.train, ctx.dist
+        self.accum = accumulation(c, d.world)
+        self.sched = Schedule(len(self.items), c.batch_size, self.accum, d.world, d.rank, c.seed)
+
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        return [self.batch([self.items[i] for i in self.sched.items(step, m)], model) for m in range(self.accum)]
+
+    def progress(self, step: int) -> float:
+        return self.sched.progress(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.cfg.train.seed, "accum": self.accum, "items": len(self.items)}
+
+    def eval_chunks(self, items: list[Any], limit: int = 0) -> list[list[Any]]:
+        """This rank's share of validation items (the first `limit`, 0 = all), in micro-batches."""
+        from tinychat.train.chat_data import shard
+
+        mine, B = shard(items, self.ctx.dist.rank, self.ctx.dist.world, limit), self.cfg.train.batch_size
+        return [mine[i : i + B] for i in range(0, len(mine), B)]

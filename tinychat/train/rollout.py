@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from tinychat.config import field
-from tinychat.train.chat_data import Prompt, Schedule, shard
+from tinychat.errors import UserError
+from tinychat.train.chat_data import Prompt, Schedule, encode_prompts, read_rows, shard
 from tinychat.train.distributed import all_reduce_sum
 from tinychat.train.loop import TrainContext
 from tinychat.train.post import PostConfig, PostObjective, Reference, token_logprobs
@@ -33,11 +34,13 @@ from tinychat.train.rewards import RewardFn, answer_reward
 class RLConfig(PostConfig):
     """Options shared by ppo and grpo."""
 
+    default_budget: ClassVar[dict[str, Any]] = {"max_steps": 200}
+
     samples: int = field(1, help="responses sampled per prompt (GRPO's group size)")
     max_new_tokens: int = field(64, help="response length limit")
     temperature: float = field(1.0, help="sampling temperature (the log-probabilities use it too)")
     epochs: int = field(1, help="passes over each rollout")
-    minibatches: int = field(1, help="optimiser steps per pass over a rollout")
+    minibatches: int = field(2, help="optimiser steps per pass over a rollout")
     micro_batch: int = field(0, help="sequences per forward pass (0 = the whole minibatch)")
     clip: float = field(0.2, help="PPO ratio clip epsilon")
     kl_coef: float = field(0.0, help="weight of the KL penalty to the frozen reference")
@@ -72,7 +75,8 @@ def sample(
     batch = batch or len(prompts)
     for start in range(0, len(prompts), batch):
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + start)
-        with ctx.autocast():  # the stop token is kept: the policy chose it, and it is trained like any other
+        # stop_ids=None + on_token: the stop token is kept; the policy chose it, and it is trained like any other
+        with ctx.autocast():
             ids, _, _ = generate_ids(model, prompts[start : start + batch], params, None, lambda _r, t: t in stop_ids)
         out.extend(ids)
     model.train(was_training)
@@ -102,8 +106,6 @@ class FunctionRewards:
     """Weighted sum of reward functions; also returns each function's mean, for the logs."""
 
     def __init__(self, fns: list[RewardFn], weights: list[float], names: list[str]) -> None:
-        from tinychat.errors import UserError
-
         if weights and len(weights) != len(fns):
             raise UserError(f"--reward_weights has {len(weights)} values for {len(fns)} reward functions.")
         self.fns, self.weights = fns, weights or [1.0] * len(fns)
@@ -118,6 +120,22 @@ class FunctionRewards:
 
 
 Scorer = Callable[[list[Prompt], list[list[int]], list[str], list[bool]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def load_rl_prompts(inputs: Any, cfg: RLConfig, fields: tuple[str, ...], command: str) -> tuple[list, list | None]:
+    """Training and validation prompts; prompts too long for seq_len - max_new_tokens are skipped."""
+    limit = cfg.train.seq_len - cfg.max_new_tokens
+    if limit <= 0:
+        raise UserError(f"train.seq_len ({cfg.train.seq_len}) leaves no room for prompts after max_new_tokens.")
+    prompts, skipped = encode_prompts(inputs.tok, read_rows(inputs.data, fields, command), limit)
+    if skipped:
+        print(f"{command}: {skipped} prompts longer than {limit} tokens were skipped")
+    if not prompts:
+        raise UserError(f"{inputs.data}: no prompt fits in train.seq_len - max_new_tokens ({limit}) tokens.")
+    val = None
+    if inputs.val is not None:
+        val, _ = encode_prompts(inputs.tok, read_rows(inputs.val, fields, command), limit)
+    return prompts, val
 
 
 # ---------------------------------------------------------------------------------------- the shared objective
@@ -146,8 +164,9 @@ class RLObjective(PostObjective):
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        self.sched = Schedule(len(self.prompts), self.cfg.train.batch_size, 1, ctx.dist.world, ctx.dist.rank,
-                              self.cfg.train.seed)
+        self.sched = Schedule(
+            len(self.prompts), self.cfg.train.batch_size, 1, ctx.dist.world, ctx.dist.rank, self.cfg.train.seed
+        )
         if self.ref is not None:
             self.ref.to(ctx.device)
 

@@ -13,44 +13,25 @@ tokens of the validation rows, and task accuracy: greedy replies to the validati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from tinychat.config import field
-from tinychat.train.chat_data import (
-    Conversation,
-    Prompt,
-    Schedule,
-    encode_sft,
-    read_rows,
-    render,
-    sft_batch,
-    sft_rows,
-    shard,
-)
+from tinychat.errors import UserError
+from tinychat.train import post
+from tinychat.train.chat_data import Conversation, Prompt, encode_sft, read_rows, render, sft_batch, sft_rows
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import all_reduce_sum
-from tinychat.train.loop import TrainContext, TrainResult
-from tinychat.train.post import (
-    PostConfig,
-    PostObjective,
-    accumulation,
-    add_lora,
-    check_model,
-    launch,
-    load_causal_lm,
-    locate,
-    report,
-    train_defaults,
-)
+from tinychat.train.loop import TrainResult
 from tinychat.train.pretrain import lm_loss
 
 
 @dataclass
-class SFTConfig(PostConfig):
+class SFTConfig(post.PostConfig):
     stage: str = field("sft", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
-    train: TrainConfig = train_defaults(lr=1e-3, warmup_steps=20, batch_size=8, seq_len=512, epochs=2.0, eval_every=100)
+    train: TrainConfig = post.train_defaults(lr=1e-3, warmup_steps=20, batch_size=8, seq_len=512, eval_every=100)
+    default_budget: ClassVar[dict[str, Any]] = {"epochs": 2.0}
     pack: bool = field(True, help="pack short conversations into rows of seq_len tokens (causal over the row)")
     eval_rows: int = field(32, help="validation conversations answered greedily for task accuracy (0 = off)")
     max_new_tokens: int = field(64, help="reply length limit when measuring task accuracy")
@@ -74,7 +55,9 @@ def task_prompts(tok: Any, rows: list[tuple[str, dict]]) -> list[Prompt]:
     return out
 
 
-class SFTObjective(PostObjective):
+class SFTObjective(post.ItemObjective):
+    """Items are packed rows: lists of conversation indices, seq_len + 1 tokens at most."""
+
     name = "sft"
 
     def __init__(
@@ -83,24 +66,13 @@ class SFTObjective(PostObjective):
         super().__init__(cfg, tok, init)
         self.cfg: SFTConfig = cfg
         self.convs, self.val_convs, self.tasks = convs, val, tasks
+        self.items = sft_rows(convs, cfg.train.seq_len, cfg.pack)
+        self.val_rows = sft_rows(val, cfg.train.seq_len, cfg.pack)
 
-    def setup(self, ctx: TrainContext) -> None:
-        super().setup(ctx)
-        c, d = self.cfg.train, ctx.dist
-        self.rows = sft_rows(self.convs, c.seq_len, self.cfg.pack)
-        self.val_rows = sft_rows(self.val_convs, c.seq_len, self.cfg.pack)
-        self.accum = accumulation(c, d.world)
-        self.sched = Schedule(len(self.rows), c.batch_size, self.accum, d.world, d.rank, c.seed)
-
-    def batch(self, convs: list[Conversation], rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, rows: list[list[int]], model: Any = None, convs: list[Conversation] | None = None) -> Any:
         width = self.cfg.train.seq_len if self.cfg.pack else None  # packed rows: one fixed shape
-        x, y = sft_batch(convs, rows, self.tok.pad_id, width)
+        x, y = sft_batch(self.convs if convs is None else convs, rows, self.tok.pad_id, width)
         return x.to(self.ctx.device), y.to(self.ctx.device)
-
-    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
-        return [
-            self.batch(self.convs, [self.rows[i] for i in self.sched.items(step, m)]) for m in range(self.accum)
-        ]
 
     def count(self, batch: Any) -> int:
         return int((batch[1] != -100).sum())
@@ -111,20 +83,14 @@ class SFTObjective(PostObjective):
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return lm_loss(model, *batch), {}
 
-    def progress(self, step: int) -> float:
-        return self.sched.progress(step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.cfg.train.seed, "accum": self.accum, "rows": len(self.rows)}
-
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        from tinychat.train.chat_data import shard
+
         cfg, ctx = self.cfg, self.ctx
         result: dict[str, Any] = {}
-        B = cfg.train.batch_size
-        mine = shard(self.val_rows, ctx.dist.rank, ctx.dist.world, B * cfg.train.eval_batches * ctx.dist.world)
         sums = torch.zeros(2, device=ctx.device)
-        for i in range(0, len(mine), B):
-            x, y = self.batch(self.val_convs, mine[i : i + B])
+        for rows in self.eval_chunks(self.val_rows, cfg.train.batch_size * cfg.train.eval_batches * ctx.dist.world):
+            x, y = self.batch(rows, convs=self.val_convs)
             with ctx.autocast():
                 sums += torch.stack([lm_loss(model, x, y).float(), (y != -100).sum().float()])
         nats, n = all_reduce_sum(sums).tolist()
@@ -143,24 +109,25 @@ class SFTObjective(PostObjective):
 
 
 def run_sft(cfg: SFTConfig) -> TrainResult:
-    inputs = locate(cfg, ("pretrain",), "sft")
+    inputs = post.locate(cfg, ("pretrain",), "sft")
     tok, max_len = inputs.tok, cfg.train.seq_len + 1
     rows = read_rows(inputs.data, ("messages",), "sft")
     convs, stats = encode_sft(tok, rows, max_len)
     val_rows = read_rows(inputs.val, ("messages",), "sft") if inputs.val else []
     val, _ = encode_sft(tok, val_rows, max_len)
     if not convs:
-        from tinychat.errors import UserError
-
         raise UserError(f"{inputs.data}: no conversation has an assistant reply to learn.")
-    print(f"sft: {stats['conversations']} conversations ({stats['truncated']} cut to {max_len} tokens, "
-          f"{stats['no_targets']} without assistant tokens skipped), {len(val)} validation")
-    model = load_causal_lm(inputs.init)
-    check_model(model, tok, cfg)
-    add_lora(model, cfg)
-    objective = SFTObjective(cfg, tok, inputs.init, convs, val, task_prompts(tok, val_rows))
-    return launch(cfg, objective, model, inputs)
+    print(
+        f"sft: {stats['conversations']} conversations ({stats['truncated']} cut to {max_len} tokens, "
+        f"{stats['no_targets']} without assistant tokens skipped), {len(val)} validation"
+    )
+    model = post.start_model(cfg, inputs)
+    post.add_lora(model, cfg)
+    room = model.cfg.max_seq_len - cfg.max_new_tokens  # a longer prompt would shorten every reply of its batch
+    tasks = [t for t in task_prompts(tok, val_rows) if len(t.ids) <= room]
+    objective = SFTObjective(cfg, tok, inputs.init, convs, val, tasks)
+    return post.launch(cfg, objective, model, inputs)
 
 
 def run(cfg: SFTConfig) -> int:
-    return report("sft", run_sft(cfg), ("val_loss", "eval_accuracy"))
+    return post.report("sft", run_sft(cfg), ("val_loss", "eval_accuracy"))

@@ -1,0 +1,127 @@
+"""`tinychat sft` through the real CLI (default --init and data from the run directory), SFT with LoRA,
+and every post-training command's bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from post_helpers import RUN, common, fresh_run, metrics, user, write_jsonl
+from train_helpers import run_cmd
+
+from tinychat.cli import main
+
+pytest_plugins = ("post_helpers",)  # its fixtures: toy_runs, one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sft_learns_the_replies_and_the_next_stage_starts_from_it(toy_runs: Path):
+    run = fresh_run(toy_runs, "chain")  # only pretrain/ and world/: sft and grpo find their inputs by default
+    args = ["--train.max_steps", "30", "--train.lr", "3e-3", "--train.eval_every", "15", "--eval_rows", "8"]
+    r = run_cmd([sys.executable, "-m", "tinychat.cli", "sft", *common(toy_runs, run.name), *args])
+    assert r.returncode == 0, r.stderr
+    assert "sft: 120 conversations" in r.stdout and "val_loss" in r.stdout
+    evals = metrics(run, "sft", "eval")
+    assert [e["step"] for e in evals] == [15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["eval_accuracy"] == 1.0
+    out = run / "checkpoints" / "sft"
+    assert (out / "tokenizer.json").is_file()
+    transformers = pytest.importorskip("transformers")
+    from tinychat.model import Model
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = torch.randint(16, 200, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, Model.from_pretrained(str(out))(x), atol=1e-4, rtol=0)
+    # grpo with no --init starts from this run's sft model (there is no dpo stage)
+    grpo = ["--train.max_steps", "1", "--samples", "2", "--max_new_tokens", "4", "--eval_rows", "0", "--lora.rank", "2"]
+    assert main(["grpo", *common(toy_runs, run.name), *grpo]) == 0
+    adapter = json.loads((run / "checkpoints" / "grpo" / "adapter" / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]) == out.absolute()
+
+
+def test_sft_with_lora_writes_the_merged_model_and_the_adapter(toy_runs: Path):
+    from tinychat.model import Model
+    from tinychat.train.post import load_causal_lm
+
+    args = [
+        "--train.max_steps",
+        "6",
+        "--train.lr",
+        "1e-2",
+        "--lora.rank",
+        "4",
+        "--lora.targets",
+        "q,v,up",
+        "--pack",
+        "false",
+        "--stage",
+        "sft_lora",
+        "--init",
+        str(toy_runs / RUN / "checkpoints" / "pretrain"),
+    ]
+    assert main(["sft", *common(toy_runs), *args]) == 0
+    stage = toy_runs / RUN / "checkpoints" / "sft_lora"
+    x = torch.randint(16, 200, (2, 9))
+    with torch.no_grad():
+        merged = Model.from_pretrained(str(stage))(x)
+        via_adapter = load_causal_lm(stage / "adapter")(x)  # base from adapter_config.json + adapter, merged
+        base = Model.from_pretrained(str(toy_runs / RUN / "checkpoints" / "pretrain"))(x)
+    torch.testing.assert_close(via_adapter, merged, atol=1e-5, rtol=0)
+    assert (merged - base).abs().max() > 1e-4
+    conf = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    assert conf["target_modules"] == ["q_proj", "up_proj", "v_proj"] and conf["r"] == 4
+
+
+@pytest.mark.parametrize(
+    ("command", "good", "missing"),
+    [
+        ("sft", {"messages": [user("a"), {"role": "assistant", "content": "b"}]}, "messages"),
+        ("reward", {"prompt": "a", "chosen": "b", "rejected": "c"}, "rejected"),
+        ("dpo", {"prompt": "a", "chosen": "b", "rejected": "c"}, "chosen"),
+        ("ppo", {"messages": [user("a")]}, "messages"),
+        ("grpo", {"messages": [user("a")], "answer": "1"}, "answer"),
+    ],
+)
+def test_a_missing_field_names_the_file_and_line(toy_runs: Path, tmp_path: Path, capsys, command, good, missing):
+    bad = {k: v for k, v in good.items() if k != missing}
+    data = write_jsonl(tmp_path / "data.jsonl", [good, good, bad, good])
+    init = str(toy_runs / RUN / "checkpoints" / "pretrain")
+    rl = ["--max_new_tokens", "8"] if command in ("ppo", "grpo") else []
+    code = main([command, *common(toy_runs, "bad"), "--init", init, "--data", str(data), "--train.max_steps", "1", *rl])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{data} line 3: field '{missing}' is missing ({command} rows need" in err
+    assert not (toy_runs / "bad" / "checkpoints").exists()  # nothing trained, nothing written
+
+
+def test_missing_inputs_say_what_to_do(toy_runs: Path, tmp_path: Path, capsys):
+    assert main(["dpo", *common(tmp_path / "runs", "empty"), "--train.max_steps", "1"]) == 2
+    assert "no --init given and there is no model at" in capsys.readouterr().err
+    init = ["--init", str(toy_runs / RUN / "checkpoints" / "pretrain")]
+    assert main(["sft", *common(tmp_path / "runs", "empty"), *init, "--train.max_steps", "1"]) == 2
+    assert "world generate" in capsys.readouterr().err  # no --data and no tinyworld in the run
+    no_rm = fresh_run(toy_runs, "no_rm").name
+    assert main(["ppo", *common(toy_runs, no_rm), *init, "--train.max_steps", "1", "--max_new_tokens", "8"]) == 2
+    assert "no reward model at" in capsys.readouterr().err
+    assert main(["sft", *common(toy_runs), *init, "--train.seq_len", "4096", "--train.max_steps", "1"]) == 2
+    assert "context window" in capsys.readouterr().err
+    assert main(["grpo", *common(toy_runs), *init, "--rewards", "nope", "--max_new_tokens", "8"]) == 2
+    assert "unknown reward 'nope'" in capsys.readouterr().err
+
+
+def test_a_lora_run_resumes_exactly_from_its_step_checkpoint(toy_runs: Path):
+    """Step checkpoints of a LoRA run hold the adapter tensors beside the frozen base: --resume continues."""
+    import shutil
+
+    args = ["dpo", *common(toy_runs, "resume"), "--init", str(toy_runs / RUN / "checkpoints" / "pretrain"),
+            "--data", str(toy_runs / RUN / "world" / "preference" / "train.jsonl"), "--lora.rank", "2",
+            "--train.max_steps", "6", "--train.checkpoint_every", "2"]  # fmt: skip
+    assert main(args) == 0
+    ref = metrics(toy_runs / "resume", "dpo")
+    shutil.rmtree(toy_runs / "resume" / "checkpoints" / "dpo" / "step_000006")
+    assert main([*args, "--resume"]) == 0
+    assert [r["loss"] for r in metrics(toy_runs / "resume", "dpo")] == [r["loss"] for r in ref]
