@@ -89,8 +89,15 @@ class Speedrun:
             Stage("world", lambda: (self.path("world", "manifest.json")).is_file(), self.world),
             Stage("tokenizer", lambda: self.path("tokenizer", "tokenizer.json").is_file(), self.tokenizer),
             Stage("data", lambda: self.path("data", "tokens", "index.json").is_file(), self.data),
-            Stage("pretrain", lambda: self.path("checkpoints", "pretrain", "config.json").is_file(), self.pretrain),
+            Stage("pretrain", lambda: self.done("pretrain"), self.pretrain),
+            Stage("sft", lambda: self.done("sft"), lambda: self.post("tinychat.train.sft", "SFTConfig", "sft")),
+            Stage("dpo", lambda: self.done("dpo"), lambda: self.post("tinychat.train.dpo", "DPOConfig", "dpo")),
+            Stage("grpo", lambda: self.done("grpo"), lambda: self.post("tinychat.train.grpo", "GRPOConfig", "grpo")),
         ]
+
+    def done(self, stage: str) -> bool:
+        """A training stage is done once its final model directory exists (step checkpoints do not count)."""
+        return self.path("checkpoints", stage, "config.json").is_file()
 
     def world(self) -> None:
         from tinychat.world.generate import generate_world
@@ -159,6 +166,18 @@ class Speedrun:
         if result.interrupted:
             raise KeyboardInterrupt
 
+    def post(self, module: str, cls_name: str, section: str) -> None:
+        """A post-training stage, exactly as `tinychat SECTION --config PRESET --run NAME --resume` runs it."""
+        import importlib
+
+        mod = importlib.import_module(module)
+        cfg = self.stage_config(
+            getattr(mod, cls_name), section, ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume"]
+        )
+        result = getattr(mod, f"run_{section}")(self.scaled(cfg))
+        if result.interrupted:
+            raise KeyboardInterrupt
+
     # ------------------------------------------------------------------ driver
     def run(self) -> int:
         stages = self.stages()
@@ -188,9 +207,18 @@ class Speedrun:
             self._save_timings(timings)
             print(f"{head} done in {_fmt(dt)}", flush=True)
         print(f"speedrun finished in {_fmt(time.perf_counter() - t_all)} (stage times in {self.path('timings.json')})")
-        final = self.path("checkpoints", "pretrain")
-        print(f'try it:  tinychat generate --model {final} --prompt "12 + 7 =" --temperature 0', flush=True)
+        self.print_next_steps()
         return 0
+
+    def print_next_steps(self) -> None:
+        last = next((name for name in ("grpo", "dpo", "sft") if self.done(name)), None)
+        if last:
+            final = self.path("checkpoints", last)
+            print(f"chat with it:  tinychat chat --model {final}")
+            print(f"serve it:      tinychat serve --model {final}   (OpenAI-compatible API and web chat)", flush=True)
+        elif self.done("pretrain"):
+            final = self.path("checkpoints", "pretrain")
+            print(f'try it:  tinychat generate --model {final} --prompt "12 + 7 =" --temperature 0', flush=True)
 
     def _load_timings(self) -> dict[str, float]:
         try:
