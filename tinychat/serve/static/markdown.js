@@ -23,10 +23,12 @@
 
   // Inline markup of one line of text into `parent`.
   function inline(text, parent) {
+    // a fresh regex per call: inline() recurses for bold/italic/links, and a shared global regex's
+    // lastIndex would be reset by the inner call, making the outer loop match the same text forever
+    const re = new RegExp(INLINE.source, "g");
     let last = 0;
-    INLINE.lastIndex = 0;
     let m;
-    while ((m = INLINE.exec(text)) !== null) {
+    while ((m = re.exec(text)) !== null) {
       if (m.index > last) parent.appendChild(document.createTextNode(text.slice(last, m.index)));
       if (m[1] !== undefined) {
         const code = el("code");
@@ -53,7 +55,7 @@
           parent.appendChild(document.createTextNode(m[0]));
         }
       }
-      last = INLINE.lastIndex;
+      last = re.lastIndex;
     }
     if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
   }
