@@ -1,0 +1,362 @@
+"""`tinychat report RUN`: the run's report card, runs/NAME/report.md with PNG plots in runs/NAME/plots/.
+
+Every number comes from a file the run wrote while it ran: metrics.jsonl (training steps, training-time
+evaluations, and the "eval_suite" lines of `tinychat eval` / the speedrun's evaluation), timings.json
+(wall time per stage) and environment.json (machine, versions, git commit). Nothing is recomputed or
+measured again here, so re-rendering is cheap, works on another machine, and gives the same file.
+Where several evaluations of one (stage, suite) were recorded, the latest line wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinychat.config import field
+from tinychat.errors import UserError
+
+# Pipeline order; stages not listed here follow in the order they first appear in metrics.jsonl.
+STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "distill")
+
+
+@dataclass
+class ReportConfig:
+    run: str = field("", positional=True, help="run name under --runs-dir, or the path of a run directory")
+    runs_dir: str = field("runs")
+    plots: bool = field(True, help="draw the PNG plots (matplotlib)")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    from tinychat.train.metrics import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def read_timings(run_dir: Path) -> dict[str, float]:
+    try:
+        data = json.loads((run_dir / "timings.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def ordered_stages(records: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for r in records:
+        s = r.get("stage")
+        if isinstance(s, str) and s not in seen:
+            seen.append(s)
+    known = [s for s in STAGE_ORDER if s in seen]
+    return known + [s for s in seen if s not in known]
+
+
+@dataclass
+class RunData:
+    """What the report shows, gathered from the run's files (see the module docstring)."""
+
+    name: str
+    stages: list[str]
+    train: dict[str, list[dict[str, Any]]]  # stage -> train records in order
+    evals: dict[str, list[dict[str, Any]]]  # stage -> training-time eval records
+    suites: dict[str, dict[str, dict[str, Any]]]  # stage -> suite -> latest eval_suite record
+    timings: dict[str, float]
+    environment: dict[str, Any] | None
+
+    def suite_names(self) -> list[str]:
+        names: list[str] = []
+        for stage in self.stages:
+            for s in self.suites.get(stage, {}):
+                if s != "bpb" and s not in names:
+                    names.append(s)
+        return names
+
+    def params(self, stage: str) -> int | None:
+        for rec in self.suites.get(stage, {}).values():
+            if isinstance(rec.get("params"), int):
+                return rec["params"]
+        return None
+
+
+def gather(run_dir: Path) -> RunData:
+    from tinychat.eval import environment
+
+    records = read_records(run_dir)
+    stages = ordered_stages(records)
+    train: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
+    evals: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
+    suites: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in stages}
+    for r in records:
+        s, kind = r.get("stage"), r.get("kind")
+        if s not in train:
+            continue
+        if kind == "train":
+            train[s].append(r)
+        elif kind == "eval":
+            evals[s].append(r)
+        elif kind == "eval_suite" and isinstance(r.get("suite"), str):
+            suites[s][r["suite"]] = r  # later lines replace earlier ones: the latest evaluation wins
+    return RunData(run_dir.name, stages, train, evals, suites, read_timings(run_dir), environment.read(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_num(x: Any, digits: int = 4) -> str:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return "—"
+    return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def median(records: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in records if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)]
+    return statistics.median(vals) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def section_environment(d: RunData) -> list[str]:
+    env = d.environment
+    lines = ["## Machine and software", ""]
+    if env is None:
+        from tinychat.eval import environment
+
+        env = environment.capture()
+        lines += ["The run recorded no environment.json; this describes the machine that rendered the report.", ""]
+    hw, ver, git = env.get("hardware", {}), env.get("versions", {}), env.get("git")
+    ram = hw.get("ram_bytes")
+    rows = [
+        [
+            "CPU",
+            f"{hw.get('cpu', '?')} ({hw.get('cores', '?')} usable cores, {hw.get('torch_threads', '?')} torch threads)",
+        ],
+        ["RAM", f"{ram / 2**30:.1f} GiB" if isinstance(ram, int | float) else "—"],
+        ["GPU", ", ".join(hw.get("gpus") or []) or "none"],
+        ["Python", str(ver.get("python", "—"))],
+        ["torch", str(ver.get("torch", "—"))],
+        ["tinychat", str(ver.get("tinychat", "—"))],
+        [
+            "git commit",
+            f"{git['commit']}{' (uncommitted changes)' if git.get('dirty') else ''}" if git else "not a git checkout",
+        ],
+    ]
+    return lines + table(["", "recorded"], rows) + [""]
+
+
+def section_timings(d: RunData) -> list[str]:
+    if not d.timings:
+        return ["## Wall time", "", "No timings.json (written by `tinychat speedrun`).", ""]
+    total = sum(d.timings.values())
+    rows = [[s, fmt_seconds(t), fmt_pct(t / total if total else None)] for s, t in d.timings.items()]
+    rows.append(["**total**", f"**{fmt_seconds(total)}**", ""])
+    return ["## Wall time per stage", "", *table(["stage", "wall time", "share"], rows), ""]
+
+
+def section_training(d: RunData) -> list[str]:
+    rows = []
+    for s in d.stages:
+        tr = d.train[s]
+        if not tr:
+            continue
+        last = tr[-1]
+        rows.append(
+            [
+                s,
+                fmt_count(d.params(s)),
+                f"{last.get('step', len(tr)):,}",
+                fmt_count(last.get("tokens")),
+                fmt_num(last.get("loss")),
+                fmt_count(median(tr, "tok_per_s")),
+                fmt_pct(median(tr, "mfu")),
+                fmt_seconds(last.get("elapsed")),
+            ]
+        )
+    if not rows:
+        return []
+    head = [
+        "stage",
+        "parameters",
+        "steps",
+        "tokens seen",
+        "final loss",
+        "tokens/s (median step)",
+        "MFU (median step)",
+        "training time",
+    ]
+    out = ["## Training", "", *table(head, rows), ""]
+    val_rows = []
+    for s in d.stages:
+        if not d.evals[s]:
+            continue
+        last = d.evals[s][-1]
+        scalars = {
+            k: v
+            for k, v in last.items()
+            if k not in ("stage", "kind", "step", "time") and isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        shown = ", ".join(f"{k} {fmt_num(v)}" for k, v in scalars.items())
+        val_rows.append([s, f"{last.get('step', 0):,}", shown or "—"])
+    if val_rows:
+        out += ["Last training-time evaluation of each stage (each objective's own validation numbers):", ""]
+        out += [*table(["stage", "step", "values"], val_rows), ""]
+    return out
+
+
+def _cell(rec: dict[str, Any] | None, key: str = "accuracy") -> str:
+    if rec is None:
+        return "—"
+    return f"{fmt_pct(rec.get(key))} (n={rec.get('n', '?')})" if "n" in rec else fmt_pct(rec.get(key))
+
+
+def section_suites(d: RunData) -> list[str]:
+    names = d.suite_names()
+    stages = [s for s in d.stages if any(k != "bpb" for k in d.suites[s])]
+    if not names or not stages:
+        return []
+    rows = [["*mode*", *[next(iter(d.suites[s].values())).get("mode", "?") for s in stages]]]
+    for name in names:
+        rows.append([name, *[_cell(d.suites[s].get(name)) for s in stages]])
+        for lang in ("en", "zh"):
+            cells = [d.suites[s].get(name, {}).get("by_lang", {}).get(lang) for s in stages]
+            if any(cells):
+                rows.append([f"&nbsp;&nbsp;{name} · {lang}", *[fmt_pct(c["accuracy"]) if c else "—" for c in cells]])
+        for m in ("cot", "direct"):
+            cells = [d.suites[s].get(name, {}).get("by_mode", {}).get(m) for s in stages]
+            if any(cells):
+                label = "chain of thought" if m == "cot" else "direct answer"
+                rows.append([f"&nbsp;&nbsp;{name} · {label}", *[fmt_pct(c["accuracy"]) if c else "—" for c in cells]])
+        tools = [d.suites[s].get(name, {}).get("tool") for s in stages]
+        if any(tools):
+            rows.append([f"&nbsp;&nbsp;{name} · tool used", *[fmt_pct(t["use_rate"]) if t else "—" for t in tools]])
+            rows.append(
+                [f"&nbsp;&nbsp;{name} · valid tool calls", *[fmt_pct(t["validity_rate"]) if t else "—" for t in tools]]
+            )
+    return [
+        "## Evaluation",
+        "",
+        "Accuracy on the tinyworld eval sets (exact expected answers; base models few-shot, chat models through",
+        "the chat template; greedy). Rows indented under a suite break it down by language, by chain of thought",
+        "vs direct answer, and by calculator use.",
+        "",
+        *table(["suite", *stages], rows),
+        "",
+    ]
+
+
+def section_alignment_tax(d: RunData) -> list[str]:
+    stages = [s for s in d.stages if "bpb" in d.suites[s]]
+    if not stages:
+        return []
+    base = next((s for s in stages if d.suites[s]["bpb"].get("mode") == "base"), stages[0])
+    b0 = d.suites[base]["bpb"].get("val_bpb")
+    rows = []
+    for s in stages:
+        r = d.suites[s]["bpb"]
+        v = r.get("val_bpb")
+        delta = f"{v - b0:+.4f}" if isinstance(v, float) and isinstance(b0, float) and s != base else "—"
+        rows.append([s, fmt_num(v), delta, fmt_num(r.get("val_ppl"), 2), fmt_count(r.get("val_tokens"))])
+    src = d.suites[stages[0]]["bpb"].get("source", "?")
+    return [
+        "## Alignment tax",
+        "",
+        f"Bits per byte on the same held-out text ({src}) after each stage; Δ is the change from the base model",
+        f"({base}). Post-training that forgets plain text shows up as a positive Δ.",
+        "",
+        *table(["stage", "bits per byte", "Δ vs base", "perplexity", "tokens scored"], rows),
+        "",
+    ]
+
+
+def section_harness(d: RunData) -> list[str]:
+    rows = []
+    for s in d.stages:
+        for name, rec in d.suites[s].items():
+            if name.startswith("lm_eval:"):
+                metrics = rec.get("metrics", {})
+                shown = ", ".join(f"{k} {fmt_num(v)}" for k, v in metrics.items() if "stderr" not in k)
+                rows.append([s, name.removeprefix("lm_eval:"), shown])
+    return ["## lm-evaluation-harness", "", *table(["stage", "task", "metrics"], rows), ""] if rows else []
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def render(d: RunData, plot_files: list[tuple[str, str]], plot_note: str = "") -> str:
+    lines = [
+        f"# Report card: {d.name}",
+        "",
+        "Built from this run's metrics.jsonl, timings.json and environment.json by `tinychat report`.",
+        "",
+    ]
+    lines += section_environment(d)
+    lines += section_timings(d)
+    lines += section_training(d)
+    lines += section_suites(d)
+    lines += section_alignment_tax(d)
+    lines += section_harness(d)
+    if plot_files or plot_note:
+        lines += ["## Plots", ""]
+        lines += [f"![{title}](plots/{name})" for name, title in plot_files]
+        lines += [plot_note] if plot_note else []
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path, plots: bool = True) -> Path:
+    """Render runs/NAME/report.md (+ plots/*.png) from the run's recorded files; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist.")
+    d = gather(run_dir)
+    if not d.stages and not d.timings:
+        raise UserError(f"{run_dir} has no metrics.jsonl records and no timings.json; nothing to report.")
+    plot_files: list[tuple[str, str]] = []
+    note = ""
+    if plots:
+        try:
+            from tinychat.eval.plots import draw_all
+        except ImportError:
+            note = "(plots skipped: matplotlib is not installed)"
+        else:
+            plot_files = draw_all(d, run_dir / "plots")
+    path = run_dir / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(d, plot_files, note), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def run(cfg: ReportConfig) -> int:
+    if not cfg.run:
+        raise UserError("name the run: tinychat report NAME [--runs-dir DIR].")
+    cand = Path(cfg.runs_dir) / cfg.run
+    run_dir = cand if cand.is_dir() or not Path(cfg.run).is_dir() else Path(cfg.run)
+    path = write_report(run_dir, cfg.plots)
+    print(f"report -> {path}")
+    return 0
