@@ -35,6 +35,8 @@ class SpeedrunConfig:
     vocab_size: int = field(8192, help="tokenizer vocabulary size")
     val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
     stages: list[str] = field([], help="run only these stages (default: all)")
+    eval_limit: int = field(24, help="questions per evaluation suite and stage")
+    eval_bpb_tokens: int = field(8192, help="validation tokens for bits per byte at each stage")
 
 
 def preset_path(name: str) -> Path:
@@ -93,7 +95,28 @@ class Speedrun:
             Stage("sft", lambda: self.done("sft"), lambda: self.post("tinychat.train.sft", "SFTConfig", "sft")),
             Stage("dpo", lambda: self.done("dpo"), lambda: self.post("tinychat.train.dpo", "DPOConfig", "dpo")),
             Stage("grpo", lambda: self.done("grpo"), lambda: self.post("tinychat.train.grpo", "GRPOConfig", "grpo")),
+            Stage("eval", lambda: not self.unevaluated(), self.evaluate),
+            Stage("report", lambda: False, self.report),  # always re-rendered: cheap, and reflects every stage
         ]
+
+    TRAINED = ("pretrain", "sft", "dpo", "grpo")
+
+    def unevaluated(self) -> list[str]:
+        return [s for s in self.TRAINED if self.done(s) and not self.path("eval", f"{s}.json").is_file()]
+
+    def evaluate(self) -> None:
+        """Every trained stage on the same suites and validation tokens: what each stage taught the model."""
+        from tinychat.eval import evaluate_stage
+
+        for stage in self.unevaluated():
+            t0 = time.perf_counter()
+            evaluate_stage(self.run_dir, stage, limit=self.cfg.eval_limit, bpb_tokens=self.cfg.eval_bpb_tokens)
+            print(f"    evaluated {stage} in {_fmt(time.perf_counter() - t0)}", flush=True)
+
+    def report(self) -> None:
+        from tinychat.eval import write_report
+
+        print(f"    report card: {write_report(self.run_dir)}", flush=True)
 
     def done(self, stage: str) -> bool:
         """A training stage is done once its final model directory exists (step checkpoints do not count)."""
