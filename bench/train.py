@@ -124,29 +124,45 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also measure tinychat with torch.compile")
     args = ap.parse_args()
     cfg = TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=2e-3, warmup_steps=5,
-        eval_every=0, checkpoint_every=0, tensorboard=False, log_every=10**9,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=2e-3,
+        warmup_steps=5,
+        eval_every=0,
+        checkpoint_every=0,
+        tensorboard=False,
+        log_every=10**9,
     )
     data = corpus_tokens(8192, 2_000_000)
     cpu = torch.device("cpu")
-    peak = {a: measure_peak_flops(cpu, d, seconds=1.5, use_cache=False)
-            for a, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
-          f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{args.steps} steps of {args.batch_size}x{args.seq_len} tokens, {len(data):,} tokens of stdlib source")
+    peak = {
+        a: measure_peak_flops(cpu, d, seconds=1.5, use_cache=False)
+        for a, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
+        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"{args.steps} steps of {args.batch_size}x{args.seq_len} tokens, {len(data):,} tokens of stdlib source"
+    )
     head = f"{'preset':<7}{'prec':<6}{'impl':<18}{'params':>8}{'tok/s':>9}{'MFU':>7}{'loss':>8}{'vs baseline':>13}"
     print(head)
     for name in args.presets.split(","):
         for amp in ("fp32", "bf16"):
-            rows = [("nanoGPT baseline", run_baseline(name, amp, data, cfg)),
-                    ("tinychat", run_tinychat(name, amp, data, cfg, compile=False))]
+            rows = [
+                ("nanoGPT baseline", run_baseline(name, amp, data, cfg)),
+                ("tinychat", run_tinychat(name, amp, data, cfg, compile=False)),
+            ]
             if args.compile:
                 rows.append(("tinychat+compile", run_tinychat(name, amp, data, cfg, compile=True)))
             base = rows[0][1]["tok_s"]
             for impl, r in rows:
                 mfu = r["flops"] * r["tok_s"] / peak[amp]
-                print(f"{name:<7}{amp:<6}{impl:<18}{r['params'] / 1e6:>7.1f}M{r['tok_s']:>9.0f}{mfu:>7.1%}"
-                      f"{r['loss']:>8.3f}{r['tok_s'] / base:>12.2f}x", flush=True)
+                print(
+                    f"{name:<7}{amp:<6}{impl:<18}{r['params'] / 1e6:>7.1f}M{r['tok_s']:>9.0f}{mfu:>7.1%}"
+                    f"{r['loss']:>8.3f}{r['tok_s'] / base:>12.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

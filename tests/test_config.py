@@ -1,6 +1,7 @@
 """The one config system: defaults < TOML < flags, dotted keys, types, unknown keys as errors."""
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import pytest
 
@@ -24,7 +25,7 @@ class Cmd:
 
 
 def test_defaults_toml_then_flags(tmp_path):
-    (tmp_path / "c.toml").write_text('verbose = true\n[optim]\nlr = 0.5\nsteps = 3\n')
+    (tmp_path / "c.toml").write_text("verbose = true\n[optim]\nlr = 0.5\nsteps = 3\n")
     cfg = parse_args(Cmd, ["--config", str(tmp_path / "c.toml"), "--optim.steps", "7", "run1"])
     assert (cfg.name, cfg.verbose, cfg.optim.lr, cfg.optim.steps) == ("run1", True, 0.5, 7)
     assert cfg.optim.schedule == "cosine"

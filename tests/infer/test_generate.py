@@ -19,7 +19,9 @@ def test_same_seed_same_text_other_seed_other_text(mt):
     p = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7, stop_on_eos=False)
     a = generate(model, tok, "the quick", p)[0]
     b = generate(model, tok, "the quick", p)[0]
-    c = generate(model, tok, "the quick", SamplingParams(temperature=1.0, max_new_tokens=20, seed=8, stop_on_eos=False))[0]
+    c = generate(
+        model, tok, "the quick", SamplingParams(temperature=1.0, max_new_tokens=20, seed=8, stop_on_eos=False)
+    )[0]
     assert a.text == b.text and a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
     assert a.finish_reason == "length" and len(a.token_ids) == 20
@@ -67,8 +69,13 @@ def test_streaming_holds_back_possible_stop_prefixes(mt):
     full = generate(model, tok, "a lazy", p)[0].text
     stop = full[5:9]
     seen = []
-    g = generate(model, tok, "a lazy", SamplingParams(temperature=0, max_new_tokens=30, stop=[stop]),
-                 on_text=lambda r, d: seen.append(d))[0]
+    g = generate(
+        model,
+        tok,
+        "a lazy",
+        SamplingParams(temperature=0, max_new_tokens=30, stop=[stop]),
+        on_text=lambda r, d: seen.append(d),
+    )[0]
     assert "".join(seen) == g.text and stop not in "".join(seen)
 
 
@@ -78,8 +85,9 @@ def test_prompt_over_context_window(mt):
     assert len(tok.encode(long)) > model.cfg.max_seq_len
     with pytest.raises(UserError, match=r"tokens but the context window is 128"):
         generate(model, tok, long, SamplingParams(max_new_tokens=4))
-    g = generate(model, tok, long, SamplingParams(max_new_tokens=4, temperature=0, stop_on_eos=False),
-                 truncate="left")[0]
+    g = generate(model, tok, long, SamplingParams(max_new_tokens=4, temperature=0, stop_on_eos=False), truncate="left")[
+        0
+    ]
     assert g.prompt_tokens == 124 and len(g.token_ids) == 4
 
 
@@ -102,12 +110,26 @@ def test_chat_prompt_as_ids_keeps_special_tokens(mt):
 def test_cli_generate_streams_and_errors(tiny_model_dir, capsys):
     from tinychat.cli import main
 
-    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "5",
-               "--seed", "1"])
+    rc = main(
+        ["generate", "--model", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "5", "--seed", "1"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("the quick")
-    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "a", "b", "--max-new-tokens", "3",
-               "--temperature", "0", "--chat"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "a",
+            "b",
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+            "--chat",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "--- [0]" in out and "--- [1]" in out
     assert main(["generate", "--model", "/no/such/dir", "--prompt", "x"]) == 2
@@ -120,8 +142,24 @@ def test_cli_model_init_and_info(tmp_path, tiny_model_dir, capsys):
     from tinychat.cli import main
 
     out = tmp_path / "m"
-    rc = main(["model", "init", "--out", str(out), "--tokenizer", str(tiny_model_dir), "--model.n_layer", "1",
-               "--model.d_model", "32", "--model.head_dim", "8", "--model.d_ff", "64"])
+    rc = main(
+        [
+            "model",
+            "init",
+            "--out",
+            str(out),
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--model.n_layer",
+            "1",
+            "--model.d_model",
+            "32",
+            "--model.head_dim",
+            "8",
+            "--model.d_ff",
+            "64",
+        ]
+    )
     assert rc == 0
     m = Model.from_pretrained(str(out))
     assert m.cfg.n_layer == 1 and m.cfg.vocab_size == Tokenizer.from_pretrained(out).vocab_size

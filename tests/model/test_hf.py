@@ -16,23 +16,43 @@ HF_FAMILIES = {
     # GQA, untied head, attention bias on q/k/v/o
     "llama": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, attention_bias=True,
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            attention_bias=True,
             rms_norm_eps=1e-5,
         )
     ),
     # q/k/v biases, tied embeddings, MQA
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
         )
     ),
     # QK-norm, head_dim independent of hidden_size, untied
     "qwen3": lambda: transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=False,
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
         )
     ),
 }
@@ -70,14 +90,25 @@ def test_transformers_dir_opens_in_tinychat(family, tmp_path):
 )
 def test_tinychat_dir_opens_in_transformers(family, kw, tmp_path):
     torch.manual_seed(0)
-    cfg = preset("tiny", arch=family, vocab_size=V, d_model=64, n_layer=2, n_head=4, n_kv_head=kw.pop("n_kv_head", 2),
-                 d_ff=96, **kw)
+    cfg = preset(
+        "tiny",
+        arch=family,
+        vocab_size=V,
+        d_model=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=kw.pop("n_kv_head", 2),
+        d_ff=96,
+        **kw,
+    )
     ours = Model(cfg).eval()
     _randomise(ours)
     ours.save_pretrained(str(tmp_path / "m"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                 "qwen3": "Qwen3ForCausalLM"}[family]
+    assert (
+        type(hf).__name__
+        == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+    )
     x = torch.randint(0, V, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
@@ -104,10 +135,20 @@ def test_greedy_decoding_matches_transformers_generate(tmp_path):
 def test_llama3_rope_scaling_matches(tmp_path):
     hf = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 32},
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
         )
     ).eval()
     hf.save_pretrained(tmp_path)
