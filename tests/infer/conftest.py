@@ -16,16 +16,19 @@ WORDS = "the quick brown fox jumps over a lazy dog while tiny models learn to ch
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + ' {"city": "Paris", "n": 7}\n'
-            for _ in range(300)]  # fmt: skip
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + ' {"city": "Paris", "n": 7}\n'
+        for _ in range(300)
+    ]
     return train_tokenizer(docs, 600)
 
 
 @pytest.fixture(scope="session")
 def model(tok: Tokenizer) -> Model:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-                      d_ff=128, max_seq_len=256)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_ff=128, max_seq_len=256
+    )
     return Model(cfg).eval()
 
 

@@ -162,7 +162,8 @@ def test_json_schema_is_enforced(engine, model, tok, prompts):
         "additionalProperties": False,
     }
     c = grammars.constraint(grammars.json_schema(schema))
-    choices, _ = run(engine, GenerationRequest(prompts[0], SamplingParams(max_new_tokens=40, seed=3), n=4, constraint=c))
+    req = GenerationRequest(prompts[0], SamplingParams(max_new_tokens=40, seed=3), n=4, constraint=c)
+    choices, _ = run(engine, req)
     for ch in choices:
         assert ch["finish_reason"] == "stop"
         jsonschema.validate(json.loads(ch["text"]), schema)
@@ -173,9 +174,20 @@ def test_json_schema_is_enforced(engine, model, tok, prompts):
 def test_forced_tool_call_streams_as_tool_calls(engine, model, tok, prompts):
     """A grammar forces <tool_call>{...}</tool_call>; the engine's stream turns it into a ToolCall event."""
     grammars = Grammars(tok, model.cfg.vocab_size)
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"const": "Paris"}}, "required": ["city"],
-        "additionalProperties": False}}}]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"const": "Paris"}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    ]
     c = grammars.constraint(grammars.tool_call(tools, "get_weather", many=False))
     handle = engine.submit(GenerationRequest(prompts[0], greedy(60), constraint=c, parse_tools=True))
     events = list(handle)

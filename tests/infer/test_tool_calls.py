@@ -57,9 +57,12 @@ def test_a_chat_templates_tool_call_tokens_stream_back_into_the_call(tok):
     the parser (the engine's path), come back as that call."""
     msgs = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-    ]  # fmt: skip
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+    ]
     prefix = tok.render_chat(msgs[:1], add_generation_prompt=True).ids
     ids = tok.render_chat(msgs).ids[len(prefix) :]
     assert ids[-2] == tok.im_end_id  # ...</tool_call><|im_end|>\n

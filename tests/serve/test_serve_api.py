@@ -106,8 +106,12 @@ def test_logprobs(client):
 
 
 def test_tool_calls(client):
-    r = chat(client, tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-             max_tokens=60)  # fmt: skip
+    r = chat(
+        client,
+        tools=[WEATHER, ADD],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -121,8 +125,9 @@ def test_tool_calls(client):
         jsonschema.validate(json.loads(call.function.arguments), schema)
 
     # streamed: the same call arrives as tool_calls deltas (id and name first, then the arguments)
-    stream = chat(client, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, stream=True,
-                  max_tokens=60)  # fmt: skip
+    stream = chat(
+        client, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, stream=True, max_tokens=60
+    )
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
@@ -176,8 +181,9 @@ def test_text_completions(client, live):
     ids = live.tok.encode("lazy dog")
     r3 = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=3, temperature=0)
     assert r3.usage.prompt_tokens == len(ids)
-    stream = client.completions.create(model=MODEL_NAME, prompt="The quick brown", max_tokens=6, temperature=0,
-                                       stream=True)  # fmt: skip
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt="The quick brown", max_tokens=6, temperature=0, stream=True
+    )
     text = "".join(c.choices[0].text for c in stream if c.choices)
     assert "The quick brown" + text == r.choices[0].text
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 import urllib.parse
 
 import openai
@@ -37,13 +39,20 @@ def error_of(exc: openai.APIStatusError) -> dict:
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
         ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
         ({"tool_choice": "required"}, None),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
-         "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
-         "function": {"name": "g"}}}, "tool_choice"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+            "response_format",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
         ({"n": 99}, "n"),
     ],
-)  # fmt: skip
+)
 def test_bad_fields_are_400(client, kw, param):
     args = {"model": MODEL, "messages": MSGS, "max_tokens": 4, **kw}
     with pytest.raises(openai.BadRequestError) as e:
@@ -95,6 +104,10 @@ def test_malformed_bodies_and_routes(live, raw_request):
     status, out = raw_request(live.url, "GET", "/v1/chat/completions")
     assert status == 405 and "error" in out
     assert raw_request(live.url, "GET", "/health")[1] == {"status": "ok"}
+    u = urllib.parse.urlparse(live.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:  # announces 1 GB, sends nothing
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
 
 
 def test_overload_is_429_and_the_queue_drains(start_server, model_dir):
@@ -103,17 +116,20 @@ def test_overload_is_429_and_the_queue_drains(start_server, model_dir):
     try:
         client = srv.client()
         no_eos = {str(t): -100 for t in srv.tok.stop_ids}
-        first = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=900, stream=True,
-                                               logit_bias=no_eos)  # fmt: skip
+        first = client.chat.completions.create(
+            model=MODEL, messages=MSGS, max_tokens=900, stream=True, logit_bias=no_eos
+        )
         next(iter(first))  # running: it holds the only slot for ~900 decode steps
         result: dict = {}
-        waiter = threading.Thread(target=lambda: result.update(r=client.chat.completions.create(
-            model=MODEL, messages=MSGS, max_tokens=2)))  # fmt: skip
+        waiter = threading.Thread(
+            target=lambda: result.update(r=client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2))
+        )
         waiter.start()
-        for _ in range(200):  # until the second request is queued
+        for _ in range(400):  # until the second request is queued (20 s at most, for a loaded machine)
             if srv.engine.stats.queue_depth == 1:
                 break
-            threading.Event().wait(0.01)
+            time.sleep(0.05)
+        assert srv.engine.stats.queue_depth == 1 and srv.engine.stats.running_seqs == 1
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
         assert e.value.response.headers.get("retry-after") == "1"

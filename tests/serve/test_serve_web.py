@@ -66,8 +66,10 @@ def test_send_streams_an_answer_and_keeps_history(page):
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert len(events) > 10 and streamed.strip()  # the answer came as a stream of many chunks...
     shown = assistant_texts(page)[0]
-    rendered = page.evaluate("t => { const d = document.createElement('div'); d.appendChild(renderMarkdown(t)); "
-                             "return d.textContent; }", streamed)  # fmt: skip
+    rendered = page.evaluate(
+        "t => { const d = document.createElement('div'); d.appendChild(renderMarkdown(t)); return d.textContent; }",
+        streamed,
+    )
     assert shown == rendered  # ...and the page shows all of it, through the Markdown renderer
     assert page.text_content(".msg.user .body") == "Hello there, who are you?"
     assert bodies[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -94,8 +96,10 @@ def test_stop_ends_a_long_answer(page, live):
     page.fill("#max-tokens", "800")
     page.fill("#input", "Tell me everything about Paris.")  # greedy: 800 tokens without an end of turn
     page.click("#send")
-    page.wait_for_function("(() => { const b = document.querySelector('.msg.assistant.streaming .body'); "
-                           "return b !== null && b.textContent.length > 0; })()")  # fmt: skip
+    page.wait_for_function(
+        "(() => { const b = document.querySelector('.msg.assistant.streaming .body'); "
+        "return b !== null && b.textContent.length > 0; })()"
+    )
     page.click("#stop")
     page.wait_for_function("document.getElementById('status').textContent === '(stopped)'")
     assert page.is_enabled("#send") and page.is_hidden("#stop")

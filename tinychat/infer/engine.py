@@ -284,7 +284,7 @@ class Engine:
                 except Exception as e:  # a bug: fail what is running, keep serving
                     log.exception("engine step failed")
                     self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
-        self._fail_all("the engine was stopped")
+            self._fail_all("the engine was stopped")
 
     def _drain(self, block: bool) -> None:
         try:

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -132,7 +133,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         handles, q = submit([p.gen])
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(_chat_stream(fmt, p.gen.n, events(handles, q, None), usage))
+            return _stream(_chat_stream(fmt, p.gen.n, events(handles, q, None), usage), handles)
         choices, done = await _collect(events(handles, q, request), p.gen.n, [""])
         if done is None:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
@@ -146,7 +147,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         prefixes = [p.prompt_text if body.echo else "" for p in preps]
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(_completion_stream(fmt, body.n, prefixes, events(handles, q, None), usage))
+            return _stream(_completion_stream(fmt, body.n, prefixes, events(handles, q, None), usage), handles)
         choices, done = await _collect(events(handles, q, request), body.n, prefixes)
         if done is None:
             return JSONResponse({}, status_code=499)
@@ -191,8 +192,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
 
 # ---------------------------------------------------------------------------------------------- streams
-def _stream(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _stream(gen: AsyncIterator[str], handles: list) -> StreamingResponse:
+    """An SSE response; afterwards (also when the client left before the first chunk) its requests are cancelled,
+    which is a no-op for the finished ones."""
+
+    def cancel_all() -> None:
+        for h in handles:
+            h.cancel()
+
+    done = BackgroundTask(cancel_all)
+    return StreamingResponse(
+        gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=done
+    )
 
 
 async def _collect(
@@ -333,8 +344,19 @@ def _param(loc: tuple | list) -> str | None:
     return out or None
 
 
+MAX_BODY = 16 * 2**20  # bytes; a longer body could only be a mistake or an attack at these context sizes
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/static")
+
+
+def _route(path: str) -> str:
+    """A fixed label per endpoint, so a client cannot create metric series by inventing paths."""
+    if path == "/":
+        return "/"
+    return next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
+
+
 class _Gate:
-    """Pure ASGI middleware: API key check on /v1/* and request counting for /metrics.
+    """Pure ASGI middleware: body size limit, API key check on /v1/* and request counting for /metrics.
 
     Pure ASGI rather than @app.middleware("http"), whose wrapper buffers streaming responses and hides a
     client's disconnect from the stream; auth runs before the body is parsed, so a caller without the key
@@ -348,9 +370,14 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope["path"]
-        route = path if not path.startswith("/static/") else "/static"
+        route = _route(path)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY:
+            self.stats.count(route, 413)
+            resp = _error(413, f"The request body is larger than {MAX_BODY // 2**20} MB.")
+            return await resp(scope, receive, send)
         if self.api_key and path.startswith("/v1/"):
-            headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not secrets.compare_digest(token.encode(), self.api_key.encode()):
@@ -372,4 +399,4 @@ class _Gate:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.stats.count(route if status[0] != 404 else "other", status[0])
+            self.stats.count(route, status[0])

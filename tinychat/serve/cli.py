@@ -14,10 +14,13 @@ from pathlib import Path
 from tinychat.config import field
 from tinychat.errors import UserError
 
-HOW_TO_GET_ONE = (
-    "no model found under runs/*/checkpoints/; train one with `tinychat speedrun` (or create a random one with "
-    "`tinychat model init --out DIR --tokenizer TOKDIR`) and pass --model DIR."
-)
+
+def how_to_get_one(runs: str | Path) -> str:
+    """The one sentence said when there is no model to serve."""
+    return (
+        f"no model found under {runs}/*/checkpoints/: run `tinychat speedrun` to train one, or pass --model DIR "
+        "(any directory saved by tinychat or transformers, e.g. from `tinychat model init`)."
+    )
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ServeConfig:
     kv_cache_mb: float = field(0.0, help="cap on KV-cache memory in MB; fewer slots when tight (0: no cap)")
     max_queue: int = field(256, help="requests waiting for a slot before the server answers 429")
     prefill_chunk: int = field(256, help="prompt tokens per prefill step (long prompts are split)")
-    runs: str = field("runs", help="where to look for speedrun models when --model is not given")
+    runs_dir: str = field("runs", help="where to look for speedrun models when --model is not given")
     device: str = field("auto")
     dtype: str = field("auto")
 
@@ -61,7 +64,7 @@ def resolve_model(model: str, runs: str = "runs") -> Path:
         return p
     latest = find_latest_model(runs)
     if latest is None:
-        raise UserError(HOW_TO_GET_ONE)
+        raise UserError(how_to_get_one(runs))
     return latest
 
 
@@ -97,7 +100,7 @@ def run(cfg: ServeConfig) -> int:
     from tinychat.infer.engine import Engine
     from tinychat.serve.app import create_app
 
-    model, tok, path = load(cfg.model, cfg.runs, cfg.device, cfg.dtype)
+    model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
     engine = Engine(model, tok, engine_config(cfg)).start()
     name = cfg.served_model_name or path.name
     app = create_app(engine, tok, name, api_key=cfg.api_key or None)

@@ -13,7 +13,7 @@ from tinychat.errors import UserError
 from tinychat.infer.engine import Engine, GenerationRequest
 from tinychat.infer.sampling import SamplingParams
 from tinychat.infer.structured import Grammars
-from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 
 class APIError(Exception):
@@ -75,13 +75,7 @@ class Preparer:
                     "response_format cannot be combined with a tool_choice that forces a call.",
                     param="response_format",
                 )
-            grammar = self._grammar(
-                lambda: (
-                    self.grammars.json_object()
-                    if fmt.type == "json_object"
-                    else self.grammars.json_schema(fmt.json_schema.schema_)
-                )  # type: ignore[union-attr]
-            )
+            grammar = self._grammar(lambda: self._format_grammar(fmt))
             gen.constraint = self._grammar(lambda: self.grammars.constraint(grammar))
         if tools:
             if choice == "none":
@@ -94,6 +88,11 @@ class Preparer:
                     grammar = self._grammar(lambda: self.grammars.tool_call(tools, name, many), "tool_choice")
                     gen.constraint = self._grammar(lambda: self.grammars.constraint(grammar), "tools")
         return Prepared(gen, "", gen.parse_tools)
+
+    def _format_grammar(self, fmt: ResponseFormat) -> str:
+        if fmt.type == "json_object" or fmt.json_schema is None:
+            return self.grammars.json_object()
+        return self.grammars.json_schema(fmt.json_schema.schema_)
 
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, Any]:

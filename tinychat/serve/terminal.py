@@ -23,7 +23,7 @@ class ChatConfig:
     top_p: float = field(0.95)
     max_tokens: int = field(256, help="longest reply in tokens")
     seed: int | None = field(None)
-    runs: str = field("runs")
+    runs_dir: str = field("runs", help="where to look for speedrun models when --model is not given")
     device: str = field("auto")
     dtype: str = field("auto")
 
@@ -91,7 +91,7 @@ def run(cfg: ChatConfig) -> int:
     from tinychat.infer.engine import Engine, EngineConfig
     from tinychat.serve.cli import load
 
-    model, tok, path = load(cfg.model, cfg.runs, cfg.device, cfg.dtype)
+    model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
     engine = Engine(model, tok, EngineConfig(max_num_seqs=1)).start()
     print(f"chatting with {path} ({model.num_params() / 1e6:.1f}M parameters); /reset, /system TEXT, /exit")
     try:

@@ -1,0 +1,75 @@
+"""`tinychat serve` finds the speedrun's newest model; `tinychat chat` streams a conversation in the terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+
+from tinychat.cli import main
+from tinychat.errors import UserError
+from tinychat.infer.engine import Engine, EngineConfig
+from tinychat.model import Model
+from tinychat.serve.cli import find_latest_model, how_to_get_one, resolve_model, tokenizer_dir
+from tinychat.serve.terminal import ChatConfig, chat_loop
+from tinychat.tokenizer import Tokenizer
+
+
+def test_newest_speedrun_checkpoint_is_served(tmp_path, model_dir):
+    runs = tmp_path / "runs"
+    assert find_latest_model(runs) is None
+    with pytest.raises(UserError) as e:
+        resolve_model("", str(runs))
+    assert str(e.value) == how_to_get_one(str(runs))
+    for i, (run, stage) in enumerate([("a", "pretrain"), ("b", "sft"), ("a", "sft")]):
+        d = runs / run / "checkpoints" / stage
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        os.utime(d / "config.json", (1000 + i, 1000 + i))
+    (runs / "a" / "checkpoints" / "notes").mkdir()  # no config.json: not a model
+    assert find_latest_model(runs) == runs / "a" / "checkpoints" / "sft"
+    # the tokenizer comes from the model directory, else from the run's tokenizer/
+    shutil.copy(model_dir / "tokenizer.json", runs / "a" / "tokenizer.json")
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        tokenizer_dir(runs / "a" / "checkpoints" / "sft")
+    (runs / "a" / "tokenizer").mkdir()
+    shutil.copy(model_dir / "tokenizer.json", runs / "a" / "tokenizer" / "tokenizer.json")
+    assert tokenizer_dir(runs / "a" / "checkpoints" / "sft") == runs / "a" / "tokenizer"
+    assert tokenizer_dir(model_dir) == model_dir
+    with pytest.raises(UserError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_serve_and_chat_commands_are_registered(capsys):
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--api_key" in out and "--max_num_seqs" in out
+    assert main(["chat", "--help"]) == 0
+    assert main(["serve", "--runs-dir", "/nonexistent/runs"]) == 2
+    assert "run `tinychat speedrun` to train one" in capsys.readouterr().err
+
+
+def test_terminal_chat_streams_and_keeps_history(model_dir):
+    model, tok = Model.from_pretrained(str(model_dir)), Tokenizer.from_pretrained(model_dir)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=1)).start()
+    seen: list[list[dict]] = []
+    real = tok.apply_chat_template
+
+    def spy(messages, **kw):
+        seen.append([dict(m) for m in messages])
+        return real(messages, **kw)
+
+    tok.apply_chat_template = spy
+    try:
+        stdin = io.StringIO("Hello!\n/system Be brief.\nAnd then?\n/reset\nNew topic.\n/exit\nnever read\n")
+        stdout = io.StringIO()
+        chat_loop(engine, tok, ChatConfig(max_tokens=8, temperature=0), stdin, stdout)
+    finally:
+        engine.stop()
+    out = stdout.getvalue()
+    assert out.count("assistant> ") == 3 and "(system prompt set)" in out and "(conversation forgotten)" in out
+    roles = [[m["role"] for m in msgs] for msgs in seen]
+    assert roles == [["user"], ["system", "user", "assistant", "user"], ["system", "user"]]
+    assert seen[1][2]["content"] in out  # the reply shown is the one kept in the history
