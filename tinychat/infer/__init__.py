@@ -1,4 +1,4 @@
-"""Sampling, batched generation with the KV cache, and (later) the serving engine."""
+"""Sampling, batched generation with the KV cache, and the continuous-batching serving engine (engine.py)."""
 
 from tinychat.infer.generate import Generation, generate, generate_ids, stream
 from tinychat.infer.sampling import SamplingParams
