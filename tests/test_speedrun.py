@@ -1,0 +1,63 @@
+"""`tinychat speedrun --preset micro` end to end: every stage's artefact, re-running skips finished work,
+and the report card's numbers are exactly those the run recorded in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tinychat.cli import main
+
+STAGES = ("pretrain", "sft", "dpo", "grpo")
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("speedrun")
+    assert main(["speedrun", "--preset", "micro", "--runs-dir", str(runs), "--run", "m"]) == 0
+    return runs / "m"
+
+
+def test_every_stage_leaves_its_artefact(micro_run: Path):
+    assert (micro_run / "world" / "manifest.json").is_file()
+    assert (micro_run / "tokenizer" / "tokenizer.json").is_file()
+    assert (micro_run / "data" / "clean" / "stats.json").is_file()
+    assert (micro_run / "data" / "tokens" / "index.json").is_file()
+    for stage in STAGES:
+        final = micro_run / "checkpoints" / stage
+        assert (final / "config.json").is_file() and (final / "model.safetensors").is_file(), stage
+        assert (final / "tokenizer.json").is_file(), stage
+        assert (micro_run / "eval" / f"{stage}.json").is_file(), stage
+    timings = json.loads((micro_run / "timings.json").read_text())
+    assert set(timings) >= {"world", "tokenizer", "data", *STAGES, "eval", "report"}
+    assert (micro_run / "report.md").is_file() and list((micro_run / "plots").glob("*.png"))
+
+
+def test_rerun_skips_finished_stages(micro_run: Path, capsys):
+    before = (micro_run / "checkpoints" / "pretrain" / "model.safetensors").stat().st_mtime_ns
+    assert main(["speedrun", "--preset", "micro", "--runs-dir", str(micro_run.parent), "--run", "m"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("world", "tokenizer", "data", *STAGES, "eval"):
+        assert f"{stage:<10} done already, skipped" in out, stage
+    assert (micro_run / "checkpoints" / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_report_numbers_equal_the_recorded_metrics(micro_run: Path):
+    report = (micro_run / "report.md").read_text()
+    recs = [json.loads(line) for line in (micro_run / "metrics.jsonl").read_text().splitlines()]
+    for stage in STAGES:
+        bpb = [r for r in recs if r["stage"] == stage and r["kind"] == "eval_suite" and r["suite"] == "bpb"][-1]
+        assert f"| {stage} | {bpb['val_bpb']:.4f} |" in report, stage
+        train = [r for r in recs if r["stage"] == stage and r["kind"] == "train"]
+        assert f"| {stage} |" in report and f"{train[-1]['loss']:.4f}" in report, stage
+        refusal = [r for r in recs if r["stage"] == stage and r["kind"] == "eval_suite" and r["suite"] == "refusal"]
+        assert refusal and refusal[-1]["n"] > 0
+
+
+def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys):
+    assert main(["speedrun", "--preset", "nope", "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "micro", "--runs-dir", str(tmp_path), "--stages", "bake"]) == 2
+    assert "unknown stage 'bake'" in capsys.readouterr().err
