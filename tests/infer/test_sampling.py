@@ -53,8 +53,17 @@ def test_penalties():
     assert out.tolist() == [[2.0, -2.0, 1.0 - 1.0 - 0.25]]
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(min_p=1), dict(max_new_tokens=0),
-                                dict(stop=[""]), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(min_p=1),
+        dict(max_new_tokens=0),
+        dict(stop=[""]),
+        dict(repetition_penalty=0),
+    ],
+)
 def test_invalid_params(kw):
     with pytest.raises(UserError):
         SamplingParams(**kw).validate()
