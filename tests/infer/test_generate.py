@@ -168,3 +168,24 @@ def test_cli_model_init_and_info(tmp_path, tiny_model_dir, capsys):
     assert "parameters" in capsys.readouterr().out
     assert main(["model", "init", "--out", str(tmp_path / "x"), "--model.n_kv_head", "3"]) == 2
     torch.manual_seed(0)
+
+
+def test_cli_chat_sends_real_special_tokens(tiny_model_dir, monkeypatch):
+    """--chat renders the template to ids: <|im_start|> must reach the model as one special token, not text."""
+    import sys
+
+    from tinychat.cli import main
+
+    gen_mod = sys.modules["tinychat.infer.generate"]  # the package re-exports a function of the same name
+
+    seen = []
+    real = gen_mod.generate
+
+    def spy(model, tok, prompts, *a, **kw):
+        seen.extend(prompts)
+        return real(model, tok, prompts, *a, **kw)
+
+    monkeypatch.setattr(gen_mod, "generate", spy)
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]) == 0
+    tok = Tokenizer.from_pretrained(tiny_model_dir)
+    assert seen and isinstance(seen[0], list) and seen[0][0] == tok.im_start_id

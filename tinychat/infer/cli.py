@@ -47,11 +47,11 @@ def run(cfg: GenerateConfig) -> int:
     prompts = cfg.prompt
     if cfg.chat:
 
-        def wrap(p: str) -> str:
+        def wrap(p: str) -> list[int]:  # token ids: the template's special tokens must stay special
             msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
                 {"role": "user", "content": p}
             ]
-            return tok.apply_chat_template(msgs, add_generation_prompt=True)
+            return tok.render_chat(msgs, add_generation_prompt=True).ids
 
         prompts = [wrap(p) for p in prompts]
     params = SamplingParams(
