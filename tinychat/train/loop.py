@@ -189,6 +189,14 @@ def train(
     is_ddp = hasattr(model, "no_sync")
     is_fsdp = hasattr(model, "set_requires_gradient_sync")
 
+    def budget_progress(step: int, elapsed: float) -> float:
+        """How much of the first budget to run out is spent (>= 1: stop); also drives the LR schedule."""
+        return max(
+            step / total_steps if total_steps else 0.0,
+            elapsed / (cfg.max_time * 60) if cfg.max_time else 0.0,
+            objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
+        )
+
     def trainer_state() -> dict[str, Any]:
         return {
             "step": step,
@@ -211,12 +219,8 @@ def train(
     t_start = time.perf_counter() - elapsed
     with _Interrupt() as stop:
         while True:
-            progress = max(
-                step / total_steps if total_steps else 0.0,
-                elapsed / (cfg.max_time * 60) if cfg.max_time else 0.0,
-                objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
-            )
-            if progress >= 1.0 or (total_steps is not None and step >= total_steps):
+            progress = budget_progress(step, elapsed)
+            if progress >= 1.0:
                 break
             t0 = time.perf_counter()
             lr = cfg.lr * lr_factor(step, progress, cfg)
@@ -286,9 +290,7 @@ def train(
                 eta = f" | eta {(total_steps - step) * elapsed / max(step, 1) / 60:.1f}m"
             console.update(step, f"loss {loss_value:.4f} | {tok_s:,.0f} tok/s | mfu {mfu:.1%}{eta}")
 
-            done_now = (total_steps is not None and step >= total_steps) or (
-                cfg.max_time and elapsed >= cfg.max_time * 60
-            )
+            done_now = budget_progress(step, elapsed) >= 1.0  # the final evaluation and checkpoint follow
             if cfg.eval_every and step % cfg.eval_every == 0 and not done_now:
                 last_eval = _evaluate(objective, raw, step, log, console, info)
             if stop.flag:
