@@ -39,6 +39,25 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
     "eval": ("tinychat.eval.run", "EvalConfig", "run", "bits per byte, tinyworld suites and lm-eval tasks for a model"),
     "report": ("tinychat.eval.report", "ReportConfig", "run", "re-render a run's report card (report.md + plots)"),
+    "rag ingest": ("tinychat.rag.cli", "IngestConfig", "ingest", "add or sync documents into a knowledge base"),
+    "rag ask": ("tinychat.rag.cli", "AskConfig", "ask", "answer a question from a knowledge base, with sources"),
+    "rag query": ("tinychat.rag.cli", "QueryConfig", "query", "show the chunks retrieved for a question, with scores"),
+    "rag list": ("tinychat.rag.cli", "ListConfig", "list_docs", "list a knowledge base's documents"),
+    "rag remove": ("tinychat.rag.cli", "RemoveConfig", "remove", "remove documents from a knowledge base"),
+    "rag eval": (
+        "tinychat.rag.evaluate",
+        "RagEvalConfig",
+        "run",
+        "retrieval recall/MRR and answer accuracy on tinyworld",
+    ),
+    "agent": ("tinychat.agent.cli", "AgentConfig", "run", "run a tool-using agent on a task (OpenAI tool calling)"),
+    "agent eval": (
+        "tinychat.agent.evaluate",
+        "AgentEvalConfig",
+        "run",
+        "agent success on tinyworld tasks, tools vs none",
+    ),
+    "mcp-serve": ("tinychat.agent.mcp", "McpServeConfig", "run", "serve tinychat's built-in tools over MCP (stdio)"),
 }
 
 

@@ -82,7 +82,7 @@ class Live:
         self.engine.stop()
 
 
-def _start_server(model_dir: Path, engine_cfg: EngineConfig, api_key: str | None = API_KEY) -> Live:
+def _start_server(model_dir: Path, engine_cfg: EngineConfig, api_key: str | None = API_KEY, **app_kw: object) -> Live:
     import uvicorn
 
     from tinychat.serve.app import create_app
@@ -90,7 +90,7 @@ def _start_server(model_dir: Path, engine_cfg: EngineConfig, api_key: str | None
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(model_dir)
     engine = Engine(model, tok, engine_cfg).start()
-    app = create_app(engine, tok, MODEL_NAME, api_key=api_key)
+    app = create_app(engine, tok, MODEL_NAME, api_key=api_key, **app_kw)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

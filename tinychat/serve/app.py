@@ -40,8 +40,11 @@ log = logging.getLogger("tinychat.serve")
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:  # noqa: ANN001
-    """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open)."""
+def create_app(  # noqa: ANN001
+    engine: Engine, tokenizer, model_name: str, api_key: str | None = None, kb=None, max_upload_mb: float = 20.0
+) -> FastAPI:
+    """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open);
+    `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes."""
     grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
     prep = Preparer(engine, tokenizer, grammars, model_name)
     http = HttpStats()
@@ -126,18 +129,35 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         prep.check_model(name)
         return model_card()
 
+    if kb is not None:
+        from tinychat.serve import rag_routes
+
+        rag_routes.add_routes(app, kb, int(max_upload_mb * 2**20))
+    else:
+        rag_routes = None
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        p: Prepared = await run_in_threadpool(prep.chat, body)
         fmt = Formatter(grammars, model_name, "chat")
+        rag = None
+        if body.rag is not None:
+            if kb is None or rag_routes is None:
+                raise APIError(400, "This server has no knowledge base; start it with --kb DIR.", param="rag")
+            prep.check_model(body.model)
+            body, rag = await run_in_threadpool(rag_routes.prepare_chat, kb, body)
+            if rag.fixed is not None:
+                return rag_routes.fixed_reply(fmt, rag, body.stream)
+        p: Prepared = await run_in_threadpool(prep.chat, body)
         handles, q = submit([p.gen])
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(_chat_stream(fmt, p.gen.n, events(handles, q, None), usage), handles)
+            gen = _chat_stream(fmt, p.gen.n, events(handles, q, None), usage)
+            return _stream(rag_routes.with_sources(gen, fmt, rag) if rag else gen, handles)
         choices, done = await _collect(events(handles, q, request), p.gen.n, [""])
         if done is None:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-        return fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
+        resp = fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
+        return rag_routes.decorate(resp, rag) if rag else resp
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -345,7 +365,17 @@ def _param(loc: tuple | list) -> str | None:
 
 
 MAX_BODY = 16 * 2**20  # bytes; a longer body could only be a mistake or an attack at these context sizes
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/static")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/rag/documents",
+    "/v1/rag/query",
+    "/health",
+    "/metrics",
+    "/static",
+)
 
 
 def _route(path: str) -> str:

@@ -38,6 +38,8 @@ class ServeConfig:
     runs_dir: str = field("runs", help="where to look for speedrun models when --model is not given")
     device: str = field("auto")
     dtype: str = field("auto")
+    kb: str = field("", help="knowledge-base directory: adds /v1/rag/* and answers from it (see tinychat rag)")
+    max_upload_mb: float = field(20.0, help="largest document accepted by POST /v1/rag/documents")
 
 
 def find_latest_model(runs: str | Path = "runs") -> Path | None:
@@ -103,7 +105,12 @@ def run(cfg: ServeConfig) -> int:
     model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
     engine = Engine(model, tok, engine_config(cfg)).start()
     name = cfg.served_model_name or path.name
-    app = create_app(engine, tok, name, api_key=cfg.api_key or None)
+    kb = None
+    if cfg.kb:
+        from tinychat.rag.kb import KbSettings, KnowledgeBase
+
+        kb = KnowledgeBase(cfg.kb, KbSettings())  # created empty when new: fill it by upload or `tinychat rag ingest`
+    app = create_app(engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_upload_mb=cfg.max_upload_mb)
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
         f"{engine.max_len} tokens) on http://{cfg.host}:{cfg.port}/  (OpenAI API under /v1)"

@@ -143,6 +143,16 @@ class SamplingFields(Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class RagOptions(Strict):
+    """tinychat's extension: answer from the server's knowledge base (serve --kb DIR); see serve/rag_routes.py."""
+
+    k: int = Field(default=4, ge=1, le=20)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
+    mmr: bool = False
+    guard: bool = True
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -152,6 +162,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    rag: RagOptions | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

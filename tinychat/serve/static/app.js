@@ -8,6 +8,7 @@
     messages: $("messages"), input: $("input"), send: $("send"), stop: $("stop"), regen: $("regenerate"),
     system: $("system"), temp: $("temperature"), tempValue: $("temperature-value"), maxTokens: $("max-tokens"),
     apiKey: $("api-key"), model: $("model-name"), status: $("status"), newChat: $("new-chat"), form: $("composer"),
+    kbPanel: $("kb-panel"), kbSwitch: $("kb-switch"), kbInfo: $("kb-info"), kbUpload: $("kb-upload"),
   };
   const history = []; // [{role, content}]
   let model = null;
@@ -19,13 +20,15 @@
   if (saved.temperature !== undefined) ui.temp.value = saved.temperature;
   if (saved.maxTokens !== undefined) ui.maxTokens.value = saved.maxTokens;
   if (saved.apiKey !== undefined) ui.apiKey.value = saved.apiKey;
+  if (saved.kb !== undefined) ui.kbSwitch.checked = saved.kb;
   function saveSettings() {
     ui.tempValue.textContent = Number(ui.temp.value).toFixed(2);
     localStorage.setItem("tinychat.settings", JSON.stringify({
       system: ui.system.value, temperature: ui.temp.value, maxTokens: ui.maxTokens.value, apiKey: ui.apiKey.value,
+      kb: ui.kbSwitch.checked,
     }));
   }
-  for (const x of [ui.system, ui.temp, ui.maxTokens, ui.apiKey]) x.addEventListener("input", saveSettings);
+  for (const x of [ui.system, ui.temp, ui.maxTokens, ui.apiKey, ui.kbSwitch]) x.addEventListener("input", saveSettings);
   ui.apiKey.addEventListener("change", loadModel);
   saveSettings();
 
@@ -55,6 +58,66 @@
       model = null;
       ui.model.textContent = "not connected: " + e.message;
     }
+    loadKb();
+  }
+
+  // ---------------------------------------------------------------- the knowledge base (serve --kb DIR)
+  async function loadKb() {
+    try {
+      const resp = await fetch("/v1/rag/documents", { headers: headers() });
+      if (!resp.ok) throw new Error(await errorText(resp));
+      const body = await resp.json();
+      const chunks = body.data.reduce((n, d) => n + d.chunks, 0);
+      ui.kbInfo.textContent = body.data.length + " documents, " + chunks + " chunks";
+      ui.kbPanel.hidden = false;
+    } catch (e) {
+      ui.kbPanel.hidden = true; // this server has no knowledge base
+      ui.kbSwitch.checked = false;
+    }
+  }
+
+  ui.kbUpload.addEventListener("change", async () => {
+    const file = ui.kbUpload.files[0];
+    if (!file) return;
+    const form = new FormData();
+    form.append("file", file);
+    const h = headers();
+    delete h["Content-Type"]; // the browser sets the multipart boundary
+    ui.status.textContent = "uploading " + file.name + "…";
+    try {
+      const resp = await fetch("/v1/rag/documents", { method: "POST", headers: h, body: form });
+      if (!resp.ok) throw new Error(await errorText(resp));
+      ui.status.textContent = "added " + file.name;
+    } catch (e) {
+      ui.status.textContent = "upload failed: " + e.message;
+    }
+    ui.kbUpload.value = "";
+    loadKb();
+  });
+
+  function showSources(div, sources, text) {
+    if (!sources || !sources.length) return;
+    const cited = new Set([...text.matchAll(/\[(\d+)\]/g)].map((m) => Number(m[1])));
+    const box = document.createElement("details");
+    box.className = "sources";
+    const summary = document.createElement("summary");
+    summary.textContent = "Sources (" + sources.length + ")";
+    box.appendChild(summary);
+    const list = document.createElement("ol");
+    for (const s of sources) {
+      const li = document.createElement("li");
+      li.value = s.n;
+      if (cited.has(s.n)) li.className = "cited";
+      const name = document.createElement("b");
+      name.textContent = s.name + (s.heading ? " › " + s.heading : "");
+      const snippet = document.createElement("div");
+      snippet.className = "snippet";
+      snippet.textContent = s.text.length > 300 ? s.text.slice(0, 300) + "…" : s.text;
+      li.append(name, snippet);
+      list.appendChild(li);
+    }
+    box.appendChild(list);
+    div.appendChild(box);
   }
 
   // ---------------------------------------------------------------- rendering
@@ -98,6 +161,7 @@
     const div = bubble("assistant", "");
     div.classList.add("streaming");
     let text = "";
+    let sources = null;
     let pending = false;
     const redraw = () => {
       pending = false;
@@ -110,10 +174,10 @@
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,
-        body: JSON.stringify({
+        body: JSON.stringify(Object.assign({
           model, messages, stream: true, temperature: Number(ui.temp.value),
           max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 256),
-        }),
+        }, ui.kbSwitch.checked && !ui.kbPanel.hidden ? { rag: { k: 4 } } : {})),
       });
       if (!resp.ok) throw new Error(await errorText(resp));
       const reader = resp.body.getReader();
@@ -134,6 +198,7 @@
             if (data === "[DONE]") continue;
             const chunk = JSON.parse(data);
             if (chunk.error) throw new Error(chunk.error.message);
+            if (chunk.sources) sources = chunk.sources;
             const choice = chunk.choices && chunk.choices[0];
             if (!choice) continue;
             if (choice.delta && choice.delta.content) text += choice.delta.content;
@@ -158,6 +223,7 @@
       }
     }
     redraw();
+    showSources(div, sources, text);
     div.classList.remove("streaming");
     history.push({ role: "assistant", content: text });
     controller = null;

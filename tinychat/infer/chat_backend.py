@@ -1,0 +1,128 @@
+"""One chat call, two ways: a local model directory, or any OpenAI-compatible endpoint.
+
+Why both: `tinychat rag ask` and `tinychat agent` should run on a laptop with no server (--model DIR)
+and, unchanged, drive `tinychat serve` or any other OpenAI-compatible API (--base-url URL). Both backends
+take OpenAI-format messages and tool specs and return one assistant message in OpenAI format
+({"role", "content", "tool_calls"}), so callers never know which one they talk to.
+
+The local backend renders the chat template itself and parses <tool_call> blocks with the same parser the
+server uses (tinychat.infer.tool_calls), so a local run and a served run of one model behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from tinychat.errors import UserError
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    def chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
+    ) -> dict[str, Any]: ...
+
+
+class LocalChat:
+    """A tinychat (or transformers-saved) model on this machine, greedy decoding."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        import torch
+
+        from tinychat.eval.backend import LocalCompleter
+        from tinychat.model import Model
+        from tinychat.serve.cli import resolve_model, tokenizer_dir
+        from tinychat.tokenizer import Tokenizer
+
+        path = resolve_model(str(model_dir))
+        model = Model.from_pretrained(str(path), dtype=torch.float32, device=device).eval()
+        tok = Tokenizer.from_pretrained(tokenizer_dir(path))
+        self.completer = LocalCompleter(model, tok, batch_size=8)
+        self.tokenizer = tok
+        self.name = Path(model_dir).name
+        self.max_seq_len = self.completer.max_seq_len
+
+    def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+        return len(self.tokenizer.render_chat(messages, tools, add_generation_prompt=True).ids)
+
+    def chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
+    ) -> dict[str, Any]:
+        from tinychat.eval.toolloop import split_reply
+
+        ids = self.tokenizer.render_chat(messages, tools or None, add_generation_prompt=True).ids
+        text = self.completer.complete([ids], max_tokens)[0]
+        content, calls, _ = split_reply(text) if tools else (text.strip(), [], 0)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = [c.to_openai() for c in calls]
+        return msg
+
+
+class RemoteChat:
+    """POST /v1/chat/completions on an OpenAI-compatible server (tinychat serve, vLLM, llama.cpp, OpenAI).
+
+    The standard library's HTTP client: one JSON request per call needs nothing more, and the agent stays
+    free of an HTTP dependency."""
+
+    def __init__(self, base_url: str, model: str = "", api_key: str = "", timeout: float = 120.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise UserError(f"--base-url must start with http:// or https://, got {base_url!r}.")
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = timeout
+        self.name = model or self._first_model()
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, headers=self.headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310 - the user's own URL
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = e.reason
+            raise UserError(f"{self.base_url}{path} answered {e.code}: {msg}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}.") from None
+
+    def _first_model(self) -> str:
+        try:
+            return self._request("/models")["data"][0]["id"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{self.base_url}/models lists no model; pass --served-model NAME.") from None
+
+    def chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.name, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        if tools:
+            body["tools"] = tools
+        msg = self._request("/chat/completions", body)["choices"][0]["message"]
+        out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+        if msg.get("tool_calls"):
+            out["tool_calls"] = msg["tool_calls"]
+        return out
+
+
+def make_backend(model: str = "", base_url: str = "", served_model: str = "", api_key: str = "", runs: str = "runs"):  # noqa: ANN201
+    """LocalChat for a model directory (default: the speedrun's newest), RemoteChat for a URL."""
+    if base_url:
+        if model:
+            raise UserError("pass either --model DIR or --base-url URL, not both.")
+        return RemoteChat(base_url, served_model, api_key)
+    from tinychat.serve.cli import resolve_model
+
+    return LocalChat(resolve_model(model, runs))

@@ -1,0 +1,327 @@
+"""A knowledge base on disk: its settings, incremental sync of files into the vector store, and listing.
+
+Layout of a knowledge-base directory (KB_DIR):
+    kb.json        settings fixed at creation: embedder, store backend (+ DSN), chunking, the ingested roots
+    lance/         the LanceDB table (the default store; with pgvector the chunks live in PostgreSQL)
+    cache/         embedding cache (sqlite, keyed by content hash) and the BM25 index
+    files/         documents uploaded through the server (names sanitised)
+
+Why content hashes: re-ingesting a folder must cost nothing when nothing changed, and must never
+duplicate. Each stored chunk carries its file's sha256; sync hashes every file first (cheap), parses only
+new or changed ones, deletes a changed file's old chunks before adding the new ones, and, for every folder
+it is given, deletes the chunks of files that are no longer there. Chunk ids are derived from the content
+hash, so they stay stable while a file does not change.
+
+Why kb.json pins the embedder: vectors from two models are not comparable; opening a knowledge base with a
+different embedder is an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinychat.errors import UserError
+from tinychat.rag.loaders import LoadError, file_hash, iter_files, load_file
+from tinychat.rag.splitters import SplitConfig, split_document
+from tinychat.rag.types import ChunkRecord
+
+CONFIG = "kb.json"
+
+
+@dataclass
+class KbSettings:
+    embedder: str = "minilm"  # minilm | tinychat:MODEL_DIR
+    store: str = "lance"  # lance | pgvector
+    dsn: str = ""  # PostgreSQL DSN for the pgvector store
+    table: str = ""  # pgvector table (default: derived from the directory name)
+    chunk_size: int = 800
+    overlap: int = 120
+    unit: str = "chars"  # chars | tokens (tokens need embedder tinychat:...)
+    index_threshold: int = 20_000  # chunks before the ANN index is built
+    roots: list[str] = field(default_factory=list)  # folders ingested so far: sources are shown relative to them
+
+    def check(self) -> KbSettings:
+        if self.store not in ("lance", "pgvector"):
+            raise UserError(f"store must be 'lance' or 'pgvector', got {self.store!r}.")
+        if self.store == "pgvector" and not self.dsn:
+            raise UserError("the pgvector store needs a DSN (--dsn postgresql://user@host:port/db).")
+        SplitConfig(self.chunk_size, self.overlap, self.unit)  # validates sizes
+        return self
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
+            f"{len(self.removed)} removed, {len(self.errors)} failed, {len(self.skipped)} skipped "
+            f"({self.chunks_added} chunks in, {self.chunks_removed} out, {self.seconds:.1f}s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"] = [{"path": p, "error": e} for p, e in self.errors]
+        return d
+
+
+@dataclass
+class DocInfo:
+    source: str
+    name: str  # the source relative to its ingest root (how it is shown and cited)
+    title: str
+    kind: str
+    chunks: int
+    content_hash: str
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._\- \u4e00-\u9fff]")
+
+
+def sanitize_name(name: str) -> str:
+    """An uploaded file's name reduced to one safe path component, or a UserError (never a path)."""
+    base = name.replace("\\", "/").split("/")[-1].strip()
+    clean = _SAFE_NAME.sub("_", base).strip(" .")
+    if not clean or clean in (".", "..") or "/" in name.replace("\\", "/") or name.startswith("."):
+        raise UserError(f"invalid document name {name!r}: use a plain file name such as report.pdf.")
+    return clean[:200]
+
+
+class KnowledgeBase:
+    """Opens (or creates) KB_DIR; every method is safe to call from several threads of one server."""
+
+    def __init__(self, path: str | Path, settings: KbSettings | None = None, device: str = "cpu") -> None:
+        from tinychat.rag.embed import CachedEmbedder, make_embedder
+        from tinychat.rag.store import open_store
+
+        self.path = Path(path)
+        cfg_path = self.path / CONFIG
+        if cfg_path.is_file():
+            stored = _read_settings(cfg_path)
+            if settings is not None:
+                for name in ("embedder", "store", "dsn"):
+                    given, have = getattr(settings, name), getattr(stored, name)
+                    if given and given != have and given != getattr(KbSettings, name, None):
+                        raise UserError(
+                            f"{self.path} was created with {name}={have!r}; it cannot be opened with {given!r} "
+                            "(make a new knowledge base instead)."
+                        )
+            self.settings = stored
+        else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise UserError(f"{self.path} exists and is not a tinychat knowledge base (no {CONFIG}).")
+            self.settings = (settings or KbSettings()).check()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._save_settings()
+        self._lock = threading.RLock()
+        s = self.settings
+        self.embedder = CachedEmbedder(
+            make_embedder(s.embedder, device=device), self.path / "cache" / "embeddings.sqlite"
+        )
+        if s.store == "lance":
+            location = str(self.path / "lance")
+        else:
+            location = s.dsn
+        self.store = open_store(s.store, location, self.embedder.dim, **self._store_kwargs())
+        self._retriever = None
+
+    def _store_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        if s.store == "lance":
+            return {"index_threshold": s.index_threshold}
+        table = s.table or "tinychat_" + re.sub(r"[^a-z0-9_]", "_", self.path.resolve().name.lower())
+        return {"table": table[:60]}
+
+    def _save_settings(self) -> None:
+        tmp = self.path / (CONFIG + ".tmp")
+        tmp.write_text(json.dumps(asdict(self.settings), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.path / CONFIG)
+
+    @contextmanager
+    def _writing(self):  # noqa: ANN202 - a context manager
+        """One writer at a time: threads of this process (RLock) and other processes (flock on KB_DIR/.lock)."""
+        with self._lock, open(self.path / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def retriever(self):  # noqa: ANN201 - tinychat.rag.retrieve.Retriever
+        from tinychat.rag.retrieve import Retriever
+
+        if self._retriever is None:
+            self._retriever = Retriever(self.store, self.embedder, self.path / "cache")
+        return self._retriever
+
+    def display_name(self, source: str) -> str:
+        """A source relative to the deepest ingest root containing it (how it is cited), else its file name."""
+        best = ""
+        for root in self.settings.roots:
+            prefix = root.rstrip("/") + "/"
+            if source.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return source[len(best) :] if best else Path(source).name
+
+    def documents(self) -> list[DocInfo]:
+        by_source: dict[str, DocInfo] = {}
+        for r in self.store.records():
+            d = by_source.get(r.source)
+            if d is None:
+                d = by_source[r.source] = DocInfo(
+                    r.source, self.display_name(r.source), r.title, r.kind, 0, r.content_hash
+                )
+            d.chunks += 1
+        return sorted(by_source.values(), key=lambda d: d.name)
+
+    # ------------------------------------------------------------------ writing
+    def _chunks(self, path: Path) -> list[ChunkRecord]:
+        doc = load_file(path)
+        tokenizer = None
+        if self.settings.unit == "tokens":
+            tokenizer = getattr(self.embedder.inner, "tokenizer", None)
+        cfg = SplitConfig(self.settings.chunk_size, self.settings.overlap, self.settings.unit)
+        return [
+            ChunkRecord(
+                id=f"{doc.content_hash[:16]}:{i}",
+                source=doc.source,
+                title=doc.title,
+                heading=c.heading,
+                position=i,
+                start=c.start,
+                end=c.end,
+                text=c.text,
+                content_hash=doc.content_hash,
+                kind=doc.kind,
+                lang=doc.lang,
+            )
+            for i, c in enumerate(split_document(doc, cfg, tokenizer))
+        ]
+
+    def sync(self, paths: list[str | Path], prune: bool = True) -> SyncReport:
+        """Bring the store in line with `paths` (files and folders); see the module docstring."""
+        t0 = time.perf_counter()
+        rep = SyncReport()
+        files, skipped = iter_files(paths)
+        rep.skipped = [p.as_posix() for p in skipped]
+        with self._writing():
+            known = self.store.sources()
+            seen: set[str] = set()
+            for f in files:
+                source = f.resolve().as_posix()
+                seen.add(source)
+                try:
+                    h = file_hash(f)
+                    if known.get(source) == h:
+                        rep.unchanged.append(source)
+                        continue
+                    records = self._chunks(f)
+                except (LoadError, OSError) as e:
+                    rep.errors.append((f.as_posix(), str(e)))
+                    continue
+                vectors = self.embedder.embed([r.text for r in records])
+                if source in known:
+                    rep.chunks_removed += self.store.delete_sources([source])
+                    rep.updated.append(source)
+                else:
+                    rep.added.append(source)
+                self.store.add(records, vectors)
+                rep.chunks_added += len(records)
+            if prune:
+                folders = [Path(p).resolve().as_posix().rstrip("/") + "/" for p in paths if Path(p).is_dir()]
+                gone = [s for s in known if s not in seen and any(s.startswith(d) for d in folders)]
+                if gone:
+                    rep.chunks_removed += self.store.delete_sources(gone)
+                    rep.removed = sorted(gone)
+            roots = {Path(p).resolve().as_posix() for p in paths if Path(p).is_dir()}
+            new_roots = sorted(roots - set(self.settings.roots))
+            if new_roots:
+                self.settings.roots = sorted(set(self.settings.roots) | set(new_roots))
+                self._save_settings()
+            if rep.chunks_added or rep.chunks_removed:
+                self.store.optimize()
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def add_upload(self, name: str, data: bytes, max_bytes: int) -> SyncReport:
+        """Store an uploaded document under KB_DIR/files/ (name sanitised, size-limited) and ingest it."""
+        if len(data) > max_bytes:
+            raise UserError(f"{name!r} is {len(data)} bytes; uploads are limited to {max_bytes} bytes.")
+        safe = sanitize_name(name)
+        folder = self.path / "files"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / safe
+        try:
+            load_file(target, data=data)  # parse first: a bad upload never replaces a good file
+        except LoadError as e:
+            raise UserError(str(e)) from None
+        with self._writing():
+            tmp = folder / f".{safe}.part"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            root = folder.resolve().as_posix()
+            if root not in self.settings.roots:
+                self.settings.roots = sorted({*self.settings.roots, root})
+                self._save_settings()
+        return self.sync([target], prune=False)
+
+    def remove(self, names: list[str]) -> list[str]:
+        """Delete documents by source path, shown name or folder prefix; uploaded files are deleted too."""
+        with self._writing():
+            docs = self.documents()
+            hit: list[str] = []
+            for n in names:
+                absn = Path(n).resolve().as_posix() if not n.startswith("/") else n
+                found = [
+                    d.source
+                    for d in docs
+                    if n in (d.source, d.name) or absn == d.source or d.source.startswith(absn.rstrip("/") + "/")
+                ]
+                if not found:
+                    raise UserError(f"no document {n!r} in {self.path} (see `tinychat rag list --kb {self.path}`).")
+                hit += found
+            hit = sorted(set(hit))
+            self.store.delete_sources(hit)
+            files = (self.path / "files").resolve().as_posix() + "/"
+            for s in hit:
+                if s.startswith(files):
+                    Path(s).unlink(missing_ok=True)
+        return hit
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _read_settings(path: Path) -> KbSettings:
+    try:
+        data = json.loads(path.read_text())
+        return KbSettings(**data)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a valid knowledge-base settings file: {e}.") from None
+
+
+def open_kb(path: str | Path, device: str = "cpu") -> KnowledgeBase:
+    """An existing knowledge base (a clear error when KB_DIR is not one)."""
+    if not (Path(path) / CONFIG).is_file():
+        raise UserError(f"{path} is not a knowledge base; create one with `tinychat rag ingest DOCS --kb {path}`.")
+    return KnowledgeBase(path, device=device)

@@ -1,0 +1,187 @@
+"""Retrieval: dense top-k, BM25 keywords, reciprocal-rank fusion, MMR, metadata filters and a relevance gate.
+
+Why both retrievers: dense embeddings match meaning ("Where was she born?" ~ "Birthplace: ..."), BM25
+matches rare exact strings (names, numbers, product codes) that a 384-d sentence embedding blurs. Their
+scores live on different scales, so hybrid search fuses RANKS, not scores: reciprocal rank fusion,
+score(d) = sum over retrievers of 1 / (rrf_k + rank(d)), the standard from Cormack et al. (2009).
+
+Why a gate on cosine similarity: fusion always returns k chunks, even for a question the documents know
+nothing about. The answer step needs "nothing relevant" to be a real outcome so the assistant can say it
+does not know; every candidate is therefore scored against the query embedding (chunk texts hit the
+embedding cache, so this costs one query embedding) and dropped below `min_similarity`.
+
+MMR (maximal marginal relevance) re-ranks the fused candidates greedily by
+lambda * sim(query, d) - (1 - lambda) * max sim(d, already chosen), so five near-duplicate chunks of one
+document do not crowd out the second document a question needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from tinychat.errors import UserError
+from tinychat.rag.bm25 import BM25Index
+from tinychat.rag.embed import Embedder
+from tinychat.rag.store import VectorStore, Where
+from tinychat.rag.types import ChunkRecord, Hit
+
+MODES = ("dense", "bm25", "hybrid")
+
+
+@dataclass
+class RetrieveConfig:
+    mode: str = "hybrid"  # dense | bm25 | hybrid
+    k: int = 4  # chunks returned
+    candidates: int = 20  # per retriever, before fusion and MMR
+    rrf_k: int = 60
+    mmr: bool = False
+    mmr_lambda: float = 0.7
+    min_similarity: float = 0.0  # cosine(query, chunk) below this is "not relevant" (dropped)
+    where: Where | None = None
+
+    def check(self) -> RetrieveConfig:
+        if self.mode not in MODES:
+            raise UserError(f"retrieval mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        if self.k < 1 or self.candidates < 1:
+            raise UserError(f"k and candidates must be at least 1, got k={self.k}, candidates={self.candidates}.")
+        if not 0.0 <= self.mmr_lambda <= 1.0:
+            raise UserError(f"mmr_lambda must be between 0 and 1, got {self.mmr_lambda}.")
+        return self
+
+
+def rrf(rankings: dict[str, list[Hit]], k: int, rrf_k: int = 60) -> list[Hit]:
+    """Reciprocal rank fusion of several best-first lists of hits (same chunk id = same document)."""
+    fused: dict[str, Hit] = {}
+    for name, hits in rankings.items():
+        for rank, h in enumerate(hits, start=1):
+            f = fused.setdefault(h.record.id, Hit(h.record, 0.0, scores={}))
+            f.score += 1.0 / (rrf_k + rank)
+            f.scores[name] = h.score
+    out = sorted(fused.values(), key=lambda h: (-h.score, h.record.source, h.record.position))[:k]
+    for r, h in enumerate(out, start=1):
+        h.rank = r
+    return out
+
+
+def mmr(query: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]:
+    """Indices of `vectors` (unit rows) chosen greedily by maximal marginal relevance to `query`."""
+    if len(vectors) == 0:
+        return []
+    rel = vectors @ query
+    sim = vectors @ vectors.T
+    chosen = [int(np.argmax(rel))]
+    best_red = sim[chosen[0]].copy()
+    while len(chosen) < min(k, len(vectors)):
+        score = lam * rel - (1 - lam) * best_red
+        score[chosen] = -np.inf
+        j = int(np.argmax(score))
+        chosen.append(j)
+        best_red = np.maximum(best_red, sim[j])
+    return chosen
+
+
+def _matches(r: ChunkRecord, where: Where | None) -> bool:
+    if where is None:
+        return True
+    return (
+        (where.source is None or r.source == where.source)
+        and (where.source_prefix is None or r.source.startswith(where.source_prefix))
+        and (where.kind is None or r.kind == where.kind)
+        and (where.lang is None or r.lang == where.lang)
+    )
+
+
+@dataclass
+class _Keyword:
+    version: str
+    records: list[ChunkRecord]
+    index: BM25Index
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Retriever:
+    """Searches one store with one embedder; the BM25 index is rebuilt only when the store's contents change."""
+
+    def __init__(self, store: VectorStore, embedder: Embedder, cache_dir: Path | None = None) -> None:
+        self.store, self.embedder, self.cache_dir = store, embedder, cache_dir
+        self._kw: _Keyword | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the two retrievers
+    def dense(self, query: str | np.ndarray, k: int, where: Where | None = None) -> list[Hit]:
+        q = self.embedder.embed([query])[0] if isinstance(query, str) else query
+        return self.store.search(q, k, where)
+
+    def keyword(self, query: str, k: int, where: Where | None = None) -> list[Hit]:
+        kw = self._keyword_index()
+        allowed = None
+        if where is not None:
+            allowed = np.array([_matches(r, where) for r in kw.records], dtype=bool)
+        out = []
+        for rank, (i, s) in enumerate(kw.index.search(query, k, allowed), start=1):
+            out.append(Hit(kw.records[i], float(s), rank, {"bm25": float(s)}))
+        return out
+
+    def _version(self) -> str:
+        items = sorted(self.store.sources().items())
+        return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+    def _keyword_index(self) -> _Keyword:
+        version = self._version()
+        with self._lock:
+            if self._kw is not None and self._kw.version == version:
+                return self._kw
+            records = self.store.records()
+            path = self.cache_dir / f"bm25-{version}.npz" if self.cache_dir else None
+            index = None
+            if path is not None and path.is_file():
+                try:
+                    index = BM25Index.load(path)
+                except (OSError, ValueError):
+                    index = None
+                if index is not None and len(index) != len(records):
+                    index = None
+            if index is None:
+                index = BM25Index([r.text for r in records])
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    for old in path.parent.glob("bm25-*.npz"):
+                        old.unlink(missing_ok=True)
+                    index.save(path)
+            self._kw = _Keyword(version, records, index)
+            return self._kw
+
+    # ------------------------------------------------------------------ the pipeline
+    def search(self, query: str, cfg: RetrieveConfig | None = None) -> list[Hit]:
+        """Candidates from the configured retriever(s), fused, gated by similarity, optionally MMR-ranked."""
+        cfg = (cfg or RetrieveConfig()).check()
+        if not query.strip():
+            return []
+        qv = self.embedder.embed([query])[0]
+        n = max(cfg.candidates, cfg.k)
+        if cfg.mode == "dense":
+            hits = self.dense(qv, n, cfg.where)
+            for h in hits:
+                h.scores = {"dense": h.score}
+        elif cfg.mode == "bm25":
+            hits = self.keyword(query, n, cfg.where)
+        else:
+            hits = rrf({"dense": self.dense(qv, n, cfg.where), "bm25": self.keyword(query, n, cfg.where)}, n, cfg.rrf_k)
+        if not hits:
+            return []
+        vecs = self.embedder.embed([h.record.text for h in hits])  # cached at ingest: no model call
+        sims = vecs @ qv
+        keep = [i for i, s in enumerate(sims) if s >= cfg.min_similarity]
+        for i, h in enumerate(hits):
+            h.scores["similarity"] = float(sims[i])
+        if cfg.mmr:
+            order = [keep[j] for j in mmr(qv, vecs[keep], cfg.k, cfg.mmr_lambda)]
+        else:
+            order = keep[: cfg.k]
+        out = [replace(hits[i], rank=r) for r, i in enumerate(order, start=1)]
+        return out
