@@ -39,6 +39,7 @@ from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalti
 from tinychat.infer.structured import Constraint
 from tinychat.infer.text import TextTracker
 from tinychat.infer.tool_calls import ToolCall, ToolCallParser
+from tinychat.model.pooling import mean_pool
 
 log = logging.getLogger("tinychat.engine")
 
@@ -562,19 +563,7 @@ class Engine:
         if not fut.set_running_or_notify_cancel():
             return
         try:
-            out: list[list[float]] = []
-            for i in range(0, len(batch), 16):
-                part = batch[i : i + 16]
-                T = max(len(ids) for ids in part)
-                x = torch.zeros(len(part), T, dtype=torch.long, device=self.device)
-                mask = torch.zeros(len(part), T, 1, device=self.device)
-                for j, ids in enumerate(part):
-                    x[j, : len(ids)] = torch.tensor(ids, device=self.device)
-                    mask[j, : len(ids)] = 1
-                h = self.model.hidden_states(x).float()  # causal: right padding never leaks into real tokens
-                pooled = (h * mask).sum(1) / mask.sum(1)
-                out.extend(F.normalize(pooled, dim=-1).tolist())
-            fut.set_result(out)
+            fut.set_result(mean_pool(self.model, batch, self.device).tolist())
         except Exception as e:  # noqa: BLE001 - handed to the caller
             fut.set_exception(e)
 

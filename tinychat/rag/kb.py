@@ -10,7 +10,7 @@ Why content hashes: re-ingesting a folder must cost nothing when nothing changed
 duplicate. Each stored chunk carries its file's sha256; sync hashes every file first (cheap), parses only
 new or changed ones, deletes a changed file's old chunks before adding the new ones, and, for every folder
 it is given, deletes the chunks of files that are no longer there. Chunk ids are derived from the content
-hash, so they stay stable while a file does not change.
+hash (and the path), so they stay stable while a file does not change.
 
 Why kb.json pins the embedder: vectors from two models are not comparable; opening a knowledge base with a
 different embedder is an error, not a silent mix.
@@ -19,6 +19,7 @@ different embedder is an error, not a silent mix.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -201,9 +202,10 @@ class KnowledgeBase:
         if self.settings.unit == "tokens":
             tokenizer = getattr(self.embedder.inner, "tokenizer", None)
         cfg = SplitConfig(self.settings.chunk_size, self.settings.overlap, self.settings.unit)
+        where = hashlib.sha256(doc.source.encode()).hexdigest()[:8]  # two copies of one file are two documents
         return [
             ChunkRecord(
-                id=f"{doc.content_hash[:16]}:{i}",
+                id=f"{where}-{doc.content_hash[:16]}:{i}",
                 source=doc.source,
                 title=doc.title,
                 heading=c.heading,

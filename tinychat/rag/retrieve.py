@@ -85,17 +85,6 @@ def mmr(query: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]
     return chosen
 
 
-def _matches(r: ChunkRecord, where: Where | None) -> bool:
-    if where is None:
-        return True
-    return (
-        (where.source is None or r.source == where.source)
-        and (where.source_prefix is None or r.source.startswith(where.source_prefix))
-        and (where.kind is None or r.kind == where.kind)
-        and (where.lang is None or r.lang == where.lang)
-    )
-
-
 @dataclass
 class _Keyword:
     version: str
@@ -121,7 +110,7 @@ class Retriever:
         kw = self._keyword_index()
         allowed = None
         if where is not None:
-            allowed = np.array([_matches(r, where) for r in kw.records], dtype=bool)
+            allowed = np.array([where.matches(r) for r in kw.records], dtype=bool)
         out = []
         for rank, (i, s) in enumerate(kw.index.search(query, k, allowed), start=1):
             out.append(Hit(kw.records[i], float(s), rank, {"bm25": float(s)}))

@@ -48,7 +48,7 @@ class Chunk:
 class ChunkRecord:
     """A chunk as stored: enough to cite it ([n] title › heading, source path, position)."""
 
-    id: str  # f"{content_hash[:16]}:{position}": stable for unchanged files
+    id: str  # f"{sha256(source)[:8]}-{content_hash[:16]}:{position}": stable while the file is unchanged
     source: str
     title: str
     heading: str
