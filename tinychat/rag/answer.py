@@ -170,7 +170,7 @@ def cite(text: str, sources: list[Citation]) -> tuple[str, list[Citation]]:
 
 @dataclass
 class AnswerConfig:
-    retrieve: RetrieveConfig = field(default_factory=lambda: RetrieveConfig(min_similarity=0.2))
+    retrieve: RetrieveConfig = field(default_factory=lambda: RetrieveConfig(min_similarity=0.3))
     guard: GuardConfig = field(default_factory=GuardConfig)
     max_tokens: int = 128
 

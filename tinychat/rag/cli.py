@@ -63,7 +63,7 @@ class AskConfig:
     mode: str = field("hybrid", help="dense, bm25 or hybrid (reciprocal rank fusion)")
     k: int = field(4, help="sources put in the prompt")
     mmr: bool = field(False, help="diversify sources with maximal marginal relevance")
-    min_similarity: float = field(0.2, help="cosine similarity below which a chunk counts as irrelevant")
+    min_similarity: float = field(0.3, help="cosine similarity below which a chunk counts as irrelevant")
     guard: bool = field(True, help="refuse prompt-injection patterns and requests for personal data")
     max_tokens: int = field(128)
     json: bool = field(False, help="print the answer, citations and sources as JSON")

@@ -89,6 +89,7 @@ class MiniLMEmbedder:
 
     name = MINILM_NAME
     dim = MINILM_DIM
+    languages = frozenset({"en"})  # trained on English pairs: Chinese queries embed poorly (docs/rag.md)
 
     def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
         self.batch_size = batch_size

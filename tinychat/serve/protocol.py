@@ -148,7 +148,7 @@ class RagOptions(Strict):
 
     k: int = Field(default=4, ge=1, le=20)
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
-    min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
+    min_similarity: float = Field(default=0.3, ge=-1.0, le=1.0)
     mmr: bool = False
     guard: bool = True
 
