@@ -1,0 +1,282 @@
+"""The code sandbox's behaviour: a persistent session, captured output and errors, files, restarts, levels.
+
+The escape attempts live in test_sandbox_escape.py. Every test checks that it leaves no process behind: the
+test process becomes a child subreaper, so whatever a sandbox started stays its descendant until it is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tinychat.agent import sandbox as sandbox_module
+from tinychat.agent.sandbox import LEVELS, Limits, RunResult, Sandbox, available_levels, isolation_level
+from tinychat.errors import UserError
+
+LIMITS = Limits(timeout=10, cpu_seconds=10, memory_bytes=512 << 20, max_processes=32, output_bytes=4096)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed orphan waits for the subreaper below to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Orphans of the sandboxes are re-parented to this process; after the test none may be left."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:  # reap zombies re-parented to us
+                    pass
+            except ChildProcessError:
+                pass
+            left = _descendants(os.getpid())
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not left, f"processes left behind: {left}"
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture(params=available_levels())
+def any_level(request) -> str:
+    return request.param
+
+
+def _open(workspace: Path, level: str | None = None, limits: Limits = LIMITS) -> Sandbox:
+    if level == "process":
+        with pytest.warns(RuntimeWarning, match="process"):
+            return Sandbox(workspace, limits, level=level)
+    return Sandbox(workspace, limits, level=level)
+
+
+@pytest.fixture
+def box(tmp_path):
+    with _open(tmp_path / "ws") as sb:
+        yield sb
+
+
+def test_best_level_is_reported():
+    if shutil.which("bwrap"):
+        assert isolation_level() == "bubblewrap"
+    else:
+        assert isolation_level() in ("namespaces", "process")
+    assert available_levels()[0] == isolation_level()
+    assert available_levels()[-1] == "process"
+
+
+def test_sandbox_reports_its_level(box):
+    assert box.level == isolation_level()
+    assert box.level in box.describe()
+    if box.level != "process":
+        assert box.warnings == []
+
+
+def test_unknown_or_unavailable_level_is_a_user_error(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="unknown sandbox level"):
+        Sandbox(tmp_path, level="docker")
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    sandbox_module._available.cache_clear()
+    try:
+        with pytest.raises(UserError, match="not available"):
+            Sandbox(tmp_path, level="bubblewrap")
+        assert isolation_level() == "process"
+    finally:
+        monkeypatch.undo()
+        sandbox_module._available.cache_clear()
+
+
+def test_state_persists_between_calls(tmp_path, any_level):
+    with _open(tmp_path / "ws", any_level) as sb:
+        assert sb.run("import math\nx = 20\ndef double(v):\n    return 2 * v").as_text() == "[no output]"
+        r = sb.run("print(double(x) + math.floor(2.5))")
+        assert (r.stdout, r.error, r.restarted) == ("42\n", "", False)
+
+
+def test_last_expression_is_shown_like_a_repl(box):
+    assert box.run("1 + 1").stdout == "2\n"
+    assert box.run("'a' * 3").stdout == "'aaa'\n"
+    assert box.run("None").stdout == ""
+    assert box.run("_ * 2").stdout == "'aaaaaa'\n"
+
+
+def test_exception_is_captured_as_traceback_text(tmp_path, any_level):
+    with _open(tmp_path / "ws", any_level) as sb:
+        r = sb.run("print('before')\ndef f():\n    return 1 / 0\nf()")
+        assert r.stdout == "before\n"
+        assert "ZeroDivisionError: division by zero" in r.error
+        assert 'File "<cell 1>", line 3, in f' in r.error and "return 1 / 0" in r.error
+        assert "_sandbox_worker" not in r.error  # only the user's frames
+        assert sb.run("print(f.__name__)").stdout == "f\n"  # the session survived
+
+
+def test_syntax_error_and_system_exit_keep_the_session(box):
+    box.run("keep = 1")
+    assert "SyntaxError" in box.run("def broken(:").error
+    assert "SystemExit: 3" in box.run("raise SystemExit(3)").error
+    assert box.run("keep").stdout == "1\n"
+
+
+def test_stdout_and_stderr_are_captured(box):
+    r = box.run(
+        "import os, sys, subprocess\n"
+        "print('out'); print('err', file=sys.stderr)\n"
+        "sys.stdout.flush(); os.write(1, b'fd1\\n')\n"
+        "subprocess.run(['sh', '-c', 'echo child-out; echo child-err >&2'])\n"
+        "None"
+    )
+    assert r.stdout == "out\nfd1\nchild-out\n"
+    assert r.stderr == "err\nchild-err\n"
+    assert r.as_text() == "out\nfd1\nchild-out\n[stderr]\nerr\nchild-err"
+
+
+def test_output_is_capped_with_a_marker(box):
+    r = box.run("print('x' * 100_000)")
+    assert len(r.stdout) < LIMITS.output_bytes + 100
+    assert r.stdout.endswith(f"[... truncated {100_001 - LIMITS.output_bytes} bytes]\n")
+
+
+def test_files_in_and_out(tmp_path, any_level):
+    with _open(tmp_path / "ws", any_level) as sb:
+        sb.put_file("data/in.txt", b"hello")
+        r = sb.run("t = open('data/in.txt').read()\nopen('out.txt', 'w').write(t.upper())\nimport os\nos.getcwd()")
+        assert r.error == ""
+        assert sb.get_file("out.txt") == b"HELLO"
+        assert (sb.workspace / "out.txt").read_bytes() == b"HELLO"
+        sb.put_file("data/in.txt", b"again")  # overwrite
+        assert sb.run("print(open('data/in.txt').read())").stdout == "again\n"
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "", "a/../../b", "sub/../../x"])
+def test_bad_file_names_are_refused(box, name):
+    with pytest.raises(UserError):
+        box.put_file(name, b"x")
+    with pytest.raises(UserError):
+        box.get_file(name)
+
+
+def test_missing_file_and_folder_are_user_errors(box):
+    with pytest.raises(UserError):
+        box.get_file("nope.txt")
+    box.run("import os; os.mkdir('folder')")
+    with pytest.raises(UserError, match="not a regular file"):
+        box.get_file("folder")
+
+
+def test_timeout_restarts_the_session(box):
+    box.run("x = 1")
+    r = box.run("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.01)", timeout=0.5)
+    assert r.timed_out and not r.restarted
+    assert r.stdout == "started\n"
+    assert 0.5 <= r.duration < 3
+    assert "timed out" in r.as_text()
+    r = box.run("print('x' in globals())")
+    assert r.restarted and r.stdout == "False\n"
+    assert "fresh" in r.as_text()
+    assert not box.run("1").restarted  # only the first call after the restart says so
+
+
+def test_crash_is_reported_and_the_next_call_restarts(box):
+    r = box.run("import os, sys\nprint('last words')\nsys.stdout.flush()\nos._exit(7)")
+    assert r.crashed == "the worker exited with status 7"
+    assert r.stdout == "last words\n"
+    assert "the session died" in r.as_text()
+    r = box.run("print('back')")
+    assert r.restarted and r.stdout == "back\n"
+
+
+@pytest.mark.parametrize("level", [lv for lv in available_levels() if lv != "process"])
+def test_code_can_serve_itself_on_loopback(tmp_path, level):
+    with _open(tmp_path / "ws", level) as sb:
+        r = sb.run(
+            "import socket\n"
+            "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
+            "c = socket.create_connection(srv.getsockname(), timeout=2); c.sendall(b'ping')\n"
+            "print(srv.accept()[0].recv(4))"
+        )
+        assert r.stdout == "b'ping'\n", r.as_text()
+
+
+def test_limits_and_timeouts_must_be_positive(box):
+    with pytest.raises(UserError, match="memory_bytes"):
+        Limits(memory_bytes=0)
+    with pytest.raises(UserError, match="timeout"):
+        box.run("1", timeout=0)
+
+
+def test_venv_packages_are_importable_read_only(box):
+    assert box.run("import numpy\nprint(int(numpy.arange(5).sum()))").stdout == "10\n"
+    if box.level != "process":  # there, the code has the parent's rights on the venv
+        r = box.run("open(numpy.__file__, 'a')")
+        assert "Read-only file system" in r.error or "Permission denied" in r.error
+
+
+def test_close_is_idempotent_and_kills_everything(tmp_path):
+    sb = _open(tmp_path / "ws")
+    sb.run("import subprocess\np = subprocess.Popen(['sleep', '60'])")
+    pids = sb.host_pids()
+    assert len(pids) >= 2
+    sb.close()
+    sb.close()
+    assert sb.host_pids() == []
+    assert not [p for p in pids if _alive(p)]
+    with pytest.raises(UserError, match="closed"):
+        sb.run("1")
+
+
+def test_as_text_orders_its_parts():
+    r = RunResult(stdout="a\n", stderr="b\n", error="Traceback\n", restarted=True)
+    assert r.as_text().splitlines() == [
+        "[note: the previous session died; this ran in a fresh one: earlier variables are gone]",
+        "a",
+        "[stderr]",
+        "b",
+        "Traceback",
+    ]
+    assert RunResult().as_text() == "[no output]"
+    assert "timed out after 2.0 s" in RunResult(timed_out=True, duration=2.0).as_text()
+
+
+def test_process_level_says_loudly_that_it_is_weak(tmp_path):
+    with _open(tmp_path / "ws", "process") as sb:
+        assert sb.level == "process"
+        assert any("NOT isolated" in w or "process" in w for w in sb.warnings)
+        assert "WARNING" in sb.describe()
+        assert sb.run("print(2 + 2)").stdout == "4\n"
+
+
+def test_levels_constant():
+    assert LEVELS == ("bubblewrap", "namespaces", "process")
