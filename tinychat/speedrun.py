@@ -36,6 +36,7 @@ class SpeedrunConfig:
     val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
     stages: list[str] = field([], help="run only these stages (default: all)")
     eval_limit: int = field(24, help="questions per evaluation suite and stage")
+    apply_limit: int = field(48, help="knowledge-base questions for the final model (agent tasks: half as many)")
     eval_bpb_tokens: int = field(8192, help="validation tokens for bits per byte at each stage")
 
 
@@ -96,6 +97,7 @@ class Speedrun:
             Stage("dpo", lambda: self.done("dpo"), lambda: self.post("tinychat.train.dpo", "DPOConfig", "dpo")),
             Stage("grpo", lambda: self.done("grpo"), lambda: self.post("tinychat.train.grpo", "GRPOConfig", "grpo")),
             Stage("eval", lambda: not self.unevaluated(), self.evaluate),
+            Stage("apply", lambda: self.path("eval", "apply.json").is_file(), self.apply),
             Stage("report", lambda: False, self.report),  # always re-rendered: cheap, and reflects every stage
         ]
 
@@ -112,6 +114,22 @@ class Speedrun:
             t0 = time.perf_counter()
             evaluate_stage(self.run_dir, stage, limit=self.cfg.eval_limit, bpb_tokens=self.cfg.eval_bpb_tokens)
             print(f"    evaluated {stage} in {_fmt(time.perf_counter() - t0)}", flush=True)
+
+    def apply(self) -> None:
+        """The final model with the world's knowledge base and the agent's tools, versus without them."""
+        from tinychat.eval.apply import apply_eval
+
+        final = next((s for s in reversed(self.TRAINED) if self.done(s)), None)
+        if final is None or final == "pretrain":
+            print("    skipped: no chat model (run sft first)", flush=True)
+            return
+        r = apply_eval(self.run_dir, self.path("checkpoints", final), self.cfg.apply_limit, self.cfg.apply_limit // 2)
+        a, g = r["answers"], r["agent"]
+        print(
+            f"    kb_qa {a['accuracy_without_kb']:.3f} -> {a['accuracy_with_kb']:.3f} with the knowledge base; "
+            f"agent tasks {g['success_without_tools']:.3f} -> {g['success_with_tools']:.3f} with tools",
+            flush=True,
+        )
 
     def report(self) -> None:
         from tinychat.eval import write_report

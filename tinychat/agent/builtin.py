@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from tinychat.agent.calculator import calculate
 from tinychat.agent.tools import Registry, Tool, ToolError, tool
-from tinychat.eval.calculator import calculate
 
 if TYPE_CHECKING:
     from tinychat.rag.types import Hit

@@ -90,8 +90,8 @@ def evaluate(rows: list[dict[str, Any]], backend: Any, kb: Any, cfg: AgentEvalCo
 
 def run(cfg: AgentEvalConfig) -> int:
     from tinychat.infer.chat_backend import LocalChat
+    from tinychat.infer.locate import resolve_model
     from tinychat.rag.evaluate import _default_world, build_kb
-    from tinychat.serve.cli import resolve_model
 
     world = Path(cfg.world) if cfg.world else _default_world(cfg.runs_dir)
     path = world / "eval" / "agent.jsonl"

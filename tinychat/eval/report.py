@@ -66,6 +66,7 @@ class RunData:
     suites: dict[str, dict[str, dict[str, Any]]]  # stage -> suite -> latest eval_suite record
     timings: dict[str, float]
     environment: dict[str, Any] | None
+    run_dir: Path | None = None
 
     def suite_names(self) -> list[str]:
         names: list[str] = []
@@ -100,7 +101,8 @@ def gather(run_dir: Path) -> RunData:
             evals[s].append(r)
         elif kind == "eval_suite" and isinstance(r.get("suite"), str):
             suites[s][r["suite"]] = r  # later lines replace earlier ones: the latest evaluation wins
-    return RunData(run_dir.name, stages, train, evals, suites, read_timings(run_dir), environment.read(run_dir))
+    timings = read_timings(run_dir)
+    return RunData(run_dir.name, stages, train, evals, suites, timings, environment.read(run_dir), run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -306,6 +308,12 @@ def section_harness(d: RunData) -> list[str]:
     return ["## lm-evaluation-harness", "", *table(["stage", "task", "metrics"], rows), ""] if rows else []
 
 
+def section_apply(d: RunData) -> list[str]:
+    from tinychat.eval.apply import section
+
+    return section(d.run_dir) if d.run_dir is not None else []
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def render(d: RunData, plot_files: list[tuple[str, str]], plot_note: str = "") -> str:
     lines = [
@@ -320,6 +328,7 @@ def render(d: RunData, plot_files: list[tuple[str, str]], plot_note: str = "") -
     lines += section_suites(d)
     lines += section_alignment_tax(d)
     lines += section_harness(d)
+    lines += section_apply(d)
     if plot_files or plot_note:
         lines += ["## Plots", ""]
         lines += [f"![{title}](plots/{name})" for name, title in plot_files]

@@ -1,7 +1,7 @@
 """The calculator tool loop, run for real and batched: generate, execute <tool_call>s, feed results back.
 
 Why for real: "arithmetic with the tool" only means something if the model's own call is parsed, the
-expression evaluated (safely, tinychat.eval.calculator) and the result appended as a role "tool"
+expression evaluated (safely, tinychat.agent.calculator) and the result appended as a role "tool"
 message in the chat template, exactly as a serving stack would, before the model writes its answer.
 Every conversation still waiting for the model is continued in one batched call per round.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinychat.agent.calculator import run_calculator_call
 from tinychat.eval.backend import Completer
-from tinychat.eval.calculator import run_calculator_call
-from tinychat.infer.tool_calls import OPEN, ToolCall, ToolCallParser
+from tinychat.infer.tool_calls import split_reply
 
 
 @dataclass
@@ -36,14 +36,6 @@ class ToolStats:
             "use_rate": self.rows_calling / n_rows if n_rows else None,
             "rounds": self.rounds,
         }
-
-
-def split_reply(text: str) -> tuple[str, list[ToolCall], int]:
-    """(content without tool-call blocks, parsed calls, number of <tool_call> blocks opened)."""
-    parser = ToolCallParser()
-    content, calls = parser.push(text)
-    tail, more = parser.finish()
-    return (content + tail).strip(), calls + more, text.count(OPEN)
 
 
 def run_tool_loop(

@@ -32,9 +32,9 @@ class LocalChat:
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
         import torch
 
-        from tinychat.eval.backend import LocalCompleter
+        from tinychat.infer.complete import LocalCompleter
+        from tinychat.infer.locate import resolve_model, tokenizer_dir
         from tinychat.model import Model
-        from tinychat.serve.cli import resolve_model, tokenizer_dir
         from tinychat.tokenizer import Tokenizer
 
         path = resolve_model(str(model_dir))
@@ -51,7 +51,7 @@ class LocalChat:
     def chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
     ) -> dict[str, Any]:
-        from tinychat.eval.toolloop import split_reply
+        from tinychat.infer.tool_calls import split_reply
 
         ids = self.tokenizer.render_chat(messages, tools or None, add_generation_prompt=True).ids
         text = self.completer.complete([ids], max_tokens)[0]
@@ -123,6 +123,6 @@ def make_backend(model: str = "", base_url: str = "", served_model: str = "", ap
         if model:
             raise UserError("pass either --model DIR or --base-url URL, not both.")
         return RemoteChat(base_url, served_model, api_key)
-    from tinychat.serve.cli import resolve_model
+    from tinychat.infer.locate import resolve_model
 
     return LocalChat(resolve_model(model, runs))

@@ -133,3 +133,11 @@ class ToolCallParser:
         if stripped:
             self.after_call = False
         return stripped
+
+
+def split_reply(text: str) -> tuple[str, list[ToolCall], int]:
+    """(content without tool-call blocks, parsed calls, number of <tool_call> blocks opened)."""
+    parser = ToolCallParser()
+    content, calls = parser.push(text)
+    tail, more = parser.finish()
+    return (content + tail).strip(), calls + more, text.count(OPEN)

@@ -114,7 +114,7 @@ class TinychatEmbedder:
     """A tinychat model directory as an embedder: mean-pooled final hidden states (tinychat.model.pooling)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 16) -> None:
-        from tinychat.eval.backend import load
+        from tinychat.infer.complete import load
 
         self.model_dir = Path(model_dir).resolve()
         self.model, self.tokenizer = load(self.model_dir, device=device)

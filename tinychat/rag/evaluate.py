@@ -155,7 +155,7 @@ def run(cfg: RagEvalConfig) -> int:
             f"(en {m['recall@1_en']}/{m['mrr_en']}, zh {m['recall@1_zh']}/{m['mrr_zh']}; {m['ms_per_query']} ms/query)"
         )
     if cfg.answers:
-        from tinychat.serve.cli import resolve_model
+        from tinychat.infer.locate import resolve_model
 
         model_dir = str(resolve_model(cfg.model, cfg.runs_dir))
         a = answer_accuracy(kb, rows, model_dir, cfg.k)

@@ -9,18 +9,10 @@ docs/architecture.md). The tokenizer is read from the model directory, or else f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from tinychat.config import field
 from tinychat.errors import UserError
-
-
-def how_to_get_one(runs: str | Path) -> str:
-    """The one sentence said when there is no model to serve."""
-    return (
-        f"no model found under {runs}/*/checkpoints/: run `tinychat speedrun` to train one, or pass --model DIR "
-        "(any directory saved by tinychat or transformers, e.g. from `tinychat model init`)."
-    )
+from tinychat.infer.locate import find_latest_model, how_to_get_one, resolve_model, tokenizer_dir  # noqa: F401
 
 
 @dataclass
@@ -40,34 +32,6 @@ class ServeConfig:
     dtype: str = field("auto")
     kb: str = field("", help="knowledge-base directory: adds /v1/rag/* and answers from it (see tinychat rag)")
     max_upload_mb: float = field(20.0, help="largest document accepted by POST /v1/rag/documents")
-
-
-def find_latest_model(runs: str | Path = "runs") -> Path | None:
-    """The newest `runs/*/checkpoints/*/` directory with a config.json (by the config's mtime), or None."""
-    found = [p.parent for p in Path(runs).glob("*/checkpoints/*/config.json") if p.is_file()]
-    return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else None
-
-
-def tokenizer_dir(model_dir: Path) -> Path:
-    """The model directory itself when it has tokenizer files, else its run's tokenizer/ directory."""
-    if (model_dir / "tokenizer.json").is_file():
-        return model_dir
-    run_tok = model_dir.parent.parent / "tokenizer"
-    if model_dir.parent.name == "checkpoints" and (run_tok / "tokenizer.json").is_file():
-        return run_tok
-    raise UserError(f"{model_dir} has no tokenizer.json (nor does its run's tokenizer/ directory).")
-
-
-def resolve_model(model: str, runs: str = "runs") -> Path:
-    if model:
-        p = Path(model)
-        if not (p / "config.json").is_file():
-            raise UserError(f"--model {model}: expected a model directory with a config.json.")
-        return p
-    latest = find_latest_model(runs)
-    if latest is None:
-        raise UserError(how_to_get_one(runs))
-    return latest
 
 
 def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Model, Tokenizer, Path)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinychat.eval.calculator import CalculatorError, calculate, evaluate, run_calculator_call
+from tinychat.agent.calculator import CalculatorError, calculate, evaluate, run_calculator_call
 
 
 @pytest.mark.parametrize(
