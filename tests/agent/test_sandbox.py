@@ -6,69 +6,24 @@ test process becomes a child subreaper, so whatever a sandbox started stays its 
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox_procs import alive, no_leftover_processes
 
 from tinychat.agent import sandbox as sandbox_module
 from tinychat.agent.sandbox import LEVELS, Limits, RunResult, Sandbox, available_levels, isolation_level
 from tinychat.errors import UserError
 
 LIMITS = Limits(timeout=10, cpu_seconds=10, memory_bytes=512 << 20, max_processes=32, output_bytes=4096)
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a killed orphan waits for the subreaper below to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes():
-    """Orphans of the sandboxes are re-parented to this process; after the test none may be left."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
+def _no_leftover_processes() -> Iterator[None]:
+    with no_leftover_processes():
         yield
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:  # reap zombies re-parented to us
-                    pass
-            except ChildProcessError:
-                pass
-            left = _descendants(os.getpid())
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert not left, f"processes left behind: {left}"
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture(params=available_levels())
@@ -252,7 +207,7 @@ def test_close_is_idempotent_and_kills_everything(tmp_path):
     sb.close()
     sb.close()
     assert sb.host_pids() == []
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
     with pytest.raises(UserError, match="closed"):
         sb.run("1")
 

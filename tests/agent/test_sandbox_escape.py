@@ -9,7 +9,6 @@ the "namespaces" level. At the "process" level (rlimits only) they are skipped: 
 from __future__ import annotations
 
 import ast
-import ctypes
 import hashlib
 import os
 import socket
@@ -19,9 +18,11 @@ import threading
 import time
 import tracemalloc
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox_procs import alive, no_leftover_processes
 
 import tinychat
 from tinychat.agent.sandbox import Limits, Sandbox, available_levels, isolation_level
@@ -31,59 +32,15 @@ LEVEL = isolation_level()
 NS_LEVELS = [level for level in ("bubblewrap", "namespaces") if level in available_levels()]
 REPO = Path(tinychat.__file__).resolve().parents[1]
 LIMITS = Limits(timeout=10, cpu_seconds=10, memory_bytes=256 << 20, max_processes=24, file_size_bytes=1 << 20)
-PR_SET_CHILD_SUBREAPER = 36
 FORK_BOMB = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.05)\n"
 
 pytestmark = pytest.mark.skipif(LEVEL == "process", reason="the process level (rlimits only) contains nothing")
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (a killed orphan waits for the subreaper below to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.fixture(autouse=True)
-def no_leftover_processes():
-    """Orphans of the sandboxes are re-parented to this process; after the test none may be left."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
+def _no_leftover_processes() -> Iterator[None]:
+    with no_leftover_processes():
         yield
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            except ChildProcessError:
-                pass
-            left = _descendants(os.getpid())
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert not left, f"processes left behind: {left}"
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture
@@ -314,7 +271,7 @@ def test_fork_bomb_is_contained(tmp_path):
         assert host_fork_ok and host_fork_ok[0] < 5
         r = sb.run("print('fresh')")
         assert r.restarted and r.stdout == "fresh\n"
-    assert not [pid for pid in seen if _alive(pid)]
+    assert not [pid for pid in seen if alive(pid)]
 
 
 def test_fork_count_stops_at_max_processes(ns_box):
@@ -350,7 +307,7 @@ def test_infinite_loop_times_out(box):
     before = box.host_pids()
     r = box.run("while True:\n    pass", timeout=1)
     assert r.timed_out and 1 <= r.duration < 4
-    assert not [pid for pid in before if _alive(pid)]  # the whole namespace was killed
+    assert not [pid for pid in before if alive(pid)]  # the whole namespace was killed
     r = box.run("print('again')")
     assert r.restarted and r.stdout == "again\n"
 
