@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from tinychat.config import field
-from tinychat.errors import UserError
 
 
 @dataclass
@@ -91,14 +90,10 @@ def evaluate(rows: list[dict[str, Any]], backend: Any, kb: Any, cfg: AgentEvalCo
 def run(cfg: AgentEvalConfig) -> int:
     from tinychat.infer.chat_backend import LocalChat
     from tinychat.infer.locate import resolve_model
-    from tinychat.rag.evaluate import _default_world, build_kb
+    from tinychat.rag.evaluate import build_kb, default_world, world_rows
 
-    world = Path(cfg.world) if cfg.world else _default_world(cfg.runs_dir)
-    path = world / "eval" / "agent.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; is {world} a tinyworld directory?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = rows[: cfg.limit] if cfg.limit else rows
+    world = Path(cfg.world) if cfg.world else default_world(cfg.runs_dir)
+    rows = world_rows(world, "agent", cfg.limit)
     kb = build_kb(world, Path(cfg.kb) if cfg.kb else world / "kb" / "index")
     model_dir = resolve_model(cfg.model, cfg.runs_dir)
     result = {"world": str(world), "model": str(model_dir), **evaluate(rows, LocalChat(model_dir), kb, cfg)}

@@ -19,28 +19,23 @@ from typing import Any
 from tinychat.eval.run import write_json
 
 
-def _rows(world: Path, name: str, limit: int) -> list[dict[str, Any]]:
-    rows = [json.loads(x) for x in (world / "eval" / f"{name}.jsonl").read_text().splitlines() if x.strip()]
-    return rows[:limit] if limit else rows
-
-
 def apply_eval(run_dir: str | Path, model_dir: str | Path, limit: int = 48, agent_limit: int = 24) -> dict[str, Any]:
     """Retrieval quality, answers with/without the knowledge base, and agent tasks with/without tools."""
     from tinychat.agent.evaluate import AgentEvalConfig, evaluate
     from tinychat.infer.chat_backend import LocalChat
-    from tinychat.rag.evaluate import answer_accuracy, build_kb, retrieval_metrics
+    from tinychat.rag.evaluate import answer_accuracy, build_kb, retrieval_metrics, world_rows
 
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     world = run_dir / "world"
     t0 = time.perf_counter()
     kb = build_kb(world, run_dir / "kb")
     try:
-        kb_rows = _rows(world, "kb_qa", limit)
+        kb_rows = world_rows(world, "kb_qa", limit)
         out: dict[str, Any] = {"model": model_dir.name, "kb_chunks": kb.store.count()}
         out["retrieval"] = [retrieval_metrics(kb, kb_rows, m, 10) for m in ("dense", "bm25", "hybrid")]
         out["answers"] = answer_accuracy(kb, kb_rows, str(model_dir), k=3)
         backend = LocalChat(model_dir)
-        out["agent"] = evaluate(_rows(world, "agent", agent_limit), backend, kb, AgentEvalConfig())
+        out["agent"] = evaluate(world_rows(world, "agent", agent_limit), backend, kb, AgentEvalConfig())
     finally:
         kb.close()
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -42,7 +42,16 @@ class RagEvalConfig:
     runs_dir: str = field("runs")
 
 
-def _default_world(runs: str) -> Path:
+def world_rows(world: Path, name: str, limit: int = 0) -> list[dict[str, Any]]:
+    """The first `limit` rows (0 = all) of tinyworld's eval set WORLD/eval/NAME.jsonl."""
+    path = world / "eval" / f"{name}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; is {world} a tinyworld directory?")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def default_world(runs: str) -> Path:
     found = sorted(Path(runs).glob("*/world/manifest.json"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UserError(f"no tinyworld under {runs}/*/world; pass --world DIR (tinychat world generate --out DIR).")
@@ -137,13 +146,8 @@ def answer_accuracy(kb: KnowledgeBase, rows: list[dict[str, Any]], model_dir: st
 
 
 def run(cfg: RagEvalConfig) -> int:
-    world = Path(cfg.world) if cfg.world else _default_world(cfg.runs_dir)
-    rows_path = world / "eval" / "kb_qa.jsonl"
-    if not rows_path.is_file():
-        raise UserError(f"{rows_path} does not exist; is {world} a tinyworld directory?")
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    if cfg.limit:
-        rows = rows[: cfg.limit]
+    world = Path(cfg.world) if cfg.world else default_world(cfg.runs_dir)
+    rows = world_rows(world, "kb_qa", cfg.limit)
     t0 = time.perf_counter()
     kb = build_kb(world, Path(cfg.kb) if cfg.kb else world / "kb" / "index", cfg.embedder)
     result: dict[str, Any] = {"world": str(world), "kb_chunks": kb.store.count(), "ingest_seconds": None}
