@@ -3,6 +3,7 @@ with sources, and the limits (upload size, path-traversal names, broken files) a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +116,54 @@ def test_rag_without_a_knowledge_base_is_400(client) -> None:  # noqa: ANN001
         client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], extra_body={"rag": {"k": 2}}
         )
+
+
+def test_web_page_knowledge_base_switch_upload_and_sources(rag_live, live, tmp_path: Path) -> None:  # noqa: ANN001
+    """In headless chromium: the switch shows only on a server with a knowledge base; an upload lands in it;
+    an answer with the switch on lists its sources under the reply."""
+    import os
+
+    from test_serve_web import CHROMIUM, FLAGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"chromium is not installed at {CHROMIUM}; the web page is untested")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    doc = tmp_path / "lighthouse.md"
+    doc.write_text("# Copper Lighthouse\n\nThe Copper Lighthouse was built in 1887 by Ada Quill.\n")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS, timeout=60_000
+        )
+        try:
+            pg = ctx.new_page()
+            pg.set_default_timeout(20_000)
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(live.url + "/")  # a server without a knowledge base: no switch
+            pg.fill("#api-key", API_KEY)
+            pg.dispatch_event("#api-key", "change")
+            pg.wait_for_function("document.getElementById('model-name').textContent.startsWith('model: ')")
+            pg.wait_for_timeout(300)
+            assert pg.is_hidden("#kb-panel")
+
+            pg.goto(rag_live.url + "/")
+            pg.fill("#api-key", API_KEY)
+            pg.dispatch_event("#api-key", "change")
+            pg.wait_for_selector("#kb-panel", state="visible")
+            pg.set_input_files("#kb-upload", str(doc))
+            pg.wait_for_function("document.getElementById('status').textContent.startsWith('added lighthouse.md')")
+            names = {d["name"] for d in httpx.get(rag_live.base_url + "/rag/documents", headers=AUTH).json()["data"]}
+            assert "lighthouse.md" in names
+            pg.check("#kb-switch")
+            pg.fill("#max-tokens", "4")
+            pg.fill("#input", "Who built the Copper Lighthouse?")
+            with pg.expect_response("**/v1/chat/completions") as resp:
+                pg.press("#input", "Enter")
+            assert json.loads(resp.value.request.post_data)["rag"] == {"k": 4}
+            pg.wait_for_selector(".msg.assistant details.sources li", state="attached")  # inside a closed <details>
+            shown = pg.eval_on_selector_all(".msg.assistant details.sources li b", "els => els.map(e => e.textContent)")
+            assert shown and shown[0].startswith("lighthouse.md")
+            assert not errors, errors
+        finally:
+            ctx.close()
+        httpx.delete(rag_live.base_url + "/rag/documents/lighthouse.md", headers=AUTH)
