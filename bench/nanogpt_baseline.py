@@ -59,8 +59,14 @@ class GPT(nn.Module):
         d, L = self.wte.weight.shape[1], len(self.h)
         return 6 * n + 12 * L * d * T
 
-    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def configure_optimizer(
+        self, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)
+    ) -> torch.optim.Optimizer:
+        """nanoGPT's configure_optimizers: decay on matrices only; defaults are its train.py (GPT-2) values.
+
+        Plain (non-fused) AdamW, as nanoGPT on a CPU: it asks for fused only when the device is CUDA.
+        """
         decay = [p for p in self.parameters() if p.ndim >= 2]
         rest = [p for p in self.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
