@@ -129,7 +129,7 @@ class LanceStore:
         query = (
             self._table.search(q, vector_column_name=VECTOR)
             .distance_type("cosine")
-            .select(list(RECORD_FIELDS))
+            .select([*RECORD_FIELDS, "_distance"])  # asked for: LanceDB warns when it adds it unasked
             .limit(k)
             .minimum_nprobes(max(4, math.ceil(_partitions(self.count()) / 4)))  # ignored by exact search
             .maximum_nprobes(0)  # more only when a narrow filter leaves fewer than k rows in those
