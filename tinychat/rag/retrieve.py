@@ -109,8 +109,12 @@ class Retriever:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the two retrievers
+    def embed_query(self, query: str) -> np.ndarray:
+        """Queries bypass the embedding cache: it is for chunk texts, and would grow with every question asked."""
+        return getattr(self.embedder, "inner", self.embedder).embed([query])[0]
+
     def dense(self, query: str | np.ndarray, k: int, where: Where | None = None) -> list[Hit]:
-        q = self.embedder.embed([query])[0] if isinstance(query, str) else query
+        q = self.embed_query(query) if isinstance(query, str) else query
         return self.store.search(q, k, where)
 
     def keyword(self, query: str, k: int, where: Where | None = None) -> list[Hit]:
@@ -165,7 +169,7 @@ class Retriever:
         cfg = (cfg or RetrieveConfig()).check()
         if not query.strip():
             return []
-        qv = self.embedder.embed([query])[0]
+        qv = self.embed_query(query)
         n = max(cfg.candidates, cfg.k)
         if cfg.mode == "dense":
             hits = self.dense(qv, n, cfg.where)
