@@ -443,14 +443,16 @@ def test_host_processes_are_invisible(ns_box):
         "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
         "cmds = [open(f'/proc/{p}/cmdline', 'rb').read() for p in pids]\n"
         f"print(len(pids), max(pids), {Path('/proc/self/cmdline').read_bytes()!r} in cmds)\n"
-        "print(b'pytest' in b''.join(cmds), b'/tmp' in b''.join(cmds))\n"
+        f"print(b'pytest' in b''.join(cmds), {str(ns_box.workspace).encode()!r} in b''.join(cmds))\n"
         "import shutil, subprocess\n"
         "ps = shutil.which('ps') and subprocess.run(['ps', '-e', '-o', 'pid='], capture_output=True, text=True)\n"
         "print(len(ps.stdout.split()) if ps else 'no-ps')\n",
     )
     count, biggest, parent_seen, pytest_named, host_path_named, ps_count = out.split()
     assert int(count) <= 3 and int(biggest) <= 10 and parent_seen == "False", out
-    assert pytest_named == host_path_named == "False", out  # no host path leaks through a command line
+    # the host's workspace path (and pytest's) never shows through a command line; the interpreter's own path
+    # may, when the checkout itself lives under /tmp (a CI clone)
+    assert pytest_named == host_path_named == "False", out
     assert ps_count == "no-ps" or int(ps_count) <= 4, out  # init, worker, ps itself
 
 
