@@ -119,7 +119,11 @@ def test_overload_is_429_and_the_queue_drains(start_server, model_dir):
         first = client.chat.completions.create(
             model=MODEL, messages=MSGS, max_tokens=900, stream=True, logit_bias=no_eos
         )
-        next(iter(first))  # running: it holds the only slot for ~900 decode steps
+        next(iter(first))  # the role chunk: sent before the engine has necessarily admitted the request
+        for _ in range(400):  # until it holds the only slot (for ~900 decode steps); 20 s at most
+            if srv.engine.stats.running_seqs == 1:
+                break
+            time.sleep(0.05)
         result: dict = {}
         waiter = threading.Thread(
             target=lambda: result.update(r=client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2))
