@@ -129,3 +129,6 @@ def test_reward_functions():
     assert answer_reward("Answer: 1979", {"answer": "1979", "check": "number"}) == 1.0  # tinyworld's checker
     assert format_reward("5", {}, True) == 1.0
     assert format_reward("5", {}, False) == 0.0 and format_reward("<think>hm", {}, True) == 0.0
+    row = {"answer": "87", "check": "number"}
+    assert format_reward("I don't have any information about that.", row, True) == 0.0  # not a free reward
+    assert format_reward("87", row, True) == 1.0

@@ -70,9 +70,18 @@ def answer_reward(reply: str, row: Mapping[str, Any], finished: bool = True) -> 
 
 
 def format_reward(reply: str, row: Mapping[str, Any], finished: bool = True) -> float:
-    """1.0 when the reply is well-formed: it ended by itself, is not empty, and leaves no markup open."""
+    """1.0 when the reply is well-formed: it ended by itself, is not empty, and leaves no markup open.
+
+    A refusal of a prompt that has an answer earns nothing either. Measured on cpu-tiny: while no answer
+    was right yet, "I don't know X." was the cheapest well-formed reply, and GRPO drove refusal on
+    tinyworld's eval from 75% to 100% while everything else fell (docs/post-training.md).
+    """
+    from tinychat.world.answers import is_refusal  # lazily, like answer_reward's checker
+
     text = reply.strip()
     if not finished or not text:
+        return 0.0
+    if row.get("answer") and row.get("check") != "refusal" and is_refusal(text):
         return 0.0
     for opening, closing in (("<think>", "</think>"), ("<tool_call>", "</tool_call>")):
         if text.count(opening) != text.count(closing):
