@@ -33,8 +33,8 @@ def apply_eval(run_dir: str | Path, model_dir: str | Path, limit: int = 48, agen
         kb_rows = world_rows(world, "kb_qa", limit)
         out: dict[str, Any] = {"model": model_dir.name, "kb_chunks": kb.store.count()}
         out["retrieval"] = [retrieval_metrics(kb, kb_rows, m, 10) for m in ("dense", "bm25", "hybrid")]
-        out["answers"] = answer_accuracy(kb, kb_rows, str(model_dir), k=3)
-        backend = LocalChat(model_dir)
+        backend = LocalChat(model_dir)  # loaded once for both measurements
+        out["answers"] = answer_accuracy(kb, kb_rows, backend, k=3)
         out["agent"] = evaluate(world_rows(world, "agent", agent_limit), backend, kb, AgentEvalConfig())
     finally:
         kb.close()

@@ -42,6 +42,7 @@ class LocalChat:
         tok = Tokenizer.from_pretrained(tokenizer_dir(path))
         self.completer = LocalCompleter(model, tok, batch_size=8)
         self.tokenizer = tok
+        self.path = path
         self.name = Path(model_dir).name
         self.max_seq_len = self.completer.max_seq_len
 

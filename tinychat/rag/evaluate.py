@@ -96,12 +96,11 @@ def retrieval_metrics(kb: KnowledgeBase, rows: list[dict[str, Any]], mode: str, 
     return out
 
 
-def answer_accuracy(kb: KnowledgeBase, rows: list[dict[str, Any]], model_dir: str, k: int) -> dict[str, Any]:
-    """Exact-match accuracy of the chat model without and with the top-k hybrid sources in the prompt."""
-    from tinychat.infer.chat_backend import LocalChat
+def answer_accuracy(kb: KnowledgeBase, rows: list[dict[str, Any]], chat: Any, k: int) -> dict[str, Any]:
+    """Exact-match accuracy of a local chat model (tinychat.infer.chat_backend.LocalChat) without and with the
+    top-k hybrid sources in the prompt."""
     from tinychat.world.answers import check
 
-    chat = LocalChat(model_dir)
     tok, completer = chat.tokenizer, chat.completer
     cfg = RetrieveConfig(mode="hybrid", k=k)
     bare = [tok.render_chat(r["messages"], add_generation_prompt=True).ids for r in rows]
@@ -131,7 +130,7 @@ def answer_accuracy(kb: KnowledgeBase, rows: list[dict[str, Any]], model_dir: st
     ]
     n = len(rows)
     return {
-        "model": str(model_dir),
+        "model": str(chat.path),
         "k": k,
         "n": n,
         "accuracy_without_kb": round(sum(ok_bare) / n, 4) if n else None,
@@ -159,10 +158,11 @@ def run(cfg: RagEvalConfig) -> int:
             f"(en {m['recall@1_en']}/{m['mrr_en']}, zh {m['recall@1_zh']}/{m['mrr_zh']}; {m['ms_per_query']} ms/query)"
         )
     if cfg.answers:
+        from tinychat.infer.chat_backend import LocalChat
         from tinychat.infer.locate import resolve_model
 
         model_dir = str(resolve_model(cfg.model, cfg.runs_dir))
-        a = answer_accuracy(kb, rows, model_dir, cfg.k)
+        a = answer_accuracy(kb, rows, LocalChat(model_dir), cfg.k)
         result["answers"] = a
         print(
             f"answers ({a['n']} questions, {Path(model_dir).name}): without the knowledge base "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,6 @@ class _Keyword:
     version: str
     records: list[ChunkRecord]
     index: BM25Index
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Retriever:
