@@ -110,7 +110,7 @@ class KnowledgeBase:
     """Opens (or creates) KB_DIR; every method is safe to call from several threads of one server."""
 
     def __init__(self, path: str | Path, settings: KbSettings | None = None, device: str = "cpu") -> None:
-        from tinychat.rag.embed import CachedEmbedder, make_embedder
+        from tinychat.rag.embed import make_embedder
         from tinychat.rag.store import open_store
 
         self.path = Path(path)
@@ -134,9 +134,7 @@ class KnowledgeBase:
             self._save_settings()
         self._lock = threading.RLock()
         s = self.settings
-        self.embedder = CachedEmbedder(
-            make_embedder(s.embedder, device=device), self.path / "cache" / "embeddings.sqlite"
-        )
+        self.embedder = make_embedder(s.embedder, cache_dir=self.path / "cache", device=device)
         if s.store == "lance":
             location = str(self.path / "lance")
         else:
