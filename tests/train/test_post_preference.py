@@ -29,7 +29,8 @@ def test_dpo_loss_equals_the_hand_computed_value():
     assert smoothed.item() == pytest.approx(0.8 * math.log1p(math.exp(-0.5)) + 0.2 * math.log1p(math.exp(0.5)))
 
 
-def test_dpo_objective_loss_matches_per_sequence_log_probabilities(tiny_tokenizer, tiny_model_dir: Path):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
+def test_dpo_objective_loss_matches_per_sequence_log_probabilities(tiny_tokenizer, tiny_model_dir: Path, rpo_alpha):
     from tinychat.model import Model
     from tinychat.train.distributed import DistInfo
     from tinychat.train.loop import TrainContext
@@ -39,7 +40,7 @@ def test_dpo_objective_loss_matches_per_sequence_log_probabilities(tiny_tokenize
     torch.manual_seed(5)
     other = Model(policy.cfg)  # a reference unlike the policy, so both terms matter
     pairs, _ = encode_pairs(tok, [(f"row {i}", r) for i, r in enumerate(preference_rows(3))], 100)
-    cfg = DPOConfig(beta=0.3)
+    cfg = DPOConfig(beta=0.3, rpo_alpha=rpo_alpha)
     obj = DPOObjective(cfg, tok, tiny_model_dir, pairs, [], Reference(frozen_copy(other)))
     obj.setup(
         TrainContext(cfg.train, DistInfo(0, 1, 0, torch.device("cpu")), torch.device("cpu"), None, Path("."), "dpo")
@@ -53,6 +54,8 @@ def test_dpo_objective_loss_matches_per_sequence_log_probabilities(tiny_tokenize
 
     expected, margins = 0.0, 0.0
     for p in pairs:
+        n_chosen = sum(p.chosen_mask[1:])  # RPO: the chosen reply's NLL per token, weighted by rpo_alpha
+        expected += rpo_alpha * -logp(policy, p.chosen, p.chosen_mask) / n_chosen
         h = cfg.beta * (logp(policy, p.chosen, p.chosen_mask) - logp(other, p.chosen, p.chosen_mask)) - cfg.beta * (
             logp(policy, p.rejected, p.rejected_mask) - logp(other, p.rejected, p.rejected_mask)
         )

@@ -46,6 +46,7 @@ class EvalConfig:
     max_new_tokens: int = field(48, help="reply length limit")
     cot_max_new_tokens: int = field(128, help="reply length limit for chain-of-thought questions")
     max_tool_rounds: int = field(2, help="calculator calls a conversation may make before it must answer")
+    tool_max_new_tokens: int = field(96, help="reply length limit in the tool suite (a call is ~45 tokens of JSON)")
     batch_size: int = field(64, help="questions generated together")
     seq_len: int = field(256, help="window length for bits per byte (capped at the context window)")
     bpb_tokens: int = field(16384, help="validation tokens scored for bits per byte (0 = all)")
@@ -314,6 +315,7 @@ def _suite_options(cfg: EvalConfig) -> SuiteOptions:
         max_new_tokens=cfg.max_new_tokens,
         cot_max_new_tokens=cfg.cot_max_new_tokens,
         max_tool_rounds=cfg.max_tool_rounds,
+        tool_max_new_tokens=cfg.tool_max_new_tokens,
         samples=cfg.samples,
     )
 

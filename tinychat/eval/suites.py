@@ -67,6 +67,9 @@ class SuiteOptions:
     max_new_tokens: int = 48
     cot_max_new_tokens: int = 128  # chain-of-thought rows need room to reason
     max_tool_rounds: int = 2
+    # a calculator call is ~45 tokens of JSON under the speedrun's 8k tokenizer: at 48 the cpu-tiny SFT
+    # model's calls were cut before their closing brace (43% valid), at 96 all of them parsed
+    tool_max_new_tokens: int = 96
     samples: int = 3  # graded examples kept in the result
 
 
@@ -161,7 +164,9 @@ def run_suite(
     if mode == "chat" and suite.tools:
         convs = [r["messages"] for r in rows]
         tools = [r.get("tools") for r in rows]
-        replies, _, stats = run_tool_loop(completer, convs, tools, max(budget, default=1), opts.max_tool_rounds)
+        replies, _, stats = run_tool_loop(
+            completer, convs, tools, max([*budget, opts.tool_max_new_tokens]), opts.max_tool_rounds
+        )
         result["tool"] = stats.as_dict(len(rows))
     else:
         groups: dict[tuple[int, tuple[str, ...]], list[int]] = defaultdict(list)

@@ -6,7 +6,11 @@ rejected), with log-probabilities summed over the response's assistant tokens,
     h = beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)))
     loss = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)        (eps = label_smoothing, 0 = plain DPO)
 
-summed over pairs and averaged by the loop over the pairs of the global batch. `ref` is the frozen
+summed over pairs and averaged by the loop over the pairs of the global batch. With --rpo_alpha a > 0
+(RPO, Pang et al. 2024; TRL's `rpo_alpha`) each pair also pays a * NLL(y_w) per chosen token: plain DPO
+only constrains the *difference* of the two log-ratios, so on a small model both log-probabilities fall
+and the freed mass lands on tokens neither reply used (at temperature 1 the tiny speedrun model's DPO
+replies became mixed-script garbage); the NLL term keeps the chosen replies likely. `ref` is the frozen
 starting model (with LoRA: the same weights, adapters switched off, so no second copy in memory); its
 log-probabilities are computed without gradients while the step's batches are made.
 Logged: rewards_chosen = beta (log pi - log ref)(y_w), rewards_rejected, margin (their difference),
@@ -53,6 +57,7 @@ class DPOConfig(post.PostConfig):
     train: TrainConfig = post.train_defaults(lr=1e-4, warmup_steps=10, batch_size=16, eval_every=100)
     beta: float = field(0.1, help="strength of the pull towards the reference (higher = closer)")
     label_smoothing: float = field(0.0, help="assumed fraction of flipped labels (conservative DPO); 0 = DPO")
+    rpo_alpha: float = field(0.0, help="weight of the chosen replies' per-token NLL added to the loss (RPO); 0 = DPO")
 
 
 class DPOObjective(post.ItemObjective):
@@ -87,6 +92,10 @@ class DPOObjective(post.ItemObjective):
         pc, pr = sequence_logps(model, batch["ids"], batch["mask"]).chunk(2)
         rc, rr = batch["ref"].chunk(2)
         losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.label_smoothing)
+        n_chosen = batch["mask"][: pc.shape[0], 1:].sum(-1).clamp(min=1)
+        nll_chosen = -pc / n_chosen
+        if self.cfg.rpo_alpha:
+            losses = losses + self.cfg.rpo_alpha * nll_chosen
         margin = chosen - rejected
         metrics = {
             "rewards_chosen": chosen.sum(),
@@ -95,12 +104,13 @@ class DPOObjective(post.ItemObjective):
             "accuracy": (margin > 0).float().sum(),
             "logp_chosen": pc.detach().sum(),
             "logp_rejected": pr.detach().sum(),
+            "nll_chosen": nll_chosen.detach().sum(),
         }
         return losses.sum(), metrics
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         ctx = self.ctx
-        keys = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")
+        keys = ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "nll_chosen")
         sums = torch.zeros(len(keys) + 2, device=ctx.device)
         for pairs in self.eval_chunks(self.val):
             with ctx.autocast():
@@ -115,7 +125,7 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
     inputs = post.locate(cfg, ("sft",), "preference")
     pairs = load_pairs(inputs.tok, inputs.data, cfg.train.seq_len, "dpo")
     val = load_pairs(inputs.tok, inputs.val, cfg.train.seq_len, "dpo")
-    print(f"dpo: {len(pairs)} preference pairs, {len(val)} validation, beta {cfg.beta}")
+    print(f"dpo: {len(pairs)} preference pairs, {len(val)} validation, beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}")
     model = post.start_model(cfg, inputs)
     reference = post.make_reference(model, cfg)
     post.add_lora(model, cfg)
