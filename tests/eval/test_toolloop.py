@@ -105,3 +105,20 @@ def test_tool_loop_with_the_real_tiny_model(tiny_model_dir: Path, world_dir: Pat
     assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0
     assert set(r["tool"]) == {"calls", "valid_calls", "validity_rate", "use_rate", "rounds"}
     assert r["tool"]["rounds"] >= 1 and 0.0 <= r["tool"]["use_rate"] <= 1.0
+
+
+def test_tool_suite_replies_get_room_for_a_whole_call(tiny_tokenizer, world_dir: Path) -> None:
+    """A calculator call is ~45 tokens of JSON: the tool suite gets tool_max_new_tokens, other suites keep theirs."""
+    budgets: list[int] = []
+
+    class Recording(ScriptedCompleter):
+        def complete(self, prompts, max_new_tokens, stop=()):  # noqa: ANN001, ANN202 - the Completer signature
+            budgets.append(max_new_tokens)
+            return super().complete(prompts, max_new_tokens, stop)
+
+    fake = Recording(tiny_tokenizer, lambda _prompt: "42")
+    opts = SuiteOptions(limit=2, max_new_tokens=16, tool_max_new_tokens=96)
+    run_suite(fake, world_dir, "arithmetic_tool", "chat", opts)
+    assert budgets == [96]
+    run_suite(fake, world_dir, "arithmetic", "chat", opts)
+    assert budgets == [96, 16]

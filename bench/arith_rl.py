@@ -1,0 +1,145 @@
+"""Does GRPO raise arithmetic once the model knows some? An arithmetic drill, then GRPO, measured on tinyworld.
+
+    .venv/bin/python bench/arith_rl.py --run runs/s5 [--drill-minutes 8] [--grpo-minutes 3] [--out DIR]
+
+Why this exists: in the 15-minute speedrun the tiny model never gets an easy sum right (0% greedy after
+SFT, 1.2% of samples, pass@8 9%), so GRPO's group-normalised advantages are zero for almost every
+group and arithmetic cannot move (issue 5's goal: GRPO at least +10 points on arithmetic over SFT).
+Measured on the speedrun's pretrained model, answer-only training on easy sums alone needs hundreds of
+optimizer steps before it takes off (lr 1e-3: 2% after 130 steps, 56% after 698, about 8 minutes on 2
+cores). This bench buys that time explicitly and then asks the RL question with a model that has a
+signal to sharpen:
+
+1. drill: `tinychat sft` from the run's DPO model (the model the speedrun's GRPO starts from) on the
+   run's own SFT rows plus --drill-rows fresh easy arithmetic conversations (tinyworld's question
+   templates, English and Chinese), for --drill-minutes, with the cpu-tiny [sft] settings;
+2. grpo: `tinychat grpo` from the drilled model on --rl-rows fresh arithmetic prompts (exact-answer
+   reward plus the format reward), for --grpo-minutes, with the cpu-tiny [grpo] settings;
+3. the tinyworld arithmetic suite (and facts_trained, refusal: what the drill may cost) on the first
+   --limit eval questions, greedy, before and after GRPO.
+
+No problem of the run's eval sets (arithmetic, arithmetic_tool) appears in any row written here.
+Everything goes under --out (default RUN/arith_rl); results.json holds the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from tinychat.cli import main as tinychat
+from tinychat.world import arith
+from tinychat.world.facts import LANGS
+from tinychat.world.load import load_jsonl
+from tinychat.world.messages import assistant, user
+
+SUITES = ("arithmetic", "facts_trained", "refusal")
+
+
+def held_out(world: Path) -> set[str]:
+    """Every arithmetic expression the run's eval sets ask: none may be trained on."""
+    keys: set[str] = set()
+    for name in ("arithmetic", "arithmetic_tool"):
+        keys |= {r["expression"] for r in load_jsonl(world / "eval" / f"{name}.jsonl") if r.get("expression")}
+    return keys
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def drill_rows(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[dict]:
+    out = []
+    for p in arith.sample(rng, "easy", exclude, n, seen):
+        lang = rng.choice(LANGS)
+        out.append({"messages": [user(arith.question(p, lang, rng)), assistant(str(p.value))], "lang": lang})
+    return out
+
+
+def rl_rows(rng: random.Random, exclude: set[str], n: int) -> list[dict]:
+    out = []
+    for p in arith.sample(rng, "easy", exclude, n):
+        lang = rng.choice(LANGS)
+        q = arith.question(p, lang, rng)
+        out.append({"messages": [user(q)], "answer": str(p.value), "aliases": [], "check": "number", "lang": lang})
+    return out
+
+
+def evaluate(model: Path, world: Path, limit: int, out: Path) -> dict[str, float]:
+    args = ["--model", str(model), "--world", str(world), "--suite", *SUITES, "--limit", str(limit), "--out", str(out)]
+    rc = tinychat(["eval", *args])
+    if rc:
+        raise SystemExit(f"evaluation of {model} failed")
+    suites = json.loads(out.read_text())["suites"]
+    return {s: suites[s]["accuracy"] for s in SUITES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a finished speedrun directory (world/, checkpoints/dpo)")
+    ap.add_argument("--config", default="configs/cpu-tiny.toml")
+    ap.add_argument("--init", default="", help="model to drill (default RUN/checkpoints/dpo)")
+    ap.add_argument("--drill-minutes", type=float, default=8.0)
+    ap.add_argument("--drill-rows", type=int, default=40000)
+    ap.add_argument("--grpo-minutes", type=float, default=3.0)
+    ap.add_argument("--grpo-lr", type=float, default=0.0, help="0 = the config's")
+    ap.add_argument("--rl-rows", type=int, default=4000)
+    ap.add_argument("--limit", type=int, default=100, help="eval questions per suite")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    run = Path(a.run)
+    world = run / "world"
+    init = Path(a.init) if a.init else run / "checkpoints" / "dpo"
+    if not (init / "config.json").is_file() or not (world / "eval").is_dir():
+        raise SystemExit(f"{run} is not a finished speedrun: it needs world/eval and {init}")
+    out = Path(a.out) if a.out else run / "arith_rl"
+    out.mkdir(parents=True, exist_ok=True)
+
+    rng = random.Random(a.seed)
+    exclude = held_out(world)
+    seen: set[str] = set()  # sample() records keys here, so validation problems are never drilled
+    val = drill_rows(rng, exclude, 200, seen)
+    drill = drill_rows(rng, exclude, a.drill_rows, seen) + load_jsonl(world / "sft" / "train.jsonl")
+    rng.shuffle(drill)
+    rl = rl_rows(rng, exclude, a.rl_rows + 64)
+    files = {
+        "drill": write_jsonl(out / "drill.jsonl", drill),
+        "drill_val": write_jsonl(out / "drill_val.jsonl", val),
+        "rl": write_jsonl(out / "rl.jsonl", rl[64:]),
+        "rl_val": write_jsonl(out / "rl_val.jsonl", rl[:64]),
+    }
+    common = ["--config", a.config, "--runs_dir", str(out), "--run", "bench"]
+    results: dict[str, dict[str, float]] = {"start": evaluate(init, world, a.limit, out / "eval_start.json")}
+    rc = tinychat(
+        ["sft", *common, "--init", str(init), "--data", str(files["drill"]), "--val_data", str(files["drill_val"]),
+         "--train.max_time", str(a.drill_minutes)]
+    )  # fmt: skip
+    if rc:
+        return rc
+    drilled = out / "bench" / "checkpoints" / "sft"
+    results["drill"] = evaluate(drilled, world, a.limit, out / "eval_drill.json")
+    grpo = ["grpo", *common, "--init", str(drilled), "--data", str(files["rl"]), "--val_data", str(files["rl_val"])]
+    grpo += ["--train.max_time", str(a.grpo_minutes), "--max_new_tokens", "16"]
+    if a.grpo_lr:
+        grpo += ["--train.lr", str(a.grpo_lr)]
+    rc = tinychat(grpo)
+    if rc:
+        return rc
+    results["grpo"] = evaluate(out / "bench" / "checkpoints" / "grpo", world, a.limit, out / "eval_grpo.json")
+    report = {"args": vars(a), "accuracy": results}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(f"\n{'suite':<15}" + "".join(f"{k:>10}" for k in results))
+    for s in SUITES:
+        print(f"{s:<15}" + "".join(f"{100 * results[k][s]:>9.1f}%" for k in results))
+    gain = 100 * (results["grpo"]["arithmetic"] - results["drill"]["arithmetic"])
+    print(f"GRPO - drill on arithmetic: {gain:+.1f} points (n={a.limit})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
