@@ -73,3 +73,13 @@ def test_presets_in_configs_dir_parse():
 
     for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml")):
         assert isinstance(load_toml(path), dict)
+
+
+@pytest.mark.parametrize(("command", "lr"), [("sft", "0.001"), ("dpo", "0.0001"), ("grpo", "5e-05")])
+def test_help_prints_each_commands_own_train_defaults(command, lr, capsys):
+    """`--help` must show the learning rate the command will use, not the generic [train] default (3e-3)."""
+    from tinychat.cli import main
+
+    assert main([command, "--help"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("--train.lr "))
+    assert f"default {lr} " in line

@@ -363,14 +363,17 @@ def _is_number(tok: str) -> bool:
         return False
 
 
-def help_text(cls: type, prefix: str = "") -> str:
-    """Every option of a command with its type, default and help, for `tinychat CMD --help`."""
+def help_text(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every option of a command with its type, default and help, for `tinychat CMD --help`.
+
+    A nested section shows the command's own defaults (`tinychat grpo --help` prints lr 5e-05, the value
+    GRPOConfig's [train] default carries), not the section class's generic ones."""
     lines = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if _is_dataclass_type(tp):
-            lines.append(help_text(tp, f"{prefix}{f.name}."))
+            lines.append(help_text(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
             continue
         default = getattr(defaults, f.name)
         name = f.name.upper() if f.metadata.get("positional") else f"--{prefix}{f.name}"
