@@ -155,6 +155,8 @@ class Speedrun:
             [
                 "--input",
                 str(self.path("world", "pretrain", "train.jsonl")),
+                "--chat-input",  # the chat template's text too: tool schemas must not eat the context
+                str(self.path("world", "sft", "train.jsonl")),
                 "--vocab-size",
                 str(self.cfg.vocab_size),
                 "--out",
