@@ -74,6 +74,34 @@ def test_max_bytes_cuts_at_a_character_boundary(tmp_path):
     assert stats.bytes == 10 and stats.docs == 2
 
 
+def test_chat_input_puts_the_rendered_conversations_in_the_corpus(tmp_path, corpus, capsys):
+    """Chat rows count as documents (their template text, no special tokens); a bad row is skipped with its
+    line number; the schema a tool row repeats ends up as far fewer tokens than prose alone gives it."""
+    from tinychat.world.arith import CALCULATOR_TOOL
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("".join(corpus[:60]), encoding="utf-8")
+    row = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
+    lines = [json.dumps({**row, "tools": [CALCULATOR_TOOL]})] * 40 + ['{"no": "messages"}']
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base = ["tokenizer", "train", "--input", str(prose), "--vocab-size", "600"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--chat-input", str(chat), "--out", str(tmp_path / "chat")]) == 0
+    out, err = capsys.readouterr()
+    assert "on 41 documents" in out.splitlines()[-1] and "1 skipped" in out.splitlines()[-1]  # 1 prose file + 40 rows
+    assert f"{chat} line 41" in err
+    plain, with_chat = (Tokenizer.from_pretrained(tmp_path / d) for d in ("plain", "chat"))
+    text = json.dumps(CALCULATOR_TOOL)
+    assert len(with_chat.encode(text)) < 0.6 * len(plain.encode(text))
+    stats = _Stats()
+    from tinychat.tokenizer.train import _read_chat
+
+    texts = list(_read_chat([chat], stats))
+    assert len(texts) == 40 and stats.skipped == 1
+    assert "<|im_start|>" not in texts[0] and "What is 2 + 3?" in texts[0] and "calculator" in texts[0]
+
+
 def test_config_defaults():
     cfg = TokenizerTrainConfig()
     assert (cfg.input, cfg.vocab_size, cfg.out, cfg.text_field, cfg.max_bytes) == ([], 8192, "", "text", None)
@@ -91,6 +119,10 @@ def test_config_defaults():
         (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--vocab-size", "100"], "at least 272"),
         (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--max-bytes", "0"], "must be positive"),
         (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--vocab", "300"], "unknown option"),
+        (
+            lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--chat-input", str(t / "nochat.jsonl")],
+            "nochat.jsonl is not a file",
+        ),
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, make_argv, pattern):
