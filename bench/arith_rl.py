@@ -57,21 +57,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def drill_rows(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[dict]:
+def asked(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[tuple[arith.Problem, str, str]]:
+    """n distinct easy problems (none in exclude or seen; seen records them), each as (problem, lang, question)."""
     out = []
     for p in arith.sample(rng, "easy", exclude, n, seen):
         lang = rng.choice(LANGS)
-        out.append({"messages": [user(arith.question(p, lang, rng)), assistant(str(p.value))], "lang": lang})
+        out.append((p, lang, arith.question(p, lang, rng)))
     return out
+
+
+def drill_rows(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[dict]:
+    """SFT rows: the question and its answer."""
+    return [
+        {"messages": [user(q), assistant(str(p.value))], "lang": lang} for p, lang, q in asked(rng, exclude, n, seen)
+    ]
 
 
 def rl_rows(rng: random.Random, exclude: set[str], n: int) -> list[dict]:
-    out = []
-    for p in arith.sample(rng, "easy", exclude, n):
-        lang = rng.choice(LANGS)
-        q = arith.question(p, lang, rng)
-        out.append({"messages": [user(q)], "answer": str(p.value), "aliases": [], "check": "number", "lang": lang})
-    return out
+    """GRPO rows: the question, with the answer its reward checks."""
+    return [
+        {"messages": [user(q)], "answer": str(p.value), "aliases": [], "check": "number", "lang": lang}
+        for p, lang, q in asked(rng, exclude, n, set())
+    ]
 
 
 def evaluate(model: Path, world: Path, limit: int, out: Path) -> dict[str, float]:

@@ -25,7 +25,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from tinychat.config import field
-from tinychat.data.readers import ReadError, expand_paths, iter_documents
+from tinychat.data.readers import expand_paths, iter_documents
 from tinychat.errors import UserError
 from tinychat.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -99,21 +99,21 @@ class _Stats:
     skipped: int = 0
     sample: str = ""  # the first ~256 KB, to report bytes per token after training
 
+    def skip(self, what: object) -> None:
+        """Count one unreadable file, line or row; warn about the first MAX_WARNINGS of them."""
+        self.skipped += 1
+        if self.skipped <= MAX_WARNINGS:
+            print(f"warning: skipped {what}", file=sys.stderr)
+        elif self.skipped == MAX_WARNINGS + 1:
+            print("warning: more skipped input; the total is reported at the end.", file=sys.stderr)
+
 
 MAX_WARNINGS = 10
 
 
 def _read(files: list[Path], text_field: str, max_bytes: int | None, stats: _Stats) -> Iterator[str]:
     """Texts of `files`, stopping at max_bytes (the last one cut at a character boundary)."""
-
-    def on_error(err: ReadError) -> None:
-        stats.skipped += 1
-        if stats.skipped <= MAX_WARNINGS:
-            print(f"warning: skipped {err}", file=sys.stderr)
-        elif stats.skipped == MAX_WARNINGS + 1:
-            print("warning: more skipped input; the total is reported at the end.", file=sys.stderr)
-
-    for doc in iter_documents(files, text_field=text_field, on_error=on_error):
+    for doc in iter_documents(files, text_field=text_field, on_error=stats.skip):
         text = doc.text
         n = len(text.encode("utf-8"))
         if max_bytes is not None and stats.bytes + n > max_bytes:
@@ -147,9 +147,7 @@ def _read_chat(files: list[Path], stats: _Stats) -> Iterator[str]:
                     row = json.loads(line)
                     parts = render_parts(row["messages"], row.get("tools"))
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UserError) as e:
-                    stats.skipped += 1
-                    if stats.skipped <= MAX_WARNINGS:
-                        print(f"warning: skipped {path} line {n}: not a chat row ({e})", file=sys.stderr)
+                    stats.skip(f"{path} line {n}: not a chat row ({e})")
                     continue
                 text = "".join(t for t, special, _ in parts if not special)
                 stats.docs += 1
