@@ -105,6 +105,16 @@ def test_logprobs(client):
         assert bytes(item.bytes).decode("utf-8", "replace") == item.token
 
 
+def test_logprobs_of_a_reply_that_ends_at_once(client, live):
+    """A choice whose first sample is the end of text has no tokens: asked-for logprobs are empty, not null."""
+    end_now = {str(t): 100 for t in live.tok.stop_ids}
+    r = chat(client, logprobs=True, max_tokens=4, logit_bias=end_now)
+    assert r.choices[0].message.content == "" and r.choices[0].logprobs.content == []
+    c = client.completions.create(model=MODEL_NAME, prompt="a fox", max_tokens=4, logprobs=2, logit_bias=end_now)
+    assert c.choices[0].text == "" and c.choices[0].logprobs.tokens == [] == c.choices[0].logprobs.token_logprobs
+    assert chat(client, max_tokens=4, logit_bias=end_now).choices[0].logprobs is None  # not asked for
+
+
 def test_tool_calls(client):
     r = chat(
         client,

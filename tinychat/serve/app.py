@@ -138,7 +138,7 @@ def create_app(  # noqa: ANN001
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        fmt = Formatter(grammars, model_name, "chat")
+        fmt = Formatter(grammars, model_name, "chat", logprobs=body.logprobs)
         rag = None
         if body.rag is not None:
             if kb is None or rag_routes is None:
@@ -162,7 +162,7 @@ def create_app(  # noqa: ANN001
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         preps = [await run_in_threadpool(prep.completion, body, x) for x in body.prompts()]
-        fmt = Formatter(grammars, model_name, "completion")
+        fmt = Formatter(grammars, model_name, "completion", logprobs=body.logprobs is not None)
         handles, q = submit([p.gen for p in preps])
         prefixes = [p.prompt_text if body.echo else "" for p in preps]
         if body.stream:

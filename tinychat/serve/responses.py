@@ -32,9 +32,12 @@ def sse(obj: dict[str, Any] | str) -> str:
 class Formatter:
     """Builds response bodies for one request (id, creation time and model name fixed once)."""
 
-    def __init__(self, grammars: Grammars, model: str, kind: str) -> None:
+    def __init__(self, grammars: Grammars, model: str, kind: str, logprobs: bool = False) -> None:
         self.g, self.model = grammars, model
         self.kind = kind  # "chat" | "completion"
+        # asked for: a choice that produced no token (its first sample was the end of text) still gets a
+        # logprobs object, with empty lists, as OpenAI sends it; not asked for: null
+        self.logprobs = logprobs
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
 
@@ -47,7 +50,7 @@ class Formatter:
         return b.decode("utf-8", errors="replace"), list(b)
 
     def chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any] | None:
-        if not lps:
+        if not lps and not self.logprobs:
             return None
         content = []
         for lp in lps:
@@ -60,7 +63,7 @@ class Formatter:
         return {"content": content}
 
     def completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
-        if not lps:
+        if not lps and not self.logprobs:
             return None
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for lp in lps:
