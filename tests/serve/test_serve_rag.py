@@ -27,6 +27,7 @@ def rag_live(model_dir: Path, start_server, tmp_path_factory: pytest.TempPathFac
     kb = KnowledgeBase(tmp_path_factory.mktemp("kbroot") / "kb", KbSettings(chunk_size=300, overlap=40))
     kb.sync([docs])
     srv = start_server(model_dir, EngineConfig(max_num_seqs=4), kb=kb, max_upload_mb=0.01)
+    srv.kb = kb
     yield srv
     srv.close()
     kb.close()
@@ -44,6 +45,48 @@ def test_upload_list_query_delete(rag_live) -> None:  # noqa: ANN001
     assert http.delete("/rag/documents/ada.md").json()["deleted"] == ["ada.md"]
     assert http.delete("/rag/documents/ada.md").status_code == 404
     assert {d["name"] for d in http.get("/rag/documents").json()["data"]} == {"porthaven.md"}
+
+
+def test_delete_names_exactly_one_document(rag_live, raw_request) -> None:  # noqa: ANN001
+    """A slash, a folder prefix or a path is no document id: 404, and nothing is deleted from the index or disk."""
+    http = httpx.Client(base_url=rag_live.base_url, headers=AUTH, timeout=60)
+    assert http.post("/rag/documents", files={"file": ("keep.md", DOC)}).status_code == 200
+    stored = rag_live.kb.path / "files" / "keep.md"
+    before = http.get("/rag/documents").json()["data"]
+    files = (rag_live.kb.path / "files").resolve().as_posix()
+    for path in ("%2F", "/", files, files + "/", files + "/keep.md", "keep", "kee", "*"):
+        status, body = raw_request(rag_live.url, "DELETE", "/v1/rag/documents/" + path.lstrip("/"))
+        assert status == 404 and body["error"]["message"], (path, body)
+        status, body = raw_request(rag_live.url, "DELETE", "/v1/rag/documents//" + path.lstrip("/"))
+        assert status == 404, (path, body)
+    assert http.get("/rag/documents").json()["data"] == before and stored.is_file()
+    doc = next(d for d in before if d["name"] == "keep.md")
+    assert http.delete(f"/rag/documents/{doc['id']}").json()["deleted"] == ["keep.md"]  # by id, or by name
+    assert not stored.exists()
+
+
+def test_writes_are_refused_when_open_beyond_loopback(model_dir: Path, start_server, tmp_path: Path) -> None:  # noqa: ANN001
+    """serve --host 0.0.0.0 without --api-key: reads work, uploads and deletes are 403 unless opted in."""
+    from tinychat.serve.cli import ServeConfig, write_policy
+
+    assert write_policy(ServeConfig()) == (True, None)  # loopback: open, no warning
+    assert write_policy(ServeConfig(host="::1"))[0] and write_policy(ServeConfig(host="localhost"))[0]
+    assert write_policy(ServeConfig(host="0.0.0.0", api_key="k")) == (True, None)
+    allowed, warning = write_policy(ServeConfig(host="0.0.0.0", kb="kb"))
+    assert not allowed and "--api-key" in warning and "--allow-unauthenticated-writes" in warning
+    allowed, warning = write_policy(ServeConfig(host="192.168.1.5", kb="kb", allow_unauthenticated_writes=True))
+    assert allowed and "WARNING" in warning
+    kb = KnowledgeBase(tmp_path / "kb", KbSettings(chunk_size=300, overlap=40))
+    srv = start_server(model_dir, EngineConfig(max_num_seqs=1), api_key=None, kb=kb, allow_writes=False)
+    try:
+        r = httpx.post(srv.base_url + "/rag/documents", files={"file": ("a.md", DOC)}, timeout=60)
+        assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"]
+        assert httpx.delete(srv.base_url + "/rag/documents/a.md", timeout=60).status_code == 403
+        assert httpx.get(srv.base_url + "/rag/documents", timeout=60).status_code == 200
+        assert not (kb.path / "files").exists()
+    finally:
+        srv.close()
+        kb.close()
 
 
 @pytest.mark.parametrize(

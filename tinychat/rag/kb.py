@@ -93,6 +93,11 @@ class DocInfo:
     chunks: int
     content_hash: str
 
+    @property
+    def id(self) -> str:
+        """A short stable id from the source path: unique where two roots hold files of the same shown name."""
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._\- \u4e00-\u9fff]")
 
@@ -301,12 +306,24 @@ class KnowledgeBase:
                     raise UserError(f"no document {n!r} in {self.path} (see `tinychat rag list --kb {self.path}`).")
                 hit += found
             hit = sorted(set(hit))
-            self.store.delete_sources(hit)
-            files = (self.path / "files").resolve().as_posix() + "/"
-            for s in hit:
-                if s.startswith(files):
-                    Path(s).unlink(missing_ok=True)
+            self._delete(hit)
         return hit
+
+    def find_document(self, key: str) -> list[DocInfo]:
+        """The documents whose id or shown name is exactly `key` (never a prefix: a server deletes one at a time)."""
+        return [d for d in self.documents() if key in (d.id, d.name)]
+
+    def remove_source(self, source: str) -> None:
+        """Delete one document by its exact source path (an uploaded file is deleted from disk too)."""
+        with self._writing():
+            self._delete([source])
+
+    def _delete(self, sources: list[str]) -> None:
+        self.store.delete_sources(sources)
+        files = (self.path / "files").resolve().as_posix() + "/"
+        for s in sources:
+            if s.startswith(files):
+                Path(s).unlink(missing_ok=True)
 
     def close(self) -> None:
         self.store.close()

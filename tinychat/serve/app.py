@@ -40,16 +40,23 @@ log = logging.getLogger("tinychat.serve")
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(  # noqa: ANN001
-    engine: Engine, tokenizer, model_name: str, api_key: str | None = None, kb=None, max_upload_mb: float = 20.0
+def create_app(  # noqa: ANN001, PLR0913
+    engine: Engine,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    kb=None,
+    max_upload_mb: float = 20.0,
+    allow_writes: bool = True,
 ) -> FastAPI:
     """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open);
-    `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes."""
+    `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes;
+    `allow_writes=False` answers uploads and deletes of documents with 403 (see serve.cli.write_policy)."""
     grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
     prep = Preparer(engine, tokenizer, grammars, model_name)
     http = HttpStats()
     app = FastAPI(title="tinychat", version="0.1.0", docs_url="/docs", redoc_url=None)
-    app.add_middleware(_Gate, api_key=api_key, stats=http)
+    app.add_middleware(_Gate, api_key=api_key, stats=http, writes=allow_writes)
     app.state.engine = engine
     _install_error_handlers(app)
 
@@ -377,6 +384,8 @@ ROUTES = (
     "/static",
 )
 
+WRITE_ROUTES = ("/v1/rag/documents",)  # POST and DELETE change the knowledge base
+
 
 def _route(path: str) -> str:
     """A fixed label per endpoint, so a client cannot create metric series by inventing paths."""
@@ -393,8 +402,8 @@ class _Gate:
     learns nothing else about the request.
     """
 
-    def __init__(self, app: Any, api_key: str | None, stats: HttpStats) -> None:
-        self.app, self.api_key, self.stats = app, api_key, stats
+    def __init__(self, app: Any, api_key: str | None, stats: HttpStats, writes: bool = True) -> None:
+        self.app, self.api_key, self.stats, self.writes = app, api_key, stats, writes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -419,6 +428,13 @@ class _Gate:
                 self.stats.count(route, 401)
                 resp = _error(401, msg, code="invalid_api_key")
                 return await resp(scope, receive, send)
+        if not self.writes and route in WRITE_ROUTES and scope["method"] not in ("GET", "HEAD"):
+            self.stats.count(route, 403)
+            msg = (
+                "This server listens beyond loopback without an API key, so it refuses to change the knowledge "
+                "base; restart it with --api-key KEY (or --allow-unauthenticated-writes)."
+            )
+            return await _error(403, msg, type="permission_error")(scope, receive, send)
         status = [500]
 
         async def send_wrapper(message: dict) -> None:

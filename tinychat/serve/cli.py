@@ -8,6 +8,7 @@ docs/architecture.md). The tokenizer is read from the model directory, or else f
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from tinychat.config import field
@@ -32,6 +33,36 @@ class ServeConfig:
     dtype: str = field("auto")
     kb: str = field("", help="knowledge-base directory: adds /v1/rag/* and answers from it (see tinychat rag)")
     max_upload_mb: float = field(20.0, help="largest document accepted by POST /v1/rag/documents")
+    allow_unauthenticated_writes: bool = field(
+        False, help="let anyone upload and delete documents on a non-loopback --host without --api-key"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def write_policy(cfg: ServeConfig) -> tuple[bool, str | None]:
+    """(may unauthenticated clients upload and delete documents, the warning to print at start or None).
+
+    Why: a server reachable from other machines without a key lets anyone use it; that is a choice for
+    reading, but changing the knowledge base (or emptying it) must be asked for explicitly."""
+    if cfg.api_key or is_loopback(cfg.host):
+        return True, None
+    warning = (
+        f"WARNING: listening on {cfg.host} without --api-key: anyone who can reach port {cfg.port} can use this server."
+    )
+    if not cfg.allow_unauthenticated_writes:
+        return False, warning + (
+            " Uploading and deleting documents is refused (403); set --api-key KEY, or pass "
+            "--allow-unauthenticated-writes to allow it anyway."
+        )
+    return True, warning + " --allow-unauthenticated-writes: anyone can upload and delete documents."
 
 
 def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Model, Tokenizer, Path)
@@ -61,6 +92,8 @@ def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
 
 
 def run(cfg: ServeConfig) -> int:
+    import sys
+
     import uvicorn
 
     from tinychat.infer.engine import Engine
@@ -74,7 +107,12 @@ def run(cfg: ServeConfig) -> int:
         from tinychat.rag.kb import KbSettings, KnowledgeBase
 
         kb = KnowledgeBase(cfg.kb, KbSettings())  # created empty when new: fill it by upload or `tinychat rag ingest`
-    app = create_app(engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_upload_mb=cfg.max_upload_mb)
+    writes, warning = write_policy(cfg)
+    if warning:
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr)
+    app = create_app(
+        engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_upload_mb=cfg.max_upload_mb, allow_writes=writes
+    )
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
         f"{engine.max_len} tokens) on http://{cfg.host}:{cfg.port}/  (OpenAI API under /v1)"

@@ -3,7 +3,8 @@
 Endpoints (all under /v1, behind the API key like the rest):
     POST   /v1/rag/documents         multipart upload (field "file"): stored under KB_DIR/files/, ingested
     GET    /v1/rag/documents         the documents and their chunk counts
-    DELETE /v1/rag/documents/{name}  remove one (uploaded files are deleted from disk too)
+    DELETE /v1/rag/documents/{id}    remove one, named by its id or its exact name (uploaded files are deleted
+                                     from disk too); never a prefix or a folder, that is `tinychat rag remove`
     POST   /v1/rag/query             {"query", "k", "mode", "min_similarity", "mmr"} -> chunks with scores
 
 Chat completions take a tinychat extension, `"rag": {"k": 4, "mode": "hybrid", ...}` (OpenAI clients send it
@@ -29,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tinychat.errors import UserError
 from tinychat.rag.answer import NO_CONTEXT, REFUSED, Citation, cite, context_message, guard, language, numbered_sources
-from tinychat.rag.kb import KnowledgeBase, sanitize_name
+from tinychat.rag.kb import DocInfo, KnowledgeBase, sanitize_name
 from tinychat.rag.retrieve import RetrieveConfig
 from tinychat.serve.prepare import APIError
 from tinychat.serve.protocol import ChatCompletionRequest, ChatMessage, Strict
@@ -130,11 +131,15 @@ async def with_sources(gen: Any, fmt: Formatter, ctx: RagContext) -> Any:
         yield chunk
 
 
+def _public(d: DocInfo) -> dict[str, Any]:
+    return {"id": d.id, **d.__dict__}
+
+
 def add_routes(app: FastAPI, kb: KnowledgeBase, max_upload_bytes: int) -> None:
     @app.get("/v1/rag/documents")
     async def list_documents() -> dict[str, Any]:
         docs = await run_in_threadpool(kb.documents)
-        return {"object": "list", "data": [d.__dict__ for d in docs], "embedder": kb.settings.embedder}
+        return {"object": "list", "data": [_public(d) for d in docs], "embedder": kb.settings.embedder}
 
     @app.post("/v1/rag/documents")
     async def upload(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
@@ -148,16 +153,19 @@ def add_routes(app: FastAPI, kb: KnowledgeBase, max_upload_bytes: int) -> None:
         except UserError as e:
             raise APIError(400, str(e), param="file") from None
         source = (kb.path / "files" / sanitize_name(name)).resolve().as_posix()
-        doc = next((d.__dict__ for d in await run_in_threadpool(kb.documents) if d.source == source), None)
+        doc = next((_public(d) for d in await run_in_threadpool(kb.documents) if d.source == source), None)
         return {"object": "rag.document", "document": doc, "sync": rep.to_dict(), "seconds": time.perf_counter() - t0}
 
-    @app.delete("/v1/rag/documents/{name:path}")
-    async def delete(name: str) -> dict[str, Any]:
-        try:
-            gone = await run_in_threadpool(kb.remove, [name])
-        except UserError as e:
-            raise APIError(404, str(e), param="name") from None
-        return {"object": "rag.document.deleted", "deleted": [kb.display_name(s) for s in gone]}
+    @app.delete("/v1/rag/documents/{doc_id:path}")
+    async def delete(doc_id: str) -> dict[str, Any]:
+        found = await run_in_threadpool(kb.find_document, doc_id)
+        if not found:
+            raise APIError(404, f"No document has the id or name {doc_id!r}; GET /v1/rag/documents lists them.")
+        if len(found) > 1:
+            ids = ", ".join(d.id for d in found)
+            raise APIError(409, f"{len(found)} documents are named {doc_id!r}; delete one by its id ({ids}).")
+        await run_in_threadpool(kb.remove_source, found[0].source)
+        return {"object": "rag.document.deleted", "deleted": [found[0].name]}
 
     @app.post("/v1/rag/query")
     async def query(body: QueryRequest) -> dict[str, Any]:
