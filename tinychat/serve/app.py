@@ -188,7 +188,7 @@ def create_app(  # noqa: ANN001, PLR0913
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
         ids = [tokenizer.encode(x) if isinstance(x, str) else x for x in inputs]
-        ctx, V, d = engine.model.cfg.max_seq_len, engine.model.cfg.vocab_size, engine.model.cfg.d_model
+        ctx, d = engine.model.cfg.max_seq_len, engine.model.cfg.d_model
         for i, x in enumerate(ids):
             if not x:
                 raise APIError(400, f"input[{i}] is empty.", param="input")
@@ -199,8 +199,7 @@ def create_app(  # noqa: ANN001, PLR0913
                     param="input",
                     code="context_length_exceeded",
                 )
-            if any(not 0 <= t < V for t in x):
-                raise APIError(400, f"input[{i}] holds a token id outside 0..{V - 1}.", param="input")
+            prep.check_token_ids(x, "input")
         if body.dimensions is not None and body.dimensions != d:
             raise APIError(
                 400, f"dimensions must be {d} for this model (it cannot shorten embeddings).", param="dimensions"

@@ -116,6 +116,7 @@ class Preparer:
         if isinstance(prompt, str):
             ids, text = self.tok.encode(prompt), prompt
         else:
+            self.check_token_ids(prompt, "prompt")
             ids, text = list(prompt), self.tok.decode(prompt)
         if not ids:
             raise APIError(400, "the prompt is empty; give at least one token.", param="prompt")
@@ -141,6 +142,13 @@ class Preparer:
                 code="context_length_exceeded",
             )
         return max_tokens if max_tokens is not None else ctx - n_prompt
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token ids a client sent must name tokens of this model's vocabulary."""
+        V = self.engine.model.cfg.vocab_size
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise APIError(400, f"{param} holds token id {bad}, outside the vocabulary (0..{V - 1}).", param=param)
 
     def _n(self, n: int) -> int:
         if n > self.engine.num_slots:
@@ -170,13 +178,8 @@ class Preparer:
     def _bias(self, body: SamplingFields) -> dict[int, float] | None:
         if not body.logit_bias:
             return None
-        V = self.engine.model.cfg.vocab_size
         bias = {int(k): float(v) for k, v in body.logit_bias.items()}
-        for k in bias:
-            if not 0 <= k < V:
-                raise APIError(
-                    400, f"logit_bias names token {k}, outside the vocabulary (0..{V - 1}).", param="logit_bias"
-                )
+        self.check_token_ids(list(bias), "logit_bias")
         return bias
 
     @staticmethod

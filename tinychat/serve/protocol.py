@@ -1,7 +1,9 @@
 """The OpenAI request bodies as pydantic models: every field typed and bounded, unknown fields refused.
 
 Why strict: a typo such as `max_token` would otherwise be ignored silently and the client would wonder
-why its limit did nothing; OpenAI's own API answers 400 for an unknown argument, and so do we.
+why its limit did nothing; OpenAI's own API answers 400 for an unknown argument, and so do we. Types are
+strict too (pydantic strict mode): `true` is no token id and no `max_tokens`. Every string, at any depth,
+must be encodable text: JSON may carry a lone surrogate ("\\ud800") that no tokenizer or encoder accepts.
 Fields that OpenAI accepts but that change nothing here (user, metadata, store, service_tier,
 parallel_tool_calls) are accepted and ignored. top_k, min_p and repetition_penalty are the vLLM
 extensions most clients know.
@@ -9,6 +11,7 @@ extensions most clients know.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -19,14 +22,38 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _encodable(v: Any) -> bool:
+    """No lone surrogate in any string of v (nested lists and dicts, keys too); models check their own fields."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, dict):
+        return all(_encodable(k) and _encodable(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return all(_encodable(x) for x in v)
+    return True
 
 
-class Lenient(BaseModel):
+class _Checked(BaseModel):
+    @field_validator("*")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        if not _encodable(v):
+            raise ValueError("the text holds a lone surrogate (such as \\ud800), which is not valid Unicode")
+        return v
+
+
+class Strict(_Checked):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Lenient(_Checked):
     """Objects a client may echo back from a response (they carry extra keys such as refusal or audio)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(Strict):
@@ -60,7 +87,7 @@ class JsonSchemaFormat(Strict):
     schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class ResponseFormat(Strict):
@@ -135,7 +162,7 @@ class SamplingFields(Strict):
     @classmethod
     def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for k in v or {}:
-            if not k.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]{1,20}", k):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
         return v
 
