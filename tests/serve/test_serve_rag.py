@@ -3,7 +3,10 @@ with sources, and the limits (upload size, path-traversal names, broken files) a
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def rag_live(model_dir: Path, start_server, tmp_path_factory: pytest.TempPathFac
     )
     kb = KnowledgeBase(tmp_path_factory.mktemp("kbroot") / "kb", KbSettings(chunk_size=300, overlap=40))
     kb.sync([docs])
-    srv = start_server(model_dir, EngineConfig(max_num_seqs=4), kb=kb, max_upload_mb=0.01)
+    srv = start_server(model_dir, EngineConfig(max_num_seqs=4), kb=kb, max_body_mb=0.01)
     srv.kb = kb
     yield srv
     srv.close()
@@ -87,6 +90,44 @@ def test_writes_are_refused_when_open_beyond_loopback(model_dir: Path, start_ser
     finally:
         srv.close()
         kb.close()
+
+
+def _chunked(url: str, path: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    """POST with Transfer-Encoding: chunked (no Content-Length), 4 KB a chunk."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    chunks = (body[i : i + 4096] for i in range(0, len(body), 4096))
+    headers = {**AUTH, "Content-Type": content_type}
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered and closed before the last chunk
+        conn.request("POST", path, body=chunks, headers=headers, encode_chunked=True)
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+
+def test_the_body_limit_counts_bytes_read_not_the_header(rag_live) -> None:  # noqa: ANN001
+    """The test server's one limit is 0.01 MB for every body: chunked or not, a chat body or an upload beyond
+    it is 413; a document that fits is stored."""
+    chat = json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x " * 10_000}]}).encode()
+    status, body = _chunked(rag_live.url, "/v1/chat/completions", chat, "application/json")
+    assert status == 413 and "10485 bytes" in body["error"]["message"], body
+    boundary = "tinychatboundary"
+    for size, code in ((20_000, 413), (2_000, 200)):
+        form = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\n{'word ' * (size // 5)}\r\n--{boundary}--\r\n"
+        ).encode()
+        status, body = _chunked(rag_live.url, "/v1/rag/documents", form, f"multipart/form-data; boundary={boundary}")
+        assert status == code, body
+        r = httpx.post(
+            rag_live.base_url + "/rag/documents",
+            content=form,
+            headers={**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+            timeout=60,
+        )
+        assert r.status_code == code, r.text
+    httpx.delete(rag_live.base_url + "/rag/documents/big.txt", headers=AUTH)
 
 
 @pytest.mark.parametrize(

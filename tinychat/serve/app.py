@@ -46,17 +46,19 @@ def create_app(  # noqa: ANN001, PLR0913
     model_name: str,
     api_key: str | None = None,
     kb=None,
-    max_upload_mb: float = 20.0,
+    max_body_mb: float = 16.0,
     allow_writes: bool = True,
 ) -> FastAPI:
     """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open);
     `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes;
-    `allow_writes=False` answers uploads and deletes of documents with 403 (see serve.cli.write_policy)."""
+    `allow_writes=False` answers uploads and deletes of documents with 403 (see serve.cli.write_policy);
+    `max_body_mb` bounds every request body, uploads included (413 beyond)."""
     grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
     prep = Preparer(engine, tokenizer, grammars, model_name)
     http = HttpStats()
     app = FastAPI(title="tinychat", version="0.1.0", docs_url="/docs", redoc_url=None)
-    app.add_middleware(_Gate, api_key=api_key, stats=http, writes=allow_writes)
+    max_body = int(max_body_mb * 2**20)
+    app.add_middleware(_Gate, api_key=api_key, stats=http, writes=allow_writes, max_body=max_body)
     app.state.engine = engine
     _install_error_handlers(app)
 
@@ -139,7 +141,7 @@ def create_app(  # noqa: ANN001, PLR0913
     if kb is not None:
         from tinychat.serve import rag_routes
 
-        rag_routes.add_routes(app, kb, int(max_upload_mb * 2**20))
+        rag_routes.add_routes(app, kb, max_body)
     else:
         rag_routes = None
 
@@ -370,7 +372,13 @@ def _param(loc: tuple | list) -> str | None:
     return out or None
 
 
-MAX_BODY = 16 * 2**20  # bytes; a longer body could only be a mistake or an attack at these context sizes
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from the body's receive once more bytes arrived than the limit allows (answered as a 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than the limit of {limit} bytes ({limit / 2**20:g} MB).")
+
+
 ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -394,15 +402,17 @@ def _route(path: str) -> str:
 
 
 class _Gate:
-    """Pure ASGI middleware: body size limit, API key check on /v1/* and request counting for /metrics.
+    """Pure ASGI middleware: body size limit, API key check on /v1/*, the write switch of the knowledge-base
+    routes, and request counting for /metrics.
 
     Pure ASGI rather than @app.middleware("http"), whose wrapper buffers streaming responses and hides a
     client's disconnect from the stream; auth runs before the body is parsed, so a caller without the key
-    learns nothing else about the request.
+    learns nothing else about the request. The body limit counts the bytes actually received (a chunked body
+    has no Content-Length), and a Content-Length over the limit is refused before anything is read.
     """
 
-    def __init__(self, app: Any, api_key: str | None, stats: HttpStats, writes: bool = True) -> None:
-        self.app, self.api_key, self.stats, self.writes = app, api_key, stats, writes
+    def __init__(self, app: Any, api_key: str | None, stats: HttpStats, writes: bool, max_body: int) -> None:
+        self.app, self.api_key, self.stats, self.writes, self.max_body = app, api_key, stats, writes, max_body
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -411,10 +421,8 @@ class _Gate:
         route = _route(path)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > MAX_BODY:
-            self.stats.count(route, 413)
-            resp = _error(413, f"The request body is larger than {MAX_BODY // 2**20} MB.")
-            return await resp(scope, receive, send)
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._refuse(scope, receive, send, route, 413, BodyTooLarge(self.max_body).detail)
         if self.api_key and path.startswith("/v1/"):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -424,17 +432,22 @@ class _Gate:
                     if token
                     else "You didn't provide an API key; send it as 'Authorization: Bearer KEY'."
                 )
-                self.stats.count(route, 401)
-                resp = _error(401, msg, code="invalid_api_key")
-                return await resp(scope, receive, send)
+                return await self._refuse(scope, receive, send, route, 401, msg, code="invalid_api_key")
         if not self.writes and route in WRITE_ROUTES and scope["method"] not in ("GET", "HEAD"):
-            self.stats.count(route, 403)
             msg = (
                 "This server listens beyond loopback without an API key, so it refuses to change the knowledge "
                 "base; restart it with --api-key KEY (or --allow-unauthenticated-writes)."
             )
-            return await _error(403, msg, type="permission_error")(scope, receive, send)
-        status = [500]
+            return await self._refuse(scope, receive, send, route, 403, msg, type="permission_error")
+        status, received = [500], [0]
+
+        async def counted() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -442,6 +455,15 @@ class _Gate:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, counted, send_wrapper)
+        except BodyTooLarge as e:  # read outside a route's own error handling
+            if status[0] != 500:
+                raise
+            status[0] = 413
+            await _error(413, str(e.detail))(scope, receive, send)
         finally:
             self.stats.count(route, status[0])
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, route: str, status: int, msg: str, **kw: Any) -> None:
+        self.stats.count(route, status)
+        await _error(status, msg, **kw)(scope, receive, send)

@@ -32,7 +32,7 @@ class ServeConfig:
     device: str = field("auto")
     dtype: str = field("auto")
     kb: str = field("", help="knowledge-base directory: adds /v1/rag/* and answers from it (see tinychat rag)")
-    max_upload_mb: float = field(20.0, help="largest document accepted by POST /v1/rag/documents")
+    max_body_mb: float = field(16.0, help="largest request body in MB, document uploads included (413 beyond)")
     allow_unauthenticated_writes: bool = field(
         False, help="let anyone upload and delete documents on a non-loopback --host without --api-key"
     )
@@ -111,7 +111,7 @@ def run(cfg: ServeConfig) -> int:
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr)
     app = create_app(
-        engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_upload_mb=cfg.max_upload_mb, allow_writes=writes
+        engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_body_mb=cfg.max_body_mb, allow_writes=writes
     )
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "

@@ -135,7 +135,9 @@ def _public(d: DocInfo) -> dict[str, Any]:
     return {"id": d.id, **d.__dict__}
 
 
-def add_routes(app: FastAPI, kb: KnowledgeBase, max_upload_bytes: int) -> None:
+def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
+    """The /v1/rag/* routes; `max_bytes` is the server's body limit, which bounds an upload too."""
+
     @app.get("/v1/rag/documents")
     async def list_documents() -> dict[str, Any]:
         docs = await run_in_threadpool(kb.documents)
@@ -143,13 +145,11 @@ def add_routes(app: FastAPI, kb: KnowledgeBase, max_upload_bytes: int) -> None:
 
     @app.post("/v1/rag/documents")
     async def upload(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise APIError(413, f"The document is larger than the upload limit of {max_upload_bytes} bytes.")
+        data = await file.read()  # the body limit (serve --max-body-mb) has bounded it
         name = file.filename or ""
         t0 = time.perf_counter()
         try:
-            rep = await run_in_threadpool(kb.add_upload, name, data, max_upload_bytes)
+            rep = await run_in_threadpool(kb.add_upload, name, data, max_bytes)
         except UserError as e:
             raise APIError(400, str(e), param="file") from None
         source = (kb.path / "files" / sanitize_name(name)).resolve().as_posix()
