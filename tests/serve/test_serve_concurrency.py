@@ -38,6 +38,28 @@ def test_sixteen_concurrent_streams_equal_sequential_greedy(live, client):
     assert live.engine.stats.free_slots == live.engine.num_slots
 
 
+def open_request(url: str, path: str, body: str) -> socket.socket:
+    """Send a POST on a raw socket, so that the test can hang up at a moment of its choosing."""
+    u = urllib.parse.urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer test-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n\r\n"
+    )
+    sock.sendall((head + body).encode())
+    return sock
+
+
+def assert_freed_and_cancelled(live, raw_request, cancelled: float, generated: float, max_tokens: int) -> None:
+    deadline = time.time() + 10
+    while metric(raw_request, live.url, "running_sequences") != 0:
+        assert time.time() < deadline, "the slot was not freed"
+        time.sleep(0.02)
+    assert metric(raw_request, live.url, "kv_slots_free") == live.engine.num_slots
+    assert metric(raw_request, live.url, 'requests_total{status="cancelled"}') == cancelled + 1
+    assert metric(raw_request, live.url, "generation_tokens_total") - generated < max_tokens  # it stopped early
+
+
 def test_a_client_that_hangs_up_frees_its_slot(live, raw_request):
     cancelled = metric(raw_request, live.url, 'requests_total{status="cancelled"}')
     generated = metric(raw_request, live.url, "generation_tokens_total")
@@ -45,23 +67,27 @@ def test_a_client_that_hangs_up_frees_its_slot(live, raw_request):
     body = (
         f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Talk."}}], "max_tokens": 900, '
         f'"stream": true, "logit_bias": {{{no_eos}}}}}'
-    ).encode()
-    u = urllib.parse.urlparse(live.url)
-    sock = socket.create_connection((u.hostname, u.port), timeout=10)
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer test-key\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    sock.sendall(head.encode() + body)
+    sock = open_request(live.url, "/v1/chat/completions", body)
     received = b""
     while received.count(b"data: ") < 5:  # a few tokens streamed: the request holds a slot now
         received += sock.recv(4096)
     assert metric(raw_request, live.url, "running_sequences") == 1
     sock.close()  # the client goes away mid-stream
+    assert_freed_and_cancelled(live, raw_request, cancelled, generated, 900)
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(live, raw_request):
+    """Tokens arrive faster than any poll interval: the handler must still notice that its caller left."""
+    cancelled = metric(raw_request, live.url, 'requests_total{status="cancelled"}')
+    generated = metric(raw_request, live.url, "generation_tokens_total")
+    no_eos = ", ".join(f'"{t}": -100' for t in live.tok.stop_ids)
+    max_tokens = live.engine.max_len - 16
+    body = f'{{"model": "{MODEL}", "prompt": "Talk.", "max_tokens": {max_tokens}, "logit_bias": {{{no_eos}}}}}'
+    sock = open_request(live.url, "/v1/completions", body)
     deadline = time.time() + 10
-    while metric(raw_request, live.url, "running_sequences") != 0:
-        assert time.time() < deadline, "the slot was not freed"
-        time.sleep(0.02)
-    assert metric(raw_request, live.url, "kv_slots_free") == live.engine.num_slots
-    assert metric(raw_request, live.url, 'requests_total{status="cancelled"}') == cancelled + 1
-    assert metric(raw_request, live.url, "generation_tokens_total") - generated < 900  # it stopped early
+    while metric(raw_request, live.url, "running_sequences") != 1:  # admitted and generating
+        assert time.time() < deadline, "the request never ran"
+        time.sleep(0.005)
+    sock.close()  # the client times out and goes away
+    assert_freed_and_cancelled(live, raw_request, cancelled, generated, max_tokens)

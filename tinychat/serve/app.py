@@ -37,6 +37,7 @@ from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, Em
 from tinychat.serve.responses import Formatter, sse
 
 log = logging.getLogger("tinychat.serve")
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler asks whether its client is still there
 STATIC = Path(__file__).parent / "static"
 
 
@@ -83,16 +84,22 @@ def create_app(  # noqa: ANN001, PLR0913
     async def events(handles: list, q: asyncio.Queue, request: Request | None) -> AsyncIterator[tuple[int, Any]]:
         """Engine events of several requests; cancels whatever is unfinished when the consumer stops early."""
         done: set[int] = set()
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while len(done) < len(handles):
                 if request is None:
                     k, ev = await q.get()
-                else:  # a non-streaming caller: notice when it hangs up
+                else:  # a non-streaming caller: notice when it hangs up, also while tokens keep coming
                     try:
-                        k, ev = await asyncio.wait_for(q.get(), 0.25)
+                        k, ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
                     except TimeoutError:
+                        ev = None
+                    if loop.time() >= next_check or ev is None:
                         if await request.is_disconnected():
                             return
+                        next_check = loop.time() + DISCONNECT_POLL_S
+                    if ev is None:
                         continue
                 if isinstance(ev, Done):
                     done.add(k)
