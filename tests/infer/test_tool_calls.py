@@ -25,6 +25,25 @@ def feed(pieces: list[str]) -> tuple[str, list[tuple[str, dict]]]:
     return text, [(c.name, json.loads(c.arguments)) for c in calls]
 
 
+def test_a_call_cut_by_the_token_limit_is_a_partial_call_not_markup():
+    def cut(text: str) -> tuple[str, list[tuple[str, str]]]:
+        p = ToolCallParser()
+        t, c = p.push(text)
+        t2, c2 = p.finish(truncated=True)
+        return t + t2, [(x.name, x.arguments) for x in c + c2]
+
+    assert cut('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa') == (
+        "Sure.",
+        [("get_weather", '{"city": "Pa')],
+    )
+    assert cut('<tool_call>\n{"name": "get_weather", "argu') == ("", [("get_weather", "")])
+    assert cut('<tool_call>\n{"name": "get_wea') == ("", [])  # no name yet: nothing to call, nothing leaked
+    assert cut('<tool_call>\n{"name": "a\\"b", "arguments": {') == ("", [('a"b', "{")])
+    assert cut('<tool_call>\n{"name": "f", "arguments": {}}') == ("", [("f", "{}")])  # complete: parsed
+    # without truncation (the model ended its turn) a broken block stays content
+    assert feed(['<tool_call>\n{"name": "f", "argu']) == ('<tool_call>\n{"name": "f", "argu', [])
+
+
 def test_content_calls_and_whitespace():
     assert feed(["Hello there.\n"]) == ("Hello there.\n", [])
     assert feed([CALL]) == ("", [("get_weather", {"city": "Paris"})])

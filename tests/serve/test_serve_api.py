@@ -157,6 +157,28 @@ def test_tool_calls(client):
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
 
 
+def test_a_forced_call_cut_by_max_tokens_is_a_partial_call(client):
+    """finish_reason "length" with the function's name and the arguments written so far, never <tool_call> text."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    partial = 0
+    for max_tokens in range(1, 24):
+        r = chat(client, tools=[WEATHER, ADD], tool_choice=forced, max_tokens=max_tokens)
+        choice = r.choices[0]
+        assert "<tool_call>" not in (choice.message.content or ""), (max_tokens, choice.message)
+        if choice.finish_reason == "tool_calls":
+            break
+        assert choice.finish_reason == "length" and not choice.message.content
+        for call in choice.message.tool_calls or []:
+            assert call.function.name == "get_weather" and call.id.startswith("call_")
+            assert call.function.arguments[:1] in ("", "{")  # the JSON object as far as it got
+            partial += 1
+    assert partial > 0  # some limit fell inside the arguments
+    stream = chat(client, tools=[WEATHER], tool_choice=forced, stream=True, max_tokens=max_tokens - 1)
+    chunks = [ch for chunk in stream for ch in chunk.choices]
+    assert not "".join(ch.delta.content or "" for ch in chunks) and chunks[-1].finish_reason == "length"
+    assert [d.function.name for ch in chunks for d in ch.delta.tool_calls or [] if d.function.name] == ["get_weather"]
+
+
 def test_json_schema_and_json_object(client):
     schema = {
         "type": "object",

@@ -519,7 +519,7 @@ class Engine:
             tail = s.tracker.finish()
             if s.parser is not None:
                 text, calls = s.parser.push(tail)
-                text2, calls2 = s.parser.finish()
+                text2, calls2 = s.parser.finish(truncated=reason == "length")
                 delta.text += text + text2
                 delta.tool_calls += calls + calls2
                 if s.parser.calls and reason == "stop":

@@ -4,12 +4,15 @@ Why a streaming parser: the server streams a reply as it is generated, so the sp
 content and tool calls must be made token by token. Text that could still be the start of
 "<tool_call>" is held back (like a stop string), a call is handed out whole when its closing tag
 arrives, and a block whose JSON does not parse is given back as ordinary content so nothing the model
-wrote is lost. Whitespace between content and calls (the format's newlines) is dropped.
+wrote is lost. Whitespace between content and calls (the format's newlines) is dropped. A block cut off by
+the token limit is not content but a truncated call, as OpenAI returns one: the function's name and the
+arguments written so far (finish_reason stays "length"); before its name is complete it is dropped.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +62,21 @@ def parse_call(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*(,\s*"(?:arguments|parameters)"\s*:\s*)?', re.S)
+
+
+def partial_call(body: str) -> ToolCall | None:
+    """A block cut off mid-JSON: its call with the arguments text so far, or None while the name is unfinished."""
+    m = _HEAD.match(body)
+    if m is None:
+        return None
+    try:
+        name = json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return None
+    return ToolCall(name, body[m.end() :] if m.group(2) else "") if name else None
+
+
 def _held_prefix(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker` (it may still grow into it)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -106,15 +124,16 @@ class ToolCallParser:
                     self.after_call, self.ws = True, ""
         return "".join(content), calls
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The sequence ended: an unclosed block still counts as a call when its JSON is complete."""
+    def finish(self, truncated: bool = False) -> tuple[str, list[ToolCall]]:
+        """The sequence ended: an unclosed block still counts as a call when its JSON is complete, and when
+        the token limit cut it (`truncated`) it is a partial call (or nothing), never content."""
         content, calls = "", []
         if self.in_call:
-            call = parse_call(self.buf)
+            call = parse_call(self.buf) or (partial_call(self.buf) if truncated else None)
             if call is not None:
                 calls.append(call)
                 self.calls.append(call)
-            else:
+            elif not truncated:
                 content = self._content(self.ws_before + OPEN + self.buf)
         else:
             content = self._content(self.buf)
