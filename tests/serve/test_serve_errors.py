@@ -63,6 +63,22 @@ def test_bad_fields_are_400(client, kw, param):
         assert err["param"] == param
 
 
+def test_a_tool_result_must_answer_an_earlier_call(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    asked = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    ok = client.chat.completions.create(
+        model=MODEL, messages=[*asked, {"role": "tool", "tool_call_id": "call_1", "content": "1"}], max_tokens=2
+    )
+    assert ok.choices[0].message.role == "assistant"
+    for messages, param in (
+        ([*asked, {"role": "tool", "tool_call_id": "call_2", "content": "1"}], "messages[2].tool_call_id"),
+        ([*MSGS, {"role": "tool", "tool_call_id": "call_1", "content": "1"}, asked[1]], "messages[1].tool_call_id"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert error_of(e.value)["param"] == param
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-17", messages=MSGS)

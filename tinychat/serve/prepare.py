@@ -57,6 +57,7 @@ class Preparer:
     # ------------------------------------------------------------------ chat
     def chat(self, body: ChatCompletionRequest) -> Prepared:
         self.check_model(body.model)
+        self._check_tool_results(body)
         messages = [self._message(i, m) for i, m in enumerate(body.messages)]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
@@ -93,6 +94,21 @@ class Preparer:
         if fmt.type == "json_object" or fmt.json_schema is None:
             return self.grammars.json_object()
         return self.grammars.json_schema(fmt.json_schema.schema_)
+
+    @staticmethod
+    def _check_tool_results(body: ChatCompletionRequest) -> None:
+        """A tool message answers a call an earlier assistant message made (OpenAI answers 400 otherwise)."""
+        asked: set[str] = set()
+        for i, m in enumerate(body.messages):
+            if m.role == "assistant":
+                asked |= {c.id for c in m.tool_calls or [] if c.id is not None}
+            elif m.role == "tool" and m.tool_call_id is not None and m.tool_call_id not in asked:
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_call_id {m.tool_call_id!r} answers no tool call of an earlier assistant "
+                    "message.",
+                    param=f"messages[{i}].tool_call_id",
+                )
 
     @staticmethod
     def _message(i: int, m: Any) -> dict[str, Any]:
