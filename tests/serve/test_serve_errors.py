@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -124,6 +125,11 @@ def test_malformed_bodies_and_routes(live, raw_request):
     with socket.create_connection((u.hostname, u.port), timeout=10) as sock:  # announces 1 GB, sends nothing
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+def test_405_names_the_allowed_methods(live):
+    r = httpx.get(live.base_url + "/chat/completions", headers={"Authorization": "Bearer test-key"}, timeout=30)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
 
 
 def test_overload_is_429_and_the_queue_drains(start_server, model_dir):

@@ -353,7 +353,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = {404: "Not found.", 405: "Method not allowed."}.get(e.status_code, str(e.detail))
-        return _error(e.status_code, msg)
+        resp = _error(e.status_code, msg)
+        resp.headers.update(e.headers or {})  # a 405 says which methods the route allows (Allow)
+        return resp
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> JSONResponse:
