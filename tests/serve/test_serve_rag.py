@@ -146,6 +146,21 @@ def test_bad_uploads_are_4xx(rag_live, name: str, data: bytes, status: int) -> N
     assert r.json()["error"]["message"]
 
 
+def test_no_server_paths_in_responses(rag_live) -> None:  # noqa: ANN001
+    """A client learns document names and ids, never where the server keeps its files."""
+    http = httpx.Client(base_url=rag_live.base_url, headers=AUTH, timeout=60)
+    texts = [http.post("/rag/documents", files={"file": ("paths.md", DOC)}).text, http.get("/rag/documents").text]
+    for name, data in (("broken.pdf", b"%PDF-1.4 truncated"), ("fake.txt", b"\x00\x01binary"), ("x.exe", b"MZ")):
+        r = http.post("/rag/documents", files={"file": (name, data)})
+        assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
+        texts.append(r.text)
+    texts.append(http.delete("/rag/documents/paths.md").text)
+    folders = [*rag_live.kb.settings.roots, rag_live.kb.path.resolve().as_posix(), str(rag_live.kb.path)]
+    assert rag_live.kb.settings.roots
+    for text in texts:
+        assert not any(f in text for f in folders) and '"source"' not in text, text
+
+
 def test_query_fields_are_validated(rag_live) -> None:  # noqa: ANN001
     for body in ({"query": ""}, {"query": "x", "k": 0}, {"query": "x", "mode": "magic"}, {"query": "x", "extra": 1}):
         r = httpx.post(rag_live.base_url + "/rag/query", json=body, headers=AUTH, timeout=60)

@@ -187,6 +187,14 @@ class KnowledgeBase:
                 best = prefix
         return source[len(best) :] if best else Path(source).name
 
+    def redact(self, text: str) -> str:
+        """`text` with this knowledge base's folders (its own and its ingest roots) cut from every path in it:
+        what a server shows its clients, who need names, not where the files are kept."""
+        folders = {*self.settings.roots, self.path.resolve().as_posix(), self.path.as_posix()}
+        for folder in sorted(folders, key=len, reverse=True):
+            text = text.replace(folder.rstrip("/") + "/", "")
+        return text
+
     def documents(self) -> list[DocInfo]:
         by_source: dict[str, DocInfo] = {}
         for r in self.store.records():

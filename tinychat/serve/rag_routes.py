@@ -132,7 +132,25 @@ async def with_sources(gen: Any, fmt: Formatter, ctx: RagContext) -> Any:
 
 
 def _public(d: DocInfo) -> dict[str, Any]:
-    return {"id": d.id, **d.__dict__}
+    """A document as clients see it: its id and shown name, not its path on the server."""
+    return {
+        "id": d.id,
+        "name": d.name,
+        "title": d.title,
+        "kind": d.kind,
+        "chunks": d.chunks,
+        "content_hash": d.content_hash,
+    }
+
+
+def _redacted(kb: KnowledgeBase, v: Any) -> Any:
+    if isinstance(v, str):
+        return kb.redact(v)
+    if isinstance(v, list):
+        return [_redacted(kb, x) for x in v]
+    if isinstance(v, dict):
+        return {k: _redacted(kb, x) for k, x in v.items()}
+    return v
 
 
 def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
@@ -151,10 +169,15 @@ def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
         try:
             rep = await run_in_threadpool(kb.add_upload, name, data, max_bytes)
         except UserError as e:
-            raise APIError(400, str(e), param="file") from None
+            raise APIError(400, kb.redact(str(e)), param="file") from None
         source = (kb.path / "files" / sanitize_name(name)).resolve().as_posix()
         doc = next((_public(d) for d in await run_in_threadpool(kb.documents) if d.source == source), None)
-        return {"object": "rag.document", "document": doc, "sync": rep.to_dict(), "seconds": time.perf_counter() - t0}
+        return {
+            "object": "rag.document",
+            "document": doc,
+            "sync": _redacted(kb, rep.to_dict()),
+            "seconds": time.perf_counter() - t0,
+        }
 
     @app.delete("/v1/rag/documents/{doc_id:path}")
     async def delete(doc_id: str) -> dict[str, Any]:
