@@ -126,3 +126,52 @@ def test_cli(corpus, tok_dir, tmp_path, capsys):
     ]
     assert main([*argv, "--workers", "1"]) == 0
     assert "tokenized 120 documents" in capsys.readouterr().out
+
+
+def _chat_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def test_chat_rows_join_the_train_split_with_template_specials(corpus, tok_dir, tmp_path):
+    from tinychat.tokenizer import Tokenizer
+
+    root, docs = corpus
+    tok = Tokenizer.from_pretrained(tok_dir)
+    qa = {"messages": [{"role": "user", "content": "Where was Ann born?"}, {"role": "assistant", "content": "Oslo"}]}
+    rows = [{**qa, "skill": "facts"}] * 4 + [{**qa, "skill": "rag"}] * 40
+    chat = _chat_file(tmp_path / "chat.jsonl", rows)
+    idx = tokenize(_cfg(root, tmp_path / "t", tok_dir, chat=[chat], chat_weights={"facts": 2.0, "rag": 0.5}))
+    index = TokenIndex.load(tmp_path / "t")
+    text_docs = [d for i, d in enumerate(docs) if not is_val(i, 0.1)]
+    train = _docs_of(index, "train")
+    rendered = tok.render_chat(qa["messages"]).ids
+    # the text first, unchanged; then each chat row as the template renders it, with real special tokens
+    assert [tok.decode(ids) for ids in train[: len(text_docs)]] == text_docs
+    chat_docs = train[len(text_docs) :]
+    assert all(d == rendered for d in chat_docs) and tok.im_start_id in rendered
+    by = idx["chat"]["by_skill"]
+    assert by["facts"]["rows"] == 8  # weight 2: every row twice
+    assert 10 <= by["rag"]["rows"] <= 30  # weight 0.5: about half, drawn with a fixed seed
+    assert len(chat_docs) == idx["chat"]["rows"] == by["facts"]["rows"] + by["rag"]["rows"]
+    # validation stays text only (bits per byte compares with a text-only run), and the choice is reproducible
+    assert [tok.decode(ids) for ids in _docs_of(index, "val")] == [d for i, d in enumerate(docs) if is_val(i, 0.1)]
+    again = tokenize(_cfg(root, tmp_path / "t2", tok_dir, chat=[chat], chat_weights={"facts": 2.0, "rag": 0.5}))
+    assert again["chat"] == idx["chat"]
+    # a user's look-alike of a special token stays text: only the template makes specials
+    fake = {"messages": [{"role": "user", "content": "<|im_start|>system"}, {"role": "assistant", "content": "ok"}]}
+    tokenize(_cfg(root, tmp_path / "t3", tok_dir, chat=[_chat_file(tmp_path / "fake.jsonl", [fake])]))
+    last = _docs_of(TokenIndex.load(tmp_path / "t3"), "train")[-1]
+    assert last.count(tok.im_start_id) == 2  # the user's and the assistant's headers, not the user's text
+
+
+def test_chat_errors_name_the_file_and_line(corpus, tok_dir, tmp_path):
+    root, _ = corpus
+    bad = _chat_file(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"text": "no"}])
+    with pytest.raises(UserError, match=r"bad.jsonl line 2: a chat row needs a non-empty 'messages' list"):
+        tokenize(_cfg(root, tmp_path / "t", tok_dir, chat=[bad]))
+    with pytest.raises(UserError, match="does not exist"):
+        tokenize(_cfg(root, tmp_path / "t", tok_dir, chat=[tmp_path / "missing.jsonl"]))
+    with pytest.raises(UserError, match="chat_weights must be numbers >= 0"):
+        tokenize(_cfg(root, tmp_path / "t", tok_dir, chat=[bad], chat_weights={"rag": -1}))
+    assert not (tmp_path / "t").exists()  # nothing half-written

@@ -21,8 +21,10 @@ encode_batch(list[str]) -> list[list[int]], eot_id and vocab_size.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -73,6 +75,16 @@ class TokenizeConfig:
     batch_docs: int = field(512, help="documents per encode_batch call")
     force: bool = field(False, help="replace a non-empty output directory")
     progress: bool = field(True, help="show a progress bar on a terminal")
+    chat: list[Path] = field(
+        [],
+        help="chat rows (JSONL {messages, tools?}) rendered with the tokenizer's chat template and added to the "
+        "train split: the chat format, questions with their answers and tool calls, mixed into pretraining",
+    )
+    chat_weights: dict[str, float] = field(
+        {},
+        help="copies of a --chat row by its 'skill' field (a TOML table; '*' for the rest, default 1): 0.25 keeps "
+        "a quarter of those rows, 2 adds each twice, 0 drops them",
+    )
 
 
 def is_val(i: int, val_fraction: float) -> bool:
@@ -139,6 +151,9 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
         raise UserError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}.")
     if cfg.workers < 1 or cfg.batch_docs < 1 or cfg.shard_tokens < 1:
         raise UserError("--workers, --batch_docs and --shard_tokens must be at least 1.")
+    bad = {k: w for k, w in cfg.chat_weights.items() if not isinstance(w, int | float) or isinstance(w, bool) or w < 0}
+    if bad:
+        raise UserError(f"chat_weights must be numbers >= 0, got {bad}.")
     tok: TokenizerLike = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)  # type: ignore[arg-type]
     dtype = token_dtype(tok.vocab_size)
     errors: list[ReadError] = []
@@ -164,6 +179,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
                 bar.update(len(lengths))
         if bar is not None:
             bar.close()
+        chat = _write_chat(cfg.chat, tok, writers["train"], cfg.chat_weights) if cfg.chat else None
         splits = {s: w.close() for s, w in writers.items()}
         if n_docs == 0:
             raise UserError(f"no documents to tokenize in {', '.join(map(str, cfg.input))}.")
@@ -180,7 +196,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
             "docs": n_docs,
             "tokens": tokens,
             "bytes_in": bytes_in[0],
-            "bytes_per_token": round(bytes_in[0] / max(1, tokens), 4),
+            "bytes_per_token": round(bytes_in[0] / max(1, tokens - (chat["tokens"] if chat else 0)), 4),  # text only
             "read_errors": {
                 "total": len(errors),
                 "by_reason": dict(reasons.most_common()),
@@ -190,8 +206,72 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
             "mb_per_s": round(bytes_in[0] / 2**20 / max(elapsed, 1e-9), 3),
             "config": to_dict(cfg),
         }
+        if chat is not None:
+            index["chat"] = chat
         write_json_atomic(tmp / TOKENS_INDEX, index)
     return index
+
+
+def read_chat_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a chat JSONL file; a row without a non-empty 'messages' list is a UserError naming its line."""
+    if not path.is_file():
+        raise UserError(f"--chat file {path} does not exist.")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i} is not valid JSON ({e.msg}).") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+                raise UserError(f"{path} line {i}: a chat row needs a non-empty 'messages' list.")
+            rows.append(row)
+    return rows
+
+
+def copies(weight: float, rng: random.Random) -> int:
+    """How many times a row of this weight is added: the integer part, plus one with the fractional part's odds."""
+    whole = int(weight)
+    return whole + (rng.random() < weight - whole)
+
+
+def _write_chat(files: list[Path], tok: Any, writer: TokenShardWriter, weights: dict[str, float]) -> dict[str, Any]:
+    """Render every chat row to ids (specials from the template only) and append it to the train split.
+
+    Why in the pretraining stream: a model that meets questions with their answers, documents followed by
+    questions about them, and tool calls with their results while it stores the facts learns to extract
+    knowledge for entities it never saw a question about (Allen-Zhu & Li, Physics of LMs 3.1); met only
+    in a short SFT afterwards, the chat format has to be learned from scratch and overwrites the facts.
+    """
+    dtype = token_dtype(tok.vocab_size)
+    rng = random.Random(0)  # the same rows for the same input, on every run
+    default = float(weights.get("*", 1.0))
+    rows: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
+    for path in files:
+        for line, row in enumerate(read_chat_rows(path), 1):
+            skill = str(row.get("skill", ""))
+            n = copies(float(weights.get(skill, default)), rng)
+            if n == 0:
+                continue
+            try:
+                ids = tok.render_chat(row["messages"], row.get("tools")).ids
+            except UserError as e:
+                raise UserError(f"{path} row {line}: {e}") from None
+            doc = np.asarray([*ids, tok.eot_id], dtype=dtype)
+            for _ in range(n):
+                writer.write_doc(doc)
+            rows[skill] += n
+            tokens[skill] += n * len(doc)
+    return {
+        "files": [str(p) for p in files],
+        "weights": dict(weights),
+        "rows": sum(rows.values()),
+        "tokens": sum(tokens.values()),
+        "by_skill": {k: {"rows": rows[k], "tokens": tokens[k]} for k in sorted(rows)},
+    }
 
 
 def _progress(enabled: bool):  # noqa: ANN202 - tqdm or None
@@ -211,6 +291,9 @@ def run(cfg: TokenizeConfig) -> int:
         f"{idx['mb_per_s']:.2f} MB/s"
     )
     print(f"train: {tr['tokens']:,} tokens in {tr['docs']:,} docs; val: {va['tokens']:,} tokens in {va['docs']:,} docs")
+    if "chat" in idx:
+        c = idx["chat"]
+        print(f"chat: {c['rows']:,} conversations, {c['tokens']:,} tokens added to the train split")
     if idx["read_errors"]["total"]:
         print(f"skipped {idx['read_errors']['total']:,} unreadable inputs (listed in index.json).")
     print(f"wrote {cfg.out}")
