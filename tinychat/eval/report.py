@@ -10,6 +10,7 @@ Where several evaluations of one (stage, suite) were recorded, the latest line w
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -128,6 +129,25 @@ def fmt_pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate p measured on n questions (honest at 0%, 100% and small n)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fmt_rate(p: float | None, n: Any) -> str:
+    """'54.0% [47.1–60.8] (n=200)': the rate, its 95% interval and the number of questions."""
+    if p is None:
+        return "—"
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return fmt_pct(p)
+    lo, hi = wilson(p, n)
+    return f"{100 * p:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}] (n={n})"
+
+
 def fmt_num(x: Any, digits: int = 4) -> str:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return "—"
@@ -235,7 +255,7 @@ def section_training(d: RunData) -> list[str]:
 def _cell(rec: dict[str, Any] | None, key: str = "accuracy") -> str:
     if rec is None:
         return "—"
-    return f"{fmt_pct(rec.get(key))} (n={rec.get('n', '?')})" if "n" in rec else fmt_pct(rec.get(key))
+    return fmt_rate(rec.get(key), rec.get("n"))
 
 
 def section_suites(d: RunData) -> list[str]:
@@ -255,6 +275,9 @@ def section_suites(d: RunData) -> list[str]:
             if any(cells):
                 label = "chain of thought" if m == "cot" else "direct answer"
                 rows.append([f"&nbsp;&nbsp;{name} · {label}", *[fmt_pct(c["accuracy"]) if c else "—" for c in cells]])
+        refused = [d.suites[s].get(name, {}).get("refused") for s in stages]
+        if any(r is not None for r in refused):
+            rows.append([f"&nbsp;&nbsp;{name} · refused (false refusal)", *[fmt_pct(r) for r in refused]])
         tools = [d.suites[s].get(name, {}).get("tool") for s in stages]
         if any(tools):
             rows.append([f"&nbsp;&nbsp;{name} · tool used", *[fmt_pct(t["use_rate"]) if t else "—" for t in tools]])
@@ -265,8 +288,9 @@ def section_suites(d: RunData) -> list[str]:
         "## Evaluation",
         "",
         "Accuracy on the tinyworld eval sets (exact expected answers; base models few-shot, chat models through",
-        "the chat template; greedy). Rows indented under a suite break it down by language, by chain of thought",
-        "vs direct answer, and by calculator use.",
+        "the chat template; greedy), with the 95% Wilson interval in brackets: with n=24 a rate moves about",
+        "±20 points, with n=200 about ±7. Rows indented under a suite break it down by language, by chain of",
+        "thought vs direct answer, and by calculator use.",
         "",
         *table(["suite", *stages], rows),
         "",

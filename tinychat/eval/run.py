@@ -344,6 +344,8 @@ def format_table(results: dict[str, Any]) -> str:
             if "tool" in r:
                 t = r["tool"]
                 notes.append(f"tool use {_pct(t['use_rate']).strip()}, valid calls {_pct(t['validity_rate']).strip()}")
+            if r.get("refused") is not None:
+                notes.append(f"refused {_pct(r['refused']).strip()}")
             lines.append(
                 f"{name:<18} {_pct(r['accuracy']):>6} {r['n']:>4} {_pct(lang.get('en', {}).get('accuracy')):>6} "
                 f"{_pct(lang.get('zh', {}).get('accuracy')):>6}  {'; '.join(notes)}"

@@ -22,7 +22,7 @@ from typing import Any
 from tinychat.errors import UserError
 from tinychat.eval.backend import Completer, Mode
 from tinychat.eval.toolloop import run_tool_loop
-from tinychat.world.answers import check
+from tinychat.world.answers import check, is_refusal
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,9 @@ def run_suite(
     result["tool_available"] = mode == "chat" and suite.tools
     correct = [check(rep, r) for rep, r in zip(replies, rows)]
     result.update(summarize(rows, replies, correct, opts.samples))
+    if suite.source.startswith("facts_") and rows:
+        # every entity here exists and its facts were in pretraining: a refusal is a false refusal
+        result["refused"] = sum(is_refusal(rep) for rep in replies) / len(rows)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
