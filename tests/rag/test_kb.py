@@ -102,6 +102,13 @@ def test_upload_names_are_sanitised(bad: str) -> None:
         sanitize_name(bad)
 
 
+def test_sanitised_names_are_unique() -> None:
+    assert sanitize_name("report 2024.md") == "report 2024.md"  # a safe name is kept as it is
+    changed = [sanitize_name(n) for n in ("🙂.md", "😀.md", "a?.md", "a*.md", "x" * 300 + ".md", "x" * 301 + ".md")]
+    assert len(set(changed)) == len(changed) and all(n.endswith(".md") and len(n) <= 200 for n in changed)
+    assert sanitize_name("🙂.md") == changed[0] and changed[0] != "_.md"  # the same name again: the same file
+
+
 def test_upload_stores_parses_first_and_limits_size(kb: KnowledgeBase) -> None:
     rep = kb.add_upload("report 2024.md", b"# Report\n\nRevenue grew by 12 percent.\n", 10_000)
     assert len(rep.added) == 1 and (kb.path / "files" / "report 2024.md").is_file()

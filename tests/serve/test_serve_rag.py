@@ -161,6 +161,20 @@ def test_no_server_paths_in_responses(rag_live) -> None:  # noqa: ANN001
         assert not any(f in text for f in folders) and '"source"' not in text, text
 
 
+def test_names_that_sanitise_alike_do_not_overwrite_each_other(rag_live) -> None:  # noqa: ANN001
+    http = httpx.Client(base_url=rag_live.base_url, headers=AUTH, timeout=60)
+    stored = []
+    for name, city in (("🙂.md", "Porthaven"), ("😀.md", "Lindqvist"), ("_.md", "Oskarby"), ("🙂.md", "Varnholt")):
+        r = http.post("/rag/documents", files={"file": (name, f"# {city}\n\n{city} is a town by the sea.\n".encode())})
+        assert r.status_code == 200, r.text
+        stored.append(r.json()["document"]["name"])
+    assert len(set(stored[:3])) == 3 and stored[0] == stored[3] and stored[2] == "_.md"  # re-upload replaces
+    docs = {d["name"]: d for d in http.get("/rag/documents").json()["data"]}
+    assert set(stored) <= set(docs) and docs[stored[0]]["title"] == "Varnholt"
+    for name in set(stored):
+        assert http.delete(f"/rag/documents/{name}").status_code == 200
+
+
 def test_query_fields_are_validated(rag_live) -> None:  # noqa: ANN001
     for body in ({"query": ""}, {"query": "x", "k": 0}, {"query": "x", "mode": "magic"}, {"query": "x", "extra": 1}):
         r = httpx.post(rag_live.base_url + "/rag/query", json=body, headers=AUTH, timeout=60)

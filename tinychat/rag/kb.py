@@ -103,12 +103,21 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._\- \u4e00-\u9fff]")
 
 
 def sanitize_name(name: str) -> str:
-    """An uploaded file's name reduced to one safe path component, or a UserError (never a path)."""
+    """An uploaded file's name reduced to one safe path component, or a UserError (never a path).
+
+    A name that had to change (unsafe characters, over 200 characters) gets a short hash of the original
+    before its extension, so "🙂.md" and "😀.md" stay two documents and neither overwrites a real "_.md";
+    the same name always maps to the same file, so uploading it again replaces it."""
     base = name.replace("\\", "/").split("/")[-1].strip()
     clean = _SAFE_NAME.sub("_", base).strip(" .")
     if not clean or clean in (".", "..") or "/" in name.replace("\\", "/") or name.startswith("."):
         raise UserError(f"invalid document name {name!r}: use a plain file name such as report.pdf.")
-    return clean[:200]
+    if clean == base and len(clean) <= 200:
+        return clean
+    tag = hashlib.sha256(base.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    stem, ext = os.path.splitext(clean)
+    ext = ext if len(ext) <= 16 else ""
+    return f"{stem[: 190 - len(ext)]}-{tag}{ext}"
 
 
 class KnowledgeBase:
