@@ -77,6 +77,7 @@ def test_writes_are_refused_when_open_beyond_loopback(model_dir: Path, start_ser
     assert write_policy(ServeConfig(host="0.0.0.0", api_key="k")) == (True, None)
     allowed, warning = write_policy(ServeConfig(host="0.0.0.0", kb="kb"))
     assert not allowed and "--api-key" in warning and "--allow-unauthenticated-writes" in warning
+    assert "documents" not in write_policy(ServeConfig(host="0.0.0.0"))[1]  # no knowledge base: the warning only
     allowed, warning = write_policy(ServeConfig(host="192.168.1.5", kb="kb", allow_unauthenticated_writes=True))
     assert allowed and "WARNING" in warning
     kb = KnowledgeBase(tmp_path / "kb", KbSettings(chunk_size=300, overlap=40))

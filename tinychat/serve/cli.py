@@ -57,12 +57,14 @@ def write_policy(cfg: ServeConfig) -> tuple[bool, str | None]:
     warning = (
         f"WARNING: listening on {cfg.host} without --api-key: anyone who can reach port {cfg.port} can use this server."
     )
-    if not cfg.allow_unauthenticated_writes:
-        return False, warning + (
+    if cfg.allow_unauthenticated_writes:
+        return True, warning + " --allow-unauthenticated-writes: anyone can upload and delete documents."
+    if cfg.kb:
+        warning += (
             " Uploading and deleting documents is refused (403); set --api-key KEY, or pass "
             "--allow-unauthenticated-writes to allow it anyway."
         )
-    return True, warning + " --allow-unauthenticated-writes: anyone can upload and delete documents."
+    return False, warning
 
 
 def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Model, Tokenizer, Path)
