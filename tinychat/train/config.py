@@ -21,7 +21,11 @@ class TrainConfig:
     batch_size: int = field(16, help="sequences per micro-batch per rank")
     seq_len: int = field(256, help="tokens per training sequence")
     batch_tokens: int = field(0, help="tokens per optimiser step across ranks (0 = one micro-batch per rank)")
-    lr: float = field(3e-3, help="peak learning rate")
+    optimizer: Literal["adamw", "muon"] = field(
+        "adamw", help="adamw, or muon: Muon for the hidden matrices, AdamW for embeddings, head and gains"
+    )
+    lr: float = field(3e-3, help="peak learning rate (AdamW's; with muon, of the embeddings, head and gains)")
+    muon_lr: float = field(0.02, help="muon: peak learning rate of the hidden matrices (same schedule)")
     min_lr_ratio: float = field(0.1, help="final learning rate as a fraction of the peak")
     warmup_steps: int = field(50)
     schedule: Literal["cosine", "wsd", "constant"] = field("cosine", help="cosine, warmup-stable-decay, constant")

@@ -1,7 +1,14 @@
-"""AdamW with decay on matrices only, and the learning-rate schedules.
+"""The optimisers (AdamW, or Muon for the hidden matrices) and the learning-rate schedules.
 
 Why no decay on norms and biases: decaying a gain vector towards zero fights the normalisation it
 implements; every modern recipe (GPT-3, Llama, nanoGPT) exempts one-dimensional parameters.
+
+Muon (Keller Jordan 2024; what modded-nanogpt and nanochat train with): for each hidden weight matrix,
+momentum SGD whose update is replaced by the nearest semi-orthogonal matrix (five Newton-Schulz iterations
+on the momentum, in bf16). Every direction of the update then moves at the same rate, instead of the
+few dominant ones AdamW's updates concentrate on, which is why it reaches a loss in fewer tokens and
+learns rare associations (a fact seen a few times) sooner. Embeddings, the output head and the gains
+stay on AdamW, as in both references: they are lookup tables and vectors, not linear maps.
 """
 
 from __future__ import annotations
@@ -10,10 +17,13 @@ import math
 
 import torch
 
+from tinychat.errors import UserError
 from tinychat.train.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        return build_muon(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -38,3 +48,79 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
             return 1.0
         return 1.0 - (1.0 - floor) * (progress - start) / max(cfg.decay_frac, 1e-9)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- Muon
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz coefficients of the Muon reference
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T (all singular values pushed towards 1), in bf16; shape kept."""
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT  # (short, long): the Gram matrix below is the small one
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for _ in range(steps):
+        gram = x @ x.mT  # (short, short)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """Muon's parameters: 2-D weights of the blocks; not the token embedding or the output head."""
+    return p.ndim == 2 and "embed" not in name and "lm_head" not in name
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on groups marked {"muon": True}, AdamW on the others; one optimiser, so the loop, the LR
+    schedule (each group's lr_scale) and checkpoints treat it like any other."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> None:
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, momentum=0.95))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]))  # Nesterov
+                    # rows/cols scaling: the same RMS update whatever the matrix's aspect ratio
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
+                    continue
+                b1, b2 = group["betas"]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                # a Python int (a checkpoint gives it back as a tensor): bias corrections stay in double precision
+                t = state["step"] = int(state["step"]) + 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1**t))
+
+
+def build_muon(model: torch.nn.Module, cfg: TrainConfig) -> Muon:
+    """Muon for the hidden matrices at cfg.muon_lr, AdamW at cfg.lr for embeddings, head and gains."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if any(type(p).__name__ == "DTensor" for _, p in named):
+        raise UserError("--train.optimizer muon does not shard yet (FSDP/TP): use adamw with distributed training.")
+    hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+    tables = [p for n, p in named if p.ndim >= 2 and not is_hidden_matrix(n, p)]
+    gains = [p for _, p in named if p.ndim < 2]
+    groups = [
+        {"params": hidden, "muon": True, "weight_decay": cfg.weight_decay, "lr_scale": cfg.muon_lr / cfg.lr},
+        {"params": tables, "weight_decay": cfg.weight_decay},
+        {"params": gains, "weight_decay": 0.0},
+    ]
+    return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
