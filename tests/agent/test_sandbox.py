@@ -6,6 +6,8 @@ test process becomes a child subreaper, so whatever a sandbox started stays its 
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,17 @@ import pytest
 from sandbox_procs import alive, no_leftover_processes
 
 from tinychat.agent import sandbox as sandbox_module
-from tinychat.agent.sandbox import LEVELS, Limits, RunResult, Sandbox, available_levels, isolation_level
+from tinychat.agent.cli import AgentConfig, build_registry
+from tinychat.agent.sandbox import (
+    ALLOW_UNISOLATED_ENV,
+    LEVELS,
+    Limits,
+    RunResult,
+    Sandbox,
+    available_levels,
+    isolation_level,
+    require_isolation,
+)
 from tinychat.errors import UserError
 
 LIMITS = Limits(timeout=10, cpu_seconds=10, memory_bytes=512 << 20, max_processes=32, output_bytes=4096)
@@ -32,10 +44,21 @@ def any_level(request) -> str:
 
 
 def _open(workspace: Path, level: str | None = None, limits: Limits = LIMITS) -> Sandbox:
-    if level == "process":
+    if (level or isolation_level()) == "process":  # the opt-in such a machine needs
         with pytest.warns(RuntimeWarning, match="process"):
-            return Sandbox(workspace, limits, level=level)
+            return Sandbox(workspace, limits, level=level, allow_unisolated=True)
     return Sandbox(workspace, limits, level=level)
+
+
+@pytest.fixture
+def no_isolation(monkeypatch) -> Iterator[None]:
+    """A machine without bwrap and unshare: only the unisolated "process" level is left; no opt-in set."""
+    monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    sandbox_module._available.cache_clear()
+    yield
+    monkeypatch.undo()
+    sandbox_module._available.cache_clear()
 
 
 @pytest.fixture
@@ -235,3 +258,69 @@ def test_process_level_says_loudly_that_it_is_weak(tmp_path):
 
 def test_levels_constant():
     assert LEVELS == ("bubblewrap", "namespaces", "process")
+
+
+def test_no_isolation_is_refused_without_an_opt_in(tmp_path, no_isolation):
+    assert isolation_level() == "process"
+    for attempt in (require_isolation, lambda: Sandbox(tmp_path / "ws", LIMITS)):
+        with pytest.raises(UserError, match=r"cannot isolate.*apt-get install bubblewrap.*allow-unisolated"):
+            attempt()
+    with pytest.raises(UserError, match="not isolated: pass allow_unisolated=True"):
+        Sandbox(tmp_path / "ws", LIMITS, level="process")
+
+
+def test_unisolated_runs_only_on_an_explicit_opt_in(tmp_path, no_isolation, monkeypatch):
+    with (
+        pytest.warns(RuntimeWarning, match="NOT isolated"),
+        Sandbox(tmp_path / "a", LIMITS, allow_unisolated=True) as sb,
+    ):
+        assert sb.level == "process" and sb.run("print(6 * 7)").stdout == "42\n"
+    monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")
+    assert require_isolation() == "process"
+    with pytest.warns(RuntimeWarning, match="NOT isolated"), Sandbox(tmp_path / "b", LIMITS) as sb:
+        assert sb.level == "process"
+    with pytest.raises(UserError, match="apt-get install bubblewrap"):  # an explicit False beats the environment
+        Sandbox(tmp_path / "c", LIMITS, allow_unisolated=False)
+
+
+def test_agent_refuses_the_python_tool_without_isolation_unless_allowed(tmp_path, no_isolation):
+    ws = str(tmp_path / "ws")
+    with contextlib.ExitStack() as stack, pytest.raises(UserError, match="apt-get install bubblewrap"):
+        build_registry(AgentConfig(task="x", workspace=ws), stack)
+    with contextlib.ExitStack() as stack:  # no python tool, nothing to refuse
+        assert "python" not in build_registry(AgentConfig(task="x", workspace=ws, python=False), stack)[0].names
+    with contextlib.ExitStack() as stack:
+        reg, _ = build_registry(AgentConfig(task="x", workspace=ws, allow_unisolated=True), stack)
+        with pytest.warns(RuntimeWarning, match="NOT isolated"):
+            assert reg.call("python", {"code": "print(1 + 1)"}).content == "2"
+
+
+def test_unknown_architecture_without_seccomp_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    sandbox_module._available.cache_clear()
+    try:
+        with pytest.raises(UserError, match="no seccomp filter for the CPU architecture 'riscv64'.*allow-unisolated"):
+            Sandbox(tmp_path / "ws", LIMITS)
+    finally:
+        monkeypatch.undo()
+        sandbox_module._available.cache_clear()
+
+
+@pytest.mark.skipif(isolation_level() == "process", reason="needs a level that isolates")
+def test_a_worker_without_seccomp_is_refused_unless_allowed(tmp_path, monkeypatch):
+    """The parent's architecture check has a backstop: the worker reports whether it installed the filter."""
+    monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+    source = sandbox_module._WORKER.read_text()
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        source.replace(
+            '\nif __name__ == "__main__":',
+            '\n_seccomp_program = lambda block_network: None\n\nif __name__ == "__main__":',
+        )
+    )
+    monkeypatch.setattr(sandbox_module, "_WORKER", worker)
+    with pytest.raises(UserError, match="no seccomp filter"):
+        Sandbox(tmp_path / "a", LIMITS)
+    with pytest.warns(RuntimeWarning, match="no seccomp"), Sandbox(tmp_path / "b", LIMITS, allow_unisolated=True) as sb:
+        assert sb.run("print(3)").stdout == "3\n"

@@ -34,6 +34,11 @@ class AgentConfig:
     memory: str = field("", help="long-term memory directory: adds remember/recall, and recalls at the start")
     mcp: list[str] = field([], help='MCP servers to connect over stdio, each a quoted command ("python srv.py")')
     python: bool = field(True, help="offer the sandboxed python tool (needs --workspace)")
+    allow_unisolated: bool = field(
+        False,
+        help="let the python tool run where the sandbox cannot isolate (no bubblewrap or user namespaces, "
+        "no seccomp): the code then reads what you can read; also TINYCHAT_SANDBOX_ALLOW_UNISOLATED=1",
+    )
     max_steps: int = field(8, help="model calls at most")
     max_seconds: float = field(120.0, help="wall-clock budget")
     max_tokens: int = field(256, help="tokens per model reply")
@@ -84,9 +89,11 @@ def build_registry(cfg: AgentConfig, stack: contextlib.ExitStack):  # noqa: ANN2
         workspace = Path(cfg.workspace)
         workspace.mkdir(parents=True, exist_ok=True)
         if cfg.python:
-            from tinychat.agent.sandbox import Sandbox
+            from tinychat.agent.sandbox import Sandbox, require_isolation
 
-            sandbox_factory = lambda: Sandbox(workspace / "sandbox")  # noqa: E731
+            allow = cfg.allow_unisolated or None  # None: the environment variable decides
+            require_isolation(allow)  # refuse at the start, not at the model's first python call
+            sandbox_factory = lambda: Sandbox(workspace / "sandbox", allow_unisolated=allow)  # noqa: E731
     reg = default_registry(workspace, search, sandbox_factory)
     stack.callback(reg.close)
     memory = None

@@ -32,7 +32,9 @@ Levels, best first, picked automatically (``isolation_level()``) and reported in
   * "namespaces": the same layout built by util-linux unshare(1) plus the worker itself (mounts, pivot_root).
   * "process": resource limits, seccomp (which also refuses every socket but AF_UNIX) and a clean environment
     only. The code reads whatever the parent's user can read and, as that user, can signal its processes:
-    it is NOT isolated, and a RuntimeWarning says so.
+    it is NOT isolated. It is used only on an explicit opt-in (``allow_unisolated=True`` or the environment
+    variable TINYCHAT_SANDBOX_ALLOW_UNISOLATED=1), and a RuntimeWarning says so; without one, a machine that
+    cannot isolate (and a CPU architecture the seccomp filter does not know) is refused with a UserError.
 
 The worker (``_sandbox_worker.py``) is a standard-library-only script run with ``python -I -S -B``; it applies
 the inner layers itself (so they hold at every level) and keeps the user's namespace between calls.
@@ -66,9 +68,21 @@ from typing import TypeVar
 
 from tinychat.errors import UserError
 
-__all__ = ["LEVELS", "Limits", "RunResult", "Sandbox", "available_levels", "isolation_level"]
+__all__ = [
+    "ALLOW_UNISOLATED_ENV",
+    "LEVELS",
+    "Limits",
+    "RunResult",
+    "Sandbox",
+    "available_levels",
+    "isolation_level",
+    "require_isolation",
+    "unisolated_allowed",
+]
 
 LEVELS = ("bubblewrap", "namespaces", "process")
+ALLOW_UNISOLATED_ENV = "TINYCHAT_SANDBOX_ALLOW_UNISOLATED"
+_SECCOMP_ARCHES = ("x86_64", "aarch64")  # the worker's seccomp (and pivot_root) syscall tables
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -151,6 +165,36 @@ def available_levels() -> list[str]:
     return [level for level in LEVELS if _available(level)]
 
 
+def unisolated_allowed(allow: bool | None = None) -> bool:
+    """Whether running model-written code without full isolation was opted into: `allow`, else the environment."""
+    if allow is not None:
+        return allow
+    return os.environ.get(ALLOW_UNISOLATED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def require_isolation(allow_unisolated: bool | None = None) -> str:
+    """The level a Sandbox will use here; a UserError if it cannot isolate and that was not opted into."""
+    level = isolation_level()
+    if not unisolated_allowed(allow_unisolated):
+        if level == "process":
+            raise UserError(
+                "the code sandbox cannot isolate model-written code on this machine (no bubblewrap, no unprivileged "
+                "user namespaces): install bubblewrap (apt-get install bubblewrap), or opt in to running it "
+                f"unisolated with --allow-unisolated (agent), allow_unisolated=True or {ALLOW_UNISOLATED_ENV}=1."
+            )
+        if platform.machine() not in _SECCOMP_ARCHES:
+            raise _no_seccomp()
+    return level
+
+
+def _no_seccomp() -> UserError:
+    return UserError(
+        f"the code sandbox has no seccomp filter for the CPU architecture {platform.machine()!r} (only "
+        f"{', '.join(_SECCOMP_ARCHES)}): opt in to running model-written code without it with --allow-unisolated "
+        f"(agent), allow_unisolated=True or {ALLOW_UNISOLATED_ENV}=1."
+    )
+
+
 @functools.cache
 def _available(level: str) -> bool:
     if level == "process":
@@ -160,7 +204,7 @@ def _available(level: str) -> bool:
             return False
         probe = ["bwrap", "--unshare-all", "--unshare-user", "--ro-bind", "/", "/", "true"]
     else:
-        if not shutil.which("unshare") or platform.machine() not in ("x86_64", "aarch64"):
+        if not shutil.which("unshare") or platform.machine() not in _SECCOMP_ARCHES:
             return False
         as_root = [] if os.geteuid() == 0 else ["--map-root-user"]
         probe = ["unshare", "--user", *as_root, "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "true"]
@@ -427,7 +471,15 @@ class Sandbox:
     several threads are serialized; use one sandbox per conversation.
     """
 
-    def __init__(self, workspace: Path, limits: Limits | None = None, level: str | None = None) -> None:
+    def __init__(
+        self,
+        workspace: Path,
+        limits: Limits | None = None,
+        level: str | None = None,
+        allow_unisolated: bool | None = None,
+    ) -> None:
+        """`allow_unisolated`: run at the "process" level, or without seccomp, where nothing better works
+        (None: the environment variable TINYCHAT_SANDBOX_ALLOW_UNISOLATED decides); otherwise that is refused."""
         if level is not None and level not in LEVELS:
             raise UserError(f"unknown sandbox level {level!r}: expected one of {', '.join(LEVELS)}")
         if level is not None and not _available(level):
@@ -435,6 +487,16 @@ class Sandbox:
                 f"sandbox level {level!r} is not available on this machine (the best available is "
                 f"{isolation_level()!r}); install bubblewrap or allow unprivileged user namespaces"
             )
+        self.allow_unisolated = unisolated_allowed(allow_unisolated)
+        candidates = [level] if level else available_levels()
+        if not self.allow_unisolated:
+            if level == "process":
+                raise UserError(
+                    f"sandbox level 'process' is not isolated: pass allow_unisolated=True or set "
+                    f"{ALLOW_UNISOLATED_ENV}=1 to run model-written code in it."
+                )
+            require_isolation(False)
+            candidates = [c for c in candidates if c != "process"]
         self.limits = limits or Limits()
         self.workspace = Path(workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -446,7 +508,6 @@ class Sandbox:
         self._lost = False  # a session died: the next run reports restarted=True
         self._calls = 0
         self._closed = False
-        candidates = [level] if level else available_levels()
         for i, candidate in enumerate(candidates):
             self.level = candidate
             self._owner = (_HOST_UID, _HOST_UID) if self._root and self.level != "process" else None
@@ -658,6 +719,8 @@ class Sandbox:
                 init_pid = _wait_for(lambda: _child_of(proc.pid), deadline, proc, "no namespace init")
             if self.level != "process":
                 session.watch(init_pid)
+            if not reply.get("seccomp") and not self.allow_unisolated:
+                raise _no_seccomp()
             if not reply.get("seccomp") and not any("seccomp" in w for w in self.warnings):
                 self._warn(f"no seccomp filter on {platform.machine()}: one layer fewer")
         except BaseException:
