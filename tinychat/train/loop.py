@@ -1,9 +1,9 @@
 """The one training loop. Every objective (pretrain, SFT, reward, DPO, PPO, GRPO, distillation) runs here.
 
 An objective only says what a step's batches are and what the loss of a batch is (`Objective` below);
-the loop owns everything else: device and precision, DDP/FSDP2, gradient accumulation, the optimiser
-and schedule, clipping, budgets, evaluation, metrics, checkpoints, exact resume, Ctrl-C and the NaN
-guard. So a new objective is one small file, and a fix to the loop reaches all of them.
+the loop owns everything else: device and precision (fp16 with dynamic loss scaling), DDP/FSDP2, gradient
+accumulation, the optimiser and schedule, clipping, budgets, evaluation, metrics, checkpoints, exact resume,
+Ctrl-C and the NaN guard. So a new objective is one small file, and a fix to the loop reaches all of them.
 
 Loss normalisation: an objective returns the *sum* of its per-unit losses for a micro-batch and the
 number of units (target tokens, pairs, ...). The loop divides by the global count over all
@@ -95,6 +95,22 @@ class TrainContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def grad_scaler(ctx: TrainContext) -> torch.amp.GradScaler:
+    """Dynamic loss scaling, on for fp16 only: fp16's 5 exponent bits flush small gradients to zero without it.
+
+    The scaler multiplies the loss before backward, divides the gradients again before clipping
+    (`unscale_`), skips an optimiser step whose gradients overflowed (inf/NaN) and halves the scale, and
+    doubles it after 2000 clean steps. Under FSDP each rank sees only its shard of the gradients, so the
+    sharded scaler agrees on "overflowed" across ranks (DDP's gradients are already all-reduced).
+    """
+    enabled = ctx.amp_dtype == torch.float16
+    if enabled and ctx.cfg.distributed == "fsdp" and ctx.dist.world > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(ctx.device.type, enabled=True)
+    return torch.amp.GradScaler(ctx.device.type, enabled=enabled)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -164,6 +180,7 @@ def train(
     raw = module.to(device)
     model = wrap_model(raw, info, cfg.distributed, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
+    scaler = grad_scaler(ctx)
     objective.setup(ctx)
 
     log = MetricsLog(run_dir, stage, info.is_main, cfg.tensorboard)
@@ -174,6 +191,8 @@ def train(
             state = load_checkpoint(ckpt, model, optimizer)
             step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
             objective.load_state_dict(state.get("objective", {}))
+            if scaler.is_enabled() and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
             log.truncate_after(step)
             if info.is_main:
                 print(f"resumed {stage} from {ckpt} at step {step}", flush=True)
@@ -205,6 +224,7 @@ def train(
             "stage": stage,
             "objective": objective.state_dict(),
             "world": info.world,
+            "grad_scaler": scaler.state_dict(),  # {} unless fp16
         }
 
     def checkpoint() -> Path:
@@ -243,10 +263,11 @@ def train(
                 with sync:
                     with ctx.autocast():
                         loss, extra = objective.loss(model, batch)
-                    (loss.float() * scale).backward()
+                    scaler.scale(loss.float() * scale).backward()
                 loss_sum += loss.detach().float()
                 for k, v in extra.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+            scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             )
@@ -254,7 +275,11 @@ def train(
                 grad_norm = grad_norm.full_tensor()
             reduced = all_reduce_sum(torch.stack([loss_sum, *sums.values()])) / count
             loss_value = reduced[0].item()
-            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+            finite_grads = math.isfinite(float(grad_norm))
+            # fp16: an overflow skips the step and halves the scale; one even below scale 1 is a real divergence
+            overflow = not finite_grads and loss_scale is not None and loss_scale >= 1.0
+            if not math.isfinite(loss_value) or not (finite_grads or overflow):
                 console.close()
                 good = latest_checkpoint(stage_dir)
                 where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
@@ -263,7 +288,8 @@ def train(
                     f"{stage}: the {what} is not finite at step {step}; stopped without saving, {where} "
                     "(lower --train.lr or raise --train.warmup_steps)."
                 )
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless the fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             step_tokens = sum(objective.tokens(b) for b in batches) * info.world
@@ -284,6 +310,8 @@ def train(
                 "elapsed": elapsed,
                 **{k: v.item() for k, v in zip(sums, reduced[1:])},
             }
+            if loss_scale is not None:
+                rec.update(loss_scale=loss_scale, skipped=int(overflow))
             log.log(step, rec)
             eta = ""
             if total_steps:

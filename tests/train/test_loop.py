@@ -1,0 +1,85 @@
+"""The one training loop in-process, on a one-layer model and random tokens: precision, resume, MFU, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tinychat.model.config import preset
+from tinychat.model.transformer import Model
+from tinychat.train import loop
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import Objective, train
+from tinychat.train.metrics import read_metrics
+from tinychat.train.pretrain import lm_loss
+
+VOCAB = 64
+
+
+def tiny_model() -> Model:
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, n_kv_head=1, head_dim=16, d_ff=64)
+    return Model(cfg)
+
+
+class RandomTokens(Objective):
+    """Next-token loss on random sequences, fixed per step; the loss of the steps in `blow_up` is x1e30."""
+
+    name = "random"
+
+    def __init__(self, blow_up: tuple[int, ...] = ()) -> None:
+        self.blow_up, self.step = blow_up, 0
+
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        self.step = step
+        x = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(step))
+        return [(x[:, :-1], x[:, 1:])]
+
+    def count(self, batch: Any) -> int:
+        return batch[1].numel()
+
+    def tokens(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = lm_loss(model, *batch)
+        return (loss * 1e30 if self.step in self.blow_up else loss), {}
+
+
+def config(**overrides: Any) -> TrainConfig:
+    base = dict(device="cpu", precision="fp32", max_steps=4, lr=1e-2, warmup_steps=0, eval_every=0)
+    return TrainConfig(**{**base, "checkpoint_every": 0, "tensorboard": False, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _fixed_peak(monkeypatch) -> None:
+    """No matmul probe: fp16 matmuls on a CPU are emulated and slow."""
+    monkeypatch.setattr(loop, "measure_peak_flops", lambda device, dtype: 1e9)
+
+
+def train_records(run: Path) -> list[dict[str, Any]]:
+    return read_metrics(run, "random", "train")
+
+
+def test_fp16_scales_the_loss_skips_overflowing_steps_and_clips_unscaled(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(RandomTokens(blow_up=(0,)), model, config(precision="fp16", max_steps=1), tmp_path / "a", "random")
+    assert result.steps == 1  # an overflow is no divergence: the step is skipped and the scale halved
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (rec,) = train_records(tmp_path / "a")
+    assert rec["skipped"] == 1 and rec["loss_scale"] == 2.0**16 and rec["grad_norm"] is None
+
+    train(RandomTokens(), tiny_model(), config(precision="fp16"), tmp_path / "b", "random")
+    train(RandomTokens(), tiny_model(), config(), tmp_path / "c", "random")
+    fp16, fp32 = train_records(tmp_path / "b"), train_records(tmp_path / "c")
+    assert [r["skipped"] for r in fp16] == [0, 0, 0, 0] and "loss_scale" not in fp32[0]
+    for a, b in zip(fp16, fp32):  # the clipped and reported norm is the true one, not 65536 times it
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05)
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "random" / "step_000004" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0**16
