@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from tinychat.errors import UserError
 from tinychat.model.config import preset
 from tinychat.model.transformer import Model
 from tinychat.train import loop
@@ -83,3 +85,19 @@ def test_fp16_scales_the_loss_skips_overflowing_steps_and_clips_unscaled(tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
     state = json.loads((tmp_path / "b" / "checkpoints" / "random" / "step_000004" / "trainer_state.json").read_text())
     assert state["grad_scaler"]["scale"] == 2.0**16
+
+
+def test_resume_refuses_a_checkpoint_missing_or_adding_tensors(tmp_path):
+    run, stage_dir = tmp_path / "r", tmp_path / "r" / "checkpoints" / "random"
+    train(RandomTokens(), tiny_model(), config(max_steps=2), run, "random")
+    # a legitimate resume continues (the tied head is not in the file: it comes back from the embedding)
+    assert "lm_head.weight" not in load_file(stage_dir / "step_000002" / "model.safetensors")
+    assert train(RandomTokens(), tiny_model(), config(max_steps=3), run, "random", resume=True).steps == 3
+    weights = load_file(stage_dir / "step_000003" / "model.safetensors")
+    del weights["model.norm.weight"]
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 32)
+    save_file(weights, stage_dir / "step_000003" / "model.safetensors")
+    with pytest.raises(UserError, match=r"lacks 1 of the model's tensors \(model\.norm\.weight\) and holds 1 the"):
+        train(RandomTokens(), tiny_model(), config(max_steps=4), run, "random", resume=True)
+    with pytest.raises(UserError, match=r"does not have \(model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        train(RandomTokens(), tiny_model(), config(max_steps=4), run, "random", resume=True)

@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from tinychat.errors import UserError
 from tinychat.model.hf import save_pretrained
@@ -54,8 +59,6 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     """Full (unsharded, CPU) model and optimiser state dicts, keyed by parameter name; collective under FSDP."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return get_model_state_dict(model, options=opts), {}
     return get_state_dict(model, optimizer, options=opts)
 
@@ -121,6 +124,25 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dic
     return {"state": state, "param_groups": param_groups}
 
 
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_tensor_names(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """A UserError unless the checkpoint holds exactly the model's tensors: a resume never trains on with fresh
+    weights in place of missing ones (the loader itself fills them in silently) or drops unknown ones."""
+    expected = set(get_model_state_dict(model))  # the model's own names (no DDP/compile/checkpointing wrappers)
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        parts = [f"lacks {len(missing)} of the model's tensors ({_names(missing)})"] if missing else []
+        parts += [f"holds {len(unexpected)} the model does not have ({_names(unexpected)})"] if unexpected else []
+        raise UserError(
+            f"checkpoint {path} does not match the model being resumed: it {' and '.join(parts)}; resume with the "
+            "model settings (and --lora) it was written with, or start fresh without --resume."
+        )
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore weights, optimiser and RNG from `path` into an already built (and wrapped) model; return
     the trainer state. Every rank reads the files (they are small next to training, and shared storage
@@ -134,6 +156,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         unwrapped = getattr(model, "module", model)
         if unwrapped.cfg.tie_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    check_tensor_names(path, weights, model)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     if optimizer is not None and (path / "optimizer.safetensors").is_file():
         osd = unflatten_optimizer_state(
