@@ -131,14 +131,15 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_small_preset_size_and_speed(small_dir: Path) -> None:
-    """The speedrun default: 10+ passes over every fact within the cpu-tiny budget, generated in seconds."""
+    """The speedrun default: several passes over every fact within the cpu-tiny budget, generated in seconds."""
     m = load_manifest(small_dir)
     p = m.pretrain
-    assert 300_000 <= p["train_est_tokens"] <= 500_000
-    assert p["passes_at_cpu_tiny_budget"] >= 10
-    assert CPU_TINY_PRETRAIN_TOKENS / p["train_est_tokens"] >= 10
+    assert 250_000 <= p["train_est_tokens"] <= 400_000
+    # the speedrun spends ~60% of its pretraining tokens on chat rows: the text gets ~3.5 passes
+    assert p["passes_at_cpu_tiny_budget"] >= 3
+    assert CPU_TINY_PRETRAIN_TOKENS / p["train_est_tokens"] >= 3
     assert p["fact_mentions_min"] == {"en": 6, "zh": 6}
     assert m.entities["trained"] == m.entities["heldout"] == 150
     t0 = time.perf_counter()
     build_files(1, "small")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 30  # ~1 s on a quiet machine; only a pathological slowdown fails

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from tinychat.world import arith, filler
+from tinychat.world import arith, copying, filler
 from tinychat.world.entities import rng_for
 from tinychat.world.facts import LANGS, World
 from tinychat.world.render import LANG, Mentions, entity_doc
@@ -74,6 +74,11 @@ def build_pretrain(world: World, exclude_arith: set[str]) -> tuple[list[dict], l
     docs += _country_docs(world, rng, mentions)
     docs += [_arith_doc(rng, exclude_arith) for _ in range(s.arith_docs)]
     docs += [filler.paragraph(rng.choice(LANGS), rng) for _ in range(s.filler_docs)]
+    names = {lang: [e.name[lang] for e in known] for lang in LANGS}
+    for _ in range(s.copy_docs):
+        lang = rng.choice(LANGS)
+        docs.append(copying.drill(rng, names[lang], lang, exclude_arith))
+    docs = list(dict.fromkeys(docs))  # no exact duplicates: a dedup stage would silently drop them
     rng.shuffle(docs)
 
     # Validation: fresh renderings (new random wordings) of a sample of known entities, plus arithmetic and
