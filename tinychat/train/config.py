@@ -45,3 +45,8 @@ class TrainConfig:
     keep_checkpoints: int = field(2, help="step checkpoints kept on disk")
     log_every: int = field(10, help="steps between log lines when the output is not a terminal")
     tensorboard: bool = field(True, help="write TensorBoard event files")
+    peak_flops: float = field(
+        0.0,
+        help="peak TFLOP/s per device that MFU divides by (e.g. 989 for an H100's dense bf16); "
+        "0 = the best of five short matmul probes and of earlier ones on this machine",
+    )

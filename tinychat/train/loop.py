@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from tinychat.train.checkpoint import copy_tokenizer, latest_checkpoint, load_ch
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
 from tinychat.train.metrics import Console, MetricsLog
-from tinychat.train.mfu import autocast_dtype, measure_peak_flops
+from tinychat.train.mfu import autocast_dtype, peak_flops
 from tinychat.train.optim import build_optimizer, lr_factor
 
 
@@ -199,7 +200,12 @@ def train(
     elif latest_checkpoint(stage_dir) is not None and info.is_main:
         print(f"note: {stage_dir} holds checkpoints from an earlier run; starting fresh (use --resume to continue)")
 
-    peak = measure_peak_flops(device, amp or torch.float32) if info.is_main else 0.0
+    peak = 0.0
+    if info.is_main:
+        measured = peak_flops(device, amp or torch.float32, cfg.peak_flops)
+        log.log(step, measured.record(), kind="peak")
+        print(f"{stage}: {measured.describe()}", file=sys.stderr, flush=True)
+        peak = measured.flops
     flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0
     first = objective.micro_batches(step, raw)
     tokens_per_step = sum(objective.tokens(b) for b in first) * info.world
