@@ -144,3 +144,12 @@ def test_a_run_records_its_peak_and_a_pinned_peak_sets_the_mfu(tmp_path, monkeyp
     train(RandomTokens(), tiny_model(), config(max_steps=1, peak_flops=0.0), tmp_path / "q", "random")
     (peak,) = read_metrics(tmp_path / "q", "random", "peak")
     assert peak["source"] == "probe" and len(peak["probes"]) == 5 and peak["probe_median"] == 1e9
+
+
+def test_training_writes_tensorboard_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(RandomTokens(), tiny_model(), config(max_steps=2, tensorboard=True), tmp_path, "random")
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "random")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert {"train/grad_norm", "train/mfu", "peak/peak_flops"} <= set(events.Tags()["scalars"])

@@ -28,7 +28,10 @@ class MetricsLog:
 
                     self.tb = SummaryWriter(str(run_dir / "tensorboard" / stage))
                 except ImportError:
-                    print("note: tensorboard is not installed; curves go to metrics.jsonl only", file=sys.stderr)
+                    print(
+                        "note: tensorboard is not installed (pip install tensorboard); curves go to metrics.jsonl only",
+                        file=sys.stderr,
+                    )
 
     def truncate_after(self, step: int) -> None:
         """Drop this stage's records past `step` (they are about to be recomputed by a resumed run)."""
