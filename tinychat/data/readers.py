@@ -333,3 +333,21 @@ def _short(e: BaseException, limit: int = 160) -> str:
 
 def _not_a_string(text_field: str, value: object) -> str:
     return f"field '{text_field}' is {type(value).__name__}, expected a string"
+
+
+def strict_jsonl_rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSONL file; the first bad line is a UserError.
+
+    For data whose every row matters (chat, preference and RL rows): a corpus reader skips and counts a bad
+    line instead (read_jsonl), but a training set that silently lost a row would mean something else.
+    """
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i} is not valid JSON ({e.msg}).") from None
+    return out

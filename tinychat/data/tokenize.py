@@ -21,7 +21,6 @@ encode_batch(list[str]) -> list[list[int]], eot_id and vocab_size.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -37,7 +36,7 @@ import numpy as np
 
 from tinychat.config import field, to_dict
 from tinychat.data.parallel import map_ordered
-from tinychat.data.readers import ReadError, iter_documents
+from tinychat.data.readers import ReadError, iter_documents, strict_jsonl_rows
 from tinychat.data.shards import (
     TOKENS_INDEX,
     TOKENS_KIND,
@@ -217,17 +216,10 @@ def read_chat_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"--chat file {path} does not exist.")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i} is not valid JSON ({e.msg}).") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
-                raise UserError(f"{path} line {i}: a chat row needs a non-empty 'messages' list.")
-            rows.append(row)
+    for i, row in strict_jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+            raise UserError(f"{path} line {i}: a chat row needs a non-empty 'messages' list.")
+        rows.append(row)
     return rows
 
 

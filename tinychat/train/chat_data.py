@@ -17,7 +17,6 @@ context differs, which costs nothing measurable at these lengths and saves the p
 from __future__ import annotations
 
 import bisect
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tinychat.data.readers import strict_jsonl_rows
 from tinychat.errors import UserError
 
 Row = dict[str, Any]
@@ -67,16 +67,7 @@ def _read_file(path: Path) -> list[tuple[str, Any]]:
         except Exception as e:  # pyarrow raises several types for a broken file
             raise UserError(f"{path} is not a readable Parquet file ({e}).") from None
         return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{path} line {i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i} is not valid JSON ({e.msg}).") from None
-    return out
+    return [(f"{path} line {i}", row) for i, row in strict_jsonl_rows(path)]
 
 
 def read_rows(path: str | Path, fields: Sequence[str], command: str) -> list[tuple[str, Row]]:
