@@ -35,6 +35,18 @@ def test_every_stage_leaves_its_artefact(micro_run: Path):
     assert (micro_run / "report.md").is_file() and list((micro_run / "plots").glob("*.png"))
 
 
+def test_pretraining_mixes_in_the_conversations_and_the_final_model_gets_the_most_questions(micro_run: Path):
+    index = json.loads((micro_run / "data" / "tokens" / "index.json").read_text())
+    assert index["chat"]["rows"] > 0 and index["chat"]["by_skill"]["facts"]["rows"] > 0
+    recs = [json.loads(line) for line in (micro_run / "metrics.jsonl").read_text().splitlines()]
+    suites = [r for r in recs if r["kind"] == "eval_suite" and r["suite"] == "facts_trained"]
+    mode = {r["stage"]: r["mode"] for r in suites}
+    n = {r["stage"]: r["n"] for r in suites}
+    assert mode["pretrain"] == "chat"  # it has met the chat format, so it is asked through the template
+    assert n["grpo"] == 6 and n["pretrain"] == n["sft"] == 3  # micro: eval_limit 6, stage_eval_limit 3
+    assert all(r["refused"] is not None for r in suites)
+
+
 def test_rerun_skips_finished_stages(micro_run: Path, capsys):
     before = (micro_run / "checkpoints" / "pretrain" / "model.safetensors").stat().st_mtime_ns
     assert main(["speedrun", "--preset", "micro", "--runs-dir", str(micro_run.parent), "--run", "m"]) == 0

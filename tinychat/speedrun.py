@@ -35,9 +35,13 @@ class SpeedrunConfig:
     vocab_size: int = field(8192, help="tokenizer vocabulary size")
     val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
     stages: list[str] = field([], help="run only these stages (default: all)")
-    eval_limit: int = field(24, help="questions per evaluation suite and stage")
+    eval_limit: int = field(24, help="questions per evaluation suite for the final model")
+    stage_eval_limit: int = field(0, help="questions per suite for the earlier stages (0 = eval_limit)")
     apply_limit: int = field(48, help="knowledge-base questions for the final model (agent tasks: half as many)")
     eval_bpb_tokens: int = field(8192, help="validation tokens for bits per byte at each stage")
+    chat_in_pretrain: bool = field(
+        True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
+    )
 
 
 def preset_path(name: str) -> Path:
@@ -110,9 +114,13 @@ class Speedrun:
         """Every trained stage on the same suites and validation tokens: what each stage taught the model."""
         from tinychat.eval import evaluate_stage
 
+        final = next((s for s in reversed(self.TRAINED) if self.done(s)), None)
         for stage in self.unevaluated():
             t0 = time.perf_counter()
-            evaluate_stage(self.run_dir, stage, limit=self.cfg.eval_limit, bpb_tokens=self.cfg.eval_bpb_tokens)
+            limit = self.cfg.eval_limit if stage == final else (self.cfg.stage_eval_limit or self.cfg.eval_limit)
+            # a base model that met the chat format in pretraining is asked through the template too
+            mode = "chat" if stage != "pretrain" or self.cfg.chat_in_pretrain else "base"
+            evaluate_stage(self.run_dir, stage, mode=mode, limit=limit, bpb_tokens=self.cfg.eval_bpb_tokens)
             print(f"    evaluated {stage} in {_fmt(time.perf_counter() - t0)}", flush=True)
 
     def apply(self) -> None:
@@ -195,6 +203,7 @@ class Speedrun:
                     str(tokens),
                     "--val-fraction",
                     str(self.cfg.val_fraction),
+                    *(["--chat", str(self.path("world", "sft", "train.jsonl"))] if self.cfg.chat_in_pretrain else []),
                 ],
             )
         )

