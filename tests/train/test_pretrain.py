@@ -38,11 +38,13 @@ def test_loss_falls_and_checkpoints_open_in_transformers(corpus_run: Path):
     losses = train_losses(corpus_run / "learn")
     assert len(losses) == 60
     assert sum(list(losses.values())[-5:]) / 5 < 0.6 * losses[1]
-    evals = [json.loads(x) for x in (corpus_run / "learn" / "metrics.jsonl").read_text().splitlines()]
-    evals = [e for e in evals if e["kind"] == "eval"]
+    records = [json.loads(x) for x in (corpus_run / "learn" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in records if e["kind"] == "eval"]
     assert [e["step"] for e in evals] == [30, 60] and evals[1]["val_bpb"] < evals[0]["val_bpb"]
+    first_step = next(r for r in records if r["kind"] == "train")
     for key in ("tok_per_s", "mfu", "lr", "grad_norm", "tokens"):
-        assert key in json.loads((corpus_run / "learn" / "metrics.jsonl").read_text().splitlines()[0])
+        assert key in first_step
+    assert records[0]["kind"] == "peak" and records[0]["source"] == "probe" and len(records[0]["probes"]) == 5
     transformers = pytest.importorskip("transformers")
     final = corpus_run / "learn" / "checkpoints" / "pretrain"
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
