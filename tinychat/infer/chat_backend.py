@@ -35,6 +35,7 @@ class LocalChat:
         from tinychat.infer.complete import LocalCompleter
         from tinychat.infer.locate import resolve_model, tokenizer_dir
         from tinychat.model import Model
+        from tinychat.model.hub import model_name
         from tinychat.tokenizer import Tokenizer
 
         path = resolve_model(str(model_dir))
@@ -43,7 +44,7 @@ class LocalChat:
         self.completer = LocalCompleter(model, tok, batch_size=8)
         self.tokenizer = tok
         self.path = path
-        self.name = Path(model_dir).name
+        self.name = model_name(path)
         self.max_seq_len = self.completer.max_seq_len
 
     def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:

@@ -11,7 +11,7 @@ from tinychat.config import field
 
 @dataclass
 class GenerateConfig:
-    model: str = field("", help="model directory (HF layout, with the tokenizer files)")
+    model: str = field("", help="model directory (HF layout, with the tokenizer files) or hub id (Qwen/Qwen3-0.6B)")
     prompt: list[str] = field([], help="one or more prompts; several prompts are generated as one batch")
     chat: bool = field(False, help="wrap each prompt as a user turn in the chat template")
     system: str = field("", help="system message when --chat is given")
@@ -35,15 +35,17 @@ def run(cfg: GenerateConfig) -> int:
     from tinychat.infer.generate import generate
     from tinychat.infer.sampling import SamplingParams
     from tinychat.model import Model
+    from tinychat.model.hub import resolve_model_dir
     from tinychat.tokenizer import Tokenizer
 
     if not cfg.model:
-        raise UserError("--model DIR is required (a directory saved by tinychat or transformers).")
+        raise UserError("--model DIR is required (a directory saved by tinychat or transformers, or a hub id).")
     if not cfg.prompt:
         raise UserError("--prompt TEXT is required.")
     device = pick_device(cfg.device)
-    model = Model.from_pretrained(cfg.model, dtype=pick_dtype(cfg.dtype, device), device=str(device))
-    tok = Tokenizer.from_pretrained(cfg.model)
+    path = resolve_model_dir(cfg.model)
+    model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
+    tok = Tokenizer.from_pretrained(path)
     prompts = cfg.prompt
     if cfg.chat:
 

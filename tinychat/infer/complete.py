@@ -73,11 +73,12 @@ class LocalCompleter:
 
 
 def load(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """(Model, Tokenizer) of a model directory; the tokenizer must sit in the same directory."""
+    """(Model, Tokenizer) of a model directory or hub id; the tokenizer must sit in the same directory."""
     from tinychat.model import Model
+    from tinychat.model.hub import resolve_model_dir
     from tinychat.tokenizer import Tokenizer
 
-    d = Path(model_dir)
+    d = resolve_model_dir(model_dir)
     if not d.is_dir():
         raise UserError(f"model directory {d} does not exist.")
     if not (d / "tokenizer.json").is_file():

@@ -38,8 +38,11 @@ def tokenizer_dir(model_dir: Path) -> Path:
 
 
 def resolve_model(model: str, runs: str = "runs") -> Path:
+    """--model (a directory or a Hugging Face id), else the newest model under `runs`."""
+    from tinychat.model.hub import resolve_model_dir
+
     if model:
-        p = Path(model)
+        p = resolve_model_dir(model)
         if not (p / "config.json").is_file():
             raise UserError(f"--model {model}: expected a model directory with a config.json.")
         return p

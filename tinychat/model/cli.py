@@ -19,7 +19,7 @@ class ModelInitConfig:
 
 @dataclass
 class ModelInfoConfig:
-    model: str = field("", positional=True, help="model directory")
+    model: str = field("", positional=True, help="model directory or hub id")
 
 
 def run_init(cfg: ModelInitConfig) -> int:

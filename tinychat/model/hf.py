@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
+from tinychat.model.hub import resolve_model_dir
 from tinychat.model.transformer import Model, rope_inv_freq
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -190,7 +191,7 @@ def save_pretrained(
 
 # ---------------------------------------------------------------------------- load
 def read_config(path: str | Path) -> ModelConfig:
-    p = Path(path)
+    p = resolve_model_dir(path)
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist.")
     cfg_file = p / "config.json"
@@ -226,7 +227,7 @@ def _weight_files(p: Path) -> list[Path]:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
-    p = Path(path)
+    p = resolve_model_dir(path)
     cfg = read_config(p)
     files = _weight_files(p)
     with torch.device("meta"):

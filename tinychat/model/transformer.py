@@ -143,7 +143,7 @@ class Decoder(nn.Module):
 
 
 class Model(nn.Module):
-    """A causal language model. `Model(cfg)` builds it; `Model.from_pretrained(dir)` opens an HF directory."""
+    """A causal language model. `Model(cfg)` builds it; `Model.from_pretrained(dir)` opens an HF directory or hub id."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -18,11 +18,11 @@ from tinychat.infer.locate import find_latest_model, how_to_get_one, resolve_mod
 
 @dataclass
 class ServeConfig:
-    model: str = field("", help="model directory (HF layout); default: the newest runs/*/checkpoints/*/")
+    model: str = field("", help="model directory (HF layout) or hub id; default: the newest runs/*/checkpoints/*/")
     host: str = field("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     port: int = field(8000)
     api_key: str = field("", help="require 'Authorization: Bearer KEY' on /v1/* (default: open)")
-    served_model_name: str = field("", help="the model id clients use (default: the directory's name)")
+    served_model_name: str = field("", help="the model id clients use (default: the directory's name, or the hub id)")
     max_num_seqs: int = field(16, help="sequences decoded at once (KV-cache slots)")
     max_model_len: int = field(0, help="positions per sequence, prompt + output (0: the model's context)")
     kv_cache_mb: float = field(0.0, help="cap on KV-cache memory in MB; fewer slots when tight (0: no cap)")
@@ -99,11 +99,12 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     from tinychat.infer.engine import Engine
+    from tinychat.model.hub import model_name
     from tinychat.serve.app import create_app
 
     model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
     engine = Engine(model, tok, engine_config(cfg)).start()
-    name = cfg.served_model_name or path.name
+    name = cfg.served_model_name or model_name(path)
     kb = None
     if cfg.kb:
         from tinychat.rag.kb import KbSettings, KnowledgeBase

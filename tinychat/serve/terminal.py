@@ -17,7 +17,7 @@ from tinychat.config import field
 
 @dataclass
 class ChatConfig:
-    model: str = field("", help="model directory; default: the newest runs/*/checkpoints/*/")
+    model: str = field("", help="model directory or hub id; default: the newest runs/*/checkpoints/*/")
     system: str = field("", help="system prompt")
     temperature: float = field(0.7, help="0 = greedy")
     top_p: float = field(0.95)

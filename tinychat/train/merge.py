@@ -20,11 +20,12 @@ from tinychat.errors import UserError
 @dataclass
 class MergeConfig:
     adapter: str = field("", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    base: str = field("", help="base model directory (default: the adapter's base_model_name_or_path)")
+    base: str = field("", help="base model directory or hub id (default: the adapter's base_model_name_or_path)")
     out: str = field("", help="directory to write the merged model to")
 
 
 def merge(adapter: Path, base: Path | None, out: Path) -> Path:
+    from tinychat.model.hub import resolve_model_dir
     from tinychat.model.lora import load_adapter, merge_lora, read_adapter_config
     from tinychat.model.transformer import Model
     from tinychat.train.checkpoint import copy_tokenizer
@@ -34,7 +35,7 @@ def merge(adapter: Path, base: Path | None, out: Path) -> Path:
     task = read_adapter_config(adapter).get("task_type") or "CAUSAL_LM"
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UserError(f"{adapter}: task_type {task} is not supported (CAUSAL_LM or SEQ_CLS).")
-    base = base or adapter_base(adapter)
+    base = resolve_model_dir(base) if base else adapter_base(adapter)
     model = Model.from_pretrained(str(base), dtype=torch.float32)
     if task == "SEQ_CLS":
         model = RewardModel.from_causal_lm(model)

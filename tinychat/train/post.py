@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
+from tinychat.model.hub import hub_id, resolve_model_dir
 from tinychat.model.lora import LoraConfig, apply_lora, has_lora, lora_disabled, merge_state, save_adapter
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainResult, train
@@ -35,7 +36,7 @@ class PostConfig:
 
     run: str = field("default", help="run name: everything goes to RUNS_DIR/NAME")
     runs_dir: str = field("runs")
-    init: str = field("", help="starting model directory (default: the previous stage of this run)")
+    init: str = field("", help="starting model directory or hub id (default: the previous stage of this run)")
     data: str = field("", help="training rows: a JSONL/Parquet file or directory (default: the run's tinyworld split)")
     val_data: str = field("", help="validation rows (default: the tinyworld validation split, without --data)")
     tokenizer: str = field("", help="tokenizer directory (default: the starting model's, else RUNS_DIR/NAME/tokenizer)")
@@ -69,7 +70,7 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
     if cfg.lora.rank:
         cfg.lora.leaf_names()  # a wrong --lora.targets fails now, not after the data and model are loaded
     if cfg.init:
-        init = Path(cfg.init)
+        init = resolve_model_dir(cfg.init)
         if not init.is_dir():
             raise UserError(f"--init {init} is not a directory.")
     else:
@@ -100,14 +101,19 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
 
 
 def adapter_base(adapter_dir: Path) -> Path:
-    """The base model directory an adapter's adapter_config.json names (absolute, or relative to the adapter)."""
+    """The base model an adapter's adapter_config.json names: a directory (absolute, or relative to the adapter)
+    or a Hugging Face id such as PEFT writes."""
     from tinychat.model.lora import read_adapter_config
 
     base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; pass --base.")
     p = Path(base)
-    return p if p.is_absolute() or p.is_dir() else adapter_dir / p
+    if p.is_absolute() or p.is_dir():
+        return p
+    if (adapter_dir / p).is_dir() or hub_id(base) is None:
+        return adapter_dir / p
+    return resolve_model_dir(base)
 
 
 def load_causal_lm(path: Path) -> torch.nn.Module:

@@ -32,7 +32,7 @@ class PretrainConfig:
     runs_dir: str = field("runs")
     data: str = field("", help="tokenized data directory (default RUNS_DIR/NAME/data/tokens)")
     tokenizer: str = field("", help="tokenizer directory (default RUNS_DIR/NAME/tokenizer)")
-    init: str = field("", help="start from this model directory instead of random weights")
+    init: str = field("", help="start from this model directory or hub id instead of random weights")
     resume: bool = field(False, help="continue from the newest checkpoint of this stage")
     stage: str = field("pretrain", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
     samples: list[str] = field(["The", "Velmora", "12 + 7 ="], help="prompts sampled at each evaluation")

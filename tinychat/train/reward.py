@@ -94,8 +94,9 @@ def save_reward_model(model: RewardModel, path: Path, state: dict[str, torch.Ten
 def load_reward_model(path: str | Path) -> RewardModel:
     """Open a directory save_reward_model (or transformers, for these families) wrote."""
     from tinychat.model.hf import read_config
+    from tinychat.model.hub import resolve_model_dir
 
-    p = Path(path)
+    p = resolve_model_dir(path)
     cfg = read_config(p)
     archs = json.loads((p / "config.json").read_text()).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
