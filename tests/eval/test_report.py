@@ -10,7 +10,7 @@ import pytest
 
 from tinychat.cli import main
 from tinychat.errors import UserError
-from tinychat.eval.report import fmt_count, fmt_pct, fmt_seconds, write_report
+from tinychat.eval.report import fmt_count, fmt_pct, fmt_rate, fmt_seconds, wilson, write_report
 
 ENV = {
     "hardware": {
@@ -63,6 +63,8 @@ def records() -> list[dict]:
             }
         )
     out.append({"stage": "pretrain", "kind": "eval", "step": 5, "time": 0, "val_loss": 3.75, "val_bpb": 1.2345})
+    peak = {"peak_flops": 9e11, "probe_min": 4e11, "probe_median": 8e11, "probe_max": 9e11, "source": "probe"}
+    out.append({"stage": "pretrain", "kind": "peak", "step": 0, "time": 0, **peak})
     for step in range(1, 4):
         out.append(
             {
@@ -154,7 +156,9 @@ def test_report_numbers_equal_the_recorded_ones(hand_run: Path) -> None:
     assert "| sft | 6.80M | 3 | 3.00k | 0.5000 | 5.00k | 5.0% | 0.6 s |" in md
     assert "val_loss 3.7500, val_bpb 1.2345" in md
     # suites: latest line wins; breakdowns by language, mode and tool use
-    assert "| facts_trained | 25.0% (n=40) | 62.5% (n=40) |" in md
+    assert "| facts_trained | 25.0% [14.2–40.2] (n=40) | 62.5% [47.0–75.8] (n=40) |" in md  # 95% Wilson
+    # the MFU peak each stage measured against, with the spread of its probes
+    assert "| pretrain | 0.900 | 0.400 | 0.800 | 0.900 | probe |" in md
     assert "multistep · chain of thought | 15.0% | — |" in md
     assert "arithmetic_tool · valid tool calls | — | 90.0% |" in md
     assert "arithmetic_tool · tool used | — | 75.0% |" in md
@@ -164,6 +168,14 @@ def test_report_numbers_equal_the_recorded_ones(hand_run: Path) -> None:
     for png in ("curves.png", "evals.png", "bpb.png", "throughput.png"):
         assert (hand_run / "plots" / png).stat().st_size > 1000 and f"plots/{png}" in md
     assert write_report(hand_run).read_text() == md  # re-rendering gives the same file
+
+
+def test_wilson_intervals() -> None:
+    # reference values of the 95% Wilson score interval
+    assert wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson(0.0, 24) == pytest.approx((0.0, 0.1380), abs=1e-4)  # 0 of 24 is not "exactly 0%"
+    assert wilson(1.0, 80)[1] == 1.0 and wilson(1.0, 80)[0] == pytest.approx(0.9542, abs=1e-4)
+    assert fmt_rate(0.25, 40) == "25.0% [14.2–40.2] (n=40)" and fmt_rate(0.25, None) == "25.0%"
 
 
 def test_formatting_helpers() -> None:
@@ -209,4 +221,4 @@ def test_stage_evaluation_to_report(run_dir: Path) -> None:
     delta = bpb["sft"]["val_bpb"] - bpb["pretrain"]["val_bpb"]
     assert f"| sft | {bpb['sft']['val_bpb']:.4f} | {delta:+.4f} |" in md
     fr = next(r for r in recs if r["suite"] == "facts_trained")
-    assert f"| facts_trained | {100 * fr['accuracy']:.1f}% (n={fr['n']}) | — |" in md
+    assert f"| facts_trained | {fmt_rate(fr['accuracy'], fr['n'])} | — |" in md

@@ -9,6 +9,7 @@ Where several evaluations of one (stage, suite) were recorded, the latest line w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -68,6 +69,7 @@ class RunData:
     timings: dict[str, float]
     environment: dict[str, Any] | None
     run_dir: Path | None = None
+    peaks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # stage -> its MFU peak record
 
     def suite_names(self) -> list[str]:
         names: list[str] = []
@@ -92,6 +94,7 @@ def gather(run_dir: Path) -> RunData:
     train: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
     evals: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
     suites: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in stages}
+    peaks: dict[str, dict[str, Any]] = {}
     for r in records:
         s, kind = r.get("stage"), r.get("kind")
         if s not in train:
@@ -100,10 +103,12 @@ def gather(run_dir: Path) -> RunData:
             train[s].append(r)
         elif kind == "eval":
             evals[s].append(r)
+        elif kind == "peak":
+            peaks[s] = r
         elif kind == "eval_suite" and isinstance(r.get("suite"), str):
             suites[s][r["suite"]] = r  # later lines replace earlier ones: the latest evaluation wins
     timings = read_timings(run_dir)
-    return RunData(run_dir.name, stages, train, evals, suites, timings, environment.read(run_dir), run_dir)
+    return RunData(run_dir.name, stages, train, evals, suites, timings, environment.read(run_dir), run_dir, peaks)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -202,6 +207,9 @@ def section_timings(d: RunData) -> list[str]:
     return ["## Wall time per stage", "", *table(["stage", "wall time", "share"], rows), ""]
 
 
+PEAK_KEYS = ("peak_flops", "probe_min", "probe_median", "probe_max")
+
+
 def section_training(d: RunData) -> list[str]:
     rows = []
     for s in d.stages:
@@ -234,6 +242,23 @@ def section_training(d: RunData) -> list[str]:
         "training time",
     ]
     out = ["## Training", "", *table(head, rows), ""]
+    peak_rows = [
+        [
+            s,
+            *(f"{p[k] / 1e12:.3f}" if isinstance(p.get(k), int | float) else "—" for k in PEAK_KEYS),
+            p.get("source", "?"),
+        ]
+        for s, p in d.peaks.items()
+    ]
+    if peak_rows:
+        out += [
+            "MFU is measured against the peak below (TFLOP/s): the best of five matmul probes at the stage's start",
+            "and of earlier probes on this machine, unless pinned with --train.peak_flops. The spread of the probes",
+            "shows how much else the machine was doing.",
+            "",
+            *table(["stage", "peak used", "probe min", "probe median", "probe max", "source"], peak_rows),
+            "",
+        ]
     val_rows = []
     for s in d.stages:
         if not d.evals[s]:
