@@ -153,6 +153,9 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
     bad = {k: w for k, w in cfg.chat_weights.items() if not isinstance(w, int | float) or isinstance(w, bool) or w < 0}
     if bad:
         raise UserError(f"chat_weights must be numbers >= 0, got {bad}.")
+    missing = [p for p in cfg.chat if not Path(p).is_file()]
+    if missing:  # before the text is tokenized, not after
+        raise UserError(f"--chat file {missing[0]} does not exist.")
     tok: TokenizerLike = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)  # type: ignore[arg-type]
     dtype = token_dtype(tok.vocab_size)
     errors: list[ReadError] = []
@@ -213,8 +216,6 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
 
 def read_chat_rows(path: Path) -> list[dict[str, Any]]:
     """Every row of a chat JSONL file; a row without a non-empty 'messages' list is a UserError naming its line."""
-    if not path.is_file():
-        raise UserError(f"--chat file {path} does not exist.")
     rows = []
     for i, row in strict_jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
