@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this version installs a CPU build from a local file on our machines;
 	# any other version would pull gigabytes of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[all,dev]'  # [all]: every extra (tinychat/extras.py); dev: the test tools
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -12,6 +12,7 @@ import sys
 
 from tinychat.config import help_text, parse_args
 from tinychat.errors import UserError
+from tinychat.extras import missing_extra_message
 
 # command words -> ("module", "ConfigClass", "function", "one-line description")
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -90,17 +91,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown command '{argv[0]}'; run 'tinychat --help' for the list.", file=sys.stderr)
         return 2
     module_name, cfg_name, fn_name, desc = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    cfg_cls, fn = getattr(module, cfg_name), getattr(module, fn_name)
-    if "-h" in rest or "--help" in rest:
-        print(f"tinychat {name}: {desc}\n\noptions:\n{help_text(cfg_cls)}")
-        return 0
     try:
+        module = importlib.import_module(module_name)
+        cfg_cls, fn = getattr(module, cfg_name), getattr(module, fn_name)
+        if "-h" in rest or "--help" in rest:
+            print(f"tinychat {name}: {desc}\n\noptions:\n{help_text(cfg_cls)}")
+            return 0
         sections = {c.replace(" ", "_") for c in COMMANDS}
         cfg = parse_args(cfg_cls, rest, section=name.replace(" ", "_"), sections=sections)
         result = fn(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a package of an extra that is not installed: say which pip command
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)

@@ -13,6 +13,7 @@ the dtype, vocab size and end-of-text id. The loader trusts index.json and nothi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -70,6 +71,8 @@ class TextShardWriter:
 
     def __init__(self, out: Path, fmt: str, shard_bytes: int, provenance: bool = True, rows_per_group: int = 2048):
         assert fmt in ("parquet", "jsonl"), fmt
+        if fmt == "parquet":  # the [data] extra: fail before any input is read, not at the first shard
+            importlib.import_module("pyarrow.parquet")
         self.out, self.fmt, self.shard_bytes, self.provenance = out, fmt, shard_bytes, provenance
         self.rows_per_group = rows_per_group
         self.shards: list[dict[str, Any]] = []

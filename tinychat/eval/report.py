@@ -400,7 +400,7 @@ def write_report(run_dir: str | Path, plots: bool = True) -> Path:
         try:
             from tinychat.eval.plots import draw_all
         except ImportError:
-            note = "(plots skipped: matplotlib is not installed)"
+            note = "(plots skipped: matplotlib is not installed; pip install 'tinychat[eval]')"
         else:
             plot_files = draw_all(d, run_dir / "plots")
     path = run_dir / "report.md"

@@ -182,7 +182,7 @@ def run_harness(
     from tinychat.eval.harness import TinychatLM
 
     if TinychatLM is None:
-        raise UserError("lm-evaluation-harness is not installed; `pip install tinychat[eval]` (or lm-eval) first.")
+        raise UserError("lm-evaluation-harness is not installed; `pip install 'tinychat[eval]'` (or lm-eval) first.")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -120,6 +121,17 @@ def sanitize_name(name: str) -> str:
     return f"{stem[: 190 - len(ext)]}-{tag}{ext}"
 
 
+def _import_backends(settings: KbSettings) -> None:
+    """Import the packages this knowledge base's store and embedder run on (raises ModuleNotFoundError).
+
+    Done first so that a missing [rag] extra is reported before anything is written; the CLI turns the
+    error into the pip command (tinychat/extras.py).
+    """
+    importlib.import_module("lancedb" if settings.store == "lance" else "psycopg")
+    if settings.embedder == "minilm":
+        importlib.import_module("sentence_transformers")
+
+
 class KnowledgeBase:
     """Opens (or creates) KB_DIR; every method is safe to call from several threads of one server."""
 
@@ -129,6 +141,9 @@ class KnowledgeBase:
 
         self.path = Path(path)
         cfg_path = self.path / CONFIG
+        _import_backends(
+            _read_settings(cfg_path) if cfg_path.is_file() else settings or KbSettings()
+        )  # before any write
         if cfg_path.is_file():
             stored = _read_settings(cfg_path)
             if settings is not None:

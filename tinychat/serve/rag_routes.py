@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import python_multipart  # noqa: F401 - uploads parse multipart forms; imported so a missing [rag] extra says so
 from fastapi import FastAPI, File, UploadFile
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool

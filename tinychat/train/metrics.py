@@ -29,7 +29,7 @@ class MetricsLog:
                     self.tb = SummaryWriter(str(run_dir / "tensorboard" / stage))
                 except ImportError:
                     print(
-                        "note: tensorboard is not installed (pip install tensorboard); curves go to metrics.jsonl only",
+                        "note: tensorboard is not installed (pip install 'tinychat[all]'); curves: metrics.jsonl only",
                         file=sys.stderr,
                     )
 
