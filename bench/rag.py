@@ -1,6 +1,6 @@
 """RAG throughput and latency: ingest (documents/s, chunks/s) and query latency p50/p95 at 10k and 100k chunks.
 
-    .venv/bin/python bench/rag.py [--docs 200] [--sizes 10000,100000] [--base 2000] [--queries 40]
+    .venv/bin/python bench/rag.py [--docs 200] [--sizes 10000,100000] [--base 2000] [--queries 40] [--refine 2]
 
 Ingest: --docs Markdown files (bilingual tinyworld filler text under headings, 2-6 paragraphs each) go
 through the whole pipeline of `tinychat rag ingest`: hash, load, split (800/120 characters), embed with
@@ -77,7 +77,7 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
 
-def bench_queries(sizes: list[int], base: int, n_queries: int, tmp: Path) -> None:
+def bench_queries(sizes: list[int], base: int, n_queries: int, tmp: Path, refine: int) -> None:
     from tinychat.rag.embed import CachedEmbedder, MiniLMEmbedder
     from tinychat.rag.retrieve import RetrieveConfig, Retriever
     from tinychat.rag.store import open_store
@@ -96,7 +96,8 @@ def bench_queries(sizes: list[int], base: int, n_queries: int, tmp: Path) -> Non
     for size in sizes:
         d = tmp / f"kb-{size}"
         emb = CachedEmbedder(model, d / "cache" / "embeddings.sqlite")
-        store = open_store("lance", str(d / "lance"), model.dim)
+        store = open_store("lance", str(d / "lance"), model.dim, refine_factor=refine)
+        all_vecs = np.zeros((size, model.dim), dtype=np.float32)
         t0 = time.perf_counter()
         for start in range(0, size, 5000):
             idx = np.arange(start, min(size, start + 5000))
@@ -111,6 +112,7 @@ def bench_queries(sizes: list[int], base: int, n_queries: int, tmp: Path) -> Non
             ]
             store.add(recs, vecs)
             emb.put(texts, vecs)
+            all_vecs[idx] = vecs
         store.optimize()
         fill = time.perf_counter() - t0
         retr = Retriever(store, emb, d / "cache")
@@ -128,12 +130,33 @@ def bench_queries(sizes: list[int], base: int, n_queries: int, tmp: Path) -> Non
             t = time.perf_counter()
             retr.search(q, RetrieveConfig(mode="hybrid", k=5))
             hybrid.append(1000 * (time.perf_counter() - t))
-        indexed = "ANN index: IVF_HNSW_SQ" if store.has_index() else "exact scan"
+        stages: dict[str, list[float]] = {"embed query": [], "vector search": [], "bm25": [], "gate (cache)": []}
+        for q in queries:  # where a hybrid query's time goes, stage by stage
+            t = time.perf_counter()
+            qv = retr.embed_query(q)
+            t1 = time.perf_counter()
+            kw = retr.keyword_index()
+            hits = retr.dense_known(qv, 20, None, kw)
+            t2 = time.perf_counter()
+            hits += retr.keyword(q, 20, None, kw)
+            t3 = time.perf_counter()
+            emb.embed([h.record.text for h in hits])
+            t4 = time.perf_counter()
+            for name, dt in zip(stages, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+                stages[name].append(1000 * dt)
+        recall = []  # the store's top 20 (what hybrid search fuses) against an exact scan in numpy
+        for q in queries:
+            qv = retr.embed_query(q)
+            exact = {f"r{i}:0" for i in np.argsort(-(all_vecs @ qv))[:20]}
+            recall.append(len(exact & {h.record.id for h in store.search(qv, 20)}) / 20)
+        indexed = f"ANN index: IVF_HNSW_SQ, refine {refine}" if store.has_index() else "exact scan"
         print(
             f"{size:>7} chunks ({indexed}; stored in {fill:.1f}s, BM25 built in {bm25_build:.1f}s): "
             f"dense p50 {statistics.median(dense):.1f} ms p95 {pct(dense, 95):.1f} ms | "
             f"hybrid p50 {statistics.median(hybrid):.1f} ms p95 {pct(hybrid, 95):.1f} ms"
         )
+        print(f"  vector recall@20 against an exact scan: {np.mean(recall):.3f}")
+        print("  hybrid by stage, p50: " + ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in stages.items()))
         store.close()
         emb.close()
 
@@ -144,13 +167,14 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--base", type=int, default=2000, help="paragraphs embedded for real for the latency runs")
     ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--refine", type=int, default=2, help="LanceStore refine_factor (k x this re-ranked exactly)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.docs:
             bench_ingest(args.docs, Path(tmp))
         sizes = [int(s) for s in args.sizes.split(",") if s]
         if sizes:
-            bench_queries(sizes, min(args.base, max(sizes)), args.queries, Path(tmp))
+            bench_queries(sizes, min(args.base, max(sizes)), args.queries, Path(tmp), args.refine)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def test_minilm_shape_norm_and_paraphrases(minilm):
     assert minilm.embed([]).shape == (0, 384)
 
 
+def test_minilm_bf16_matches_fp32(minilm):
+    """bf16 autocast (the fast path on AVX-512 CPUs) gives the fp32 vectors within cosine 0.999."""
+    texts = ["Ada Quill was born in 1961 in Porthaven.", "张伟出生于杭州，是一名医生。", "x"]
+    fp32 = MiniLMEmbedder(precision="fp32").embed(texts)
+    bf16 = MiniLMEmbedder(precision="bf16").embed(texts)
+    assert bf16.dtype == np.float32 and (fp32 * bf16).sum(1).min() > 0.999
+
+
 def test_minilm_chinese(minilm):
     v = minilm.embed(["北京大学是中国著名的高等学府", "北京大学是一所著名大学", "股票市场今天下跌了"])
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)

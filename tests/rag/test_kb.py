@@ -66,6 +66,45 @@ def test_sync_is_incremental_and_never_duplicates(kb: KnowledgeBase, docs: Path)
     assert len({r.id for r in kb.store.records()}) == kb.store.count()  # ids unique: nothing doubled
 
 
+def test_sync_embeds_many_documents_per_model_call(tmp_path: Path, docs: Path) -> None:
+    """Chunks of several files go to the embedder together (one call here), not file by file."""
+    kb = KnowledgeBase(tmp_path / "kb2", KbSettings(chunk_size=300, overlap=40))
+    calls: list[int] = []
+    real = kb.embedder.inner.embed
+    kb.embedder.inner.embed = lambda texts: calls.append(len(texts)) or real(texts)
+    rep = kb.sync([docs])
+    assert len(rep.added) == len(DOCS) and calls == [rep.chunks_added]
+    kb.close()
+
+
+def test_hybrid_search_reads_sources_only_when_the_store_changed(kb: KnowledgeBase, docs: Path) -> None:
+    """The BM25 index is checked against the store's version; all sources' hashes are read only after a write."""
+    r = kb.retriever
+    reads: list[int] = []
+    real = kb.store.sources
+    kb.store.sources = lambda: reads.append(1) or real()
+    for _ in range(3):
+        r.search("Where was Ada Quill born?", RetrieveConfig(mode="hybrid", k=2))
+    assert len(reads) <= 1
+    write(docs, {"people/cy.md": "# Cy Moss\n\nCy Moss is a lighthouse keeper in Saltmere.\n"})
+    kb.store.sources = real
+    kb.sync([docs])
+    kb.store.sources = lambda: reads.append(1) or real()
+    before = len(reads)
+    hits = r.search("Who keeps the lighthouse in Saltmere?", RetrieveConfig(mode="hybrid", k=1))
+    assert kb.display_name(hits[0].record.source) == "people/cy.md"  # the new document is found at once
+    assert len(reads) == before + 1
+
+
+def test_hybrid_dense_side_takes_records_from_the_index_or_the_store(kb: KnowledgeBase) -> None:
+    r = kb.retriever
+    qv = r.embed_query("Which city is the Copper Lighthouse in?")
+    kw = r.keyword_index()
+    assert r.dense_known(qv, 3, None, kw) == r.dense(qv, 3)
+    stale = type(kw)(kw.version, kw.store_version, kw.records, kw.index, {})  # as if written after the index
+    assert r.dense_known(qv, 3, None, stale) == r.dense(qv, 3)
+
+
 def test_sync_counts_bad_files_and_keeps_going(kb: KnowledgeBase, docs: Path) -> None:
     (docs / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj<<>>\ntruncated")
     (docs / "binary.txt").write_bytes(b"\x00\x01\x02\xff" * 100)

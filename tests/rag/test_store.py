@@ -62,9 +62,14 @@ def check_crud(store: VectorStore) -> None:
     """add / search / sources / records / delete_sources on an empty store of dimension DIM."""
     recs, vecs = make_corpus()
     assert isinstance(store, VectorStore) and store.count() == 0 and store.search(vecs[0], 3) == []
+    v0 = store.version()
     store.add(recs, vecs)
     store.add([], np.zeros((0, DIM), np.float32))
     assert store.count() == len(recs)
+    v1 = store.version()
+    assert v0 is None or v1 != v0  # a store with a version moves it on every write
+
+    assert store.search_ids(vecs[4], 3) == [(h.record.id, pytest.approx(h.score)) for h in store.search(vecs[4], 3)]
 
     hits = store.search(vecs[4], 3)
     assert [h.rank for h in hits] == [1, 2, 3]
@@ -79,7 +84,9 @@ def check_crud(store: VectorStore) -> None:
     assert [(r.source, r.position) for r in listed] == sorted((r.source, r.position) for r in recs)
     assert sorted(listed, key=lambda r: r.id) == sorted(recs, key=lambda r: r.id)
 
+    assert store.version() == v1  # reads do not move it
     assert store.delete_sources(["docs/a.md", "never-there"]) == 3
+    assert v1 is None or store.version() != v1
     assert store.count() == len(recs) - 3 and "docs/a.md" not in store.sources()
     assert all(h.record.source != "docs/a.md" for h in store.search(vecs[0], 20))
     assert store.delete_sources([]) == 0

@@ -9,9 +9,11 @@ each, vectors stored as 8-bit scalars. Why that one: on a CPU it built 3-5x fast
 8-bit scalars lose far less than product quantisation. Each partition carries its own graph, so there are
 fewer, larger partitions than IVF_PQ's usual sqrt(n) (sqrt(n) / 4), and a search probes the nearest
 quarter of them, then re-ranks `refine_factor` times k candidates with the full vectors: the reported
-scores are exact cosine similarities. When a narrow filter leaves fewer than k rows in those partitions
-it probes further, so a filtered search still returns k hits. Chunks added after the index was built are
-still found (LanceDB scans unindexed rows too) until the next `optimize()` folds them in.
+scores are exact cosine similarities. refine_factor 2 found the exact top 20 (recall 1.000 against a
+numpy scan, bench/rag.py, 100k chunks) in 30 ms where 10 took 40 ms; 1 dropped recall to 0.969.
+When a narrow filter leaves fewer than k rows in those partitions it probes further, so a filtered
+search still returns k hits. Chunks added after the index was built are still found (LanceDB scans
+unindexed rows too) until the next `optimize()` folds them in.
 Filter values go into the SQL through LanceDB's own literal printer (`lit(v).to_sql()`), which quotes them.
 """
 
@@ -69,7 +71,7 @@ class LanceStore:
         dim: int,
         table: str = "chunks",
         index_threshold: int = 20_000,
-        refine_factor: int = 10,
+        refine_factor: int = 2,
     ) -> None:
         import lancedb
 
@@ -123,13 +125,21 @@ class LanceStore:
 
     # ------------------------------------------------------------------ reads
     def search(self, vector: np.ndarray, k: int, where: Where | None = None) -> list[Hit]:
+        rows = self._nearest(vector, k, where, list(RECORD_FIELDS))
+        return to_hits(rows, [1.0 - r["_distance"] for r in rows])
+
+    def search_ids(self, vector: np.ndarray, k: int, where: Where | None = None) -> list[tuple[str, float]]:
+        """Reads no chunk text: at 100k chunks fetching the 20 texts from disk cost about as much as the search."""
+        return [(r["id"], 1.0 - r["_distance"]) for r in self._nearest(vector, k, where, ["id"])]
+
+    def _nearest(self, vector: np.ndarray, k: int, where: Where | None, columns: list[str]) -> list[dict]:
         if k <= 0:
             return []
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         query = (
             self._table.search(q, vector_column_name=VECTOR)
             .distance_type("cosine")
-            .select([*RECORD_FIELDS, "_distance"])  # asked for: LanceDB warns when it adds it unasked
+            .select([*columns, "_distance"])  # asked for: LanceDB warns when it adds it unasked
             .limit(k)
             .minimum_nprobes(max(4, math.ceil(_partitions(self.count()) / 4)))  # ignored by exact search
             .maximum_nprobes(0)  # more only when a narrow filter leaves fewer than k rows in those
@@ -138,8 +148,7 @@ class LanceStore:
         sql = _sql(where)
         if sql:
             query = query.where(sql, prefilter=True)
-        rows = query.to_arrow().to_pylist()
-        return to_hits(rows, [1.0 - r["_distance"] for r in rows])
+        return query.to_arrow().to_pylist()
 
     def _scan(self, columns: list[str], where: Where | None = None) -> pa.Table:
         query = self._table.search().select(columns).limit(None)
@@ -158,6 +167,10 @@ class LanceStore:
 
     def count(self) -> int:
         return int(self._table.count_rows())
+
+    def version(self) -> str | None:
+        """LanceDB's table version: every add, delete and optimize commits a new one (no data is read)."""
+        return f"lance-{self._table.version}"
 
     def close(self) -> None:
         self._table = None  # LanceDB holds no server connection; dropping the handles releases the files

@@ -156,6 +156,9 @@ class PgVectorStore:
             rows = cur.execute(query, [q, *params, k]).fetchall()
         return to_hits(rows, [1.0 - r["distance"] for r in rows])
 
+    def search_ids(self, vector: np.ndarray, k: int, where: Where | None = None) -> list[tuple[str, float]]:
+        return [(h.record.id, h.score) for h in self.search(vector, k, where)]
+
     def records(self, where: Where | None = None) -> list[ChunkRecord]:
         cond, params = self._where(where)
         query = self._sql.SQL("SELECT {} FROM {}{} ORDER BY source, position").format(self._columns, self._t, cond)
@@ -167,6 +170,10 @@ class PgVectorStore:
 
     def count(self) -> int:
         return int(self._conn.execute(self._sql.SQL("SELECT count(*) AS n FROM {}").format(self._t)).fetchone()["n"])
+
+    def version(self) -> str | None:
+        """None: PostgreSQL keeps no cheap per-table change counter, so retrieval compares sources()."""
+        return None
 
     def close(self) -> None:
         self._conn.close()

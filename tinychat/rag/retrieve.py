@@ -93,10 +93,12 @@ def mmr(query: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]
 
 
 @dataclass
-class _Keyword:
-    version: str
+class KeywordIndex:
+    version: str  # a hash of every (source, content hash): names the index's file in the cache
+    store_version: str | None  # the store's own change counter when it has one (VectorStore.version)
     records: list[ChunkRecord]
     index: BM25Index
+    by_id: dict[str, ChunkRecord]
 
 
 class Retriever:
@@ -104,7 +106,7 @@ class Retriever:
 
     def __init__(self, store: VectorStore, embedder: Embedder, cache_dir: Path | None = None) -> None:
         self.store, self.embedder, self.cache_dir = store, embedder, cache_dir
-        self._kw: _Keyword | None = None
+        self._kw: KeywordIndex | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the two retrievers
@@ -116,8 +118,19 @@ class Retriever:
         q = self.embed_query(query) if isinstance(query, str) else query
         return self.store.search(q, k, where)
 
-    def keyword(self, query: str, k: int, where: Where | None = None) -> list[Hit]:
-        kw = self._keyword_index()
+    def dense_known(self, qv: np.ndarray, k: int, where: Where | None, kw: KeywordIndex) -> list[Hit]:
+        """`dense`, with the chunks taken from the keyword index's records instead of read from the store.
+
+        Hybrid search holds every record already (BM25 needs them), so the vector search only returns
+        ids; a chunk written since the index was built is not in it, and then the store is asked as usual.
+        """
+        pairs = self.store.search_ids(qv, k, where)
+        if not all(i in kw.by_id for i, _ in pairs):
+            return self.dense(qv, k, where)
+        return [Hit(kw.by_id[i], float(s), rank) for rank, (i, s) in enumerate(pairs, start=1)]
+
+    def keyword(self, query: str, k: int, where: Where | None = None, kw: KeywordIndex | None = None) -> list[Hit]:
+        kw = kw or self.keyword_index()
         allowed = None
         if where is not None:
             allowed = np.array([where.matches(r) for r in kw.records], dtype=bool)
@@ -130,10 +143,17 @@ class Retriever:
         items = sorted(self.store.sources().items())
         return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
 
-    def _keyword_index(self) -> _Keyword:
+    def keyword_index(self) -> KeywordIndex:
+        """The BM25 index of what the store holds now. Asking the store's version is free; only when it has
+        moved (or the store has none) are all sources' hashes read, which took ~40 ms a query at 100k chunks."""
+        store_version = self.store.version()
+        kw = self._kw
+        if kw is not None and store_version is not None and kw.store_version == store_version:
+            return kw
         version = self._version()
         with self._lock:
             if self._kw is not None and self._kw.version == version:
+                self._kw.store_version = store_version
                 return self._kw
             records = self.store.records()
             path = self.cache_dir / f"bm25-{version}.npz" if self.cache_dir else None
@@ -152,7 +172,7 @@ class Retriever:
                     for old in path.parent.glob("bm25-*.npz"):
                         old.unlink(missing_ok=True)
                     index.save(path)
-            self._kw = _Keyword(version, records, index)
+            self._kw = KeywordIndex(version, store_version, records, index, {r.id: r for r in records})
             return self._kw
 
     def _dense_weight(self, query: str, cfg: RetrieveConfig) -> float:
@@ -177,7 +197,8 @@ class Retriever:
         elif cfg.mode == "bm25":
             hits = self.keyword(query, n, cfg.where)
         else:
-            ranked = {"dense": self.dense(qv, n, cfg.where), "bm25": self.keyword(query, n, cfg.where)}
+            kw = self.keyword_index()
+            ranked = {"dense": self.dense_known(qv, n, cfg.where, kw), "bm25": self.keyword(query, n, cfg.where, kw)}
             hits = rrf(ranked, n, cfg.rrf_k, {"dense": self._dense_weight(query, cfg)})
         if not hits:
             return []

@@ -70,6 +70,10 @@ class VectorStore(Protocol):
         """The k chunks most similar to `vector` (cosine), best first, Hit.rank from 1."""
         ...
 
+    def search_ids(self, vector: np.ndarray, k: int, where: Where | None = None) -> list[tuple[str, float]]:
+        """(chunk id, score) of `search`, best first, for callers that hold the records already."""
+        ...
+
     def sources(self) -> dict[str, str]:
         """source -> content_hash of everything stored (what incremental sync compares against)."""
         ...
@@ -79,6 +83,11 @@ class VectorStore(Protocol):
         ...
 
     def count(self) -> int: ...
+
+    def version(self) -> str | None:
+        """A value that changes whenever the contents do, cheap enough to ask on every query; None when the
+        backend has none (callers then compare `sources()`, which reads every chunk's hash)."""
+        ...
 
     def optimize(self) -> None:
         """Build or refresh the ANN index (and compact storage) after a batch of changes."""
