@@ -2,8 +2,9 @@
 
 Why strict: a typo such as `max_token` would otherwise be ignored silently and the client would wonder
 why its limit did nothing; OpenAI's own API answers 400 for an unknown argument, and so do we. Types are
-strict too (pydantic strict mode): `true` is no token id and no `max_tokens`. Every string, at any depth,
-must be encodable text: JSON may carry a lone surrogate ("\\ud800") that no tokenizer or encoder accepts.
+strict too (pydantic strict mode): `true` is no token id and no `max_tokens` (but 2.0 is 2, as JSON has it).
+Every string, at any depth, must be encodable text: JSON may carry a lone surrogate ("\\ud800") that no
+tokenizer or encoder accepts.
 Fields that OpenAI accepts but that change nothing here (user, metadata, store, service_tier,
 parallel_tool_calls) are accepted and ignored. top_k, min_p and repetition_penalty are the vLLM
 extensions most clients know.
@@ -14,8 +15,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+
+def _integral(v: Any) -> Any:
+    """2.0 is the number 2 in JSON, and an integer to the JSON Schema of the OpenAPI document: accept it as 2
+    (true and "2" are still refused)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -112,12 +121,44 @@ class ToolCallIn(Lenient):
     function: FunctionCallIn
 
 
+def _text_parts_only(schema: dict[str, Any]) -> None:
+    """Say in the JSON schema what ChatMessage.text enforces with a clearer 400 than pydantic's: text parts only."""
+    schema["properties"]["type"] = {"const": "text", "title": "Type"}
+    schema["properties"]["text"] = {"type": "string", "title": "Text"}
+    schema["required"] = ["type", "text"]
+
+
 class ContentPart(Lenient):
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_text_parts_only)
+
     type: str
     text: str | None = None
 
 
+_HAS_CONTENT = {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}
+_MESSAGE_RULES = {
+    "if": {"properties": {"role": {"const": "assistant"}}},
+    "then": {
+        "anyOf": [
+            _HAS_CONTENT,
+            {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+            {
+                "required": ["reasoning_content"],
+                "properties": {"reasoning_content": {"type": "string", "minLength": 1}},
+            },
+        ]
+    },
+    "else": {**_HAS_CONTENT, "properties": {**_HAS_CONTENT["properties"], "tool_calls": {"type": "null"}}},
+}
+
+
 class ChatMessage(Lenient):
+    """The rules the chat template enforces (tinychat.tokenizer.chat.validate_messages) are in the JSON schema too,
+    so a client, or a fuzzer, reading the document learns them: tool_calls only on assistant messages, and content
+    on every message but an assistant's turn that holds tool calls or reasoning only."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_MESSAGE_RULES)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -141,18 +182,21 @@ class SamplingFields(Strict):
     model: str
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: int = Field(default=0, ge=0)
+    top_k: Int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    n: int = Field(default=1, ge=1, le=128)
+    n: Int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    max_tokens: Int | None = Field(default=None, ge=1)
+    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None,
+        json_schema_extra={"propertyNames": {"pattern": "^-?[0-9]{1,20}$"}},  # token ids (_bias_keys)
+    )
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -173,7 +217,7 @@ class SamplingFields(Strict):
 class RagOptions(Strict):
     """tinychat's extension: answer from the server's knowledge base (serve --kb DIR); see serve/rag_routes.py."""
 
-    k: int = Field(default=4, ge=1, le=20)
+    k: Int = Field(default=4, ge=1, le=20)
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
     min_similarity: float = Field(default=0.3, ge=-1.0, le=1.0)
     mmr: bool = False
@@ -182,9 +226,9 @@ class RagOptions(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -201,12 +245,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    max_tokens: Int | None = Field(default=16, ge=1)
+    logprobs: Int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: Int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
@@ -227,9 +271,9 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Strict):
     model: str
-    input: str | list[int] | list[str] | list[list[int]]
+    input: str | list[Int] | list[str] | list[list[Int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: Int | None = Field(default=None, ge=1)
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
