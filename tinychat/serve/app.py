@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinychat.errors import UserError
 from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest
 from tinychat.infer.structured import Grammars
+from tinychat.serve import openapi
 from tinychat.serve.metrics import HttpStats, render_metrics
 from tinychat.serve.prepare import APIError, Prepared, Preparer
 from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -62,6 +63,7 @@ def create_app(  # noqa: ANN001, PLR0913
     app.add_middleware(_Gate, api_key=api_key, stats=http, writes=allow_writes, max_body=max_body)
     app.state.engine = engine
     _install_error_handlers(app)
+    openapi.install(app, model_name, api_key, None if allow_writes else WRITE_ROUTES)
 
     # ------------------------------------------------------------------ plumbing to the engine
     def submit(gens: list[GenerationRequest]) -> tuple[list, asyncio.Queue]:
@@ -118,12 +120,19 @@ def create_app(  # noqa: ANN001, PLR0913
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/health")
+    health_doc = {
+        **openapi.ok(openapi.Health, "The engine is running."),
+        503: {"model": openapi.Health, "description": openapi.WHY[503]},
+    }
+
+    @app.get("/health", response_class=JSONResponse, responses=health_doc)
     async def health() -> JSONResponse:
         alive = engine._thread is not None and engine._thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    metrics_doc = {200: {"description": "Prometheus' text exposition format (tinychat.serve.metrics)."}}
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=metrics_doc)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(render_metrics(engine, http), media_type="text/plain; version=0.0.4")
 
@@ -136,11 +145,17 @@ def create_app(  # noqa: ANN001, PLR0913
             "max_model_len": engine.max_len,
         }
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models", response_model=None, responses=openapi.ok(openapi.ModelList, "The one model this server serves.")
+    )
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get(
+        "/v1/models/{name:path}",
+        response_model=None,
+        responses={**openapi.ok(openapi.ModelCard, "The model."), **openapi.errors(404)},
+    )
     async def get_model(name: str) -> dict[str, Any]:
         prep.check_model(name)
         return model_card()
@@ -152,7 +167,13 @@ def create_app(  # noqa: ANN001, PLR0913
     else:
         rag_routes = None
 
-    @app.post("/v1/chat/completions")
+    chat_doc = openapi.ok(
+        openapi.ChatCompletion,
+        "A chat.completion, or with stream: true its chunks as events.",
+        openapi.ChatCompletionChunk,
+    )
+
+    @app.post("/v1/chat/completions", responses={**chat_doc, **openapi.errors(400, 404, 429)})
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         fmt = Formatter(grammars, model_name, "chat", logprobs=body.logprobs)
         rag = None
@@ -175,7 +196,11 @@ def create_app(  # noqa: ANN001, PLR0913
         resp = fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
         return rag_routes.decorate(resp, rag) if rag else resp
 
-    @app.post("/v1/completions")
+    completion_doc = openapi.ok(
+        openapi.Completion, "A text_completion, or with stream: true its chunks as events.", openapi.CompletionChunk
+    )
+
+    @app.post("/v1/completions", responses={**completion_doc, **openapi.errors(400, 404, 429)})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         preps = [await run_in_threadpool(prep.completion, body, x) for x in body.prompts()]
         fmt = Formatter(grammars, model_name, "completion", logprobs=body.logprobs is not None)
@@ -189,7 +214,9 @@ def create_app(  # noqa: ANN001, PLR0913
             return JSONResponse({}, status_code=499)
         return fmt.completion_response(choices, done.prompt_tokens, done.completion_tokens)
 
-    @app.post("/v1/embeddings")
+    embed_doc = {**openapi.ok(openapi.EmbeddingList, "One embedding per input."), **openapi.errors(400, 404)}
+
+    @app.post("/v1/embeddings", response_model=None, responses=embed_doc)
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         prep.check_model(body.model)
         try:

@@ -33,8 +33,9 @@ from tinychat.errors import UserError
 from tinychat.rag.answer import NO_CONTEXT, REFUSED, Citation, cite, context_message, guard, language, numbered_sources
 from tinychat.rag.kb import DocInfo, KnowledgeBase, sanitize_name
 from tinychat.rag.retrieve import RetrieveConfig
+from tinychat.serve import openapi
 from tinychat.serve.prepare import APIError
-from tinychat.serve.protocol import ChatCompletionRequest, ChatMessage, Strict
+from tinychat.serve.protocol import ChatCompletionRequest, ChatMessage, Int, Strict
 from tinychat.serve.responses import Formatter, sse
 
 MAX_QUERY_CHARS = 4000
@@ -42,7 +43,7 @@ MAX_QUERY_CHARS = 4000
 
 class QueryRequest(Strict):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    k: int = Field(default=5, ge=1, le=50)
+    k: Int = Field(default=5, ge=1, le=50)
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
     min_similarity: float = Field(default=0.0, ge=-1.0, le=1.0)
     mmr: bool = False
@@ -157,12 +158,14 @@ def _redacted(kb: KnowledgeBase, v: Any) -> Any:
 def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
     """The /v1/rag/* routes; `max_bytes` is the server's body limit, which bounds an upload too."""
 
-    @app.get("/v1/rag/documents")
+    @app.get("/v1/rag/documents", response_model=None, responses=openapi.ok(openapi.DocumentList, "The documents."))
     async def list_documents() -> dict[str, Any]:
         docs = await run_in_threadpool(kb.documents)
         return {"object": "list", "data": [_public(d) for d in docs], "embedder": kb.settings.embedder}
 
-    @app.post("/v1/rag/documents")
+    upload_doc = {**openapi.ok(openapi.Uploaded, "The file, stored and indexed."), **openapi.errors(400)}
+
+    @app.post("/v1/rag/documents", response_model=None, responses=upload_doc)
     async def upload(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         data = await file.read()  # the body limit (serve --max-body-mb) has bounded it
         name = file.filename or ""
@@ -180,7 +183,9 @@ def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
             "seconds": time.perf_counter() - t0,
         }
 
-    @app.delete("/v1/rag/documents/{doc_id:path}")
+    delete_doc = {**openapi.ok(openapi.Deleted, "The document is gone."), **openapi.errors(404, 409)}
+
+    @app.delete("/v1/rag/documents/{doc_id:path}", response_model=None, responses=delete_doc)
     async def delete(doc_id: str) -> dict[str, Any]:
         found = await run_in_threadpool(kb.find_document, doc_id)
         if not found:
@@ -191,7 +196,9 @@ def add_routes(app: FastAPI, kb: KnowledgeBase, max_bytes: int) -> None:
         await run_in_threadpool(kb.remove_source, found[0].source)
         return {"object": "rag.document.deleted", "deleted": [found[0].name]}
 
-    @app.post("/v1/rag/query")
+    query_doc = {**openapi.ok(openapi.QueryResult, "The best chunks, best first."), **openapi.errors(400)}
+
+    @app.post("/v1/rag/query", response_model=None, responses=query_doc)
     async def query(body: QueryRequest) -> dict[str, Any]:
         cfg = RetrieveConfig(mode=body.mode, k=body.k, min_similarity=body.min_similarity, mmr=body.mmr)
         hits = await run_in_threadpool(kb.retriever.search, body.query, cfg)
