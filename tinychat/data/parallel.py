@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
 K = TypeVar("K")
@@ -33,17 +33,23 @@ def map_ordered(
         for key, payload in items:
             yield key, fn(payload)
         return
-    max_pending = max_pending or 2 * workers
     ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer, initargs=initargs)
-    pending: deque[tuple[K, Future]] = deque()
     try:
-        for key, payload in items:
-            pending.append((key, ex.submit(fn, payload)))
-            if len(pending) >= max_pending:
-                k, fut = pending.popleft()
-                yield k, fut.result()
-        while pending:
-            k, fut = pending.popleft()
-            yield k, fut.result()
+        yield from submit_ordered(ex, fn, items, max_pending or 2 * workers)
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def submit_ordered(
+    ex: Executor, fn: Callable[[Any], Any], items: Iterable[tuple[K, Any]], max_pending: int
+) -> Iterator[tuple[K, Any]]:
+    """(key, fn(payload)) in input order from any executor, with at most `max_pending` submitted ahead."""
+    pending: deque[tuple[K, Future]] = deque()
+    for key, payload in items:
+        pending.append((key, ex.submit(fn, payload)))
+        if len(pending) >= max_pending:
+            k, fut = pending.popleft()
+            yield k, fut.result()
+    while pending:
+        k, fut = pending.popleft()
+        yield k, fut.result()

@@ -26,14 +26,14 @@ import os
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinychat.data.parallel import submit_ordered
 from tinychat.errors import UserError
 from tinychat.rag.loaders import LoadError, file_hash, iter_files, load_file
 from tinychat.rag.splitters import SplitConfig, split_document
@@ -278,16 +278,7 @@ class KnowledgeBase:
         embedding of the current batch (torch's matmuls release it too).
         """
         with ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="kb-parse") as pool:
-            ahead: deque[tuple[Path, Future]] = deque()
-            todo = iter(files)
-            for f in todo:
-                ahead.append((f, pool.submit(self._parse, f, known)))
-                if len(ahead) >= PARSE_AHEAD:
-                    f0, fut = ahead.popleft()
-                    yield f0, fut.result()
-            while ahead:
-                f0, fut = ahead.popleft()
-                yield f0, fut.result()
+            yield from submit_ordered(pool, lambda f: self._parse(f, known), ((f, f) for f in files), PARSE_AHEAD)
 
     def _write(self, batch: list[tuple[str, list[ChunkRecord]]], known: dict[str, str], rep: SyncReport) -> None:
         """Embed a batch of documents' chunks in one call (few, full model batches) and store them."""
