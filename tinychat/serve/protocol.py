@@ -25,6 +25,8 @@ def _integral(v: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
+# Not `Int | None`: pydantic then writes a Field's bounds into the JSON schema as "ge"/"le", which no reader knows.
+OptionalInt = Annotated[int | None, BeforeValidator(_integral)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -191,8 +193,8 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    max_tokens: Int | None = Field(default=None, ge=1)
-    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    max_tokens: OptionalInt = Field(default=None, ge=1)
+    seed: OptionalInt = Field(default=None, ge=-(2**63), lt=2**63)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         default=None,
         json_schema_extra={"propertyNames": {"pattern": "^-?[0-9]{1,20}$"}},  # token ids (_bias_keys)
@@ -226,9 +228,9 @@ class RagOptions(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: OptionalInt = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: OptionalInt = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -244,13 +246,30 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
+def _nothing_empty(schema: dict[str, Any]) -> None:
+    """Say in the JSON schema what the handlers refuse with a 400 of their own words: an empty prompt or input, as
+    a string, a list, or any string or token list inside one."""
+    for branch in schema["anyOf"]:
+        if branch["type"] == "string":
+            branch["minLength"] = 1
+            continue
+        branch["minItems"] = 1
+        items = branch["items"]
+        items.update(
+            {"minLength": 1} if items["type"] == "string" else {"minItems": 1} if items["type"] == "array" else {}
+        )
+
+
+TextsOrIds = str | list[Int] | list[str] | list[list[Int]]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[Int] | list[str] | list[list[Int]]
-    max_tokens: Int | None = Field(default=16, ge=1)
-    logprobs: Int | None = Field(default=None, ge=0, le=5)
+    prompt: TextsOrIds = Field(json_schema_extra=_nothing_empty)
+    max_tokens: OptionalInt = Field(default=16, ge=1)
+    logprobs: OptionalInt = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: None = None
-    best_of: Int | None = Field(default=None, ge=1)
+    best_of: OptionalInt = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
@@ -271,9 +290,9 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Strict):
     model: str
-    input: str | list[Int] | list[str] | list[list[Int]]
+    input: TextsOrIds = Field(json_schema_extra=_nothing_empty)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Int | None = Field(default=None, ge=1)
+    dimensions: OptionalInt = Field(default=None, ge=1)
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
