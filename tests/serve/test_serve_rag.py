@@ -176,6 +176,18 @@ def test_names_that_sanitise_alike_do_not_overwrite_each_other(rag_live) -> None
         assert http.delete(f"/rag/documents/{name}").status_code == 200
 
 
+def test_a_405_names_every_method_of_the_path(rag_live) -> None:  # noqa: ANN001
+    """GET and POST /v1/rag/documents are two routes; Starlette's 405 named only the first one's methods in Allow
+    (schemathesis' allow_header_conformance found it)."""
+    http = httpx.Client(base_url=rag_live.base_url, headers=AUTH, timeout=60)
+    for method in ("PUT", "PATCH", "OPTIONS"):
+        r = http.request(method, "/rag/documents")
+        assert r.status_code == 405 and r.json()["error"]["message"], (method, r.text)
+        assert r.headers["allow"] == "GET, POST", (method, r.headers)
+    r = http.put("/rag/documents/x")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE", r.headers
+
+
 def test_query_fields_are_validated(rag_live) -> None:  # noqa: ANN001
     for body in ({"query": ""}, {"query": "x", "k": 0}, {"query": "x", "mode": "magic"}, {"query": "x", "extra": 1}):
         r = httpx.post(rag_live.base_url + "/rag/query", json=body, headers=AUTH, timeout=60)

@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from tinychat.errors import UserError
 from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest
@@ -378,16 +379,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(400, f"Invalid '{param}': {msg}." if param else f"Invalid request: {msg}.", param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = {404: "Not found.", 405: "Method not allowed."}.get(e.status_code, str(e.detail))
         resp = _error(e.status_code, msg)
-        resp.headers.update(e.headers or {})  # a 405 says which methods the route allows (Allow)
+        resp.headers.update(e.headers or {})
+        if e.status_code == 405:  # Starlette's Allow names the methods of the first route on the path only
+            resp.headers["Allow"] = ", ".join(_methods_at(app, request.scope))
         return resp
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return _error(500, f"internal server error ({type(e).__name__}); the server logged the details.")
+
+
+def _methods_at(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route serves at the request's path: GET and POST /v1/rag/documents are two routes."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "null", "dict", "list"}
