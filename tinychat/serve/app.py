@@ -32,7 +32,7 @@ from starlette.routing import Match, Route
 from tinychat.errors import UserError
 from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest
 from tinychat.infer.structured import Grammars
-from tinychat.serve import openapi
+from tinychat.serve import openapi, responses_api
 from tinychat.serve.metrics import HttpStats, render_metrics
 from tinychat.serve.prepare import APIError, Prepared, Preparer
 from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -196,6 +196,26 @@ def create_app(  # noqa: ANN001, PLR0913
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
         resp = fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
         return rag_routes.decorate(resp, rag) if rag else resp
+
+    responses_doc = openapi.ok_events(
+        openapi.ResponseObject, "A response, or with stream: true its events.", openapi.RESPONSE_EVENTS
+    )
+
+    @app.post("/v1/responses", responses={**responses_doc, **openapi.errors(400, 404, 429)})
+    async def responses(body: responses_api.ResponsesRequest, request: Request) -> Any:
+        prep.check_model(body.model)
+        try:
+            p: Prepared = await run_in_threadpool(prep.chat, responses_api.to_chat(body))
+        except APIError as e:
+            raise responses_api.rename_param(e) from None
+        handles, q = submit([p.gen])
+        out = responses_api.ResponseBuilder(body, model_name)
+        if body.stream:
+            return _stream(responses_api.stream(out, events(handles, q, None)), handles)
+        choices, done = await _collect(events(handles, q, request), 1, [""])
+        if done is None:
+            return JSONResponse({}, status_code=499)
+        return out.response(choices[0], done)
 
     completion_doc = openapi.ok(
         openapi.Completion, "A text_completion, or with stream: true its chunks as events.", openapi.CompletionChunk
@@ -430,6 +450,7 @@ class BodyTooLarge(StarletteHTTPException):
 ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/embeddings",
     "/v1/models",
     "/v1/rag/documents",

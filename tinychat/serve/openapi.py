@@ -15,11 +15,11 @@ write switch is on) is filled in by `install`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 REF = "#/components/schemas/{model}"
@@ -80,6 +80,15 @@ def ok(model: type[BaseModel], description: str, stream: type[BaseModel] | None 
     return {200: entry}
 
 
+def ok_events(model: type[BaseModel], description: str, events: tuple[type[BaseModel], ...]) -> dict[int | str, Any]:
+    """The 200 entry of a route that streams typed events as OpenAI's Responses API does: each event has an
+    `event:` line naming its type and `data` holding one JSON object of the same type; no [DONE]."""
+    payload = {"anyOf": [{"$ref": REF.format(model=e.__name__)} for e in events]}
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    event = {"type": "object", "required": ["event", "data"], "properties": {"event": {"type": "string"}, "data": data}}
+    return {200: {"model": model, "description": description, "content": {"text/event-stream": {"itemSchema": event}}}}
+
+
 # ---------------------------------------------------------------------------------------------- bodies
 class Health(Out):
     status: Literal["ok", "engine stopped"]
@@ -133,10 +142,9 @@ FinishReason = Literal["stop", "length", "tool_calls"] | None
 RagStatus = Literal["answered", "refused", "no_context"]
 
 
-class Source(Out):
-    """A passage retrieved from the knowledge base (serve --kb), numbered as the answer cites it: [n]."""
+class Passage(Out):
+    """A chunk of a knowledge-base document (serve --kb): where it sits in its document, its score, its text."""
 
-    n: int
     name: str
     title: str
     heading: str
@@ -145,6 +153,12 @@ class Source(Out):
     end: int
     score: float
     text: str
+
+
+class Source(Passage):
+    """A passage retrieved for an answer, numbered as the answer cites it: [n]."""
+
+    n: int
 
 
 class AssistantMessage(Out):
@@ -240,6 +254,182 @@ class CompletionChunk(Out):
     usage: Usage | None = None
 
 
+# ---------------------------------------------------------------------------------------------- /v1/responses
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+Nothing = Annotated[list[Any], Field(max_length=0)]  # annotations and logprobs: always empty here
+
+
+class OutputText(Out):
+    type: Literal["output_text"]
+    text: str
+    annotations: Nothing
+
+
+class OutputMessage(Out):
+    type: Literal["message"]
+    id: str
+    role: Literal["assistant"]
+    status: ItemStatus
+    content: list[OutputText]  # empty in the output_item.added event, before its part is added
+
+
+class OutputFunctionCall(Out):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus
+
+
+OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
+
+
+class FunctionToolOut(Out):
+    type: Literal["function"]
+    name: str
+    description: str | None
+    parameters: dict[str, Any] | None
+    strict: bool | None
+
+
+class FunctionChoiceOut(Out):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormatOut(Out):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextOut(Out):
+    format: TextFormatOut
+
+
+class InputTokensDetails(Out):
+    cached_tokens: int
+
+
+class OutputTokensDetails(Out):
+    reasoning_tokens: int
+
+
+class ResponseUsage(Out):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(Out):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseObject(Out):
+    """OpenAI's `response` object; the request's settings are echoed back as OpenAI does."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    error: None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputItem]
+    parallel_tool_calls: bool
+    previous_response_id: None
+    store: Literal[False]
+    temperature: float
+    text: TextOut
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoiceOut
+    tools: list[FunctionToolOut]
+    top_p: float
+    truncation: Literal["disabled"]
+    usage: ResponseUsage | None  # None until the response is finished
+    user: str | None
+    metadata: dict[str, str]
+
+
+class ResponseEvent(Out):
+    sequence_number: int
+
+
+class ResponseLifecycleEvent(ResponseEvent):
+    type: Literal["response.created", "response.in_progress", "response.completed", "response.incomplete"]
+    response: ResponseObject
+
+
+class OutputItemEvent(ResponseEvent):
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    output_index: int
+    item: OutputItem
+
+
+class ItemEvent(ResponseEvent):
+    item_id: str
+    output_index: int
+
+
+class ContentPartEvent(ItemEvent):
+    type: Literal["response.content_part.added", "response.content_part.done"]
+    content_index: int
+    part: OutputText
+
+
+class TextDeltaEvent(ItemEvent):
+    type: Literal["response.output_text.delta"]
+    content_index: int
+    delta: str
+    logprobs: Nothing
+
+
+class TextDoneEvent(ItemEvent):
+    type: Literal["response.output_text.done"]
+    content_index: int
+    text: str
+    logprobs: Nothing
+
+
+class ArgumentsDeltaEvent(ItemEvent):
+    type: Literal["response.function_call_arguments.delta"]
+    delta: str
+
+
+class ArgumentsDoneEvent(ItemEvent):
+    type: Literal["response.function_call_arguments.done"]
+    arguments: str
+
+
+class ErrorEvent(ResponseEvent):
+    """Generation failed mid-stream."""
+
+    type: Literal["error"]
+    code: str | None
+    message: str
+    param: str | None
+
+
+RESPONSE_EVENTS = (
+    ResponseLifecycleEvent,
+    OutputItemEvent,
+    ContentPartEvent,
+    TextDeltaEvent,
+    TextDoneEvent,
+    ArgumentsDeltaEvent,
+    ArgumentsDoneEvent,
+    ErrorEvent,
+)
+
+
 class EmbeddingOut(Out):
     object: Literal["embedding"]
     index: int
@@ -304,17 +494,9 @@ class Deleted(Out):
     deleted: list[str]
 
 
-class QueryHit(Out):
+class QueryHit(Passage):
     rank: int
-    score: float
     scores: dict[str, float]
-    name: str
-    title: str
-    heading: str
-    position: int
-    start: int
-    end: int
-    text: str
 
 
 class QueryResult(Out):
@@ -324,12 +506,18 @@ class QueryResult(Out):
 
 # ---------------------------------------------------------------------------------------------- the document
 DESCRIPTION = (
-    "tinychat's OpenAI-compatible API: chat and text completions (streamed as server-sent events when asked), "
+    "tinychat's OpenAI-compatible API: chat and text completions and the Responses API (streamed as server-sent "
+    "events when asked), "
     "embeddings, the model list, and with `serve --kb` the knowledge-base routes under /v1/rag. Errors come in "
     'OpenAI\'s shape, `{"error": {"message", "type", "param", "code"}}`.'
 )
-MODEL_FIELDS = ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest")
-REGISTERED = (ChatCompletionChunk, CompletionChunk, ErrorResponse)  # referenced from `install`'s own entries
+MODEL_FIELDS = ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "ResponsesRequest")
+REGISTERED = (
+    ChatCompletionChunk,
+    CompletionChunk,
+    ErrorResponse,
+    *RESPONSE_EVENTS,
+)  # referenced from `install`'s own entries
 
 
 def install(app: FastAPI, model_name: str, api_key: str | None, write_routes: tuple[str, ...] | None) -> None:
