@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tinychat.model import Model, preset
+from tinychat.model.transformer import rope_inv_freq
 from tinychat.train.config import TrainConfig
 from tinychat.train.optim import build_optimizer
 
@@ -48,6 +49,30 @@ def batch(rng: np.random.Generator, b: int, t: int, vocab: int) -> tuple[torch.T
 
 
 @torch.no_grad()
+def previous_token_head(model: Model, scale: float = 4.0) -> None:
+    """Make layer 0's query head 0 (and its key/value head 0) attend to the previous position, by weights only.
+
+    Queries and keys of that head become constants (zero weights, biases b_q and b_k); RoPE rotates them by
+    position, so q_i . k_j = sum over frequency pairs of b_q^T R(j - i) b_k. With b_q = R(+1) b_k every pair's
+    term peaks together at j = i - 1, so the head looks one token back whatever the tokens are: half of an
+    induction circuit, present from step 0 instead of learned. It is only an initialisation of Qwen2's
+    layout, so the model still saves and loads as a Hugging Face checkpoint.
+    """
+    cfg = model.cfg
+    attn = model.model.layers[0].self_attn
+    hd, half = cfg.head_dim, cfg.head_dim // 2
+    theta = rope_inv_freq(cfg)  # (hd/2,): pair (d, d + hd/2) turns by theta[d] per position
+    k = torch.zeros(hd)
+    k[:half] = scale  # every pair at angle 0
+    # q . k over a gap of j - i positions is scale^2 * sum_d cos(theta_d * (1 + j - i)): all peak at j = i - 1
+    q = torch.cat([scale * torch.cos(theta), -scale * torch.sin(theta)])
+    attn.q_proj.weight[:hd] = 0.0
+    attn.q_proj.bias[:hd] = q
+    attn.k_proj.weight[:hd] = 0.0
+    attn.k_proj.bias[:hd] = k
+
+
+@torch.no_grad()
 def copy_accuracy(model: Model, rng: np.random.Generator, args: argparse.Namespace) -> float:
     model.eval()
     x, y, c = batch(rng, 32, args.seq, args.vocab)
@@ -67,13 +92,23 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--no-qk-norm", action="store_true", help="Llama-style attention (no RMSNorm on q and k)")
+    ap.add_argument(
+        "--prev-token-init",
+        action="store_true",
+        help="Qwen2-style attention (q/k biases, no QK-norm); layer 0's first head starts on the previous token",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = Model(preset(args.preset, vocab_size=8192, qk_norm=not args.no_qk_norm))
+    if args.prev_token_init:
+        model = Model(preset(args.preset, vocab_size=8192, qk_norm=False, qkv_bias=True))
+        previous_token_head(model)
+    else:
+        model = Model(preset(args.preset, vocab_size=8192, qk_norm=not args.no_qk_norm))
     opt = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.1), torch.device("cpu"))
     rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     print(
-        f"{args.preset} ({model.num_params() / 1e6:.1f}M), qk_norm {not args.no_qk_norm}, {args.vocab} drill tokens, "
+        f"{args.preset} ({model.num_params() / 1e6:.1f}M), qk_norm {model.cfg.qk_norm}, "
+        f"previous-token head at init {args.prev_token_init}, {args.vocab} drill tokens, "
         f"lr {args.lr}, {args.batch}x{args.seq}; ln(vocab)/2 = {math.log(args.vocab) / 2:.2f} is a copier's loss"
     )
     t0 = time.perf_counter()
