@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--layers", type=int, default=0, help="override the preset's number of layers")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     ap.add_argument("--no-qk-norm", action="store_true", help="Llama-style attention (no RMSNorm on q and k)")
     ap.add_argument(
         "--prev-token-init",
@@ -99,15 +102,16 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.manual_seed(0)
+    depth = {"n_layer": args.layers} if args.layers else {}
     if args.prev_token_init:
-        model = Model(preset(args.preset, vocab_size=8192, qk_norm=False, qkv_bias=True))
+        model = Model(preset(args.preset, vocab_size=8192, qk_norm=False, qkv_bias=True, **depth))
         previous_token_head(model)
     else:
-        model = Model(preset(args.preset, vocab_size=8192, qk_norm=not args.no_qk_norm))
+        model = Model(preset(args.preset, vocab_size=8192, qk_norm=not args.no_qk_norm, **depth))
     opt = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.1), torch.device("cpu"))
     rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     print(
-        f"{args.preset} ({model.num_params() / 1e6:.1f}M), qk_norm {model.cfg.qk_norm}, "
+        f"{args.preset} ({model.num_params() / 1e6:.1f}M, {model.cfg.n_layer} layers), qk_norm {model.cfg.qk_norm}, "
         f"previous-token head at init {args.prev_token_init}, {args.vocab} drill tokens, "
         f"lr {args.lr}, {args.batch}x{args.seq}; ln(vocab)/2 = {math.log(args.vocab) / 2:.2f} is a copier's loss"
     )
@@ -116,10 +120,11 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 50)
         x, y, _ = batch(rng, args.batch, args.seq, args.vocab)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.every == 0:
