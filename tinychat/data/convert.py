@@ -536,13 +536,13 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
                 stats["rows"] += 1
         if not stats["rows"]:
             raise UserError(f"{cfg.input} gave no convertible rows ({_kinds_line(kinds) or 'it is empty'}).")
+        problems.sort(key=lambda p: int(p.where.rsplit(" ", 1)[-1]))  # oasst finds some only after reading all
         if cfg.errors is not None:
             _write_problems(cfg.errors, problems)
         commit()
     except BaseException:
         abort()
         raise
-    problems.sort(key=lambda p: int(p.where.rsplit(" ", 1)[-1]))  # oasst finds some only after reading all
     return {**stats, "skipped": sum(kinds.values()), "skipped_by_kind": dict(kinds.most_common()), "problems": problems}
 
 
