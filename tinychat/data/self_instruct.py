@@ -242,6 +242,7 @@ STAGES = [
     ("answer cut off", "dropped: answer cut off by answer_max_tokens"),
     ("answer echoes", "dropped: answer only repeats the instruction"),
     ("duplicate answer", "dropped: answer identical to a kept one"),
+    ("over n", "answered beyond --n (not written)"),
     ("rows", "rows written"),
 ]
 
@@ -310,6 +311,7 @@ def self_instruct(cfg: SelfInstructConfig, sampler: Sampler, seeds: list[Task]) 
                 counts[why] += 1
                 continue
             if len(rows) >= cfg.n:
+                counts["over n"] += 1
                 continue
             answers_kept.add(answer)
             rows.append(
