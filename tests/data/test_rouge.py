@@ -15,9 +15,8 @@ def score(a: str, b: str) -> float:
 
 def test_known_values() -> None:
     # rouge_score's README example: LCS "the quick brown jumps the" = 5 of 9 and 8 tokens -> F = 10/17
-    assert score("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog") == pytest.approx(
-        10 / 17
-    )
+    fox = "The quick brown fox jumps over the lazy dog"
+    assert score("The quick brown dog jumps on the log.", fox) == pytest.approx(10 / 17)
     assert score("Give three tips for staying healthy.", "give THREE tips, for staying healthy!") == 1.0
     assert score("alpha beta", "gamma delta") == 0.0
     assert score("", "anything") == 0.0

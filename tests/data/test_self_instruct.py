@@ -45,7 +45,8 @@ GENERATIONS: list[tuple[str, str]] = [
         "Task 11: List five animals that live in the",  # cut off by max_tokens: dropped
         "length",
     ),
-    ("Name the largest ocean on Earth and one fact about it.\n11. Suggest a name for a friendly robot.", "stop"),  # round 2
+    # round 2
+    ("Name the largest ocean on Earth and one fact about it.\n11. Suggest a name for a friendly robot.", "stop"),
     ("Sorry, I cannot help with that.", "stop"),  # parsed as one instruction, kept
     ("Compose a short poem about autumn leaves falling.", "stop"),  # round 3
     ("", "stop"),  # no tasks
@@ -153,8 +154,9 @@ def test_stops_at_n(endpoint: str) -> None:
 
 
 def test_parse_instructions() -> None:
-    reply = "Plan a picnic for four.\nTask 10: Explain  gravity\n  to a child.\n11. 写一首诗。\n任务12：列出三种水果。\n\n"
-    assert parse_instructions(reply) == ["Plan a picnic for four.", "Explain gravity to a child.", "写一首诗。", "列出三种水果。"]
+    reply = "Plan a picnic.\nTask 10: Explain  gravity\n  to a child.\n11. 写一首诗。\n任务12：列出三种水果。\n\n"
+    want = ["Plan a picnic.", "Explain gravity to a child.", "写一首诗。", "列出三种水果。"]
+    assert parse_instructions(reply) == want
     assert parse_instructions("Task 9: only a marker\n") == ["only a marker"]
     assert parse_instructions("   \n") == []
 
@@ -188,7 +190,8 @@ def test_prompt_format() -> None:
         "Task 2: What is the relation between the given pairs?",
         "Task 3:",
     ]
-    assert seeds[-1].instruction == "Suggest a good title for a blog post about saving money." and seeds[-1].id == "seed_8"
+    assert seeds[-1].instruction == "Suggest a good title for a blog post about saving money."
+    assert seeds[-1].id == "seed_8"  # chat rows without an id are named by their line
 
 
 def test_cli_with_an_endpoint(endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -201,7 +204,8 @@ def test_cli_with_an_endpoint(endpoint: str, tmp_path: Path, capsys: pytest.Capt
     assert main(argv + ["--model", "x", "--out", str(tmp_path / "b.jsonl")]) == 2
     bad = tmp_path / "seeds.jsonl"
     bad.write_text('{"instruction": "ok task here"}\n{"name": "no instruction"}\n')
-    assert main(["data", "self-instruct", "--seed-tasks", str(bad), "--base-url", endpoint, "--out", str(out), "--force"]) == 2
+    argv = ["data", "self-instruct", "--seed-tasks", str(bad), "--base-url", endpoint]
+    assert main(argv + ["--out", str(out), "--force"]) == 2
     assert "line 2" in capsys.readouterr().err
 
 
@@ -215,7 +219,9 @@ def test_local_model_counts_add_up(tiny_model_dir: Path) -> None:
     assert counts["prompts"] == 2
     assert counts["parsed"] == sum(counts[k] for k in drops + ["near duplicate", "instructions kept"])
     answer_drops = ["empty answer", "answer cut off", "answer echoes", "duplicate answer", "over n"]
-    assert counts["instructions kept"] == sum(counts[k] for k in answer_drops) + len(rows) == counts["rows"] + sum(
-        counts[k] for k in answer_drops
+    assert (
+        counts["instructions kept"]
+        == sum(counts[k] for k in answer_drops) + len(rows)
+        == counts["rows"] + sum(counts[k] for k in answer_drops)
     )
     assert all(r["meta"]["generator"] == sampler.name for r in rows)
