@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import ScriptedEndpoint, serve_http
 
 from tinychat.cli import main
 from tinychat.data.rouge import rouge_tokens
@@ -62,23 +62,9 @@ ANSWERS = {
 }
 
 
-class _Endpoint(BaseHTTPRequestHandler):
+class _Endpoint(ScriptedEndpoint):
     received: list[dict] = []
     lock = threading.Lock()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._send({"object": "list", "data": [{"id": "scripted-model", "object": "model"}]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -97,11 +83,8 @@ class _Endpoint(BaseHTTPRequestHandler):
 @pytest.fixture()
 def endpoint() -> Iterator[str]:
     _Endpoint.received = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serve_http(_Endpoint) as url:
+        yield url
 
 
 def cfg(**kw: object) -> SelfInstructConfig:
