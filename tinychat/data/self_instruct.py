@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +248,12 @@ STAGES = [
 ]
 
 
-def self_instruct(cfg: SelfInstructConfig, sampler: Sampler, seeds: list[Task]) -> tuple[list[dict[str, Any]], Counter]:
-    """Run rounds until cfg.n rows survive (or cfg.max_rounds); returns (rows, counts per stage)."""
+def self_instruct(
+    cfg: SelfInstructConfig, sampler: Sampler, seeds: list[Task], log: Callable[[str], None] | None = None
+) -> tuple[list[dict[str, Any]], Counter]:
+    """Run rounds until cfg.n rows survive (or cfg.max_rounds); returns (rows, counts per stage).
+
+    log, when given, receives one progress line per round."""
     rng = random.Random(cfg.seed)
     pool: list[Task] = list(seeds)
     generated: list[Task] = []
@@ -290,6 +295,8 @@ def self_instruct(cfg: SelfInstructConfig, sampler: Sampler, seeds: list[Task]) 
                 generated.append(task)
                 new.append((task, shown, score, near))
                 counts["instructions kept"] += 1
+        if log is not None:
+            log(f"round {rnd}: {len(new)} new instructions (pool {len(pool)}), {len(rows)}/{cfg.n} rows so far")
         if not new:
             continue
         convs = [[{"role": "user", "content": t.instruction}] for t, *_ in new]
@@ -360,7 +367,7 @@ def run(cfg: SelfInstructConfig) -> int:
         if cfg.base_url
         else LocalSampler(cfg.model, cfg.device)
     )
-    rows, counts = self_instruct(cfg, sampler, seeds)
+    rows, counts = self_instruct(cfg, sampler, seeds, log=lambda s: print(s, file=sys.stderr, flush=True))
     if not rows:
         raise UserError(
             f"no generated row survived the filters in {counts['rounds']} rounds; nothing written.\n"
