@@ -250,3 +250,11 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 )
 def test_html_to_markdown(html: str, md: str) -> None:
     assert html_to_markdown(html) == md
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_row(tmp_path: Path) -> None:
+    src = tmp_path / "src.jsonl"
+    good = json.dumps({"instruction": "Name a fruit.", "response": "A pear."}).encode()
+    src.write_bytes(good + b"\n" + b'{"instruction": "caf\xe9", "response": "x"}\n' + good + b"\n")
+    res, out = run(tmp_path, "dolly", str(src))
+    assert len(out) == 2 and where(res) == [(2, "bad UTF-8")]

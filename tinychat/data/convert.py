@@ -108,20 +108,23 @@ def iter_records(path: Path) -> Iterator[tuple[Where, Any] | Problem]:
     try:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8-sig")
+            data = f.read().removeprefix(b"\xef\xbb\xbf")
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}).") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (invalid byte at offset {e.start}).") from None
-    if name.endswith(".json") and text.lstrip().startswith("["):
+    if name.endswith(".json") and data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 (invalid byte at offset {e.start}).") from None
         yield from _array_records(path, text)
         return
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            yield f"{path} line {i}", json.loads(line)
+            yield f"{path} line {i}", json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield Problem(f"{path} line {i}", "bad UTF-8", f"invalid UTF-8 at byte {e.start} of the line")
         except json.JSONDecodeError as e:
             yield Problem(f"{path} line {i}", "bad JSON", f"not valid JSON ({e.msg})")
 
