@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def cfg(**kw: object) -> SelfInstructConfig:
 
 def test_the_loop_and_every_filter(endpoint: str) -> None:
     seeds = read_seed_tasks(SEEDS)
-    rows, counts = self_instruct(cfg(), RemoteSampler(endpoint, concurrency=2), seeds)
+    dropped: list[dict] = []
+    rows, counts = self_instruct(cfg(), RemoteSampler(endpoint, concurrency=2), seeds, dropped=dropped)
     assert {k: counts[k] for k, _ in STAGES} == {
         "prompts": 6,
         "no tasks": 1,
@@ -112,6 +114,14 @@ def test_the_loop_and_every_filter(endpoint: str) -> None:
         "duplicate answer": 1,
         "over n": 0,
         "rows": 3,
+    }
+    not_drops = ("prompts", "no tasks", "parsed", "instructions kept", "rows")
+    drops = {k: counts[k] for k, _ in STAGES if k not in not_drops and counts[k]}
+    assert Counter(d["reason"] for d in dropped) == drops and sum(drops.values()) == 10
+    near = [d for d in dropped if d["reason"] == "near duplicate"]
+    assert {(d["instruction"], d["most_similar"]) for d in near} == {
+        ("Give three tips for staying healthy.", "Give three tips for staying healthy."),
+        ("Explain why the sky looks blue during daytime.", "Explain why the sky looks blue during the day."),
     }
     assert [r["messages"][0]["content"] for r in rows] == [
         "Describe the life cycle of a butterfly in simple words.",

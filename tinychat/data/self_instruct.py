@@ -73,6 +73,7 @@ class SelfInstructConfig:
     n: int = field(100, help="rows to generate (instructions that survive every filter, with their answers)")
     out: Path | None = field(None, help="output chat rows, .jsonl or .parquet (written atomically at the end)")
     stats: Path | None = field(None, help="also write the filter counts to this JSON file")
+    dropped: Path | None = field(None, help="also write every dropped instruction or answer, with its reason, as JSONL")
     prompts_per_round: int = field(8, help="instruction-generation requests per round")
     num_seed: int = field(6, help="seed instructions shown in each prompt")
     num_generated: int = field(2, help="generated instructions shown in each prompt (when there are any)")
@@ -249,11 +250,16 @@ STAGES = [
 
 
 def self_instruct(
-    cfg: SelfInstructConfig, sampler: Sampler, seeds: list[Task], log: Callable[[str], None] | None = None
+    cfg: SelfInstructConfig,
+    sampler: Sampler,
+    seeds: list[Task],
+    log: Callable[[str], None] | None = None,
+    dropped: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], Counter]:
     """Run rounds until cfg.n rows survive (or cfg.max_rounds); returns (rows, counts per stage).
 
-    log, when given, receives one progress line per round."""
+    log, when given, receives one progress line per round; dropped, when given, collects every dropped
+    instruction (and answer) with its round and reason, for a look at what the filters caught."""
     rng = random.Random(cfg.seed)
     pool: list[Task] = list(seeds)
     generated: list[Task] = []
@@ -279,8 +285,10 @@ def self_instruct(
             if not cands:
                 counts["no tasks"] += 1
             if finish == "length" and cands:
-                cands.pop()
+                text = cands.pop()
                 counts["cut off"] += 1
+                if dropped is not None:
+                    dropped.append({"round": rnd, "reason": "cut off", "instruction": text})
             for text in cands:
                 tokens = rouge_tokens(text)
                 why = instruction_problem(text, tokens, cfg)
@@ -289,6 +297,12 @@ def self_instruct(
                     why = "near duplicate"
                 if why:
                     counts[why] += 1
+                    if dropped is not None:
+                        near_text = pool[near].instruction if near >= 0 else ""
+                        dropped.append(
+                            {"round": rnd, "reason": why, "instruction": text, "rouge_l_max": round(score, 4)}
+                            | ({"most_similar": near_text} if near_text else {})
+                        )
                     continue
                 task = Task(f"si-{rnd}-{len(new)}", text, tokens)
                 pool.append(task)
@@ -316,6 +330,8 @@ def self_instruct(
                 why = "duplicate answer"
             if why:
                 counts[why] += 1
+                if dropped is not None:
+                    dropped.append({"round": rnd, "reason": why, "instruction": task.instruction, "answer": answer})
                 continue
             if len(rows) >= cfg.n:
                 counts["over n"] += 1
@@ -361,13 +377,21 @@ def run(cfg: SelfInstructConfig) -> int:
     if not 0 < cfg.rouge_threshold <= 1:
         raise UserError(f"--rouge-threshold must be in (0, 1], got {cfg.rouge_threshold}.")
     check_out(cfg.out, cfg.force, cfg.seed_tasks)
+    if cfg.dropped is not None:
+        check_out(cfg.dropped, cfg.force, cfg.seed_tasks)
     seeds = read_seed_tasks(cfg.seed_tasks)
     sampler: Sampler = (
         RemoteSampler(cfg.base_url, cfg.served_model, cfg.api_key, cfg.concurrency)
         if cfg.base_url
         else LocalSampler(cfg.model, cfg.device)
     )
-    rows, counts = self_instruct(cfg, sampler, seeds, log=lambda s: print(s, file=sys.stderr, flush=True))
+    dropped: list[dict[str, Any]] = []
+    rows, counts = self_instruct(cfg, sampler, seeds, lambda s: print(s, file=sys.stderr, flush=True), dropped)
+    if cfg.dropped is not None:
+        write_d, commit_d, _ = rows_writer(cfg.dropped)
+        for d in dropped:
+            write_d(d)
+        commit_d()
     if not rows:
         raise UserError(
             f"no generated row survived the filters in {counts['rounds']} rounds; nothing written.\n"
