@@ -117,7 +117,7 @@ def test_the_loop_and_every_filter(endpoint: str) -> None:
     }
     not_drops = ("prompts", "no tasks", "parsed", "instructions kept", "rows")
     drops = {k: counts[k] for k, _ in STAGES if k not in not_drops and counts[k]}
-    assert Counter(d["reason"] for d in dropped) == drops and sum(drops.values()) == 10
+    assert Counter(d["reason"] for d in dropped) == drops and sum(drops.values()) == 11
     near = [d for d in dropped if d["reason"] == "near duplicate"]
     assert {(d["instruction"], d["most_similar"]) for d in near} == {
         ("Give three tips for staying healthy.", "Give three tips for staying healthy."),
