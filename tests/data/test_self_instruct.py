@@ -24,6 +24,7 @@ from tinychat.data.self_instruct import (
     read_seed_tasks,
     self_instruct,
 )
+from tinychat.errors import UserError
 
 SEEDS = Path(__file__).parent / "instruct" / "seed_tasks.jsonl"
 HEADER = "Come up with a series of tasks:"
@@ -65,6 +66,8 @@ ANSWERS = {
 
 class _Endpoint(ScriptedEndpoint):
     received: list[dict] = []
+    generations = GENERATIONS
+    answers = ANSWERS
     lock = threading.Lock()
 
     def do_POST(self) -> None:  # noqa: N802
@@ -73,17 +76,19 @@ class _Endpoint(ScriptedEndpoint):
         with self.lock:
             if content.startswith(HEADER):
                 n = sum(b["messages"][-1]["content"].startswith(HEADER) for b in self.received)
-                text, finish = GENERATIONS[n] if n < len(GENERATIONS) else ("", "stop")
+                text, finish = self.generations[n] if n < len(self.generations) else ("", "stop")
             else:
-                text, finish = ANSWERS[content]
+                text, finish = self.answers[content]
             self.received.append(body)
+        if text == "HTTP400":
+            return self._send({"error": {"message": "the prompt is longer than the context"}}, 400)
         msg = {"role": "assistant", "content": text}
         self._send({"object": "chat.completion", "choices": [{"index": 0, "message": msg, "finish_reason": finish}]})
 
 
 @pytest.fixture()
 def endpoint() -> Iterator[str]:
-    _Endpoint.received = []
+    _Endpoint.received, _Endpoint.generations, _Endpoint.answers = [], GENERATIONS, ANSWERS
     with serve_http(_Endpoint) as url:
         yield url
 
@@ -98,6 +103,7 @@ def test_the_loop_and_every_filter(endpoint: str) -> None:
     rows, counts = self_instruct(cfg(), RemoteSampler(endpoint, concurrency=2), seeds, dropped=dropped)
     assert {k: counts[k] for k, _ in STAGES} == {
         "prompts": 6,
+        "request failed": 0,
         "no tasks": 1,
         "parsed": 14,
         "cut off": 1,
@@ -108,6 +114,7 @@ def test_the_loop_and_every_filter(endpoint: str) -> None:
         "starts with punctuation": 1,
         "near duplicate": 2,
         "instructions kept": 7,
+        "answer request failed": 0,
         "empty answer": 1,
         "answer cut off": 1,
         "answer echoes": 1,
@@ -144,6 +151,22 @@ def test_the_loop_and_every_filter(endpoint: str) -> None:
 def test_stops_at_n(endpoint: str) -> None:
     rows, counts = self_instruct(cfg(n=1), RemoteSampler(endpoint, concurrency=1), read_seed_tasks(SEEDS))
     assert len(rows) == 1 and counts["rounds"] == 1 and counts["prompts"] == 2
+
+
+def test_a_failed_request_is_counted_and_a_failed_round_stops(endpoint: str) -> None:
+    _Endpoint.generations = [
+        ("HTTP400", "stop"),
+        ("Compose a short poem about autumn leaves falling.\nTask 10: Explain why the sky looks blue.", "stop"),
+    ]
+    _Endpoint.answers = {**ANSWERS, "Compose a short poem about autumn leaves falling.": ("HTTP400", "stop")}
+    _Endpoint.answers["Explain why the sky looks blue."] = ("Because air scatters blue light most.", "stop")
+    dropped: list[dict] = []
+    rows, counts = self_instruct(cfg(max_rounds=1), RemoteSampler(endpoint), read_seed_tasks(SEEDS), dropped=dropped)
+    assert counts["request failed"] == 1 and counts["answer request failed"] == 1 and len(rows) == 1
+    assert "longer than the context" in dropped[0]["error"]
+    _Endpoint.received, _Endpoint.generations = [], [("HTTP400", "stop")] * 2
+    with pytest.raises(UserError, match="every instruction-generation request of the round failed"):
+        self_instruct(cfg(max_rounds=1), RemoteSampler(endpoint), read_seed_tasks(SEEDS))
 
 
 def test_parse_instructions() -> None:

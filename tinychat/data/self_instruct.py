@@ -53,6 +53,7 @@ from tinychat.data.shards import write_json_atomic
 from tinychat.errors import UserError
 
 Messages = list[dict[str, str]]
+ERROR = "error"  # the finish reason of a request that failed
 
 BLOCKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot",
@@ -101,7 +102,10 @@ class Task:
 
 
 class Sampler(Protocol):
-    """Sampled chat replies for a batch of conversations: (text, finish reason "stop"/"length") each."""
+    """Sampled chat replies for a batch of conversations: (text, finish reason) each.
+
+    The finish reason is "stop", "length" (max_tokens cut it) or ERROR: the request failed (text holds why),
+    e.g. a prompt grown past the server's context; one failed request is counted, not fatal."""
 
     name: str
 
@@ -153,7 +157,10 @@ class RemoteSampler:
         self, conversations: list[Messages], max_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[tuple[str, str]]:
         def one(k: int) -> tuple[str, str]:
-            return self.chat.sample(conversations[k], max_tokens, temperature, top_p, seed + k)
+            try:
+                return self.chat.sample(conversations[k], max_tokens, temperature, top_p, seed + k)
+            except UserError as e:  # an HTTP error for this one request (a wrong URL fails at startup)
+                return str(e), ERROR
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, range(len(conversations))))
@@ -230,6 +237,7 @@ def _norm(s: str) -> str:
 
 STAGES = [
     ("prompts", "generation prompts sent"),
+    ("request failed", "generation requests that failed (e.g. the prompt outgrew the context)"),
     ("no tasks", "replies with no parseable instruction"),
     ("parsed", "instructions parsed"),
     ("cut off", "dropped: last of a reply cut off by max_tokens"),
@@ -240,6 +248,7 @@ STAGES = [
     ("starts with punctuation", "dropped: starts with punctuation"),
     ("near duplicate", "dropped: ROUGE-L >= threshold against the pool"),
     ("instructions kept", "instructions kept (added to the pool)"),
+    ("answer request failed", "dropped: the answer request failed"),
     ("empty answer", "dropped: empty answer"),
     ("answer cut off", "dropped: answer cut off by answer_max_tokens"),
     ("answer echoes", "dropped: answer only repeats the instruction"),
@@ -278,8 +287,14 @@ def self_instruct(
         convs = [[{"role": "user", "content": build_prompt(cfg.header, s)}] for s in shown_sets]
         replies = sampler.sample(convs, cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed * 1_000_003 + rnd * 1000)
         counts["prompts"] += len(convs)
+        _check_failures(replies, "instruction-generation")
         new: list[tuple[Task, list[Task], float, int]] = []  # (task, shown, rouge, nearest pool index)
         for shown, (reply, finish) in zip(shown_sets, replies):
+            if finish == ERROR:
+                counts["request failed"] += 1
+                if dropped is not None:
+                    dropped.append({"round": rnd, "reason": "request failed", "error": reply})
+                continue
             cands = parse_instructions(reply)
             counts["parsed"] += len(cands)
             if not cands:
@@ -317,10 +332,13 @@ def self_instruct(
         answers = sampler.sample(
             convs, cfg.answer_max_tokens, cfg.answer_temperature, 1.0, cfg.seed * 1_000_003 + rnd * 1000 + 500
         )
+        _check_failures(answers, "answer")
         for (task, shown, score, near), (answer, finish) in zip(new, answers):
             answer = answer.strip()
             why = None
-            if not answer:
+            if finish == ERROR:
+                why = "answer request failed"
+            elif not answer:
                 why = "empty answer"
             elif finish == "length":
                 why = "answer cut off"
@@ -357,6 +375,12 @@ def self_instruct(
             )
             counts["rows"] += 1
     return rows, counts
+
+
+def _check_failures(replies: list[tuple[str, str]], what: str) -> None:
+    """Every request of a batch failing is not bad luck with one long prompt: stop and say why."""
+    if replies and all(finish == ERROR for _, finish in replies):
+        raise UserError(f"every {what} request of the round failed; the first: {replies[0][0]}")
 
 
 def stats_table(counts: Counter) -> str:
