@@ -9,7 +9,11 @@ import tinychat
 
 ORDER = "config errors device world data tokenizer model infer train rag serve agent eval".split()
 SAME_LEVEL = {"config", "errors", "device"}
-SEAMS = {("data/tokenize.py", "tokenizer")}  # documented: loads a tokenizer lazily at the seam
+SEAMS = {  # documented: loads a tokenizer / chat model lazily at the seam
+    ("data/tokenize.py", "tokenizer"),
+    ("data/convert.py", "tokenizer"),
+    ("data/self_instruct.py", "infer"),
+}
 
 
 def test_imports_only_flow_left() -> None:

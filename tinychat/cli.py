@@ -19,6 +19,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "speedrun": ("tinychat.speedrun", "SpeedrunConfig", "run", "the whole pipeline on the built-in world"),
     "data prepare": ("tinychat.data.prepare", "PrepareConfig", "run", "clean, filter, dedup and PII-scrub a corpus"),
     "data tokenize": ("tinychat.data.tokenize", "TokenizeConfig", "run", "tokenize a corpus into memmap token shards"),
+    "data convert": (
+        "tinychat.data.convert",
+        "ConvertConfig",
+        "run",
+        "alpaca / sharegpt / oasst / dolly instruction data into chat rows",
+    ),
+    "data self-instruct": (
+        "tinychat.data.self_instruct",
+        "SelfInstructConfig",
+        "run",
+        "grow instructions and answers from seed tasks with a chat model",
+    ),
     "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
     "model init": (
         "tinychat.model.cli",

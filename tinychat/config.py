@@ -14,6 +14,7 @@ command-line flags. Flags accept `--section.field value`, `--field value`, dashe
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import tomllib
 import types
 import typing
@@ -237,8 +238,12 @@ def set_dotted(obj: Any, key: str, values: list[str], flag: str) -> None:
 
 
 def _find_field(cls: type, name: str) -> str | None:
-    """Resolve a bare `--field` to its unique dotted path when it is not a top-level field."""
+    """Resolve a bare `--field` to its unique dotted path when it is not a top-level field.
+
+    A Python keyword names the field with a trailing underscore: `--from` fills `from_`."""
     name = name.replace("-", "_")
+    if keyword.iskeyword(name):
+        name += "_"
     hits = []
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -376,7 +381,8 @@ def help_text(cls: type, prefix: str = "", defaults: Any = None) -> str:
             lines.append(help_text(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
             continue
         default = getattr(defaults, f.name)
-        name = f.name.upper() if f.metadata.get("positional") else f"--{prefix}{f.name}"
+        flag = f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name  # from_ is spelled --from
+        name = f.name.upper() if f.metadata.get("positional") else f"--{prefix}{flag}"
         inner, _ = _unwrap_optional(tp)
         if get_origin(inner) is Literal:
             tname = "|".join(map(str, get_args(inner)))

@@ -5,14 +5,13 @@ short-term summarisation and long-term memory."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ScriptedEndpoint, serve_http
 
 from tinychat.agent.builtin import calculator
 from tinychat.agent.loop import Agent, LoopConfig, Trace, parse_plan
@@ -187,23 +186,9 @@ def test_long_term_memory_round_trip(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- over HTTP
-class _Endpoint(BaseHTTPRequestHandler):
+class _Endpoint(ScriptedEndpoint):
     script: list[dict[str, Any] | str] = []
     received: list[dict[str, Any]] = []
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-    def _send(self, obj: Any, status: int = 200) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._send({"object": "list", "data": [{"id": "scripted-model", "object": "model"}]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -217,11 +202,8 @@ class _Endpoint(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def endpoint() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serve_http(_Endpoint) as url:
+        yield url
 
 
 def test_the_loop_over_an_openai_compatible_endpoint(endpoint: str) -> None:

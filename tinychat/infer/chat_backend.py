@@ -118,6 +118,22 @@ class RemoteChat:
             out["tool_calls"] = msg["tool_calls"]
         return out
 
+    def sample(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> tuple[str, str]:
+        """One sampled reply's text and finish reason ("stop", or "length" when max_tokens cut it)."""
+        body: dict[str, Any] = {"model": self.name, "messages": messages, "max_tokens": max_tokens}
+        body.update(temperature=temperature, top_p=top_p)
+        if seed is not None:
+            body["seed"] = seed
+        choice = self._request("/chat/completions", body)["choices"][0]
+        return choice["message"].get("content") or "", choice.get("finish_reason") or "stop"
+
 
 def make_backend(model: str = "", base_url: str = "", served_model: str = "", api_key: str = "", runs: str = "runs"):  # noqa: ANN201
     """LocalChat for a model directory (default: the speedrun's newest), RemoteChat for a URL."""
