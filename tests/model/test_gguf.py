@@ -143,9 +143,9 @@ def test_pre_tokenizer_names(tiny_tokenizer):
     tok_json = json.loads(tiny_tokenizer.backend.to_str())
     assert pre_tokenizer_name(tok_json, "t") == "qwen2"
     llama3 = json.loads(json.dumps(tok_json))
-    llama3["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = (
-        tok_json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].replace(r"\p{N}|", r"\p{N}{1,3}|")
-    )
+    llama3["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = tok_json["pre_tokenizer"]["pretokenizers"][0][
+        "pattern"
+    ]["Regex"].replace(r"\p{N}|", r"\p{N}{1,3}|")
     llama3["model"]["ignore_merges"] = True
     assert pre_tokenizer_name(llama3, "t") == "llama-bpe"
     llama3["model"]["ignore_merges"] = False  # llama.cpp's llama-bpe always ignores merges: not the same

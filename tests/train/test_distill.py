@@ -136,9 +136,10 @@ def test_sequence_level_distill_trains_on_teacher_written_documents(corpus_run: 
 
 
 def test_cli_errors(corpus_run: Path, tiny_model_dir: Path, capsys):
+    runs = corpus_run
     base = [
-        "distill", "--runs-dir", str(corpus_run), "--run", "bad", "--tokenizer", str(corpus_run / "base" / "tokenizer"),
-        "--data", str(corpus_run / "base" / "data" / "tokens"), *TINY, "--train.max_steps", "1", "--train.seq_len", "32",
+        "distill", "--runs-dir", str(runs), "--run", "bad", "--tokenizer", str(runs / "base" / "tokenizer"),
+        "--data", str(runs / "base" / "data" / "tokens"), *TINY, "--train.max_steps", "1", "--train.seq_len", "32",
     ]  # fmt: skip
     assert main(base) == 2
     assert "--teacher" in capsys.readouterr().err

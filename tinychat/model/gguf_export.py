@@ -60,7 +60,9 @@ def pre_tokenizer_name(tok_json: dict[str, Any], source: str) -> str:
     """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json; UserError if none fits."""
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE" or (tok_json.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UserError(f"{source}: only byte-level BPE tokenizers can be exported to GGUF (as llama.cpp's gpt2 model).")
+        raise UserError(
+            f"{source}: only byte-level BPE tokenizers can be exported to GGUF (as llama.cpp's gpt2 model)."
+        )
     norm = tok_json.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":  # Qwen2 ships NFC, which llama.cpp leaves out too
         raise UserError(f"{source}: the tokenizer's {norm.get('type')} normalizer has no llama.cpp equivalent.")

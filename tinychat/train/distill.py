@@ -187,10 +187,12 @@ def load_teacher(cfg: DistillConfig, tok: Any, student: torch.nn.Module) -> torc
 
     teacher = Model.from_pretrained(cfg.teacher, dtype=torch.float32).eval().requires_grad_(False)
     tdir = resolve_model_dir(cfg.teacher)
-    if (tdir / "tokenizer.json").is_file():
-        if Tokenizer.from_pretrained(tdir).backend.get_vocab() != tok.backend.get_vocab():
-            raise UserError(f"the teacher {cfg.teacher} uses another tokenizer than the student; distillation "
-                            "compares next-token distributions id by id, so both need the same one.")  # fmt: skip
+    has_tok = (tdir / "tokenizer.json").is_file()
+    if has_tok and Tokenizer.from_pretrained(tdir).backend.get_vocab() != tok.backend.get_vocab():
+        raise UserError(
+            f"the teacher {cfg.teacher} uses another tokenizer than the student; distillation compares "
+            "next-token distributions id by id, so both need the same one."
+        )
     if teacher.cfg.vocab_size != student.cfg.vocab_size:
         raise UserError(
             f"the teacher's vocab_size is {teacher.cfg.vocab_size} but the student's is {student.cfg.vocab_size}; "
@@ -205,8 +207,10 @@ def run_distill(cfg: DistillConfig) -> TrainResult:
     teacher = load_teacher(cfg, tok, student)
     if cfg.seq_samples:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("sequence-level distillation generates its data in one process; run it without "
-                            "torchrun, then train on the written data with --data (it is in data/distill).")  # fmt: skip
+            raise UserError(
+                "sequence-level distillation generates its data in one process; run it once without torchrun, "
+                "then train on RUN/data/distill with --data."
+            )
         out = run_dir / "data" / "distill"
         meta = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
         if not (cfg.resume and meta.get("teacher", {}).get("samples") == cfg.seq_samples):
