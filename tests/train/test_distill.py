@@ -112,7 +112,7 @@ def test_token_level_distill_runs_on_the_loop(corpus_run: Path, tmp_path: Path):
 def test_sequence_level_distill_trains_on_teacher_written_documents(corpus_run: Path):
     teacher = _teacher(corpus_run, corpus_run.parent)
     r = run_cmd(_cmd(corpus_run, "distill", "--run", "seq", "--teacher", str(teacher), "--alpha", "1.0",
-                     "--seq-samples", "40", "--seq-prompt-tokens", "4", "--seq-new-tokens", "40", "--seq-batch", "16",
+                     "--seq.samples", "40", "--seq.prompt_tokens", "4", "--seq.new_tokens", "40", "--seq.batch", "16",
                      "--train.max_steps", "4"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     data = corpus_run / "seq" / "data" / "distill"
@@ -148,7 +148,7 @@ def test_cli_errors(corpus_run: Path, tiny_model_dir: Path, capsys):
         (["--temperature", "0"], "--temperature"),
         (["--alpha", "1.5"], "--alpha"),
         (["--alpha", "1"], "pretrain"),
-        (["--seq-samples", "-1"], "--seq-samples"),
+        (["--seq.samples", "-1"], "--seq.samples"),
     ):
         assert main([*base, "--teacher", str(tiny_model_dir), *flags]) == 2
         assert word in capsys.readouterr().err

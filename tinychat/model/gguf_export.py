@@ -208,19 +208,15 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "f16") -> di
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        w.add_name(src.name)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.d_ff)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        hparams = {  # GGUFWriter method -> value, the hyper-parameters llama.cpp reads as ARCH.KEY
+            "name": src.name, "vocab_size": cfg.vocab_size, "context_length": cfg.max_seq_len,
+            "embedding_length": cfg.d_model, "block_count": cfg.n_layer, "feed_forward_length": cfg.d_ff,
+            "head_count": cfg.n_head, "head_count_kv": cfg.n_kv_head, "key_length": cfg.head_dim,
+            "value_length": cfg.head_dim, "rope_dimension_count": cfg.head_dim, "rope_freq_base": cfg.rope_theta,
+            "layer_norm_rms_eps": cfg.norm_eps,
+        }  # fmt: skip
+        for key, value in hparams.items():
+            getattr(w, f"add_{key}")(value)
         scaling = cfg.rope_scaling or {}
         if scaling.get("rope_type", scaling.get("type")) == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

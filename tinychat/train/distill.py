@@ -12,7 +12,7 @@ A small student learns from a bigger teacher that shares its tokenizer, in two w
   GKD), better for a student too small to cover the teacher's spread. alpha = 1 switches it off (and
   with it the teacher's forward pass).
 * Sequence-level (Kim & Rush 2016), "use the big model to make data for the small one". With
-  `--seq-samples N` the teacher first continues the opening `--seq-prompt-tokens` tokens of N training
+  `--seq.samples N` the teacher first continues the opening `--seq.prompt_tokens` tokens of N training
   documents; the student then trains on those N teacher-written documents instead of the data. The
   validation split stays the real one, so bits per byte measure the real text. With alpha = 1 this is
   pure sequence-level KD; with alpha < 1 the student also matches the teacher's distribution on them.
@@ -24,12 +24,13 @@ runs on the one loop. Results land in runs/NAME/checkpoints/distill/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,17 +46,24 @@ KD_DIRECTIONS = ("forward", "reverse")
 
 
 @dataclass
+class SeqKDConfig:
+    """Sequence-level KD: the teacher writes the training documents (samples = 0: train on --data)."""
+
+    samples: int = field(0, help="documents the teacher writes to train on (0 = off)")
+    prompt_tokens: int = field(16, help="tokens of each training document the teacher continues")
+    new_tokens: int = field(192, help="tokens the teacher writes per document at most")
+    temperature: float = field(1.0, help="sampling temperature of the teacher (0 = greedy)")
+    batch: int = field(32, help="documents generated at once")
+
+
+@dataclass
 class DistillConfig(PretrainConfig):
     stage: str = field("distill", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
     teacher: str = field("", help="teacher model directory or hub id; it must use the student's tokenizer")
-    kd: str = field("forward", help="token-level KL direction: forward KL(teacher||student) or reverse")
+    kd: Literal["forward", "reverse"] = field("forward", help="token-level KL: KL(teacher||student) or the reverse")
     temperature: float = field(2.0, help="softmax temperature of both distributions in the KL term")
     alpha: float = field(0.5, help="weight of cross-entropy on the data; 1 - alpha weighs the KL (1 = no token KD)")
-    seq_samples: int = field(0, help="sequence-level KD: documents the teacher writes to train on (0 = off)")
-    seq_prompt_tokens: int = field(16, help="tokens of each training document the teacher continues")
-    seq_new_tokens: int = field(192, help="tokens the teacher writes per document at most")
-    seq_temperature: float = field(1.0, help="sampling temperature of the teacher's generations (0 = greedy)")
-    seq_batch: int = field(32, help="documents generated at once")
+    seq: SeqKDConfig = dataclasses.field(default_factory=SeqKDConfig)
 
 
 def kd_loss(
@@ -111,7 +119,7 @@ class DistillObjective(PretrainObjective):
 def teacher_corpus(teacher: torch.nn.Module, data_dir: Path, out: Path, cfg: DistillConfig) -> dict[str, Any]:
     """Write a token directory whose train split the teacher wrote and whose val split is data_dir's.
 
-    Prompts are the first seq_prompt_tokens tokens of training documents (drawn without replacement
+    Prompts are the first seq.prompt_tokens tokens of training documents (drawn without replacement
     while there are enough), so the teacher writes about what the data is about; each document ends with
     end-of-text, where the teacher may also stop on its own. Atomic: `out` appears only when complete.
     """
@@ -125,27 +133,27 @@ def teacher_corpus(teacher: torch.nn.Module, data_dir: Path, out: Path, cfg: Dis
     stream = np.concatenate(index.memmaps("train"))
     ends = np.flatnonzero(stream == index.eot_id)  # every document ends with end-of-text
     starts = np.r_[0, ends[:-1] + 1]
-    k = cfg.seq_prompt_tokens
+    k = cfg.seq.prompt_tokens
     usable = starts[ends - starts > k]
     if len(usable) == 0:
-        raise UserError(f"no training document in {data_dir} is longer than --seq-prompt-tokens {k}.")
+        raise UserError(f"no training document in {data_dir} is longer than --seq.prompt_tokens {k}.")
     rng = np.random.default_rng(cfg.train.seed)
-    picks = rng.choice(usable, size=cfg.seq_samples, replace=cfg.seq_samples > len(usable))
+    picks = rng.choice(usable, size=cfg.seq.samples, replace=cfg.seq.samples > len(usable))
     prompts = [stream[s : s + k].astype(np.int64).tolist() for s in picks]
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.precision)
     teacher = teacher.to(device).eval()
-    new_tokens = min(cfg.seq_new_tokens, teacher.cfg.max_seq_len - k)
+    new_tokens = min(cfg.seq.new_tokens, teacher.cfg.max_seq_len - k)
     eot = index.eot_id
     with atomic_output_dir(out, force=True) as tmp:
         writer = TokenShardWriter(tmp, "train", index.dtype, 1 << 24)
-        for i in range(0, len(prompts), cfg.seq_batch):
-            params = SamplingParams(temperature=cfg.seq_temperature, max_new_tokens=new_tokens, seed=cfg.train.seed + i)
+        for i in range(0, len(prompts), cfg.seq.batch):
+            params = SamplingParams(temperature=cfg.seq.temperature, max_new_tokens=new_tokens, seed=cfg.train.seed + i)
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                new, _, _ = generate_ids(teacher, prompts[i : i + cfg.seq_batch], params, stop_ids={eot})
-            for p, g in zip(prompts[i : i + cfg.seq_batch], new):
+                new, _, _ = generate_ids(teacher, prompts[i : i + cfg.seq.batch], params, stop_ids={eot})
+            for p, g in zip(prompts[i : i + cfg.seq.batch], new):
                 writer.write_doc(np.asarray([*p, *g, eot]))
-            print(f"distill: teacher wrote {min(i + cfg.seq_batch, len(prompts))}/{len(prompts)} documents", flush=True)
+            print(f"distill: teacher wrote {min(i + cfg.seq.batch, len(prompts))}/{len(prompts)} documents", flush=True)
         train_split = writer.close()
         for shard in index.splits.get("val", {}).get("shards", []):
             shutil.copy(data_dir / shard["file"], tmp / shard["file"])
@@ -153,8 +161,8 @@ def teacher_corpus(teacher: torch.nn.Module, data_dir: Path, out: Path, cfg: Dis
         meta["splits"] = {"train": train_split, **({"val": index.splits["val"]} if "val" in index.splits else {})}
         meta["tokens"] = sum(s["tokens"] for s in meta["splits"].values())
         meta["teacher"] = {
-            "model": cfg.teacher, "source": str(data_dir), "samples": cfg.seq_samples, "prompt_tokens": k,
-            "new_tokens": new_tokens, "temperature": cfg.seq_temperature, "seed": cfg.train.seed,
+            "model": cfg.teacher, "source": str(data_dir), "samples": cfg.seq.samples, "prompt_tokens": k,
+            "new_tokens": new_tokens, "temperature": cfg.seq.temperature, "seed": cfg.train.seed,
         }  # fmt: skip
         write_json_atomic(tmp / TOKENS_INDEX, meta)
     return meta
@@ -165,18 +173,18 @@ def check_distill(cfg: DistillConfig) -> None:
     """The flag mistakes we can see before loading anything, one sentence each."""
     if not cfg.teacher:
         raise UserError("--teacher DIR is required: the model directory (or hub id) to distil from.")
-    if cfg.kd not in KD_DIRECTIONS:
+    if cfg.kd not in KD_DIRECTIONS:  # the CLI checks the Literal; this guards calls from Python
         raise UserError(f"--kd must be forward or reverse, got {cfg.kd!r}.")
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}.")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {cfg.alpha}.")
-    if cfg.seq_samples < 0 or cfg.seq_prompt_tokens < 1 or cfg.seq_new_tokens < 1 or cfg.seq_batch < 1:
-        raise UserError("--seq-samples must be >= 0 and --seq-prompt-tokens, --seq-new-tokens, --seq-batch >= 1.")
-    if cfg.seq_temperature < 0:
-        raise UserError(f"--seq-temperature must be >= 0, got {cfg.seq_temperature}.")
-    if cfg.alpha >= 1.0 and not cfg.seq_samples:
-        raise UserError("--alpha 1 without --seq-samples uses no teacher at all; that is `tinychat pretrain`.")
+    if cfg.seq.samples < 0 or cfg.seq.prompt_tokens < 1 or cfg.seq.new_tokens < 1 or cfg.seq.batch < 1:
+        raise UserError("--seq.samples must be >= 0 and --seq.prompt_tokens, --seq.new_tokens, --seq.batch >= 1.")
+    if cfg.seq.temperature < 0:
+        raise UserError(f"--seq.temperature must be >= 0, got {cfg.seq.temperature}.")
+    if cfg.alpha >= 1.0 and not cfg.seq.samples:
+        raise UserError("--alpha 1 without --seq.samples uses no teacher at all; that is `tinychat pretrain`.")
 
 
 def load_teacher(cfg: DistillConfig, tok: Any, student: torch.nn.Module) -> torch.nn.Module:
@@ -205,7 +213,7 @@ def run_distill(cfg: DistillConfig) -> TrainResult:
     check_distill(cfg)
     run_dir, tok_dir, data_dir, tok, student = prepare(cfg)
     teacher = load_teacher(cfg, tok, student)
-    if cfg.seq_samples:
+    if cfg.seq.samples:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(
                 "sequence-level distillation generates its data in one process; run it once without torchrun, "
@@ -213,7 +221,7 @@ def run_distill(cfg: DistillConfig) -> TrainResult:
             )
         out = run_dir / "data" / "distill"
         meta = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
-        if not (cfg.resume and meta.get("teacher", {}).get("samples") == cfg.seq_samples):
+        if not (cfg.resume and meta.get("teacher", {}).get("samples") == cfg.seq.samples):
             meta = teacher_corpus(teacher, data_dir, out, cfg)
             print(f"distill: {meta['splits']['train']['tokens']:,} teacher-written tokens -> {out}")
         data_dir = out
