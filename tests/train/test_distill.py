@@ -107,6 +107,9 @@ def test_token_level_distill_runs_on_the_loop(corpus_run: Path, tmp_path: Path):
     out = corpus_run / "kd" / "checkpoints" / "distill"
     assert Model.from_pretrained(str(out)).cfg.d_model == 32 and (out / "tokenizer.json").exists()
     assert (corpus_run / "kd" / "config.distill.toml").exists()
+    from tinychat.eval.backend import detect_mode
+
+    assert detect_mode(out) == "base"  # a distilled student is a base model, evaluated with few-shot prompts
 
 
 def test_sequence_level_distill_trains_on_teacher_written_documents(corpus_run: Path):
