@@ -231,9 +231,30 @@ def test_llama_cpp_tokenizes_like_tinychat(arch, tiny_tokenizer, tmp_path: Path)
         assert llm.detokenize(ours).decode() == text
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_llama_cpp_f16_logits_match(arch, tiny_tokenizer, tmp_path: Path):
-    d = _model_dir(tiny_tokenizer, tmp_path, arch)
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "arch, scaling",
+    [
+        ("qwen3", None),
+        ("qwen2", None),
+        ("llama", None),
+        ("llama", LLAMA3_ROPE),
+        ("qwen3", {"rope_type": "linear", "factor": 2.0}),
+    ],
+)
+def test_llama_cpp_f16_logits_match(arch, scaling, tiny_tokenizer, tmp_path: Path):
+    d = _model_dir(tiny_tokenizer, tmp_path, arch, rope_scaling=scaling)
+    model = Model.from_pretrained(str(d))
+    with torch.no_grad():  # sharp attention, so a wrong rotary position (or scaling) moves the logits
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            (attn.q_norm.weight if arch == "qwen3" else attn.q_proj.weight).mul_(8.0)
+    model.save_pretrained(str(d))
     export_gguf(d, tmp_path / "m.gguf", "f16")
     llm = _llama(tmp_path / "m.gguf")
     ids = tiny_tokenizer.encode(PROSE)[:100]
