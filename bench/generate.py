@@ -5,6 +5,12 @@
 For each preset a random model is saved once; tinychat and transformers (AutoModelForCausalLM on the
 very same directory) then generate the same number of new tokens greedily for batch 1 and batch 8.
 Prints new tokens per second and the ratio tinychat / transformers. Timings live here, never in tests.
+
+    .venv/bin/python bench/generate.py --llama-cpp [--presets tiny,small] [--model DIR]
+
+adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat export gguf` as f16, q8_0
+and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32 and bf16, and
+each one's decode speed relative to llama.cpp q8_0. --model DIR benches a trained model directory.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,7 +42,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-cpp", action="store_true", help="batch-1 prompt/decode tok/s: tinychat vs llama.cpp")
+    ap.add_argument("--model", default="", help="with --llama-cpp: a model directory instead of random presets")
     args = ap.parse_args()
+    if args.llama_cpp:
+        llama_cpp_table(args)
+        return
     from transformers import AutoModelForCausalLM
 
     print(
@@ -72,6 +84,98 @@ def main() -> None:
                 f"{name:<8}{model.num_params() / 1e6:>7.1f}M{B:>7}{n / t_ours:>16.1f}{n / t_hf:>20.1f}"
                 f"{t_hf / t_ours:>7.2f}x"
             )
+
+
+def _model_dirs(args: argparse.Namespace, root: Path) -> list[tuple[str, Path]]:
+    """(label, directory with tokenizer) pairs: --model, or random presets with a small trained tokenizer."""
+    if args.model:
+        return [(Path(args.model).name, Path(args.model))]
+    from tinychat.tokenizer import train_tokenizer
+
+    rng = torch.Generator().manual_seed(0)
+    words = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(n),), generator=rng)) for n in range(2000)]
+    text = [" ".join(words[i : i + 50]) + " 12 + 7 = 19." for i in range(0, 2000, 50)]
+    tok = train_tokenizer(text * 20, 2048)
+    out = []
+    for name in args.presets.split(","):
+        torch.manual_seed(0)
+        d = root / name
+        Model(preset(name, vocab_size=8192, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)).save_pretrained(str(d))
+        tok.save_pretrained(d)
+        out.append((name, d))
+    return out
+
+
+def _tinychat_speed(model: Model, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
+    """(prompt tok/s, decode tok/s) at batch 1: prefill into a fresh cache, then `new` greedy steps."""
+
+    @torch.no_grad()
+    def prefill() -> tuple:
+        cache = model.new_cache(1, max_len=len(prompt) + new + 1)
+        return cache, model(torch.tensor([prompt]), cache)[:, -1]
+
+    @torch.no_grad()
+    def full() -> None:
+        cache, last = prefill()
+        for _ in range(new):
+            last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
+
+    prefill()
+    full()  # warm-up
+    t_pre, t_all = best_of(prefill, repeats), best_of(full, repeats)
+    return len(prompt) / t_pre, new / max(t_all - t_pre, 1e-9)
+
+
+def _llama_cpp_speed(path: Path, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=len(prompt) + new + 8, n_batch=512, n_threads=torch.get_num_threads(), verbose=False
+    )
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(prompt)
+
+    def full() -> None:
+        prefill()
+        for _ in range(new):  # greedy, one token at a time, as tinychat's loop above
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+
+    prefill()
+    full()
+    t_pre, t_all = best_of(prefill, repeats), best_of(full, repeats)
+    return len(prompt) / t_pre, new / max(t_all - t_pre, 1e-9)
+
+
+def llama_cpp_table(args: argparse.Namespace) -> None:
+    """Batch-1 prompt and decode speed of tinychat fp32/bf16 and llama.cpp f16/q8_0/q4_0, same weights."""
+    from tinychat.model.gguf_export import export_gguf
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 1, greedy, "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens"
+    )
+    print(f"{'model':<10}{'engine':<22}{'file MiB':>9}{'prompt tok/s':>14}{'decode tok/s':>14}{'vs q8_0':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, d in _model_dirs(args, Path(tmp)):
+            model = Model.from_pretrained(str(d), dtype=torch.float32)
+            prompt = torch.randint(16, 300, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+            rows = []
+            for dtype in (torch.float32, torch.bfloat16):
+                m = model.to(dtype)
+                size = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
+                rows.append(
+                    (f"tinychat {str(dtype)[6:]}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats))
+                )
+            for kind in ("f16", "q8_0", "q4_0"):
+                path = Path(tmp) / f"{label}-{kind}.gguf"
+                export_gguf(d, path, kind)
+                speed = _llama_cpp_speed(path, prompt, args.new_tokens, args.repeats)
+                rows.append((f"llama.cpp {kind}", path.stat().st_size / 2**20, *speed))
+            q8 = next(r[3] for r in rows if r[0] == "llama.cpp q8_0")
+            for engine, size, pre, dec in rows:
+                print(f"{label:<10}{engine:<22}{size:>9.1f}{pre:>14.1f}{dec:>14.1f}{dec / q8:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "dpo": ("tinychat.train.dpo", "DPOConfig", "run", "direct preference optimisation against a frozen reference"),
     "ppo": ("tinychat.train.ppo", "PPOConfig", "run", "RLHF with PPO: reward model, KL penalty, value head"),
     "grpo": ("tinychat.train.grpo", "GRPOConfig", "run", "RL on verifiable rewards with group baselines"),
+    "distill": ("tinychat.train.distill", "DistillConfig", "run", "distil a teacher model into a smaller student"),
+    "export gguf": (
+        "tinychat.model.gguf_export",
+        "GGUFExportConfig",
+        "run",
+        "write a model as one GGUF file for llama.cpp",
+    ),
     "merge": ("tinychat.train.merge", "MergeConfig", "run", "merge a LoRA adapter into its base model"),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),

@@ -11,7 +11,9 @@ with transformers and scipy, lm-eval) and serves one area each, so it moves to a
                                     PostgreSQL, multipart uploads
     pip install 'tinychat[agent]'   tool-argument validation (jsonschema) and MCP
     pip install 'tinychat[eval]'    report plots (matplotlib) and EleutherAI's lm-evaluation-harness
-    pip install 'tinychat[all]'     all of the above and TensorBoard; `make run` and `make test` install it
+    pip install 'tinychat[all]'     all of the above, TensorBoard and gguf (`tinychat export gguf`);
+                                    `make run` and `make test` install it
+    pip install 'tinychat[llama]'   llama-cpp-python, compiled from source: the llama.cpp parity tests and bench
 
 Modules inside an area import their packages where Python would (at the top, or lazily where only one
 path needs them); the CLI catches the ModuleNotFoundError and, when the missing top-level module is one
@@ -38,6 +40,7 @@ PROVIDED_BY: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "eval"),
     "lm_eval": ("lm-eval", "eval"),
     "tensorboard": ("tensorboard", "all"),
+    "gguf": ("gguf", "all"),
 }
 
 

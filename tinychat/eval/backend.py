@@ -12,10 +12,14 @@ from tinychat.infer.complete import Completer, LocalCompleter, load  # noqa: F40
 Mode = Literal["base", "chat"]
 
 
+# stages whose objective is next-token prediction on plain documents: their models are base models
+BASE_STAGES = ("pretrain", "distill")
+
+
 def detect_mode(model_dir: str | Path, stage: str = "", tokenizer: Any = None) -> Mode:
     """base or chat, by explicit rules in this order (first that applies wins):
 
-    1. a stage name given by the caller: "pretrain" is base, any other stage (sft, dpo, grpo, ...) is chat;
+    1. a stage name given by the caller: pretrain and distill are base, any other (sft, dpo, grpo, ...) chat;
     2. config.json's "tinychat_stage", when a writer recorded one (same rule);
     3. a run checkpoint directory (.../checkpoints/STAGE or .../checkpoints/STAGE/step_N): the folder
        name is the stage (same rule);
@@ -23,18 +27,18 @@ def detect_mode(model_dir: str | Path, stage: str = "", tokenizer: Any = None) -
     """
     d = Path(model_dir)
     if stage:
-        return "base" if stage == "pretrain" else "chat"
+        return "base" if stage in BASE_STAGES else "chat"
     try:
         hint = json.loads((d / "config.json").read_text()).get("tinychat_stage")
     except (OSError, json.JSONDecodeError, AttributeError):
         hint = None
     if isinstance(hint, str) and hint:
-        return "base" if hint == "pretrain" else "chat"
+        return "base" if hint in BASE_STAGES else "chat"
     r = d.resolve()
     if r.parent.name == "checkpoints":
-        return "base" if r.name == "pretrain" else "chat"
+        return "base" if r.name in BASE_STAGES else "chat"
     if r.parent.parent.name == "checkpoints" and r.name.startswith("step_"):  # a resumable step directory
-        return "base" if r.parent.name == "pretrain" else "chat"
+        return "base" if r.parent.name in BASE_STAGES else "chat"
     if tokenizer is None:
         try:
             cfg = json.loads((d / "tokenizer_config.json").read_text())

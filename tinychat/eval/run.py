@@ -35,7 +35,7 @@ class EvalConfig:
         help=f"what to run: all (= bpb + {', '.join(DEFAULT_SUITES)}), bpb, none, or suite names ({', '.join(SUITES)})",
     )
     mode: Literal["auto", "base", "chat"] = field(
-        "auto", help="base: few-shot prompts; chat: the chat template; auto: base for a pretrain stage, else chat"
+        "auto", help="base: few-shot prompts; chat: the chat template; auto: base for pretrain or distill, else chat"
     )
     world: str = field("", help="tinyworld directory with eval/*.jsonl (default RUNS_DIR/RUN/world)")
     data: list[str] = field(

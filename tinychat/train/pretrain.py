@@ -171,7 +171,8 @@ def check_inputs(cfg: PretrainConfig, mcfg: ModelConfig, data_dir: Path, tok: An
     return index
 
 
-def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module]:
+    """(run dir, tokenizer dir, data dir, tokenizer, model) with every input checked: shared with distill."""
     from tinychat.model.config import resolve
     from tinychat.model.transformer import Model
     from tinychat.tokenizer import Tokenizer
@@ -192,18 +193,32 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     if model is None:
         torch.manual_seed(cfg.train.seed)
         model = Model(mcfg)
+    return run_dir, tok_dir, data_dir, tok, model
+
+
+def write_config(cfg: PretrainConfig, run_dir: Path, model: torch.nn.Module) -> None:
+    """runs/NAME/config.STAGE.toml: the resolved settings, model shape included."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(dataclasses.replace(cfg, model=mcfg)))
+    (run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(dataclasses.replace(cfg, model=model.cfg)))
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    run_dir, tok_dir, data_dir, tok, model = prepare(cfg)
+    write_config(cfg, run_dir, model)
     objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples)
     return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
 
 
-def run(cfg: PretrainConfig) -> int:
-    result = run_pretrain(cfg)
+def summary(name: str, result: TrainResult) -> int:
+    """The command's closing line (steps, tokens, time, loss, bits per byte) and its exit status."""
     ev = result.last_eval
     bpb = f", val bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
     print(
-        f"pretrain: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min, "
+        f"{name}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min, "
         f"loss {result.final_loss:.3f}{bpb} -> {result.model_dir}"
     )
     return 130 if result.interrupted else 0
+
+
+def run(cfg: PretrainConfig) -> int:
+    return summary("pretrain", run_pretrain(cfg))
