@@ -34,6 +34,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "ppo": ("tinychat.train.ppo", "PPOConfig", "run", "RLHF with PPO: reward model, KL penalty, value head"),
     "grpo": ("tinychat.train.grpo", "GRPOConfig", "run", "RL on verifiable rewards with group baselines"),
     "merge": ("tinychat.train.merge", "MergeConfig", "run", "merge a LoRA adapter into its base model"),
+    "quantize": (
+        "tinychat.model.compress.quant",
+        "QuantizeConfig",
+        "run",
+        "int8 / int4 weight-only quantization of a model directory",
+    ),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
