@@ -106,7 +106,9 @@ class QuantLinear(nn.Module):
     `disk_tensors()` gives back the compressed-tensors form it was built from.
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0, bias: torch.Tensor | None = None):
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.bits, self.group = bits, group
@@ -121,7 +123,9 @@ class QuantLinear(nn.Module):
             self.fast = group in INT4_GROUPS and N % 16 == 0 and K % group == 0
             if self.fast:
                 # the kernel's layout: (N, K/2) uint8 and per-group (scale, zero) pairs (K/group, N, 2)
-                packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1))
+                packed = aligned(
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+                )
                 sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1)
                 self.register_buffer("qweight", packed, persistent=False)
                 self.register_buffer("kscale", aligned(sz.to(torch.bfloat16)), persistent=False)
@@ -145,7 +149,9 @@ class QuantLinear(nn.Module):
             return unpack_int4(self.qweight, self.in_features)
         # unpack the kernel layout by multiplying the identity: exact (small integers in bf16), done rarely
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
-        ones = torch.stack([torch.ones_like(self.scale.t()), torch.zeros_like(self.scale.t())], -1)  # w = (u - 8) * 1 + 0
+        ones = torch.stack(
+            [torch.ones_like(self.scale.t()), torch.zeros_like(self.scale.t())], -1
+        )  # w = (u - 8) * 1 + 0
         w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, ones.to(torch.bfloat16))
         return w.t().round().to(torch.int8)  # (N, K)
 
@@ -248,7 +254,13 @@ def quantization_config(bits: int, group: int, tied: bool) -> dict[str, Any]:
             "actorder": None,
             "observer": "minmax",
         }
-        return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None, "format": fmt}
+        return {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": None,
+            "output_activations": None,
+            "format": fmt,
+        }
 
     head = ["Embedding", "re:^lm_head$"]
     if bits == 8:
@@ -329,14 +341,18 @@ def load_quantized(
             q = unpack_int4(take(f"{name}.weight_packed"), lin.in_features)
             tensors.pop(f"{name}.weight_shape", None)
         if tuple(q.shape) != (lin.out_features, lin.in_features) or q.dtype != torch.int8:
-            raise UserError(f"{source}: {name} holds {q.dtype} {tuple(q.shape)}, expected int8 {tuple(lin.weight.shape)}.")
+            raise UserError(
+                f"{source}: {name} holds {q.dtype} {tuple(q.shape)}, expected int8 {tuple(lin.weight.shape)}."
+            )
         _set(model, name, QuantLinear(q, scale, bits, group if bits == 4 else 0, bias))
     emb = QuantEmbedding(take("model.embed_tokens.weight"), take("model.embed_tokens.weight_scale"), dtype)
     model.model.embed_tokens = emb
     head_q, head_s = take("lm_head.weight"), take("lm_head.weight_scale")
     if info.get("tied_head"):  # the file's copy of the embedding: share the embedding's tensors instead
         if not (torch.equal(head_q, emb.qweight) and torch.equal(head_s.reshape(-1, 1).float(), emb.scale)):
-            raise UserError(f"{source}: quantization_config says the head is tied, but lm_head differs from the embedding.")
+            raise UserError(
+                f"{source}: quantization_config says the head is tied, but lm_head differs from the embedding."
+            )
         model.lm_head = emb.tied_head()
     else:
         model.lm_head = QuantLinear(head_q, head_s, bits=8)
@@ -388,7 +404,8 @@ def run(cfg: QuantizeConfig) -> int:
     copy_side_files(cfg.model, cfg.out)
     size = sum(f.stat().st_size for f in Path(cfg.out).glob("*.safetensors"))
     print(
-        f"wrote {cfg.out}: int{cfg.bits}" + (f" group {cfg.group_size}" if cfg.bits == 4 else "")
+        f"wrote {cfg.out}: int{cfg.bits}"
+        + (f" group {cfg.group_size}" if cfg.bits == 4 else "")
         + f", weights {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} MiB in memory, "
         f"model.safetensors {size / 2**20:.1f} MiB"
     )
