@@ -40,6 +40,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "int8 / int4 weight-only quantization of a model directory",
     ),
+    "prune": (
+        "tinychat.model.compress.prune",
+        "PruneConfig",
+        "run",
+        "magnitude, attention-head or MLP-channel pruning of a model directory",
+    ),
+    "factorize": (
+        "tinychat.model.compress.factorize",
+        "FactorizeConfig",
+        "run",
+        "low-rank (SVD) factorisation of every block Linear",
+    ),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),

@@ -192,6 +192,8 @@ def save_pretrained(
     if quant:
         hf_config["quantization_config"] = quant
         hf_config["tie_word_embeddings"] = False  # the head is stored (see quant.quantized_state)
+    if getattr(model, "lowrank", None):
+        hf_config["tinychat_lowrank"] = model.lowrank  # tinychat's own layout (see compress/factorize.py)
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
     if cfg.eos_token_id is not None:
         gen["eos_token_id"] = cfg.eos_token_id
@@ -258,6 +260,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     files = _weight_files(p)
     with torch.device("meta"):
         model = Model(cfg)
+    if raw.get("tinychat_lowrank"):  # `tinychat factorize` output: two matrices per block Linear
+        from tinychat.model.compress.factorize import apply_lowrank_layout
+
+        apply_lowrank_layout(model, raw["tinychat_lowrank"], str(p / "config.json"))
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
     for f in files:

@@ -235,7 +235,7 @@ class Model(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows))
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # the activations' device and dtype (a quantized head's weight is integer)
         return KVCache(
             self.cfg,
             batch_size,

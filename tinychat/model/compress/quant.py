@@ -26,7 +26,6 @@ On disk the directory is compressed-tensors' format (what vLLM and transformers 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,16 @@ from torch import nn
 
 from tinychat.config import field
 from tinychat.errors import UserError
+from tinychat.model.compress.common import (
+    BLOCK_LINEAR,
+    block_linear_names,
+    check_paths,
+    load_float,
+    save_with_tokenizer,
+    set_module,
+)
 
 INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 CPU kernel accepts
-BLOCK_LINEAR = r"re:^model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj$"  # compressed-tensors target syntax
 
 
 # ---------------------------------------------------------------------------- integer math
@@ -207,16 +213,6 @@ class QuantEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------- whole models
-def block_linear_names(model: nn.Module) -> list[str]:
-    pat = re.compile(BLOCK_LINEAR.removeprefix("re:"))
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pat.match(n)]
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def check_bits(bits: int, group: int) -> None:
     if bits not in (4, 8):
         raise UserError(f"--bits must be 8 or 4, got {bits}.")
@@ -231,7 +227,7 @@ def quantize_model(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
         for name in block_linear_names(model):
             lin = model.get_submodule(name)
             q, s = quantize_int8(lin.weight) if bits == 8 else quantize_int4(lin.weight, group)
-            _set(model, name, QuantLinear(q, s, bits, group if bits == 4 else 0, lin.bias))
+            set_module(model, name, QuantLinear(q, s, bits, group if bits == 4 else 0, lin.bias))
         tied = model.cfg.tie_embeddings
         emb = QuantEmbedding(*quantize_int8(model.model.embed_tokens.weight))
         model.model.embed_tokens = emb
@@ -344,7 +340,7 @@ def load_quantized(
             raise UserError(
                 f"{source}: {name} holds {q.dtype} {tuple(q.shape)}, expected int8 {tuple(lin.weight.shape)}."
             )
-        _set(model, name, QuantLinear(q, scale, bits, group if bits == 4 else 0, bias))
+        set_module(model, name, QuantLinear(q, scale, bits, group if bits == 4 else 0, bias))
     emb = QuantEmbedding(take("model.embed_tokens.weight"), take("model.embed_tokens.weight_scale"), dtype)
     model.model.embed_tokens = emb
     head_q, head_s = take("lm_head.weight"), take("lm_head.weight_scale")
@@ -388,20 +384,12 @@ class QuantizeConfig:
 
 
 def run(cfg: QuantizeConfig) -> int:
-    from tinychat.model.hf import copy_side_files, load_pretrained, save_pretrained
-
-    if not cfg.model or not cfg.out:
-        raise UserError("--model DIR and --out DIR are required.")
+    check_paths(cfg.model, cfg.out)
     check_bits(cfg.bits, cfg.group_size)
-    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
-        raise UserError("--out must differ from --model (the float weights would be replaced).")
-    model = load_pretrained(cfg.model, dtype=torch.float32)
-    if getattr(model, "quantization", None):
-        raise UserError(f"{cfg.model} is already quantized; quantize the float model instead.")
+    model = load_float(cfg.model)
     before = weight_bytes(model)
     quantize_model(model, cfg.bits, cfg.group_size)
-    save_pretrained(model, cfg.out)
-    copy_side_files(cfg.model, cfg.out)
+    save_with_tokenizer(model, cfg.model, cfg.out)
     size = sum(f.stat().st_size for f in Path(cfg.out).glob("*.safetensors"))
     print(
         f"wrote {cfg.out}: int{cfg.bits}"
