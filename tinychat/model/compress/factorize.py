@@ -26,6 +26,15 @@ from tinychat.model.compress.common import block_linear_names, check_paths, load
 from tinychat.model.transformer import Model
 
 
+@dataclass
+class FactorizeConfig:
+    model: str = field("", help="model directory (HF layout) to factorise")
+    rank: int = field(0, help="one rank for every block Linear (capped at min(out, in), where it is exact)")
+    sparsity: float = field(0.0, help="instead of --rank: per-layer ranks that remove this fraction of parameters")
+    merge: bool = field(False, help="multiply a factorised --model back into plain Linears (transformers layout)")
+    out: str = field("", help="directory to write (tinychat's own layout: config.json tinychat_lowrank)")
+
+
 class LowRankLinear(nn.Module):
     """y = up(down(x)): a rank-r Linear, (..., K) -> (..., r) -> (..., N); the bias sits on `up`."""
 
@@ -94,15 +103,6 @@ def merge_lowrank(model: Model) -> Model:
             set_module(model, name, lin)
     model.lowrank = None
     return model
-
-
-@dataclass
-class FactorizeConfig:
-    model: str = field("", help="model directory (HF layout) to factorise")
-    rank: int = field(0, help="one rank for every block Linear (capped at min(out, in), where it is exact)")
-    sparsity: float = field(0.0, help="instead of --rank: per-layer ranks that remove this fraction of parameters")
-    merge: bool = field(False, help="multiply a factorised --model back into plain Linears (transformers layout)")
-    out: str = field("", help="directory to write (tinychat's own layout: config.json tinychat_lowrank)")
 
 
 def run(cfg: FactorizeConfig) -> int:
