@@ -175,8 +175,10 @@ class Model(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        n += sum(getattr(m, "quantized_params", 0) for m in self.modules())  # integer weights (model/compress)
         if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
+            emb = self.model.embed_tokens
+            n -= emb.weight.numel() if isinstance(emb, nn.Embedding) else emb.quantized_params
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:

@@ -56,16 +56,20 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def bf16_exact(s: torch.Tensor) -> torch.Tensor:
-    """Round fp32 scales to values bf16 holds exactly (the kernels read bf16 scales)."""
-    return s.to(torch.bfloat16).float()
+def bf16_exact(s: torch.Tensor, up: bool = False) -> torch.Tensor:
+    """Round fp32 scales to values bf16 holds exactly (the kernels read bf16 scales); `up` rounds away
+    from zero, so no weight lands beyond the last integer level."""
+    b = s.to(torch.bfloat16)
+    if up:
+        b = torch.where(b.float().abs() < s.abs(), torch.nextafter(b, b * 2), b)
+    return b.float()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: w (N, K) -> q (N, K) int8 in [-127, 127], scale (N, 1) fp32; w ≈ q * scale."""
     w = w.float()
     amax = w.abs().amax(dim=1, keepdim=True)
-    scale = bf16_exact(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
+    scale = bf16_exact(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), up=True)
     q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -82,7 +86,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     g = w.float().reshape(N, K // group, group)
     idx = g.abs().argmax(dim=-1, keepdim=True)
     peak = torch.gather(g, -1, idx)  # (N, K/group, 1) signed
-    scale = bf16_exact(torch.where(peak != 0, peak / -8.0, torch.ones_like(peak)))
+    scale = bf16_exact(torch.where(peak != 0, peak / -8.0, torch.ones_like(peak)), up=True)
     q = torch.round(g / scale).clamp_(-8, 7).to(torch.int8)
     return q.reshape(N, K), scale.squeeze(-1)
 
@@ -117,6 +121,7 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.out_features, self.in_features = q.shape
+        self.quantized_params = q.numel()  # Model.num_params counts these (they are buffers, not parameters)
         self.bits, self.group = bits, group
         self.register_buffer("scale", scale.float(), persistent=False)  # (N, 1) int8; (N, K/group) int4
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
@@ -200,6 +205,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.dtype = dtype  # of the rows it returns (the norms' dtype)
+        self.quantized_params = q.numel()
         self.register_buffer("qweight", aligned(q.to(torch.int8)), persistent=False)  # (V, d)
         self.register_buffer("scale", scale.float().reshape(-1, 1), persistent=False)  # (V, 1)
 
@@ -209,6 +215,7 @@ class QuantEmbedding(nn.Module):
     def tied_head(self) -> QuantLinear:
         head = QuantLinear(self.qweight, self.scale, bits=8)
         head.qweight, head.scale = self.qweight, self.scale  # share, do not copy
+        head.quantized_params = 0  # counted once, in the embedding
         return head
 
 
