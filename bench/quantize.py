@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/quantize.py [--presets tiny,small] [--new-tokens 128] [--kernels-only]
     .venv/bin/python bench/quantize.py --model runs/s4/checkpoints/grpo     # a trained directory instead
+    .venv/bin/python bench/quantize.py --dirs base,pruned,factorized        # any directories, first = base
 
 Part 1 (kernels): one Linear at several shapes, batch 1 and 8: fp32 F.linear, bf16 F.linear, aten's int8
 kernel fed fp32 and bf16 activations, eager dynamic qint8 (torch.ao), torch._int_mm with per-token int8
 activations (W8A8) and the int4 kernel with bf16 activations: microseconds per call, best of many.
 
 Part 2 (decode): for each preset a random model is saved, quantized with `tinychat quantize` (int8; int4
-group 64) and each variant is loaded in a fresh process that reports resident memory (RSS growth while
-loading), then generates greedily at batch 1 (prompt 32 tokens, best of --repeats). Prints tokens/s,
-the ratio to fp32, the safetensors size and the RSS growth. Part 3 times one decode step of every variant
+group 64) and each variant is loaded in a fresh process that reports the bytes of its tensors and its resident
+set, then generates greedily at batch 1 (prompt 32 tokens, best of --repeats). Prints tokens/s,
+the ratio to fp32, the safetensors size, tensor bytes and RSS. Part 3 times one decode step of every variant
 in one process, interleaved. Timings live here, never in tests.
 """
 
@@ -92,25 +93,12 @@ def rss_kb() -> int:
 def child(directory: str, dtype: str, new_tokens: int, prompt_len: int, repeats: int) -> None:
     """Load one variant in this fresh process, decode at batch 1, print one JSON line.
 
-    RSS growth is measured over a second load, after a first one was dropped (so imports and the code
-    pages of the kernels are already resident) and after malloc_trim hands the loader's freed temporaries
-    back to the OS: it is what the weights occupy, not import costs."""
-    import ctypes
-    import gc
-
-    import tinychat.model.hf  # noqa: F401 - imported before the baseline, so it is not counted
+    Memory is reported twice: the bytes of the model's tensors (exact: what the weights occupy) and the
+    process's resident set after loading and decoding (what `top` shows: weights, libraries, allocator)."""
     from tinychat.infer import SamplingParams, generate_ids
+    from tinychat.model.compress.quant import weight_bytes
 
-    libc = ctypes.CDLL("libc.so.6")
-    del_me = Model.from_pretrained(directory, dtype=getattr(torch, dtype))  # pages in every library it uses
-    del del_me
-    gc.collect()
-    libc.malloc_trim(0)
-    before = rss_kb()
     model = Model.from_pretrained(directory, dtype=getattr(torch, dtype))
-    gc.collect()
-    libc.malloc_trim(0)
-    grown = rss_kb() - before
     prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, stop_on_eos=False)
     generate_ids(model, prompt.tolist(), params)  # warm-up
@@ -119,7 +107,8 @@ def child(directory: str, dtype: str, new_tokens: int, prompt_len: int, repeats:
         t0 = time.perf_counter()
         generate_ids(model, prompt.tolist(), params)
         best = min(best, time.perf_counter() - t0)
-    print(json.dumps({"tok_s": new_tokens / best, "rss_mib": grown / 1024}))
+    tensors = weight_bytes(model) / 2**20
+    print(json.dumps({"tok_s": new_tokens / best, "rss_mib": rss_kb() / 1024, "tensor_mib": tensors}))
 
 
 def decode(dirs: list[tuple[str, str, str]], args: argparse.Namespace, label: str) -> None:
@@ -142,7 +131,8 @@ def decode(dirs: list[tuple[str, str, str]], args: argparse.Namespace, label: st
     base = rows[0][1]["tok_s"]
     for name, r, size in rows:
         print(
-            f"{label:<10}{name:<16}{r['tok_s']:>10.1f}{r['tok_s'] / base:>8.2f}x{size:>12.1f}{r['rss_mib']:>12.1f}",
+            f"{label:<10}{name:<16}{r['tok_s']:>10.1f}{r['tok_s'] / base:>8.2f}x{size:>12.1f}"
+            f"{r['tensor_mib']:>14.1f}{r['rss_mib']:>12.1f}",
             flush=True,
         )
 
@@ -179,6 +169,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels-only", action="store_true")
+    ap.add_argument(
+        "--dirs", default="", help="comma-separated model directories to decode side by side (first = base)"
+    )
     ap.add_argument("--shapes", default="1024x1024,512x1536,1536x512,8192x512", help="N x K of the kernel bench")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
@@ -186,7 +179,10 @@ def main() -> None:
     if args.kernels_only:
         return
     print(f"\nbatch-1 greedy decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(f"{'model':<10}{'variant':<16}{'tok/s':>10}{'vs fp32':>9}{'file MiB':>12}{'RSS MiB':>12}")
+    print(f"{'model':<10}{'variant':<16}{'tok/s':>10}{'vs fp32':>9}{'file MiB':>12}{'tensors MiB':>14}{'RSS MiB':>12}")
+    if args.dirs:  # e.g. pruned and factorised versions of one model: the first directory is the baseline
+        decode([(Path(d).name, d, "float32") for d in args.dirs.split(",")], args, "dirs")
+        return
     steps: dict[str, dict[str, Model]] = {}
     sources = [("dir", args.model)] if args.model else [(p, "") for p in args.presets.split(",")]
     for label, src in sources:
