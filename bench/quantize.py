@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="1024x1024,512x1536,1536x512,8192x512", help="N x K of the kernel bench")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
-    kernels([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
+    if not args.dirs:
+        kernels([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
     if args.kernels_only:
         return
     print(f"\nbatch-1 greedy decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}")
