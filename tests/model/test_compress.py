@@ -229,3 +229,32 @@ def test_low_rank_factorisation_cli_saves_parameters_and_merges_back(tmp_path: P
     assert merged.num_params() == base.num_params()
     assert torch.allclose(logits(merged, IDS), ref, atol=1e-5)
     assert merge_lowrank(low).lowrank is None
+
+
+def test_serve_engine_and_eval_run_a_quantized_directory(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The serving engine and `tinychat eval`'s bits per byte load the integer directory like any other."""
+    from tinychat.eval.run import evaluate_model
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+    from tinychat.tokenizer import Tokenizer
+
+    out = tmp_path / "int8"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--bits", "8", "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    model, tok = Model.from_pretrained(str(out)), Tokenizer.from_pretrained(out)
+    prompt = tok.encode("the quick brown fox")
+    params = SamplingParams(temperature=0, max_new_tokens=10, stop_on_eos=False)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4, prefill_chunk=8)).start()
+    try:
+        served = collect(engine.submit(GenerationRequest(prompt, params)), 1)[0][0]["token_ids"]
+    finally:
+        engine.stop()
+    assert served == generate_ids(model, [prompt], params)[0][0]
+    text = tmp_path / "text.jsonl"
+    text.write_text(
+        "".join(json.dumps({"text": "the quick brown fox jumps over a lazy dog"}) + "\n" for _ in range(20))
+    )
+    kw = {"suites": [], "bpb_data": [str(text)], "seq_len": 32, "bpb_tokens": 256}
+    fp, q = evaluate_model(tiny_model_dir, **kw)["bpb"]["bpb"], evaluate_model(out, **kw)["bpb"]["bpb"]
+    assert abs(q / fp - 1) < 0.01
