@@ -26,6 +26,7 @@ from tinychat.model.transformer import Model, rope_inv_freq
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -158,6 +159,15 @@ def write_files_atomically(path: str | Path, files: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
+    """Copy the tokenizer files a model directory carries (if any) into `dst`."""
+    if not src:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
 # ---------------------------------------------------------------------------- save
 def save_pretrained(
     model: Model, path: str | Path, dtype: torch.dtype | None = None, state_dict: dict | None = None
@@ -167,12 +177,23 @@ def save_pretrained(
     `state_dict` overrides the model's own (a trainer passes the full weights gathered from FSDP shards).
     """
     cfg = model.cfg
-    dtype = dtype or next(model.parameters()).dtype
+    quant = getattr(model, "quantization", None)  # set by tinychat.model.compress.quant
+    dtype = torch.float32 if quant else (dtype or next(model.parameters()).dtype)
     state = {}
+    if quant:
+        from tinychat.model.compress.quant import quantized_state
+
+        state = quantized_state(model)  # integers stay integers
     for name, t in (state_dict if state_dict is not None else model.state_dict()).items():
-        if cfg.tie_embeddings and name == "lm_head.weight":
+        if quant or (cfg.tie_embeddings and name == "lm_head.weight"):
             continue  # HF leaves the tied head out and re-ties it on load
         state[name] = t.detach().to("cpu", dtype).contiguous()
+    hf_config = config_to_hf(cfg, dtype)
+    if quant:
+        hf_config["quantization_config"] = quant
+        hf_config["tie_word_embeddings"] = False  # the head is stored (see quant.quantized_state)
+    if getattr(model, "lowrank", None):
+        hf_config["tinychat_lowrank"] = model.lowrank  # tinychat's own layout (see compress/factorize.py)
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
     if cfg.eos_token_id is not None:
         gen["eos_token_id"] = cfg.eos_token_id
@@ -182,7 +203,7 @@ def save_pretrained(
     write_files_atomically(
         path,
         {
-            "config.json": (json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n").encode(),
+            "config.json": (json.dumps(hf_config, indent=2) + "\n").encode(),
             "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
             "generation_config.json": (json.dumps(gen, indent=2) + "\n").encode(),
         },
@@ -191,6 +212,10 @@ def save_pretrained(
 
 # ---------------------------------------------------------------------------- load
 def read_config(path: str | Path) -> ModelConfig:
+    return config_from_hf(read_config_json(path), str(resolve_model_dir(path) / "config.json"))
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
     p = resolve_model_dir(path)
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist.")
@@ -201,7 +226,9 @@ def read_config(path: str | Path) -> ModelConfig:
         data = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file} is not valid JSON: {e}.") from None
-    return config_from_hf(data, str(cfg_file))
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_file} must hold a JSON object.")
+    return data
 
 
 def _weight_files(p: Path) -> list[Path]:
@@ -228,10 +255,15 @@ def _weight_files(p: Path) -> list[Path]:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
     p = resolve_model_dir(path)
-    cfg = read_config(p)
+    raw = read_config_json(p)
+    cfg = config_from_hf(raw, str(p / "config.json"))
     files = _weight_files(p)
     with torch.device("meta"):
         model = Model(cfg)
+    if raw.get("tinychat_lowrank"):  # `tinychat factorize` output: two matrices per block Linear
+        from tinychat.model.compress.factorize import apply_lowrank_layout
+
+        apply_lowrank_layout(model, raw["tinychat_lowrank"], str(p / "config.json"))
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
@@ -244,6 +276,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if cfg.tie_embeddings:
         loaded.pop("lm_head.weight", None)  # some writers store the tied copy too
         expected.pop("lm_head.weight", None)
+    if raw.get("quantization_config"):  # `tinychat quantize` output: integer weights stay integers
+        from tinychat.model.compress.quant import load_quantized
+
+        return load_quantized(model, loaded, raw["quantization_config"], str(p), dtype or torch.float32, device)
     unexpected = sorted(set(loaded) - set(expected))
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
     if unexpected:

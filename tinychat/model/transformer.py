@@ -175,8 +175,10 @@ class Model(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        n += sum(getattr(m, "quantized_params", 0) for m in self.modules())  # integer weights (model/compress)
         if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
+            emb = self.model.embed_tokens
+            n -= emb.weight.numel() if isinstance(emb, nn.Embedding) else emb.quantized_params
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
@@ -235,7 +237,7 @@ class Model(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows))
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # the activations' device and dtype (a quantized head's weight is integer)
         return KVCache(
             self.cfg,
             batch_size,

@@ -30,10 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tinychat.errors import UserError
-from tinychat.model.hf import save_pretrained
+from tinychat.model.hf import TOKENIZER_FILES, copy_tokenizer, save_pretrained  # noqa: F401 - re-exported
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def step_dirs(stage_dir: Path) -> list[Path]:
@@ -45,14 +44,6 @@ def step_dirs(stage_dir: Path) -> list[Path]:
 def latest_checkpoint(stage_dir: Path) -> Path | None:
     dirs = [p for p in step_dirs(stage_dir) if (p / "trainer_state.json").is_file()]
     return dirs[-1] if dirs else None
-
-
-def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
-    if not src:
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
 
 
 def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
