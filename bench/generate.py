@@ -9,8 +9,9 @@ Prints new tokens per second and the ratio tinychat / transformers. Timings live
     .venv/bin/python bench/generate.py --llama-cpp [--presets tiny,small] [--model DIR]
 
 adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat export gguf` as f16, q8_0
-and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32 and bf16, and
-each one's decode speed relative to llama.cpp q8_0. --model DIR benches a trained model directory.
+and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32, bf16, int8 and int4
+(`tinychat quantize`, group 64), and each one's decode speed relative to llama.cpp q8_0. --model DIR benches a
+trained model directory.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def _llama_cpp_speed(path: Path, prompt: list[int], new: int, repeats: int) -> t
 
 
 def llama_cpp_table(args: argparse.Namespace) -> None:
-    """Batch-1 prompt and decode speed of tinychat fp32/bf16 and llama.cpp f16/q8_0/q4_0, same weights."""
+    """Batch-1 prompt and decode speed of tinychat fp32/bf16/int8/int4 and llama.cpp f16/q8_0/q4_0, same weights."""
+    from tinychat.model.compress.quant import quantize_model, quantized_state
     from tinychat.model.gguf_export import export_gguf
 
     print(
@@ -168,6 +170,10 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
                 rows.append(
                     (f"tinychat {str(dtype)[6:]}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats))
                 )
+            for bits in (8, 4):  # weight-only int8 / int4 (group 64), the `tinychat quantize` path, in memory
+                m = quantize_model(Model.from_pretrained(str(d), dtype=torch.float32), bits, 64)
+                size = sum(v.numel() * v.element_size() for v in quantized_state(m).values()) / 2**20
+                rows.append((f"tinychat int{bits}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats)))
             for kind in ("f16", "q8_0", "q4_0"):
                 path = Path(tmp) / f"{label}-{kind}.gguf"
                 export_gguf(d, path, kind)
