@@ -222,17 +222,21 @@ def adapter_state(state: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -
     return out
 
 
-def saved_modules(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> tuple[str, ...]:
-    """`names` plus the other name of a tied matrix (embed_tokens <-> lm_head), so a tied model's adapter
-    carries both: PEFT copies each module it saves, and one trained copy beside one stale one would differ."""
+def saved_modules(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """(`names` plus the other name of a tied matrix (embed_tokens <-> lm_head), whether that happened).
+
+    A tied model's adapter carries both: PEFT copies each module it saves, and one trained copy beside one
+    stale one would differ; with both saved (and PEFT's ensure_weight_tying) it computes what we trained.
+    """
     out = list(names)
-    tied = ("embed_tokens", "lm_head")
+    pair = ("embed_tokens", "lm_head")
     emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
     # equal values, not shared storage: a gathered (FSDP, CPU-offloaded) state dict holds two copies
-    is_tied = emb is not None and head is not None and emb.shape == head.shape and torch.equal(emb, head)
-    if is_tied and any(n in tied for n in names):
-        out += [n for n in tied if n not in out]
-    return tuple(out)
+    tied = emb is not None and head is not None and emb.shape == head.shape and torch.equal(emb, head)
+    tied = tied and any(n in pair for n in names)
+    if tied:
+        out += [n for n in pair if n not in out]
+    return tuple(out), tied
 
 
 def save_adapter(
@@ -246,7 +250,7 @@ def save_adapter(
     """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA format) atomically into `path`."""
     from tinychat.model.hf import write_files_atomically
 
-    modules_to_save = saved_modules(state, (*modules_to_save, *module_names(cfg.modules_to_save)))
+    modules_to_save, tied = saved_modules(state, (*modules_to_save, *module_names(cfg.modules_to_save)))
     tensors = adapter_state(state, modules_to_save)
     config = {
         "peft_type": "LORA",
@@ -263,6 +267,7 @@ def save_adapter(
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": list(modules_to_save) or None,
+        "ensure_weight_tying": tied,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},

@@ -151,8 +151,14 @@ def extend_backend(
     taken = set(backend.get_vocab(with_added_tokens=True))
     merges = learn_merges(words, freqs, n_add, taken, min_frequency)
     vocab: dict[str, int] = spec["model"]["vocab"]
-    added_ids = [t["id"] for t in spec.get("added_tokens", [])]
-    next_id = max(itertools.chain(vocab.values(), added_ids, [-1])) + 1
+    added = spec.get("added_tokens", [])
+    next_id = max(itertools.chain(vocab.values(), (t["id"] for t in added), [-1])) + 1
+    for t in added:
+        # The Rust library re-numbers added tokens on load from the model's vocabulary size unless the model's
+        # vocabulary holds them: Llama 3's specials (ids 128000+) would move to after our new tokens. Listing
+        # them in the vocabulary pins their ids; the pre-tokenizer never yields a whole special as one word,
+        # so the BPE model cannot produce them from text.
+        vocab.setdefault(t["content"], t["id"])
     old_merges = spec["model"]["merges"]
     as_strings = bool(old_merges) and isinstance(old_merges[0], str)  # older files write "a b"
     for i, (a, b) in enumerate(merges):
@@ -198,10 +204,12 @@ def extend_tokenizer(tok: Tokenizer, texts: Any, n_add: int, min_frequency: int 
 def save_slow_files(tok: Tokenizer, src: Path, out: Path) -> list[str]:
     """Rewrite vocab.json / merges.txt (the slow-tokenizer files of GPT-2/Qwen2 directories) if `src` has them,
     so no stale copy of the old vocabulary sits beside the new tokenizer.json."""
-    spec = json.loads(tok.backend.to_str())["model"]
+    full = json.loads(tok.backend.to_str())
+    spec, added = full["model"], {t["content"] for t in full.get("added_tokens", [])}
     written = []
-    if (src / "vocab.json").is_file():
-        (out / "vocab.json").write_text(json.dumps(spec["vocab"], ensure_ascii=False), encoding="utf-8")
+    if (src / "vocab.json").is_file():  # the slow files list added tokens apart (tokenizer_config.json)
+        vocab = {t: i for t, i in spec["vocab"].items() if t not in added}
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         written.append("vocab.json")
     if (src / "merges.txt").is_file():
         lines = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]

@@ -1,0 +1,309 @@
+"""Chinese-LLaMA on tinyworld: extend an English model's vocabulary for Chinese, continue pretraining, tune.
+
+    .venv/bin/python bench/vocab.py [--out runs/vocab-demo] [--scale 1.0]      # the pipeline + measurements
+    .venv/bin/python bench/vocab.py --out runs/vocab-demo --time                 # generation speed (quiet machine)
+
+The pipeline, each step a real tinychat command (run in this process through tinychat.cli.main):
+  1. `world generate` (small, seed 0); its pretraining text is split by script into an English and a
+     Chinese half (a document with any CJK character is Chinese); Chinese SFT rows are the `zh` rows of
+     the facts, tell_me, refusal and chitchat skills.
+  2. `tokenizer train` on the English half only (4096 ids), `data tokenize`, `pretrain` the tiny preset
+     on the English half: the "English-centred base model".
+  3. `tokenizer extend --add 2048` with the Chinese half, and `model resize-vocab --init mean` and `--init random`.
+  4. Continued pretraining on the Chinese half in Chinese-LLaMA's two stages: `pretrain --trainable embeddings`
+     (stage 1: only the embeddings and the output layer learn), then `pretrain --lora.rank 16
+     --lora.modules_to_save embed_tokens lm_head` (stage 2; the PEFT adapter is checked with `tinychat merge`).
+     Stage 1 runs from both initialisations (their validation curves are the mean-vs-random comparison);
+     stage 2 and SFT continue from the mean one.
+  5. `sft` on the Chinese rows with LoRA (+ embeddings and output layer as modules_to_save), then `merge`.
+  6. Control: the same three stages with the same steps and batch shape (so the same compute) on the
+     English model with its own tokenizer, which spends ~5x more tokens on the same Chinese text.
+Measured: Chinese characters per token (val text), Chinese and English bits per byte on the world's val
+text (comparable across tokenizers), Chinese fact-QA accuracy (the `zh` rows of eval/facts_trained, asked
+through the chat template, graded by tinychat.world.answers.check), stage-1 curves of mean vs random init.
+--time (run it on a quiet machine after the pipeline): Chinese generation speed in characters per second
+of the final extended model against the control (greedy, 128 new tokens from Chinese prompts, no early
+stop, batch 1, the same process, alternating arms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinychat.cli import main as cli
+from tinychat.errors import UserError
+
+CJK = re.compile("[\u4e00-\u9fff]")
+SFT_SKILLS = ("facts", "tell_me", "refusal", "chitchat")
+ZH_PROMPT = "下面简单介绍一下"
+
+
+def sh(*argv: Any) -> None:
+    """One tinychat command, in this process; a non-zero status stops the bench."""
+    args = [str(a) for a in argv]
+    print(f"\n$ tinychat {' '.join(args)}", flush=True)
+    if cli(args) != 0:
+        raise SystemExit(f"command failed: tinychat {' '.join(args)}")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def split_world(world: Path, data: Path) -> None:
+    """English / Chinese halves of the pretraining text, Chinese SFT rows, and a Chinese-only eval set."""
+    for split in ("train", "val"):
+        docs = read_jsonl(world / "pretrain" / f"{split}.jsonl")
+        write_jsonl(data / f"{split}.en.jsonl", [d for d in docs if not CJK.search(d["text"])])
+        write_jsonl(data / f"{split}.zh.jsonl", [d for d in docs if CJK.search(d["text"])])
+        rows = read_jsonl(world / "sft" / f"{split}.jsonl")
+        write_jsonl(data / f"sft.{split}.zh.jsonl", [r for r in rows if r["lang"] == "zh" and r["skill"] in SFT_SKILLS])
+    facts = [r for r in read_jsonl(world / "eval" / "facts_trained.jsonl") if r["lang"] == "zh"]
+    write_jsonl(data / "world_zh" / "eval" / "facts_trained.jsonl", facts)
+
+
+def texts(path: Path) -> list[str]:
+    return [r["text"] for r in read_jsonl(path)]
+
+
+def stage_flags(steps: int, lr: float, eval_every: int) -> list[str]:
+    """The loop's options shared by every continued-pretraining and SFT stage of both arms (same compute)."""
+    return [
+        "--train.max_steps", steps, "--train.batch_size", 8, "--train.seq_len", 256, "--train.lr", lr,
+        "--train.warmup_steps", 10, "--train.weight_decay", 0.0, "--train.eval_every", eval_every,
+        "--train.eval_batches", 4, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
+    ]  # fmt: skip
+
+
+def pipeline(out: Path, scale: float, add: int) -> None:
+    world, data, models = out / "world", out / "data", out / "models"
+    s = lambda n: max(10, int(n * scale))  # noqa: E731 - steps at this --scale
+    sh("world", "generate", "--out", world, "--size", "small", "--seed", 0)
+    split_world(world, data)
+    tok_en, tok_ext = out / "tok_en", out / "tok_ext"
+    sh("tokenizer", "train", "--input", data / "train.en.jsonl", "--vocab-size", 4096, "--out", tok_en)
+    sh("tokenizer", "extend", "--tokenizer", tok_en, "--input", data / "train.zh.jsonl", "--add", add, "--out", tok_ext)
+    for name, src, tok in (("en", "train.en", tok_en), ("zh_old", "train.zh", tok_en), ("zh_new", "train.zh", tok_ext)):
+        sh("data", "tokenize", data / f"{src}.jsonl", "--tokenizer", tok, "--out", data / name,
+           "--val-fraction", 0.02, "--workers", 1, "--force", "--progress", "false")  # fmt: skip
+
+    # the English-centred base model
+    sh("pretrain", "--runs-dir", out, "--run", "en", "--tokenizer", tok_en, "--data", data / "en",
+       "--train.max_steps", s(300), "--train.batch_size", 8, "--train.seq_len", 256, "--train.warmup_steps", 30,
+       "--train.eval_every", 0, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
+       "--samples", "The", "Velmora")  # fmt: skip
+    en_model = out / "en" / "checkpoints" / "pretrain"
+    for init in ("mean", "random"):
+        sh("model", "resize-vocab", "--model", en_model, "--tokenizer", tok_ext, "--init", init,
+           "--out", models / f"resized_{init}")  # fmt: skip
+
+    stage1, stage2, sft = stage_flags(s(150), 3e-3, 25), stage_flags(s(300), 2e-3, 100), stage_flags(s(150), 2e-3, 0)
+    lora = ["--lora.rank", 16, "--lora.alpha", 32, "--lora.modules_to_save", "embed_tokens", "lm_head"]
+    arms = {"ext": (tok_ext, data / "zh_new", ["mean", "random"]), "ctl": (tok_en, data / "zh_old", [None])}
+    for arm, (tok, tokens, inits) in arms.items():
+        for init in inits:
+            start = models / f"resized_{init}" if init else en_model
+            sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", f"cpt1_{init or 'old'}", "--init", start,
+               "--tokenizer", tok, "--data", tokens, "--trainable", "embeddings", "--samples", ZH_PROMPT, *stage1)  # fmt: skip
+        base1 = out / arm / "checkpoints" / f"cpt1_{inits[0] or 'old'}"
+        sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", "cpt2", "--init", base1, "--tokenizer", tok,
+           "--data", tokens, "--samples", ZH_PROMPT, *lora, *stage2)  # fmt: skip
+        cpt2 = out / arm / "checkpoints" / "cpt2"
+        sh("merge", "--adapter", cpt2 / "adapter", "--out", models / f"{arm}_cpt2_merged")
+        sh("sft", "--runs-dir", out, "--run", arm, "--stage", "sft_zh", "--init", cpt2,
+           "--data", data / "sft.train.zh.jsonl", "--val-data", data / "sft.val.zh.jsonl", "--eval-rows", 0,
+           *lora, *sft)  # fmt: skip
+        sh("merge", "--adapter", out / arm / "checkpoints" / "sft_zh" / "adapter", "--out", models / f"{arm}_final")
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    from tinychat.infer.complete import load as load_model
+
+    return load_model(path)
+
+
+def bpb(path: Path, text: Path) -> float:
+    from tinychat.eval.bpb import bits_per_byte
+
+    model, tok = load(path)
+    return bits_per_byte(model, tok, text, seq_len=256, max_tokens=0)["bpb"]
+
+
+def facts_zh(path: Path, world_zh: Path, mode: str) -> float:
+    from tinychat.eval.backend import LocalCompleter
+    from tinychat.eval.suites import SuiteOptions, run_suite
+
+    model, tok = load(path)
+    return run_suite(LocalCompleter(model, tok), world_zh, "facts_trained", mode, SuiteOptions(samples=0))["accuracy"]
+
+
+def curve(out: Path, arm: str, stage: str) -> list[tuple[int, float]]:
+    from tinychat.train.metrics import read_metrics
+
+    return [(r["step"], r["val_bpb"]) for r in read_metrics(out / arm, stage, "eval") if "val_bpb" in r]
+
+
+def measure(out: Path) -> dict[str, Any]:
+    """Every number of docs/vocab.md's table, from the files the pipeline wrote; saved to OUT/vocab.json."""
+    from tinychat.tokenizer import Tokenizer
+    from tinychat.tokenizer.extend import chars_per_token
+
+    data, models = out / "data", out / "models"
+    zh_val, en_val = data / "val.zh.jsonl", data / "val.en.jsonl"
+    zh_text = "\n".join(texts(zh_val))
+    old, new = Tokenizer.from_pretrained(out / "tok_en"), Tokenizer.from_pretrained(out / "tok_ext")
+    en_model = out / "en" / "checkpoints" / "pretrain"
+    ck = {arm: out / arm / "checkpoints" for arm in ("ext", "ctl")}
+    # the cpt2 checkpoint holds merged weights; `tinychat merge` of its adapter must give the same model
+    parity = {}
+    for arm in ("ext", "ctl"):
+        a, _ = load(ck[arm] / "cpt2")
+        b, _ = load(models / f"{arm}_cpt2_merged")
+        x = torch.randint(16, a.cfg.vocab_size, (2, 32))
+        with torch.no_grad():
+            parity[arm] = float((a(x) - b(x)).abs().max())
+    r: dict[str, Any] = {
+        "vocab": {"old": old.vocab_size, "new": new.vocab_size},
+        "zh_chars_per_token": {"old": chars_per_token(old, zh_text), "new": chars_per_token(new, zh_text)},
+        "en_identical": all(old.encode(t) == new.encode(t) for t in texts(en_val)),
+        "merge_parity_max_abs_diff": parity,
+        "zh_bpb": {
+            "english model": bpb(en_model, zh_val),
+            "resized, mean init (step 0)": bpb(models / "resized_mean", zh_val),
+            "resized, random init (step 0)": bpb(models / "resized_random", zh_val),
+            "ext stage 1, mean": bpb(ck["ext"] / "cpt1_mean", zh_val),
+            "ext stage 1, random": bpb(ck["ext"] / "cpt1_random", zh_val),
+            "ext stage 2": bpb(ck["ext"] / "cpt2", zh_val),
+            "ext SFT (merged)": bpb(models / "ext_final", zh_val),
+            "control stage 1": bpb(ck["ctl"] / "cpt1_old", zh_val),
+            "control stage 2": bpb(ck["ctl"] / "cpt2", zh_val),
+            "control SFT (merged)": bpb(models / "ctl_final", zh_val),
+        },
+        "en_bpb": {
+            "english model": bpb(en_model, en_val),
+            "ext stage 2": bpb(ck["ext"] / "cpt2", en_val),
+            "ext SFT (merged)": bpb(models / "ext_final", en_val),
+            "control stage 2": bpb(ck["ctl"] / "cpt2", en_val),
+            "control SFT (merged)": bpb(models / "ctl_final", en_val),
+        },
+        "facts_zh": {
+            "ext stage 2 (3-shot)": facts_zh(ck["ext"] / "cpt2", data / "world_zh", "base"),
+            "control stage 2 (3-shot)": facts_zh(ck["ctl"] / "cpt2", data / "world_zh", "base"),
+            "ext SFT (chat)": facts_zh(models / "ext_final", data / "world_zh", "chat"),
+            "control SFT (chat)": facts_zh(models / "ctl_final", data / "world_zh", "chat"),
+        },
+        "curves": {
+            "mean": curve(out, "ext", "cpt1_mean"),
+            "random": curve(out, "ext", "cpt1_random"),
+            "control": curve(out, "ctl", "cpt1_old"),
+        },
+    }
+    r["curves"]["mean"].insert(0, (0, r["zh_bpb"]["resized, mean init (step 0)"]))
+    r["curves"]["random"].insert(0, (0, r["zh_bpb"]["resized, random init (step 0)"]))
+    en = r["en_bpb"]
+    r["en_forgetting"] = {k: v / en["english model"] - 1 for k, v in en.items() if k != "english model"}
+    (out / "vocab.json").write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+    return r
+
+
+def table(r: dict[str, Any]) -> str:
+    cpt = r["zh_chars_per_token"]
+    lines = [
+        f"vocabulary {r['vocab']['old']} -> {r['vocab']['new']} tokens; English val text tokenizes identically: "
+        f"{r['en_identical']}; stage-2 adapter merged by `tinychat merge` vs the run's merged weights: max |diff| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in r["merge_parity_max_abs_diff"].items()),
+        "",
+        "| measure | before (English tokenizer) | after (extended) | ratio |",
+        "|---|---:|---:|---:|",
+        f"| Chinese characters per token (val) | {cpt['old']:.3f} | {cpt['new']:.3f} | {cpt['new'] / cpt['old']:.2f}x |",
+        "",
+        "| model | Chinese bpb | English bpb |",
+        "|---|---:|---:|",
+    ]
+    for k, v in r["zh_bpb"].items():
+        en = r["en_bpb"].get(k)
+        lines.append(f"| {k} | {v:.3f} | {'' if en is None else f'{en:.3f}'} |")
+    lines += ["", "| English forgetting (bpb change vs the English model) | |", "|---|---:|"]
+    lines += [f"| {k} | {v:+.1%} |" for k, v in r["en_forgetting"].items()]
+    lines += ["", "| Chinese fact QA (facts_trained, zh rows) | accuracy |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in r["facts_zh"].items()]
+    lines += ["", "| stage-1 step | mean init bpb | random init bpb | control bpb |", "|---:|---:|---:|---:|"]
+    ctl = dict(r["curves"]["control"])
+    for (step, m), (_, rnd) in zip(r["curves"]["mean"], r["curves"]["random"]):
+        lines.append(f"| {step} | {m:.3f} | {rnd:.3f} | {f'{ctl[step]:.3f}' if step in ctl else ''} |")
+    return "\n".join(lines)
+
+
+def timing(out: Path, prompts: int, max_new: int, rounds: int) -> None:
+    """Chinese generation speed, extended vs control: the same prompts, greedy, fixed length, batch 1."""
+    from tinychat.infer.generate import generate
+    from tinychat.infer.sampling import SamplingParams
+
+    arms = {arm: load(out / "models" / f"{arm}_final") for arm in ("ctl", "ext")}
+    starts = [t[:12] for t in texts(out / "data" / "val.zh.jsonl")[:prompts]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_on_eos=False, seed=0)
+    totals = {arm: [0.0, 0, 0] for arm in arms}  # seconds, characters, tokens
+    torch.set_num_threads(torch.get_num_threads())
+    for arm, (model, tok) in arms.items():  # warm-up
+        generate(model, tok, [starts[0]], SamplingParams(temperature=0.0, max_new_tokens=8, stop_on_eos=False))
+    for _ in range(rounds):
+        for arm, (model, tok) in arms.items():
+            for p in starts:
+                t0 = time.perf_counter()
+                g = generate(model, tok, [p], params)[0]
+                totals[arm][0] += time.perf_counter() - t0
+                totals[arm][1] += len(g.text.replace("\ufffd", ""))
+                totals[arm][2] += len(g.token_ids)
+    speed = {arm: (c / s, t / s, c / max(t, 1)) for arm, (s, c, t) in totals.items()}
+    for arm, (cps, tps, cpt) in speed.items():
+        print(f"{arm}: {cps:,.1f} Chinese characters/s, {tps:,.1f} tokens/s, {cpt:.2f} characters/token generated")
+    print(f"generation speed, extended / control: {speed['ext'][0] / speed['ctl'][0]:.2f}x characters per second")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/vocab-demo"))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
+    ap.add_argument("--add", type=int, default=2048, help="new Chinese tokens")
+    ap.add_argument("--measure-only", action="store_true", help="re-measure an existing --out")
+    ap.add_argument("--time", action="store_true", help="only time Chinese generation of an existing --out")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    try:
+        if a.time:
+            timing(a.out, a.prompts, a.max_new, a.rounds)
+            return 0
+        if not a.measure_only:
+            if a.out.exists():
+                shutil.rmtree(a.out)
+            t0 = time.perf_counter()
+            pipeline(a.out, a.scale, a.add)
+            print(f"\npipeline: {(time.perf_counter() - t0) / 60:.1f} min")
+        t0 = time.perf_counter()
+        r = measure(a.out)
+        print(f"measurements: {(time.perf_counter() - t0) / 60:.1f} min\n")
+        print(table(r))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
