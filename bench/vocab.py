@@ -45,6 +45,11 @@ from tinychat.errors import UserError
 CJK = re.compile("[\u4e00-\u9fff]")
 SFT_SKILLS = ("facts", "tell_me", "refusal", "chitchat")
 ZH_PROMPT = "下面简单介绍一下"
+SEQ = 256  # training sequence length of every stage
+# The default model: the tiny preset at half width and two thirds of the depth (~1.6M parameters with the
+# extended vocabulary), so the whole pipeline fits a shared 2-core machine; --tiny trains the preset itself.
+MINI = ["--model.d_model", 128, "--model.n_layer", 4, "--model.head_dim", 32, "--model.d_ff", 384,
+        "--model.max_seq_len", SEQ]  # fmt: skip
 
 
 def sh(*argv: Any) -> None:
@@ -83,13 +88,13 @@ def texts(path: Path) -> list[str]:
 def stage_flags(steps: int, lr: float, eval_every: int) -> list[str]:
     """The loop's options shared by every continued-pretraining and SFT stage of both arms (same compute)."""
     return [
-        "--train.max_steps", steps, "--train.batch_size", 8, "--train.seq_len", 256, "--train.lr", lr,
+        "--train.max_steps", steps, "--train.batch_size", 8, "--train.seq_len", SEQ, "--train.lr", lr,
         "--train.warmup_steps", 10, "--train.weight_decay", 0.0, "--train.eval_every", eval_every,
         "--train.eval_batches", 4, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
     ]  # fmt: skip
 
 
-def pipeline(out: Path, scale: float, add: int) -> None:
+def pipeline(out: Path, scale: float, add: int, tiny: bool) -> None:
     world, data, models = out / "world", out / "data", out / "models"
     s = lambda n: max(10, int(n * scale))  # noqa: E731 - steps at this --scale
     sh("world", "generate", "--out", world, "--size", "small", "--seed", 0)
@@ -102,8 +107,9 @@ def pipeline(out: Path, scale: float, add: int) -> None:
            "--val-fraction", 0.02, "--workers", 1, "--force", "--progress", "false")  # fmt: skip
 
     # the English-centred base model
-    sh("pretrain", "--runs-dir", out, "--run", "en", "--tokenizer", tok_en, "--data", data / "en",
-       "--train.max_steps", s(300), "--train.batch_size", 8, "--train.seq_len", 256, "--train.warmup_steps", 30,
+    size = [] if tiny else MINI
+    sh("pretrain", "--runs-dir", out, "--run", "en", "--tokenizer", tok_en, "--data", data / "en", *size,
+       "--train.max_steps", s(300), "--train.batch_size", 8, "--train.seq_len", SEQ, "--train.warmup_steps", 30,
        "--train.eval_every", 0, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
        "--samples", "The", "Velmora")  # fmt: skip
     en_model = out / "en" / "checkpoints" / "pretrain"
@@ -118,7 +124,8 @@ def pipeline(out: Path, scale: float, add: int) -> None:
         for init in inits:
             start = models / f"resized_{init}" if init else en_model
             sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", f"cpt1_{init or 'old'}", "--init", start,
-               "--tokenizer", tok, "--data", tokens, "--trainable", "embeddings", "--samples", ZH_PROMPT, *stage1)  # fmt: skip
+               "--tokenizer", tok, "--data", tokens, "--trainable", "embeddings", "--samples", ZH_PROMPT,
+               *stage1)  # fmt: skip
         base1 = out / arm / "checkpoints" / f"cpt1_{inits[0] or 'old'}"
         sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", "cpt2", "--init", base1, "--tokenizer", tok,
            "--data", tokens, "--samples", ZH_PROMPT, *lora, *stage2)  # fmt: skip
@@ -229,7 +236,8 @@ def table(r: dict[str, Any]) -> str:
         "",
         "| measure | before (English tokenizer) | after (extended) | ratio |",
         "|---|---:|---:|---:|",
-        f"| Chinese characters per token (val) | {cpt['old']:.3f} | {cpt['new']:.3f} | {cpt['new'] / cpt['old']:.2f}x |",
+        f"| Chinese characters per token (val) | {cpt['old']:.3f} | {cpt['new']:.3f} "
+        f"| {cpt['new'] / cpt['old']:.2f}x |",
         "",
         "| model | Chinese bpb | English bpb |",
         "|---|---:|---:|",
@@ -258,7 +266,7 @@ def timing(out: Path, prompts: int, max_new: int, rounds: int) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_on_eos=False, seed=0)
     totals = {arm: [0.0, 0, 0] for arm in arms}  # seconds, characters, tokens
     torch.set_num_threads(torch.get_num_threads())
-    for arm, (model, tok) in arms.items():  # warm-up
+    for model, tok in arms.values():  # warm-up
         generate(model, tok, [starts[0]], SamplingParams(temperature=0.0, max_new_tokens=8, stop_on_eos=False))
     for _ in range(rounds):
         for arm, (model, tok) in arms.items():
@@ -279,6 +287,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/vocab-demo"))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
     ap.add_argument("--add", type=int, default=2048, help="new Chinese tokens")
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset itself (~4x the default's compute)")
     ap.add_argument("--measure-only", action="store_true", help="re-measure an existing --out")
     ap.add_argument("--time", action="store_true", help="only time Chinese generation of an existing --out")
     ap.add_argument("--prompts", type=int, default=8)
@@ -293,7 +302,7 @@ def main() -> int:
             if a.out.exists():
                 shutil.rmtree(a.out)
             t0 = time.perf_counter()
-            pipeline(a.out, a.scale, a.add)
+            pipeline(a.out, a.scale, a.add, a.tiny)
             print(f"\npipeline: {(time.perf_counter() - t0) / 60:.1f} min")
         t0 = time.perf_counter()
         r = measure(a.out)
