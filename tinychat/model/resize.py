@@ -35,7 +35,11 @@ class ResizeVocabConfig:
     model: str = field("", help="model directory or hub id to resize")
     tokenizer: str = field("", help="the extended tokenizer directory (`tinychat tokenizer extend` wrote it)")
     base_tokenizer: str = field("", help="the model's own tokenizer (default: the one in --model)")
-    init: Init = field("mean", help="new rows: mean of the old sub-token rows, or random Normal(0, init_std)")
+    init: Init = field(
+        "mean",
+        help="new rows: the mean of the old rows of the tokens each new token's text splits into, or random "
+        "Normal(0, init_std)",
+    )
     seed: int = field(0, help="random seed of --init random")
     out: str = field("", help="directory to write the resized model (HF layout, with the new tokenizer)")
 
