@@ -225,15 +225,16 @@ def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig) -> None:
     from tinychat.model.lora import apply_lora, train_only
 
     if cfg.trainable == "embeddings":
-        n = train_only(model, ["embed_tokens", "lm_head"])
+        n, what = train_only(model, ["embed_tokens", "lm_head"]), "embeddings and output layer"
     elif cfg.lora.rank > 0:
         torch.manual_seed(cfg.train.seed)
         apply_lora(model, cfg.lora)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = " + ".join([f"LoRA rank {cfg.lora.rank}", *cfg.lora.modules_to_save])
     else:
         return
     total = sum(p.numel() for p in model.parameters())
-    print(f"pretrain: {n:,} of {total:,} parameters trainable ({cfg.trainable}, lora rank {cfg.lora.rank})")
+    print(f"pretrain: {n:,} of {total:,} parameters trainable ({what})")
 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
