@@ -6,7 +6,7 @@
 The pipeline, each step a real tinychat command (run in this process through tinychat.cli.main):
   1. `world generate` (small, seed 0); its pretraining text is split by script into an English and a
      Chinese half (a document with any CJK character is Chinese); Chinese SFT rows are the `zh` rows of
-     the facts, tell_me, refusal and chitchat skills.
+     the facts, tell_me, refusal and chitchat skills that offer no tools.
   2. `tokenizer train` on the English half only (4096 ids), `data tokenize`, `pretrain` the tiny preset
      on the English half: the "English-centred base model".
   3. `tokenizer extend --add 2048` with the Chinese half, and `model resize-vocab --init mean` and `--init random`.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import shutil
 import sys
@@ -76,7 +77,9 @@ def split_world(world: Path, data: Path) -> None:
         write_jsonl(data / f"{split}.en.jsonl", [d for d in docs if not CJK.search(d["text"])])
         write_jsonl(data / f"{split}.zh.jsonl", [d for d in docs if CJK.search(d["text"])])
         rows = read_jsonl(world / "sft" / f"{split}.jsonl")
-        write_jsonl(data / f"sft.{split}.zh.jsonl", [r for r in rows if r["lang"] == "zh" and r["skill"] in SFT_SKILLS])
+        # rows offering the calculator carry ~200 tokens of English tool schema: left out, as are tools here
+        zh = [r for r in rows if r["lang"] == "zh" and r["skill"] in SFT_SKILLS and not r.get("tools")]
+        write_jsonl(data / f"sft.{split}.zh.jsonl", zh)
     facts = [r for r in read_jsonl(world / "eval" / "facts_trained.jsonl") if r["lang"] == "zh"]
     write_jsonl(data / "world_zh" / "eval" / "facts_trained.jsonl", facts)
 
@@ -94,7 +97,24 @@ def stage_flags(steps: int, lr: float, eval_every: int) -> list[str]:
     ]  # fmt: skip
 
 
-def pipeline(out: Path, scale: float, add: int, tiny: bool) -> None:
+def mix(main: list[dict], extra: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """`main` plus documents of `extra` (drawn at random) making up about `fraction` of the result's bytes."""
+    size = lambda docs: sum(len(d["text"].encode()) for d in docs)  # noqa: E731
+    want = fraction / (1 - fraction) * size(main) if fraction > 0 else 0
+    pool = list(extra)
+    random.Random(seed).shuffle(pool)
+    picked, have = [], 0
+    for d in pool:
+        if have >= want:
+            break
+        picked.append(d)
+        have += len(d["text"].encode())
+    docs = main + picked
+    random.Random(seed + 1).shuffle(docs)
+    return docs
+
+
+def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_zh: float) -> None:
     world, data, models = out / "world", out / "data", out / "models"
     s = lambda n: max(10, int(n * scale))  # noqa: E731 - steps at this --scale
     sh("world", "generate", "--out", world, "--size", "small", "--seed", 0)
@@ -102,7 +122,14 @@ def pipeline(out: Path, scale: float, add: int, tiny: bool) -> None:
     tok_en, tok_ext = out / "tok_en", out / "tok_ext"
     sh("tokenizer", "train", "--input", data / "train.en.jsonl", "--vocab-size", 4096, "--out", tok_en)
     sh("tokenizer", "extend", "--tokenizer", tok_en, "--input", data / "train.zh.jsonl", "--add", add, "--out", tok_ext)
-    for name, src, tok in (("en", "train.en", tok_en), ("zh_old", "train.zh", tok_en), ("zh_new", "train.zh", tok_ext)):
+    en_docs, zh_docs = read_jsonl(data / "train.en.jsonl"), read_jsonl(data / "train.zh.jsonl")
+    write_jsonl(data / "train.base.jsonl", mix(en_docs, zh_docs, base_zh))  # the base model's text
+    write_jsonl(data / "train.cpt.jsonl", mix(zh_docs, en_docs, replay))  # continued pretraining's text
+    for name, src, tok in (
+        ("en", "train.base", tok_en),
+        ("zh_old", "train.cpt", tok_en),
+        ("zh_new", "train.cpt", tok_ext),
+    ):
         sh("data", "tokenize", data / f"{src}.jsonl", "--tokenizer", tok, "--out", data / name,
            "--val-fraction", 0.02, "--workers", 1, "--force", "--progress", "false")  # fmt: skip
 
@@ -288,6 +315,8 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1 = smoke run)")
     ap.add_argument("--add", type=int, default=2048, help="new Chinese tokens")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset itself (~4x the default's compute)")
+    ap.add_argument("--replay", type=float, default=0.2, help="share of English text in continued pretraining")
+    ap.add_argument("--base-zh", type=float, default=0.0, help="share of Chinese text in the base model's pretraining")
     ap.add_argument("--measure-only", action="store_true", help="re-measure an existing --out")
     ap.add_argument("--time", action="store_true", help="only time Chinese generation of an existing --out")
     ap.add_argument("--prompts", type=int, default=8)
@@ -302,7 +331,7 @@ def main() -> int:
             if a.out.exists():
                 shutil.rmtree(a.out)
             t0 = time.perf_counter()
-            pipeline(a.out, a.scale, a.add, a.tiny)
+            pipeline(a.out, a.scale, a.add, a.tiny, a.replay, a.base_zh)
             print(f"\npipeline: {(time.perf_counter() - t0) / 60:.1f} min")
         t0 = time.perf_counter()
         r = measure(a.out)
