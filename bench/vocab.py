@@ -284,29 +284,38 @@ def table(r: dict[str, Any]) -> str:
 
 
 def timing(out: Path, prompts: int, max_new: int, rounds: int) -> None:
-    """Chinese generation speed, extended vs control: the same prompts, greedy, fixed length, batch 1."""
+    """Chinese generation speed, extended vs control: the same prompts, greedy, fixed length, batch 1.
+
+    Characters are those of the decoded text that are whole (U+FFFD, a cut UTF-8 sequence, is not counted);
+    UTF-8 bytes per second (from the tokens' byte lengths) is printed too, since it does not depend on the
+    output being valid text.
+    """
     from tinychat.infer.generate import generate
     from tinychat.infer.sampling import SamplingParams
+    from tinychat.tokenizer.bytes import token_byte_lengths
 
     arms = {arm: load(out / "models" / f"{arm}_final") for arm in ("ctl", "ext")}
     starts = [t[:12] for t in texts(out / "data" / "val.zh.jsonl")[:prompts]]
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_on_eos=False, seed=0)
-    totals = {arm: [0.0, 0, 0] for arm in arms}  # seconds, characters, tokens
-    torch.set_num_threads(torch.get_num_threads())
+    totals = {arm: [0.0, 0, 0, 0] for arm in arms}  # seconds, characters, tokens, bytes
+    nbytes = {arm: token_byte_lengths(tok) for arm, (_, tok) in arms.items()}
     for model, tok in arms.values():  # warm-up
         generate(model, tok, [starts[0]], SamplingParams(temperature=0.0, max_new_tokens=8, stop_on_eos=False))
     for _ in range(rounds):
-        for arm, (model, tok) in arms.items():
+        for arm, (model, tok) in arms.items():  # the arms alternate, so a change of machine load hits both
             for p in starts:
                 t0 = time.perf_counter()
                 g = generate(model, tok, [p], params)[0]
                 totals[arm][0] += time.perf_counter() - t0
                 totals[arm][1] += len(g.text.replace("\ufffd", ""))
                 totals[arm][2] += len(g.token_ids)
-    speed = {arm: (c / s, t / s, c / max(t, 1)) for arm, (s, c, t) in totals.items()}
-    for arm, (cps, tps, cpt) in speed.items():
-        print(f"{arm}: {cps:,.1f} Chinese characters/s, {tps:,.1f} tokens/s, {cpt:.2f} characters/token generated")
-    print(f"generation speed, extended / control: {speed['ext'][0] / speed['ctl'][0]:.2f}x characters per second")
+                totals[arm][3] += sum(nbytes[arm][i] for i in g.token_ids if i < len(nbytes[arm]))
+    speed = {arm: (c / s, t / s, b / s) for arm, (s, c, t, b) in totals.items()}
+    for arm, (cps, tps, bps) in speed.items():
+        print(f"{arm}: {cps:,.1f} characters/s, {bps:,.1f} UTF-8 bytes/s, {tps:,.1f} tokens/s")
+    ctl, ext = speed["ctl"], speed["ext"]
+    chars = f"{ext[0] / ctl[0]:.2f}x" if ctl[0] else "n/a (the control wrote no whole characters)"
+    print(f"Chinese generation, extended / control: {chars} characters/s, {ext[2] / ctl[2]:.2f}x bytes/s")
 
 
 def main() -> int:
