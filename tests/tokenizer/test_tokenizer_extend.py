@@ -183,7 +183,19 @@ def test_bad_input_is_one_sentence(tmp_path: Path, tiny_tokenizer, capsys):
     (tmp_path / "wl").mkdir()
     (tmp_path / "wl" / "tokenizer.json").write_text(word.to_str())
     (tmp_path / "wl" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "a"}))
+    (tmp_path / "empty.txt").write_text("")
     cases = [
+        (
+            [
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--input",
+                str(tmp_path / "empty.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "no text",
+        ),
         (["--tokenizer", str(tmp_path / "wl"), "--input", str(corpus), "--out", str(tmp_path / "o")], "only BPE"),
         (["--tokenizer", str(tmp_path / "tok"), "--input", str(corpus), "--out", str(tmp_path / "tok")], "must differ"),
         (

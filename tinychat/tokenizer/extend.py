@@ -143,7 +143,7 @@ def extend_backend(
     check_byte_level_bpe(spec, source)
     counts = word_counts(backend, texts)
     if not counts:
-        raise UserError("the corpus holds no text to learn new tokens from.")
+        raise UserError("no text could be read from the corpus; there is nothing to learn new tokens from.")
     model = backend.model
     pieces = list(counts)
     words = [[t.value for t in model.tokenize(p)] for p in pieces]  # the old merges applied
@@ -236,12 +236,10 @@ def run(cfg: TokenizerExtendConfig) -> int:
     if not files:
         raise UserError(f"no input files found under {', '.join(cfg.input)}.")
     stats = _Stats()
-    texts = list(_read(files, cfg.text_field, cfg.max_bytes, stats))
+    texts = _read(files, cfg.text_field, cfg.max_bytes, stats)  # streamed: only word counts are kept
+    new, merges = extend_tokenizer(tok, texts, cfg.add, cfg.min_frequency)
     if stats.skipped:
         print(f"warning: skipped {stats.skipped} unreadable files, lines or rows in total.", file=sys.stderr)
-    if not texts:
-        raise UserError(f"no text could be read from {', '.join(cfg.input)}.")
-    new, merges = extend_tokenizer(tok, texts, cfg.add, cfg.min_frequency)
     new.save_pretrained(out)
     save_slow_files(new, src, out)
     before, after = chars_per_token(tok, stats.sample), chars_per_token(new, stats.sample)
