@@ -47,6 +47,7 @@ CJK = re.compile("[\u4e00-\u9fff]")
 SFT_SKILLS = ("facts", "tell_me", "refusal", "chitchat")
 ZH_PROMPT = "下面简单介绍一下"
 SEQ = 256  # training sequence length of every stage
+EVAL_TOKENS = 4 * 8 * SEQ  # what one in-training evaluation reads: eval_batches x batch_size x seq_len
 # The default model: the tiny preset at half width and two thirds of the depth (~1.6M parameters with the
 # extended vocabulary), so the whole pipeline fits a shared 2-core machine; --tiny trains the preset itself.
 MINI = ["--model.d_model", 128, "--model.n_layer", 4, "--model.head_dim", 32, "--model.d_ff", 384,
@@ -170,11 +171,11 @@ def load(path: Path) -> tuple[Any, Any]:
     return load_model(path)
 
 
-def bpb(path: Path, text: Path) -> float:
+def bpb(path: Path, text: Path, max_tokens: int = 0) -> float:
     from tinychat.eval.bpb import bits_per_byte
 
     model, tok = load(path)
-    return bits_per_byte(model, tok, text, seq_len=256, max_tokens=0)["bpb"]
+    return bits_per_byte(model, tok, text, seq_len=SEQ, max_tokens=max_tokens)["bpb"]
 
 
 def facts_zh(path: Path, world_zh: Path, mode: str) -> float:
@@ -246,8 +247,11 @@ def measure(out: Path) -> dict[str, Any]:
             "control": curve(out, "ctl", "cpt1_old"),
         },
     }
-    r["curves"]["mean"].insert(0, (0, r["zh_bpb"]["resized, mean init (step 0)"]))
-    r["curves"]["random"].insert(0, (0, r["zh_bpb"]["resized, random init (step 0)"]))
+    # step 0 of the curves: the resized models on the tokens the loop evaluates (the val split of the continued-
+    # pretraining stream, EVAL_TOKENS of them, SEQ-token windows), so the point equals the loop's val_bpb
+    for init in ("mean", "random"):
+        r["curves"][init].insert(0, (0, bpb(models / f"resized_{init}", data / "zh_new", EVAL_TOKENS)))
+    r["curves"]["control"].insert(0, (0, bpb(en_model, data / "zh_old", EVAL_TOKENS)))
     en = r["en_bpb"]
     r["en_forgetting"] = {k: v / en["english model"] - 1 for k, v in en.items() if k != "english model"}
     (out / "vocab.json").write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
