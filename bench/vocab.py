@@ -47,7 +47,6 @@ CJK = re.compile("[\u4e00-\u9fff]")
 SFT_SKILLS = ("facts", "tell_me", "refusal", "chitchat")
 ZH_PROMPT = "下面简单介绍一下"
 SEQ = 256  # training sequence length of every stage
-EVAL_TOKENS = 4 * 8 * SEQ  # what one in-training evaluation reads: eval_batches x batch_size x seq_len
 # The default model: the tiny preset at half width and two thirds of the depth (~1.6M parameters with the
 # extended vocabulary), so the whole pipeline fits a shared 2-core machine; --tiny trains the preset itself.
 MINI = ["--model.d_model", 128, "--model.n_layer", 4, "--model.head_dim", 32, "--model.d_ff", 384,
@@ -95,6 +94,7 @@ def stage_flags(steps: int, lr: float, eval_every: int) -> list[str]:
         "--train.max_steps", steps, "--train.batch_size", 8, "--train.seq_len", SEQ, "--train.lr", lr,
         "--train.warmup_steps", 10, "--train.weight_decay", 0.0, "--train.eval_every", eval_every,
         "--train.eval_batches", 4, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
+        "--train.precision", "bf16",
     ]  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_
     sh("pretrain", "--runs-dir", out, "--run", "en", "--tokenizer", tok_en, "--data", data / "en", *size,
        "--train.max_steps", s(300), "--train.batch_size", 8, "--train.seq_len", SEQ, "--train.warmup_steps", 30,
        "--train.eval_every", 0, "--train.checkpoint_every", 0, "--train.tensorboard", "false",
-       "--samples", "The", "Velmora")  # fmt: skip
+       "--train.precision", "bf16", "--samples", "The", "Velmora")  # fmt: skip
     en_model = out / "en" / "checkpoints" / "pretrain"
     for init in ("mean", "random"):
         sh("model", "resize-vocab", "--model", en_model, "--tokenizer", tok_ext, "--init", init,
@@ -171,11 +171,27 @@ def load(path: Path) -> tuple[Any, Any]:
     return load_model(path)
 
 
-def bpb(path: Path, text: Path, max_tokens: int = 0) -> float:
+def bpb(path: Path, text: Path) -> float:
     from tinychat.eval.bpb import bits_per_byte
 
     model, tok = load(path)
-    return bits_per_byte(model, tok, text, seq_len=SEQ, max_tokens=max_tokens)["bpb"]
+    return bits_per_byte(model, tok, text, seq_len=SEQ, max_tokens=0)["bpb"]
+
+
+def loop_bpb(path: Path, tokens: Path) -> float:
+    """val_bpb exactly as a continued-pretraining stage's evaluation computes it (its batches, bf16 autocast)."""
+    from tinychat.tokenizer.bytes import token_byte_lengths
+    from tinychat.train.config import TrainConfig
+    from tinychat.train.distributed import DistInfo
+    from tinychat.train.loop import TrainContext
+    from tinychat.train.pretrain import evaluate_lm
+
+    model, tok = load(path)
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(batch_size=8, seq_len=SEQ, eval_batches=4)
+    ctx = TrainContext(cfg, DistInfo(0, 1, 0, cpu), cpu, torch.bfloat16, path, "step0")
+    token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float32)
+    return evaluate_lm(model, tokens, cfg, token_bytes, ctx)["val_bpb"]
 
 
 def facts_zh(path: Path, world_zh: Path, mode: str) -> float:
@@ -247,11 +263,10 @@ def measure(out: Path) -> dict[str, Any]:
             "control": curve(out, "ctl", "cpt1_old"),
         },
     }
-    # step 0 of the curves: the resized models on the tokens the loop evaluates (the val split of the continued-
-    # pretraining stream, EVAL_TOKENS of them, SEQ-token windows), so the point equals the loop's val_bpb
+    # step 0 of the curves: the starting models through the loop's own evaluation (same val batches, bf16)
     for init in ("mean", "random"):
-        r["curves"][init].insert(0, (0, bpb(models / f"resized_{init}", data / "zh_new", EVAL_TOKENS)))
-    r["curves"]["control"].insert(0, (0, bpb(en_model, data / "zh_old", EVAL_TOKENS)))
+        r["curves"][init].insert(0, (0, loop_bpb(models / f"resized_{init}", data / "zh_new")))
+    r["curves"]["control"].insert(0, (0, loop_bpb(en_model, data / "zh_old")))
     en = r["en_bpb"]
     r["en_forgetting"] = {k: v / en["english model"] - 1 for k, v in en.items() if k != "english model"}
     (out / "vocab.json").write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
