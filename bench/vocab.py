@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vocab.py [--out runs/vocab-demo] [--scale 0.25]     # the pipeline + measurements
     .venv/bin/python bench/vocab.py --out runs/vocab-demo --time                 # generation speed (quiet machine)
+    .venv/bin/python bench/vocab.py --out runs/zh5 --base-zh 0.05 --stage1-only  # mean vs random, base saw Chinese
 
 The pipeline, each step a real tinychat command (run in this process through tinychat.cli.main):
   1. `world generate` (small, seed 0); its pretraining text is split by script into an English and a
@@ -115,7 +116,7 @@ def mix(main: list[dict], extra: list[dict], fraction: float, seed: int = 0) -> 
     return docs
 
 
-def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_zh: float) -> None:
+def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_zh: float, stage1_only: bool) -> None:
     world, data, models = out / "world", out / "data", out / "models"
     s = lambda n: max(10, int(n * scale))  # noqa: E731 - steps at this --scale
     sh("world", "generate", "--out", world, "--size", "small", "--seed", 0)
@@ -154,6 +155,8 @@ def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_
             sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", f"cpt1_{init or 'old'}", "--init", start,
                "--tokenizer", tok, "--data", tokens, "--trainable", "embeddings", "--samples", ZH_PROMPT,
                *stage1)  # fmt: skip
+        if stage1_only:
+            return
         base1 = out / arm / "checkpoints" / f"cpt1_{inits[0] or 'old'}"
         sh("pretrain", "--runs-dir", out, "--run", arm, "--stage", "cpt2", "--init", base1, "--tokenizer", tok,
            "--data", tokens, "--samples", ZH_PROMPT, *lora, *stage2)  # fmt: skip
@@ -273,6 +276,16 @@ def measure(out: Path) -> dict[str, Any]:
     return r
 
 
+def stage1_table(out: Path) -> str:
+    """The mean-vs-random curves of stage 1 alone (`--stage1-only`)."""
+    models, data = out / "models", out / "data"
+    curves = {init: [(0, loop_bpb(models / f"resized_{init}", data / "zh_new")), *curve(out, "ext", f"cpt1_{init}")]
+              for init in ("mean", "random")}  # fmt: skip
+    lines = ["| stage-1 step | mean init bpb | random init bpb |", "|---:|---:|---:|"]
+    lines += [f"| {s} | {m:.3f} | {r:.3f} |" for (s, m), (_, r) in zip(curves["mean"], curves["random"])]
+    return "\n".join(lines)
+
+
 def table(r: dict[str, Any]) -> str:
     cpt = r["zh_chars_per_token"]
     lines = [
@@ -352,6 +365,7 @@ def main() -> int:
     ap.add_argument("--replay", type=float, default=0.2, help="share of English text in continued pretraining")
     ap.add_argument("--base-zh", type=float, default=0.0, help="share of Chinese text in the base model's pretraining")
     ap.add_argument("--measure-only", action="store_true", help="re-measure an existing --out")
+    ap.add_argument("--stage1-only", action="store_true", help="stop after stage 1: the mean-vs-random curves only")
     ap.add_argument("--time", action="store_true", help="only time Chinese generation of an existing --out")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=128)
@@ -365,8 +379,11 @@ def main() -> int:
             if a.out.exists():
                 shutil.rmtree(a.out)
             t0 = time.perf_counter()
-            pipeline(a.out, a.scale, a.add, a.tiny, a.replay, a.base_zh)
+            pipeline(a.out, a.scale, a.add, a.tiny, a.replay, a.base_zh, a.stage1_only)
             print(f"\npipeline: {(time.perf_counter() - t0) / 60:.1f} min")
+        if a.stage1_only:
+            print(stage1_table(a.out))
+            return 0
         t0 = time.perf_counter()
         r = measure(a.out)
         print(f"measurements: {(time.perf_counter() - t0) / 60:.1f} min\n")
