@@ -32,6 +32,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "grow instructions and answers from seed tasks with a chat model",
     ),
     "tokenizer train": ("tinychat.tokenizer.train", "TokenizerTrainConfig", "run", "train a byte-level BPE tokenizer"),
+    "tokenizer extend": (
+        "tinychat.tokenizer.extend",
+        "TokenizerExtendConfig",
+        "run",
+        "append new BPE tokens learned from a new corpus (old ids unchanged)",
+    ),
     "model init": (
         "tinychat.model.cli",
         "ModelInitConfig",
@@ -39,6 +45,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "create a randomly initialised model directory",
     ),
     "model info": ("tinychat.model.cli", "ModelInfoConfig", "run_info", "print a model directory's size and FLOPs"),
+    "model resize-vocab": (
+        "tinychat.model.resize",
+        "ResizeVocabConfig",
+        "run",
+        "grow a model's embeddings and output layer to an extended tokenizer",
+    ),
     "pretrain": ("tinychat.train.pretrain", "PretrainConfig", "run", "pretrain a model on token shards"),
     "sft": ("tinychat.train.sft", "SFTConfig", "run", "supervised fine-tuning on chat conversations"),
     "reward": ("tinychat.train.reward", "RewardConfig", "run", "train a reward model on preference pairs"),

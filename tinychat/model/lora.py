@@ -55,6 +55,9 @@ class LoraConfig:
     targets: list[str] = field(
         ["q", "k", "v", "o", "gate", "up", "down"], help="projections to adapt: q,k,v,o,gate,up,down or all"
     )
+    modules_to_save: list[str] = field(
+        [], help="whole modules trained and saved with the adapter (PEFT's modules_to_save), e.g. embed_tokens lm_head"
+    )
 
     @property
     def scaling(self) -> float:
@@ -125,8 +128,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     Heads an objective adds (a reward score, a value head) are unfrozen by the objective afterwards.
     """
     leaves = cfg.leaf_names()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    train_only(model, module_names(cfg.modules_to_save), "--lora.modules_to_save")
     n = 0
     for parent, name, lin in _targets(model, leaves):
         setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout))
@@ -134,6 +136,33 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     if n == 0:
         raise UserError(f"--lora.targets {','.join(cfg.targets)} matched no projection of this model.")
     return n
+
+
+def module_names(items: list[str]) -> list[str]:
+    """Module names from a flag given as `a b` or `a,b`."""
+    return [t.strip() for item in items for t in item.split(",") if t.strip()]
+
+
+def matches(path: str, name: str) -> bool:
+    """PEFT's rule for modules_to_save: a module matches a name if its dotted path is it or ends with it."""
+    return path == name or path.endswith("." + name)
+
+
+def train_only(model: nn.Module, names: list[str], flag: str = "module names") -> int:
+    """Freeze every parameter of `model` except those of the modules `names` match; returns how many train.
+
+    Chinese-LLaMA's stage 1 is train_only(model, ["embed_tokens", "lm_head"]): the new rows are learnt
+    while the transformer stays as it was. With tied embeddings both names are the same matrix.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        found = [m for path, m in model.named_modules() if matches(path, name)]
+        if not found:
+            raise UserError(f"{flag}: this model has no module named {name!r} (e.g. embed_tokens, lm_head).")
+        for m in found:
+            m.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -182,12 +211,32 @@ def merge_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, tor
 
 
 def adapter_state(state: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's names; `extra` names whole modules saved too (e.g. "score")."""
+    """The adapter's tensors under PEFT's names; `extra` names whole modules saved too ("score",
+    "embed_tokens": PEFT's file holds them under the module's own path, base_model.model.model.embed_tokens.weight)."""
     out = {}
     for k, v in state.items():
-        if is_lora_key(k) or any(k.startswith(e + ".") for e in extra):
+        if is_lora_key(k):
             out[PEFT_PREFIX + k] = v.detach().to("cpu").contiguous()
+        elif any(matches(k.rpartition(".")[0], e) for e in extra):
+            out[PEFT_PREFIX + k] = v.detach().to("cpu").clone()  # a clone: tied weights share storage
     return out
+
+
+def saved_modules(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """(`names` plus the other name of a tied matrix (embed_tokens <-> lm_head), whether that happened).
+
+    A tied model's adapter carries both: PEFT copies each module it saves, and one trained copy beside one
+    stale one would differ; with both saved (and PEFT's ensure_weight_tying) it computes what we trained.
+    """
+    out = list(names)
+    pair = ("embed_tokens", "lm_head")
+    emb, head = state.get("model.embed_tokens.weight"), state.get("lm_head.weight")
+    # equal values, not shared storage: a gathered (FSDP, CPU-offloaded) state dict holds two copies
+    tied = emb is not None and head is not None and emb.shape == head.shape and torch.equal(emb, head)
+    tied = tied and any(n in pair for n in names)
+    if tied:
+        out += [n for n in pair if n not in out]
+    return tuple(out), tied
 
 
 def save_adapter(
@@ -201,6 +250,7 @@ def save_adapter(
     """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA format) atomically into `path`."""
     from tinychat.model.hf import write_files_atomically
 
+    modules_to_save, tied = saved_modules(state, (*modules_to_save, *module_names(cfg.modules_to_save)))
     tensors = adapter_state(state, modules_to_save)
     config = {
         "peft_type": "LORA",
@@ -217,6 +267,7 @@ def save_adapter(
         "use_rslora": False,
         "use_dora": False,
         "modules_to_save": list(modules_to_save) or None,
+        "ensure_weight_tying": tied,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -272,8 +323,9 @@ def config_from_adapter(d: dict[str, Any], source: str) -> LoraConfig:
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Wrap `model` with the adapter at `path` and load its weights; returns (config, tensors not used).
 
-    The tensors not used are extra modules the adapter carries (a reward model's `score`), PEFT-prefix
-    stripped, for the caller to place.
+    Whole modules the adapter carries (PEFT's modules_to_save: trained embeddings and output layer) replace
+    the model's own weights of the same names; tensors the model has no parameter for (a reward model's
+    `score` when the model has no head yet) are returned, PEFT-prefix stripped, for the caller to place.
     """
     d = read_adapter_config(path)
     cfg = config_from_adapter(d, str(Path(path) / ADAPTER_CONFIG))
@@ -298,4 +350,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[LoraConfig, dict[s
             raise UserError(f"{wfile}: tensor {name} has shape {tuple(v.shape)}, expected {tuple(own[name].shape)}.")
         with torch.no_grad():
             own[name].copy_(v)
-    return cfg, rest
+    unused = {}
+    for name, v in rest.items():
+        if name not in own:
+            unused[name] = v
+        elif tuple(v.shape) != tuple(own[name].shape):
+            raise UserError(
+                f"{wfile}: tensor {name} has shape {tuple(v.shape)}, but the base model's is {tuple(own[name].shape)} "
+                "(is this the base the adapter was trained on?)."
+            )
+        else:
+            with torch.no_grad():
+                own[name].copy_(v)
+    cfg.modules_to_save = list(d.get("modules_to_save") or [])  # after apply_lora: the model stays frozen
+    return cfg, unused

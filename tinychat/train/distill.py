@@ -40,7 +40,14 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import TrainContext, TrainResult, train
-from tinychat.train.pretrain import PretrainConfig, PretrainObjective, prepare, summary, write_config
+from tinychat.train.pretrain import (
+    PretrainConfig,
+    PretrainObjective,
+    freeze_for_stage,
+    prepare,
+    summary,
+    write_config,
+)
 
 KD_DIRECTIONS = ("forward", "reverse")
 
@@ -94,7 +101,8 @@ class DistillObjective(PretrainObjective):
         self, data_dir: Path, tokenizer: Any, cfg: TrainConfig, samples: list[str], teacher: torch.nn.Module,
         dcfg: DistillConfig,
     ) -> None:  # fmt: skip
-        super().__init__(data_dir, tokenizer, cfg, samples)
+        # --lora / --trainable stages work as in pretrain (the adapter is what gets saved)
+        super().__init__(data_dir, tokenizer, cfg, samples, dcfg.lora, Path(dcfg.init) if dcfg.init else None)
         self.teacher, self.dcfg = teacher, dcfg
 
     def setup(self, ctx: TrainContext) -> None:
@@ -213,6 +221,7 @@ def run_distill(cfg: DistillConfig) -> TrainResult:
     check_distill(cfg)
     run_dir, tok_dir, data_dir, tok, student = prepare(cfg)
     teacher = load_teacher(cfg, tok, student)
+    freeze_for_stage(student, cfg)
     if cfg.seq.samples:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(

@@ -39,12 +39,9 @@ def merge(adapter: Path, base: Path | None, out: Path) -> Path:
     model = Model.from_pretrained(str(base), dtype=torch.float32)
     if task == "SEQ_CLS":
         model = RewardModel.from_causal_lm(model)
-    _, rest = load_adapter(model, adapter)
-    if task == "SEQ_CLS":
-        if "score.weight" not in rest:
-            raise UserError(f"{adapter}: a SEQ_CLS adapter must carry the score head (score.weight).")
-        with torch.no_grad():
-            model.score.weight.copy_(rest["score.weight"])
+    lora, _ = load_adapter(model, adapter)  # modules it saved whole (a score head, embeddings) are placed too
+    if task == "SEQ_CLS" and "score" not in lora.modules_to_save:
+        raise UserError(f"{adapter}: a SEQ_CLS adapter must carry the score head (score.weight).")
     merge_lora(model)
     if task == "SEQ_CLS":
         pad = model.cfg.pad_token_id

@@ -276,11 +276,25 @@ class PostObjective(Objective):
     def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
         """checkpoints/STAGE/ gets the full model (LoRA merged in); with LoRA also checkpoints/STAGE/adapter/."""
         state = self.model_state(state_dict if state_dict is not None else model.state_dict())
-        if self.cfg.lora.rank > 0:
-            base = self.init if (self.init / "config.json").is_file() else ""  # an adapter-only init has no base dir
-            save_adapter(path / "adapter", state, self.cfg.lora, base, self.task_type, self.adapter_modules)
-            state = merge_state(state, self.cfg.lora.scaling)
+        state = save_lora_result(path, state, self.cfg.lora, self.init, self.task_type, self.adapter_modules)
         self.write_model(model, path, state)
+
+
+def save_lora_result(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    lora: LoraConfig,
+    init: Path,
+    task_type: str = "CAUSAL_LM",
+    modules: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """With LoRA (rank > 0): write the PEFT adapter to path/adapter and return the merged weights to save
+    as the stage's model; without, return `state` unchanged."""
+    if lora.rank <= 0:
+        return state
+    base = init if (init / "config.json").is_file() else ""  # an adapter-only init has no base dir
+    save_adapter(path / "adapter", state, lora, base, task_type, modules)
+    return merge_state(state, lora.scaling)
 
 
 class ItemObjective(PostObjective):

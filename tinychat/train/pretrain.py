@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
+from tinychat.model.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
 
@@ -36,8 +37,15 @@ class PretrainConfig:
     resume: bool = field(False, help="continue from the newest checkpoint of this stage")
     stage: str = field("pretrain", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
     samples: list[str] = field(["The", "Velmora", "12 + 7 ="], help="prompts sampled at each evaluation")
+    trainable: Literal["all", "embeddings"] = field(
+        "all", help="embeddings: train only the input embeddings and the output layer (Chinese-LLaMA's stage 1)"
+    )
+    vocab_init: Literal["mean", "random"] = field(
+        "mean", help="rows for tokens the tokenizer adds to the --init model's own (see `tinychat model resize-vocab`)"
+    )
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,8 +57,17 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 class PretrainObjective(Objective):
     name = "pretrain"
 
-    def __init__(self, data_dir: Path, tokenizer: Any, cfg: TrainConfig, samples: list[str]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        tokenizer: Any,
+        cfg: TrainConfig,
+        samples: list[str],
+        lora: LoraConfig | None = None,
+        init: Path | None = None,
+    ) -> None:
         self.data_dir, self.tok, self.cfg, self.samples = data_dir, tokenizer, cfg, samples
+        self.lora, self.init = lora or LoraConfig(), init or Path("")
 
     def setup(self, ctx: TrainContext) -> None:
         from tinychat.data.loader import PackedLoader
@@ -100,6 +117,15 @@ class PretrainObjective(Objective):
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.cfg.seed, "accum": self.accum}
+
+    def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
+        """The model directory; with LoRA the merged weights, and the PEFT adapter in path/adapter."""
+        from tinychat.model.hf import save_pretrained
+        from tinychat.train.post import save_lora_result
+
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = save_lora_result(path, state, self.lora, self.init)
+        save_pretrained(model, path, dtype=torch.float32, state_dict=state)
 
 
 @torch.no_grad()
@@ -162,13 +188,53 @@ def check_inputs(cfg: PretrainConfig, mcfg: ModelConfig, data_dir: Path, tok: An
             f"{tok.vocab_size}; re-tokenize with this tokenizer."
         )
     if tok.vocab_size > mcfg.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}.")
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}; "
+            "to continue a model with an extended tokenizer, give --init a directory holding the model's own "
+            "tokenizer, or run `tinychat model resize-vocab` first."
+        )
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(
             f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window "
             f"({mcfg.max_seq_len}); raise model.max_seq_len or lower train.seq_len."
         )
     return index
+
+
+def grow_vocab(model: torch.nn.Module, init: Path, tok: Any, how: str, seed: int) -> None:
+    """Continued pretraining with an extended tokenizer: if `tok` adds tokens to the one saved beside the --init
+    model, give the model rows for them (tinychat.model.resize; old rows unchanged) before training starts."""
+    from tinychat.model.resize import resize_for_tokenizer
+    from tinychat.tokenizer import Tokenizer
+
+    if not (init / "tokenizer.json").is_file():
+        return  # nothing to compare with; check_inputs still refuses a tokenizer larger than the model
+    old = Tokenizer.from_pretrained(init)
+    if tok.vocab_size <= old.vocab_size:
+        return  # the same tokenizer (or a user's own choice of one of the same size): trained as given
+    rows = model.cfg.vocab_size
+    _, new_ids = resize_for_tokenizer(model, old, tok, how, seed)  # UserError unless tok extends old
+    print(
+        f"pretrain: the tokenizer adds {len(new_ids)} tokens to {init}'s; {rows} -> {model.cfg.vocab_size} rows ({how})"
+    )
+
+
+def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig) -> None:
+    """Chinese-LLaMA's two stages of continued pretraining: embeddings and output layer only, or LoRA (plus
+    whichever modules --lora.modules_to_save names, trained whole and saved with the adapter)."""
+    from tinychat.model.lora import apply_lora, train_only
+
+    if cfg.trainable == "embeddings":
+        n, what = train_only(model, ["embed_tokens", "lm_head"]), "embeddings and output layer"
+    elif cfg.lora.rank > 0:
+        torch.manual_seed(cfg.train.seed)
+        apply_lora(model, cfg.lora)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = " + ".join([f"LoRA rank {cfg.lora.rank}", *cfg.lora.modules_to_save])
+    else:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    print(f"pretrain: {n:,} of {total:,} parameters trainable ({what})")
 
 
 def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module]:
@@ -183,8 +249,13 @@ def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module
     if not tok_dir.is_dir():
         raise UserError(f"tokenizer directory {tok_dir} does not exist; run `tinychat tokenizer train` first.")
     tok = Tokenizer.from_pretrained(tok_dir)
+    if cfg.trainable != "all" and cfg.lora.rank > 0:
+        raise UserError("--trainable embeddings and --lora.rank are two different stages; choose one.")
+    if cfg.lora.rank > 0:
+        cfg.lora.leaf_names()  # a wrong --lora.targets fails now, before any work
     if cfg.init:
         model = Model.from_pretrained(cfg.init, dtype=torch.float32)
+        grow_vocab(model, Path(cfg.init), tok, cfg.vocab_init, cfg.train.seed)
         mcfg = model.cfg
     else:
         mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
@@ -204,8 +275,10 @@ def write_config(cfg: PretrainConfig, run_dir: Path, model: torch.nn.Module) -> 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     run_dir, tok_dir, data_dir, tok, model = prepare(cfg)
+    freeze_for_stage(model, cfg)
     write_config(cfg, run_dir, model)
-    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples)
+    init = Path(cfg.init) if cfg.init else None
+    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples, cfg.lora, init)
     return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
 
 
