@@ -16,7 +16,8 @@ The pipeline, each step a real tinychat command (run in this process through tin
      --lora.modules_to_save embed_tokens lm_head` (stage 2; the PEFT adapter is checked with `tinychat merge`).
      Stage 1 runs from both initialisations (their validation curves are the mean-vs-random comparison);
      stage 2 and SFT continue from the mean one.
-  5. `sft` on the Chinese rows with LoRA (+ embeddings and output layer as modules_to_save), then `merge`.
+  5. `sft` on the Chinese rows plus English ones (--sft-replay, 20% of the rows) with LoRA (+ embeddings
+     and output layer as modules_to_save), then `merge`.
   6. Control: the same three stages with the same steps and batch shape (so the same compute) on the
      English model with its own tokenizer, which spends ~5x more tokens on the same Chinese text.
 Measured: Chinese characters per token (val text), Chinese and English bits per byte on the world's val
@@ -79,8 +80,10 @@ def split_world(world: Path, data: Path) -> None:
         write_jsonl(data / f"{split}.zh.jsonl", [d for d in docs if CJK.search(d["text"])])
         rows = read_jsonl(world / "sft" / f"{split}.jsonl")
         # rows offering the calculator carry ~200 tokens of English tool schema: left out, as are tools here
-        zh = [r for r in rows if r["lang"] == "zh" and r["skill"] in SFT_SKILLS and not r.get("tools")]
+        keep = [r for r in rows if r["skill"] in SFT_SKILLS and not r.get("tools")]
+        zh, en = [r for r in keep if r["lang"] == "zh"], [r for r in keep if r["lang"] == "en"]
         write_jsonl(data / f"sft.{split}.zh.jsonl", zh)
+        write_jsonl(data / f"sft.{split}.en.jsonl", en)
     facts = [r for r in read_jsonl(world / "eval" / "facts_trained.jsonl") if r["lang"] == "zh"]
     write_jsonl(data / "world_zh" / "eval" / "facts_trained.jsonl", facts)
 
@@ -116,7 +119,29 @@ def mix(main: list[dict], extra: list[dict], fraction: float, seed: int = 0) -> 
     return docs
 
 
-def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_zh: float, stage1_only: bool) -> None:
+def sft_mix(data: Path, replay: float, seed: int = 0) -> Path:
+    """The Chinese SFT rows plus English ones making up `replay` of the rows: English replay in SFT too, since
+    SFT trains the embeddings and output layer whole (modules_to_save), which is what forgets English."""
+    zh, en = read_jsonl(data / "sft.train.zh.jsonl"), read_jsonl(data / "sft.train.en.jsonl")
+    random.Random(seed).shuffle(en)
+    rows = zh + en[: int(replay / (1 - replay) * len(zh))] if replay > 0 else zh
+    random.Random(seed + 1).shuffle(rows)
+    write_jsonl(data / "sft.train.mix.jsonl", rows)
+    return data / "sft.train.mix.jsonl"
+
+
+def pipeline(
+    out: Path,
+    scale: float,
+    add: int,
+    tiny: bool,
+    replay: float,
+    base_zh: float,
+    stage1_only: bool,
+    sft_replay: float,
+    sft_adapter_only: bool,
+    sft_lr: float,
+) -> None:
     world, data, models = out / "world", out / "data", out / "models"
     s = lambda n: max(10, int(n * scale))  # noqa: E731 - steps at this --scale
     sh("world", "generate", "--out", world, "--size", "small", "--seed", 0)
@@ -146,7 +171,7 @@ def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_
         sh("model", "resize-vocab", "--model", en_model, "--tokenizer", tok_ext, "--init", init,
            "--out", models / f"resized_{init}")  # fmt: skip
 
-    stage1, stage2, sft = stage_flags(s(150), 3e-3, 25), stage_flags(s(300), 2e-3, 100), stage_flags(s(150), 2e-3, 0)
+    stage1, stage2, sft = stage_flags(s(150), 3e-3, 25), stage_flags(s(300), 2e-3, 100), stage_flags(s(150), sft_lr, 0)
     lora = ["--lora.rank", 16, "--lora.alpha", 32, "--lora.modules_to_save", "embed_tokens", "lm_head"]
     arms = {"ext": (tok_ext, data / "zh_new", ["mean", "random"]), "ctl": (tok_en, data / "zh_old", [None])}
     for arm, (tok, tokens, inits) in arms.items():
@@ -163,8 +188,8 @@ def pipeline(out: Path, scale: float, add: int, tiny: bool, replay: float, base_
         cpt2 = out / arm / "checkpoints" / "cpt2"
         sh("merge", "--adapter", cpt2 / "adapter", "--out", models / f"{arm}_cpt2_merged")
         sh("sft", "--runs-dir", out, "--run", arm, "--stage", "sft_zh", "--init", cpt2,
-           "--data", data / "sft.train.zh.jsonl", "--val-data", data / "sft.val.zh.jsonl", "--eval-rows", 0,
-           *lora, *sft)  # fmt: skip
+           "--data", sft_mix(data, sft_replay), "--val-data", data / "sft.val.zh.jsonl", "--eval-rows", 0,
+           *(lora[:4] if sft_adapter_only else lora), *sft)  # fmt: skip
         sh("merge", "--adapter", out / arm / "checkpoints" / "sft_zh" / "adapter", "--out", models / f"{arm}_final")
 
 
@@ -363,6 +388,11 @@ def main() -> int:
     ap.add_argument("--add", type=int, default=2048, help="new Chinese tokens")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset itself (~4x the default's compute)")
     ap.add_argument("--replay", type=float, default=0.2, help="share of English text in continued pretraining")
+    ap.add_argument("--sft-lr", type=float, default=5e-4, help="SFT learning rate (both arms)")
+    ap.add_argument("--sft-replay", type=float, default=0.0, help="share of English rows in the SFT data")
+    ap.add_argument(
+        "--sft-adapter-only", action="store_true", help="SFT trains LoRA only (embeddings and output layer frozen)"
+    )
     ap.add_argument("--base-zh", type=float, default=0.0, help="share of Chinese text in the base model's pretraining")
     ap.add_argument("--measure-only", action="store_true", help="re-measure an existing --out")
     ap.add_argument("--stage1-only", action="store_true", help="stop after stage 1: the mean-vs-random curves only")
@@ -379,7 +409,8 @@ def main() -> int:
             if a.out.exists():
                 shutil.rmtree(a.out)
             t0 = time.perf_counter()
-            pipeline(a.out, a.scale, a.add, a.tiny, a.replay, a.base_zh, a.stage1_only)
+            sft = (a.sft_replay, a.sft_adapter_only, a.sft_lr)
+            pipeline(a.out, a.scale, a.add, a.tiny, a.replay, a.base_zh, a.stage1_only, *sft)
             print(f"\npipeline: {(time.perf_counter() - t0) / 60:.1f} min")
         if a.stage1_only:
             print(stage1_table(a.out))
