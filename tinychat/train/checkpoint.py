@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tinychat.errors import UserError
-from tinychat.model.hf import TOKENIZER_FILES, copy_tokenizer, save_pretrained  # noqa: F401 - re-exported
+from tinychat.model.hf import copy_tokenizer, save_pretrained
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from tinychat.errors import UserError
-from tinychat.train.checkpoint import copy_tokenizer, latest_checkpoint, load_checkpoint, save_checkpoint
+from tinychat.model.hf import copy_tokenizer
+from tinychat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
 from tinychat.train.metrics import Console, MetricsLog

@@ -25,10 +25,10 @@ class MergeConfig:
 
 
 def merge(adapter: Path, base: Path | None, out: Path) -> Path:
+    from tinychat.model.hf import copy_tokenizer
     from tinychat.model.hub import resolve_model_dir
     from tinychat.model.lora import load_adapter, merge_lora, read_adapter_config
     from tinychat.model.transformer import Model
-    from tinychat.train.checkpoint import copy_tokenizer
     from tinychat.train.post import adapter_base
     from tinychat.train.reward import RewardModel, save_reward_model
 
