@@ -17,6 +17,11 @@ class TrainConfig:
     compile: bool = field(False, help="torch.compile the model")
     activation_checkpointing: bool = field(False, help="recompute block activations in the backward pass")
     distributed: Literal["ddp", "fsdp"] = field("ddp", help="how torchrun ranks share the model")
+    mesh: str = field(
+        "",
+        help="torchrun ranks as a pp x dp x tp grid, e.g. dp=2,tp=2 or pp=2,tp=2 (dp takes the ranks left over); "
+        "beside tp or pp, data parallelism is FSDP2",
+    )
     seed: int = field(1337)
     batch_size: int = field(16, help="sequences per micro-batch per rank")
     seq_len: int = field(256, help="tokens per training sequence")

@@ -34,6 +34,7 @@ from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_d
 from tinychat.train.metrics import Console, MetricsLog
 from tinychat.train.mfu import autocast_dtype, peak_flops
 from tinychat.train.optim import build_optimizer, lr_factor
+from tinychat.train.parallel import clip_grad_norm
 
 
 class Objective:
@@ -106,7 +107,7 @@ def grad_scaler(ctx: TrainContext) -> torch.amp.GradScaler:
     sharded scaler agrees on "overflowed" across ranks (DDP's gradients are already all-reduced).
     """
     enabled = ctx.amp_dtype == torch.float16
-    if enabled and ctx.cfg.distributed == "fsdp" and ctx.dist.world > 1:
+    if enabled and ((ctx.cfg.distributed == "fsdp" and ctx.dist.world > 1) or ctx.dist.mesh is not None):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(ctx.device.type, enabled=True)
@@ -172,7 +173,7 @@ def train(
     """Train `module` with `objective` until a budget is spent; the result lands in run_dir/checkpoints/stage."""
     run_dir = Path(run_dir)
     stage_dir = run_dir / "checkpoints" / stage
-    info = dist_info or init_distributed(cfg.device)
+    info = dist_info or init_distributed(cfg.device, cfg.mesh)
     device = info.device
     if not any((cfg.max_steps, cfg.max_tokens, cfg.max_time, cfg.epochs)):
         raise UserError("no training budget: set one of --train.max_steps, max_tokens, max_time or epochs.")
@@ -231,6 +232,7 @@ def train(
             "stage": stage,
             "objective": objective.state_dict(),
             "world": info.world,
+            "devices": info.devices,
             "grad_scaler": scaler.state_dict(),  # {} unless fp16
         }
 
@@ -275,9 +277,11 @@ def train(
                 for k, v in extra.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
             scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            )
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            if info.mesh is not None:  # tensor / pipeline parallel: gradients on several meshes
+                grad_norm = torch.tensor(clip_grad_norm(list(model.parameters()), max_norm, None))
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             reduced = all_reduce_sum(torch.stack([loss_sum, *sums.values()])) / count
@@ -304,7 +308,7 @@ def train(
             dt = time.perf_counter() - t0
             elapsed = time.perf_counter() - t_start
             tok_s = step_tokens / dt
-            mfu = flops_tok * tok_s / (peak * info.world) if peak and flops_tok else 0.0
+            mfu = flops_tok * tok_s / (peak * info.devices) if peak and flops_tok else 0.0
             last_loss = loss_value
             rec = {
                 "loss": loss_value,
