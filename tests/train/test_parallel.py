@@ -4,6 +4,7 @@ checkpoint written under one mesh must resume under another."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,11 +29,20 @@ def test_parse_mesh():
             parse_mesh(bad, world)
 
 
+UNTIED = ["--model.tie_embeddings", "false"]  # pipeline stages cannot share the embedding with the head
+
+
 @pytest.fixture(scope="module")
-def reference(corpus_run: Path) -> dict[int, float]:
-    r = run_cmd(pretrain_cmd(corpus_run, "--run", "mesh-one", "--train.max_steps", str(STEPS), *GLOBAL))
-    assert r.returncode == 0, r.stderr
-    return train_losses(corpus_run / "mesh-one")
+def references(corpus_run: Path) -> dict[str, dict[int, float]]:
+    """One process's losses, with the tied head (tinychat's default) and with an untied one."""
+    out = {}
+    for name, extra in (("tied", []), ("untied", UNTIED)):
+        r = run_cmd(
+            pretrain_cmd(corpus_run, "--run", f"mesh-one-{name}", "--train.max_steps", str(STEPS), *GLOBAL, *extra)
+        )
+        assert r.returncode == 0, r.stderr
+        out[name] = train_losses(corpus_run / f"mesh-one-{name}")
+    return out
 
 
 def _run_mesh(corpus_run: Path, name: str, mesh: str, ranks: int, *extra: str) -> dict[int, float]:
@@ -63,27 +73,44 @@ def _assert_same(a: dict[int, float], b: dict[int, float]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mesh", "ranks"), [("tp=2", 2), ("dp=2,tp=2", 4)])
-def test_tensor_parallel_matches_one_process(corpus_run: Path, reference: dict[int, float], mesh: str, ranks: int):
+@pytest.mark.parametrize(
+    ("mesh", "ranks", "extra"),
+    [
+        ("tp=2", 2, []),
+        ("dp=2,tp=2", 4, []),
+        ("pp=2,dp=2", 4, [*UNTIED, "--train.pp_schedule", "1f1b"]),
+        ("pp=2,tp=2", 4, [*UNTIED, "--train.pp_schedule", "gpipe", "--train.pp_microbatches", "4"]),
+    ],
+)
+def test_mesh_matches_one_process(corpus_run: Path, references: dict, mesh: str, ranks: int, extra: list[str]):
+    """TP alone, DP x TP, DP x PP (1F1B) and TP x PP (GPipe, 4 micro-batches): the same losses as one process, the same
+    validation loss from the final evaluation, and a final checkpoint gathered whole from the shards and stages."""
     name = "mesh-" + mesh.replace(",", "-").replace("=", "")
-    _assert_same(reference, _run_mesh(corpus_run, name, mesh, ranks))
-    # the checkpoint gathered from the shards is the whole model and agrees with one process's
+    ref = "untied" if extra else "tied"
+    _assert_same(references[ref], _run_mesh(corpus_run, name, mesh, ranks, *extra))
     from tinychat.model import Model
 
-    wa = Model.from_pretrained(str(corpus_run / "mesh-one" / "checkpoints" / "pretrain")).state_dict()
+    wa = Model.from_pretrained(str(corpus_run / f"mesh-one-{ref}" / "checkpoints" / "pretrain")).state_dict()
     wb = Model.from_pretrained(str(corpus_run / name / "checkpoints" / "pretrain")).state_dict()
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    if "dp=2" not in mesh:  # the same validation batches as one process (dp=2 splits them differently)
+        va, vb = (
+            [json.loads(x) for x in (corpus_run / r / "metrics.jsonl").read_text().splitlines()]
+            for r in (f"mesh-one-{ref}", name)
+        )
+        (ea,), (eb,) = ([e["val_loss"] for e in v if e["kind"] == "eval"] for v in (va, vb))
+        assert ea == pytest.approx(eb, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_checkpoint_from_one_mesh_resumes_under_another(corpus_run: Path, reference: dict[int, float]):
-    """Saved at step 2 under dp=2 x tp=2 (4 ranks), resumed under tp=2 alone (2 ranks): the resharded weights
-    and AdamW moments continue the run as if nothing had changed."""
+def test_checkpoint_from_one_mesh_resumes_under_another(corpus_run: Path, references: dict):
+    """Saved at step 2 under pp=2 x dp=2 (4 ranks: pipeline stages merged, FSDP shards gathered), resumed
+    under tp=2 (2 ranks): the weights and AdamW moments, split the new way, continue the run unchanged."""
     run = corpus_run / "mesh-reshard"
-    _run_mesh(corpus_run, "mesh-reshard", "dp=2,tp=2", 4, "--train.checkpoint_every", "2")
+    _run_mesh(corpus_run, "mesh-reshard", "pp=2,dp=2", 4, *UNTIED, "--train.checkpoint_every", "2")
     stage = run / "checkpoints" / "pretrain"
     shutil.rmtree(stage / f"step_{STEPS:06d}")  # forget the end: the newest checkpoint is step 2
-    resumed = _run_mesh(corpus_run, "mesh-reshard", "tp=2", 2, "--train.checkpoint_every", "2", "--resume")
-    _assert_same(reference, resumed)
+    resumed = _run_mesh(corpus_run, "mesh-reshard", "tp=2", 2, *UNTIED, "--train.checkpoint_every", "2", "--resume")
+    _assert_same(references["untied"], resumed)

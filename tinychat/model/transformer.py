@@ -202,7 +202,7 @@ class Model(nn.Module):
         rows: torch.Tensor | None = None,  # (B,) cache rows this call feeds; default all
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads."""
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]  # (B, T, d_model) hidden states on a pipeline stage (train/pipeline.py)
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window {self.cfg.max_seq_len}.")

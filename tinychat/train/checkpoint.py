@@ -54,6 +54,35 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     return get_state_dict(model, optimizer, options=opts)
 
 
+def gather_stages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, pipe: Any) -> tuple[dict, dict]:
+    """gather_state under pipeline parallelism: each stage gathers its own part whole (on every rank of the
+    stage: torch's CPU offload would keep it on global rank 0 only, which holds stage 0), then the first stage
+    merges the parts by name (names are the whole model's, see train/pipeline.py). Empty dicts elsewhere."""
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model, options=opts), {}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    cpu = {k: v.detach().cpu() for k, v in model_sd.items()}
+    if optim_sd:
+        state = {
+            k: {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+            for k, v in optim_sd["state"].items()
+        }
+        optim_sd = {"state": state, "param_groups": optim_sd["param_groups"]}
+    parts = pipe.gather_to_first((cpu, optim_sd))
+    if parts is None:
+        return {}, {}
+    merged_model = {k: v for m, _ in parts for k, v in m.items()}
+    if not optim_sd:
+        return merged_model, {}
+    groups = [
+        dict(g, params=[p for _, o in parts for p in o["param_groups"][i]["params"]])
+        for i, g in enumerate(optim_sd["param_groups"])
+    ]
+    return merged_model, {"state": {k: v for _, o in parts for k, v in o["state"].items()}, "param_groups": groups}
+
+
 def save_checkpoint(
     stage_dir: Path,
     step: int,
@@ -63,8 +92,10 @@ def save_checkpoint(
     tokenizer_dir: str | Path | None,
     keep: int,
     is_main: bool,
+    pipe: Any = None,  # train/pipeline.py's Pipeline when the model is one pipeline stage
 ) -> Path:
-    model_sd, optim_sd = gather_state(model, optimizer)  # every rank takes part in the gather
+    # every rank takes part in the gather
+    model_sd, optim_sd = gather_stages(model, optimizer, pipe) if pipe else gather_state(model, optimizer)
     final = stage_dir / f"step_{step:06d}"
     if not is_main:
         return final
@@ -134,10 +165,14 @@ def check_tensor_names(path: Path, weights: dict[str, torch.Tensor], model: torc
         )
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, stage: bool = False
+) -> dict[str, Any]:
     """Restore weights, optimiser and RNG from `path` into an already built (and wrapped) model; return
     the trainer state. Every rank reads the files (they are small next to training, and shared storage
-    is what torchrun setups have)."""
+    is what torchrun setups have). `stage`: the model is one pipeline stage and takes only its own tensors.
+    The weights are whole in the file and are split here by the model's own sharding (DTensor placements),
+    so a run resumes under another mesh or world size."""
     try:
         weights = load_file(str(path / "model.safetensors"))
         state = json.loads((path / "trainer_state.json").read_text())
@@ -147,12 +182,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         unwrapped = getattr(model, "module", model)
         if unwrapped.cfg.tie_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    if stage:
+        weights = {k: v for k, v in weights.items() if k in set(get_model_state_dict(model))}
     check_tensor_names(path, weights, model)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     if optimizer is not None and (path / "optimizer.safetensors").is_file():
         osd = unflatten_optimizer_state(
             load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
         )
+        if stage:
+            osd["state"] = {k: v for k, v in osd["state"].items() if k in weights}
+            osd["param_groups"] = [
+                dict(g, params=[p for p in g["params"] if p in weights]) for g in osd["param_groups"]
+            ]
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=osd, options=opts)
     else:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict

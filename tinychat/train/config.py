@@ -22,6 +22,8 @@ class TrainConfig:
         help="torchrun ranks as a pp x dp x tp grid, e.g. dp=2,tp=2 or pp=2,tp=2 (dp takes the ranks left over); "
         "beside tp or pp, data parallelism is FSDP2",
     )
+    pp_schedule: Literal["1f1b", "gpipe"] = field("1f1b", help="pipeline schedule when --train.mesh has pp > 1")
+    pp_microbatches: int = field(0, help="micro-batches a step's sequences are cut into for the pipeline (0 = pp)")
     seed: int = field(1337)
     batch_size: int = field(16, help="sequences per micro-batch per rank")
     seq_len: int = field(256, help="tokens per training sequence")

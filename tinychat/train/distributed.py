@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from tinychat.device import pick_device
 from tinychat.train.parallel import apply_fsdp, apply_tp, build_mesh, parse_mesh
+from tinychat.train.pipeline import split_stage
 
 
 @dataclass
@@ -86,13 +87,15 @@ def wrap_model(
     """Apply tensor parallelism (--train.mesh), activation checkpointing, compile, then FSDP2 (fully_shard
     per block, then the root) or DDP: torchtitan's order, so each wrapper sees the modules it expects."""
     layers = getattr(getattr(model, "model", model), "layers", None)
+    if info.mesh is not None and info.mesh["pp"].size() > 1:
+        split_stage(model, info.mesh["pp"].get_local_rank(), info.mesh["pp"].size())
     if info.mesh is not None and info.mesh["tp"].size() > 1:
         apply_tp(model, info.mesh["tp"])
     if activation_checkpointing and layers is not None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        for i, block in enumerate(layers):
-            layers[i] = checkpoint_wrapper(block)
+        for key, block in list(layers._modules.items()):  # by key: a pipeline stage's keys are not 0..n-1
+            layers._modules[key] = checkpoint_wrapper(block)
     if compile:
         model = torch.compile(model)
     if info.mesh is not None:

@@ -35,6 +35,7 @@ from tinychat.train.metrics import Console, MetricsLog
 from tinychat.train.mfu import autocast_dtype, peak_flops
 from tinychat.train.optim import build_optimizer, lr_factor
 from tinychat.train.parallel import clip_grad_norm
+from tinychat.train.pipeline import Pipeline, PipelineForward
 
 
 class Objective:
@@ -65,6 +66,15 @@ class Objective:
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """Validation numbers; run on every rank (collectives allowed), logged by rank 0."""
         return {}
+
+    def pipeline_io(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pipeline parallelism only: the batch as (model input, target) tensors, cut into micro-batches along
+        dim 0; the loss is then `pipeline_loss(model(input), target)`, computed on the last stage."""
+        raise UserError(f"{self.name} does not support pipeline parallelism (pp in --train.mesh).")
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Pipeline parallelism only: the summed loss of one micro-batch from the last stage's output."""
+        raise UserError(f"{self.name} does not support pipeline parallelism (pp in --train.mesh).")
 
     def progress(self, step: int) -> float:
         """Passes over the training data so far (for an epoch budget); 0 if not meaningful."""
@@ -181,17 +191,24 @@ def train(
     amp = autocast_dtype(device, cfg.precision)
     ctx = TrainContext(cfg, info, device, amp, run_dir, stage)
     raw = module.to(device)
+    flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0  # the whole model's
     model = wrap_model(raw, info, cfg.distributed, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
     scaler = grad_scaler(ctx)
     objective.setup(ctx)
+    pipe, eval_model = None, raw
+    if info.mesh is not None and info.mesh["pp"].size() > 1:
+        if scaler.is_enabled():
+            raise UserError("pipeline parallelism does not support fp16 loss scaling; use --train.precision bf16.")
+        pipe = Pipeline(model, info.mesh, device, cfg.pp_schedule, cfg.pp_microbatches, objective.pipeline_loss)
+        eval_model = PipelineForward(pipe, raw.cfg.d_model, raw.cfg.vocab_size)
 
     log = MetricsLog(run_dir, stage, info.is_main, cfg.tensorboard)
     step, tokens, elapsed = 0, 0, 0.0
     if resume:
         ckpt = latest_checkpoint(stage_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer)
+            state = load_checkpoint(ckpt, model, optimizer, stage=pipe is not None)
             step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
             objective.load_state_dict(state.get("objective", {}))
             if scaler.is_enabled() and state.get("grad_scaler"):
@@ -208,7 +225,6 @@ def train(
         log.log(step, measured.record(), kind="peak")
         print(f"{stage}: {measured.describe()}", file=sys.stderr, flush=True)
         peak = measured.flops
-    flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0
     first = objective.micro_batches(step, raw)
     tokens_per_step = sum(objective.tokens(b) for b in first) * info.world
     total_steps = _step_budget(cfg, tokens_per_step)
@@ -238,7 +254,7 @@ def train(
 
     def checkpoint() -> Path:
         path = save_checkpoint(
-            stage_dir, step, raw, optimizer, trainer_state(), tokenizer_dir, cfg.keep_checkpoints, info.is_main
+            stage_dir, step, raw, optimizer, trainer_state(), tokenizer_dir, cfg.keep_checkpoints, info.is_main, pipe
         )
         barrier()
         return path
@@ -264,8 +280,15 @@ def train(
             scale = info.world / count.item()  # DDP/FSDP average over ranks; undo it to get the global mean
             sums: dict[str, torch.Tensor] = {}
             loss_sum = torch.zeros((), device=device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
+            if pipe is not None:  # the schedule runs forward and backward over its own micro-batches
+                ios = [objective.pipeline_io(b) for b in batches]
+                with ctx.autocast():
+                    loss_sum = pipe.train_step(torch.cat([x for x, _ in ios]), torch.cat([y for _, y in ios]), scale)
+                batches_left = []
+            else:
+                batches_left = batches
+            for i, batch in enumerate(batches_left):
+                last = i == len(batches_left) - 1
                 if is_fsdp:
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
@@ -279,7 +302,8 @@ def train(
             scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             if info.mesh is not None:  # tensor / pipeline parallel: gradients on several meshes
-                grad_norm = torch.tensor(clip_grad_norm(list(model.parameters()), max_norm, None))
+                pp_group = pipe.group if pipe is not None else None
+                grad_norm = torch.tensor(clip_grad_norm(list(model.parameters()), max_norm, pp_group))
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if hasattr(grad_norm, "full_tensor"):
@@ -331,16 +355,16 @@ def train(
 
             done_now = budget_progress(step, elapsed) >= 1.0  # the final evaluation and checkpoint follow
             if cfg.eval_every and step % cfg.eval_every == 0 and not done_now:
-                last_eval = _evaluate(objective, raw, step, log, console, info)
+                last_eval = _evaluate(objective, eval_model, step, log, console, info)
             if stop.flag:
                 interrupted = True
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done_now:
                 checkpoint()
-        last_eval = _evaluate(objective, raw, step, log, console, info) if not interrupted else last_eval
+        last_eval = _evaluate(objective, eval_model, step, log, console, info) if not interrupted else last_eval
         path = checkpoint()
         if not interrupted:
-            _save_final(objective, raw, stage_dir, tokenizer_dir, info)
+            _save_final(objective, raw, stage_dir, tokenizer_dir, info, pipe)
     console.close()
     log.close()
     if interrupted and info.is_main:
@@ -362,11 +386,11 @@ def _evaluate(objective, model, step, log, console, info) -> dict[str, Any]:  # 
     return result
 
 
-def _save_final(objective, raw, stage_dir: Path, tokenizer_dir, info: DistInfo) -> None:  # noqa: ANN001
+def _save_final(objective, raw, stage_dir: Path, tokenizer_dir, info: DistInfo, pipe=None) -> None:  # noqa: ANN001
     """The stage's result as a plain model directory at checkpoints/STAGE/ (step dirs stay beside it)."""
-    from tinychat.train.checkpoint import gather_state
+    from tinychat.train.checkpoint import gather_stages, gather_state
 
-    model_sd, _ = gather_state(raw, None)
+    model_sd, _ = gather_stages(raw, None, pipe) if pipe else gather_state(raw, None)
     if info.is_main:
         objective.save_model(raw, stage_dir, model_sd)
         copy_tokenizer(tokenizer_dir, stage_dir)

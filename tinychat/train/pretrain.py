@@ -50,7 +50,11 @@ class PretrainConfig:
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over targets != -100, computed in fp32 from (possibly bf16) logits."""
-    logits = model(x)
+    return summed_ce(model(x), y)
+
+
+def summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, T, vocab) logits, (B, T) targets -> summed cross-entropy over targets != -100, in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
 
 
@@ -105,6 +109,12 @@ class PretrainObjective(Objective):
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return lm_loss(model, *batch), {}
+
+    def pipeline_io(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return summed_ce(output, target)
 
     def progress(self, step: int) -> float:
         return step * self.accum / self.loader.steps_per_epoch
