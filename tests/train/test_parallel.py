@@ -5,7 +5,11 @@ checkpoint written under one mesh must resume under another."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +118,27 @@ def test_checkpoint_from_one_mesh_resumes_under_another(corpus_run: Path, refere
     shutil.rmtree(stage / f"step_{STEPS:06d}")  # forget the end: the newest checkpoint is step 2
     resumed = _run_mesh(corpus_run, "mesh-reshard", "tp=2", 2, *UNTIED, "--train.checkpoint_every", "2", "--resume")
     _assert_same(references["untied"], resumed)
+
+
+@pytest.mark.slow
+def test_mesh_resume_after_sigkill_is_bitwise(corpus_run: Path):
+    """Every rank of a tp=2 run killed at once (SIGKILL to the process group: no handler runs, as when a node
+    dies), then resumed: the same losses to the last bit as a run that was never interrupted."""
+    args = ["--train.max_steps", "40", "--train.checkpoint_every", "5", "--train.mesh", "tp=2"]
+    ref = run_cmd(pretrain_cmd(corpus_run, "--run", "mesh-kill-ref", *args, torchrun=2))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cmd = pretrain_cmd(corpus_run, "--run", "mesh-kill", *args, torchrun=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = corpus_run / "mesh-kill"
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").exists() and max(train_losses(run) or {0: 0}) >= 12):
+        assert proc.poll() is None and time.time() - t0 < 240, "the run ended or stalled before step 12"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(train_losses(run)) < 40
+    again = run_cmd(pretrain_cmd(corpus_run, "--run", "mesh-kill", *args, "--resume", torchrun=2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed pretrain" in again.stdout
+    assert train_losses(run) == train_losses(corpus_run / "mesh-kill-ref")  # bitwise
