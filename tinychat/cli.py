@@ -57,6 +57,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "dpo": ("tinychat.train.dpo", "DPOConfig", "run", "direct preference optimisation against a frozen reference"),
     "ppo": ("tinychat.train.ppo", "PPOConfig", "run", "RLHF with PPO: reward model, KL penalty, value head"),
     "grpo": ("tinychat.train.grpo", "GRPOConfig", "run", "RL on verifiable rewards with group baselines"),
+    "scaling": (
+        "tinychat.train.scaling",
+        "ScalingConfig",
+        "run",
+        "sweep model sizes x token budgets, fit L(N, D), predict and run a larger model",
+    ),
     "distill": ("tinychat.train.distill", "DistillConfig", "run", "distil a teacher model into a smaller student"),
     "export gguf": (
         "tinychat.model.gguf_export",
