@@ -142,3 +142,24 @@ def test_mesh_resume_after_sigkill_is_bitwise(corpus_run: Path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed pretrain" in again.stdout
     assert train_losses(run) == train_losses(corpus_run / "mesh-kill-ref")  # bitwise
+
+
+def test_gpu_node_preset_is_a_valid_mesh_for_its_model():
+    """configs/gpu-node.toml (8 GPUs, dp=4 x tp=2): its mesh fills 8 ranks, its model splits that way and also
+    under the pipeline mesh its comments suggest, and its batch divides evenly. Checked here without GPUs."""
+    from tinychat.config import parse_args
+    from tinychat.model.config import resolve
+    from tinychat.train.parallel import check_mesh
+    from tinychat.train.pretrain import PretrainConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = parse_args(PretrainConfig, ["--config", str(root / "configs" / "gpu-node.toml")], section="pretrain")
+    shape = parse_mesh(cfg.train.mesh, 8)
+    assert shape == MeshShape(pp=1, dp=4, tp=2)
+    model = resolve(cfg.model)
+    check_mesh(shape, model)
+    check_mesh(parse_mesh("pp=2,dp=2,tp=2", 8), model)
+    per_step = cfg.train.batch_size * cfg.train.seq_len * shape.dp
+    assert cfg.train.batch_tokens % per_step == 0 and cfg.train.seq_len <= model.max_seq_len
+    with pytest.raises(UserError, match="tie_embeddings"):
+        check_mesh(parse_mesh("pp=2", 2), resolve(cfg.model.__class__()))

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,13 +112,27 @@ def block_tp_plan(block: nn.Module) -> dict[str, object]:
     return plan
 
 
+def check_mesh(shape: MeshShape, cfg: Any) -> None:
+    """A UserError for a model the mesh cannot split (cfg: a tinychat ModelConfig)."""
+    for name in ("n_kv_head", "d_ff"):  # n_head is a multiple of n_kv_head
+        if getattr(cfg, name) % shape.tp:
+            raise UserError(
+                f"tensor parallelism: model.{name} ({getattr(cfg, name)}) is not divisible by tp={shape.tp}."
+            )
+    if shape.pp > 1 and cfg.tie_embeddings:
+        raise UserError(
+            "pipeline parallelism puts the embedding and the output head on different stages; "
+            "train with --model.tie_embeddings false."
+        )
+    if cfg.n_layer < shape.pp:
+        raise UserError(f"pipeline parallelism: {cfg.n_layer} layers cannot fill pp={shape.pp} stages.")
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split every block of `model` (a tinychat Model, or a pipeline stage holding some of its blocks)."""
     tp = tp_mesh.size()
     cfg = model.cfg
-    for name in ("n_kv_head", "d_ff"):  # n_head is a multiple of n_kv_head
-        if getattr(cfg, name) % tp:
-            raise UserError(f"tensor parallelism: model.{name} ({getattr(cfg, name)}) is not divisible by tp={tp}.")
+    check_mesh(MeshShape(tp=tp), cfg)
     local = dataclasses.replace(cfg, n_head=cfg.n_head // tp, n_kv_head=cfg.n_kv_head // tp)
     for block in model.model.layers:
         if block is None:

@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from tinychat.errors import UserError
+from tinychat.train.parallel import MeshShape, check_mesh
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -45,13 +46,7 @@ def stage_layers(n_layer: int, stages: int, stage: int) -> range:
 def split_stage(model: nn.Module, stage: int, stages: int) -> None:
     """Keep only `stage`'s part of `model` (in place); parameter names are unchanged."""
     cfg = model.cfg
-    if cfg.tie_embeddings:
-        raise UserError(
-            "pipeline parallelism puts the embedding and the output head on different stages; "
-            "train with --model.tie_embeddings false."
-        )
-    if cfg.n_layer < stages:
-        raise UserError(f"pipeline parallelism: {cfg.n_layer} layers cannot fill pp={stages} stages.")
+    check_mesh(MeshShape(pp=stages), cfg)
     keep = {str(i) for i in stage_layers(cfg.n_layer, stages, stage)}
     layers = model.model.layers
     for key in [k for k in layers._modules if k not in keep]:
