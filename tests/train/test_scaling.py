@@ -54,3 +54,39 @@ def test_scaling_command_end_to_end(corpus_run: Path, tmp_path: Path):
 def test_scaling_needs_two_sizes_and_two_budgets(tmp_path: Path, capsys):
     assert main(["scaling", "--runs-dir", str(tmp_path), "--sizes", "32", "--tokens", "1000", "2000"]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_mup_scales_hidden_lr_and_init_only():
+    import torch
+
+    from tinychat.model.config import ModelConfig
+    from tinychat.model.transformer import Model
+    from tinychat.train.config import TrainConfig
+    from tinychat.train.optim import build_optimizer, mup_init
+
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=64, d_model=128, n_layer=2, n_head=4, n_kv_head=4, head_dim=32, d_ff=384))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mup_init(model, base=32)
+    for n, p in model.named_parameters():
+        hidden = p.ndim == 2 and "embed" not in n and "lm_head" not in n
+        torch.testing.assert_close(p.detach(), before[n] * (0.5 if hidden else 1.0))  # sqrt(32 / 128)
+    opt = build_optimizer(model, TrainConfig(mup_base_width=32), torch.device("cpu"))
+    scales = sorted(g.get("lr_scale", 1.0) for g in opt.param_groups)
+    assert scales == [0.25, 1.0, 1.0]  # hidden matrices at base/width; embeddings and gains at the base LR
+    hidden_group = next(g for g in opt.param_groups if g.get("lr_scale") == 0.25)
+    assert len(hidden_group["params"]) == 2 * 7  # q, k, v, o, gate, up, down per block
+
+
+def test_lr_sweep_command(corpus_run: Path, tmp_path: Path):
+    base = corpus_run / "base"
+    args = ["scaling", "--runs-dir", str(tmp_path), "--run", "lr", "--data", str(base / "data" / "tokens")]
+    args += ["--tokenizer", str(base / "tokenizer"), "--sizes", "16", "32", "--lrs", "0.001", "0.01"]
+    args += ["--lr-tokens", "2048", "--n-layer", "1", "--train.batch_size", "4", "--train.seq_len", "32"]
+    args += ["--train.eval_batches", "2", "--train.peak_flops", "1"]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "lr" / "lr_sweep.json").read_text())
+    assert len(out["runs"]) == 2 * 2 * 2 and out["mup_base"] == 16
+    assert set(out["best"]["SP"]) == {"16", "32"} and set(out["best"]["μP"].values()) <= {0.001, 0.01}
+    assert (tmp_path / "lr" / "plots" / "lr_transfer.png").stat().st_size > 1000
+    assert "| μP | 32 |" in (tmp_path / "lr" / "lr_sweep.md").read_text()

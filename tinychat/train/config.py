@@ -32,6 +32,11 @@ class TrainConfig:
         "adamw", help="adamw, or muon: Muon for the hidden matrices, AdamW for embeddings, head and gains"
     )
     lr: float = field(3e-3, help="peak learning rate (AdamW's; with muon, of the embeddings, head and gains)")
+    mup_base_width: int = field(
+        0,
+        help="μP-style width scaling from this base d_model: hidden matrices' AdamW LR x base/d_model and their "
+        "initial std x sqrt(base/d_model), so an LR tuned at the base width carries over (0 = off)",
+    )
     muon_lr: float = field(0.02, help="muon: peak learning rate of the hidden matrices (same schedule)")
     min_lr_ratio: float = field(0.1, help="final learning rate as a fraction of the peak")
     warmup_steps: int = field(50)

@@ -26,6 +26,8 @@ from tinychat.train.config import TrainConfig
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if cfg.optimizer == "muon":
         return build_muon(model, cfg)
+    if cfg.mup_base_width:
+        return build_mup_adamw(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -50,6 +52,42 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
             return 1.0
         return 1.0 - (1.0 - floor) * (progress - start) / max(cfg.decay_frac, 1e-9)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------- μP
+def width_ratio(model: torch.nn.Module, base: int) -> float:
+    """base / d_model: how much narrower the base model is than this one (wrappers looked through)."""
+    cfg = getattr(model, "cfg", None) or model.module.cfg
+    return base / cfg.d_model
+
+
+def build_mup_adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with μP's learning rates (Yang et al., Tensor Programs V, for Adam): a hidden matrix's update
+    moves its output by ~ lr x fan_in, so its LR shrinks as base/width to keep that change the same at every
+    width; embeddings and gains (fan-in independent of width) keep the base LR. The output logits multiplier
+    of full μP is left out: tinychat ties the head to the embedding by default."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+    tables = [p for n, p in named if p.ndim >= 2 and not is_hidden_matrix(n, p)]
+    gains = [p for _, p in named if p.ndim < 2]
+    groups = [
+        {"params": hidden, "weight_decay": cfg.weight_decay, "lr_scale": width_ratio(model, cfg.mup_base_width)},
+        {"params": tables, "weight_decay": cfg.weight_decay},
+        {"params": gains, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu") and not any(type(p).__name__ == "DTensor" for _, p in named)
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+@torch.no_grad()
+def mup_init(model: torch.nn.Module, base: int) -> None:
+    """μP's initialisation for hidden matrices: std x sqrt(base/width), i.e. variance ~ 1/fan_in, so
+    activations keep their scale as the model widens (the base width keeps the model's own init)."""
+    ratio = width_ratio(model, base)
+    for name, p in model.named_parameters():
+        if is_hidden_matrix(name, p):
+            p.mul_(ratio**0.5)
 
 
 # ---------------------------------------------------------------------------------------------- Muon

@@ -25,6 +25,7 @@ from tinychat.model.config import ModelConfig
 from tinychat.model.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
+from tinychat.train.optim import mup_init
 
 
 @dataclass
@@ -274,6 +275,8 @@ def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module
     if model is None:
         torch.manual_seed(cfg.train.seed)
         model = Model(mcfg)
+        if cfg.train.mup_base_width:
+            mup_init(model, cfg.train.mup_base_width)
     return run_dir, tok_dir, data_dir, tok, model
 
 

@@ -53,6 +53,11 @@ class ScalingConfig:
     n_layer: int = field(4, help="blocks of every model in the sweep")
     head_dim: int = field(16, help="per-head width; heads = d_model / head_dim")
     bootstrap: int = field(100, help="bootstrap refits for the intervals")
+    lrs: list[float] = field(
+        [], help="instead of the law: a learning-rate sweep at every --sizes width, standard and μP"
+    )
+    lr_tokens: int = field(100_000, help="training tokens of each learning-rate sweep run")
+    mup_base: int = field(0, help="μP base width of the learning-rate sweep (0 = the smallest of --sizes)")
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(
             batch_size=8,
@@ -84,20 +89,29 @@ def model_overrides(width: int, cfg: ScalingConfig) -> dict[str, Any]:
     )
 
 
-def train_point(cfg: ScalingConfig, width: int, tokens: int) -> dict[str, Any]:
+def train_point(
+    cfg: ScalingConfig, width: int, tokens: int, lr: float | None = None, mup_base: int = 0
+) -> dict[str, Any]:
     """One pretrain run of the sweep (or its earlier result): final validation loss and its loss curve."""
     from tinychat.model.config import ModelConfig
     from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
     root = Path(cfg.runs_dir) / cfg.run / "sweep"
-    name = f"d{width}_t{tokens}"
+    name = f"d{width}_t{tokens}" + (f"_lr{lr:g}" if lr else "") + (f"_mup{mup_base}" if mup_base else "")
     result_file = root / name / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     run_dir = Path(cfg.runs_dir) / cfg.run
     per_step = cfg.train.batch_size * cfg.train.seq_len
     steps = max(1, tokens // per_step)
-    train = dataclasses.replace(cfg.train, max_tokens=0, max_steps=steps, warmup_steps=max(1, steps // 10))
+    train = dataclasses.replace(
+        cfg.train,
+        max_tokens=0,
+        max_steps=steps,
+        warmup_steps=max(1, steps // 10),
+        lr=lr or cfg.train.lr,
+        mup_base_width=mup_base,
+    )
     pcfg = PretrainConfig(
         run=name,
         runs_dir=str(root),
@@ -122,6 +136,8 @@ def train_point(cfg: ScalingConfig, width: int, tokens: int) -> dict[str, Any]:
         "params": model.num_params(exclude_embeddings=True),
         "params_total": model.num_params(),
         "flops_per_token": model.flops_per_token(cfg.train.seq_len),
+        "lr": train.lr,
+        "mup_base": mup_base,
         "val_loss": result.last_eval["val_loss"],
         "curve": curve[:: max(1, len(curve) // 60)] + curve[-1:],
     }
@@ -281,7 +297,61 @@ def report(points: list[dict], held: dict | None, fit: dict, boots: list[dict], 
     return "\n".join(lines) + "\n"
 
 
+def lr_sweep(cfg: ScalingConfig) -> int:
+    """Does the best learning rate stay put as the model widens? Each width at each LR, with standard
+    parameterisation (one LR for everything, init std fixed) and with μP (train/optim.py)."""
+    base = cfg.mup_base or min(cfg.sizes)
+    out = Path(cfg.runs_dir) / cfg.run
+    runs = []
+    for mup, width, lr in itertools.product((0, base), sorted(set(cfg.sizes)), sorted(set(cfg.lrs))):
+        p = train_point(cfg, width, cfg.lr_tokens, lr=lr, mup_base=mup)
+        runs.append(p)
+        print(f"scaling: {'μP' if mup else 'SP'} d_model {width}, lr {lr:g}: val loss {p['val_loss']:.4f}")
+    lines = ["| parameterisation | d_model | " + " | ".join(f"lr {lr:g}" for lr in sorted(set(cfg.lrs))) + " | best |"]
+    lines.append("|---" * (len(set(cfg.lrs)) + 3) + "|")
+    best: dict[str, dict[int, float]] = {"SP": {}, "μP": {}}
+    for mup, width in itertools.product((0, base), sorted(set(cfg.sizes))):
+        mine = sorted((p for p in runs if p["width"] == width and p["mup_base"] == mup), key=lambda p: p["lr"])
+        kind = "μP" if mup else "SP"
+        top = min(mine, key=lambda p: p["val_loss"])
+        best[kind][width] = top["lr"]
+        cells = [f"**{p['val_loss']:.4f}**" if p is top else f"{p['val_loss']:.4f}" for p in mine]
+        lines.append(f"| {kind} | {width} | " + " | ".join(cells) + f" | {top['lr']:g} |")
+    text = "\n".join(lines) + "\n"
+    plot_lr(runs, base, out / "plots")
+    (out / "lr_sweep.md").write_text(text)
+    (out / "lr_sweep.json").write_text(json.dumps({"runs": runs, "best": best, "mup_base": base}, indent=1))
+    print(text + f"-> {out / 'lr_sweep.md'}, {out / 'plots' / 'lr_transfer.png'}")
+    return 0
+
+
+def plot_lr(runs: list[dict], base: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    widths = sorted({p["width"] for p in runs})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mup in zip(axes, (0, base)):
+        for i, w in enumerate(widths):
+            mine = sorted((p for p in runs if p["width"] == w and p["mup_base"] == mup), key=lambda p: p["lr"])
+            color = plt.cm.viridis(i / max(1, len(widths) - 1))
+            ax.plot([p["lr"] for p in mine], [p["val_loss"] for p in mine], "o-", color=color, label=f"d_model {w}")
+            top = min(mine, key=lambda p: p["val_loss"])
+            ax.scatter([top["lr"]], [top["val_loss"]], s=120, facecolors="none", edgecolors=color)
+        ax.set(xscale="log", xlabel="learning rate", title=f"μP (base width {base})" if mup else "standard")
+    axes[0].set_ylabel("validation loss")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "lr_transfer.png", dpi=120)
+    plt.close(fig)
+
+
 def run(cfg: ScalingConfig) -> int:
+    if cfg.lrs:
+        return lr_sweep(cfg)
     if len(set(cfg.sizes)) < 2 or len(set(cfg.tokens)) < 2:
         raise UserError("scaling: the fit needs at least two --sizes and two --tokens.")
     out = Path(cfg.runs_dir) / cfg.run
