@@ -51,6 +51,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "grow a model's embeddings and output layer to an extended tokenizer",
     ),
+    "extend-context": (
+        "tinychat.model.extend",
+        "ExtendContextConfig",
+        "run",
+        "raise a model's context window by RoPE scaling (linear, ntk, yarn)",
+    ),
     "pretrain": ("tinychat.train.pretrain", "PretrainConfig", "run", "pretrain a model on token shards"),
     "sft": ("tinychat.train.sft", "SFTConfig", "run", "supervised fine-tuning on chat conversations"),
     "reward": ("tinychat.train.reward", "RewardConfig", "run", "train a reward model on preference pairs"),
