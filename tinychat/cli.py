@@ -91,6 +91,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
+    "world passkey": ("tinychat.world.passkey", "PasskeyDataConfig", "run", "write passkey-retrieval training text"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
     "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
     "eval": ("tinychat.eval.run", "EvalConfig", "run", "bits per byte, tinyworld suites and lm-eval tasks for a model"),

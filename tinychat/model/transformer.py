@@ -19,6 +19,7 @@ from torch import nn
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import KVCache
+from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
 
@@ -116,11 +117,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d_ff = d_ff or cfg.d_ff  # an MoE expert is a narrower MLP
+        self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -132,7 +134,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, MLP) if cfg.n_experts else MLP(cfg)
 
     def forward(self, x, cos, sin, cache, mask, is_causal):  # noqa: ANN001 - shapes as in Attention
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, is_causal)
@@ -197,6 +199,7 @@ class Model(nn.Module):
         matmul_params = self.num_params(exclude_embeddings=True)
         if cfg.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()  # the head still multiplies
+        matmul_params -= inactive_params(cfg)  # MoE: only the k routed experts multiply
         forward = 2 * matmul_params + 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
         return float(3 * forward if training else forward)
 
