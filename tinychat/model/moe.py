@@ -56,8 +56,8 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
+            # an expert with no tokens still runs (on zero rows): its gradient is then zero, not missing,
+            # which DDP's all-reduce needs from every parameter
             slots = order[start : start + n]
             start += n
             tokens = slots // self.k
