@@ -14,7 +14,6 @@ profits from them.) A variant already trained under OUT is not trained again.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moe import bench_parser, pretrain_argv  # bench/moe.py, beside this file
 
 from tinychat.cli import main as tinychat
 
@@ -46,29 +46,16 @@ def bpb_at(model_dir: Path, data: Path, seq_len: int, max_tokens: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True, help="a run directory with tokenizer/ and data/tokens/")
-    ap.add_argument("--out", default="runs/alibi_bench")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap = bench_parser(__doc__, "runs/alibi_bench", seq_len=64, batch_size=16)
     ap.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens scored per length")
     ap.add_argument("--only", nargs="*", default=["rope", "alibi"])
     args = ap.parse_args()
-    run, out = Path(args.run), Path(args.out)
-    data = run / "data" / "tokens"
+    out, data = Path(args.out), Path(args.run) / "data" / "tokens"
     for name in args.only:
         if (out / name / "checkpoints" / "pretrain" / "config.json").is_file():
             continue
-        argv = ["pretrain", "--runs-dir", str(out), "--run", name, "--tokenizer", str(run / "tokenizer")]
-        argv += ["--data", str(data), "--model.d_model", "128", "--model.n_layer", "4", "--model.n_head", "4"]
-        argv += ["--model.n_kv_head", "2", "--model.head_dim", "32", "--model.d_ff", "512", "--samples"]
-        argv += ["--model.position", name, "--model.max_seq_len", str(args.seq_len)]
-        argv += ["--train.max_steps", str(args.steps), "--train.seq_len", str(args.seq_len), "--train.lr", "3e-3"]
-        argv += ["--train.batch_size", str(args.batch_size), "--train.warmup_steps", "30", "--train.seed", "0"]
-        argv += ["--train.eval_every", "0", "--train.checkpoint_every", "0", "--train.tensorboard", "false"]
-        argv += ["--train.precision", "bf16", "--train.peak_flops", "1", "--train.log_every", "50"]
-        if tinychat(argv) != 0:
+        extra = ["--model.position", name, "--model.max_seq_len", str(args.seq_len)]
+        if tinychat(pretrain_argv(args, name, 0, *extra)) != 0:
             return 1
     lengths = [args.seq_len * m for m in (1, 2, 4, 8)]
     results = {

@@ -44,37 +44,48 @@ def spikes(losses: list[float], window: int = 20, jump: float = 0.1) -> tuple[in
     return count, worst
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_parser(doc: str, out: str, seq_len: int, batch_size: int) -> argparse.ArgumentParser:
+    """The options bench/moe.py and bench/alibi.py share: data run, output, steps and the small model's shape."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--run", required=True, help="a run directory with tokenizer/ and data/tokens/")
-    ap.add_argument("--out", default="runs/moe_bench")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seq-len", type=int, default=seq_len)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--d-ff", type=int, default=512)
+    return ap
+
+
+def pretrain_argv(args: argparse.Namespace, name: str, eval_every: int, *extra: str) -> list[str]:
+    """`tinychat pretrain` of variant `name` under args.out: the shared shape and schedule, then `extra`."""
+    run = Path(args.run)
+    argv = ["pretrain", "--runs-dir", args.out, "--run", name, "--tokenizer", str(run / "tokenizer"), "--samples"]
+    argv += ["--data", str(run / "data" / "tokens"), "--model.d_model", str(args.d_model), "--model.n_head", "4"]
+    argv += ["--model.n_layer", str(args.n_layer), "--model.n_kv_head", "2", "--model.head_dim", "32"]
+    argv += ["--model.d_ff", str(args.d_ff), "--train.max_steps", str(args.steps), "--train.lr", str(args.lr)]
+    argv += ["--train.seq_len", str(args.seq_len), "--train.batch_size", str(args.batch_size)]
+    argv += ["--train.eval_every", str(eval_every), "--train.eval_batches", "8", "--train.warmup_steps", "30"]
+    argv += ["--train.checkpoint_every", "0", "--train.tensorboard", "false", "--train.log_every", "50"]
+    argv += ["--train.precision", "bf16", "--train.seed", "0", "--train.peak_flops", "1"]
+    return [*argv, *extra]
+
+
+def main() -> int:
+    ap = bench_parser(__doc__, "runs/moe_bench", seq_len=128, batch_size=8)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--only", nargs="*", default=["dense", "moe", "moe_noz"], help="train/report these variants")
     args = ap.parse_args()
-    run, out = Path(args.run), Path(args.out)
-    shape = ["--model.d_model", str(args.d_model), "--model.n_layer", str(args.n_layer), "--model.n_head", "4"]
-    shape += ["--model.n_kv_head", "2", "--model.head_dim", "32", "--model.d_ff", str(args.d_ff)]
+    out = Path(args.out)
     moe = ["--model.n_experts", str(args.experts), "--model.experts_per_token", str(args.k)]
     variants = {"dense": [], "moe": moe, "moe_noz": [*moe, "--model.moe_z_coef", "0"]}
     for name in args.only:
-        argv = ["pretrain", "--runs-dir", str(out), "--run", name, "--tokenizer", str(run / "tokenizer")]
-        argv += ["--data", str(run / "data" / "tokens"), *shape, *variants[name], "--samples"]
-        argv += ["--train.max_steps", str(args.steps), "--train.seq_len", str(args.seq_len)]
-        argv += ["--train.batch_size", str(args.batch_size), "--train.lr", str(args.lr), "--train.warmup_steps", "30"]
-        argv += ["--train.eval_every", str(max(args.steps // 4, 1)), "--train.eval_batches", "8"]
-        argv += ["--train.checkpoint_every", "0", "--train.tensorboard", "false", "--train.log_every", "50"]
-        argv += ["--train.precision", "bf16", "--train.seed", "0", "--train.peak_flops", "1"]
         if (out / name / "checkpoints" / "pretrain" / "config.json").is_file():
             continue  # trained by an earlier invocation (e.g. the three variants run as parallel --only jobs)
-        if tinychat(argv) != 0:
+        if tinychat(pretrain_argv(args, name, max(args.steps // 4, 1), *variants[name])) != 0:
             return 1
     results = {}
     for name in args.only:

@@ -8,24 +8,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from model_helpers import HF_SMALL, V, small_model  # noqa: E402
+
 from tinychat.cli import main  # noqa: E402
 from tinychat.errors import UserError  # noqa: E402
 from tinychat.model import Model, preset  # noqa: E402
 from tinychat.model.extend import extend_config  # noqa: E402
 from tinychat.model.positions import alibi_slopes  # noqa: E402
 
-V = 128
-
 
 def tiny(**kw) -> Model:
-    torch.manual_seed(0)
-    base = dict(vocab_size=V, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_ff=96, max_seq_len=32)
-    model = Model(preset("tiny", **{**base, **kw})).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random norms too: a wrong norm or a skipped rotation cannot hide behind ones
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return small_model(**kw)
 
 
 def hf_logits(path, x: torch.Tensor) -> torch.Tensor:
@@ -86,17 +79,7 @@ def test_scaling_changes_the_logits_beyond_the_old_window():
 )
 def test_transformers_scaled_dirs_open_in_tinychat(params, tmp_path):
     hf = transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=128,
-            rope_parameters={"rope_theta": 10000.0, **params},
-        )
+        transformers.Qwen3Config(**HF_SMALL, head_dim=16, rope_parameters={"rope_theta": 10000.0, **params})
     ).eval()
     hf.save_pretrained(tmp_path)
     ours = Model.from_pretrained(str(tmp_path))

@@ -8,43 +8,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from model_helpers import HF_SMALL, V, small_model  # noqa: E402
+
 from tinychat.errors import UserError  # noqa: E402
 from tinychat.model import Model, preset  # noqa: E402
 from tinychat.model.moe import MoE, router_losses  # noqa: E402
 
-V = 128
-
 
 def tiny_moe(**kw) -> Model:
-    torch.manual_seed(0)
-    base = dict(vocab_size=V, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_ff=96, n_experts=4)
-    model = Model(preset("tiny", **{**base, **kw})).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a strong random router, so every expert gets tokens and ties are unlikely
-        for name, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("mlp.gate.weight") else 0.05))
-    return model
+    return small_model(router_scale=0.5, **{"n_experts": 4, "max_seq_len": 64, **kw})
 
 
 def hf_config(family: str, **kw):
-    common = dict(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
     if family == "qwen3":
-        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(head_dim=16, **common, **kw))
-    return transformers.Qwen2MoeForCausalLM(
-        transformers.Qwen2MoeConfig(shared_expert_intermediate_size=48, **common, **kw)
-    )
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(head_dim=16, **HF_SMALL, **moe, **kw))
+    config = transformers.Qwen2MoeConfig(shared_expert_intermediate_size=48, **HF_SMALL, **moe, **kw)
+    return transformers.Qwen2MoeForCausalLM(config)
 
 
 @pytest.mark.parametrize(

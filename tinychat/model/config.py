@@ -46,12 +46,18 @@ class ModelConfig:
     mlp_bias: bool = field(False, help="bias on the MLP projections (Llama mlp_bias)")
     tie_embeddings: bool = field(True, help="share the input embedding and the output head")
     init_std: float = field(0.02)
+    # mixture of experts (model/moe.py): the experts and their widths ...
     n_experts: int = field(0, help="routed experts per MoE layer (0 = dense MLP); saved as Qwen3-MoE / Qwen2-MoE")
-    experts_per_token: int = field(2, help="experts each token is routed to (top-k)")
+    experts_per_token: int = field(
+        2, help="experts each token is routed to (top-k); k experts of d_ff / k cost the FLOPs of one dense MLP"
+    )
     moe_d_ff: int = field(0, help="intermediate size of each routed expert (0 = d_ff // experts_per_token)")
     shared_expert_d_ff: int = field(0, help="a shared expert every token passes through (Qwen2-MoE; 0 = none)")
+    # ... and the router: its weights and the two auxiliary losses the training loop adds
     norm_topk_prob: bool = field(True, help="renormalise the top-k routing weights to sum to one")
-    moe_aux_coef: float = field(0.01, help="load-balancing auxiliary loss weight (Switch Transformer)")
+    moe_aux_coef: float = field(
+        0.01, help="load-balancing auxiliary loss weight (Switch Transformer; config.json's router_aux_loss_coef)"
+    )
     moe_z_coef: float = field(0.001, help="router z-loss weight (ST-MoE): keeps router logits small")
     bos_token_id: int | None = field(None)
     eos_token_id: int | list[int] | None = field(None)
