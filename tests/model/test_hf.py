@@ -8,6 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from model_helpers import HF_SMALL  # noqa: E402
+
 from tinychat.errors import UserError  # noqa: E402
 from tinychat.model import Model, preset  # noqa: E402
 
@@ -16,13 +18,7 @@ HF_FAMILIES = {
     # GQA, untied head, attention bias on q/k/v/o
     "llama": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
+            **{**HF_SMALL, "vocab_size": V},
             tie_word_embeddings=False,
             attention_bias=True,
             rms_norm_eps=1e-5,
@@ -30,30 +26,11 @@ HF_FAMILIES = {
     ),
     # q/k/v biases, tied embeddings, MQA
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        )
+        transformers.Qwen2Config(**{**HF_SMALL, "vocab_size": V, "num_key_value_heads": 1}, tie_word_embeddings=True)
     ),
     # QK-norm, head_dim independent of hidden_size, untied
     "qwen3": lambda: transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=24,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
+        transformers.Qwen3Config(**{**HF_SMALL, "vocab_size": V}, head_dim=24, tie_word_embeddings=False)
     ),
 }
 
@@ -133,15 +110,11 @@ def test_greedy_decoding_matches_transformers_generate(tmp_path):
 
 
 def test_llama3_rope_scaling_matches(tmp_path):
+    small = {**HF_SMALL, "vocab_size": V, "num_hidden_layers": 1, "num_key_value_heads": 4}
+    small["max_position_embeddings"] = 256
     hf = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
+            **small,
             rope_scaling={
                 "rope_type": "llama3",
                 "factor": 8.0,

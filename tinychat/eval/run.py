@@ -32,8 +32,11 @@ class EvalConfig:
     model: str = field("", help="model directory (HF layout, tokenizer inside); default RUNS_DIR/RUN/checkpoints/STAGE")
     suite: list[str] = field(
         ["all"],
-        help=f"what to run: all (= bpb + {', '.join(DEFAULT_SUITES)}), bpb, none, or suite names ({', '.join(SUITES)})",
+        help=f"what to run: all (= bpb + {', '.join(DEFAULT_SUITES)}), bpb, none, passkey (long-context "
+        f"retrieval, see --lengths), or suite names ({', '.join(SUITES)})",
     )
+    lengths: list[int] = field([], help="passkey: prompt lengths in tokens (default 1x, 2x, 4x, 8x the trained length)")
+    passkey_samples: int = field(20, help="passkey: prompts per length (key depths spread evenly)")
     mode: Literal["auto", "base", "chat"] = field(
         "auto", help="base: few-shot prompts; chat: the chat template; auto: base for pretrain or distill, else chat"
     )
@@ -101,6 +104,7 @@ def evaluate_model(
     precision: str = "fp32",
     device: str = "cpu",
     harness: dict[str, Any] | None = None,
+    passkey: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a model directory once and run bits per byte, the named suites and lm-eval tasks on it.
 
@@ -142,6 +146,10 @@ def evaluate_model(
         completer = LocalCompleter(model, tok, batch_size, precision)
         out["suites"] = run_suites(completer, world_dir, list(suites), resolved, opts)  # type: ignore[arg-type]
         out["truncated_prompts"] = completer.truncated
+    if passkey is not None:
+        from tinychat.eval.passkey import run_passkey
+
+        out["passkey"] = run_passkey(model, tok, **passkey, precision=precision)
     if harness and harness.get("tasks"):
         from tinychat.eval.harness import HarnessModel
 
@@ -231,6 +239,10 @@ def metric_records(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for name, r in results.get("suites", {}).items():
         recs.append({"suite": name, **common, **{k: v for k, v in r.items() if k not in ("samples", "suite")}})
+    if results.get("passkey"):
+        p = results["passkey"]
+        by_len = {n: r["accuracy"] for n, r in p["lengths"].items()}
+        recs.append({"suite": "passkey", **common, "trained_length": p["trained_length"], "accuracy": by_len})
     for task, metrics in (results.get("harness") or {}).items():
         acc = next((metrics[k] for k in ("acc", "exact_match", "acc_norm") if k in metrics), None)
         recs.append({"suite": f"lm_eval:{task}", **common, "accuracy": acc, "metrics": metrics})
@@ -350,6 +362,10 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{name:<18} {_pct(r['accuracy']):>6} {r['n']:>4} {_pct(lang.get('en', {}).get('accuracy')):>6} "
                 f"{_pct(lang.get('zh', {}).get('accuracy')):>6}  {'; '.join(notes)}"
             )
+    if results.get("passkey"):
+        from tinychat.eval.passkey import format_passkey
+
+        lines.append(format_passkey(results["passkey"]))
     for task, metrics in (results.get("harness") or {}).items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "stderr" not in k)
         lines.append(f"lm-eval {task}: {shown}")
@@ -369,7 +385,9 @@ def run(cfg: EvalConfig) -> int:
         model_dir = run_dir / "checkpoints" / cfg.stage
     else:
         raise UserError("give --model DIR (or --run NAME --stage STAGE for a run's checkpoint).")
-    bpb, names = suite_names(cfg.suite)
+    words = [w for item in cfg.suite for w in item.split(",") if w]
+    passkey = {"lengths": cfg.lengths or None, "samples": cfg.passkey_samples} if "passkey" in words else None
+    bpb, names = suite_names([w for w in words if w != "passkey"] or ["none"])
     world = Path(cfg.world) if cfg.world else (run_dir / "world" if run_dir else None)
     data: list[str | Path] = list(cfg.data)
     if bpb and not data and run_dir is not None and (run_dir / "data" / "tokens").is_dir():
@@ -403,6 +421,7 @@ def run(cfg: EvalConfig) -> int:
         precision=cfg.precision,
         device=cfg.device,
         harness=harness,
+        passkey=passkey,
     )
     print(format_table(results))
     if cfg.out:

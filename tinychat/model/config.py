@@ -15,13 +15,13 @@ from typing import Any, Literal
 from tinychat.config import field
 from tinychat.errors import UserError
 
-Arch = Literal["llama", "qwen2", "qwen3"]
+Arch = Literal["llama", "qwen2", "qwen3", "mistral"]
 
 
 @dataclass
 class ModelConfig:
     preset: str = field("tiny", help="size preset the other fields start from (tiny, small, base, medium)")
-    arch: Arch = field("qwen3", help="HF family the saved directory declares: llama, qwen2 or qwen3")
+    arch: Arch = field("qwen3", help="HF family the saved directory declares: llama, qwen2, qwen3 or mistral")
     vocab_size: int = field(8192, help="set from the tokenizer when a run trains one")
     d_model: int = field(256, help="hidden size")
     n_layer: int = field(6)
@@ -31,7 +31,14 @@ class ModelConfig:
     d_ff: int = field(768, help="SwiGLU intermediate size")
     max_seq_len: int = field(512, help="context window in tokens")
     rope_theta: float = field(10000.0)
-    rope_scaling: dict[str, Any] | None = field(None, help="HF rope_scaling/rope_parameters (llama3, linear)")
+    rope_scaling: dict[str, Any] | None = field(
+        None, help="HF rope_scaling/rope_parameters (linear, yarn, llama3); `tinychat extend-context` writes it"
+    )
+    position: Literal["rope", "alibi"] = field(
+        "rope", help="rope, or alibi: linear attention biases instead of rotations (no HF family reads it)"
+    )
+    sliding_window: int = field(0, help="keys a query sees in sliding-window layers, itself included (0 = off)")
+    max_window_layers: int = field(0, help="layers below this index keep full attention (Qwen2/Qwen3 semantics)")
     norm_eps: float = field(1e-6)
     qk_norm: bool = field(True, help="RMSNorm on each query/key head (Qwen3)")
     qkv_bias: bool = field(False, help="bias on q/k/v projections (Qwen2)")
@@ -39,6 +46,19 @@ class ModelConfig:
     mlp_bias: bool = field(False, help="bias on the MLP projections (Llama mlp_bias)")
     tie_embeddings: bool = field(True, help="share the input embedding and the output head")
     init_std: float = field(0.02)
+    # mixture of experts (model/moe.py): the experts and their widths ...
+    n_experts: int = field(0, help="routed experts per MoE layer (0 = dense MLP); saved as Qwen3-MoE / Qwen2-MoE")
+    experts_per_token: int = field(
+        2, help="experts each token is routed to (top-k); k experts of d_ff / k cost the FLOPs of one dense MLP"
+    )
+    moe_d_ff: int = field(0, help="intermediate size of each routed expert (0 = d_ff // experts_per_token)")
+    shared_expert_d_ff: int = field(0, help="a shared expert every token passes through (Qwen2-MoE; 0 = none)")
+    # ... and the router: its weights and the two auxiliary losses the training loop adds
+    norm_topk_prob: bool = field(True, help="renormalise the top-k routing weights to sum to one")
+    moe_aux_coef: float = field(
+        0.01, help="load-balancing auxiliary loss weight (Switch Transformer; config.json's router_aux_loss_coef)"
+    )
+    moe_z_coef: float = field(0.001, help="router z-loss weight (ST-MoE): keeps router logits small")
     bos_token_id: int | None = field(None)
     eos_token_id: int | list[int] | None = field(None)
     pad_token_id: int | None = field(None)
@@ -54,6 +74,24 @@ class ModelConfig:
             raise UserError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}).")
         if self.head_dim % 2:
             raise UserError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.sliding_window < 0 or self.max_window_layers < 0:
+            raise UserError("model.sliding_window and model.max_window_layers must be >= 0.")
+        if self.n_experts < 0 or (self.n_experts and not 0 < self.experts_per_token <= self.n_experts):
+            raise UserError(
+                f"model.experts_per_token ({self.experts_per_token}) must be between 1 and model.n_experts "
+                f"({self.n_experts})."
+            )
+        if self.moe_d_ff < 0 or self.shared_expert_d_ff < 0:
+            raise UserError("model.moe_d_ff and model.shared_expert_d_ff must be >= 0.")
+
+    @property
+    def expert_d_ff(self) -> int:
+        """Each routed expert's intermediate size: by default d_ff / k, so k active experts cost one dense MLP."""
+        return self.moe_d_ff or max(1, self.d_ff // self.experts_per_token)
+
+    def sliding(self, layer: int) -> bool:
+        """Does layer `layer` attend through the sliding window?"""
+        return self.sliding_window > 0 and layer >= self.max_window_layers
 
     @property
     def q_dim(self) -> int:

@@ -165,7 +165,11 @@ def check_supported(cfg: Any) -> None:
         raise UserError("llama.cpp's qwen2 graph needs n_head * head_dim == d_model.")
     if cfg.arch == "qwen3" and cfg.o_bias:
         raise UserError("llama.cpp's qwen3 graph has no attention biases.")
+    if cfg.n_experts or cfg.position != "rope" or cfg.sliding_window or cfg.arch == "mistral":
+        raise UserError("GGUF export covers dense RoPE llama/qwen2/qwen3 models (no MoE, ALiBi or sliding window).")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if kind == "yarn":
+        raise UserError("GGUF export does not write yarn rope scaling yet.")
     if kind == "llama3" and cfg.arch != "llama":
         raise UserError("llama3 rope scaling is only exported for the llama family.")
 

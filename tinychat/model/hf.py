@@ -22,10 +22,25 @@ from safetensors.torch import save_file
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
 from tinychat.model.hub import resolve_model_dir
+from tinychat.model.positions import ROPE_TYPES
 from tinychat.model.transformer import Model, rope_inv_freq
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
+# mixture-of-experts families: (arch, HF class, model_type); Qwen2-MoE always has a shared expert, Qwen3-MoE never
+MOE_ARCHITECTURES = {"qwen2": ("Qwen2MoeForCausalLM", "qwen2_moe"), "qwen3": ("Qwen3MoeForCausalLM", "qwen3_moe")}
+MOE_TYPES = {cls: arch for arch, (cls, _) in MOE_ARCHITECTURES.items()} | {
+    mt: arch for arch, (_, mt) in MOE_ARCHITECTURES.items()
+}
+# No Llama-family class in transformers adds ALiBi biases (BLOOM, MPT and Falcon do, with LayerNorm, GELU and
+# fused QKV layouts), so an ALiBi model declares a class transformers does not know: it refuses to open it
+# rather than computing rotary logits from ALiBi weights.
+ALIBI_ARCHITECTURE, ALIBI_MODEL_TYPE = "TinychatAlibiForCausalLM", "tinychat_alibi"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +75,13 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     }
     if cfg.rope_scaling:
         d["rope_scaling"] = dict(cfg.rope_scaling)
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "mistral") and (cfg.sliding_window if cfg.arch == "llama" else cfg.max_window_layers):
+        raise UserError(f"{cfg.arch} has no per-layer sliding window; use arch mistral (every layer) or qwen2/qwen3.")
+    if cfg.arch == "mistral":
+        if cfg.qk_norm or cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+            raise UserError("mistral has no q/k norms and no biases: qk_norm/qkv_bias/o_bias/mlp_bias false.")
+        d.update(sliding_window=cfg.sliding_window or None)
+    elif cfg.arch == "llama":
         if cfg.qk_norm:
             raise UserError("model.qk_norm is not part of the llama family; use arch qwen3.")
         if cfg.qkv_bias != cfg.o_bias:
@@ -69,24 +90,69 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     elif cfg.arch == "qwen2":
         if cfg.qk_norm or not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
             raise UserError("qwen2 has q/k/v biases and nothing else: qkv_bias=true, qk_norm/o_bias/mlp_bias false.")
-        d.update(use_sliding_window=False, sliding_window=None)
+        d.update(qkv_bias=True, **_window_fields(cfg))
     else:  # qwen3
         if not cfg.qk_norm or cfg.qkv_bias != cfg.o_bias or cfg.mlp_bias:
             raise UserError("qwen3 needs qk_norm=true, qkv_bias == o_bias (attention_bias) and no mlp_bias.")
-        d.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None)
+        d.update(attention_bias=cfg.qkv_bias, **_window_fields(cfg))
+    if cfg.n_experts:
+        d.update(_moe_fields(cfg))
+    if cfg.position == "alibi":
+        d.update(architectures=[ALIBI_ARCHITECTURE], model_type=ALIBI_MODEL_TYPE, tinychat_arch=cfg.arch)
+    return d
+
+
+def _window_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Qwen2/Qwen3's sliding-window keys, with layer_types spelled out (Qwen2-MoE's default rule differs)."""
+    if not cfg.sliding_window:
+        return {"use_sliding_window": False, "sliding_window": None}
+    return {
+        "use_sliding_window": True,
+        "sliding_window": cfg.sliding_window,
+        "max_window_layers": cfg.max_window_layers,
+        "layer_types": ["sliding_attention" if cfg.sliding(i) else "full_attention" for i in range(cfg.n_layer)],
+    }
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Qwen3-MoE (no shared expert) or Qwen2-MoE (a shared expert behind a sigmoid gate); every layer sparse."""
+    if cfg.arch not in MOE_ARCHITECTURES:
+        raise UserError(f"mixture of experts is saved as Qwen2-MoE or Qwen3-MoE; arch {cfg.arch} has no MoE form.")
+    if cfg.arch == "qwen3" and cfg.shared_expert_d_ff:
+        raise UserError("Qwen3-MoE has no shared expert; use arch qwen2 (Qwen2-MoE) for model.shared_expert_d_ff.")
+    if cfg.arch == "qwen2" and not cfg.shared_expert_d_ff:
+        raise UserError("Qwen2-MoE always has a shared expert: set model.shared_expert_d_ff (or use arch qwen3).")
+    cls, model_type = MOE_ARCHITECTURES[cfg.arch]
+    d: dict[str, Any] = {
+        "architectures": [cls],
+        "model_type": model_type,
+        "num_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "moe_intermediate_size": cfg.expert_d_ff,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": cfg.moe_aux_coef,
+        "tinychat_router_z_loss_coef": cfg.moe_z_coef,
+        "output_router_logits": False,
+    }
+    if cfg.shared_expert_d_ff:
+        d["shared_expert_intermediate_size"] = cfg.shared_expert_d_ff
     return d
 
 
 def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     archs = d.get("architectures") or []
-    arch = next((MODEL_TYPES[a] for a in archs if a in MODEL_TYPES), None)
-    if arch is None and d.get("model_type") in ARCHITECTURES:
-        arch = d["model_type"]
-    if arch is None:
+    alibi = d.get("model_type") == ALIBI_MODEL_TYPE or ALIBI_ARCHITECTURE in archs
+    moe = any(a in MOE_TYPES for a in [*archs, d.get("model_type")])
+    known = MOE_TYPES if moe else MODEL_TYPES
+    arch = d.get("tinychat_arch") if alibi else next((known[a] for a in archs if a in known), None)
+    if arch is None and d.get("model_type") in (MOE_TYPES if moe else ARCHITECTURES):
+        arch = MOE_TYPES[d["model_type"]] if moe else d["model_type"]
+    if arch not in ARCHITECTURES:
         found = ", ".join(archs) or d.get("model_type") or "none"
-        raise UserError(
-            f"{source}: unsupported architecture {found}; tinychat opens {', '.join(ARCHITECTURES.values())}."
-        )
+        names = [*ARCHITECTURES.values(), *(c for c, _ in MOE_ARCHITECTURES.values())]
+        raise UserError(f"{source}: unsupported architecture {found}; tinychat opens {', '.join(names)}.")
     if d.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (expected silu).")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -94,10 +160,12 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope else None
     if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
-        raise UserError(f"{source}: rope scaling {scaling} is not supported (default, linear or llama3).")
-    if d.get("use_sliding_window"):
-        raise UserError(f"{source}: sliding-window attention is not supported.")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ROPE_TYPES:
+        raise UserError(f"{source}: rope scaling {scaling} is not supported ({', '.join(ROPE_TYPES)}).")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "yarn":
+        # transformers falls back on max_position_embeddings when the original length is not given
+        scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
+    window, window_from = _read_window(d, arch, int(d.get("num_hidden_layers", 0)), source)
     n_head = int(d["num_attention_heads"])
     try:
         bias = bool(d.get("attention_bias", False))
@@ -116,8 +184,12 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
             rope_scaling=scaling,
             norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             qk_norm=arch == "qwen3",
-            qkv_bias=True if arch == "qwen2" else bias,
+            qkv_bias=bool(d.get("qkv_bias", True)) if arch == "qwen2" else bias,
             o_bias=False if arch == "qwen2" else bias,
+            position="alibi" if alibi else "rope",
+            sliding_window=window,
+            max_window_layers=window_from,
+            **(_read_moe(d, arch, source) if moe else {}),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_embeddings=bool(d.get("tie_word_embeddings", arch != "llama")),
             init_std=float(d.get("initializer_range", 0.02)),
@@ -128,6 +200,37 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     except KeyError as e:
         raise UserError(f"{source}: required field {e.args[0]!r} is missing.") from None
     return cfg
+
+
+def _read_window(d: dict[str, Any], arch: str, n_layer: int, source: str) -> tuple[int, int]:
+    """(sliding_window, max_window_layers) from Mistral's or Qwen2/Qwen3's keys; (0, 0) when off."""
+    if arch == "mistral":
+        return int(d.get("sliding_window") or 0), 0
+    if arch == "llama" or not d.get("use_sliding_window") or not d.get("sliding_window"):
+        return 0, 0
+    window = int(d["sliding_window"])
+    types = d.get("layer_types")
+    if types is None:  # transformers' Qwen2/Qwen3 rule: layers from max_window_layers on slide
+        return window, int(d.get("max_window_layers", 0))
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    start = n_layer - len(sliding)
+    if sliding != list(range(start, n_layer)):
+        raise UserError(f"{source}: layer_types {types} are not supported (sliding layers must be the last ones).")
+    return (window, start) if sliding else (0, 0)
+
+
+def _read_moe(d: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1:
+        raise UserError(f"{source}: dense layers among MoE layers (mlp_only_layers) are not supported.")
+    return {
+        "n_experts": int(d.get("num_experts") or d["num_local_experts"]),
+        "experts_per_token": int(d["num_experts_per_tok"]),
+        "moe_d_ff": int(d["moe_intermediate_size"]),
+        "shared_expert_d_ff": int(d.get("shared_expert_intermediate_size") or 0) if arch == "qwen2" else 0,
+        "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
+        "moe_aux_coef": float(d.get("router_aux_loss_coef", 0.001)),
+        "moe_z_coef": float(d.get("tinychat_router_z_loss_coef", 0.0)),
+    }
 
 
 # ---------------------------------------------------------------------------- atomic directory writes

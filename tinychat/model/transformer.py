@@ -19,6 +19,8 @@ from torch import nn
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import KVCache
+from tinychat.model.moe import MoE, inactive_params
+from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -35,15 +37,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies, with HF's "linear" and "llama3" context-extension scalings."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    """Rotary inverse frequencies, with HF's "linear", "llama3" and "yarn" context-extension scalings.
+
+    ALiBi models rotate nothing: zero frequencies make cos 1 and sin 0, so apply_rope is the identity.
+    """
+    inv_freq = base_inv_freq(cfg)
+    if cfg.position == "alibi":
+        return torch.zeros_like(inv_freq)
     scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_kind(cfg)
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
+    if kind == "yarn":
+        return yarn_inv_freq(cfg)
     if kind == "llama3":  # Llama 3.1: keep high frequencies, stretch low ones, blend in between
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -109,11 +117,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d_ff = d_ff or cfg.d_ff  # an MoE expert is a narrower MLP
+        self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -125,7 +134,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, MLP) if cfg.n_experts else MLP(cfg)
 
     def forward(self, x, cos, sin, cache, mask, is_causal):  # noqa: ANN001 - shapes as in Attention
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, is_causal)
@@ -190,6 +199,7 @@ class Model(nn.Module):
         matmul_params = self.num_params(exclude_embeddings=True)
         if cfg.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()  # the head still multiplies
+        matmul_params -= inactive_params(cfg)  # MoE: only the k routed experts multiply
         forward = 2 * matmul_params + 4 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
         return float(3 * forward if training else forward)
 
@@ -216,12 +226,14 @@ class Model(nn.Module):
         x = self.model.embed_tokens(input_ids)
         freqs = pos[..., None].float() * self.inv_freq.float()  # (B|1, T, hd/2), fp32 as in HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, T, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        att = rope_attention_factor(self.cfg)  # YaRN's attention temperature; 1.0 otherwise
+        cos, sin = (emb.cos() * att).to(x.dtype), (emb.sin() * att).to(x.dtype)
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             cos, sin = cos.to(dt), sin.to(dt)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, mask, is_causal)
+        masks = layer_masks(self.cfg, pos, mask, is_causal, cos.dtype)  # sliding windows, ALiBi: per layer
+        for layer, (layer_mask, layer_causal) in zip(self.model.layers, masks):
+            x = layer(x, cos, sin, cache, layer_mask, layer_causal)
         if cache is not None:
             cache.advance(n_new if n_new is not None else torch.full((B,), T, device=input_ids.device))
         return self.model.norm(x)

@@ -28,6 +28,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.model.hf import copy_tokenizer
+from tinychat.model.moe import clear_router_stats, router_losses
 from tinychat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
@@ -293,9 +294,12 @@ def train(
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
                 with sync:
+                    clear_router_stats(raw)
                     with ctx.autocast():
                         loss, extra = objective.loss(model, batch)
-                    scaler.scale(loss.float() * scale).backward()
+                        aux, aux_metrics = router_losses(raw, objective.count(batch))  # MoE; (0, {}) if dense
+                    extra = {**extra, **aux_metrics}
+                    scaler.scale((loss.float() + aux) * scale).backward()
                 loss_sum += loss.detach().float()
                 for k, v in extra.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()

@@ -141,7 +141,8 @@ def check_model(model: torch.nn.Module, tok: Any, cfg: PostConfig) -> None:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {mcfg.vocab_size}.")
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(
-            f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window ({mcfg.max_seq_len})."
+            f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window ({mcfg.max_seq_len}); "
+            "raise it with `tinychat extend-context` first."
         )
 
 

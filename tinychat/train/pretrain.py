@@ -207,7 +207,8 @@ def check_inputs(cfg: PretrainConfig, mcfg: ModelConfig, data_dir: Path, tok: An
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(
             f"train.seq_len ({cfg.train.seq_len}) is larger than the model's context window "
-            f"({mcfg.max_seq_len}); raise model.max_seq_len or lower train.seq_len."
+            f"({mcfg.max_seq_len}); raise model.max_seq_len, or for an --init model run `tinychat extend-context` "
+            "first, or lower train.seq_len."
         )
     return index
 
