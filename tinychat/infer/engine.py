@@ -431,6 +431,7 @@ class Engine:
         c.k[:, dst, :, :length] = c.k[:, src, :, :length]
         c.v[:, dst, :, :length] = c.v[:, src, :, :length]
         c.lengths[dst] = length
+        c._lengths[dst] = length
 
     def _decode(self, seqs: list[_Seq]) -> None:
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
