@@ -45,6 +45,7 @@ def run(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
     path = resolve_model_dir(cfg.model)
     model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
+    model.fuse_projections()  # inference only: q/k/v and gate/up in one matmul each
     tok = Tokenizer.from_pretrained(path)
     prompts = cfg.prompt
     if cfg.chat:

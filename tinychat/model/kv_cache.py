@@ -215,6 +215,7 @@ class PagedKVCache:
             ks = pk[m.view_start : m.view_start + m.span][None]
             vs = pv[m.view_start : m.view_start + m.span][None]
         else:  # scattered blocks: one gather of each row's span
-            ks = pk[m.keys.view(-1)].view(B, m.span, n_kv, hd)
-            vs = pv[m.keys.view(-1)].view(B, m.span, n_kv, hd)
+            idx = m.keys.reshape(-1)
+            ks = pk.index_select(0, idx).view(B, m.span, n_kv, hd)
+            vs = pv.index_select(0, idx).view(B, m.span, n_kv, hd)
         return _sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal)
