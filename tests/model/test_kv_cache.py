@@ -115,3 +115,17 @@ def test_cache_is_in_the_compute_dtype():
         with torch.no_grad():
             m(torch.randint(0, 300, (1, 5)), c)
     assert c.k.dtype == torch.bfloat16
+
+
+def test_fused_model_converts_with_to_and_saves_without_the_fused_copies(tmp_path):
+    m = tiny()
+    x = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        ref = tiny().to(torch.bfloat16)(x)
+        m.fuse_projections()
+        assert not any("qkv" in k or "gate_up" in k for k in m.state_dict())
+        m.to(torch.bfloat16)
+        torch.testing.assert_close(m(x), ref, atol=0.05, rtol=0.05)
+    m.save_pretrained(str(tmp_path))  # the projections are plain tensors again after .to()
+    again = Model.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(again.model.layers[0].self_attn.k_proj.weight, m.model.layers[0].self_attn.k_proj.weight)

@@ -16,6 +16,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
+from tinychat.infer.speculative import Speculative, speculative_generate_ids
 from tinychat.infer.text import TextTracker
 
 
@@ -122,11 +123,13 @@ def generate(
     params: SamplingParams | None = None,
     on_text: Callable[[int, str], None] | None = None,
     truncate: Literal["error", "left"] = "error",
+    speculative: Speculative | None = None,
 ) -> list[Generation]:
     """Generate continuations of prompts; on_text(row, delta) streams final text as it comes.
 
     A prompt is text (encoded as plain text: special-token look-alikes stay text) or token ids (what a
-    chat template renders, with real special tokens).
+    chat template renders, with real special tokens). `speculative` (one prompt only) proposes tokens
+    with a draft model or prompt lookup and verifies them with `model` (infer/speculative.py).
     """
     params = params or SamplingParams()
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -141,7 +144,14 @@ def generate(
         return trackers[row].stopped
 
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
+    if speculative is not None:
+        if len(ids) != 1:
+            raise UserError("speculative decoding generates one prompt at a time; give a single prompt.")
+        ids = prepare_prompts(ids, params.max_new_tokens, model.cfg.max_seq_len, truncate)
+        new, reason = speculative_generate_ids(model, ids[0], params, speculative, set(tokenizer.stop_ids), on_token)
+        new_ids, reasons, plens = [new], [reason], [len(ids[0])]
+    else:
+        new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
     out = []
     for row, tr in enumerate(trackers):
         tail = tr.finish()

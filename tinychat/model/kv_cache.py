@@ -125,6 +125,12 @@ class KVCache:
         else:
             self.lengths[m.rows] += T if n_new is None else n_new.to(self.lengths)
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` positions of every row (speculative decoding drops rejected tokens;
+        their keys/values are overwritten by the next call)."""
+        self._lengths = [min(n, length) for n in self._lengths]
+        self.lengths.clamp_(max=length)
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all by default) so they can hold new sequences."""
         if rows is None:

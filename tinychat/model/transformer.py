@@ -89,6 +89,12 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # set by fuse() for inference; buffers so .to() moves them, non-persistent so files never see them
+        self.qkv_weight: torch.Tensor | None
+        self.qkv_bias: torch.Tensor | None
+        self.qk_weight: torch.Tensor | None  # (H + KV, hd): q_norm's weight per query head, then k_norm's
+        for name in ("qkv_weight", "qkv_bias", "qk_weight"):
+            self.register_buffer(name, None, persistent=False)
 
     def forward(
         self,
@@ -123,15 +129,11 @@ class Attention(nn.Module):
             y = cache.attend(self.layer_idx, q, k, v, meta)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.q_dim))
 
-    qkv_weight: torch.Tensor | None = None
-    qkv_bias: torch.Tensor | None = None
-    qk_weight: torch.Tensor | None = None  # (H + KV, hd): q_norm's weight per query head, then k_norm's
-
     @torch.no_grad()
     def fuse(self) -> bool:
         """Inference only: one (q+k+v, d) matmul instead of three; q/k/v_proj's weights become views of it,
-        so memory does not grow and in-place updates stay in sync. Skipped (False) when a projection is
-        not a plain nn.Linear (quantized, adapted)."""
+        so memory does not grow and in-place updates stay in sync (until a later .to() copies them apart).
+        Skipped (False) when a projection is not a plain nn.Linear (quantized, adapted)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         if not all(type(m) is nn.Linear for m in mods) or self.qkv_weight is not None:
             return self.qkv_weight is not None
@@ -167,9 +169,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
-
-    gate_up_weight: torch.Tensor | None = None
-    gate_up_bias: torch.Tensor | None = None
+        self.gate_up_weight: torch.Tensor | None
+        self.gate_up_bias: torch.Tensor | None
+        for name in ("gate_up_weight", "gate_up_bias"):  # set by fuse(), as in Attention
+            self.register_buffer(name, None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:  # fused for inference: one matmul for gate and up
