@@ -83,3 +83,20 @@ def test_penalties_and_mismatched_drafts_are_refused():
         speculative_generate_ids(target, [1, 2], SamplingParams(repetition_penalty=1.2), Speculative())
     with pytest.raises(UserError, match="vocabulary"):
         speculative_generate_ids(target, [1, 2], SamplingParams(), Speculative(draft=toy(1, vocab=50)))
+
+
+def test_cli_generate_with_a_draft_model_or_prompt_lookup(tiny_model_dir, capsys):
+    """The same greedy text with --draft_model (the model drafting for itself: every guess accepted) and ngram."""
+    from tinychat.cli import main
+
+    base = ["generate", "--model", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "12"]
+    base += ["--temperature", "0", "--stream", "false"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--draft-model", str(tiny_model_dir)]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == plain and "guesses accepted" in drafted.err
+    assert main([*base, "--speculative", "ngram"]) == 0
+    assert capsys.readouterr().out == plain
+    two = ["generate", "--model", str(tiny_model_dir), "--prompt", "one", "two", "--speculative", "ngram"]
+    assert main(two) == 2 and "single prompt" in capsys.readouterr().err  # one prompt at a time
