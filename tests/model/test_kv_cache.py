@@ -29,19 +29,16 @@ def paged_meta(tables: list[list[int]], starts: list[int], n: list[int], T: int,
     return PagedMeta(pos, slots, keys, tables[0][0] * bs, S, mask)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1), dict(qk_norm=False, arch="llama", tie_embeddings=False)])
-def test_fused_projections_give_the_same_logits(kw):
-    m = tiny(**kw)
-    x = torch.randint(0, 300, (2, 12))
-    with torch.no_grad():
-        ref = m(x)
-        w = m.model.layers[0].self_attn.q_proj.weight.clone()
-        m.fuse_projections()
-        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
-        # the projections' weights are views of the fused matrix: an in-place update reaches both
-        m.model.layers[0].self_attn.q_proj.weight.add_(1.0)
-        attn = m.model.layers[0].self_attn
-        torch.testing.assert_close(attn.qkv_weight[: w.shape[0]], w + 1.0)
+def test_fused_projections_give_the_same_logits():
+    """GQA, multi-query and Llama-style (no QK-norm, untied) models alike."""
+    for kw in (dict(), dict(n_kv_head=1), dict(qk_norm=False, arch="llama", tie_embeddings=False)):
+        m, x = tiny(**kw), torch.randint(0, 300, (2, 12))
+        with torch.no_grad():
+            ref, w = m(x), m.model.layers[0].self_attn.q_proj.weight.clone()
+            torch.testing.assert_close(m.fuse_projections()(x), ref, atol=1e-5, rtol=1e-5)
+            # the projections' weights are views of the fused matrix: an in-place update reaches both
+            m.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+            torch.testing.assert_close(m.model.layers[0].self_attn.qkv_weight[: w.shape[0]], w + 1.0)
 
 
 def test_fused_projections_with_bias():

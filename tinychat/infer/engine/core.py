@@ -26,18 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tinychat.errors import UserError
+from tinychat.infer.engine import request as rq
 from tinychat.infer.engine.blocks import BlockManager
 from tinychat.infer.engine.output import OutputProcessor
-from tinychat.infer.engine.request import (
-    RATE_WINDOW,
-    Done,
-    EngineConfig,
-    EngineOverloaded,
-    EngineStats,
-    Event,
-    GenerationRequest,
-    RequestHandle,
-)
 from tinychat.infer.engine.sampler import Sampler
 from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for
 from tinychat.infer.text import TextTracker
@@ -51,11 +42,11 @@ log = logging.getLogger("tinychat.engine")
 class Engine:
     """Continuous-batching generation for one model; see the module docstring for the design."""
 
-    def __init__(self, model, tokenizer, cfg: EngineConfig | None = None) -> None:  # noqa: ANN001
+    def __init__(self, model, tokenizer, cfg: rq.EngineConfig | None = None) -> None:  # noqa: ANN001
         self.model, self.tok = model.eval(), tokenizer
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
-        self.cfg = cfg = cfg or EngineConfig()
+        self.cfg = cfg = cfg or rq.EngineConfig()
         mcfg = model.cfg
         self.max_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
         p = model.model.norm.weight
@@ -78,7 +69,7 @@ class Engine:
         self.sched = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.max_len)
         self.stop_ids = sorted(tokenizer.stop_ids)
         self.sampler = Sampler(cfg.max_num_seqs, mcfg.vocab_size, self.stop_ids, self.device)
-        self.stats = EngineStats(free_slots=cfg.max_num_seqs)
+        self.stats = rq.EngineStats(free_slots=cfg.max_num_seqs)
         self.out = OutputProcessor(self.stats, self.stop_ids, self.max_len, self._free)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -109,7 +100,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, req: GenerationRequest, sink: Callable[[Event], None] | None = None) -> RequestHandle:
+    def submit(self, req: rq.GenerationRequest, sink: Callable[[rq.Event], None] | None = None) -> rq.RequestHandle:
         """Queue a request. Events go to `sink` (called on the engine thread; keep it cheap) or, without
         one, to the handle's own queue for iteration. Raises UserError for a request that can never
         run and EngineOverloaded when the queue is full."""
@@ -133,7 +124,7 @@ class Engine:
         with self._lock:
             if self._queued >= self.cfg.max_queue:
                 self.stats.requests_rejected += 1
-                raise EngineOverloaded(f"{self._queued} requests are already waiting; retry later.")
+                raise rq.EngineOverloaded(f"{self._queued} requests are already waiting; retry later.")
             self._queued += 1
             self.stats.queue_depth = self._queued
         rid = next(self._ids)
@@ -141,7 +132,7 @@ class Engine:
         if sink is None:
             events = queue.Queue()
             sink = events.put
-        handle = RequestHandle(rid, self, events)
+        handle = rq.RequestHandle(rid, self, events)
         self._inbox.put(Request(rid, req, handle, sink, time.perf_counter()))
         return handle
 
@@ -161,8 +152,8 @@ class Engine:
     def tokens_per_second(self) -> float:
         """Tokens generated over the last RATE_WINDOW seconds, per second (0 when idle)."""
         now = time.perf_counter()
-        recent = [k for t, k in list(self._rate) if now - t <= RATE_WINDOW]
-        return sum(recent) / RATE_WINDOW
+        recent = [k for t, k in list(self._rate) if now - t <= rq.RATE_WINDOW]
+        return sum(recent) / rq.RATE_WINDOW
 
     # ------------------------------------------------------------------ engine thread
     def _wake(self) -> None:
@@ -272,7 +263,7 @@ class Engine:
             self.sched.waiting.remove(r)
             self._dequeued()
             self.stats.requests_cancelled += 1
-            self.out.emit(r, Done(len(r.req.prompt_ids), 0, error="cancelled"))
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), 0, error="cancelled"))
         for s in self.sched.running:
             if s.r.handle.cancelled and not s.done:
                 self.out.finish(s, "cancelled")
@@ -290,7 +281,7 @@ class Engine:
         self._update_gauges()
         for r in reqs.values():
             self.stats.requests_failed += 1
-            self.out.emit(r, Done(len(r.req.prompt_ids), r.completion_tokens, error=message))
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), r.completion_tokens, error=message))
 
     # ------------------------------------------------------------------ the runner
     def _forward(self, seqs: list[Seq], chunks: list[list[int]]) -> torch.Tensor:
@@ -367,5 +358,5 @@ class Engine:
         for s, tok, lp in zip(seqs, tokens, lps):
             self.out.accept(s, tok, lp, now)
         self._rate.append((now, len(seqs)))
-        while self._rate and now - self._rate[0][0] > RATE_WINDOW:
+        while self._rate and now - self._rate[0][0] > rq.RATE_WINDOW:
             self._rate.popleft()
