@@ -32,9 +32,10 @@ from tinychat.model.config import ModelConfig
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """(B, H, T, hd) attention of q over k/v (B, n_kv, S, hd); GQA when the head counts differ."""
-    return F.scaled_dot_product_attention(
-        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    if k.dtype != q.dtype:  # checked here: a no-op .to() still costs a dispatch per layer and token
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 @dataclass

@@ -110,9 +110,9 @@ class Attention(nn.Module):
         if self.qkv_weight is not None:  # fused for inference (fuse_projections): one matmul, one norm, one rope
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * KV, cfg.head_dim)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :].transpose(1, 2)
-            if cfg.qk_norm:
-                qk = F.rms_norm(qk.float(), (cfg.head_dim,), eps=cfg.norm_eps).to(qk.dtype)
-                qk = qk * self.qk_weight.to(qk.dtype)
+            if cfg.qk_norm:  # in fp32 as RMSNorm computes it (no casts when the activations are fp32 already)
+                qk = qk if qk.dtype == torch.float32 else qk.float()
+                qk = F.rms_norm(qk, (cfg.head_dim,), eps=cfg.norm_eps).to(v.dtype) * self.qk_weight.to(v.dtype)
             qk = rotate(qk.transpose(1, 2), cos, sin)  # (B, H + KV, T, hd)
             q, k = qk[:, :H], qk[:, H:]
         else:
