@@ -12,6 +12,12 @@ adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat e
 and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32, bf16, int8 and int4
 (`tinychat quantize`, group 64), and each one's decode speed relative to llama.cpp q8_0. --model DIR benches a
 trained model directory.
+
+    .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR] [--prompt-file F]
+
+batch-1 greedy decode with speculative decoding (prompt lookup, and a draft model) beside plain decoding of the
+same target: tokens/s, speed-up and acceptance. Without --model a random small target and a random tiny draft
+(random models agree rarely: the acceptance, and so the speed-up, needs trained models, e.g. the speedrun's).
 """
 
 from __future__ import annotations
@@ -45,7 +51,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-cpp", action="store_true", help="batch-1 prompt/decode tok/s: tinychat vs llama.cpp")
     ap.add_argument("--model", default="", help="with --llama-cpp: a model directory instead of random presets")
+    ap.add_argument("--speculative", action="store_true", help="batch-1 greedy: speculative vs plain decoding")
+    ap.add_argument("--draft", default="", help="with --speculative: the draft model directory")
+    ap.add_argument("--prompt-file", default="", help="with --speculative --model: prompts, one per line")
+    ap.add_argument("--k", type=int, default=4, help="with --speculative: tokens proposed per round")
     args = ap.parse_args()
+    if args.speculative:
+        speculative_table(args)
+        return
     if args.llama_cpp:
         llama_cpp_table(args)
         return
@@ -62,6 +75,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        model.fuse_projections()  # the inference path (the engine and `tinychat generate` do the same)
         for B in [int(b) for b in args.batches.split(",")]:
             prompts = torch.randint(0, 8192, (B, args.prompt_len))
             params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_on_eos=False)
@@ -165,13 +179,13 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
             prompt = torch.randint(16, 300, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
             rows = []
             for dtype in (torch.float32, torch.bfloat16):
-                m = model.to(dtype)
+                m = model.to(dtype).fuse_projections()
                 size = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
                 rows.append(
                     (f"tinychat {str(dtype)[6:]}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats))
                 )
             for bits in (8, 4):  # weight-only int8 / int4 (group 64), the `tinychat quantize` path, in memory
-                m = quantize_model(Model.from_pretrained(str(d), dtype=torch.float32), bits, 64)
+                m = quantize_model(Model.from_pretrained(str(d), dtype=torch.float32), bits, 64).fuse_projections()
                 size = sum(v.numel() * v.element_size() for v in quantized_state(m).values()) / 2**20
                 rows.append((f"tinychat int{bits}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats)))
             for kind in ("f16", "q8_0", "q4_0"):
@@ -182,6 +196,58 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
             q8 = next(r[3] for r in rows if r[0] == "llama.cpp q8_0")
             for engine, size, pre, dec in rows:
                 print(f"{label:<10}{engine:<22}{size:>9.1f}{pre:>14.1f}{dec:>14.1f}{dec / q8:>8.2f}x")
+
+
+def speculative_table(args: argparse.Namespace) -> None:
+    """Batch-1 greedy decode speed of plain, prompt-lookup and draft-model speculative decoding, same target."""
+    from tinychat.infer.speculative import Speculative, speculative_generate_ids
+
+    if args.model:
+        from tinychat.tokenizer import Tokenizer
+
+        target = Model.from_pretrained(args.model, dtype=torch.float32).eval()
+        draft = Model.from_pretrained(args.draft, dtype=torch.float32).eval() if args.draft else None
+        tok = Tokenizer.from_pretrained(args.model)
+        lines = Path(args.prompt_file).read_text().splitlines() if args.prompt_file else ["Tell me about Paris."]
+        prompts = [tok.render_chat([{"role": "user", "content": t}], add_generation_prompt=True).ids for t in lines]
+    else:
+        torch.manual_seed(0)
+        target = Model(preset("small", vocab_size=8192)).eval()
+        draft = Model(preset("tiny", vocab_size=8192)).eval()
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, 8192, (args.prompt_len,), generator=g).tolist() for _ in range(2)]
+    target.fuse_projections()
+    if draft is not None:
+        draft.fuse_projections()
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_on_eos=False)
+    modes = [("plain", None), ("prompt lookup", Speculative(k=args.k))]
+    if draft is not None:
+        modes.append((f"draft ({draft.num_params() / 1e6:.1f}M)", Speculative(draft=draft, k=args.k)))
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, greedy, batch 1, target "
+        f"{target.num_params() / 1e6:.1f}M, {len(prompts)} prompts, {args.new_tokens} new tokens, k={args.k}"
+    )
+    print(f"{'mode':<22}{'tok/s':>9}{'speed-up':>10}{'accepted':>10}")
+    base = None
+    for name, spec in modes:
+
+        def run(spec: Speculative | None = spec) -> int:
+            n = 0
+            for p in prompts:
+                if spec is None:
+                    n += len(generate_ids(target, [p], params)[0][0])
+                else:
+                    n += len(speculative_generate_ids(target, p, params, spec)[0])
+            return n
+
+        n = run()  # warm-up
+        if spec is not None:
+            spec.stats.update(proposed=0, accepted=0, rounds=0)
+        t = best_of(run, args.repeats)
+        rate = n / t
+        base = base or rate
+        acc = f"{spec.acceptance:.0%}" if spec is not None else "-"
+        print(f"{name:<22}{rate:>9.1f}{rate / base:>9.2f}x{acc:>10}")
 
 
 if __name__ == "__main__":

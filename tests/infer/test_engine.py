@@ -211,13 +211,27 @@ def test_requests_that_can_never_run_are_refused(engine, prompts):
         engine.submit(GenerationRequest([10**6], greedy()))
 
 
-def test_kv_memory_cap(model, tok):
-    cfg = model.cfg
-    slot_mb = 2 * cfg.n_layer * cfg.n_kv_head * cfg.max_seq_len * cfg.head_dim * 4 / 2**20
-    e = Engine(model, tok, EngineConfig(max_num_seqs=16, kv_cache_mb=3.5 * slot_mb))
-    assert e.num_slots == 3 and e.cache.k.shape[1] == 3
+def test_kv_memory_bounds_concurrency(model, tok, prompts):
+    """Admission is bounded by KV blocks, not slots: with memory for ~2 worst-case sequences, at most 2 run."""
+    e = Engine(model, tok, EngineConfig(max_num_seqs=16, block_size=16))
+    per_seq = -(-(len(prompts[0]) + 60) // 16)
+    e = Engine(model, tok, EngineConfig(max_num_seqs=16, kv_cache_mb=(2.5 * per_seq + 1) * e.cache.block_bytes / 2**20))
+    assert e.kv_bytes == 0  # nothing is allocated before a sequence needs it
+    peak = []
+    hs = [e.submit(GenerationRequest(prompts[0], greedy(60, stop_on_eos=False)), peak.append) for _ in range(5)]
+    e.start()
+    try:
+        while sum(isinstance(ev, Done) for ev in peak) < 5:
+            assert e.stats.running_seqs <= 2
+            threading.Event().wait(0.01)
+        assert all(ev.error is None for ev in peak if isinstance(ev, Done)) and len(hs) == 5
+        assert e.stats.kv_blocks_used == 0  # every block was returned
+    finally:
+        e.stop()
+    with pytest.raises(UserError, match="do not fit in the engine's KV memory"):
+        e.submit(GenerationRequest(prompts[0], greedy(200)))
     with pytest.raises(UserError, match="kv_cache_mb"):
-        Engine(model, tok, EngineConfig(kv_cache_mb=slot_mb / 2))
+        Engine(model, tok, EngineConfig(kv_cache_mb=0.001))
 
 
 def test_embeddings_are_mean_pooled_and_normalised(engine, model, prompts):

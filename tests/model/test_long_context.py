@@ -15,6 +15,7 @@ from tinychat.errors import UserError  # noqa: E402
 from tinychat.model import Model, preset  # noqa: E402
 from tinychat.model.extend import extend_config  # noqa: E402
 from tinychat.model.positions import alibi_slopes  # noqa: E402
+from tinychat.model.transformer import layer_metas  # noqa: E402
 
 
 def tiny(**kw) -> Model:
@@ -255,8 +256,29 @@ def test_alibi_matches_a_reference_attention():
         scores = q @ k.transpose(-1, -2) / 4.0 - alibi_slopes(4)[:, None, None] * dist
         scores = scores.masked_fill(dist < 0, float("-inf"))
         ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 10, 64))
-        from tinychat.model.positions import layer_masks
-
-        ((mask, causal),) = layer_masks(cfg, pos[None], None, True, torch.float32)
+        (meta,) = layer_metas(cfg, pos[None], None, None, torch.float32)
         ones, zeros = torch.ones(1, 1, 10, 16), torch.zeros(1, 1, 10, 16)
-        torch.testing.assert_close(attn(x, ones, zeros, None, mask, causal), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(attn(x, ones, zeros, None, meta), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(sliding_window=4), dict(position="alibi")])
+def test_window_and_alibi_models_decode_alike_in_every_cache(kw):
+    """The same greedy tokens from the contiguous cache (ragged batch) and the paged engine (chunked
+    prefill, block tables): both read each layer's sliding-window / ALiBi mask from layer_metas."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+    from tinychat.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 50, 300)
+    model = tiny(vocab_size=tok.vocab_size, max_seq_len=64, **kw)
+    prompts = [tok.encode("the quick brown fox jumps over the lazy dog the quick"), tok.encode("lazy dog")]
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    alone = [generate_ids(model, [p], greedy)[0][0] for p in prompts]
+    assert generate_ids(model, prompts, greedy)[0] == alone  # ragged rows: per-row masks
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4, prefill_chunk=4, block_size=4)).start()
+    try:
+        outs = [collect(engine.submit(GenerationRequest(p, greedy)), 1)[0][0]["token_ids"] for p in prompts]
+    finally:
+        engine.stop()
+    assert outs == alone

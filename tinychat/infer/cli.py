@@ -27,6 +27,9 @@ class GenerateConfig:
     truncate: Literal["error", "left"] = field("error", help="what to do with a prompt over the context window")
     device: str = field("auto")
     dtype: str = field("auto")
+    draft_model: str = field("", help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
+    speculative: Literal["", "ngram"] = field("", help="ngram: draft-free speculative decoding (prompt lookup)")
+    num_speculative_tokens: int = field(4, help="tokens proposed per speculative round")
 
 
 def run(cfg: GenerateConfig) -> int:
@@ -45,6 +48,19 @@ def run(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
     path = resolve_model_dir(cfg.model)
     model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
+    model.fuse_projections()  # inference only: q/k/v and gate/up in one matmul each
+    spec = None
+    if cfg.draft_model or cfg.speculative:
+        from tinychat.infer.speculative import Speculative
+
+        if cfg.num_speculative_tokens < 1:
+            raise UserError(f"--num_speculative_tokens must be at least 1, got {cfg.num_speculative_tokens}.")
+        draft = None
+        if cfg.draft_model:
+            d = resolve_model_dir(cfg.draft_model)
+            draft = Model.from_pretrained(str(d), dtype=pick_dtype(cfg.dtype, device), device=str(device))
+            draft.fuse_projections()
+        spec = Speculative(draft=draft, k=cfg.num_speculative_tokens)
     tok = Tokenizer.from_pretrained(path)
     prompts = cfg.prompt
     if cfg.chat:
@@ -71,10 +87,14 @@ def run(cfg: GenerateConfig) -> int:
         if not cfg.chat:
             sys.stdout.write(cfg.prompt[0])
         on_text = lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())  # noqa: E731
-        generate(model, tok, prompts, params, on_text=on_text, truncate=cfg.truncate)
+        generate(model, tok, prompts, params, on_text=on_text, truncate=cfg.truncate, speculative=spec)
         sys.stdout.write("\n")
     else:
-        for i, g in enumerate(generate(model, tok, prompts, params, truncate=cfg.truncate)):
+        for i, g in enumerate(generate(model, tok, prompts, params, truncate=cfg.truncate, speculative=spec)):
             head = "" if cfg.chat else cfg.prompt[i]
             print(f"--- [{i}] ({g.finish_reason}, {len(g.token_ids)} tokens)\n{head}{g.text}")
+    if spec is not None:
+        st = spec.stats
+        accepted = f"{st['accepted']}/{st['proposed']} guesses accepted in {st['rounds']} rounds"
+        print(f"speculative: {accepted}", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
+from tinychat.infer.speculative import Speculative, speculative_generate_ids
 from tinychat.infer.text import TextTracker
 
 
@@ -83,32 +84,34 @@ def generate_ids(
     sp = BatchSampling.stack([params] * B, device)
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    stop_ids = stop_ids if params.stop_on_eos else set()
-    stop_t = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
+    stop_ids = set(stop_ids or ()) if params.stop_on_eos else set()
 
     cache = model.new_cache(B, max_len=T0 + budget)
     logits = model(x, cache, n_new=lengths)
     last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
     new_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B  # on the host: the loop's bookkeeping costs no device ops per token
     for step in range(budget):
         logits_f = apply_penalties(last.float(), context_mask, counts, sp)
         nxt = sample(logits_f, sp, gen)  # (B,)
-        is_stop = (torch.isin(nxt, stop_t) if stop_t.numel() else torch.zeros_like(done)).tolist()
         toks = nxt.tolist()
-        for row in torch.nonzero(~done).flatten().tolist():
+        for row in range(B):
             tok = toks[row]
-            if is_stop[row]:
+            if done[row]:
+                continue
+            if tok in stop_ids:
                 reasons[row], done[row] = "stop", True
                 continue
             new_ids[row].append(tok)
             if on_token is not None and on_token(row, tok):
                 reasons[row], done[row] = "stop", True
-        if bool(done.all()) or step == budget - 1:
+        if all(done) or step == budget - 1:
             break
-        context_mask.scatter_(1, nxt[:, None], True)
-        counts.scatter_add_(1, nxt[:, None], (~done).float()[:, None])
+        if sp.needs_penalties:
+            live = torch.tensor([not d for d in done], device=device)
+            context_mask.scatter_(1, nxt[:, None], True)
+            counts.scatter_add_(1, nxt[:, None], live.float()[:, None])
         last = model(nxt[:, None], cache)[:, -1]
     return new_ids, reasons, [len(p) for p in prompts]
 
@@ -120,11 +123,13 @@ def generate(
     params: SamplingParams | None = None,
     on_text: Callable[[int, str], None] | None = None,
     truncate: Literal["error", "left"] = "error",
+    speculative: Speculative | None = None,
 ) -> list[Generation]:
     """Generate continuations of prompts; on_text(row, delta) streams final text as it comes.
 
     A prompt is text (encoded as plain text: special-token look-alikes stay text) or token ids (what a
-    chat template renders, with real special tokens).
+    chat template renders, with real special tokens). `speculative` (one prompt only) proposes tokens
+    with a draft model or prompt lookup and verifies them with `model` (infer/speculative.py).
     """
     params = params or SamplingParams()
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -139,7 +144,14 @@ def generate(
         return trackers[row].stopped
 
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
+    if speculative is not None:
+        if len(ids) != 1:
+            raise UserError("speculative decoding generates one prompt at a time; give a single prompt.")
+        ids = prepare_prompts(ids, params.max_new_tokens, model.cfg.max_seq_len, truncate)
+        new, reason = speculative_generate_ids(model, ids[0], params, speculative, set(tokenizer.stop_ids), on_token)
+        new_ids, reasons, plens = [new], [reason], [len(ids[0])]
+    else:
+        new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
     out = []
     for row, tr in enumerate(trackers):
         tail = tr.finish()

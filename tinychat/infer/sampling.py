@@ -57,14 +57,31 @@ class BatchSampling:
     presence_penalty: torch.Tensor
     frequency_penalty: torch.Tensor
 
+    # decided once per batch so the decode loop skips work (a full-vocabulary sort) nobody asked for;
+    # a caller that knows them from the Python-side parameters passes them and saves the device syncs
+    any_sampling: bool | None = None
+    needs_filter: bool | None = None
+    needs_penalties: bool | None = None
+
     def __post_init__(self) -> None:
-        # decided once per batch so the decode loop skips work (a full-vocabulary sort) nobody asked for
-        self.any_sampling = bool((self.temperature > 0).any())
-        self.needs_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any() or (self.min_p > 0).any())
-        self.needs_penalties = bool(
-            (self.repetition_penalty != 1).any()
-            or (self.presence_penalty != 0).any()
-            or (self.frequency_penalty != 0).any()
+        if self.any_sampling is None:
+            self.any_sampling = bool((self.temperature > 0).any())
+        if self.needs_filter is None:
+            self.needs_filter = bool((self.top_k > 0).any() or (self.top_p < 1).any() or (self.min_p > 0).any())
+        if self.needs_penalties is None:
+            self.needs_penalties = bool(
+                (self.repetition_penalty != 1).any()
+                or (self.presence_penalty != 0).any()
+                or (self.frequency_penalty != 0).any()
+            )
+
+    @staticmethod
+    def flags(p: SamplingParams) -> tuple[bool, bool, bool]:
+        """(samples, filters, penalises) of one request, from its Python-side parameters."""
+        return (
+            p.temperature > 0,
+            p.temperature > 0 and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0),
+            p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0,
         )
 
     @classmethod

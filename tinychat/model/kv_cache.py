@@ -1,23 +1,64 @@
-"""A pre-allocated key/value cache with a length per sequence.
+"""Key/value caches and the attention that reads them, with the attention metadata passed explicitly.
 
-Why per-sequence lengths: a batch of prompts of different lengths then decodes together. Each row
-writes its new keys/values at its own positions `lengths[b] + t`; the attention mask lets a query at
-position p see exactly the keys at positions <= p of its own row. Rows may be right-padded within
-one forward call (give `n_new` per row): the padded slots hold junk that no query can see, because
-the next real token of that row is written over them before any query reaches that far.
+Why explicit metadata (vLLM's design): one forward call is described by an object built before the
+call (positions of the new tokens, where their keys/values go, which keys each query may see), handed
+to `Model.forward(..., meta=)` and read by every layer. The cache holds tensors, not call state, so
+nothing couples a layer to what a previous call left behind. Each cache is also the attention
+backend for its own layout (`cache.attend`): it writes the new keys/values and runs scaled dot-product
+attention over what a query may see, reading the cached span in place whenever the layout allows.
 
-Memory is allocated once (n_layer x batch x n_kv_head x max_len x head_dim) and reused; nothing is
-re-allocated per token. A serving engine reuses rows ("slots") by resetting their length to zero.
+Two layouts:
+  * `KVCache`: n_layer x rows x n_kv x max_len x hd, a length per row; batched `generate` (ragged
+    prompts, right-padded, one prefill) and RL rollouts. `plan()` builds the call's metadata and
+    `commit()` advances the lengths; Model.forward does both when it is given no `meta`.
+  * `PagedKVCache`: one pool of fixed-size blocks shared by every sequence of the serving engine; a
+    block table per sequence (tinychat.infer.engine.blocks decides which blocks). Keys are stored
+    token-major (n_layer x positions x n_kv x hd) so the span of a sequence whose blocks are
+    consecutive is a plain view; only a scattered span is gathered (one index per layer).
+
+Both keep keys/values in the compute dtype (the caller's autocast dtype, e.g. bf16), so a decode step
+never casts the cached span.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from tinychat.model.config import ModelConfig
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """(B, H, T, hd) attention of q over k/v (B, n_kv, S, hd); GQA when the head counts differ."""
+    if k.dtype != q.dtype:  # checked here: a no-op .to() still costs a dispatch per layer and token
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+@dataclass
+class CacheMeta:
+    """One call's view of a `KVCache`: built by `KVCache.plan`, read by every layer."""
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    rows: torch.Tensor | None  # (B,) cache rows this call feeds; None: all rows
+    start: int | None  # all rows at the same length: the position where the new tokens go (plain slices)
+    span: int  # key positions the call looks at
+    mask: torch.Tensor | None  # (B, 1, T, span) bool, True where a query may see a key; None: see below
+    is_causal: bool  # aligned rows prefilling from position 0
+
+
 class KVCache:
+    """A pre-allocated cache with a length per row (ragged batches share one forward call).
+
+    Row b writes its new keys/values at positions lengths[b] + t; the mask lets a query at position p
+    see exactly the keys at positions <= p of its own row. Rows may be right-padded within one call
+    (give `n_new` per row to `commit`): the padded slots hold junk that no query can see, because the
+    next real token of that row is written over them before any query reaches that far.
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -31,76 +72,157 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
+        self._lengths = [0] * batch_size  # the same on the host: planning needs no device sync
         self.batch_size = batch_size
-        # set by Model.forward for the duration of one call
-        self._positions: torch.Tensor | None = None  # (B, T) absolute positions of the new tokens
-        self._span = 0  # number of key positions the current call needs to look at
-        self._rows: torch.Tensor | None = None  # which rows the current call feeds (None: all)
-        self._start: int | None = None
 
-    def begin(self, n_tokens: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Start a forward call of `n_tokens` new tokens per row; returns their positions (B, T).
-
-        `rows` (B,) selects which cache rows ("slots") this call feeds, so a serving engine can run
-        only its active sequences; by default the call feeds every row.
-        """
-        self._rows = rows
+    def plan(self, n_tokens: int, rows: torch.Tensor | None = None) -> CacheMeta:
+        """Metadata for a call of `n_tokens` new tokens per row (of `rows`, by default every row)."""
+        host = self._lengths if rows is None else [self._lengths[r] for r in rows.tolist()]
         lengths = self.lengths if rows is None else self.lengths[rows]
         pos = lengths[:, None] + torch.arange(n_tokens, device=self.lengths.device)[None, :]
-        lo, hi = int(lengths.min().item()), int(lengths.max().item())
+        lo, hi = min(host), max(host)
         span = hi + n_tokens
         if span > self.max_len:
             raise ValueError(f"KV cache overflow: {span} positions needed, the cache holds {self.max_len}.")
-        self._positions, self._span = pos, span
-        self._start = lo if lo == hi else None  # all rows at the same length: plain slices suffice
-        return pos
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values (B, n_kv, T, hd) for one layer; return the cached span (B, n_kv, S, hd)."""
-        assert self._positions is not None, "call begin() first"
-        ck, cv = self.k[layer], self.v[layer]
-        if self._rows is not None:  # a subset of slots: index by (row, position), read the rows back
-            r = self._rows[:, None]
-            ck[r, :, self._positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, n_kv, hd) at [row, :, pos]
-            cv[r, :, self._positions] = v.transpose(1, 2).to(cv.dtype)
-            return ck[self._rows, :, : self._span], cv[self._rows, :, : self._span]
-        if self._start is not None:
-            s, T = self._start, k.shape[2]
-            ck[:, :, s : s + T] = k
-            cv[:, :, s : s + T] = v
+        start = lo if lo == hi else None
+        if start is not None and n_tokens == 1:  # aligned rows decoding one token see every cached key
+            mask, causal = None, False
+        elif start == 0:  # aligned rows prefilling from position 0: plainly causal
+            mask, causal = None, True
         else:
-            idx = self._positions[:, None, :, None].expand(k.shape)
+            keys = torch.arange(span, device=self.lengths.device)
+            mask, causal = keys[None, None, None, :] <= pos[:, None, :, None], False
+        return CacheMeta(pos, rows, start, span, mask, causal)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: CacheMeta) -> torch.Tensor:
+        """Write this layer's new k/v (B, n_kv, T, hd) and attend q (B, H, T, hd) over the cached span."""
+        ck, cv = self.k[layer], self.v[layer]
+        T = k.shape[2]
+        if m.rows is None and m.start is not None:  # aligned rows: slices, no copy of the span
+            ck[:, :, m.start : m.start + T] = k
+            cv[:, :, m.start : m.start + T] = v
+            ks, vs = ck[:, :, : m.span], cv[:, :, : m.span]
+        elif m.rows is None:
+            idx = m.positions[:, None, :, None].expand(k.shape)
             ck.scatter_(2, idx, k.to(ck.dtype))
             cv.scatter_(2, idx, v.to(cv.dtype))
-        return ck[:, :, : self._span], cv[:, :, : self._span]
+            ks, vs = ck[:, :, : m.span], cv[:, :, : m.span]
+        else:  # a subset of rows: index by (row, position), read the rows back
+            r = m.rows[:, None]
+            ck[r, :, m.positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, n_kv, hd) at [row, :, pos]
+            cv[r, :, m.positions] = v.transpose(1, 2).to(cv.dtype)
+            ks, vs = ck[m.rows, :, : m.span], cv[m.rows, :, : m.span]
+        return _sdpa(q, ks, vs, m.mask, m.is_causal)
 
-    def attention_mask(self) -> tuple[torch.Tensor | None, bool]:
-        """(mask, is_causal) for scaled_dot_product_attention over the cached span.
-
-        The cheap cases skip the mask: aligned rows decoding one token see every cached key; aligned
-        rows prefilling from position 0 are plainly causal. Otherwise a boolean (B, 1, T, S) mask,
-        True where a query may attend to a key.
-        """
-        assert self._positions is not None
-        T = self._positions.shape[1]
-        if self._start is not None and T == 1:
-            return None, False
-        if self._start == 0:
-            return None, True
-        keys = torch.arange(self._span, device=self.lengths.device)
-        return keys[None, None, None, :] <= self._positions[:, None, :, None], False
-
-    def advance(self, n_new: torch.Tensor) -> None:
-        """Commit the call: row b now holds n_new[b] more real tokens."""
-        if self._rows is None:
-            self.lengths += n_new.to(self.lengths)
+    def commit(self, m: CacheMeta, n_new: torch.Tensor | None = None) -> None:
+        """The call is done: each row it fed now holds n_new[b] (default: all T) more real tokens."""
+        T = m.positions.shape[1]
+        rows = range(self.batch_size) if m.rows is None else m.rows.tolist()
+        add = [T] * len(rows) if n_new is None else n_new.tolist()
+        for r, a in zip(rows, add):
+            self._lengths[r] += a
+        if m.rows is None:
+            self.lengths += T if n_new is None else n_new.to(self.lengths)
         else:
-            self.lengths[self._rows] += n_new.to(self.lengths)
-        self._positions, self._rows = None, None
+            self.lengths[m.rows] += T if n_new is None else n_new.to(self.lengths)
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` positions of every row (speculative decoding drops rejected tokens;
+        their keys/values are overwritten by the next call)."""
+        self._lengths = [min(n, length) for n in self._lengths]
+        self.lengths.clamp_(max=length)
 
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Forget rows (all by default) so their slots can serve new sequences."""
+        """Forget rows (all by default) so they can hold new sequences."""
         if rows is None:
             self.lengths.zero_()
+            self._lengths = [0] * self.batch_size
         else:
-            self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
+            rows = torch.as_tensor(rows, device=self.lengths.device)
+            self.lengths[rows] = 0
+            for r in rows.tolist():
+                self._lengths[r] = 0
+
+
+# ---------------------------------------------------------------------------------------------- paged
+@dataclass
+class PagedMeta:
+    """One call's view of a `PagedKVCache`: built by the engine from its block tables.
+
+    Rows are right-padded to T new tokens; a padded token's key goes to a scratch position that no
+    query sees (`slots` points it at position 0 of the reserved block 0)."""
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    slots: torch.Tensor  # (B*T,) pool position each new key/value is written to
+    keys: torch.Tensor | None  # (B, S) pool positions of the keys each row reads; None: the view below
+    view_start: int  # keys is None: row 0 reads pool positions [view_start, view_start + S) (batch 1)
+    span: int  # S, key positions per row
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, True where a query may see a key; None: all of them
+    is_causal: bool = False
+
+
+class PagedKVCache:
+    """A pool of `num_blocks` blocks of `block_size` positions for every layer, in the compute dtype.
+
+    Block 0 is reserved as the scratch block for padded tokens. The pool grows on demand (`ensure`)
+    up to its capacity and can be dropped when the engine is idle (`release`), so the memory held is
+    what the sequences hold, not what the server could hold.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, block_size: int, num_blocks: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
+        self.device, self.dtype = torch.device(device), dtype
+        self.allocated = 0  # blocks backed by memory (a prefix of the block ids)
+        self.k = self.v = torch.empty(0)
+
+    @property
+    def block_bytes(self) -> int:
+        c = self.cfg
+        return 2 * c.n_layer * self.block_size * c.n_kv_head * c.head_dim * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.allocated * self.block_bytes
+
+    def ensure(self, blocks: int) -> None:
+        """Back block ids [0, blocks) with memory, growing the pool by doubling (amortised copies)."""
+        if blocks <= self.allocated:
+            return
+        assert blocks <= self.num_blocks, f"{blocks} blocks asked for, the pool holds {self.num_blocks}"
+        new = min(self.num_blocks, max(blocks, 2 * self.allocated, 4))
+        c = self.cfg
+        shape = (c.n_layer, new * self.block_size, c.n_kv_head, c.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.allocated:
+            n = self.allocated * self.block_size
+            k[:, :n], v[:, :n] = self.k, self.v
+        self.k, self.v, self.allocated = k, v, new
+
+    def release(self) -> None:
+        """Free all memory (the engine calls this when nothing holds a block)."""
+        self.k = self.v = torch.empty(0)
+        self.allocated = 0
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write: block `dst` becomes a private copy of `src` (every layer)."""
+        bs = self.block_size
+        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: PagedMeta) -> torch.Tensor:
+        """Write this layer's new k/v (B, n_kv, T, hd) to their blocks; attend q (B, H, T, hd) over each row's keys."""
+        pk, pv = self.k[layer], self.v[layer]  # (P, n_kv, hd)
+        B, n_kv, T, hd = k.shape
+        pk.index_copy_(0, m.slots, k.transpose(1, 2).reshape(B * T, n_kv, hd).to(pk.dtype))
+        pv.index_copy_(0, m.slots, v.transpose(1, 2).reshape(B * T, n_kv, hd).to(pv.dtype))
+        if m.keys is None:  # consecutive blocks: the span is a view of the pool, nothing is copied
+            ks = pk[m.view_start : m.view_start + m.span][None]
+            vs = pv[m.view_start : m.view_start + m.span][None]
+        else:  # scattered blocks: one gather of each row's span
+            idx = m.keys.reshape(-1)
+            ks = pk.index_select(0, idx).view(B, m.span, n_kv, hd)
+            vs = pv.index_select(0, idx).view(B, m.span, n_kv, hd)
+        return _sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal)

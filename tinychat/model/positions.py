@@ -92,6 +92,7 @@ def layer_masks(
     mask: torch.Tensor | None,  # (B, 1, T, S) bool from the KV cache, or None
     is_causal: bool,
     dtype: torch.dtype,
+    n_keys: int | None = None,  # S, the key positions the call reads (a cache's span); default max(pos) + 1
 ) -> list[tuple[torch.Tensor | None, bool]]:
     """(attn_mask, is_causal) for each layer's scaled_dot_product_attention.
 
@@ -102,7 +103,7 @@ def layer_masks(
     sliding = [cfg.sliding(i) for i in range(cfg.n_layer)]
     if cfg.position != "alibi" and not any(sliding):
         return [(mask, is_causal)] * cfg.n_layer
-    n_keys = int(pos.max().item()) + 1
+    n_keys = n_keys or int(pos.max().item()) + 1
     keys = torch.arange(n_keys, device=pos.device)
     dist = pos[:, None, :, None] - keys[None, None, None, :]  # (B|1, 1, T, S): query minus key position
     if mask is None:

@@ -11,6 +11,7 @@ DDP/FSDP and torch.compile from the outside (torchtitan's rule).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import KVCache
+from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta
 from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
@@ -32,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op: the same arithmetic, fewer kernels
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight.to(x.dtype) * y
 
@@ -71,6 +74,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope with rotate-half's sign folded into the sine table (`rope_tables`): one roll and one
+    fused multiply-add, three kernels instead of six on the decode hot path."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+
+
+def rope_tables(
+    pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (B|1, 1, T, hd) for positions (B|1, T), computed in fp32 as HF does (see `rotate`);
+    `scale` multiplies both (YaRN's attention temperature)."""
+    freqs = pos[..., None].float() * inv_freq.float()  # (B|1, T, hd/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
+
+
+def layer_metas(
+    cfg: ModelConfig,
+    pos: torch.Tensor,  # (B|1, T) positions of the new tokens
+    cache: KVCache | PagedKVCache | None,
+    meta: CacheMeta | PagedMeta | None,
+    dtype: torch.dtype,
+) -> list[CacheMeta | PagedMeta | None]:
+    """Each layer's attention metadata: the call's own for plain models (SDPA keeps its mask-free fast
+    paths), or a copy carrying that layer's sliding-window / ALiBi mask (model/positions.py). Keys sit at
+    positions 0..span-1 of their row in both cache layouts, so one rule covers cache-less, contiguous and
+    paged calls."""
+    if cfg.position != "alibi" and not any(cfg.sliding(i) for i in range(cfg.n_layer)):
+        return [meta] * cfg.n_layer
+    if cache is None:
+        T = pos.shape[-1]
+        masks = layer_masks(cfg, pos, None, True, dtype, T)
+        return [CacheMeta(pos, None, 0, T, m, c) for m, c in masks]
+    assert meta is not None
+    masks = layer_masks(cfg, pos, meta.mask, meta.is_causal, dtype, meta.span)
+    return [dataclasses.replace(meta, mask=m, is_causal=c) for m, c in masks]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -82,36 +125,77 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # set by fuse() for inference; buffers so .to() moves them, non-persistent so files never see them
+        self.qkv_weight: torch.Tensor | None
+        self.qkv_bias: torch.Tensor | None
+        self.qk_weight: torch.Tensor | None  # (H + KV, hd): q_norm's weight per query head, then k_norm's
+        for name in ("qkv_weight", "qkv_bias", "qk_weight"):
+            self.register_buffer(name, None, persistent=False)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, d_model)
         cos: torch.Tensor,  # (B, 1, T, hd)
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        mask: torch.Tensor | None,
-        is_causal: bool,
+        sin: torch.Tensor,  # signed, see rope_tables
+        cache: KVCache | PagedKVCache | None,
+        meta: CacheMeta | PagedMeta | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
-        y = F.scaled_dot_product_attention(
-            q,
-            k.to(q.dtype),
-            v.to(q.dtype),
-            attn_mask=mask,
-            is_causal=is_causal,
-            enable_gqa=cfg.n_kv_head != cfg.n_head,
-        )
+        H, KV = cfg.n_head, cfg.n_kv_head
+        if self.qkv_weight is not None:  # fused for inference (fuse_projections): one matmul, one norm, one rope
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * KV, cfg.head_dim)
+            qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :].transpose(1, 2)
+            if cfg.qk_norm:  # in fp32 as RMSNorm computes it (no casts when the activations are fp32 already)
+                qk = qk if qk.dtype == torch.float32 else qk.float()
+                qk = F.rms_norm(qk, (cfg.head_dim,), eps=cfg.norm_eps).to(v.dtype) * self.qk_weight.to(v.dtype)
+            qk = rotate(qk.transpose(1, 2), cos, sin)  # (B, H + KV, T, hd)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_proj(x).view(B, T, H, cfg.head_dim)
+            k = self.k_proj(x).view(B, T, KV, cfg.head_dim)
+            v = self.v_proj(x).view(B, T, KV, cfg.head_dim)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is None:  # meta, when given, carries a sliding-window or ALiBi mask (layer_metas)
+            mask, causal = (None, True) if meta is None else (meta.mask, meta.is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
+        else:  # the cache writes k/v (B, n_kv, T, hd) and attends over what each query may see
+            y = cache.attend(self.layer_idx, q, k, v, meta)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.q_dim))
+
+    @torch.no_grad()
+    def fuse(self) -> bool:
+        """Inference only: one (q+k+v, d) matmul instead of three; q/k/v_proj's weights become views of it,
+        so memory does not grow and in-place updates stay in sync (until a later .to() copies them apart).
+        Skipped (False) when a projection is not a plain nn.Linear (quantized, adapted)."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(m) is nn.Linear for m in mods) or self.qkv_weight is not None:
+            return self.qkv_weight is not None
+        self.qkv_weight, self.qkv_bias = _fuse_linears(mods)
+        if self.cfg.qk_norm:
+            cfg = self.cfg
+            w = (self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1))
+            self.qk_weight = torch.cat(w)
+        return True
+
+
+def _fuse_linears(mods: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate Linear weights (and biases) along the output dim; each module's parameter becomes a view."""
+    out = []
+    for name in ("weight", "bias"):
+        parts = [getattr(m, name) for m in mods]
+        if parts[0] is None:
+            out.append(None)
+            continue
+        fused, row = torch.cat([p.detach() for p in parts]), 0
+        for m, p in zip(mods, parts):
+            setattr(m, name, nn.Parameter(fused[row : row + p.shape[0]], requires_grad=p.requires_grad))
+            row += p.shape[0]
+        out.append(fused)
+    return out[0], out[1]
 
 
 class MLP(nn.Module):
@@ -123,9 +207,24 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.gate_up_weight: torch.Tensor | None
+        self.gate_up_bias: torch.Tensor | None
+        for name in ("gate_up_weight", "gate_up_bias"):  # set by fuse(), as in Attention
+            self.register_buffer(name, None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:  # fused for inference: one matmul for gate and up
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def fuse(self) -> bool:
+        """Inference only: gate and up in one matmul (as Attention.fuse)."""
+        mods = (self.gate_proj, self.up_proj)
+        if all(type(m) is nn.Linear for m in mods) and self.gate_up_weight is None:
+            self.gate_up_weight, self.gate_up_bias = _fuse_linears(mods)
+        return self.gate_up_weight is not None
 
 
 class Block(nn.Module):
@@ -136,8 +235,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg, MLP) if cfg.n_experts else MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, mask, is_causal):  # noqa: ANN001 - shapes as in Attention
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, is_causal)
+    def forward(self, x, cos, sin, cache, meta):  # noqa: ANN001 - shapes as in Attention
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -207,56 +306,71 @@ class Model(nn.Module):
     def hidden_states(
         self,
         input_ids: torch.Tensor,  # (B, T) token ids
-        cache: KVCache | None = None,
-        n_new: torch.Tensor | None = None,  # (B,) real tokens per row when right-padded; default T
-        rows: torch.Tensor | None = None,  # (B,) cache rows this call feeds; default all
+        cache: KVCache | PagedKVCache | None = None,
+        n_new: torch.Tensor | None = None,  # KVCache: (B,) real tokens per row when right-padded; default T
+        rows: torch.Tensor | None = None,  # KVCache: (B,) cache rows this call feeds; default all
+        meta: CacheMeta | PagedMeta | None = None,  # the call's attention metadata (a PagedKVCache needs it)
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads."""
+        """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads.
+
+        With a KVCache and no `meta`, the cache plans the call and is committed after it (batched
+        generation); a serving engine builds `meta` itself from its block tables and keeps its own lengths."""
         B, T = input_ids.shape[:2]  # (B, T, d_model) hidden states on a pipeline stage (train/pipeline.py)
+        own = isinstance(cache, KVCache) and meta is None
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window {self.cfg.max_seq_len}.")
             pos = torch.arange(T, device=input_ids.device)[None, :]
-            mask, is_causal = None, True
         else:
-            expect = cache.batch_size if rows is None else len(rows)
-            assert expect == B, f"batch {B} != {expect} cache rows"
-            pos = cache.begin(T, rows)
-            mask, is_causal = cache.attention_mask()
+            if own:
+                expect = cache.batch_size if rows is None else len(rows)
+                assert expect == B, f"batch {B} != {expect} cache rows"
+                meta = cache.plan(T, rows)
+            assert meta is not None, "a paged cache needs the call's metadata (meta=)"
+            pos = meta.positions
         x = self.model.embed_tokens(input_ids)
-        freqs = pos[..., None].float() * self.inv_freq.float()  # (B|1, T, hd/2), fp32 as in HF
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, T, hd)
-        att = rope_attention_factor(self.cfg)  # YaRN's attention temperature; 1.0 otherwise
-        cos, sin = (emb.cos() * att).to(x.dtype), (emb.sin() * att).to(x.dtype)
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            cos, sin = cos.to(dt), sin.to(dt)
-        masks = layer_masks(self.cfg, pos, mask, is_causal, cos.dtype)  # sliding windows, ALiBi: per layer
-        for layer, (layer_mask, layer_causal) in zip(self.model.layers, masks):
-            x = layer(x, cos, sin, cache, layer_mask, layer_causal)
-        if cache is not None:
-            cache.advance(n_new if n_new is not None else torch.full((B,), T, device=input_ids.device))
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = rope_tables(pos, self.inv_freq, dt, rope_attention_factor(self.cfg))  # YaRN scales both
+        for layer, layer_meta in zip(self.model.layers, layer_metas(self.cfg, pos, cache, meta, dt)):
+            x = layer(x, cos, sin, cache, layer_meta)
+        if own:
+            cache.commit(meta, n_new)
         return self.model.norm(x)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         n_new: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        meta: CacheMeta | PagedMeta | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows))
+        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows, meta))
+
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: autocast's when it is on, else the norms' (a quantized head's weight is integer)."""
+        dev = self.model.norm.weight.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.norm.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.model.norm.weight  # the activations' device and dtype (a quantized head's weight is integer)
+        """A KVCache on the model's device, in the compute dtype (so decoding never casts the cached span)."""
         return KVCache(
             self.cfg,
             batch_size,
             min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len),
-            device=p.device,
-            dtype=dtype or p.dtype,
+            device=self.model.norm.weight.device,
+            dtype=dtype or self.compute_dtype(),
         )
+
+    def fuse_projections(self) -> Model:
+        """For inference: q/k/v and gate/up each in one matmul (see Attention.fuse). Saving stays possible
+        only after a fresh load; do not train a fused model with optimisers that replace parameters."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            if isinstance(layer.mlp, MLP):
+                layer.mlp.fuse()
+        return self
 
     # ---------------------------------------------------------------- files
     @classmethod

@@ -56,11 +56,24 @@ def render_metrics(engine: Engine, http: HttpStats) -> str:
     )
     metric("prompt_tokens_total", "counter", "Prompt tokens admitted (tokens in).", [("", s.prompt_tokens)])
     metric("generation_tokens_total", "counter", "Tokens generated (tokens out).", [("", s.generation_tokens)])
-    metric("queue_depth", "gauge", "Requests waiting for a KV slot.", [("", s.queue_depth)])
+    metric("queue_depth", "gauge", "Requests waiting for KV memory.", [("", s.queue_depth)])
     metric("running_sequences", "gauge", "Sequences holding a KV slot.", [("", s.running_seqs)])
     metric("kv_slots_free", "gauge", "KV-cache slots free.", [("", s.free_slots)])
     metric("kv_slots_total", "gauge", "KV-cache slots.", [("", engine.num_slots)])
-    metric("kv_cache_bytes", "gauge", "KV-cache memory allocated at start.", [("", engine.kv_bytes)])
+    metric(
+        "kv_cache_bytes",
+        "gauge",
+        "KV-cache memory allocated now (grows with use, dropped when idle).",
+        [("", engine.kv_bytes)],
+    )
+    metric("kv_blocks_used", "gauge", "KV blocks held by running sequences.", [("", s.kv_blocks_used)])
+    metric("kv_blocks_total", "gauge", "KV blocks the memory cap allows.", [("", engine.blocks.num_blocks - 1)])
+    metric(
+        "prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens served from the prefix cache.",
+        [("", s.prefix_hit_tokens)],
+    )
     metric(
         "tokens_per_second",
         "gauge",

@@ -1,0 +1,362 @@
+"""The serving engine: continuous batching over a paged KV cache, in one background thread.
+
+Why this shape (vLLM v1, reduced to what a small model on a CPU or one GPU needs): the engine thread
+owns the model and loops over steps; each step the scheduler (scheduler.py) admits what fits in KV
+memory and picks one prefill chunk and the decode batch, the runner here turns them into token ids
+and explicit attention metadata (PagedMeta: positions, the pool slots to write, the keys each row
+reads) for one forward call each, the sampler (sampler.py) picks tokens from resident per-row state,
+and the output processor (output.py) streams text and finishes choices. KV blocks (blocks.py) come
+from one pool shared by every sequence, with a prefix cache and copy-on-write for n > 1.
+Embeddings run on their own thread, so /v1/embeddings never stalls a stream.
+The model is touched for generation only by the engine thread; callers talk to it through `submit`
+(events come back through a callback or a queue) and `RequestHandle.cancel`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from tinychat.errors import UserError
+from tinychat.infer.engine import request as rq
+from tinychat.infer.engine.blocks import BlockManager
+from tinychat.infer.engine.output import OutputProcessor
+from tinychat.infer.engine.sampler import Sampler
+from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for
+from tinychat.infer.text import TextTracker
+from tinychat.infer.tool_calls import ToolCallParser
+from tinychat.model.kv_cache import PagedKVCache, PagedMeta
+from tinychat.model.pooling import mean_pool
+
+log = logging.getLogger("tinychat.engine")
+
+
+class Engine:
+    """Continuous-batching generation for one model; see the module docstring for the design."""
+
+    def __init__(self, model, tokenizer, cfg: rq.EngineConfig | None = None) -> None:  # noqa: ANN001
+        self.model, self.tok = model.eval(), tokenizer
+        if hasattr(model, "fuse_projections"):
+            model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
+        self.cfg = cfg = cfg or rq.EngineConfig()
+        mcfg = model.cfg
+        self.max_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
+        p = model.model.norm.weight
+        self.device = p.device
+        bs = cfg.block_size
+        self.cache = PagedKVCache(mcfg, bs, 2, self.device, model.compute_dtype())
+        seq_blocks = blocks_for(self.max_len, bs)
+        if cfg.kv_cache_mb is None:
+            num_blocks = cfg.max_num_seqs * seq_blocks + 1
+        else:
+            num_blocks = int(cfg.kv_cache_mb * 2**20 // self.cache.block_bytes)
+            if num_blocks < 2:
+                raise UserError(
+                    f"kv_cache_mb={cfg.kv_cache_mb} holds no KV block: one block of {bs} positions needs "
+                    f"{self.cache.block_bytes / 2**20:.3f} MB (a second one is the scratch block); raise it."
+                )
+        self.cache.num_blocks = num_blocks
+        self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
+        self.num_slots = cfg.max_num_seqs  # sequences decoded at once
+        self.sched = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.max_len)
+        self.stop_ids = sorted(tokenizer.stop_ids)
+        self.sampler = Sampler(cfg.max_num_seqs, mcfg.vocab_size, self.stop_ids, self.device)
+        self.stats = rq.EngineStats(free_slots=cfg.max_num_seqs)
+        self.out = OutputProcessor(self.stats, self.stop_ids, self.max_len, self._free)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted (guarded by _lock)
+        self._ids = itertools.count(1)
+        self._rate: deque[tuple[float, int]] = deque()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinychat-embed")
+        self._idle_since = time.perf_counter()
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV memory allocated now (it grows with the sequences and is dropped when the engine idles)."""
+        return self.cache.nbytes
+
+    # ------------------------------------------------------------------ public API (any thread)
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tinychat-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, req: rq.GenerationRequest, sink: Callable[[rq.Event], None] | None = None) -> rq.RequestHandle:
+        """Queue a request. Events go to `sink` (called on the engine thread; keep it cheap) or, without
+        one, to the handle's own queue for iteration. Raises UserError for a request that can never
+        run and EngineOverloaded when the queue is full."""
+        req.params.validate()
+        if not req.prompt_ids:
+            raise UserError("the prompt is empty; give at least one token.")
+        if not 1 <= req.n <= self.num_slots:
+            raise UserError(f"n must be between 1 and {self.num_slots} (the engine's max_num_seqs), got {req.n}.")
+        total = len(req.prompt_ids) + req.params.max_new_tokens
+        if total > self.max_len:
+            raise UserError(
+                f"the context window is {self.max_len} tokens, but {total} were asked for "
+                f"({len(req.prompt_ids)} in the prompt, {req.params.max_new_tokens} to generate)."
+            )
+        if not self.sched.fits_ever(req):
+            raise UserError(f"{req.n} choices of {total} tokens do not fit in the engine's KV memory; ask for fewer.")
+        V = self.model.cfg.vocab_size
+        for t in [*req.prompt_ids, *(req.logit_bias or {}), *req.banned_ids]:
+            if not 0 <= t < V:
+                raise UserError(f"token id {t} is outside the vocabulary (0..{V - 1}).")
+        with self._lock:
+            if self._queued >= self.cfg.max_queue:
+                self.stats.requests_rejected += 1
+                raise rq.EngineOverloaded(f"{self._queued} requests are already waiting; retry later.")
+            self._queued += 1
+            self.stats.queue_depth = self._queued
+        rid = next(self._ids)
+        events: queue.Queue | None = None
+        if sink is None:
+            events = queue.Queue()
+            sink = events.put
+        handle = rq.RequestHandle(rid, self, events)
+        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter()))
+        return handle
+
+    def embed(self, batch: list[list[int]]) -> Future:
+        """Mean-pooled, L2-normalised final hidden states of each token list, on the embedding thread
+        (a read-only forward beside the engine's: streams keep flowing while it runs)."""
+        for ids in batch:
+            if not 1 <= len(ids) <= self.model.cfg.max_seq_len:
+                raise UserError(f"each input must have 1 to {self.model.cfg.max_seq_len} tokens, got {len(ids)}.")
+
+        def work() -> list[list[float]]:
+            with torch.inference_mode():
+                return mean_pool(self.model, batch, self.device).tolist()
+
+        return self._embedder.submit(work)
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated over the last RATE_WINDOW seconds, per second (0 when idle)."""
+        now = time.perf_counter()
+        recent = [k for t, k in list(self._rate) if now - t <= rq.RATE_WINDOW]
+        return sum(recent) / rq.RATE_WINDOW
+
+    # ------------------------------------------------------------------ engine thread
+    def _wake(self) -> None:
+        self._inbox.put(None)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                busy = self.sched.waiting or self.sched.running
+                self._drain(block=not busy)
+                if not (self.sched.waiting or self.sched.running):
+                    self._maybe_release()
+                    continue
+                try:
+                    self.step()
+                except Exception as e:  # a bug: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                self._idle_since = time.perf_counter()
+            self._fail_all("the engine was stopped")
+
+    def _maybe_release(self) -> None:
+        """Idle long enough: give the KV pool's memory back (cached prefixes go with it)."""
+        if self.cache.allocated and time.perf_counter() - self._idle_since >= self.cfg.idle_release_s:
+            self.blocks.clear_cache()
+            self.cache.release()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, Request):
+                self.sched.waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def step(self) -> None:
+        """One scheduling step: reap cancelled, admit, one prefill chunk, one decode step."""
+        self._reap_cancelled()
+        self._admit()
+        batch = self.sched.prefill_batch()
+        if batch:
+            self._prefill(batch)
+        decoding = self.sched.decode_batch()
+        if decoding:
+            self._decode(decoding)
+        self.sched.running = [s for s in self.sched.running if not s.done]
+        self._update_gauges()
+        self.stats.steps += 1
+
+    def _update_gauges(self) -> None:
+        self.stats.free_slots = len(self.sched.free_rows)
+        self.stats.running_seqs = self.num_slots - len(self.sched.free_rows)
+        self.stats.kv_blocks_used = self.blocks.num_used
+
+    # ------------------------------------------------------------------ admission and freeing
+    def _admit(self) -> None:
+        sched = self.sched
+        while sched.waiting:
+            r = sched.waiting[0]
+            req = r.req
+            hit = self.blocks.match(req.prompt_ids)
+            if not sched.admissible(req, len(hit)):
+                self.blocks.release(hit)
+                break
+            sched.waiting.popleft()
+            self._dequeued()
+            keys = self.blocks.chain(req.prompt_ids, len(hit))
+            reserve = sched.worst_case(req)
+            for i in range(req.n):
+                c = req.constraint
+                row = sched.free_rows.pop()
+                state = self.sampler.admit(row, req, i, None if c is None else (c if i == 0 else c.copy()))
+                s = Seq(
+                    r,
+                    i,
+                    row,
+                    "prefill" if i == 0 else "follow",
+                    TextTracker(self.tok, req.params.stop),
+                    ToolCallParser() if req.parse_tools else None,
+                    state,
+                    reserve,
+                )
+                if i == 0:
+                    s.blocks, s.keys, s.computed = hit, keys, len(hit) * self.blocks.block_size
+                r.seqs.append(s)
+                sched.running.append(s)
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.prefix_hit_tokens += len(hit) * self.blocks.block_size
+        self._update_gauges()
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+            self.stats.queue_depth = self._queued
+
+    def _free(self, s: Seq) -> None:
+        self.sched.free(s)
+        self._update_gauges()
+
+    def _reap_cancelled(self) -> None:
+        for r in [r for r in self.sched.waiting if r.handle.cancelled]:
+            self.sched.waiting.remove(r)
+            self._dequeued()
+            self.stats.requests_cancelled += 1
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), 0, error="cancelled"))
+        for s in self.sched.running:
+            if s.r.handle.cancelled and not s.done:
+                self.out.finish(s, "cancelled")
+
+    def _fail_all(self, message: str) -> None:
+        sched = self.sched
+        reqs = {id(s.r): s.r for s in sched.running} | {id(r): r for r in sched.waiting}
+        for s in sched.running:
+            if not s.done:
+                sched.free(s)
+        sched.running = []
+        for _ in sched.waiting:
+            self._dequeued()
+        sched.waiting.clear()
+        self._update_gauges()
+        for r in reqs.values():
+            self.stats.requests_failed += 1
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), r.completion_tokens, error=message))
+
+    # ------------------------------------------------------------------ the runner
+    def _forward(self, seqs: list[Seq], chunks: list[list[int]]) -> torch.Tensor:
+        """Feed each sequence its chunk of tokens at its next positions; hidden states (B, T, d).
+
+        Builds the call's attention metadata from the block tables: the pool slot of every new token,
+        and the keys each row reads: a view of the pool when one sequence's blocks are consecutive,
+        else one gather per layer. Padded tokens of shorter rows write to the scratch block 0."""
+        bs, dev = self.blocks.block_size, self.device
+        copies = [c for s, ch in zip(seqs, chunks) for c in self.sched.grow(s, len(ch))]
+        self.cache.ensure(1 + max(b for s in seqs for b in s.blocks))
+        for src, dst in copies:
+            self.cache.copy_block(src, dst)
+        B, T = len(seqs), max(len(ch) for ch in chunks)
+        starts = [s.computed for s in seqs]
+        S = max(st + len(ch) for st, ch in zip(starts, chunks))
+        ids, slots = [], []
+        for s, st, ch in zip(seqs, starts, chunks):
+            ids += ch + [0] * (T - len(ch))
+            slots += [s.blocks[p // bs] * bs + p % bs for p in range(st, st + len(ch))] + [0] * (T - len(ch))
+        x = torch.tensor(ids, device=dev).view(B, T)
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]
+        first = seqs[0].blocks
+        nb = blocks_for(S, bs)
+        if B == 1 and first[nb - 1] - first[0] == nb - 1 and first[:nb] == list(range(first[0], first[0] + nb)):
+            keys = None  # consecutive blocks: attention reads the pool in place
+        else:
+            table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=dev)
+            keys = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(B, nb * bs)[:, :S].contiguous()
+        mask, causal = None, False
+        if B == 1 and T == 1:
+            pass  # one query sees every cached key
+        elif B == 1 and starts[0] == 0:
+            causal = True
+        else:
+            mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+        meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
+        h = self.model.hidden_states(x, self.cache, meta=meta)
+        for s, ch in zip(seqs, chunks):
+            s.computed += len(ch)
+            self.sched.register_full_blocks(s)
+        return h
+
+    def _prefill(self, batch: list[tuple[Seq, int]]) -> None:
+        """Feed one chunk of prompt tokens for the sequences the scheduler picked."""
+        seqs = [s for s, _ in batch]
+        chunks = [s.prompt[s.computed : s.computed + n] for s, n in batch]
+        h = self._forward(seqs, chunks)
+        ready = [(s, i, len(chunks[i])) for i, s in enumerate(seqs) if s.computed == len(s.prompt)]
+        if not ready:
+            return
+        idx = torch.tensor([i for _, i, _ in ready], device=self.device)
+        last_pos = torch.tensor([n - 1 for _, _, n in ready], device=self.device)
+        last = self.model.lm_head(h[idx, last_pos])  # (R, V): the next-token logits of finished prompts
+        todo, rows_of = [], []
+        for j, (s, _, _) in enumerate(ready):
+            for q in s.r.seqs:  # the leader and its followers share the prompt's blocks (copy on write)
+                if q is not s:
+                    for b in s.blocks:
+                        self.blocks.acquire(b)
+                    q.blocks, q.keys, q.computed = list(s.blocks), list(s.keys), s.computed
+                q.state = "decode"
+                todo.append(q)
+                rows_of.append(j)
+        self._sample_and_emit(todo, last[torch.tensor(rows_of, device=self.device)])
+
+    def _decode(self, seqs: list[Seq]) -> None:
+        h = self._forward(seqs, [[s.output[-1]] for s in seqs])
+        self._sample_and_emit(seqs, self.model.lm_head(h[:, 0]))  # (B, V)
+
+    def _sample_and_emit(self, seqs: list[Seq], logits: torch.Tensor) -> None:
+        tokens, lps = self.sampler.sample([s.sampling for s in seqs], logits)
+        now = time.perf_counter()
+        for s, tok, lp in zip(seqs, tokens, lps):
+            self.out.accept(s, tok, lp, now)
+        self._rate.append((now, len(seqs)))
+        while self._rate and now - self._rate[0][0] > rq.RATE_WINDOW:
+            self._rate.popleft()

@@ -1,0 +1,131 @@
+"""The scheduler: who waits, who runs, which blocks each sequence holds, what the next forward feeds.
+
+Admission is bounded by KV memory, not by a slot count: a request joins when its worst case (prompt
+plus max_new_tokens, in blocks, per choice) fits beside what the running sequences may still grow
+into. Blocks are taken as a sequence grows (so memory follows real lengths) and returned at once when
+it finishes or is cancelled. That reservation keeps the engine free of preemption: nothing admitted
+can run out of blocks halfway. `max_num_seqs` caps the batch (the sampler's rows) on top.
+
+One step = admit, ONE prefill chunk (at most `prefill_chunk` prompt tokens, several prompts batched),
+then ONE decode step for every running sequence: a long prompt is split over steps and never stalls
+the sequences already decoding for long.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tinychat.infer.engine.blocks import BlockKey, BlockManager
+from tinychat.infer.engine.request import Event, GenerationRequest, RequestHandle
+from tinychat.infer.engine.sampler import RowState
+from tinychat.infer.text import TextTracker
+from tinychat.infer.tool_calls import ToolCallParser
+
+
+@dataclass
+class Request:
+    rid: int
+    req: GenerationRequest
+    handle: RequestHandle
+    sink: Callable[[Event], None]
+    submitted: float
+    seqs: list[Seq] = field(default_factory=list)
+    completion_tokens: int = 0
+    first_token: bool = False
+
+
+@dataclass
+class Seq:
+    r: Request
+    index: int  # the choice
+    row: int  # the sampler row it holds while running
+    state: str  # prefill | follow (waits for its leader's prefill) | decode
+    tracker: TextTracker
+    parser: ToolCallParser | None
+    sampling: RowState
+    reserve: int  # blocks it may hold at most (admission counted them)
+    blocks: list[int] = field(default_factory=list)  # its block table
+    keys: list[BlockKey] = field(default_factory=list)  # prefix-cache keys of its leading full blocks
+    computed: int = 0  # positions whose keys/values are in its blocks
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.r.req.prompt_ids
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int, max_len: int) -> None:
+        self.blocks, self.prefill_chunk, self.max_len = blocks, prefill_chunk, max_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Seq] = []
+        self.free_rows = list(range(max_num_seqs))[::-1]
+
+    def worst_case(self, req: GenerationRequest) -> int:
+        """Blocks one choice may need: prompt + output, plus one for a copy-on-write of a shared block."""
+        total = min(len(req.prompt_ids) + req.params.max_new_tokens, self.max_len)
+        return blocks_for(total, self.blocks.block_size) + (1 if req.n > 1 else 0)
+
+    def fits_ever(self, req: GenerationRequest) -> bool:
+        return req.n * self.worst_case(req) <= self.blocks.num_blocks - 1
+
+    def outstanding(self) -> int:
+        """Blocks the running sequences may still take."""
+        return sum(max(0, s.reserve - len(s.blocks)) for s in self.running if not s.done)
+
+    def admissible(self, req: GenerationRequest, hit_blocks: int) -> bool:
+        need = req.n * self.worst_case(req) - hit_blocks
+        return len(self.free_rows) >= req.n and need <= self.blocks.num_available - self.outstanding()
+
+    def free(self, s: Seq) -> None:
+        """Return a finished or cancelled sequence's blocks and row at once."""
+        s.done = True
+        self.blocks.release(s.blocks)
+        s.blocks = []
+        self.free_rows.append(s.row)
+
+    def prefill_batch(self) -> list[tuple[Seq, int]]:
+        """(sequence, prompt tokens this call) for as many prefilling sequences as the chunk budget allows."""
+        budget, batch = self.prefill_chunk, []
+        for s in self.running:
+            if s.state != "prefill" or budget <= 0:
+                continue
+            n = min(len(s.prompt) - s.computed, budget)
+            batch.append((s, n))
+            budget -= n
+        return batch
+
+    def decode_batch(self) -> list[Seq]:
+        return [s for s in self.running if s.state == "decode" and not s.done]
+
+    def grow(self, s: Seq, n: int) -> list[tuple[int, int]]:
+        """Make s's blocks cover positions [computed, computed + n), private where they will be written.
+        Returns the copy-on-write copies (src, dst) the cache must make before the call."""
+        bs, copies = self.blocks.block_size, []
+        first, last = s.computed // bs, (s.computed + n - 1) // bs
+        for j in range(first, last + 1):
+            if j == len(s.blocks):
+                s.blocks.append(self.blocks.allocate(prefer=s.blocks[-1] + 1 if s.blocks else None))
+            else:
+                src = self.blocks.writable(s.blocks, j)
+                if src is not None:
+                    copies.append((src, s.blocks[j]))
+        return copies
+
+    def register_full_blocks(self, s: Seq) -> None:
+        """Offer s's newly completed blocks to the prefix cache (prompt and output alike: a chat's next
+        turn repeats this one)."""
+        full, start = s.computed // self.blocks.block_size, len(s.keys)
+        if full > start:
+            parent = s.keys[-1] if s.keys else None
+            new = self.blocks.chain(s.prompt + s.output, full, parent, start)
+            for j, key in enumerate(new, start):
+                self.blocks.register(s.blocks[j], key)
+            s.keys += new
