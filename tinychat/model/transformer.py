@@ -203,6 +203,8 @@ class Model(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads."""
         B, T = input_ids.shape
+        if (virtual := getattr(self, "virtual_tokens", None)) is not None:  # prompt/prefix adapters (model/peft)
+            cache = virtual.attach(self, cache, B, rows)
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window {self.cfg.max_seq_len}.")
@@ -238,10 +240,11 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         p = self.model.norm.weight  # the activations' device and dtype (a quantized head's weight is integer)
+        virtual = getattr(self, "virtual_tokens", None)  # a prompt/prefix adapter's tokens come first
         return KVCache(
             self.cfg,
             batch_size,
-            min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len),
+            min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len) + (virtual.num_tokens if virtual else 0),
             device=p.device,
             dtype=dtype or p.dtype,
         )

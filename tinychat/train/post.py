@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.hub import hub_id, resolve_model_dir
-from tinychat.model.lora import LoraConfig, apply_lora, has_lora, lora_disabled, merge_state, save_adapter
+from tinychat.model.peft.lora import LoraConfig, apply_lora, has_lora, lora_disabled, merge_state, save_adapter
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainResult, train
 
@@ -103,7 +103,7 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
 def adapter_base(adapter_dir: Path) -> Path:
     """The base model an adapter's adapter_config.json names: a directory (absolute, or relative to the adapter)
     or a Hugging Face id such as PEFT writes."""
-    from tinychat.model.lora import read_adapter_config
+    from tinychat.model.peft.lora import read_adapter_config
 
     base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
@@ -118,7 +118,7 @@ def adapter_base(adapter_dir: Path) -> Path:
 
 def load_causal_lm(path: Path) -> torch.nn.Module:
     """A model directory, or a LoRA adapter directory (its base is loaded and the adapter merged in)."""
-    from tinychat.model.lora import load_adapter, merge_lora
+    from tinychat.model.peft.lora import load_adapter, merge_lora
     from tinychat.model.transformer import Model
 
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.lora import LoraConfig
+from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
 
@@ -222,7 +222,7 @@ def grow_vocab(model: torch.nn.Module, init: Path, tok: Any, how: str, seed: int
 def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig) -> None:
     """Chinese-LLaMA's two stages of continued pretraining: embeddings and output layer only, or LoRA (plus
     whichever modules --lora.modules_to_save names, trained whole and saved with the adapter)."""
-    from tinychat.model.lora import apply_lora, train_only
+    from tinychat.model.peft.lora import apply_lora, train_only
 
     if cfg.trainable == "embeddings":
         n, what = train_only(model, ["embed_tokens", "lm_head"]), "embeddings and output layer"
