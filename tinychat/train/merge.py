@@ -1,10 +1,10 @@
 """`tinychat merge`: fold a LoRA, DoRA or IA3 adapter into its base model's weights, giving a plain model directory.
 
-Every post-training command with --peft.method lora/dora/ia3 (or --lora.rank) already writes the merged model to checkpoints/STAGE/
-and the adapter beside it (checkpoints/STAGE/adapter/); this command is for adapters met elsewhere
-(trained by PEFT, shared without their base) or applied to another copy of the base. The merged
-model computes the same logits as base + adapter (W' = W + (alpha/r) B A; DoRA rescales its rows; IA3
-multiplies rows or columns), at the base's speed. Prompt/prefix adapters have nothing to fold: a UserError.
+Every post-training command with --peft.method lora/dora/ia3 (or --lora.rank) already writes the merged
+model to checkpoints/STAGE/ and the adapter beside it (checkpoints/STAGE/adapter/); this command is for
+adapters met elsewhere (trained by PEFT, shared without their base) or applied to another copy of the base.
+The merged model computes the same logits as base + adapter (W' = W + (alpha/r) B A; DoRA rescales its
+rows; IA3 multiplies rows or columns), at the base's speed. Prompt/prefix adapters have nothing to fold.
 """
 
 from __future__ import annotations

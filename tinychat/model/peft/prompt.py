@@ -286,7 +286,8 @@ def load_virtual_tokens(model: nn.Module, path: str | Path, d: dict[str, Any] | 
     if emb is None or tuple(emb.shape) != (spec.n, vt.width):
         got = None if emb is None else tuple(emb.shape)
         raise UserError(
-            f"{Path(path) / 'adapter_model.safetensors'}: prompt_embeddings has shape {got}, expected {(spec.n, vt.width)}."
+            f"{Path(path) / 'adapter_model.safetensors'}: prompt_embeddings has shape {got}, "
+            f"expected {(spec.n, vt.width)}."
         )
     with torch.no_grad():
         vt.embedding.weight.copy_(emb)
