@@ -182,7 +182,7 @@ def test_virtual_tokens_cannot_merge_and_bad_flags_fail(tiny_model_dir: Path, tm
         merge_adapters(model)
     assert main(["merge", "--adapter", str(tmp_path / "stage"), "--out", str(tmp_path / "m")]) == 2
     assert "cannot be merged" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--lora.rank is for"):
+    with pytest.raises(UserError, match="--lora.. is for"):
         PeftConfig(method="ia3").resolve(LoraConfig(rank=4))
     with pytest.raises(UserError, match="unknown target"):
         PeftConfig(method="ia3", targets=["zz"]).resolve(LoraConfig())

@@ -55,8 +55,8 @@ class PeftConfig:
             lcfg.rank = lcfg.rank or 8
             lcfg.use_dora = lcfg.use_dora or m == "dora"
             lcfg.leaf_names()
-        elif lcfg.rank > 0:
-            raise UserError(f"--lora.rank is for --peft.method lora or dora, not {m}; drop one of the two.")
+        elif lcfg.rank > 0 or lcfg.modules_to_save:
+            raise UserError(f"--lora.* is for --peft.method lora or dora, not {m}; drop one of the two.")
         if m in VIRTUAL and self.virtual_tokens <= 0:
             raise UserError(f"--peft.virtual_tokens must be > 0 for --peft.method {m}.")
         if m == "ia3":
