@@ -33,6 +33,7 @@ def run(cfg: GenerateConfig) -> int:
     from tinychat.device import pick_device, pick_dtype
     from tinychat.errors import UserError
     from tinychat.infer.generate import generate
+    from tinychat.infer.locate import tokenizer_dir
     from tinychat.infer.sampling import SamplingParams
     from tinychat.model import Model
     from tinychat.model.hub import resolve_model_dir
@@ -45,7 +46,7 @@ def run(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
     path = resolve_model_dir(cfg.model)
     model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
-    tok = Tokenizer.from_pretrained(path)
+    tok = Tokenizer.from_pretrained(tokenizer_dir(path))
     prompts = cfg.prompt
     if cfg.chat:
 

@@ -255,6 +255,10 @@ def _weight_files(p: Path) -> list[Path]:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
     p = resolve_model_dir(path)
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():  # a PEFT adapter directory
+        from tinychat.model.peft import load_with_base
+
+        return load_with_base(p, dtype, device)  # type: ignore[return-value]
     raw = read_config_json(p)
     cfg = config_from_hf(raw, str(p / "config.json"))
     files = _weight_files(p)

@@ -29,9 +29,8 @@ def merge(adapter: Path, base: Path | None, out: Path) -> Path:
     from tinychat.model.hf import copy_tokenizer
     from tinychat.model.hub import resolve_model_dir
     from tinychat.model.peft import load_adapter, merge_adapters
-    from tinychat.model.peft.common import read_adapter_config
+    from tinychat.model.peft.common import adapter_base, read_adapter_config
     from tinychat.model.transformer import Model
-    from tinychat.train.post import adapter_base
     from tinychat.train.reward import RewardModel, save_reward_model
 
     conf = read_adapter_config(adapter)

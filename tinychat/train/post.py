@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
-from tinychat.model.hub import hub_id, resolve_model_dir
+from tinychat.model.hub import resolve_model_dir
 from tinychat.model.peft import VIRTUAL, PeftConfig, adapters_disabled, apply_peft, has_adapters, save_result
-from tinychat.model.peft.common import is_adapter_dir
+from tinychat.model.peft.common import adapter_base, is_adapter_dir
 from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainResult, train
@@ -109,34 +109,12 @@ def is_model_or_adapter(d: Path) -> bool:
     return (d / "config.json").is_file() or is_adapter_dir(d)
 
 
-def adapter_base(adapter_dir: Path) -> Path:
-    """The base model an adapter's adapter_config.json names: a directory (absolute, or relative to the adapter)
-    or a Hugging Face id such as PEFT writes."""
-    from tinychat.model.peft.common import read_adapter_config
-
-    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; pass --base.")
-    p = Path(base)
-    if p.is_absolute() or p.is_dir():
-        return p
-    if (adapter_dir / p).is_dir() or hub_id(base) is None:
-        return adapter_dir / p
-    return resolve_model_dir(base)
-
-
 def load_causal_lm(path: Path) -> torch.nn.Module:
     """A model directory, or an adapter directory: its base is loaded and the adapter merged in (LoRA, DoRA,
     IA3) or attached unmerged and frozen (prompt/prefix methods)."""
-    from tinychat.model.peft import load_adapter, merge_adapters
-    from tinychat.model.peft.prompt import has_virtual_tokens
     from tinychat.model.transformer import Model
 
-    if is_adapter_dir(path):
-        model = Model.from_pretrained(str(adapter_base(path)), dtype=torch.float32)
-        load_adapter(model, path)
-        return model if has_virtual_tokens(model) else merge_adapters(model)
-    return Model.from_pretrained(str(path), dtype=torch.float32)
+    return Model.from_pretrained(str(path), dtype=torch.float32)  # model/hf.py opens adapter directories too
 
 
 def start_model(cfg: PostConfig, inputs: Inputs) -> torch.nn.Module:

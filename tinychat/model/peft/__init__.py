@@ -26,7 +26,7 @@ from torch import nn
 from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.model.peft import ia3, lora, prompt
-from tinychat.model.peft.common import ADAPTER_CONFIG, is_adapter_dir, read_adapter_config
+from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config
 
 METHODS = ("none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2")
 VIRTUAL = ("prompt", "ptuning", "prefix", "ptuning_v2")
@@ -167,6 +167,19 @@ def save_result(
     else:
         return state
     return merge_state(state, lcfg.scaling if lcfg.rank else 1.0)
+
+
+def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | None = None) -> nn.Module:
+    """An adapter directory as a model: the base it names, with the adapter merged in (LoRA, DoRA, IA3) or
+    attached unmerged (prompt/prefix methods). Model.from_pretrained lands here for adapter directories."""
+    from tinychat.model.hf import load_pretrained
+
+    base = adapter_base(path)
+    if is_adapter_dir(base):
+        raise UserError(f"{path}: its base {base} is itself an adapter directory; merge that one first.")
+    model = load_pretrained(base, dtype=dtype, device=device)
+    load_adapter(model, path)
+    return model if prompt.has_virtual_tokens(model) else merge_adapters(model)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -29,6 +29,22 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
 
 
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model an adapter's adapter_config.json names: a directory (absolute, or relative to the adapter)
+    or a Hugging Face id such as PEFT writes."""
+    from tinychat.model.hub import hub_id, resolve_model_dir
+
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path; pass --base.")
+    p = Path(base)
+    if p.is_absolute() or p.is_dir():
+        return p
+    if (adapter_dir / p).is_dir() or hub_id(base) is None:
+        return adapter_dir / p
+    return resolve_model_dir(base)
+
+
 def read_adapter_config(path: str | Path, types: tuple[str, ...] = PEFT_TYPES) -> dict[str, Any]:
     """adapter_config.json as a dict; a UserError if it is missing, not JSON, or of a method not in `types`."""
     p = Path(path) / ADAPTER_CONFIG
