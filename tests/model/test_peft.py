@@ -12,12 +12,15 @@ import torch
 from tinychat.errors import UserError
 from tinychat.model import Model
 from tinychat.model.peft import PeftConfig, adapters_disabled, apply_peft, load_adapter, merge_adapters, save_result
+from tinychat.model.peft.adapters import Bottleneck
 from tinychat.model.peft.ia3 import IA3Linear
 from tinychat.model.peft.lora import LoraConfig, LoRALinear
 
 X = torch.randint(16, 200, (2, 12))
 VIRTUAL = ["prompt", "ptuning", "prefix", "ptuning_v2"]
-ALL = ["lora", "dora", "ia3", *VIRTUAL]
+PEFT_HAS = ["lora", "dora", "ia3", *VIRTUAL]
+OURS = ["houlsby", "parallel", "mam"]  # tinychat's own format
+ALL = [*PEFT_HAS, *OURS]
 
 
 def logits(model: torch.nn.Module, x: torch.Tensor = X) -> torch.Tensor:
@@ -42,6 +45,8 @@ def adapted(base_dir: Path, method: str, **kw) -> tuple[Model, PeftConfig, LoraC
                 m.lora_magnitude_vector.data.mul_(1 + 0.1 * torch.randn_like(m.lora_magnitude_vector))
         if isinstance(m, IA3Linear):
             m.ia3_l.data.add_(0.2 * torch.randn_like(m.ia3_l))
+        if isinstance(m, Bottleneck):
+            torch.nn.init.normal_(m.up.weight, std=0.1)
     return model, pcfg, lcfg
 
 
@@ -61,7 +66,7 @@ def test_each_method_starts_near_the_base_and_trains_only_its_adapter(tiny_model
     assert trainable and all(k not in dict(base.named_parameters()) for k in trainable)  # base frozen
     total = sum(p.numel() for p in base.parameters())
     assert sum(p.numel() for p in trainable.values()) < 0.2 * total
-    if method in ("lora", "dora", "ia3"):  # identity at step 0
+    if method in ("lora", "dora", "ia3", "houlsby", "parallel"):  # identity at step 0
         torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
     model.train()
     loss = model(X).float().logsumexp(-1).mean()
@@ -73,7 +78,7 @@ def test_each_method_starts_near_the_base_and_trains_only_its_adapter(tiny_model
         torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", PEFT_HAS)
 def test_peft_opens_our_adapter(tiny_model_dir: Path, tmp_path: Path, method: str):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -144,7 +149,22 @@ def test_we_open_peft_adapters(tiny_model_dir: Path, tmp_path: Path, name: str):
     torch.testing.assert_close(logits(ours), expected[:, n:], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", VIRTUAL)
+@pytest.mark.parametrize("method", OURS)
+def test_our_adapters_round_trip_through_their_format(tiny_model_dir: Path, tmp_path: Path, method: str):
+    model, _, lcfg = adapted(tiny_model_dir, method)
+    ours = logits(model)
+    assert (ours - logits(Model.from_pretrained(str(tiny_model_dir)))).abs().max() > 1e-3
+    where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    conf = json.loads((where / "adapter_config.json").read_text())
+    assert conf["peft_type"] == method.upper() and conf["tinychat_format"] == 1 and conf["adapter_dim"] == 16
+    assert conf["adapter_scale"] == (4.0 if method == "mam" else 1.0)
+    again = Model.from_pretrained(str(where))  # an adapter directory opens as base + adapter, unmerged
+    torch.testing.assert_close(logits(again), ours, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_adapters(again)
+
+
+@pytest.mark.parametrize("method", [*VIRTUAL, "mam"])
 def test_the_kv_cache_accounts_for_virtual_tokens(tiny_model_dir: Path, method: str):
     """Prefill + one-token decode steps through the cache give the logits of the cache-less forward."""
     model, _, _ = adapted(tiny_model_dir, method)

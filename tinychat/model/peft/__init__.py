@@ -3,10 +3,11 @@
 Methods (each in its own module, each applied from outside the Transformer by wrapping modules):
 - lora, dora (lora.py): low-rank updates of the projections (DoRA adds a trained magnitude per row);
 - ia3 (ia3.py): learned per-channel scales of k, v and the feed-forward input;
-- prompt, ptuning, prefix, ptuning_v2 (prompt.py): virtual tokens at the input or at every layer.
+- prompt, ptuning, prefix, ptuning_v2 (prompt.py): virtual tokens at the input or at every layer;
+- houlsby, parallel, mam (adapters.py): bottleneck adapters (MAM adds a prefix), in tinychat's own format.
 LoRA/DoRA/IA3 merge into the weights (the stage's model is the merged one, the adapter sits beside it in
-adapter/); the virtual-token methods cannot merge, so their stage directory *is* the adapter (PEFT's
-adapter_config.json + adapter_model.safetensors naming the base), run unmerged by generate/chat/eval/serve.
+adapter/); the other methods cannot merge, so their stage directory *is* the adapter (adapter_config.json +
+adapter_model.safetensors naming the base), run unmerged by generate/chat/eval/serve.
 
 `--peft.method auto` (the default) keeps the older flags working: LoRA when `--lora.rank` > 0, else every
 weight trains. LoRA's and DoRA's settings stay under `--lora.*`.
@@ -25,28 +26,34 @@ from torch import nn
 
 from tinychat.config import field
 from tinychat.errors import UserError
-from tinychat.model.peft import ia3, lora, prompt
+from tinychat.model.peft import adapters, ia3, lora, prompt
 from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config
 
-METHODS = ("none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2")
+METHODS = ("none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam")
 VIRTUAL = ("prompt", "ptuning", "prefix", "ptuning_v2")
-MERGEABLE = ("lora", "dora", "ia3")
+BOTTLENECK = ("houlsby", "parallel", "mam")
+UNMERGED = (*VIRTUAL, *BOTTLENECK)  # run unmerged; a stage trained with one is an adapter directory
 
 __all__ = ["METHODS", "PeftConfig", "apply_peft", "is_adapter_dir", "load_adapter", "save_result"]
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["auto", "none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2"] = field(
+    method: Literal[
+        "auto", "none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
+    ] = field(
         "auto",
         help="auto (lora if --lora.rank > 0, else none), none (every weight trains), lora, dora, ia3, prompt "
-        "(prompt tuning), ptuning (P-tuning v1), prefix (prefix tuning), ptuning_v2 (deep prompts, no MLP)",
+        "(prompt tuning), ptuning (P-tuning v1), prefix (prefix tuning), ptuning_v2 (deep prompts, no MLP), "
+        "houlsby (serial adapters), parallel (parallel adapters), mam (prefix + parallel FFN adapter)",
     )
-    virtual_tokens: int = field(20, help="prompt/ptuning/prefix/ptuning_v2: number of virtual tokens")
+    virtual_tokens: int = field(20, help="prompt/ptuning/prefix/ptuning_v2/mam: number of virtual tokens")
     init_text: str = field("", help="prompt: start the soft prompt from this text's token embeddings")
     encoder: Literal["mlp", "lstm"] = field("mlp", help="ptuning: the prompt encoder")
     encoder_hidden: int = field(0, help="ptuning/prefix: hidden width of the encoder or MLP (0 = token width)")
     targets: list[str] = field(["k", "v", "down"], help="ia3: projections to rescale (q,k,v,o,gate,up,down)")
+    adapter_dim: int = field(16, help="houlsby/parallel/mam: bottleneck width of each adapter")
+    adapter_scale: float = field(0.0, help="parallel/mam: output scale s (0 = 1 for parallel, 4 for mam)")
 
     def resolve(self, lcfg: lora.LoraConfig) -> str:
         """The method to apply (auto resolved); sets --lora.rank 8 / use_dora for lora/dora; UserError on a clash."""
@@ -57,20 +64,22 @@ class PeftConfig:
             lcfg.leaf_names()
         elif lcfg.rank > 0 or lcfg.modules_to_save:
             raise UserError(f"--lora.* is for --peft.method lora or dora, not {m}; drop one of the two.")
-        if m in VIRTUAL and self.virtual_tokens <= 0:
+        if m in (*VIRTUAL, "mam") and self.virtual_tokens <= 0:
             raise UserError(f"--peft.virtual_tokens must be > 0 for --peft.method {m}.")
         if m == "ia3":
             lora.target_leaves(self.targets, "--peft.targets")
+        if m in BOTTLENECK and self.adapter_dim <= 0:
+            raise UserError(f"--peft.adapter_dim must be > 0 for --peft.method {m}.")
         return m
 
     def spec(self, method: str) -> prompt.PromptSpec:
-        kind = "prefix" if method in ("prefix", "ptuning_v2") else method
+        kind = "prefix" if method in ("prefix", "ptuning_v2", "mam") else method
         return prompt.PromptSpec(
             kind=kind,
             n=self.virtual_tokens,
             encoder=self.encoder,
             encoder_hidden=self.encoder_hidden,
-            projection=method == "prefix",
+            projection=method in ("prefix", "mam"),
             init_text=self.init_text if method == "prompt" else "",
         )
 
@@ -95,9 +104,17 @@ def apply_peft(
     elif m == "ia3":
         n = ia3.apply_ia3(model, pcfg.targets)
         what = f"ia3 on {n} projections"
-    else:
+    elif m in VIRTUAL:
         prompt.attach_virtual_tokens(model, pcfg.spec(m), init_ids)
         what = f"{m}, {pcfg.virtual_tokens} virtual tokens"
+    else:
+        if m == "mam":
+            prompt.attach_virtual_tokens(model, pcfg.spec(m))
+        scale = pcfg.adapter_scale or (4.0 if m == "mam" else 1.0)
+        n = adapters.apply_adapters(model, m, pcfg.adapter_dim, scale, freeze=m != "mam")
+        what = f"{m}, {n} adapters of width {pcfg.adapter_dim}" + (
+            f" + {pcfg.virtual_tokens} prefix tokens" * (m == "mam")
+        )
     for name in heads:
         getattr(model, name).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -106,27 +123,31 @@ def apply_peft(
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return lora.has_lora(model) or ia3.has_ia3(model) or prompt.has_virtual_tokens(model)
+    return lora.has_lora(model) or ia3.has_ia3(model) or prompt.has_virtual_tokens(model) or has_bottlenecks(model)
+
+
+def has_bottlenecks(model: nn.Module) -> bool:
+    return bool(adapters.bottlenecks(model))
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model (every adapter off): the frozen reference of DPO/PPO/GRPO at no memory cost."""
-    vt = getattr(model, "virtual_tokens", None)
+    switches = [m for m in model.modules() if isinstance(m, prompt.VirtualTokens | adapters.Bottleneck)]
     with lora.lora_disabled(model), ia3.ia3_disabled(model):
-        if vt is not None:
-            vt.enabled = False
+        for m in switches:
+            m.enabled = False
         try:
             yield
         finally:
-            if vt is not None:
-                vt.enabled = True
+            for m in switches:
+                m.enabled = True
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold LoRA/DoRA/IA3 into plain nn.Linear weights in place; a UserError for virtual tokens (no merge)."""
-    if prompt.has_virtual_tokens(model):
-        raise UserError("prompt/prefix adapters cannot be merged into the weights; run them unmerged.")
+    if prompt.has_virtual_tokens(model) or has_bottlenecks(model):
+        raise UserError("prompt/prefix and bottleneck adapters cannot be merged into the weights; run them unmerged.")
     return ia3.merge_ia3(lora.merge_lora(model))
 
 
@@ -151,6 +172,12 @@ def save_result(
     no adapter: `state` is returned unchanged.
     """
     base = init if (init / "config.json").is_file() else ""  # an adapter-only init has no base dir
+    if has_bottlenecks(model):
+        if modules:
+            raise UserError(f"bottleneck adapters cannot carry the {', '.join(modules)} head; use lora, dora or ia3.")
+        method = next(k for k, v in adapters.PLACEMENTS.items() if v == adapter_placement(model))
+        adapters.save_adapters(path, model, state, method, base, task_type)
+        return None
     if prompt.has_virtual_tokens(model):
         if modules:
             raise UserError(
@@ -169,6 +196,17 @@ def save_result(
     return merge_state(state, lcfg.scaling if lcfg.rank else 1.0)
 
 
+def adapter_placement(model: nn.Module) -> dict[str, str]:
+    """{sublayer: serial|parallel} of the bottleneck adapters in the model's first layer."""
+    layer = model.model.layers[0]
+    out = {}
+    for sub in ("self_attn", "mlp"):
+        a = getattr(getattr(layer, sub), "adapter", None)
+        if a is not None:
+            out[sub] = "serial" if a.serial else "parallel"
+    return out
+
+
 def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | None = None) -> nn.Module:
     """An adapter directory as a model: the base it names, with the adapter merged in (LoRA, DoRA, IA3) or
     attached unmerged (prompt/prefix methods). Model.from_pretrained lands here for adapter directories."""
@@ -179,7 +217,7 @@ def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | N
         raise UserError(f"{path}: its base {base} is itself an adapter directory; merge that one first.")
     model = load_pretrained(base, dtype=dtype, device=device)
     load_adapter(model, path)
-    return model if prompt.has_virtual_tokens(model) else merge_adapters(model)
+    return model if prompt.has_virtual_tokens(model) or has_bottlenecks(model) else merge_adapters(model)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -195,6 +233,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[dict[str, Any], di
         raise UserError(f"{Path(path) / ADAPTER_CONFIG}: {t} adapters are read for CAUSAL_LM, not {d['task_type']}.")
     if t == "IA3":
         ia3.load_ia3(model, path, d)
+    elif t in adapters.TYPES.values():
+        adapters.load_adapters(model, path, d)
     else:
         prompt.load_virtual_tokens(model, path, d)
     return d, {}

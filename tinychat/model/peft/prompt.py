@@ -221,19 +221,25 @@ def is_virtual_key(key: str) -> bool:
     return key.startswith("virtual_tokens.")
 
 
-def save_virtual_tokens(
-    path: str | Path, model: nn.Module, state: dict[str, torch.Tensor], base_model: str | Path, task_type: str
-) -> None:
-    """PEFT's prompt-learning format: the encoder's output as `prompt_embeddings`, computed on the CPU from
+def export_prompts(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The virtual tokens' final values (n, width) as saved (`prompt_embeddings`), computed on the CPU from
     `state` (the gathered weights) so it works whatever wraps the live module."""
     vt: VirtualTokens = model.virtual_tokens
-    spec, cfg = vt.spec, vt.cfg
-    cpu = VirtualTokens(spec, cfg)
+    cpu = VirtualTokens(vt.spec, vt.cfg)
     cpu.load_state_dict(
         {k.removeprefix("virtual_tokens."): v.float().cpu() for k, v in state.items() if is_virtual_key(k)}
     )
     with torch.no_grad():
-        prompts = cpu.prompts().float().contiguous()  # (n, width)
+        return cpu.prompts().float().contiguous()
+
+
+def save_virtual_tokens(
+    path: str | Path, model: nn.Module, state: dict[str, torch.Tensor], base_model: str | Path, task_type: str
+) -> None:
+    """PEFT's prompt-learning format: the encoder's output as `prompt_embeddings`."""
+    vt: VirtualTokens = model.virtual_tokens
+    spec, cfg = vt.spec, vt.cfg
+    prompts = export_prompts(model, state)
     config: dict[str, Any] = {
         "peft_type": KINDS[spec.kind],
         "task_type": task_type,
@@ -281,15 +287,19 @@ def load_virtual_tokens(model: nn.Module, path: str | Path, d: dict[str, Any] | 
     vt = attach_virtual_tokens(model, spec)
     if d.get("token_dim") not in (None, vt.token_dim):
         raise UserError(f"{src}: token_dim is {d['token_dim']}, expected {vt.token_dim} for this base model.")
-    tensors = read_adapter_weights(path)
+    place_prompts(vt, read_adapter_weights(path), path)
+    return vt
+
+
+def place_prompts(vt: VirtualTokens, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Copy a saved `prompt_embeddings` (n, width) into a loaded adapter's embedding; UserError on a bad shape."""
     emb = tensors.get("prompt_embeddings")
-    if emb is None or tuple(emb.shape) != (spec.n, vt.width):
+    if emb is None or tuple(emb.shape) != (vt.spec.n, vt.width):
         got = None if emb is None else tuple(emb.shape)
         raise UserError(
             f"{Path(path) / 'adapter_model.safetensors'}: prompt_embeddings has shape {got}, "
-            f"expected {(spec.n, vt.width)}."
+            f"expected {(vt.spec.n, vt.width)}."
         )
     with torch.no_grad():
         vt.embedding.weight.copy_(emb)
     vt.requires_grad_(False)
-    return vt
