@@ -215,3 +215,31 @@ def test_prompt_tuning_starts_from_the_init_text(tiny_model_dir: Path, tiny_toke
     apply_peft(model, PeftConfig(method="prompt", virtual_tokens=5, init_text="the cat"), LoraConfig(), init_ids=ids)
     want = model.model.embed_tokens.weight[torch.tensor((ids * 5)[:5])]
     torch.testing.assert_close(model.virtual_tokens.embedding.weight, want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: Path, bits: int):
+    from tinychat.model.compress.quant import QuantLinear, quantize_model
+
+    quantized = quantize_model(Model.from_pretrained(str(tiny_model_dir)), bits, 32)
+    model = Model.from_pretrained(str(tiny_model_dir))
+    lcfg = LoraConfig(targets=["all"])
+    summary = apply_peft(model, PeftConfig(method="qlora", bits=bits, group_size=32), lcfg)
+    assert f"int{bits} base" in summary
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) >= 7 * model.cfg.n_layer
+    torch.testing.assert_close(logits(model), logits(quantized), atol=1e-5, rtol=0)  # B = 0: the int base
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.train()
+    model(X).float().logsumexp(-1).mean().backward()  # through the integer kernels (QuantLinear's IntMatmul backward)
+    a0 = model.model.layers[0].self_attn.q_proj.lora_A.weight
+    assert a0.grad is not None and a0.grad.abs().sum() > 0
+    assert all(not p.requires_grad for k, p in model.named_parameters() if ".lora_" not in k)
+    unmerged = logits(model)
+    assert save_result(tmp_path / "stage", model, model.state_dict(), lcfg, tiny_model_dir) is None
+    conf = json.loads((tmp_path / "stage" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["base_model_name_or_path"] == str(tiny_model_dir.absolute())
+    on_float = Model.from_pretrained(str(tmp_path / "stage"))  # the adapter merged into the float base
+    err = (logits(on_float) - unmerged).abs().max()
+    assert err < (0.3 if bits == 4 else 0.05)  # only the quantization error of the base

@@ -2,6 +2,7 @@
 
 Methods (each in its own module, each applied from outside the Transformer by wrapping modules):
 - lora, dora (lora.py): low-rank updates of the projections (DoRA adds a trained magnitude per row);
+- qlora (lora.py over model/compress/quant.py): the base quantized to int4/int8 in memory, LoRA on top;
 - ia3 (ia3.py): learned per-channel scales of k, v and the feed-forward input;
 - prompt, ptuning, prefix, ptuning_v2 (prompt.py): virtual tokens at the input or at every layer;
 - houlsby, parallel, mam (adapters.py): bottleneck adapters (MAM adds a prefix), in tinychat's own format.
@@ -29,7 +30,9 @@ from tinychat.errors import UserError
 from tinychat.model.peft import adapters, ia3, lora, prompt
 from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config
 
-METHODS = ("none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam")
+METHODS = (
+    "none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
+)  # fmt: skip
 VIRTUAL = ("prompt", "ptuning", "prefix", "ptuning_v2")
 BOTTLENECK = ("houlsby", "parallel", "mam")
 UNMERGED = (*VIRTUAL, *BOTTLENECK)  # run unmerged; a stage trained with one is an adapter directory
@@ -40,10 +43,23 @@ __all__ = ["METHODS", "PeftConfig", "apply_peft", "is_adapter_dir", "load_adapte
 @dataclass
 class PeftConfig:
     method: Literal[
-        "auto", "none", "lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
+        "auto",
+        "none",
+        "lora",
+        "dora",
+        "qlora",
+        "ia3",
+        "prompt",
+        "ptuning",
+        "prefix",
+        "ptuning_v2",
+        "houlsby",
+        "parallel",
+        "mam",
     ] = field(
         "auto",
-        help="auto (lora if --lora.rank > 0, else none), none (every weight trains), lora, dora, ia3, prompt "
+        help="auto (lora if --lora.rank > 0, else none), none (every weight trains), lora, dora, qlora (LoRA over "
+        "an int4/int8 base), ia3, prompt "
         "(prompt tuning), ptuning (P-tuning v1), prefix (prefix tuning), ptuning_v2 (deep prompts, no MLP), "
         "houlsby (serial adapters), parallel (parallel adapters), mam (prefix + parallel FFN adapter)",
     )
@@ -52,17 +68,25 @@ class PeftConfig:
     encoder: Literal["mlp", "lstm"] = field("mlp", help="ptuning: the prompt encoder")
     encoder_hidden: int = field(0, help="ptuning/prefix: hidden width of the encoder or MLP (0 = token width)")
     targets: list[str] = field(["k", "v", "down"], help="ia3: projections to rescale (q,k,v,o,gate,up,down)")
+    bits: int = field(4, help="qlora: the frozen base's integer width, 4 or 8")
+    group_size: int = field(64, help="qlora: int4 scale group (32, 64, 128 or 256)")
     adapter_dim: int = field(16, help="houlsby/parallel/mam: bottleneck width of each adapter")
     adapter_scale: float = field(0.0, help="parallel/mam: output scale s (0 = 1 for parallel, 4 for mam)")
 
     def resolve(self, lcfg: lora.LoraConfig) -> str:
         """The method to apply (auto resolved); sets --lora.rank 8 / use_dora for lora/dora; UserError on a clash."""
         m = self.method if self.method != "auto" else ("lora" if lcfg.rank > 0 else "none")
-        if m in ("lora", "dora"):
+        if m in ("lora", "dora", "qlora"):
             lcfg.rank = lcfg.rank or 8
             lcfg.use_dora = lcfg.use_dora or m == "dora"
             lcfg.leaf_names()
-        elif lcfg.rank > 0 or lcfg.modules_to_save:
+        if m == "qlora":
+            from tinychat.model.compress.quant import check_bits
+
+            check_bits(self.bits, self.group_size)
+            if lcfg.modules_to_save:
+                raise UserError("--lora.modules_to_save cannot train whole modules of a quantized base (qlora).")
+        if m not in ("lora", "dora", "qlora") and (lcfg.rank > 0 or lcfg.modules_to_save):
             raise UserError(f"--lora.* is for --peft.method lora or dora, not {m}; drop one of the two.")
         if m in (*VIRTUAL, "mam") and self.virtual_tokens <= 0:
             raise UserError(f"--peft.virtual_tokens must be > 0 for --peft.method {m}.")
@@ -98,9 +122,13 @@ def apply_peft(
         return ""
     if prompt.has_virtual_tokens(model):
         raise UserError(f"the starting model carries a prompt/prefix adapter; --peft.method {m} cannot train on it.")
-    if m in ("lora", "dora"):
+    if m in ("lora", "dora", "qlora"):
+        if m == "qlora":
+            from tinychat.model.compress.quant import quantize_model
+
+            quantize_model(model, pcfg.bits, pcfg.group_size)
         n = lora.apply_lora(model, lcfg)
-        what = f"{m} rank {lcfg.rank} on {n} projections"
+        what = f"{m} rank {lcfg.rank} on {n} projections" + (f" of an int{pcfg.bits} base" * (m == "qlora"))
     elif m == "ia3":
         n = ia3.apply_ia3(model, pcfg.targets)
         what = f"ia3 on {n} projections"
@@ -167,8 +195,9 @@ def save_result(
 ) -> dict[str, torch.Tensor] | None:
     """Write a trained stage's adapter and return the state to save as its model directory.
 
-    LoRA/DoRA/IA3: the PEFT adapter goes to path/adapter and the merged weights are returned; virtual tokens:
-    path itself becomes the adapter directory and None is returned (there is no merged model to write);
+    LoRA/DoRA/IA3: the PEFT adapter goes to path/adapter and the merged weights are returned; virtual tokens,
+    bottleneck adapters and QLoRA (a quantized base has no float weights to merge into): path itself becomes
+    the adapter directory and None is returned (there is no merged model to write);
     no adapter: `state` is returned unchanged.
     """
     base = init if (init / "config.json").is_file() else ""  # an adapter-only init has no base dir
@@ -177,6 +206,9 @@ def save_result(
             raise UserError(f"bottleneck adapters cannot carry the {', '.join(modules)} head; use lora, dora or ia3.")
         method = next(k for k, v in adapters.PLACEMENTS.items() if v == adapter_placement(model))
         adapters.save_adapters(path, model, state, method, base, task_type)
+        return None
+    if getattr(model, "quantization", None) and lora.has_lora(model):  # QLoRA: no float weights to merge into
+        lora.save_adapter(path, state, lcfg, base, task_type, modules)
         return None
     if prompt.has_virtual_tokens(model):
         if modules:
@@ -217,7 +249,8 @@ def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | N
         raise UserError(f"{path}: its base {base} is itself an adapter directory; merge that one first.")
     model = load_pretrained(base, dtype=dtype, device=device)
     load_adapter(model, path)
-    return model if prompt.has_virtual_tokens(model) or has_bottlenecks(model) else merge_adapters(model)
+    unmerged = prompt.has_virtual_tokens(model) or has_bottlenecks(model) or getattr(model, "quantization", None)
+    return model if unmerged else merge_adapters(model)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -13,6 +13,10 @@ Names: a wrapped projection keeps its own parameter names (`...q_proj.weight`) a
 `...q_proj.lora_A.weight` / `...q_proj.lora_B.weight`, so a checkpoint of a LoRA run still reads as the
 base model plus extra tensors, and `merge_state` turns it into plain HF weights.
 
+QLoRA (Dettmers et al. 2023): the same adapters over a frozen int8/int4 base (tinychat's QuantLinear,
+model/compress/quant.py); the integer kernels have no derivative, so QuantLinear's own `IntMatmul` gives the
+backward pass dx = dy W from the dequantized weight. The adapter file is plain LoRA: it applies to the float base too.
+
 DoRA (Liu et al. 2024, PEFT's `use_dora`): the merged weight W + sBA is split into a direction, normalised
 per output row, and a trained magnitude m (`lora_magnitude_vector`, initialised to the rows' norms):
 W' = m / ||W + sBA|| * (W + sBA). The norm is detached in the backward pass, as in the paper and PEFT.
@@ -33,6 +37,7 @@ from torch import nn
 
 from tinychat.config import field
 from tinychat.errors import UserError
+from tinychat.model.compress.quant import QuantLinear
 from tinychat.model.peft.common import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -94,17 +99,26 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Module):
-    """A linear layer W x + b with a low-rank update (alpha/r) B A x; W and b are the base's own (frozen)."""
+    """A linear layer W x + b with a low-rank update (alpha/r) B A x; W and b are the base's own (frozen).
+    Over a QuantLinear (QLoRA) the integer module is kept as `quant` and W is its dequantized weight."""
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False) -> None:
+    def __init__(
+        self, base: nn.Linear | QuantLinear, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter: names and sharding are unchanged
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
+        self.quant: QuantLinear | None = None
+        if isinstance(base, QuantLinear):
+            self.quant, self.bias = base, None  # its integers are buffers; its bias stays inside it
+            base.requires_grad_(False)
+            dev, dt = base.scale.device, torch.float32
+        else:
+            self.weight = base.weight  # the same Parameter: names and sharding are unchanged
+            self.bias = base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
@@ -114,7 +128,14 @@ class LoRALinear(nn.Module):
         self.enabled = True
         self.lora_magnitude_vector: nn.Parameter | None = None
         if dora:  # m starts at the rows' norms, so step 0 is still the base model
-            self.lora_magnitude_vector = nn.Parameter(self.weight.detach().float().norm(dim=1).to(dt))  # (out,)
+            self.lora_magnitude_vector = nn.Parameter(self.base_weight().detach().float().norm(dim=1).to(dt))  # (out,)
+
+    def base_weight(self) -> torch.Tensor:
+        """W (out, in): the base's own Parameter, or the dequantized integers under QLoRA."""
+        return self.weight if self.quant is None else self.quant.dequantized()
+
+    def base_bias(self) -> torch.Tensor | None:
+        return self.bias if self.quant is None else self.quant.bias
 
     def update(self) -> torch.Tensor:
         """The dense update s B A (out, in)."""
@@ -123,11 +144,12 @@ class LoRALinear(nn.Module):
     def dora_scale(self) -> torch.Tensor:
         """m / ||W + sBA|| per output row (out,), the norm detached (PEFT and the paper)."""
         assert self.lora_magnitude_vector is not None
-        norm = (self.weight + self.update().to(self.weight.dtype)).norm(dim=1).detach()
+        w = self.base_weight()
+        norm = (w + self.update().to(w.dtype)).norm(dim=1).detach()
         return self.lora_magnitude_vector / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quant is None else self.quant(x)
         if not self.enabled:
             return y
         xd = self.dropout(x)
@@ -136,28 +158,33 @@ class LoRALinear(nn.Module):
             return y + lora
         # DoRA: m/||W'|| (W x + s B A x) + b, written as PEFT writes it (base output plus a correction)
         scale = self.dora_scale().to(y.dtype)
-        base = y - self.bias if self.bias is not None else y
+        bias = self.base_bias()
+        base = y - bias if bias is not None else y
         if self.training and not isinstance(self.dropout, nn.Identity):
-            base = F.linear(xd, self.weight)
+            base = F.linear(xd, self.base_weight())
         return y + (scale - 1) * base + scale * lora
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + (alpha/r) B A (DoRA: rescaled per row; the base's weight is untouched)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        """A plain nn.Linear holding W + (alpha/r) B A (DoRA: rescaled per row; the base's weight is untouched;
+        QLoRA: a float layer from the dequantized integers)."""
+        bias = self.base_bias()
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         with torch.no_grad():
-            w = self.weight.float() + self.update().float()
+            base = self.base_weight()
+            w = base.float() + self.update().float()
             if self.lora_magnitude_vector is not None:
                 w = w * (self.lora_magnitude_vector.float() / w.norm(dim=1))[:, None]
-            lin.weight = nn.Parameter(w.to(self.weight.dtype))
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias.detach().clone())
+            lin.weight = nn.Parameter(w.to(base.dtype))
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach().clone())
         return lin
 
 
-def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Module, str, nn.Linear | QuantLinear]]:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if child_name in leaf_names and isinstance(child, nn.Linear) and ".layers." in f".{name}.":
+            linear = isinstance(child, nn.Linear | QuantLinear)
+            if child_name in leaf_names and linear and ".layers." in f".{name}.":
                 yield mod, child_name, child
 
 
