@@ -246,14 +246,22 @@ def check_bits(bits: int, group: int) -> None:
         raise UserError(f"--group-size must be one of {', '.join(map(str, INT4_GROUPS))} for int4, got {group}.")
 
 
-def quantize_model(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
-    """Replace, in place, every block Linear by an int`bits` QuantLinear and the embedding/head by int8 ones."""
+def quantize_blocks(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
+    """Replace, in place, every block Linear by an int`bits` QuantLinear (QLoRA's frozen base keeps its
+    embeddings and head in floating point)."""
     check_bits(bits, group)
     with torch.no_grad():
         for name in block_linear_names(model):
             lin = model.get_submodule(name)
             q, s = quantize_int8(lin.weight) if bits == 8 else quantize_int4(lin.weight, group)
             set_module(model, name, QuantLinear(q, s, bits, group if bits == 4 else 0, lin.bias))
+    return model
+
+
+def quantize_model(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
+    """Replace, in place, every block Linear by an int`bits` QuantLinear and the embedding/head by int8 ones."""
+    quantize_blocks(model, bits, group)
+    with torch.no_grad():
         tied = model.cfg.tie_embeddings
         emb = QuantEmbedding(*quantize_int8(model.model.embed_tokens.weight))
         model.model.embed_tokens = emb

@@ -2,7 +2,8 @@
 
 Methods (each in its own module, each applied from outside the Transformer by wrapping modules):
 - lora, dora (lora.py): low-rank updates of the projections (DoRA adds a trained magnitude per row);
-- qlora (lora.py over model/compress/quant.py): the base quantized to int4/int8 in memory, LoRA on top;
+- qlora (lora.py over model/compress/quant.py): the base's block projections quantized to int4/int8 in
+  memory (embeddings and head stay float, as in QLoRA), LoRA on top;
 - ia3 (ia3.py): learned per-channel scales of k, v and the feed-forward input;
 - prompt, ptuning, prefix, ptuning_v2 (prompt.py): virtual tokens at the input or at every layer;
 - houlsby, parallel, mam (adapters.py): bottleneck adapters (MAM adds a prefix), in tinychat's own format.
@@ -124,9 +125,9 @@ def apply_peft(
         raise UserError(f"the starting model carries a prompt/prefix adapter; --peft.method {m} cannot train on it.")
     if m in ("lora", "dora", "qlora"):
         if m == "qlora":
-            from tinychat.model.compress.quant import quantize_model
+            from tinychat.model.compress.quant import quantize_blocks
 
-            quantize_model(model, pcfg.bits, pcfg.group_size)
+            quantize_blocks(model, pcfg.bits, pcfg.group_size)
         n = lora.apply_lora(model, lcfg)
         what = f"{m} rank {lcfg.rank} on {n} projections" + (f" of an int{pcfg.bits} base" * (m == "qlora"))
     elif m == "ia3":
@@ -207,7 +208,7 @@ def save_result(
         method = next(k for k, v in adapters.PLACEMENTS.items() if v == adapter_placement(model))
         adapters.save_adapters(path, model, state, method, base, task_type)
         return None
-    if getattr(model, "quantization", None) and lora.has_lora(model):  # QLoRA: no float weights to merge into
+    if lora.has_quantized_base(model):  # QLoRA: no float weights to merge into
         lora.save_adapter(path, state, lcfg, base, task_type, modules)
         return None
     if prompt.has_virtual_tokens(model):
@@ -249,7 +250,7 @@ def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | N
         raise UserError(f"{path}: its base {base} is itself an adapter directory; merge that one first.")
     model = load_pretrained(base, dtype=dtype, device=device)
     load_adapter(model, path)
-    unmerged = prompt.has_virtual_tokens(model) or has_bottlenecks(model) or getattr(model, "quantization", None)
+    unmerged = prompt.has_virtual_tokens(model) or has_bottlenecks(model) or lora.has_quantized_base(model)
     return model if unmerged else merge_adapters(model)
 
 

@@ -235,6 +235,11 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def has_quantized_base(model: nn.Module) -> bool:
+    """QLoRA: some adapter sits over integer weights (a quantized base, in memory or loaded)."""
+    return any(isinstance(m, LoRALinear) and m.quant is not None for m in model.modules())
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear with the merged weight, in place; returns the model."""
     for mod in list(model.modules()):
