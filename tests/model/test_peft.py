@@ -243,3 +243,27 @@ def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: 
     on_float = Model.from_pretrained(str(tmp_path / "stage"))  # the adapter merged into the float base
     err = (logits(on_float) - unmerged).abs().max()
     assert err < (0.3 if bits == 4 else 0.05)  # only the quantization error of the base
+
+
+@pytest.mark.parametrize("method", ["prompt", "mam"])
+def test_the_serving_engine_runs_unmerged_adapters(tiny_model_dir: Path, tiny_tokenizer, method: str):
+    """Chunked prefill over reused slots: the engine writes the virtual tokens when a slot starts a sequence,
+    and its greedy tokens equal generate()'s and the cache-less forward's argmax."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+
+    model, _, _ = adapted(tiny_model_dir, method)
+    model.eval()
+    params = SamplingParams(temperature=0, max_new_tokens=6, stop_on_eos=False)
+    prompts = [tiny_tokenizer.encode(t) for t in ["the cat sat on the mat", "a", "tiny models learn to chat " * 3]]
+    ref = [generate_ids(model, [p], params, set())[0][0] for p in prompts]
+    with torch.no_grad():  # the first generated token is the cache-less forward's argmax
+        assert [r[0] for r in ref] == [int(model(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
+    engine = Engine(model, tiny_tokenizer, EngineConfig(max_num_seqs=2, prefill_chunk=4)).start()
+    try:
+        for _ in range(2):  # slots are freed and reused: the prefix is written again
+            outs = [collect(engine.submit(GenerationRequest(p, params)), 1)[0][0]["token_ids"] for p in prompts]
+            assert outs == ref
+    finally:
+        engine.stop()
