@@ -1,6 +1,6 @@
 """The PEFT family compared on one tinyworld task the base model cannot do, with the same budget for every method.
 
-    .venv/bin/python bench/peft.py --run runs/s1 [--out runs/peft-bench] [--steps 150] [--methods lora,prompt]
+    .venv/bin/python bench/peft.py --run runs/s1 [--out runs/peft-bench] [--steps 60] [--methods lora,prompt]
 
 The task, a new answer format: with the system message "Format: bracket." a fact question must be answered
 as `<<answer>>` and nothing else (`<<1935>>`, `<<knitting>>`). The base (the speedrun's SFT model of --run)
@@ -12,7 +12,8 @@ split), greedy, graded exactly (answer or alias, world.answers.normalize), 95% W
 
 Every method trains through the real CLI (`tinychat sft --peft.method M`, one subprocess each) with the
 same steps, batch size and sequence length (so the same tokens); the learning rate is each method's usual
-one (LRS below; the virtual-token methods need far larger steps, as their papers use). Measured per method:
+one (LRS below; the virtual-token methods need far larger steps, as their papers use). Defaults: 60 steps of
+4 packed rows of 128 tokens (~30k tokens, about one pass over the 1000 rows). Measured per method:
 trainable parameters (% of the model), accuracy, forgetting (bits per byte on the world's plain validation
 text, after minus before), peak memory (the training process's max RSS), the adapter file's size, and
 training tokens/s relative to full fine-tuning (a shared machine: the lead re-times on a quiet one).
@@ -35,10 +36,10 @@ import torch
 from tinychat.errors import UserError
 
 SYSTEM = "Format: bracket."
-METHODS = ["none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby",
-           "parallel", "mam"]  # fmt: skip
-LRS = {"none": 3e-4, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 1e-2, "prompt": 3e-2, "ptuning": 1e-2,
-       "prefix": 1e-2, "ptuning_v2": 1e-2, "houlsby": 3e-3, "parallel": 3e-3, "mam": 3e-3}  # fmt: skip
+METHODS = ["none", "lora", "ia3", "prompt", "prefix", "mam", "houlsby", "parallel", "dora", "qlora", "ptuning",
+           "ptuning_v2"]  # fmt: skip
+LRS = {"none": 1e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3, "ia3": 2e-2, "prompt": 5e-2, "ptuning": 2e-2,
+       "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3}  # fmt: skip
 EXTRA = {"lora": ["--lora.rank", "4"], "dora": ["--lora.rank", "4"], "qlora": ["--lora.rank", "4"],
          "prompt": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."]}  # fmt: skip
 
@@ -92,19 +93,20 @@ def accuracy(model: torch.nn.Module, tok: Any, rows: list[dict], system: bool, c
     return correct / len(rows), len(rows)
 
 
-def bpb(model: torch.nn.Module, tok: Any, text: Path) -> float:
+def bpb(model: torch.nn.Module, tok: Any, text: Path, tokens: int) -> float:
     from tinychat.eval.bpb import bits_per_byte
 
-    return bits_per_byte(model.eval(), tok, text, seq_len=256, max_tokens=32768)["bpb"]
+    return bits_per_byte(model.eval(), tok, text, seq_len=256, max_tokens=tokens)["bpb"]
 
 
-def train(method: str, base: Path, data: Path, out: Path, steps: int, seed: int) -> dict[str, Any]:
+def train(method: str, base: Path, data: Path, out: Path, a: argparse.Namespace) -> dict[str, Any]:
     """One `tinychat sft` subprocess; returns its peak RSS (MiB) and wall time."""
     args = [sys.executable, "-m", "tinychat.cli", "sft", "--init", str(base), "--data", str(data),
             "--runs_dir", str(out), "--run", "runs", "--stage", method, "--peft.method", method,
-            "--train.max_steps", str(steps), "--train.batch_size", "8", "--train.seq_len", "256",
-            "--train.lr", str(LRS[method]), "--train.warmup_steps", "10", "--train.eval_every", "0",
-            "--train.checkpoint_every", "0", "--train.tensorboard", "false", "--train.seed", str(seed),
+            "--train.max_steps", str(a.steps), "--train.batch_size", str(a.batch_size), "--train.seq_len",
+            str(a.seq_len), "--train.lr", str(LRS[method]), "--train.warmup_steps", str(max(1, a.steps // 10)),
+            "--train.eval_every", "0", "--train.checkpoint_every", "0", "--train.tensorboard", "false",
+            "--train.seed", str(a.seed),
             "--eval_rows", "0", *EXTRA.get(method, [])]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -149,9 +151,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a speedrun run directory (checkpoints/sft, world/)")
     ap.add_argument("--out", type=Path, default=Path("runs/peft-bench"))
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--train-rows", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128, help="packed rows of this many tokens (a fact QA is ~30)")
+    ap.add_argument("--train-rows", type=int, default=1000)
     ap.add_argument("--eval-rows", type=int, default=300)
+    ap.add_argument("--bpb-tokens", type=int, default=16384, help="plain validation tokens for bits per byte")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -168,19 +173,19 @@ def main() -> int:
     data = make_data(a.run, a.out, a.train_rows, a.seed)
     torch.manual_seed(a.seed)
     model = Model.from_pretrained(str(base), dtype=torch.float32)
-    base_bpb = bpb(model, tok, text)
+    base_bpb = bpb(model, tok, text, a.bpb_tokens)
     ceiling, n = accuracy(model, tok, rows, False, check)
     base_new, _ = accuracy(model, tok, rows, True, graded)
     print(f"base: usual format {ceiling:.1%} (the ceiling), new format {base_new:.1%}, bpb {base_bpb:.4f} (n={n})")
     results = []
     for method in a.methods.split(","):
-        run = train(method, base, data, a.out, a.steps, a.seed)
+        run = train(method, base, data, a.out, a)
         stage = a.out / "runs" / "checkpoints" / method
         tuned = Model.from_pretrained(str(stage), dtype=torch.float32)
         acc, n = accuracy(tuned, tok, rows, True, graded)
         k, total = trainable(method, base, tok)
         r = {"method": method, "trainable": k, "total": total, "accuracy": acc, "n": n,
-             "interval": wilson(acc, n), "forgetting_bpb": bpb(tuned, tok, text) - base_bpb,
+             "interval": wilson(acc, n), "forgetting_bpb": bpb(tuned, tok, text, a.bpb_tokens) - base_bpb,
              "peak_mib": run["peak_mib"], "adapter_bytes": adapter_file(stage).stat().st_size,
              "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method]}  # fmt: skip
         results.append(r)

@@ -29,7 +29,7 @@ from torch import nn
 from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.model.peft import adapters, ia3, lora, prompt
-from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config
+from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config, switched_off
 
 METHODS = (
     "none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
@@ -162,15 +162,9 @@ def has_bottlenecks(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model (every adapter off): the frozen reference of DPO/PPO/GRPO at no memory cost."""
-    switches = [m for m in model.modules() if isinstance(m, prompt.VirtualTokens | adapters.Bottleneck)]
-    with lora.lora_disabled(model), ia3.ia3_disabled(model):
-        for m in switches:
-            m.enabled = False
-        try:
-            yield
-        finally:
-            for m in switches:
-                m.enabled = True
+    classes = (lora.LoRALinear, ia3.IA3Linear, prompt.VirtualTokens, adapters.Bottleneck)
+    with switched_off(model, classes):
+        yield
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

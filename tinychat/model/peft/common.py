@@ -7,13 +7,16 @@ malformed file into one UserError sentence naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from tinychat.errors import UserError
 
@@ -47,17 +50,35 @@ def adapter_base(adapter_dir: Path) -> Path:
 
 def read_adapter_config(path: str | Path, types: tuple[str, ...] = PEFT_TYPES) -> dict[str, Any]:
     """adapter_config.json as a dict; a UserError if it is missing, not JSON, or of a method not in `types`."""
+    from tinychat.model.hf import read_json_object
+
     p = Path(path) / ADAPTER_CONFIG
-    if not p.is_file():
-        raise UserError(f"{p} is missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON: {e}.") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") not in types:
-        got = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise UserError(f"{p}: peft_type is {got!r}; tinychat reads {', '.join(types)} adapters.")
+    cfg = read_json_object(p, f"an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    if cfg.get("peft_type") not in types:
+        raise UserError(f"{p}: peft_type is {cfg.get('peft_type')!r}; tinychat reads {', '.join(types)} adapters.")
     return cfg
+
+
+def replace_modules(model: nn.Module, cls: type, make: Callable[[Any], nn.Module]) -> nn.Module:
+    """Replace, in place, every child module of type `cls` by make(child) (merging adapters into Linears)."""
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, cls):
+                setattr(mod, child_name, make(child))
+    return model
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module, classes: tuple[type, ...]) -> Iterator[None]:
+    """Set `enabled = False` on every module of `classes` for the duration: the base model alone."""
+    mods = [m for m in model.modules() if isinstance(m, classes)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ target_modules and feedforward_modules (PEFT opens ours and we open PEFT's).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinychat.errors import UserError
-from tinychat.model.peft.common import (
-    ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
-    base_path,
-    copy_into,
-    read_adapter_config,
-    read_adapter_weights,
-    write_adapter,
-)
+from tinychat.model.peft import common
+from tinychat.model.peft.common import replace_modules, switched_off
 from tinychat.model.peft.lora import TARGETS, target_leaves
 
 DEFAULT_TARGETS = ["k", "v", "down"]  # the paper's keys, values and feed-forward activations
@@ -99,23 +91,11 @@ def has_ia3(model: nn.Module) -> bool:
 
 
 def merge_ia3(model: nn.Module) -> nn.Module:
-    for mod in list(model.modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, IA3Linear):
-                setattr(mod, child_name, child.merged())
-    return model
+    return replace_modules(model, IA3Linear, lambda m: m.merged())
 
 
-@contextlib.contextmanager
-def ia3_disabled(model: nn.Module) -> Iterator[None]:
-    mods = [m for m in model.modules() if isinstance(m, IA3Linear)]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.enabled = True
+def ia3_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
+    return switched_off(model, (IA3Linear,))
 
 
 def is_ia3_key(key: str) -> bool:
@@ -137,13 +117,13 @@ def merge_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_ia3(path: str | Path, state: dict[str, torch.Tensor], base_model: str | Path, task_type: str) -> None:
     """PEFT's IA3 format: target_modules and feedforward_modules read off the vectors' shapes."""
-    tensors = {PEFT_PREFIX + k: v for k, v in state.items() if is_ia3_key(k)}
+    tensors = {common.PEFT_PREFIX + k: v for k, v in state.items() if is_ia3_key(k)}
     leaves = sorted({k.split(".")[-2] for k in tensors})
     ff = sorted({k.split(".")[-2] for k, v in tensors.items() if v.shape[0] == 1})
     config = {
         "peft_type": "IA3",
         "task_type": task_type,
-        "base_model_name_or_path": base_path(base_model),
+        "base_model_name_or_path": common.base_path(base_model),
         "target_modules": leaves,
         "feedforward_modules": ff,
         "fan_in_fan_out": False,
@@ -152,13 +132,13 @@ def save_ia3(path: str | Path, state: dict[str, torch.Tensor], base_model: str |
         "modules_to_save": None,
         "exclude_modules": None,
     }
-    write_adapter(path, config, tensors)
+    common.write_adapter(path, config, tensors)
 
 
 def load_ia3(model: nn.Module, path: str | Path, d: dict[str, Any] | None = None) -> list[str]:
     """Wrap `model` with the IA3 adapter at `path` and load its vectors; returns its target leaf names."""
-    d = d or read_adapter_config(path, ("IA3",))
-    src = str(Path(path) / ADAPTER_WEIGHTS)
+    d = d or common.read_adapter_config(path, ("IA3",))
+    src = str(Path(path) / common.ADAPTER_WEIGHTS)
     targets, ff = d.get("target_modules"), d.get("feedforward_modules") or []
     leaf_to_short = {v.split(".")[-1]: k for k, v in TARGETS.items()}
     if not isinstance(targets, list) or any(t not in leaf_to_short for t in targets) or not isinstance(ff, list):
@@ -167,10 +147,10 @@ def load_ia3(model: nn.Module, path: str | Path, d: dict[str, Any] | None = None
         raise UserError(f"{path}: fan_in_fan_out IA3 adapters are not supported.")
     apply_ia3(model, [leaf_to_short[t] for t in targets], tuple(ff))
     own = dict(model.named_parameters())
-    tensors = read_adapter_weights(path)
+    tensors = common.read_adapter_weights(path)
     missing = sorted(k for k in own if is_ia3_key(k) and k not in tensors)
     if missing:
         raise UserError(f"{src}: tensor {missing[0]} is missing ({len(missing)} in all).")
     for name, v in tensors.items():
-        copy_into(own, name, v, src)
+        common.copy_into(own, name, v, src)
     return list(targets)

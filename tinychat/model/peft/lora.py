@@ -45,6 +45,8 @@ from tinychat.model.peft.common import (
     base_path,
     copy_into,
     read_adapter_weights,
+    replace_modules,
+    switched_off,
     write_adapter,
 )
 
@@ -242,24 +244,12 @@ def has_quantized_base(model: nn.Module) -> bool:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear with the merged weight, in place; returns the model."""
-    for mod in list(model.modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(mod, child_name, child.merged())
-    return model
+    return replace_modules(model, LoRALinear, lambda m: m.merged())
 
 
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module) -> Iterator[None]:
+def lora_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
     """Run the base model (every adapter off): the frozen reference of DPO/PPO/GRPO at no memory cost."""
-    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.enabled = True
+    return switched_off(model, (LoRALinear,))
 
 
 # ---------------------------------------------------------------------------------------- state dicts
