@@ -159,7 +159,7 @@ def main() -> int:
     ap.add_argument("--bpb-tokens", type=int, default=16384, help="plain validation tokens for bits per byte")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base measurements")
+    ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
     from tinychat.eval.report import wilson
     from tinychat.model import Model
@@ -174,11 +174,11 @@ def main() -> int:
     data = make_data(a.run, a.out, a.train_rows, a.seed)
     torch.manual_seed(a.seed)
     model = Model.from_pretrained(str(base), dtype=torch.float32)
-    if a.base_from:  # another run's base numbers (same --run and --eval-rows): the base is not re-measured
+    base_bpb = bpb(model, tok, text, a.bpb_tokens)
+    if a.base_from:  # another run's base accuracies (same --run and --eval-rows): not re-measured
         known = json.loads(a.base_from.read_text())["base"]
-        base_bpb, ceiling, base_new, n = known["bpb"], known["ceiling"], known["new_format"], len(rows)
+        ceiling, base_new, n = known["ceiling"], known["new_format"], len(rows)
     else:
-        base_bpb = bpb(model, tok, text, a.bpb_tokens)
         ceiling, n = accuracy(model, tok, rows, False, check)
         base_new, _ = accuracy(model, tok, rows, True, graded)
     print(f"base: usual format {ceiling:.1%} (the ceiling), new format {base_new:.1%}, bpb {base_bpb:.4f} (n={n})")
