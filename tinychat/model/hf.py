@@ -263,7 +263,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():  # a PEFT adapter directory
         from tinychat.model.peft import load_with_base
 
-        return load_with_base(p, dtype, device)  # type: ignore[return-value]
+        return load_with_base(p, dtype, device)
     raw = read_config_json(p)
     cfg = config_from_hf(raw, str(p / "config.json"))
     files = _weight_files(p)

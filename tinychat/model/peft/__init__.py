@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.model.peft import adapters, ia3, lora, prompt
 from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config, switched_off
+
+if TYPE_CHECKING:
+    from tinychat.model.transformer import Model
 
 METHODS = (
     "none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
@@ -234,7 +237,7 @@ def adapter_placement(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | None = None) -> nn.Module:
+def load_with_base(path: Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
     """An adapter directory as a model: the base it names, with the adapter merged in (LoRA, DoRA, IA3) or
     attached unmerged (prompt/prefix methods). Model.from_pretrained lands here for adapter directories."""
     from tinychat.model.hf import load_pretrained
