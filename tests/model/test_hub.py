@@ -77,7 +77,7 @@ def test_existing_directory_named_like_an_id_wins(hub_cache: Path, tiny_model_di
 
 
 def test_adapter_base_may_be_a_hub_id(hub_cache: Path) -> None:
-    from tinychat.train.post import adapter_base
+    from tinychat.model.peft.common import adapter_base
 
     adapter = Path("adapter")
     adapter.mkdir()

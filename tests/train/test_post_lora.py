@@ -11,7 +11,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.model import Model
-from tinychat.model.lora import (
+from tinychat.model.peft.lora import (
     LoraConfig,
     LoRALinear,
     apply_lora,

@@ -13,7 +13,7 @@ from helpers import tiny_corpus
 
 from tinychat.cli import main
 from tinychat.model import Model
-from tinychat.model.lora import LoraConfig, apply_lora, train_only
+from tinychat.model.peft.lora import LoraConfig, apply_lora, train_only
 from tinychat.tokenizer import Tokenizer
 from tinychat.tokenizer.extend import extend_tokenizer
 

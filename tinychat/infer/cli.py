@@ -36,6 +36,7 @@ def run(cfg: GenerateConfig) -> int:
     from tinychat.device import pick_device, pick_dtype
     from tinychat.errors import UserError
     from tinychat.infer.generate import generate
+    from tinychat.infer.locate import tokenizer_dir
     from tinychat.infer.sampling import SamplingParams
     from tinychat.model import Model
     from tinychat.model.hub import resolve_model_dir
@@ -61,7 +62,7 @@ def run(cfg: GenerateConfig) -> int:
             draft = Model.from_pretrained(str(d), dtype=pick_dtype(cfg.dtype, device), device=str(device))
             draft.fuse_projections()
         spec = Speculative(draft=draft, k=cfg.num_speculative_tokens)
-    tok = Tokenizer.from_pretrained(path)
+    tok = Tokenizer.from_pretrained(tokenizer_dir(path))
     prompts = cfg.prompt
     if cfg.chat:
 

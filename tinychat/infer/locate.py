@@ -31,6 +31,10 @@ def tokenizer_dir(model_dir: Path) -> Path:
     """The model directory itself when it has tokenizer files, else its run's tokenizer/ directory."""
     if (model_dir / "tokenizer.json").is_file():
         return model_dir
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        from tinychat.model.peft.common import adapter_base  # an adapter directory: its base's tokenizer
+
+        return tokenizer_dir(adapter_base(model_dir))
     run_tok = model_dir.parent.parent / "tokenizer"
     if model_dir.parent.name == "checkpoints" and (run_tok / "tokenizer.json").is_file():
         return run_tok
@@ -43,8 +47,8 @@ def resolve_model(model: str, runs: str = "runs") -> Path:
 
     if model:
         p = resolve_model_dir(model)
-        if not (p / "config.json").is_file():
-            raise UserError(f"--model {model}: expected a model directory with a config.json.")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise UserError(f"--model {model}: expected a model directory with a config.json (or a PEFT adapter).")
         return p
     latest = find_latest_model(runs)
     if latest is None:

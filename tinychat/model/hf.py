@@ -322,15 +322,20 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     p = resolve_model_dir(path)
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist.")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{cfg_file} is missing; a model directory needs config.json and model.safetensors.")
+    return read_json_object(p / "config.json", "a model directory needs config.json and model.safetensors")
+
+
+def read_json_object(file: Path, needs: str) -> dict[str, Any]:
+    """A JSON object from `file`; a UserError naming the file if it is missing (`needs` says what is
+    expected), is not valid JSON, or holds something else."""
+    if not file.is_file():
+        raise UserError(f"{file} is missing; {needs}.")
     try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_file} is not valid JSON: {e}.") from None
+        raise UserError(f"{file} is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
-        raise UserError(f"{cfg_file} must hold a JSON object.")
+        raise UserError(f"{file} must hold a JSON object.")
     return data
 
 
@@ -358,6 +363,10 @@ def _weight_files(p: Path) -> list[Path]:
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Model:
     p = resolve_model_dir(path)
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():  # a PEFT adapter directory
+        from tinychat.model.peft import load_with_base
+
+        return load_with_base(p, dtype, device)
     raw = read_config_json(p)
     cfg = config_from_hf(raw, str(p / "config.json"))
     files = _weight_files(p)

@@ -132,6 +132,16 @@ class KVCache:
         self._lengths = [min(n, length) for n in self._lengths]
         self.lengths.clamp_(max=length)
 
+    def preload(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows start over holding n given positions, k/v (n_layer, n_kv, n, hd) for each: the virtual tokens
+        of a prompt/prefix adapter (model/peft/prompt.py), written before the row's prompt is read."""
+        n = k.shape[2]
+        self.k[:, rows, :, :n] = k[:, None].to(self.k.dtype)  # (n_layer, rows, n_kv, n, hd)
+        self.v[:, rows, :, :n] = v[:, None].to(self.v.dtype)
+        self.lengths[rows] = n
+        for r in rows.tolist():
+            self._lengths[r] = n
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all by default) so they can hold new sequences."""
         if rows is None:

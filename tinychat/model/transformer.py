@@ -314,9 +314,13 @@ class Model(nn.Module):
         """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads.
 
         With a KVCache and no `meta`, the cache plans the call and is committed after it (batched
-        generation); a serving engine builds `meta` itself from its block tables and keeps its own lengths."""
+        generation); a serving engine builds `meta` itself from its block tables and keeps its own lengths.
+        A prompt/prefix adapter (model/peft) attaches its virtual tokens' keys/values to the cache first."""
         B, T = input_ids.shape[:2]  # (B, T, d_model) hidden states on a pipeline stage (train/pipeline.py)
-        own = isinstance(cache, KVCache) and meta is None
+        if (virtual := getattr(self, "virtual_tokens", None)) is not None:  # prompt/prefix adapters (model/peft)
+            cache = virtual.attach(self, cache, B, rows)
+        own = cache is not None and meta is None  # the cache plans its own call (KVCache, model/peft's PrefixCache)
+        assert not (own and isinstance(cache, PagedKVCache)), "a paged cache needs the call's metadata (meta=)"
         if cache is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the context window {self.cfg.max_seq_len}.")
@@ -326,7 +330,6 @@ class Model(nn.Module):
                 expect = cache.batch_size if rows is None else len(rows)
                 assert expect == B, f"batch {B} != {expect} cache rows"
                 meta = cache.plan(T, rows)
-            assert meta is not None, "a paged cache needs the call's metadata (meta=)"
             pos = meta.positions
         x = self.model.embed_tokens(input_ids)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -354,11 +357,13 @@ class Model(nn.Module):
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.norm.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A KVCache on the model's device, in the compute dtype (so decoding never casts the cached span)."""
+        """A KVCache on the model's device, in the compute dtype (so decoding never casts the cached span);
+        a prompt/prefix adapter's virtual tokens take the first positions of every row."""
+        virtual = getattr(self, "virtual_tokens", None)
         return KVCache(
             self.cfg,
             batch_size,
-            min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len),
+            min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len) + (virtual.num_tokens if virtual else 0),
             device=self.model.norm.weight.device,
             dtype=dtype or self.compute_dtype(),
         )

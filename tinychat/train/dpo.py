@@ -128,7 +128,7 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
     print(f"dpo: {len(pairs)} preference pairs, {len(val)} validation, beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}")
     model = post.start_model(cfg, inputs)
     reference = post.make_reference(model, cfg)
-    post.add_lora(model, cfg)
+    post.add_peft(model, cfg, inputs.tok)
     return post.launch(cfg, DPOObjective(cfg, inputs.tok, inputs.init, pairs, val, reference), model, inputs)
 
 

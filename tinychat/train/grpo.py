@@ -90,7 +90,7 @@ def run_grpo(cfg: GRPOConfig) -> TrainResult:
     scorer = FunctionRewards(resolve_rewards(cfg.rewards), cfg.reward_weights, cfg.rewards)
     model = post.start_model(cfg, inputs)
     reference = post.make_reference(model, cfg) if cfg.kl_coef > 0 else None
-    post.add_lora(model, cfg)
+    post.add_peft(model, cfg, inputs.tok)
     objective = GRPOObjective(cfg, inputs.tok, inputs.init, prompts, val, scorer, reference)
     return post.launch(cfg, objective, model, inputs)
 

@@ -1,9 +1,10 @@
-"""`tinychat merge`: fold a LoRA adapter into its base model's weights, giving a plain model directory.
+"""`tinychat merge`: fold a LoRA, DoRA or IA3 adapter into its base model's weights, giving a plain model directory.
 
-Every post-training command with --lora.rank already writes the merged model to checkpoints/STAGE/
-and the adapter beside it (checkpoints/STAGE/adapter/); this command is for adapters met elsewhere
-(trained by PEFT, shared without their base) or applied to another copy of the base. The merged
-model computes the same logits as base + adapter (W' = W + (alpha/r) B A), at the base's speed.
+Every post-training command with --peft.method lora/dora/ia3 (or --lora.rank) already writes the merged
+model to checkpoints/STAGE/ and the adapter beside it (checkpoints/STAGE/adapter/); this command is for
+adapters met elsewhere (trained by PEFT, shared without their base) or applied to another copy of the base.
+The merged model computes the same logits as base + adapter (W' = W + (alpha/r) B A; DoRA rescales its
+rows; IA3 multiplies rows or columns), at the base's speed. Prompt/prefix adapters have nothing to fold.
 """
 
 from __future__ import annotations
@@ -27,22 +28,27 @@ class MergeConfig:
 def merge(adapter: Path, base: Path | None, out: Path) -> Path:
     from tinychat.model.hf import copy_tokenizer
     from tinychat.model.hub import resolve_model_dir
-    from tinychat.model.lora import load_adapter, merge_lora, read_adapter_config
+    from tinychat.model.peft import load_adapter, merge_adapters
+    from tinychat.model.peft.common import adapter_base, read_adapter_config
     from tinychat.model.transformer import Model
-    from tinychat.train.post import adapter_base
     from tinychat.train.reward import RewardModel, save_reward_model
 
-    task = read_adapter_config(adapter).get("task_type") or "CAUSAL_LM"
+    conf = read_adapter_config(adapter)
+    if conf["peft_type"] not in ("LORA", "IA3"):
+        raise UserError(
+            f"{adapter}: {conf['peft_type']} adapters cannot be merged into the weights; run them unmerged."
+        )
+    task = conf.get("task_type") or "CAUSAL_LM"
     if task not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UserError(f"{adapter}: task_type {task} is not supported (CAUSAL_LM or SEQ_CLS).")
     base = resolve_model_dir(base) if base else adapter_base(adapter)
     model = Model.from_pretrained(str(base), dtype=torch.float32)
     if task == "SEQ_CLS":
         model = RewardModel.from_causal_lm(model)
-    lora, _ = load_adapter(model, adapter)  # modules it saved whole (a score head, embeddings) are placed too
-    if task == "SEQ_CLS" and "score" not in lora.modules_to_save:
+    loaded, _ = load_adapter(model, adapter)  # modules it saved whole (a score head, embeddings) are placed too
+    if task == "SEQ_CLS" and "score" not in (loaded.get("modules_to_save") or []):
         raise UserError(f"{adapter}: a SEQ_CLS adapter must carry the score head (score.weight).")
-    merge_lora(model)
+    merge_adapters(model)
     if task == "SEQ_CLS":
         pad = model.cfg.pad_token_id
         if pad is None and (base / "tokenizer.json").is_file():

@@ -1,9 +1,11 @@
-"""What every post-training command shares: options, where its inputs are, the starting model, LoRA,
-the frozen reference, log-probabilities, and how the final model is written.
+"""What every post-training command shares: options, where its inputs are, the starting model, the PEFT
+method (LoRA, DoRA, IA3, prompt/prefix tuning: tinychat.model.peft), the frozen reference,
+log-probabilities, and how the final model is written.
 
 Why one module: sft, reward, dpo, ppo and grpo differ in their loss and their batches (their own files);
-finding the run directory, the previous stage's model, the tinyworld split, applying LoRA and saving
-merged weights + a PEFT adapter is the same for all of them and lives here once.
+finding the run directory, the previous stage's model, the tinyworld split, applying an adapter and saving
+merged weights + a PEFT adapter (or, for prompt/prefix methods, the adapter alone) is the same for all of
+them and lives here once.
 
 Run directory convention (runs/NAME/...): the starting model is the previous stage's final model
 (sft <- pretrain; reward, dpo <- sft; ppo, grpo <- dpo if present, else sft) unless --init names one;
@@ -24,8 +26,10 @@ import torch.nn.functional as F
 
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
-from tinychat.model.hub import hub_id, resolve_model_dir
-from tinychat.model.lora import LoraConfig, apply_lora, has_lora, lora_disabled, merge_state, save_adapter
+from tinychat.model.hub import resolve_model_dir
+from tinychat.model.peft import UNMERGED, VIRTUAL, PeftConfig, adapters_disabled, apply_peft, has_adapters, save_result
+from tinychat.model.peft.common import adapter_base, is_adapter_dir
+from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainResult, train
 
@@ -43,6 +47,7 @@ class PostConfig:
     resume: bool = field(False, help="continue from the newest checkpoint of this stage")
     stage: str = field("post", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     default_budget: ClassVar[dict[str, Any]] = {"epochs": 1.0}  # when no --train budget is given
 
@@ -67,14 +72,13 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
     from tinychat.tokenizer import Tokenizer
 
     run_dir = Path(cfg.runs_dir) / cfg.run
-    if cfg.lora.rank:
-        cfg.lora.leaf_names()  # a wrong --lora.targets fails now, not after the data and model are loaded
+    cfg.peft.resolve(cfg.lora)  # a wrong --peft/--lora flag fails now, not after the data and model are loaded
     if cfg.init:
         init = resolve_model_dir(cfg.init)
         if not init.is_dir():
             raise UserError(f"--init {init} is not a directory.")
     else:
-        found = [d for s in previous if ((d := run_dir / "checkpoints" / s) / "config.json").is_file()]
+        found = [d for s in previous if is_model_or_adapter(d := run_dir / "checkpoints" / s)]
         if not found:
             names = " or ".join(str(run_dir / "checkpoints" / s) for s in previous)
             raise UserError(f"no --init given and there is no model at {names}; train that stage first or pass --init.")
@@ -100,32 +104,17 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
     return Inputs(run_dir, init, Tokenizer.from_pretrained(tok_dir), tok_dir, data, val)
 
 
-def adapter_base(adapter_dir: Path) -> Path:
-    """The base model an adapter's adapter_config.json names: a directory (absolute, or relative to the adapter)
-    or a Hugging Face id such as PEFT writes."""
-    from tinychat.model.lora import read_adapter_config
-
-    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; pass --base.")
-    p = Path(base)
-    if p.is_absolute() or p.is_dir():
-        return p
-    if (adapter_dir / p).is_dir() or hub_id(base) is None:
-        return adapter_dir / p
-    return resolve_model_dir(base)
+def is_model_or_adapter(d: Path) -> bool:
+    """A stage's result: a model directory, or (prompt/prefix methods) an adapter directory naming its base."""
+    return (d / "config.json").is_file() or is_adapter_dir(d)
 
 
 def load_causal_lm(path: Path) -> torch.nn.Module:
-    """A model directory, or a LoRA adapter directory (its base is loaded and the adapter merged in)."""
-    from tinychat.model.lora import load_adapter, merge_lora
+    """A model directory, or an adapter directory: its base is loaded and the adapter merged in (LoRA, DoRA,
+    IA3) or attached unmerged and frozen (prompt/prefix methods)."""
     from tinychat.model.transformer import Model
 
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        model = Model.from_pretrained(str(adapter_base(path)), dtype=torch.float32)
-        load_adapter(model, path)
-        return merge_lora(model)
-    return Model.from_pretrained(str(path), dtype=torch.float32)
+    return Model.from_pretrained(str(path), dtype=torch.float32)  # model/hf.py opens adapter directories too
 
 
 def start_model(cfg: PostConfig, inputs: Inputs) -> torch.nn.Module:
@@ -154,17 +143,21 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def add_lora(model: torch.nn.Module, cfg: PostConfig, heads: tuple[str, ...] = ()) -> None:
-    """Apply --lora (if rank > 0): the base frozen, adapters and the named heads trainable."""
-    if cfg.lora.rank <= 0:
-        return
+def add_peft(model: torch.nn.Module, cfg: PostConfig, tok: Any, heads: tuple[str, ...] = ()) -> None:
+    """Apply --peft.method (or --lora.rank): the base frozen, the adapter and the named heads trainable."""
+    method = cfg.peft.resolve(cfg.lora)
+    if "score" in heads and method in (*UNMERGED, "ia3"):
+        raise UserError(f"--peft.method {method} cannot carry a reward model's score head; use lora or dora.")
+    if method in (*VIRTUAL, "mam") and cfg.train.seq_len + cfg.peft.virtual_tokens > model.cfg.max_seq_len:
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) + {cfg.peft.virtual_tokens} virtual tokens exceed the model's "
+            f"context window ({model.cfg.max_seq_len}); lower --train.seq_len or --peft.virtual_tokens."
+        )
     torch.manual_seed(cfg.train.seed)
-    n = apply_lora(model, cfg.lora)
-    for name in heads:
-        getattr(model, name).requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"lora: rank {cfg.lora.rank} on {n} projections, {trainable:,} of {total:,} parameters trainable")
+    init_ids = tok.encode(cfg.peft.init_text) if method == "prompt" and cfg.peft.init_text else None
+    summary = apply_peft(model, cfg.peft, cfg.lora, heads, init_ids)
+    if summary:
+        print(f"peft: {summary}")
 
 
 def launch(cfg: PostConfig, objective: Objective, module: torch.nn.Module, inputs: Inputs) -> TrainResult:
@@ -228,7 +221,7 @@ def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
 
 class Reference:
     """The frozen model a KL term or DPO compares against: a separate copy, or the policy's own base
-    with its LoRA adapters switched off (no second model in memory)."""
+    with its adapters switched off (no second model in memory)."""
 
     def __init__(self, copy_of_start: torch.nn.Module | None) -> None:
         self.model = copy_of_start
@@ -243,21 +236,22 @@ class Reference:
         """Reference logits for ids (B, T); `policy` is the raw (unwrapped) trained module."""
         if self.model is not None:
             return self.model(ids)
-        assert has_lora(policy), "a reference without a copy needs LoRA adapters to switch off"
-        with lora_disabled(policy):
+        assert has_adapters(policy), "a reference without a copy needs adapters to switch off"
+        with adapters_disabled(policy):
             return policy(ids)
 
 
 def make_reference(model: torch.nn.Module, cfg: PostConfig) -> Reference:
-    """Call before LoRA is applied: with LoRA the base itself is the reference, else a frozen copy."""
-    return Reference(None if cfg.lora.rank > 0 else frozen_copy(model))
+    """Call before the adapter is applied: with one the base itself is the reference, else a frozen copy."""
+    return Reference(None if cfg.peft.resolve(cfg.lora) != "none" else frozen_copy(model))
 
 
 # ---------------------------------------------------------------------------------------- objectives
 
 
 class PostObjective(Objective):
-    """An objective of a post-training command: it writes merged weights (+ a PEFT adapter with LoRA)."""
+    """An objective of a post-training command: it writes merged weights (+ a PEFT adapter), or the adapter
+    alone for prompt/prefix methods."""
 
     task_type = "CAUSAL_LM"
     adapter_modules: tuple[str, ...] = ()  # whole modules saved with the adapter (a reward model's score)
@@ -275,27 +269,12 @@ class PostObjective(Objective):
         save_pretrained(model, path, dtype=torch.float32, state_dict=state)
 
     def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
-        """checkpoints/STAGE/ gets the full model (LoRA merged in); with LoRA also checkpoints/STAGE/adapter/."""
+        """checkpoints/STAGE/ gets the full model (an adapter merged in) and the adapter in checkpoints/STAGE/adapter/;
+        with a prompt/prefix method checkpoints/STAGE/ is the adapter directory itself."""
         state = self.model_state(state_dict if state_dict is not None else model.state_dict())
-        state = save_lora_result(path, state, self.cfg.lora, self.init, self.task_type, self.adapter_modules)
-        self.write_model(model, path, state)
-
-
-def save_lora_result(
-    path: Path,
-    state: dict[str, torch.Tensor],
-    lora: LoraConfig,
-    init: Path,
-    task_type: str = "CAUSAL_LM",
-    modules: tuple[str, ...] = (),
-) -> dict[str, torch.Tensor]:
-    """With LoRA (rank > 0): write the PEFT adapter to path/adapter and return the merged weights to save
-    as the stage's model; without, return `state` unchanged."""
-    if lora.rank <= 0:
-        return state
-    base = init if (init / "config.json").is_file() else ""  # an adapter-only init has no base dir
-    save_adapter(path / "adapter", state, lora, base, task_type, modules)
-    return merge_state(state, lora.scaling)
+        merged = save_result(path, model, state, self.cfg.lora, self.init, self.task_type, self.adapter_modules)
+        if merged is not None:
+            self.write_model(model, path, merged)
 
 
 class ItemObjective(PostObjective):

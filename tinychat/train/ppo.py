@@ -189,7 +189,7 @@ def run_ppo(cfg: PPOConfig) -> TrainResult:
     reference = post.make_reference(model, cfg) if cfg.kl_coef > 0 else None
     torch.manual_seed(cfg.train.seed)
     policy = add_value_head(model)
-    post.add_lora(policy, cfg, heads=("value_head",))
+    post.add_peft(policy, cfg, inputs.tok, heads=("value_head",))
     objective = PPOObjective(cfg, inputs.tok, inputs.init, prompts, val, scorer, reference, reward_model=rm)
     return post.launch(cfg, objective, policy, inputs)
 

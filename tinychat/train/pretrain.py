@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.lora import LoraConfig
+from tinychat.model.peft import PeftConfig
+from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
 from tinychat.train.optim import mup_init
@@ -47,6 +48,7 @@ class PretrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,13 +132,15 @@ class PretrainObjective(Objective):
         return {"seed": self.cfg.seed, "accum": self.accum}
 
     def save_model(self, model: torch.nn.Module, path: Path, state_dict: dict | None) -> None:
-        """The model directory; with LoRA the merged weights, and the PEFT adapter in path/adapter."""
+        """The model directory; with an adapter the merged weights, and the PEFT adapter in path/adapter
+        (prompt/prefix methods: path is the adapter directory)."""
         from tinychat.model.hf import save_pretrained
-        from tinychat.train.post import save_lora_result
+        from tinychat.model.peft import save_result
 
         state = state_dict if state_dict is not None else model.state_dict()
-        state = save_lora_result(path, state, self.lora, self.init)
-        save_pretrained(model, path, dtype=torch.float32, state_dict=state)
+        merged = save_result(path, model, state, self.lora, self.init)
+        if merged is not None:
+            save_pretrained(model, path, dtype=torch.float32, state_dict=merged)
 
 
 @torch.no_grad()
@@ -231,19 +235,21 @@ def grow_vocab(model: torch.nn.Module, init: Path, tok: Any, how: str, seed: int
     )
 
 
-def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig) -> None:
+def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig, tok: Any = None) -> None:
     """Chinese-LLaMA's two stages of continued pretraining: embeddings and output layer only, or LoRA (plus
-    whichever modules --lora.modules_to_save names, trained whole and saved with the adapter)."""
-    from tinychat.model.lora import apply_lora, train_only
+    whichever modules --lora.modules_to_save names, trained whole and saved with the adapter); or any other
+    --peft.method for continued pretraining."""
+    from tinychat.model.peft import apply_peft
+    from tinychat.model.peft.lora import train_only
 
     if cfg.trainable == "embeddings":
         n, what = train_only(model, ["embed_tokens", "lm_head"]), "embeddings and output layer"
-    elif cfg.lora.rank > 0:
-        torch.manual_seed(cfg.train.seed)
-        apply_lora(model, cfg.lora)
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        what = " + ".join([f"LoRA rank {cfg.lora.rank}", *cfg.lora.modules_to_save])
     else:
+        torch.manual_seed(cfg.train.seed)
+        init_ids = tok.encode(cfg.peft.init_text) if tok is not None and cfg.peft.init_text else None
+        summary = apply_peft(model, cfg.peft, cfg.lora, init_ids=init_ids)
+        if summary:
+            print(f"pretrain: {summary}{''.join(' + ' + m for m in cfg.lora.modules_to_save)}")
         return
     total = sum(p.numel() for p in model.parameters())
     print(f"pretrain: {n:,} of {total:,} parameters trainable ({what})")
@@ -261,10 +267,9 @@ def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module
     if not tok_dir.is_dir():
         raise UserError(f"tokenizer directory {tok_dir} does not exist; run `tinychat tokenizer train` first.")
     tok = Tokenizer.from_pretrained(tok_dir)
-    if cfg.trainable != "all" and cfg.lora.rank > 0:
-        raise UserError("--trainable embeddings and --lora.rank are two different stages; choose one.")
-    if cfg.lora.rank > 0:
-        cfg.lora.leaf_names()  # a wrong --lora.targets fails now, before any work
+    if cfg.trainable != "all" and cfg.peft.resolve(cfg.lora) != "none":
+        raise UserError("--trainable embeddings and --lora.rank/--peft.method are two different stages; choose one.")
+    cfg.peft.resolve(cfg.lora)  # a wrong --lora/--peft flag fails now, before any work
     if cfg.init:
         model = Model.from_pretrained(cfg.init, dtype=torch.float32)
         grow_vocab(model, Path(cfg.init), tok, cfg.vocab_init, cfg.train.seed)
@@ -289,7 +294,7 @@ def write_config(cfg: PretrainConfig, run_dir: Path, model: torch.nn.Module) -> 
 
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     run_dir, tok_dir, data_dir, tok, model = prepare(cfg)
-    freeze_for_stage(model, cfg)
+    freeze_for_stage(model, cfg, tok)
     write_config(cfg, run_dir, model)
     init = Path(cfg.init) if cfg.init else None
     objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples, cfg.lora, init)

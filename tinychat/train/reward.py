@@ -195,7 +195,7 @@ def run_reward(cfg: RewardConfig) -> TrainResult:
         torch.manual_seed(cfg.train.seed)
         model = RewardModel.from_causal_lm(post.load_causal_lm(inputs.init))
     post.check_model(model, inputs.tok, cfg)
-    post.add_lora(model, cfg, heads=("score",))
+    post.add_peft(model, cfg, inputs.tok, heads=("score",))
     return post.launch(cfg, RewardObjective(cfg, inputs.tok, inputs.init, pairs, val), model, inputs)
 
 

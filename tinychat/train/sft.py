@@ -122,7 +122,7 @@ def run_sft(cfg: SFTConfig) -> TrainResult:
         f"{stats['no_targets']} without assistant tokens skipped), {len(val)} validation"
     )
     model = post.start_model(cfg, inputs)
-    post.add_lora(model, cfg)
+    post.add_peft(model, cfg, tok)
     room = model.cfg.max_seq_len - cfg.max_new_tokens  # a longer prompt would shorten every reply of its batch
     tasks = [t for t in task_prompts(tok, val_rows) if len(t.ids) <= room]
     objective = SFTObjective(cfg, tok, inputs.init, convs, val, tasks)

@@ -43,6 +43,11 @@ class Engine:
     """Continuous-batching generation for one model; see the module docstring for the design."""
 
     def __init__(self, model, tokenizer, cfg: rq.EngineConfig | None = None) -> None:  # noqa: ANN001
+        if getattr(model, "virtual_tokens", None) is not None:
+            raise UserError(
+                "prompt/prefix-tuning adapters (virtual tokens) do not run in the paged serving engine yet: "
+                "run them with `tinychat generate` or `tinychat eval`, or serve a merged lora/dora/ia3 model."
+            )
         self.model, self.tok = model.eval(), tokenizer
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)

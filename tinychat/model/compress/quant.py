@@ -180,6 +180,11 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        if torch.is_grad_enabled() and x.requires_grad:  # QLoRA: gradients flow to adapters below this layer
+            return IntMatmul.apply(x, self)
+        return self.int_forward(x)
+
+    def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.fast and x.device.type == "cpu":
             x2 = aligned(x.reshape(-1, self.in_features).to(torch.bfloat16))
@@ -196,6 +201,20 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}" + (
             f", group={self.group}" if self.bits == 4 else ""
         )
+
+
+class IntMatmul(torch.autograd.Function):
+    """y = QuantLinear(x) through the integer kernel; backward dx = dy W with W dequantized: aten's int8/int4
+    matmuls have no derivative, and the frozen integers need none (QLoRA trains adapters around them)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.int_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.module.dequantized().to(grad.dtype), None
 
 
 class QuantEmbedding(nn.Module):
@@ -227,14 +246,22 @@ def check_bits(bits: int, group: int) -> None:
         raise UserError(f"--group-size must be one of {', '.join(map(str, INT4_GROUPS))} for int4, got {group}.")
 
 
-def quantize_model(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
-    """Replace, in place, every block Linear by an int`bits` QuantLinear and the embedding/head by int8 ones."""
+def quantize_blocks(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
+    """Replace, in place, every block Linear by an int`bits` QuantLinear (QLoRA's frozen base keeps its
+    embeddings and head in floating point)."""
     check_bits(bits, group)
     with torch.no_grad():
         for name in block_linear_names(model):
             lin = model.get_submodule(name)
             q, s = quantize_int8(lin.weight) if bits == 8 else quantize_int4(lin.weight, group)
             set_module(model, name, QuantLinear(q, s, bits, group if bits == 4 else 0, lin.bias))
+    return model
+
+
+def quantize_model(model: nn.Module, bits: int, group: int = 64) -> nn.Module:
+    """Replace, in place, every block Linear by an int`bits` QuantLinear and the embedding/head by int8 ones."""
+    quantize_blocks(model, bits, group)
+    with torch.no_grad():
         tied = model.cfg.tie_embeddings
         emb = QuantEmbedding(*quantize_int8(model.model.embed_tokens.weight))
         model.model.embed_tokens = emb

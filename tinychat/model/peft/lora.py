@@ -1,4 +1,4 @@
-"""LoRA adapters: a frozen base model plus trainable low-rank updates, in PEFT's file format.
+"""LoRA and DoRA adapters: a frozen base model plus trainable low-rank updates, in PEFT's file format.
 
 Why LoRA: fine-tuning every weight needs optimiser state for every weight (3x the model in AdamW); a
 rank-r update W + (alpha/r) B A of the attention and MLP projections trains ~1% of the parameters, the
@@ -12,12 +12,19 @@ llama.cpp's converter open it as is, and tinychat opens adapters PEFT trained.
 Names: a wrapped projection keeps its own parameter names (`...q_proj.weight`) and adds
 `...q_proj.lora_A.weight` / `...q_proj.lora_B.weight`, so a checkpoint of a LoRA run still reads as the
 base model plus extra tensors, and `merge_state` turns it into plain HF weights.
+
+QLoRA (Dettmers et al. 2023): the same adapters over a frozen int8/int4 base (tinychat's QuantLinear,
+model/compress/quant.py); the integer kernels have no derivative, so QuantLinear's own `IntMatmul` gives the
+backward pass dx = dy W from the dequantized weight. The adapter file is plain LoRA: it applies to the float base too.
+
+DoRA (Liu et al. 2024, PEFT's `use_dora`): the merged weight W + sBA is split into a direction, normalised
+per output row, and a trained magnitude m (`lora_magnitude_vector`, initialised to the rows' norms):
+W' = m / ||W + sBA|| * (W + sBA). The norm is detached in the backward pass, as in the paper and PEFT.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +33,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinychat.config import field
 from tinychat.errors import UserError
+from tinychat.model.compress.quant import QuantLinear
+from tinychat.model.peft.common import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    base_path,
+    copy_into,
+    read_adapter_weights,
+    replace_modules,
+    switched_off,
+    write_adapter,
+)
 
 # short target names -> module path inside a block (HF's names, as PEFT's target_modules uses them)
 TARGETS = {
@@ -43,8 +60,19 @@ TARGETS = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
-PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def target_leaves(targets: list[str], flag: str) -> list[str]:
+    """Short target names (`q v`, `q,v`, `all`, or HF's `q_proj`) as HF leaf module names; UserError if unknown."""
+    names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
+    names = list(TARGETS) if names == ["all"] else names
+    out = []
+    for t in names:
+        short = t.removesuffix("_proj")
+        if short not in TARGETS:
+            raise UserError(f"{flag}: unknown target {t!r}; use q, k, v, o, gate, up, down or all.")
+        out.append(TARGETS[short].split(".")[-1])
+    return out
 
 
 @dataclass
@@ -58,6 +86,7 @@ class LoraConfig:
     modules_to_save: list[str] = field(
         [], help="whole modules trained and saved with the adapter (PEFT's modules_to_save), e.g. embed_tokens lm_head"
     )
+    use_dora: bool = field(False, help="DoRA: a trained magnitude per output row on top of the update")
 
     @property
     def scaling(self) -> float:
@@ -65,31 +94,33 @@ class LoraConfig:
 
     def leaf_names(self) -> list[str]:
         """The targets as HF leaf module names (q -> q_proj); a UserError names an unknown one."""
-        names = [t.strip() for item in self.targets for t in item.split(",") if t.strip()]  # "q,v" or q v
-        names = list(TARGETS) if names == ["all"] else names
-        out = []
-        for t in names:
-            short = t.removesuffix("_proj")
-            if short not in TARGETS:
-                raise UserError(f"--lora.targets: unknown target {t!r}; use q, k, v, o, gate, up, down or all.")
-            out.append(TARGETS[short].split(".")[-1])
+        out = target_leaves(self.targets, "--lora.targets")
         if self.rank < 0 or (self.rank and not out):
             raise UserError("--lora.rank must be >= 0 and --lora.targets must name at least one projection.")
         return out
 
 
 class LoRALinear(nn.Module):
-    """A linear layer W x + b with a low-rank update (alpha/r) B A x; W and b are the base's own (frozen)."""
+    """A linear layer W x + b with a low-rank update (alpha/r) B A x; W and b are the base's own (frozen).
+    Over a QuantLinear (QLoRA) the integer module is kept as `quant` and W is its dequantized weight."""
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Linear | QuantLinear, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter: names and sharding are unchanged
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
+        self.quant: QuantLinear | None = None
+        if isinstance(base, QuantLinear):
+            self.quant, self.bias = base, None  # its integers are buffers; its bias stays inside it
+            base.requires_grad_(False)
+            dev, dt = base.scale.device, torch.float32
+        else:
+            self.weight = base.weight  # the same Parameter: names and sharding are unchanged
+            self.bias = base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
@@ -97,28 +128,65 @@ class LoRALinear(nn.Module):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if dora:  # m starts at the rows' norms, so step 0 is still the base model
+            self.lora_magnitude_vector = nn.Parameter(self.base_weight().detach().float().norm(dim=1).to(dt))  # (out,)
+
+    def base_weight(self) -> torch.Tensor:
+        """W (out, in): the base's own Parameter, or the dequantized integers under QLoRA."""
+        return self.weight if self.quant is None else self.quant.dequantized()
+
+    def base_bias(self) -> torch.Tensor | None:
+        return self.bias if self.quant is None else self.quant.bias
+
+    def update(self) -> torch.Tensor:
+        """The dense update s B A (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def dora_scale(self) -> torch.Tensor:
+        """m / ||W + sBA|| per output row (out,), the norm detached (PEFT and the paper)."""
+        assert self.lora_magnitude_vector is not None
+        w = self.base_weight()
+        norm = (w + self.update().to(w.dtype)).norm(dim=1).detach()
+        return self.lora_magnitude_vector / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quant is None else self.quant(x)
         if not self.enabled:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        xd = self.dropout(x)
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return y + lora
+        # DoRA: m/||W'|| (W x + s B A x) + b, written as PEFT writes it (base output plus a correction)
+        scale = self.dora_scale().to(y.dtype)
+        bias = self.base_bias()
+        base = y - bias if bias is not None else y
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            base = F.linear(xd, self.base_weight())
+        return y + (scale - 1) * base + scale * lora
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + (alpha/r) B A (a new weight; the base's is left untouched)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        """A plain nn.Linear holding W + (alpha/r) B A (DoRA: rescaled per row; the base's weight is untouched;
+        QLoRA: a float layer from the dequantized integers)."""
+        bias = self.base_bias()
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         with torch.no_grad():
-            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-            lin.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias.detach().clone())
+            base = self.base_weight()
+            w = base.float() + self.update().float()
+            if self.lora_magnitude_vector is not None:
+                w = w * (self.lora_magnitude_vector.float() / w.norm(dim=1))[:, None]
+            lin.weight = nn.Parameter(w.to(base.dtype))
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach().clone())
         return lin
 
 
-def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Module, str, nn.Linear | QuantLinear]]:
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if child_name in leaf_names and isinstance(child, nn.Linear) and ".layers." in f".{name}.":
+            linear = isinstance(child, nn.Linear | QuantLinear)
+            if child_name in leaf_names and linear and ".layers." in f".{name}.":
                 yield mod, child_name, child
 
 
@@ -131,7 +199,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
     train_only(model, module_names(cfg.modules_to_save), "--lora.modules_to_save")
     n = 0
     for parent, name, lin in _targets(model, leaves):
-        setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout))
+        setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout, cfg.use_dora))
         n += 1
     if n == 0:
         raise UserError(f"--lora.targets {','.join(cfg.targets)} matched no projection of this model.")
@@ -169,44 +237,41 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def has_quantized_base(model: nn.Module) -> bool:
+    """QLoRA: some adapter sits over integer weights (a quantized base, in memory or loaded)."""
+    return any(isinstance(m, LoRALinear) and m.quant is not None for m in model.modules())
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear with the merged weight, in place; returns the model."""
-    for mod in list(model.modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(mod, child_name, child.merged())
-    return model
+    return replace_modules(model, LoRALinear, lambda m: m.merged())
 
 
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module) -> Iterator[None]:
+def lora_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
     """Run the base model (every adapter off): the frozen reference of DPO/PPO/GRPO at no memory cost."""
-    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.enabled = True
+    return switched_off(model, (LoRALinear,))
 
 
 # ---------------------------------------------------------------------------------------- state dicts
 
 
 def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
+    return ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector")
 
 
 def merge_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A LoRA model's state dict as plain weights: W + scaling * B @ A, adapter tensors dropped."""
+    """A LoRA/DoRA model's state dict as plain weights: W + scaling * B @ A (DoRA: rescaled to m per row),
+    adapter tensors dropped."""
     out = {k: v for k, v in state.items() if not is_lora_key(k)}
     for key, a in state.items():
         if key.endswith(".lora_A.weight"):
             prefix = key[: -len(".lora_A.weight")]
             b = state[prefix + ".lora_B.weight"]
             w = out[prefix + ".weight"]
-            out[prefix + ".weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+            merged = w.float() + scaling * (b.float() @ a.float())
+            if (m := state.get(prefix + ".lora_magnitude_vector")) is not None:
+                merged = merged * (m.float() / merged.norm(dim=1))[:, None]
+            out[prefix + ".weight"] = merged.to(w.dtype)
     return out
 
 
@@ -248,14 +313,12 @@ def save_adapter(
     modules_to_save: tuple[str, ...] = (),
 ) -> None:
     """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA format) atomically into `path`."""
-    from tinychat.model.hf import write_files_atomically
-
     modules_to_save, tied = saved_modules(state, (*modules_to_save, *module_names(cfg.modules_to_save)))
     tensors = adapter_state(state, modules_to_save)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": str(Path(base_model).absolute()) if base_model else None,
+        "base_model_name_or_path": base_path(base_model),
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -265,35 +328,26 @@ def save_adapter(
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "modules_to_save": list(modules_to_save) or None,
         "ensure_weight_tying": tied,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    write_files_atomically(
-        path,
-        {
-            ADAPTER_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
-            ADAPTER_WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        },
-    )
+    write_adapter(path, config, tensors)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """A LoRA/DoRA adapter_config.json, refused (UserError) where it uses options tinychat does not implement."""
+    from tinychat.model.peft.common import read_adapter_config as read_any
+
+    cfg = read_any(path)
     p = Path(path) / ADAPTER_CONFIG
-    if not p.is_file():
-        raise UserError(f"{p} is missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON: {e}.") from None
-    if cfg.get("peft_type") != "LORA":
-        raise UserError(f"{p}: peft_type is {cfg.get('peft_type')!r}; tinychat reads LORA adapters.")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(key):
-            raise UserError(f"{p}: {key} adapters are not supported.")
+    if cfg["peft_type"] != "LORA":
+        return cfg  # another method: its own module checks it
+    if cfg.get("fan_in_fan_out"):
+        raise UserError(f"{p}: fan_in_fan_out adapters are not supported.")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("layers_to_transform"):
         raise UserError(f"{p}: per-layer rank_pattern/alpha_pattern/layers_to_transform are not supported.")
     if cfg.get("bias", "none") != "none":
@@ -317,7 +371,7 @@ def config_from_adapter(d: dict[str, Any], source: str) -> LoraConfig:
     r, alpha = int(d["r"]), float(d.get("lora_alpha", 8))
     if d.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): express it as an equivalent alpha
         alpha = alpha * math.sqrt(r)
-    return LoraConfig(rank=r, alpha=alpha, dropout=0.0, targets=names)
+    return LoraConfig(rank=r, alpha=alpha, dropout=0.0, targets=names, use_dora=bool(d.get("use_dora")))
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -328,28 +382,22 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[LoraConfig, dict[s
     `score` when the model has no head yet) are returned, PEFT-prefix stripped, for the caller to place.
     """
     d = read_adapter_config(path)
+    if d["peft_type"] != "LORA":
+        raise UserError(f"{Path(path) / ADAPTER_CONFIG}: peft_type is {d['peft_type']!r}, expected LORA.")
     cfg = config_from_adapter(d, str(Path(path) / ADAPTER_CONFIG))
     wfile = Path(path) / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(str(wfile))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{wfile} is not a readable safetensors file ({e}).") from None
+    tensors = read_adapter_weights(path)
     apply_lora(model, cfg)
     own = dict(model.named_parameters())
     lora, rest = {}, {}
-    for k, v in tensors.items():
-        name = k.removeprefix(PEFT_PREFIX).replace(".default.", ".")  # PEFT's in-memory names have .default.
+    for name, v in tensors.items():
+        name = name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")  # PEFT's in-memory name
         (lora if is_lora_key(name) else rest)[name] = v
     missing = sorted(k for k in own if is_lora_key(k) and k not in lora)
     if missing:
         raise UserError(f"{wfile}: tensor {missing[0]} is missing ({len(missing)} in all).")
     for name, v in lora.items():
-        if name not in own:
-            raise UserError(f"{wfile}: tensor {name} does not match any adapted module of the base model.")
-        if tuple(v.shape) != tuple(own[name].shape):
-            raise UserError(f"{wfile}: tensor {name} has shape {tuple(v.shape)}, expected {tuple(own[name].shape)}.")
-        with torch.no_grad():
-            own[name].copy_(v)
+        copy_into(own, name, v, str(wfile))
     unused = {}
     for name, v in rest.items():
         if name not in own:

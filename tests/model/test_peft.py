@@ -1,0 +1,269 @@
+"""The PEFT family: each method's shapes and gradients, PEFT's file format both ways (logits within 1e-4 of
+the real `peft` package), the KV cache with virtual tokens, and merging where a method allows it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinychat.errors import UserError
+from tinychat.model import Model
+from tinychat.model.peft import PeftConfig, adapters_disabled, apply_peft, load_adapter, merge_adapters, save_result
+from tinychat.model.peft.adapters import Bottleneck
+from tinychat.model.peft.ia3 import IA3Linear
+from tinychat.model.peft.lora import LoraConfig, LoRALinear
+
+X = torch.randint(16, 200, (2, 12))
+VIRTUAL = ["prompt", "ptuning", "prefix", "ptuning_v2"]
+PEFT_HAS = ["lora", "dora", "ia3", *VIRTUAL]
+OURS = ["houlsby", "parallel", "mam"]  # tinychat's own format
+ALL = [*PEFT_HAS, *OURS]
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor = X) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def adapted(base_dir: Path, method: str, **kw) -> tuple[Model, PeftConfig, LoraConfig]:
+    """The base with `method` applied and its adapter weights moved off their identity start (as after training)."""
+    model = Model.from_pretrained(str(base_dir), dtype=torch.float32)
+    pcfg, lcfg = (
+        PeftConfig(method=method, virtual_tokens=5, encoder_hidden=24, **kw),
+        LoraConfig(targets=["q", "v", "down"]),
+    )
+    torch.manual_seed(0)
+    apply_peft(model, pcfg, lcfg)
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+            if m.lora_magnitude_vector is not None:
+                m.lora_magnitude_vector.data.mul_(1 + 0.1 * torch.randn_like(m.lora_magnitude_vector))
+        if isinstance(m, IA3Linear):
+            m.ia3_l.data.add_(0.2 * torch.randn_like(m.ia3_l))
+        if isinstance(m, Bottleneck):
+            torch.nn.init.normal_(m.up.weight, std=0.1)
+    return model, pcfg, lcfg
+
+
+def save(model: Model, lcfg: LoraConfig, base_dir: Path, out: Path) -> Path:
+    """Where the stage writes its PEFT adapter: out/adapter for mergeable methods, out itself for virtual tokens."""
+    merged = save_result(out, model, model.state_dict(), lcfg, base_dir)
+    return out if merged is None else out / "adapter"
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_each_method_starts_near_the_base_and_trains_only_its_adapter(tiny_model_dir: Path, method: str):
+    base = Model.from_pretrained(str(tiny_model_dir))
+    model = Model.from_pretrained(str(tiny_model_dir))
+    summary = apply_peft(model, PeftConfig(method=method, virtual_tokens=4), LoraConfig())
+    assert method in summary and "trainable" in summary
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(k not in dict(base.named_parameters()) for k in trainable)  # base frozen
+    total = sum(p.numel() for p in base.parameters())
+    assert sum(p.numel() for p in trainable.values()) < 0.2 * total
+    if method in ("lora", "dora", "ia3", "houlsby", "parallel"):  # identity at step 0
+        torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
+    model.train()
+    loss = model(X).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in trainable.values())  # (LoRA's A has a zero gradient while B = 0)
+    assert sum(float(p.grad.abs().sum()) > 0 for p in trainable.values()) >= len(trainable) / 2
+    assert all(p.grad is None for k, p in model.named_parameters() if not p.requires_grad)
+    with adapters_disabled(model):
+        torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", PEFT_HAS)
+def test_peft_opens_our_adapter(tiny_model_dir: Path, tmp_path: Path, method: str):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model, pcfg, lcfg = adapted(tiny_model_dir, method, encoder="lstm" if method == "ptuning" else "mlp")
+    ours = logits(model)
+    where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    conf = json.loads((where / "adapter_config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, where).eval()
+    with torch.no_grad():
+        theirs = pm(X).logits
+    n = conf.get("num_virtual_tokens", 0) if conf["peft_type"] in ("PROMPT_TUNING", "P_TUNING") else 0
+    torch.testing.assert_close(theirs[:, n:], ours, atol=1e-4, rtol=0)  # PEFT returns the virtual positions too
+    again = Model.from_pretrained(str(tiny_model_dir))
+    load_adapter(again, where)
+    torch.testing.assert_close(logits(again), ours, atol=1e-5, rtol=0)
+
+
+PEFT_CONFIGS = {
+    "prompt": lambda p, d: p.PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="a b",
+        tokenizer_name_or_path=str(d),
+    ),
+    "ptuning_mlp": lambda p, d: p.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16
+    ),
+    "ptuning_lstm": lambda p, d: p.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
+    "prefix": lambda p, d: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prefix_projection": lambda p, d: p.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
+    ),
+    "ia3": lambda p, d: p.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "o_proj", "up_proj", "down_proj"]),
+    "dora": lambda p, d: p.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=3,
+        lora_alpha=6,
+        use_dora=True,
+        target_modules=["q_proj", "gate_proj"],
+        init_lora_weights=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
+def test_we_open_peft_adapters(tiny_model_dir: Path, tmp_path: Path, name: str):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(hf, PEFT_CONFIGS[name](peft, tiny_model_dir))
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if p.requires_grad and "ia3_l" in k:
+                p.add_(0.2 * torch.randn_like(p))
+            elif p.requires_grad and "magnitude" in k:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = pm(X).logits
+    n = expected.shape[1] - X.shape[1]
+    ours = Model.from_pretrained(str(tiny_model_dir))
+    load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(logits(ours), expected[:, n:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", OURS)
+def test_our_adapters_round_trip_through_their_format(tiny_model_dir: Path, tmp_path: Path, method: str):
+    model, _, lcfg = adapted(tiny_model_dir, method)
+    ours = logits(model)
+    assert (ours - logits(Model.from_pretrained(str(tiny_model_dir)))).abs().max() > 1e-3
+    where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    conf = json.loads((where / "adapter_config.json").read_text())
+    assert conf["peft_type"] == method.upper() and conf["tinychat_format"] == 1 and conf["adapter_dim"] == 16
+    assert conf["adapter_scale"] == (4.0 if method == "mam" else 1.0)
+    again = Model.from_pretrained(str(where))  # an adapter directory opens as base + adapter, unmerged
+    torch.testing.assert_close(logits(again), ours, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_adapters(again)
+
+
+@pytest.mark.parametrize("method", [*VIRTUAL, "mam"])
+def test_the_kv_cache_accounts_for_virtual_tokens(tiny_model_dir: Path, method: str):
+    """Prefill + one-token decode steps through the cache give the logits of the cache-less forward."""
+    model, _, _ = adapted(tiny_model_dir, method)
+    full = logits(model)
+    cache = model.new_cache(2, max_len=X.shape[1])
+    assert cache.max_len == X.shape[1] + 5  # room for the virtual tokens
+    with torch.no_grad():
+        pre = model(X[:, :7], cache)
+        steps = [model(X[:, t : t + 1], cache) for t in range(7, X.shape[1])]
+    torch.testing.assert_close(torch.cat([pre, *steps], 1), full, atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [5 + X.shape[1]] * 2
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_merge_gives_the_unmerged_logits(tiny_model_dir: Path, tmp_path: Path, method: str, capsys):
+    from tinychat.cli import main
+
+    model, _, lcfg = adapted(tiny_model_dir, method)
+    unmerged = logits(model)
+    where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    merged_dir = tmp_path / "stage"  # save_result returned the merged state; write it as the stage would
+    assert main(["merge", "--adapter", str(where), "--out", str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(logits(Model.from_pretrained(str(tmp_path / "merged"))), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merge_adapters(model)), unmerged, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, LoRALinear | IA3Linear) for m in model.modules())
+    assert not merged_dir.joinpath("config.json").exists()
+
+
+def test_virtual_tokens_cannot_merge_and_bad_flags_fail(tiny_model_dir: Path, tmp_path: Path, capsys):
+    from tinychat.cli import main
+
+    model, _, lcfg = adapted(tiny_model_dir, "prefix")
+    save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    with pytest.raises(UserError, match="cannot be merged"):
+        merge_adapters(model)
+    assert main(["merge", "--adapter", str(tmp_path / "stage"), "--out", str(tmp_path / "m")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--lora.. is for"):
+        PeftConfig(method="ia3").resolve(LoraConfig(rank=4))
+    with pytest.raises(UserError, match="unknown target"):
+        PeftConfig(method="ia3", targets=["zz"]).resolve(LoraConfig())
+    assert PeftConfig().resolve(LoraConfig(rank=4)) == "lora" and PeftConfig().resolve(LoraConfig()) == "none"
+
+
+def test_prompt_tuning_starts_from_the_init_text(tiny_model_dir: Path, tiny_tokenizer):
+    model = Model.from_pretrained(str(tiny_model_dir))
+    ids = tiny_tokenizer.encode("the cat")
+    apply_peft(model, PeftConfig(method="prompt", virtual_tokens=5, init_text="the cat"), LoraConfig(), init_ids=ids)
+    want = model.model.embed_tokens.weight[torch.tensor((ids * 5)[:5])]
+    torch.testing.assert_close(model.virtual_tokens.embedding.weight, want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: Path, bits: int):
+    from tinychat.model.compress.quant import QuantLinear, quantize_blocks
+
+    quantized = quantize_blocks(Model.from_pretrained(str(tiny_model_dir)), bits, 32)
+    model = Model.from_pretrained(str(tiny_model_dir))
+    lcfg = LoraConfig(targets=["all"])
+    summary = apply_peft(model, PeftConfig(method="qlora", bits=bits, group_size=32), lcfg)
+    assert f"int{bits} base" in summary
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * model.cfg.n_layer  # head stays float
+    torch.testing.assert_close(logits(model), logits(quantized), atol=1e-5, rtol=0)  # B = 0: the int base
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.train()
+    model(X).float().logsumexp(-1).mean().backward()  # through the integer kernels (QuantLinear's IntMatmul backward)
+    a0 = model.model.layers[0].self_attn.q_proj.lora_A.weight
+    assert a0.grad is not None and a0.grad.abs().sum() > 0
+    assert all(not p.requires_grad for k, p in model.named_parameters() if ".lora_" not in k)
+    unmerged = logits(model)
+    assert save_result(tmp_path / "stage", model, model.state_dict(), lcfg, tiny_model_dir) is None
+    conf = json.loads((tmp_path / "stage" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["base_model_name_or_path"] == str(tiny_model_dir.absolute())
+    on_float = Model.from_pretrained(str(tmp_path / "stage"))  # the adapter merged into the float base
+    err = (logits(on_float) - unmerged).abs().max()
+    assert err < (0.3 if bits == 4 else 0.05)  # only the quantization error of the base
+
+
+@pytest.mark.parametrize("method", ["prompt", "mam"])
+def test_the_serving_engine_runs_unmerged_adapters(tiny_model_dir: Path, tiny_tokenizer, method: str):
+    """Chunked prefill over reused slots: the engine writes the virtual tokens when a slot starts a sequence,
+    and its greedy tokens equal generate()'s and the cache-less forward's argmax."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+
+    model, _, _ = adapted(tiny_model_dir, method)
+    model.eval()
+    params = SamplingParams(temperature=0, max_new_tokens=6, stop_on_eos=False)
+    prompts = [tiny_tokenizer.encode(t) for t in ["the cat sat on the mat", "a", "tiny models learn to chat " * 3]]
+    ref = [generate_ids(model, [p], params, set())[0][0] for p in prompts]
+    with torch.no_grad():  # the first generated token is the cache-less forward's argmax
+        assert [r[0] for r in ref] == [int(model(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
+    engine = Engine(model, tiny_tokenizer, EngineConfig(max_num_seqs=2, prefill_chunk=4)).start()
+    try:
+        for _ in range(2):  # slots are freed and reused: the prefix is written again
+            outs = [collect(engine.submit(GenerationRequest(p, params)), 1)[0][0]["token_ids"] for p in prompts]
+            assert outs == ref
+    finally:
+        engine.stop()
