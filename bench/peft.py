@@ -129,7 +129,13 @@ def trainable(method: str, base: Path, tok: Any) -> tuple[int, int]:
     if method == "none":
         return total, total
     rank = int(EXTRA[method][1]) if method in ("lora", "dora", "qlora") else 0
-    apply_peft(model, PeftConfig(method=method), LoraConfig(rank=rank))
+    extra = EXTRA.get(method, [])
+    targets = extra[extra.index("--lora.targets") + 1 :] if "--lora.targets" in extra else None
+    apply_peft(
+        model,
+        PeftConfig(method=method),
+        LoraConfig(rank=rank) if targets is None else LoraConfig(rank, targets=targets),
+    )
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
@@ -158,9 +164,17 @@ def main() -> int:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--bpb-tokens", type=int, default=16384, help="plain validation tokens for bits per byte")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's learning rate")
+    ap.add_argument("--lora-targets", default="", help="lora/dora/qlora: projections to adapt, e.g. q,v")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
+    for item in a.lr:  # the levers against forgetting: a method's learning rate, LoRA's target projections
+        method, _, lr = item.partition("=")
+        LRS[method] = float(lr)
+    if a.lora_targets:
+        for m in ("lora", "dora", "qlora"):
+            EXTRA[m] = [*EXTRA[m], "--lora.targets", *a.lora_targets.split(",")]
     from tinychat.eval.report import wilson
     from tinychat.model import Model
     from tinychat.tokenizer import Tokenizer
