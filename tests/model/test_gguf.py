@@ -15,7 +15,6 @@ from tinychat.cli import main
 from tinychat.errors import UserError
 from tinychat.model import Model, preset
 from tinychat.model.gguf_export import export_gguf, permute_rope, pre_tokenizer_name
-from tinychat.model.transformer import apply_rope
 
 gguf = pytest.importorskip("gguf")
 
@@ -120,6 +119,12 @@ def test_weights_round_trip_for_each_type(tiny_tokenizer, tmp_path: Path):
         np.testing.assert_array_equal(norm.data, sd["model.layers.0.self_attn.q_norm.weight"].numpy())
     sizes = [(tmp_path / f"{k}.gguf").stat().st_size for k in ("f16", "q8_0", "q4_0")]
     assert sizes[0] > sizes[1] > sizes[2]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half rotary embedding (first half pairs with second half): the reference layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def test_llama_permutation_turns_rotate_half_into_adjacent_pairs():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tinychat.model.config import ModelConfig
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """(B, H, T, hd) attention of q over k/v (B, n_kv, S, hd); GQA when the head counts differ."""
     if k.dtype != q.dtype:  # checked here: a no-op .to() still costs a dispatch per layer and token
         k, v = k.to(q.dtype), v.to(q.dtype)
@@ -112,7 +112,7 @@ class KVCache:
             ck[r, :, m.positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, n_kv, hd) at [row, :, pos]
             cv[r, :, m.positions] = v.transpose(1, 2).to(cv.dtype)
             ks, vs = ck[m.rows, :, : m.span], cv[m.rows, :, : m.span]
-        return _sdpa(q, ks, vs, m.mask, m.is_causal)
+        return sdpa(q, ks, vs, m.mask, m.is_causal)
 
     def commit(self, m: CacheMeta, n_new: torch.Tensor | None = None) -> None:
         """The call is done: each row it fed now holds n_new[b] (default: all T) more real tokens."""
@@ -235,4 +235,4 @@ class PagedKVCache:
             idx = m.keys.reshape(-1)
             ks = pk.index_select(0, idx).view(B, m.span, n_kv, hd)
             vs = pv.index_select(0, idx).view(B, m.span, n_kv, hd)
-        return _sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal)
+        return sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta
+from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta, sdpa
 from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies, with HF's "linear", "llama3" and "yarn" context-extension scalings.
 
-    ALiBi models rotate nothing: zero frequencies make cos 1 and sin 0, so apply_rope is the identity.
+    ALiBi models rotate nothing: zero frequencies make cos 1 and sin 0, so the rotation is the identity.
     """
     inv_freq = base_inv_freq(cfg)
     if cfg.position == "alibi":
@@ -68,15 +68,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r}")
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by position; HF's rotate-half layout (first half pairs with second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope with rotate-half's sign folded into the sine table (`rope_tables`): one roll and one
-    fused multiply-add, three kernels instead of six on the decode hot path."""
+    """HF's rotate-half rotary embedding, x * cos + rotate_half(x) * sin, with rotate-half's sign folded
+    into the sine table (`rope_tables`): one roll and one fused multiply-add, three kernels instead of six
+    on the decode hot path."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
@@ -161,7 +156,7 @@ class Attention(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is None:  # meta, when given, carries a sliding-window or ALiBi mask (layer_metas)
             mask, causal = (None, True) if meta is None else (meta.mask, meta.is_causal)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
+            y = sdpa(q, k, v, mask, causal)
         else:  # the cache writes k/v (B, n_kv, T, hd) and attends over what each query may see
             y = cache.attend(self.layer_idx, q, k, v, meta)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.q_dim))

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import CacheMeta
+from tinychat.model.kv_cache import CacheMeta, sdpa
 from tinychat.model.peft.common import base_path, read_adapter_config, read_adapter_weights, write_adapter
 
 KINDS = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
@@ -181,9 +180,7 @@ class PrefixCache:
             B = k.shape[0]  # (B, n_kv, T, hd) -> (B, n_kv, n + T, hd)
             k = torch.cat([self.k[layer].to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([self.v[layer].to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=m.mask, is_causal=m.is_causal, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        return sdpa(q, k, v, m.mask, m.is_causal)
 
     def commit(self, m: CacheMeta, n_new: torch.Tensor | None = None) -> None:
         """Nothing to advance: the cache lives for one call."""
