@@ -210,12 +210,15 @@ def main() -> None:
     ap.add_argument("--freeze-circuit", action="store_true", help="with --induction-init: train around the circuit")
     ap.add_argument("--untied", action="store_true", help="separate input embedding and output head")
     ap.add_argument("--emb-std", type=float, default=0.0, help="input embedding init std (0 = preset)")
+    ap.add_argument("--init", default="", help="start from this trained model directory (e.g. a speedrun's pretrain)")
     args = ap.parse_args()
     torch.manual_seed(0)
     depth = {"n_layer": args.layers} if args.layers else {}
     if args.untied:
         depth["tie_embeddings"] = False
-    if args.induction_init:
+    if args.init:
+        model = Model.from_pretrained(args.init, dtype=torch.float32)
+    elif args.induction_init:
         model = Model(preset(args.preset, vocab_size=args.model_vocab, qk_norm=False, qkv_bias=True, **depth))
         w, m, c, g = args.induction_init
         induction_init(model, w, m, c, gain=g)
@@ -234,7 +237,7 @@ def main() -> None:
     opt = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.1), torch.device("cpu"))
     rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     inits = [("induction", args.induction_init), ("previous-token", args.prev_token_init), ("mimetic", args.mimetic)]
-    init_name = next((n for n, on in inits if on), "default")
+    init_name = args.init or next((n for n, on in inits if on), "default")
     print(
         f"{args.preset} ({model.num_params() / 1e6:.1f}M, {model.cfg.n_layer} layers), qk_norm {model.cfg.qk_norm}, "
         f"init {init_name}, "

@@ -60,13 +60,14 @@ def bench_parser(doc: str, out: str, seq_len: int, batch_size: int) -> argparse.
     return ap
 
 
-def pretrain_argv(args: argparse.Namespace, name: str, eval_every: int, *extra: str) -> list[str]:
-    """`tinychat pretrain` of variant `name` under args.out: the shared shape and schedule, then `extra`."""
+def pretrain_argv(args: argparse.Namespace, name: str, eval_every: int, *extra: str, steps: int = 0) -> list[str]:
+    """`tinychat pretrain` of variant `name` under args.out: the shared shape and schedule (`steps`, default
+    --steps), then `extra`."""
     run = Path(args.run)
     argv = ["pretrain", "--runs-dir", args.out, "--run", name, "--tokenizer", str(run / "tokenizer"), "--samples"]
     argv += ["--data", str(run / "data" / "tokens"), "--model.d_model", str(args.d_model), "--model.n_head", "4"]
     argv += ["--model.n_layer", str(args.n_layer), "--model.n_kv_head", "2", "--model.head_dim", "32"]
-    argv += ["--model.d_ff", str(args.d_ff), "--train.max_steps", str(args.steps), "--train.lr", str(args.lr)]
+    argv += ["--model.d_ff", str(args.d_ff), "--train.max_steps", str(steps or args.steps), "--train.lr", str(args.lr)]
     argv += ["--train.seq_len", str(args.seq_len), "--train.batch_size", str(args.batch_size)]
     argv += ["--train.eval_every", str(eval_every), "--train.eval_batches", "8", "--train.warmup_steps", "30"]
     argv += ["--train.checkpoint_every", "0", "--train.tensorboard", "false", "--train.log_every", "50"]
@@ -79,6 +80,13 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=["dense", "moe", "moe_noz"], help="train/report these variants")
+    ap.add_argument(
+        "--dense-steps",
+        type=int,
+        default=0,
+        help="steps of the dense run (default --steps): --steps times the dense/MoE tokens/s ratio measured on a "
+        "quiet machine compares them at equal wall time",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     moe = ["--model.n_experts", str(args.experts), "--model.experts_per_token", str(args.k)]
@@ -86,7 +94,8 @@ def main() -> int:
     for name in args.only:
         if (out / name / "checkpoints" / "pretrain" / "config.json").is_file():
             continue  # trained by an earlier invocation (e.g. the three variants run as parallel --only jobs)
-        if tinychat(pretrain_argv(args, name, max(args.steps // 4, 1), *variants[name])) != 0:
+        steps = args.dense_steps if name == "dense" and args.dense_steps else args.steps
+        if tinychat(pretrain_argv(args, name, max(steps // 4, 1), *variants[name], steps=steps)) != 0:
             return 1
     results = {}
     dense = [r["loss"] for r in records(out, "dense", "train")] if "dense" in args.only else []

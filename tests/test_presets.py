@@ -1,0 +1,47 @@
+"""Every speedrun preset in configs/ builds every stage's config, so a preset that is only run on other hardware
+(gpu-small: no GPU in CI) cannot rot: an unknown key, a wrong type or a renamed section fails here."""
+
+from __future__ import annotations
+
+import pytest
+
+from tinychat.data.prepare import PrepareConfig
+from tinychat.data.tokenize import TokenizeConfig
+from tinychat.speedrun import CONFIG_DIR, Speedrun, SpeedrunConfig, with_preset_defaults
+from tinychat.tokenizer.train import TokenizerTrainConfig
+from tinychat.train.dpo import DPOConfig
+from tinychat.train.grpo import GRPOConfig
+from tinychat.train.pretrain import PretrainConfig
+from tinychat.train.sft import SFTConfig
+
+SPEEDRUN_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if "[speedrun]" in p.read_text())
+STAGES = [
+    (TokenizerTrainConfig, "tokenizer_train"),
+    (PrepareConfig, "data_prepare"),
+    (TokenizeConfig, "data_tokenize"),
+    (PretrainConfig, "pretrain"),
+    (SFTConfig, "sft"),
+    (DPOConfig, "dpo"),
+    (GRPOConfig, "grpo"),
+]
+
+
+def test_the_presets_are_found():
+    assert {"micro", "cpu-tiny", "gpu-small"} <= set(SPEEDRUN_PRESETS)
+
+
+@pytest.mark.parametrize("preset", SPEEDRUN_PRESETS)
+def test_every_stage_config_builds(preset: str, tmp_path):
+    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset=preset, runs_dir=str(tmp_path), run="r")))
+    for cls, section in STAGES:
+        cfg = run.stage_config(cls, section, [])
+        assert isinstance(cfg, cls), section
+    pre = run.stage_config(PretrainConfig, "pretrain", [])
+    assert pre.train.max_time > 0 or pre.train.max_steps > 0  # a pretraining that ends
+
+
+def test_gpu_small_is_the_small_model_on_cuda(tmp_path):
+    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="gpu-small", runs_dir=str(tmp_path), run="r")))
+    pre = run.stage_config(PretrainConfig, "pretrain", [])
+    assert (pre.model.preset, pre.train.device, pre.train.precision) == ("small", "cuda", "bf16")
+    assert run.cfg.world_size == "medium"
