@@ -153,3 +153,27 @@ def test_training_writes_tensorboard_event_files(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard" / "random")).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert {"train/grad_norm", "train/mfu", "peak/peak_flops"} <= set(events.Tags()["scalars"])
+
+
+def test_keep_sparsity_keeps_a_pruned_models_zeros_while_the_rest_trains(tmp_path):
+    """Without the mask AdamW regrows every pruned weight on its first step; with it the zero pattern is
+    exactly the pruned one after training, while the surviving weights did move."""
+    from tinychat.model.compress.prune import prune_magnitude
+
+    def pruned() -> Model:
+        return prune_magnitude(tiny_model(), 0.5)
+
+    def zeros(m: Model) -> torch.Tensor:
+        return m.model.layers[0].mlp.down_proj.weight == 0
+
+    before = pruned()
+    kept = pruned()
+    train(RandomTokens(), kept, config(keep_sparsity=True), tmp_path / "a", "random")
+    assert torch.equal(zeros(kept), zeros(before)) and float(zeros(kept).float().mean()) > 0.45
+    w0, w1 = before.model.layers[0].mlp.down_proj.weight, kept.model.layers[0].mlp.down_proj.weight
+    assert not torch.allclose(w0, w1)  # the surviving weights trained
+    regrown = pruned()
+    train(RandomTokens(), regrown, config(), tmp_path / "b", "random")
+    assert float(zeros(regrown).float().mean()) < 0.05  # the control: a plain fine-tune fills the zeros
+    with pytest.raises(UserError, match="keep_sparsity needs"):
+        train(RandomTokens(), tiny_model(), config(keep_sparsity=True), tmp_path / "c", "random")

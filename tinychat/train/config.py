@@ -47,6 +47,9 @@ class TrainConfig:
     beta2: float = field(0.95)
     eps: float = field(1e-8)
     grad_clip: float = field(1.0, help="clip the global gradient norm (0 = off)")
+    keep_sparsity: bool = field(
+        False, help="keep the zeros of a magnitude-pruned model's block Linears zero (its recovery fine-tune)"
+    )
     max_steps: int = field(0, help="optimiser steps (0 = no step budget)")
     max_tokens: int = field(0, help="training tokens (0 = no token budget)")
     max_time: float = field(0.0, help="minutes of training (0 = no time budget)")

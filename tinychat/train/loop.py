@@ -37,6 +37,7 @@ from tinychat.train.mfu import autocast_dtype, peak_flops
 from tinychat.train.optim import build_optimizer, lr_factor
 from tinychat.train.parallel import clip_grad_norm
 from tinychat.train.pipeline import Pipeline, PipelineForward
+from tinychat.train.sparsity import SparsityMask
 
 
 class Objective:
@@ -195,6 +196,13 @@ def train(
     flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0  # the whole model's
     model = wrap_model(raw, info, cfg.distributed, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
+    mask = SparsityMask(raw) if cfg.keep_sparsity else None
+    sharded = info.mesh is not None or (cfg.distributed == "fsdp" and info.world > 1)
+    if mask is not None and (sharded or not mask):
+        raise UserError(
+            "--train.keep_sparsity needs whole parameters on each rank (no FSDP or tensor parallelism) and a "
+            "model with zeros in its block Linears (`tinychat prune --method magnitude`)."
+        )
     scaler = grad_scaler(ctx)
     objective.setup(ctx)
     pipe, eval_model = None, raw
@@ -328,6 +336,8 @@ def train(
                     "(lower --train.lr or raise --train.warmup_steps)."
                 )
             scaler.step(optimizer)  # optimizer.step(), unless the fp16 gradients overflowed
+            if mask is not None:
+                mask.apply()  # a pruned weight stays pruned (train/sparsity.py)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1

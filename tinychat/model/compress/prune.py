@@ -20,6 +20,8 @@ Three methods, one `--sparsity S` (the fraction removed):
 
 A short recovery fine-tune is the ordinary training loop started from the pruned directory
 (`tinychat pretrain --init DIR ...`, or sft for a chat model): structured pruning changes only sizes.
+Magnitude pruning keeps the dense shape, so its recovery adds `--train.keep_sparsity true`, which writes
+the zeros back after every optimiser step (train/sparsity.py); without it the first step regrows them.
 """
 
 from __future__ import annotations
