@@ -10,8 +10,8 @@ official AsyncOpenAI client in a closed loop; per request it draws one of:
   * timeout (15%): a non-streamed one whose client gives up after 0.3 s (the server must cancel it).
 Errors are any failure other than those two deliberate hang-ups. Resident memory (VmRSS) is sampled
 every 2 s; "growth" compares the last sample with the first one after the 10 s warm-up. After the clients
-stop, /metrics must show every KV slot free and no running sequence within 30 s.
-Goals (issue 21): 0 errors, growth within 10%, every slot freed.
+stop, /metrics must show every KV slot free, no KV block held and no running sequence within 30 s.
+Goals (issues 21, 18): 0 errors, growth within 10%, every slot and every KV block freed.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def main() -> None:
             drained = None
             for k in range(300):
                 m = metrics(base)
-                if m.get("running_sequences") == 0 and m.get("kv_slots_free") == m.get("kv_slots_total"):
+                idle = m.get("running_sequences") == 0 and m.get("kv_slots_free") == m.get("kv_slots_total")
+                if idle and m.get("kv_blocks_used", 0) == 0:  # paged engine: no block held by a sequence
                     drained = k * 0.1
                     break
                 time.sleep(0.1)
@@ -152,6 +153,7 @@ def main() -> None:
             print(
                 "slots after the clients stopped: "
                 + (f"all {m['kv_slots_total']:.0f} free after {drained:.1f}s" if drained is not None else "NOT freed")
+                + f", KV blocks held {m.get('kv_blocks_used', -1):.0f} of {m.get('kv_blocks_total', -1):.0f}"
                 + f", running {m.get('running_sequences', -1):.0f}, queued {m.get('queue_depth', -1):.0f}"
             )
             outcomes = {k: m.get("requests_total{status=" + f'"{k}"' + "}", 0) for k in STATUSES}

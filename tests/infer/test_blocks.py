@@ -143,6 +143,40 @@ def test_cancel_mid_stream_frees_every_block(model, tok, prompts):
         e.stop()
 
 
+@pytest.mark.parametrize("cached_prefix", [False, True])
+def test_cancel_during_a_chunked_prefill_holds_no_block_and_fails_nothing(model, tok, prompts, cached_prefix):
+    """Found by bench/soak.py: a request cancelled between two prefill chunks was freed (blocks returned),
+    yet the next step still fed it its next chunk: it took new blocks nobody would return, or, when its
+    first blocks had come from the prefix cache, indexed past its emptied block table and failed every
+    request in the batch with an IndexError."""
+    e = Engine(model, tok, EngineConfig(max_num_seqs=4, block_size=8, prefill_chunk=16))
+    ids = sum(prompts, [])[:60]
+    if cached_prefix:  # run one request to the end by hand: it leaves 4 full blocks in the prefix cache
+        e.submit(GenerationRequest(ids[:40], greedy(2)))
+        e._drain(block=False)
+        while e.sched.waiting or e.sched.running:
+            e.step()
+        hit = e.blocks.match(ids)
+        assert len(hit) >= 4
+        e.blocks.release(hit)
+    other = e.submit(GenerationRequest(prompts[0], greedy(6)))
+    h = e.submit(GenerationRequest(ids, greedy(6)))
+    e._drain(block=False)
+    e.step()  # admits both; the long prompt is fed 16 tokens past what the cache gave it
+    seq = next(s for s in e.sched.running if s.r.handle is h)
+    assert seq.state == "prefill" and seq.computed < len(ids)
+    h.cancel()
+    e.step()
+    e.start()
+    try:
+        assert list(h)[-1].error == "cancelled"
+        choices, done = collect(other, 1)
+        assert done.error is None and len(choices[0]["token_ids"]) == 6
+        assert e.blocks.num_used == 0 and e.stats.requests_failed == 0
+    finally:
+        e.stop()
+
+
 def test_idle_engine_releases_kv_memory(model, tok, prompts):
     e = Engine(model, tok, EngineConfig(max_num_seqs=2, idle_release_s=0.0)).start()
     try:

@@ -95,7 +95,7 @@ class Scheduler:
         """(sequence, prompt tokens this call) for as many prefilling sequences as the chunk budget allows."""
         budget, batch = self.prefill_chunk, []
         for s in self.running:
-            if s.state != "prefill" or budget <= 0:
+            if s.state != "prefill" or s.done or budget <= 0:  # done: cancelled between chunks, blocks returned
                 continue
             n = min(len(s.prompt) - s.computed, budget)
             batch.append((s, n))
