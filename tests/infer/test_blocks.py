@@ -38,9 +38,10 @@ def test_out_of_blocks_evicts_least_recently_used_cached_block():
     assert m.num_available == 3 and m.num_used == 0  # cached blocks nobody holds can still be handed out
     assert m.match(tokens) == held  # a hit takes both (and holds them)
     m.release(held)
-    m.allocate()  # the free block 3
-    assert m.allocate() == held[0]  # then the oldest cached block is evicted
+    assert m.allocate() == held[0]  # the oldest cached block is reused before the pool grows to block 3
     assert m.match(tokens) == []  # its prefix is gone, and so the chain breaks at block 0
+    assert m.allocate() == held[1] and m.allocate() == 3  # the pool grows only once no cached block is left
+    assert m.high_water == 4
 
 
 def test_match_never_takes_the_last_token_and_needs_the_whole_chain():
