@@ -94,6 +94,11 @@ def add_adapters(y: torch.Tensor, x: torch.Tensor, mods: tuple[nn.Module, ...], 
     argument, built by the caller like the attention metadata) says which adapter each row uses."""
     if adapters is None:
         return y
+    if all(hasattr(m, "delta") for m in mods):  # one update for the whole group (one matmul pair)
+        d = mods[0].delta(x, adapters, mods)
+        if d is not None:
+            y += d.to(y.dtype)  # y is this call's fresh output: updated in place
+        return y
     col = 0
     for m in mods:
         width = m.weight.shape[0]

@@ -23,7 +23,7 @@ target holds zeros for it). DoRA, modules_to_save and the other methods are refu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +36,7 @@ from tinychat.model.peft import lora
 from tinychat.model.peft.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_weights
 
 Mode = Literal["mask", "gather"]
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections Model.fuse_projections joins
 MODES = ("mask", "gather")
 
 
@@ -45,16 +46,27 @@ class AdapterRows:
 
     index: torch.Tensor  # (B,) long: the slot of each row
     uniform: int | None  # every row uses this slot (plain matmuls); None: a mixed batch
-    mask: torch.Tensor | None  # "mask" mode, mixed: (B, 1, n*r) 1.0 on the columns of the row's adapter
     mode: Mode
+    n: int  # adapters served (slots 1..n)
+    dtype: torch.dtype  # the masks' dtype (the activations')
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # memo of this call only
+
+    def mask(self, width: int) -> torch.Tensor:
+        """(B, 1, width): 1.0 on the columns of each row's adapter, the columns adapter-major (n blocks)."""
+        m = self._masks.get(width)
+        if m is None:
+            col = torch.arange(width, device=self.index.device) // (width // self.n) + 1  # each column's slot
+            m = self._masks[width] = (col[None, :] == self.index[:, None]).to(self.dtype)[:, None, :]
+        return m
 
 
 class MultiLoRALinear(nn.Module):
     """A base projection (its own weight and bias, shared) with n LoRA adapters stacked beside it.
 
-    lora_A (n + 1, r, in) and lora_B (out, (n + 1) * r), slot 0 all zeros and each adapter's scale folded
-    into its B, kept as non-persistent buffers: the module's state dict is the base's, unchanged.
-    Without `rows` it is the base projection; `delta(x, rows)` is the per-row update alone."""
+    lora_A (n + 1, r, in) and lora_B (n + 1, out, r), slot 0 all zeros and each adapter's scale folded into
+    its B, kept as non-persistent buffers: the module's state dict is the base's, unchanged. Without `rows`
+    it is the base projection; `delta(x, rows)` is the per-row update alone, and with `group` (projections of
+    the same input whose outputs sit side by side: fused q/k/v, gate/up) the update of all of them at once."""
 
     def __init__(self, base: nn.Linear, n: int, rank: int) -> None:
         super().__init__()
@@ -64,8 +76,9 @@ class MultiLoRALinear(nn.Module):
         self.lora_A: torch.Tensor
         self.lora_B: torch.Tensor
         self.register_buffer("lora_A", torch.zeros(n + 1, rank, self.in_features, device=dev, dtype=dt), False)
-        self.register_buffer("lora_B", torch.zeros(self.out_features, (n + 1) * rank, device=dev, dtype=dt), False)
+        self.register_buffer("lora_B", torch.zeros(n + 1, self.out_features, rank, device=dev, dtype=dt), False)
         self.has = [False] * (n + 1)  # slots whose adapter targets this projection
+        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}  # per group, built on first use
 
     @torch.no_grad()
     def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -73,28 +86,46 @@ class MultiLoRALinear(nn.Module):
         r = a.shape[0]
         assert 1 <= slot <= self.n and r <= self.rank
         self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
         self.lora_A[slot, :r] = a.to(self.lora_A)
-        cols = self.lora_B[:, slot * self.rank : (slot + 1) * self.rank]
-        cols.zero_()
-        cols[:, :r] = (b.float() * scaling).to(self.lora_B)
+        self.lora_B[slot, :, :r] = (b.float() * scaling).to(self.lora_B)
         self.has[slot] = True
+        self._stacks.clear()
 
-    def delta(self, x: torch.Tensor, rows: AdapterRows) -> torch.Tensor | None:
-        """The update (B, T, out) of each row's adapter for x (B, T, in); None when there is none to add."""
-        R, n = self.rank, self.n
+    def stacks(self, group: tuple[MultiLoRALinear, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The group's adapters side by side: A (n + 1, G*r, in); B_all (out_total, n*G*r), adapter-major
+        columns, block-diagonal within each adapter (the "mask" mode's); B (n + 1, G*r, out_total) per slot."""
+        key = tuple(id(m) for m in group)
+        if key not in self._stacks:
+            n, R, G = self.n, self.rank, len(group)
+            a = torch.cat([m.lora_A for m in group], dim=1)  # (n + 1, G*r, in)
+            outs = [m.out_features for m in group]
+            b = torch.zeros(n + 1, G * R, sum(outs), device=a.device, dtype=a.dtype)
+            row = 0
+            for g, m in enumerate(group):
+                b[:, g * R : (g + 1) * R, row : row + outs[g]] = m.lora_B.transpose(1, 2)
+                row += outs[g]
+            b_all = b[1:].reshape(n * G * R, -1).t().contiguous()  # (out_total, n*G*r)
+            self._stacks[key] = (a, b_all, b)
+        return self._stacks[key]
+
+    def delta(
+        self, x: torch.Tensor, rows: AdapterRows, group: tuple[MultiLoRALinear, ...] | None = None
+    ) -> torch.Tensor | None:
+        """The update (B, T, out_total) of each row's adapter for x (B, T, in); None when there is none to add."""
+        group = group or (self,)
+        a, b_all, b = self.stacks(group)
         if rows.uniform is not None:
             k = rows.uniform
-            if not self.has[k]:
+            if not any(m.has[k] for m in group):
                 return None
-            return F.linear(F.linear(x, self.lora_A[k]), self.lora_B[:, k * R : (k + 1) * R])
+            return F.linear(F.linear(x, a[k]), b[k].t())  # (B, T, G*r) -> (B, T, out_total)
         if rows.mode == "mask":
-            h = F.linear(x, self.lora_A[1:].view(n * R, self.in_features)) * rows.mask  # (B, T, n*r)
-            return F.linear(h, self.lora_B[:, R:])
-        a = self.lora_A.index_select(0, rows.index)  # (B, r, in)
-        b = self.lora_B.view(self.out_features, n + 1, R).index_select(1, rows.index)  # (out, B, r)
-        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
-        h = torch.bmm(x.to(dt), a.transpose(1, 2).to(dt))  # (B, T, r)
-        return torch.bmm(h, b.permute(1, 2, 0).to(dt))  # (B, T, out)
+            h = F.linear(x, a[1:].view(-1, self.in_features)) * rows.mask(b_all.shape[1])  # (B, T, n*G*r)
+            return F.linear(h, b_all)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = torch.bmm(x.to(dt), a.index_select(0, rows.index).transpose(1, 2).to(dt))  # (B, T, G*r)
+        return torch.bmm(h, b.index_select(0, rows.index).to(dt))  # (B, T, out_total)
 
     def forward(self, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -118,14 +149,10 @@ class AdapterSet:
     def rows(self, slots: list[int], device: torch.device, dtype: torch.dtype) -> AdapterRows | None:
         """The forward call's `adapters` argument for rows using `slots`; None when every row is the base."""
         first = slots[0]
-        if all(s == first for s in slots):
-            return None if first == 0 else AdapterRows(torch.tensor(slots, device=device), first, None, self.mode)
-        index = torch.tensor(slots, device=device)
-        mask = None
-        if self.mode == "mask":
-            col = torch.arange(len(self.names) * self.rank, device=device) // self.rank + 1  # each column's slot
-            mask = (col[None, :] == index[:, None]).to(dtype)[:, None, :]  # (B, 1, n*r)
-        return AdapterRows(index, None, mask, self.mode)
+        uniform = first if all(s == first for s in slots) else None
+        if uniform == 0:
+            return None
+        return AdapterRows(torch.tensor(slots, device=device), uniform, self.mode, len(self.names), dtype)
 
 
 def _read(path: Path) -> tuple[lora.LoraConfig, dict[str, torch.Tensor]]:
@@ -195,6 +222,13 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str | Path], mode: Mode
             wanted.setdefault(prefix, []).append((slot, a, b, cfg.scaling))
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise UserError("this model already serves adapters; load them all in one serve_adapters call.")
+    for prefix in list(wanted):  # wrap whole fused groups (q/k/v, gate/up): one update for the fused matmul
+        layer, leaf = prefix.rsplit(".", 1)
+        for group in FUSED:
+            if leaf in group:
+                for other in group:
+                    if f"{layer}.{other}" in projs:
+                        wanted.setdefault(f"{layer}.{other}", [])
     for prefix, items in wanted.items():
         parent_path, leaf = prefix.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
