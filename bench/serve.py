@@ -211,35 +211,46 @@ def table(args: argparse.Namespace, model_dir: Path, levels: list[int], prefix_c
 
 
 def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], tmp: Path) -> None:
-    """The same load on the base alone, then spread over --adapters LoRA adapters, per batching mode."""
+    """The same load on the base alone, then spread over --adapters LoRA adapters, per batching mode.
+
+    Every server runs at once (an idle engine waits on its queue) and the setups take turns, --rounds times:
+    a neighbour's load then touches every setup alike, and the median round per setup is printed."""
     adapters = build_adapters(model_dir, tmp / "adapters", args.adapters, args.adapter_rank)
     setups = [("base alone", None, "mask", ("bench",))]
-    setups += [
-        (f"{args.adapters} adapters, {m}", adapters, m, tuple(adapters)) for m in args.adapter_batching.split(",")
-    ]
+    modes = args.adapter_batching.split(",")
+    setups += [(f"{args.adapters} adapters, {m}", adapters, m, tuple(adapters)) for m in modes]
     setups += [("base on the adapter server", adapters, "mask", ("bench",))]
-    results: dict[str, dict[int, dict]] = {}
-    for label, ads, mode, models in setups:
-        url, server, thread, engine, tok = start(model_dir, max(levels), True, ads, mode)
-        bias = {str(t): -100.0 for t in tok.stop_ids}
-        try:
+    servers = [start(model_dir, max(levels), True, ads, mode) for _, ads, mode, _ in setups]
+    bias = {str(t): -100.0 for t in servers[0][4].stop_ids}
+    runs: dict[str, dict[int, list[dict]]] = {label: {c: [] for c in levels} for label, *_ in setups}
+    try:
+        for (_, _, _, models), (url, *_) in zip(setups, servers):
             asyncio.run(run_level(url, 2, 1, 8, bias, "", models))  # warm-up
-            results[label] = {
-                c: asyncio.run(run_level(url, c, args.requests, args.max_tokens, bias, "", models)) for c in levels
-            }
-        finally:
+        for _ in range(args.rounds):
+            for c in levels:
+                for (label, _, _, models), (url, *_) in zip(setups, servers):
+                    runs[label][c].append(
+                        asyncio.run(run_level(url, c, args.requests, args.max_tokens, bias, "", models))
+                    )
+    finally:
+        for _, server, thread, engine, _ in servers:
             server.should_exit = True
             thread.join(timeout=10)
             engine.stop()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.adapters} LoRA adapters of rank "
-        f"{args.adapter_rank} on every projection, {args.requests} requests/client, {args.max_tokens} tokens each"
+        f"{args.adapter_rank} on every projection, {args.requests} requests/client, {args.max_tokens} tokens each, "
+        f"median of {args.rounds} interleaved rounds"
     )
-    print(f"{'setup':<32}{'clients':>8}{'tok/s':>10}{'x base':>8}{'TTFT p50':>11}{'TTFT p95':>11}")
-    for label, by_level in results.items():
-        for c, r in by_level.items():
-            ratio = r["tok_s"] / results["base alone"][c]["tok_s"]
-            print(f"{label:<32}{c:>8}{r['tok_s']:>10.0f}{ratio:>8.2f}{r['p50'] * 1e3:>9.0f}ms{r['p95'] * 1e3:>9.0f}ms")
+    print(f"{'setup':<32}{'clients':>8}{'tok/s':>10}{'x base':>8}{'TTFT p50':>11}{'TTFT p95':>11}  rounds x base")
+    for c in levels:
+        base = statistics.median(r["tok_s"] for r in runs["base alone"][c])
+        for label, by_level in runs.items():
+            rs = by_level[c]
+            tok_s = statistics.median(r["tok_s"] for r in rs)
+            p50, p95 = (statistics.median(r[k] for r in rs) * 1e3 for k in ("p50", "p95"))
+            each = " ".join(f"{r['tok_s'] / b['tok_s']:.2f}" for r, b in zip(rs, runs["base alone"][c]))
+            print(f"{label:<32}{c:>8}{tok_s:>10.0f}{tok_s / base:>8.2f}{p50:>9.0f}ms{p95:>9.0f}ms  {each}")
 
 
 def main() -> None:
@@ -252,7 +263,8 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of this many tokens")
     ap.add_argument("--adapters", type=int, default=0, help="spread the load over this many LoRA adapters too")
     ap.add_argument("--adapter-rank", type=int, default=8)
-    ap.add_argument("--adapter-batching", default="mask,gather", help="multi-LoRA batching modes to measure")
+    ap.add_argument("--adapter-batching", default="mask,gather,group", help="multi-LoRA batching modes to measure")
+    ap.add_argument("--rounds", type=int, default=3, help="--adapters: interleaved rounds of every setup")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def greedy_tokens(engine: Engine, reqs: list[GenerationRequest]) -> list[list[in
     return [collect(h, 1)[0][0]["token_ids"] for h in handles]
 
 
-@pytest.mark.parametrize("mode", ["mask", "gather"])
+@pytest.mark.parametrize("mode", ["mask", "gather", "group"])
 def test_mixed_adapters_batch_equals_each_merged_alone(dirs, tok, prompts, mode: str):
     model = Model.from_pretrained(str(dirs["base"]))
     aset = serve_adapters(model, {n: dirs[n] for n in NAMES}, mode)

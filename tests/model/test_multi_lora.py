@@ -46,7 +46,7 @@ def served(dirs: dict[str, Path], mode: str) -> tuple[Model, object]:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("mode", ["mask", "gather"])
+@pytest.mark.parametrize("mode", ["mask", "gather", "group"])
 def test_a_mixed_batch_equals_each_adapter_merged(dirs: dict[str, Path], mode: str, fused: bool):
     model, aset = served(dirs, mode)
     if fused:

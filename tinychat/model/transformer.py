@@ -90,28 +90,26 @@ def rope_tables(
 def add_adapters(y: torch.Tensor, x: torch.Tensor, mods: tuple[nn.Module, ...], adapters: object) -> torch.Tensor:
     """y, the output of the projections `mods` for x (side by side when they are fused), plus each one's
     per-row adapter update: a model serving several LoRA adapters in one batch (model/peft/multi_lora.py)
-    wraps its projections in modules with a `delta(x, adapters)`, and `adapters` (the forward call's
-    argument, built by the caller like the attention metadata) says which adapter each row uses."""
+    wraps its projections in modules with an `add_to(y, x, adapters, group)`, and `adapters` (the forward
+    call's argument, built by the caller like the attention metadata) says which adapter each row uses.
+    y is this call's fresh output and is updated in place."""
     if adapters is None:
         return y
-    if all(hasattr(m, "delta") for m in mods):  # one update for the whole group (one matmul pair)
-        d = mods[0].delta(x, adapters, mods)
-        if d is not None:
-            y += d.to(y.dtype)  # y is this call's fresh output: updated in place
-        return y
+    if all(hasattr(m, "add_to") for m in mods):  # the whole group at once (one matmul pair)
+        return mods[0].add_to(y, x, adapters, mods)
     col = 0
     for m in mods:
         width = m.weight.shape[0]
-        d = m.delta(x, adapters) if hasattr(m, "delta") else None
-        if d is not None:
-            y[..., col : col + width] += d.to(y.dtype)  # y is this call's fresh output: updated in place
+        if hasattr(m, "add_to"):
+            part = y[..., col : col + width]
+            part.copy_(m.add_to(part.contiguous(), x, adapters))
         col += width
     return y
 
 
 def _fusable(m: nn.Module) -> bool:
     """A projection computing F.linear(x, m.weight, m.bias) (a multi-adapter one adds its delta afterwards)."""
-    return type(m) is nn.Linear or hasattr(m, "delta")
+    return type(m) is nn.Linear or hasattr(m, "add_to")
 
 
 def layer_metas(

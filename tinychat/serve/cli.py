@@ -27,8 +27,8 @@ class ServeConfig:
     adapter: list[str] = field(
         [], help="LoRA adapters served beside the base, NAME=DIR ...: a request's model field picks one by NAME"
     )
-    adapter_batching: Literal["mask", "gather"] = field(
-        "mask", help="how rows of different adapters share a batch: mask or gather"
+    adapter_batching: Literal["mask", "gather", "group"] = field(
+        "mask", help="how rows of different adapters share a batch: mask, gather or group (docs/peft.md)"
     )
     max_num_seqs: int = field(16, help="sequences decoded at once (KV-cache slots)")
     max_model_len: int = field(0, help="positions per sequence, prompt + output (0: the model's context)")

@@ -370,6 +370,8 @@ class Engine:
         self._sample_and_emit(todo, last[torch.tensor(rows_of, device=self.device)])
 
     def _decode(self, seqs: list[Seq]) -> None:
+        if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
+            seqs = sorted(seqs, key=lambda s: s.r.slot)
         h = self._forward(seqs, [[s.output[-1]] for s in seqs])
         self._sample_and_emit(seqs, self.model.lm_head(h[:, 0]))  # (B, V)
 

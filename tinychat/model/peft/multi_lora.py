@@ -8,13 +8,16 @@ row of a forward call adds the update of its own adapter: y = W x + b + s_k B_k 
 
 Which adapter each row uses is passed explicitly to the forward call (`Model.forward(..., adapters=rows)`,
 an `AdapterRows` built by the caller, like the attention metadata), never kept in the modules between calls.
-Two ways to compute the batched update, the same numbers (tested) and a choice per server:
+Three ways to compute the batched update, the same numbers (tested) and a choice per server:
   * "mask": x A_all for all n adapters at once (one matmul, n*r columns), zero the columns of the other
     adapters with a per-row mask, then one matmul with B_all. Fewest kernels; the work grows with n.
-  * "gather": each row's A_k and B_k gathered from the stacks (index_select), two batched matmuls (bgmv,
+  * "gather": each row's A_k and B_k gathered from the stacks (index_select), two batched matmuls (BGMV,
     Punica's kernel in plain PyTorch). Work independent of n, but a copy of the adapters per row.
+  * "group": rows ordered by adapter (the engine sorts its decode batch), two plain matmuls per run of
+    rows with one adapter (PEFT's mixed-batch inference, S-LoRA's grouping). Kernels grow with the runs.
 A call whose rows all use the same adapter (a single sequence, a prefill) takes that adapter's two plain
-matmuls, and a call of base rows only takes none (the caller passes no `AdapterRows`).
+matmuls, and a call of base rows only takes none (the caller passes no `AdapterRows`). The projections a
+fused matmul joins (q/k/v, gate/up) are wrapped together and updated as one group (Stacks).
 
 Adapters are read from PEFT's LoRA format (lora.read_adapter_config, common.read_adapter_weights); ranks
 may differ (each is zero-padded to the largest), as may their targets (a projection an adapter does not
@@ -35,9 +38,9 @@ from tinychat.errors import UserError
 from tinychat.model.peft import lora
 from tinychat.model.peft.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_weights
 
-Mode = Literal["mask", "gather"]
+Mode = Literal["mask", "gather", "group"]
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections Model.fuse_projections joins
-MODES = ("mask", "gather")
+MODES = ("mask", "gather", "group")
 
 
 @dataclass
@@ -49,10 +52,11 @@ class AdapterRows:
     mode: Mode
     n: int  # adapters served (slots 1..n)
     dtype: torch.dtype  # the masks' dtype (the activations')
+    runs: list[tuple[int, int, int]]  # (slot, first row, end row) of each run of rows with the same adapter
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # memo of this call only
 
     def mask(self, width: int) -> torch.Tensor:
-        """(B, 1, width): 1.0 on the columns of each row's adapter, the columns adapter-major (n blocks)."""
+        """(B, 1, width): 1.0 on the columns of each row's adapter (Stacks.a_all: n blocks, adapter-major)."""
         m = self._masks.get(width)
         if m is None:
             col = torch.arange(width, device=self.index.device) // (width // self.n) + 1  # each column's slot
@@ -60,13 +64,32 @@ class AdapterRows:
         return m
 
 
+@dataclass
+class Stacks:
+    """A group's adapters (projections of one input, outputs side by side) in the layouts the batchings read.
+    Within a slot the group's B is block-diagonal (zeros outside each projection's own outputs): one matmul
+    for the group costs a few wasted multiplies, and far fewer kernels than one per projection."""
+
+    a_t: torch.Tensor  # (n + 1, in, G*r): each slot's A, transposed (gather)
+    b: torch.Tensor  # (n + 1, G*r, out_total): each slot's B (gather)
+    a_all: torch.Tensor  # (in, n*G*r): slots 1..n side by side, adapter-major (mask)
+    b_all: torch.Tensor  # (n*G*r, out_total) (mask)
+    a_k: list[torch.Tensor]  # a_t[k] and b[k] per slot, as ready views (uniform batches, group)
+    b_k: list[torch.Tensor]
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t in like's dtype; no call at all when it is already (a decode step counts its kernels)."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
 class MultiLoRALinear(nn.Module):
     """A base projection (its own weight and bias, shared) with n LoRA adapters stacked beside it.
 
     lora_A (n + 1, r, in) and lora_B (n + 1, out, r), slot 0 all zeros and each adapter's scale folded into
     its B, kept as non-persistent buffers: the module's state dict is the base's, unchanged. Without `rows`
-    it is the base projection; `delta(x, rows)` is the per-row update alone, and with `group` (projections of
-    the same input whose outputs sit side by side: fused q/k/v, gate/up) the update of all of them at once."""
+    it is the base projection; `add_to(y, x, rows)` adds the per-row update to a base output, and with `group`
+    (projections of the same input whose outputs sit side by side: fused q/k/v, gate/up) that of all of them."""
 
     def __init__(self, base: nn.Linear, n: int, rank: int) -> None:
         super().__init__()
@@ -78,7 +101,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(n + 1, rank, self.in_features, device=dev, dtype=dt), False)
         self.register_buffer("lora_B", torch.zeros(n + 1, self.out_features, rank, device=dev, dtype=dt), False)
         self.has = [False] * (n + 1)  # slots whose adapter targets this projection
-        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}  # per group, built on first use
+        self._stacks: dict[tuple[int, ...], Stacks] = {}  # per group, built on first use
 
     @torch.no_grad()
     def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -92,45 +115,50 @@ class MultiLoRALinear(nn.Module):
         self.has[slot] = True
         self._stacks.clear()
 
-    def stacks(self, group: tuple[MultiLoRALinear, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The group's adapters side by side: A (n + 1, G*r, in); B_all (out_total, n*G*r), adapter-major
-        columns, block-diagonal within each adapter (the "mask" mode's); B (n + 1, G*r, out_total) per slot."""
+    def stacks(self, group: tuple[MultiLoRALinear, ...]) -> Stacks:
+        """The group's adapters in the layouts of `Stacks` (built on first use, kept until an adapter changes)."""
         key = tuple(id(m) for m in group)
         if key not in self._stacks:
             n, R, G = self.n, self.rank, len(group)
-            a = torch.cat([m.lora_A for m in group], dim=1)  # (n + 1, G*r, in)
             outs = [m.out_features for m in group]
-            b = torch.zeros(n + 1, G * R, sum(outs), device=a.device, dtype=a.dtype)
-            row = 0
+            b = torch.zeros(n + 1, G * R, sum(outs), device=self.lora_A.device, dtype=self.lora_A.dtype)
+            start = 0
             for g, m in enumerate(group):
-                b[:, g * R : (g + 1) * R, row : row + outs[g]] = m.lora_B.transpose(1, 2)
-                row += outs[g]
-            b_all = b[1:].reshape(n * G * R, -1).t().contiguous()  # (out_total, n*G*r)
-            self._stacks[key] = (a, b_all, b)
+                b[:, g * R : (g + 1) * R, start : start + outs[g]] = m.lora_B.transpose(1, 2)
+                start += outs[g]
+            a_t = torch.cat([m.lora_A for m in group], dim=1).transpose(1, 2).contiguous()  # (n + 1, in, G*r)
+            a_all = a_t[1:].permute(1, 0, 2).reshape(self.in_features, n * G * R).contiguous()
+            self._stacks[key] = Stacks(a_t, b, a_all, b[1:].reshape(n * G * R, -1), list(a_t), list(b))
         return self._stacks[key]
 
-    def delta(
-        self, x: torch.Tensor, rows: AdapterRows, group: tuple[MultiLoRALinear, ...] | None = None
-    ) -> torch.Tensor | None:
-        """The update (B, T, out_total) of each row's adapter for x (B, T, in); None when there is none to add."""
+    def add_to(
+        self, y: torch.Tensor, x: torch.Tensor, rows: AdapterRows, group: tuple[MultiLoRALinear, ...] | None = None
+    ) -> torch.Tensor:
+        """y (B, T, out_total), the base output of the group (default: this projection alone) for x (B, T, in),
+        plus each row's adapter update, in place (the second matmul and the add are one addmm_/baddbmm_).
+        y must be contiguous (a fresh matmul output). Few kernels on purpose: a decode step of a small model
+        is mostly per-kernel overhead."""
         group = group or (self,)
-        a, b_all, b = self.stacks(group)
-        if rows.uniform is not None:
-            k = rows.uniform
-            if not any(m.has[k] for m in group):
-                return None
-            return F.linear(F.linear(x, a[k]), b[k].t())  # (B, T, G*r) -> (B, T, out_total)
-        if rows.mode == "mask":
-            h = F.linear(x, a[1:].view(-1, self.in_features)) * rows.mask(b_all.shape[1])  # (B, T, n*G*r)
-            return F.linear(h, b_all)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = torch.bmm(x.to(dt), a.index_select(0, rows.index).transpose(1, 2).to(dt))  # (B, T, G*r)
-        return torch.bmm(h, b.index_select(0, rows.index).to(dt))  # (B, T, out_total)
+        st = self.stacks(group)
+        B, T, _ = x.shape
+        x2, y2 = x.reshape(B * T, -1), y.view(B * T, -1)
+        if rows.uniform is None and rows.mode == "mask":
+            h = torch.mm(x2, _as(st.a_all, x))  # (B*T, n*G*r): every adapter's columns
+            h.view(B, T, -1).mul_(rows.mask(h.shape[-1]))  # keep those of the row's own adapter
+            y2.addmm_(_as(h, y), _as(st.b_all, y))
+        elif rows.uniform is None and rows.mode == "gather":
+            h = torch.bmm(x, _as(st.a_t.index_select(0, rows.index), x))  # (B, T, G*r)
+            y.baddbmm_(_as(h, y), _as(st.b.index_select(0, rows.index), y))  # B picked: (B, G*r, out_total)
+        else:  # one adapter per run of rows: every row alike, or "group" (the engine orders rows by adapter)
+            for k, s, e in [(rows.uniform, 0, B)] if rows.uniform is not None else rows.runs:
+                if any(m.has[k] for m in group):
+                    h = torch.mm(x2[s * T : e * T], _as(st.a_k[k], x))  # (rows, G*r)
+                    y2[s * T : e * T].addmm_(_as(h, y), _as(st.b_k[k], y))
+        return y
 
     def forward(self, x: torch.Tensor, rows: AdapterRows | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        d = None if rows is None else self.delta(x, rows)
-        return y if d is None else y + d.to(y.dtype)
+        return y if rows is None else self.add_to(y, x, rows)
 
 
 @dataclass
@@ -152,7 +180,13 @@ class AdapterSet:
         uniform = first if all(s == first for s in slots) else None
         if uniform == 0:
             return None
-        return AdapterRows(torch.tensor(slots, device=device), uniform, self.mode, len(self.names), dtype)
+        runs, start = [], 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[start]:
+                runs.append((slots[start], start, i))
+                start = i
+        index = torch.tensor(slots, device=device)
+        return AdapterRows(index, uniform, self.mode, len(self.names), dtype, [r for r in runs if r[0]])
 
 
 def _read(path: Path) -> tuple[lora.LoraConfig, dict[str, torch.Tensor]]:
