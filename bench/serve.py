@@ -19,6 +19,8 @@ With --adapters N, N random rank --adapter-rank LoRA adapters (every projection,
 model and the same load runs on the base model alone (a plain server) and then spread round-robin over the N
 adapters on a multi-LoRA server (`serve --adapter`, model/peft/multi_lora.py), once per --adapter-batching
 mode; the ratio of aggregate tokens/s is the cost of serving adapters in shared batches (goal >= 0.8x).
+The setups take turns (--rounds, medians printed). Also printed: this process's CPU time per generated
+token (server and clients), whose ratio moves far less than tokens/s with a neighbour's load.
 """
 
 from __future__ import annotations
@@ -147,14 +149,15 @@ async def run_level(  # noqa: PLR0913
         m = models[w % len(models)]
         return [await one_request(client, w * 1000 + r, max_tokens, bias, system, m) for r in range(requests)]
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     results = [x for part in await asyncio.gather(*(worker(w) for w in range(clients))) for x in part]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     ttfts = sorted(t for t, _ in results)
     return {
         "clients": clients,
         "tok_s": sum(n for _, n in results) / wall,
+        "cpu_ms_tok": 1e3 * cpu / max(1, sum(n for _, n in results)),  # this process: server and clients
         "p50": statistics.median(ttfts),
         "p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         "requests": len(results),
@@ -242,15 +245,23 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
         f"{args.adapter_rank} on every projection, {args.requests} requests/client, {args.max_tokens} tokens each, "
         f"median of {args.rounds} interleaved rounds"
     )
-    print(f"{'setup':<32}{'clients':>8}{'tok/s':>10}{'x base':>8}{'TTFT p50':>11}{'TTFT p95':>11}  rounds x base")
+    print(
+        f"{'setup':<32}{'clients':>8}{'tok/s':>10}{'x base':>8}{'TTFT p50':>11}{'TTFT p95':>11}"
+        f"{'CPU ms/tok':>12}{'x base':>8}  rounds x base"
+    )
     for c in levels:
         base = statistics.median(r["tok_s"] for r in runs["base alone"][c])
+        base_cpu = statistics.median(r["cpu_ms_tok"] for r in runs["base alone"][c])
         for label, by_level in runs.items():
             rs = by_level[c]
             tok_s = statistics.median(r["tok_s"] for r in rs)
             p50, p95 = (statistics.median(r[k] for r in rs) * 1e3 for k in ("p50", "p95"))
+            cpu = statistics.median(r["cpu_ms_tok"] for r in rs)
             each = " ".join(f"{r['tok_s'] / b['tok_s']:.2f}" for r, b in zip(rs, runs["base alone"][c]))
-            print(f"{label:<32}{c:>8}{tok_s:>10.0f}{tok_s / base:>8.2f}{p50:>9.0f}ms{p95:>9.0f}ms  {each}")
+            print(
+                f"{label:<32}{c:>8}{tok_s:>10.0f}{tok_s / base:>8.2f}{p50:>9.0f}ms{p95:>9.0f}ms"
+                f"{cpu:>12.2f}{base_cpu / cpu:>8.2f}  {each}"
+            )
 
 
 def main() -> None:
