@@ -38,12 +38,9 @@ class OpCounter(TorchDispatchMode):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--adapters", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=20)
+    defaults = {"preset": "tiny", "batch": 16, "adapters": 4, "rank": 8, "context": 64, "repeats": 20}
+    for name, default in defaults.items():
+        ap.add_argument(f"--{name}", type=type(default), default=default)
     args = ap.parse_args()
     torch.set_num_threads(1)
     B, ctx, dev = args.batch, args.context, torch.device("cpu")
