@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from tinychat.model.peft.common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_ada
 
 Mode = Literal["mask", "gather", "group"]
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections Model.fuse_projections joins
-MODES = ("mask", "gather", "group")
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 @dataclass
