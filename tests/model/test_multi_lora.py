@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_helpers import make_lora
+from safetensors.torch import load_file, save_file
 
 from tinychat.errors import UserError
 from tinychat.model import Model, ModelConfig
@@ -96,6 +97,15 @@ def test_bad_adapters_are_refused_in_one_sentence(dirs: dict[str, Path], tmp_pat
         apply_peft(model, PeftConfig(method=method), lcfg)
         save_result(tmp_path / method, model, model.state_dict(), lcfg, dirs["base"])
         refused({"d": tmp_path / method / "adapter"}, "DoRA" if method == "dora" else "only LoRA")
+    extra = tmp_path / "extra"  # a tensor beside the updates (here: an embedding) is not silently dropped
+    extra.mkdir()
+    (extra / "adapter_config.json").write_text((dirs["a"] / "adapter_config.json").read_text())
+    tensors = load_file(str(dirs["a"] / "adapter_model.safetensors"))
+    save_file(
+        {**tensors, "base_model.model.model.embed_tokens.weight": torch.zeros(V, 64)},
+        str(extra / "adapter_model.safetensors"),
+    )
+    refused({"e": extra}, "embed_tokens.weight is not a LoRA update")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text(

@@ -235,6 +235,9 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str | Path], mode: Mode
         pairs = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
         if not pairs:
             raise UserError(f"{wfile} holds no lora_A/lora_B tensors.")
+        stray = sorted(set(tensors) - {f"{p}.lora_{ab}.weight" for p in pairs for ab in "AB"})
+        if stray:
+            raise UserError(f"{wfile}: tensor {stray[0]} is not a LoRA update of a projection; serve it merged, alone.")
         for prefix in pairs:
             mod = projs.get(prefix)
             b = tensors.get(prefix + ".lora_B.weight")
