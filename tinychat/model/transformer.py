@@ -108,7 +108,7 @@ def add_adapters(y: torch.Tensor, x: torch.Tensor, mods: tuple[nn.Module, ...], 
 
 
 def _fusable(m: nn.Module) -> bool:
-    """A projection computing F.linear(x, m.weight, m.bias) (a multi-adapter one adds its delta afterwards)."""
+    """A projection computing F.linear(x, m.weight, m.bias) (a multi-adapter one adds its update afterwards)."""
     return type(m) is nn.Linear or hasattr(m, "add_to")
 
 
@@ -194,7 +194,8 @@ class Attention(nn.Module):
     def fuse(self) -> bool:
         """Inference only: one (q+k+v, d) matmul instead of three; q/k/v_proj's weights become views of it,
         so memory does not grow and in-place updates stay in sync (until a later .to() copies them apart).
-        Skipped (False) when a projection is not a plain nn.Linear (quantized, adapted) or a multi-adapter one."""
+        Skipped (False) when a projection is not a plain nn.Linear (quantized, LoRA-adapted); a multi-adapter one
+        fuses too (its per-row update is added after the fused matmul, add_adapters)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         if not all(_fusable(m) for m in mods) or self.qkv_weight is not None:
             return self.qkv_weight is not None
