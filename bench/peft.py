@@ -166,15 +166,20 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a method's learning rate")
     ap.add_argument("--lora-targets", default="", help="lora/dora/qlora: projections to adapt, e.g. q,v")
+    ap.add_argument("--lora-rank", type=int, default=4, help="lora/dora/qlora: the rank r")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="lora/dora/qlora: the update's scale is alpha / r")
+    ap.add_argument("--rslora", action="store_true", help="rsLoRA's scale alpha / sqrt(r) instead of alpha / r")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
     for item in a.lr:  # the levers against forgetting: a method's learning rate, LoRA's target projections
         method, _, lr = item.partition("=")
         LRS[method] = float(lr)
-    if a.lora_targets:
-        for m in ("lora", "dora", "qlora"):
-            EXTRA[m] = [*EXTRA[m], "--lora.targets", *a.lora_targets.split(",")]
+    alpha = a.lora_alpha * (a.lora_rank**0.5 if a.rslora else 1.0)  # rsLoRA: alpha/sqrt(r) == (alpha*sqrt(r))/r
+    for m in ("lora", "dora", "qlora"):
+        EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha)]
+        if a.lora_targets:
+            EXTRA[m] += ["--lora.targets", *a.lora_targets.split(",")]
     from tinychat.eval.report import wilson
     from tinychat.model import Model
     from tinychat.tokenizer import Tokenizer

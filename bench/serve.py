@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py [--model DIR] [--clients 1,4,16,64] [--requests 4] [--max-tokens 64]
     .venv/bin/python bench/serve.py --system-tokens 300 [--clients 1,16]   # shared system prompt, prefix cache on/off
+    .venv/bin/python bench/serve.py --adapters 4 --clients 16                # multi-LoRA against the base alone
 
 Without --model a random `tiny` preset model (6.8M parameters) and a tokenizer trained on the spot are
 served. The server (uvicorn + the continuous-batching engine) runs in this process on a free 127.0.0.1
@@ -13,6 +14,13 @@ Also printed: the KV memory at the peak and after the server has idled (the pool
 
 With --system-tokens N every request starts with the same N-token system prompt, and the table is run twice,
 with the engine's prefix cache on and off: TTFT with / without is the prefix cache's gain.
+
+With --adapters N, N random rank --adapter-rank LoRA adapters (every projection, PEFT's files) are made for the
+model and the same load runs on the base model alone (a plain server) and then spread round-robin over the N
+adapters on a multi-LoRA server (`serve --adapter`, model/peft/multi_lora.py), once per --adapter-batching
+mode; the ratio of aggregate tokens/s is the cost of serving adapters in shared batches (goal >= 0.8x).
+The setups take turns (--rounds, medians printed). Also printed: this process's CPU time per generated
+token (server and clients), whose ratio moves far less than tokens/s with a neighbour's load.
 """
 
 from __future__ import annotations
@@ -45,11 +53,33 @@ def build_model(path: Path, preset_name: str) -> Path:
     return path
 
 
-def start(model_dir: Path, slots: int, prefix_caching: bool = True):  # noqa: ANN201 - (url, server, thread, engine, tok)
+def build_adapters(model_dir: Path, out: Path, n: int, rank: int) -> dict[str, Path]:
+    """n random LoRA adapters of `model_dir` (rank `rank`, every projection, B non-zero as after training)."""
+    from tinychat.model import Model
+    from tinychat.model.peft.lora import TARGETS, LoraConfig, save_adapter
+
+    cfg = LoraConfig(rank=rank, alpha=2.0 * rank, targets=list(TARGETS))
+    shapes = {k: v.shape for k, v in Model.from_pretrained(str(model_dir)).state_dict().items()}
+    out_dirs = {}
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        state = {}
+        for key, shape in shapes.items():
+            if key.endswith(tuple(f"{t.split('.')[1]}.weight" for t in TARGETS.values())):
+                (rows, cols), prefix = shape, key.removesuffix(".weight")
+                state[prefix + ".lora_A.weight"] = torch.randn(rank, cols, generator=g) / cols**0.5
+                state[prefix + ".lora_B.weight"] = torch.randn(rows, rank, generator=g) * 0.02
+        save_adapter(out / f"lora{i}", state, cfg, model_dir)
+        out_dirs[f"lora{i}"] = out / f"lora{i}"
+    return out_dirs
+
+
+def start(model_dir: Path, slots: int, prefix_caching: bool = True, adapters: dict | None = None, mode: str = "mask"):  # noqa: ANN201 - (url, server, thread, engine, tok)
     import uvicorn
 
     from tinychat.infer.engine import Engine, EngineConfig
     from tinychat.model import Model
+    from tinychat.model.peft.multi_lora import serve_adapters
     from tinychat.serve.app import create_app
     from tinychat.serve.cli import tokenizer_dir
     from tinychat.tokenizer import Tokenizer
@@ -57,7 +87,8 @@ def start(model_dir: Path, slots: int, prefix_caching: bool = True):  # noqa: AN
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(tokenizer_dir(model_dir))
     cfg = EngineConfig(max_num_seqs=slots, prefix_caching=prefix_caching, idle_release_s=1.0)
-    engine = Engine(model, tok, cfg).start()
+    aset = serve_adapters(model, adapters, mode) if adapters else None
+    engine = Engine(model, tok, cfg, aset).start()
     app = create_app(engine, tok, "bench")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -69,13 +100,20 @@ def start(model_dir: Path, slots: int, prefix_caching: bool = True):  # noqa: AN
     return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", server, thread, engine, tok
 
 
-async def one_request(client, i: int, max_tokens: int, bias: dict[str, float], system: str) -> tuple[float, int]:  # noqa: ANN001
+async def one_request(  # noqa: PLR0913
+    client,  # noqa: ANN001
+    i: int,
+    max_tokens: int,
+    bias: dict[str, float],
+    system: str,
+    model: str = "bench",
+) -> tuple[float, int]:
     """(time to first token, tokens generated) of one streamed chat completion."""
     t0 = time.perf_counter()
     ttft = None
     user = [{"role": "user", "content": f"Request {i}: tell me about the quick brown fox and Paris."}]
     stream = await client.chat.completions.create(
-        model="bench",
+        model=model,
         messages=([{"role": "system", "content": system}] if system else []) + user,
         max_tokens=max_tokens,
         temperature=0.8,
@@ -93,24 +131,33 @@ async def one_request(client, i: int, max_tokens: int, bias: dict[str, float], s
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
 
 
-async def run_level(
-    url: str, clients: int, requests: int, max_tokens: int, bias: dict[str, float], system: str = ""
+async def run_level(  # noqa: PLR0913
+    url: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    bias: dict[str, float],
+    system: str = "",
+    models: tuple[str, ...] = ("bench",),
 ) -> dict:
+    """One closed-loop load; client w asks for models[w % len(models)] (the base, or adapters round-robin)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
 
     async def worker(w: int) -> list[tuple[float, int]]:
-        return [await one_request(client, w * 1000 + r, max_tokens, bias, system) for r in range(requests)]
+        m = models[w % len(models)]
+        return [await one_request(client, w * 1000 + r, max_tokens, bias, system, m) for r in range(requests)]
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     results = [x for part in await asyncio.gather(*(worker(w) for w in range(clients))) for x in part]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     ttfts = sorted(t for t, _ in results)
     return {
         "clients": clients,
         "tok_s": sum(n for _, n in results) / wall,
+        "cpu_ms_tok": 1e3 * cpu / max(1, sum(n for _, n in results)),  # this process: server and clients
         "p50": statistics.median(ttfts),
         "p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         "requests": len(results),
@@ -166,6 +213,57 @@ def table(args: argparse.Namespace, model_dir: Path, levels: list[int], prefix_c
     return rows
 
 
+def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], tmp: Path) -> None:
+    """The same load on the base alone, then spread over --adapters LoRA adapters, per batching mode.
+
+    Every server runs at once (an idle engine waits on its queue) and the setups take turns, --rounds times:
+    a neighbour's load then touches every setup alike, and the median round per setup is printed."""
+    adapters = build_adapters(model_dir, tmp / "adapters", args.adapters, args.adapter_rank)
+    setups = [("base alone", None, "mask", ("bench",))]
+    modes = args.adapter_batching.split(",")
+    setups += [(f"{args.adapters} adapters, {m}", adapters, m, tuple(adapters)) for m in modes]
+    setups += [("base on the adapter server", adapters, "mask", ("bench",))]
+    servers = [start(model_dir, max(levels), True, ads, mode) for _, ads, mode, _ in setups]
+    bias = {str(t): -100.0 for t in servers[0][4].stop_ids}
+    runs: dict[str, dict[int, list[dict]]] = {label: {c: [] for c in levels} for label, *_ in setups}
+    try:
+        for (_, _, _, models), (url, *_) in zip(setups, servers):
+            asyncio.run(run_level(url, 2, 1, 8, bias, "", models))  # warm-up
+        for _ in range(args.rounds):
+            for c in levels:
+                for (label, _, _, models), (url, *_) in zip(setups, servers):
+                    runs[label][c].append(
+                        asyncio.run(run_level(url, c, args.requests, args.max_tokens, bias, "", models))
+                    )
+    finally:
+        for _, server, thread, engine, _ in servers:
+            server.should_exit = True
+            thread.join(timeout=10)
+            engine.stop()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.adapters} LoRA adapters of rank "
+        f"{args.adapter_rank} on every projection, {args.requests} requests/client, {args.max_tokens} tokens each, "
+        f"median of {args.rounds} interleaved rounds"
+    )
+    print(
+        f"{'setup':<32}{'clients':>8}{'tok/s':>10}{'x base':>8}{'TTFT p50':>11}{'TTFT p95':>11}"
+        f"{'CPU ms/tok':>12}{'x base':>8}  rounds x base"
+    )
+    for c in levels:
+        base = statistics.median(r["tok_s"] for r in runs["base alone"][c])
+        base_cpu = statistics.median(r["cpu_ms_tok"] for r in runs["base alone"][c])
+        for label, by_level in runs.items():
+            rs = by_level[c]
+            tok_s = statistics.median(r["tok_s"] for r in rs)
+            p50, p95 = (statistics.median(r[k] for r in rs) * 1e3 for k in ("p50", "p95"))
+            cpu = statistics.median(r["cpu_ms_tok"] for r in rs)
+            each = " ".join(f"{r['tok_s'] / b['tok_s']:.2f}" for r, b in zip(rs, runs["base alone"][c]))
+            print(
+                f"{label:<32}{c:>8}{tok_s:>10.0f}{tok_s / base:>8.2f}{p50:>9.0f}ms{p95:>9.0f}ms"
+                f"{cpu:>12.2f}{base_cpu / cpu:>8.2f}  {each}"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="model directory (default: a random model of --preset)")
@@ -174,10 +272,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of this many tokens")
+    ap.add_argument("--adapters", type=int, default=0, help="spread the load over this many LoRA adapters too")
+    ap.add_argument("--adapter-rank", type=int, default=8)
+    ap.add_argument("--adapter-batching", default="mask,gather,group", help="multi-LoRA batching modes to measure")
+    ap.add_argument("--rounds", type=int, default=3, help="--adapters: interleaved rounds of every setup")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp), args.preset)
+        if args.adapters:
+            adapter_table(args, model_dir, levels, Path(tmp))
+            return
         on = table(args, model_dir, levels, True, "prefix cache on: " if args.system_tokens else "")
         if args.system_tokens:
             off = table(args, model_dir, levels, False, "prefix cache off: ")

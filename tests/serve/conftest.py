@@ -82,14 +82,23 @@ class Live:
         self.engine.stop()
 
 
-def _start_server(model_dir: Path, engine_cfg: EngineConfig, api_key: str | None = API_KEY, **app_kw: object) -> Live:
+def _start_server(
+    model_dir: Path,
+    engine_cfg: EngineConfig,
+    api_key: str | None = API_KEY,
+    adapters: dict[str, Path] | None = None,
+    **app_kw: object,
+) -> Live:
+    """A live server; `adapters` ({name: LoRA directory}) are served beside the base (multi-LoRA)."""
     import uvicorn
 
+    from tinychat.model.peft.multi_lora import serve_adapters
     from tinychat.serve.app import create_app
 
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(model_dir)
-    engine = Engine(model, tok, engine_cfg).start()
+    aset = serve_adapters(model, adapters) if adapters else None
+    engine = Engine(model, tok, engine_cfg, aset).start()
     app = create_app(engine, tok, MODEL_NAME, api_key=api_key, **app_kw)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -87,6 +87,31 @@ def rope_tables(
     return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
 
 
+def add_adapters(y: torch.Tensor, x: torch.Tensor, mods: tuple[nn.Module, ...], adapters: object) -> torch.Tensor:
+    """y, the output of the projections `mods` for x (side by side when they are fused), plus each one's
+    per-row adapter update: a model serving several LoRA adapters in one batch (model/peft/multi_lora.py)
+    wraps its projections in modules with an `add_to(y, x, adapters, group)`, and `adapters` (the forward
+    call's argument, built by the caller like the attention metadata) says which adapter each row uses.
+    y is this call's fresh output and is updated in place."""
+    if adapters is None:
+        return y
+    if all(hasattr(m, "add_to") for m in mods):  # the whole group at once (one matmul pair)
+        return mods[0].add_to(y, x, adapters, mods)
+    col = 0
+    for m in mods:
+        width = m.weight.shape[0]
+        if hasattr(m, "add_to"):
+            part = y[..., col : col + width]
+            part.copy_(m.add_to(part.contiguous(), x, adapters))
+        col += width
+    return y
+
+
+def _fusable(m: nn.Module) -> bool:
+    """A projection computing F.linear(x, m.weight, m.bias) (a multi-adapter one adds its update afterwards)."""
+    return type(m) is nn.Linear or hasattr(m, "add_to")
+
+
 def layer_metas(
     cfg: ModelConfig,
     pos: torch.Tensor,  # (B|1, T) positions of the new tokens
@@ -134,12 +159,15 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # signed, see rope_tables
         cache: KVCache | PagedKVCache | None,
         meta: CacheMeta | PagedMeta | None,
+        adapters: object = None,  # which LoRA adapter each row uses (add_adapters); None: the weights as they are
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, KV = cfg.n_head, cfg.n_kv_head
         if self.qkv_weight is not None:  # fused for inference (fuse_projections): one matmul, one norm, one rope
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * KV, cfg.head_dim)
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = add_adapters(qkv, x, (self.q_proj, self.k_proj, self.v_proj), adapters)
+            qkv = qkv.view(B, T, H + 2 * KV, cfg.head_dim)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :].transpose(1, 2)
             if cfg.qk_norm:  # in fp32 as RMSNorm computes it (no casts when the activations are fp32 already)
                 qk = qk if qk.dtype == torch.float32 else qk.float()
@@ -147,9 +175,9 @@ class Attention(nn.Module):
             qk = rotate(qk.transpose(1, 2), cos, sin)  # (B, H + KV, T, hd)
             q, k = qk[:, :H], qk[:, H:]
         else:
-            q = self.q_proj(x).view(B, T, H, cfg.head_dim)
-            k = self.k_proj(x).view(B, T, KV, cfg.head_dim)
-            v = self.v_proj(x).view(B, T, KV, cfg.head_dim)
+            q = add_adapters(self.q_proj(x), x, (self.q_proj,), adapters).view(B, T, H, cfg.head_dim)
+            k = add_adapters(self.k_proj(x), x, (self.k_proj,), adapters).view(B, T, KV, cfg.head_dim)
+            v = add_adapters(self.v_proj(x), x, (self.v_proj,), adapters).view(B, T, KV, cfg.head_dim)
             if cfg.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -159,15 +187,17 @@ class Attention(nn.Module):
             y = sdpa(q, k, v, mask, causal)
         else:  # the cache writes k/v (B, n_kv, T, hd) and attends over what each query may see
             y = cache.attend(self.layer_idx, q, k, v, meta)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.q_dim))
+        y = y.transpose(1, 2).reshape(B, T, cfg.q_dim)
+        return add_adapters(self.o_proj(y), y, (self.o_proj,), adapters)
 
     @torch.no_grad()
     def fuse(self) -> bool:
         """Inference only: one (q+k+v, d) matmul instead of three; q/k/v_proj's weights become views of it,
         so memory does not grow and in-place updates stay in sync (until a later .to() copies them apart).
-        Skipped (False) when a projection is not a plain nn.Linear (quantized, adapted)."""
+        Skipped (False) when a projection is not a plain nn.Linear (quantized, LoRA-adapted); a multi-adapter one
+        fuses too (its per-row update is added after the fused matmul, add_adapters)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(m) is nn.Linear for m in mods) or self.qkv_weight is not None:
+        if not all(_fusable(m) for m in mods) or self.qkv_weight is not None:
             return self.qkv_weight is not None
         self.qkv_weight, self.qkv_bias = _fuse_linears(mods)
         if self.cfg.qk_norm:
@@ -207,17 +237,21 @@ class MLP(nn.Module):
         for name in ("gate_up_weight", "gate_up_bias"):  # set by fuse(), as in Attention
             self.register_buffer(name, None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: object = None) -> torch.Tensor:  # adapters: as in Attention
         if self.gate_up_weight is not None:  # fused for inference: one matmul for gate and up
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+            gate, up = add_adapters(gate_up, x, (self.gate_proj, self.up_proj), adapters).chunk(2, dim=-1)
+        else:
+            gate = add_adapters(self.gate_proj(x), x, (self.gate_proj,), adapters)
+            up = add_adapters(self.up_proj(x), x, (self.up_proj,), adapters)
+        h = F.silu(gate) * up
+        return add_adapters(self.down_proj(h), h, (self.down_proj,), adapters)
 
     @torch.no_grad()
     def fuse(self) -> bool:
         """Inference only: gate and up in one matmul (as Attention.fuse)."""
         mods = (self.gate_proj, self.up_proj)
-        if all(type(m) is nn.Linear for m in mods) and self.gate_up_weight is None:
+        if all(_fusable(m) for m in mods) and self.gate_up_weight is None:
             self.gate_up_weight, self.gate_up_bias = _fuse_linears(mods)
         return self.gate_up_weight is not None
 
@@ -230,9 +264,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg, MLP) if cfg.n_experts else MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, meta):  # noqa: ANN001 - shapes as in Attention
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache, meta, adapters=None):  # noqa: ANN001 - shapes as in Attention
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta, adapters)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h) if adapters is None or not isinstance(self.mlp, MLP) else self.mlp(h, adapters))
 
 
 class Decoder(nn.Module):
@@ -305,6 +340,7 @@ class Model(nn.Module):
         n_new: torch.Tensor | None = None,  # KVCache: (B,) real tokens per row when right-padded; default T
         rows: torch.Tensor | None = None,  # KVCache: (B,) cache rows this call feeds; default all
         meta: CacheMeta | PagedMeta | None = None,  # the call's attention metadata (a PagedKVCache needs it)
+        adapters: object = None,  # several LoRA adapters served at once: each row's (model/peft/multi_lora.py)
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): what the LM head, a reward head or a value head reads.
 
@@ -330,7 +366,7 @@ class Model(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = rope_tables(pos, self.inv_freq, dt, rope_attention_factor(self.cfg))  # YaRN scales both
         for layer, layer_meta in zip(self.model.layers, layer_metas(self.cfg, pos, cache, meta, dt)):
-            x = layer(x, cos, sin, cache, layer_meta)
+            x = layer(x, cos, sin, cache, layer_meta, adapters)
         if own:
             cache.commit(meta, n_new)
         return self.model.norm(x)
@@ -342,9 +378,10 @@ class Model(nn.Module):
         n_new: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         meta: CacheMeta | PagedMeta | None = None,
+        adapters: object = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows, meta))
+        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows, meta, adapters))
 
     def compute_dtype(self) -> torch.dtype:
         """The activations' dtype: autocast's when it is on, else the norms' (a quantized head's weight is integer)."""

@@ -137,20 +137,27 @@ def create_app(  # noqa: ANN001, PLR0913
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(render_metrics(engine, http), media_type="text/plain; version=0.0.4")
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": model_name,
+    adapters = engine.adapters
+
+    def model_card(name: str = model_name) -> dict[str, Any]:
+        card = {
+            "id": name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "tinychat",
             "max_model_len": engine.max_len,
         }
+        if name != model_name and adapters is not None:  # a LoRA adapter over the base (vLLM's fields)
+            card |= {"parent": model_name, "root": str(adapters.dirs[adapters.names.index(name)])}
+        return card
 
     @app.get(
-        "/v1/models", response_model=None, responses=openapi.ok(openapi.ModelList, "The one model this server serves.")
+        "/v1/models",
+        response_model=None,
+        responses=openapi.ok(openapi.ModelList, "The base model and the LoRA adapters this server serves."),
     )
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [model_name, *(adapters.names if adapters else [])]]}
 
     @app.get(
         "/v1/models/{name:path}",
@@ -159,7 +166,7 @@ def create_app(  # noqa: ANN001, PLR0913
     )
     async def get_model(name: str) -> dict[str, Any]:
         prep.check_model(name)
-        return model_card()
+        return model_card(name)
 
     if kb is not None:
         from tinychat.serve import rag_routes
@@ -176,7 +183,7 @@ def create_app(  # noqa: ANN001, PLR0913
 
     @app.post("/v1/chat/completions", responses={**chat_doc, **openapi.errors(400, 404, 429)})
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        fmt = Formatter(grammars, model_name, "chat", logprobs=body.logprobs)
+        fmt = Formatter(grammars, body.model, "chat", logprobs=body.logprobs)  # an unknown model is refused first
         rag = None
         if body.rag is not None:
             if kb is None or rag_routes is None:
@@ -209,7 +216,7 @@ def create_app(  # noqa: ANN001, PLR0913
         except APIError as e:
             raise responses_api.rename_param(e) from None
         handles, q = submit([p.gen])
-        out = responses_api.ResponseBuilder(body, model_name)
+        out = responses_api.ResponseBuilder(body, body.model)
         if body.stream:
             return _stream(responses_api.stream(out, events(handles, q, None)), handles)
         choices, done = await _collect(events(handles, q, request), 1, [""])
@@ -224,7 +231,7 @@ def create_app(  # noqa: ANN001, PLR0913
     @app.post("/v1/completions", responses={**completion_doc, **openapi.errors(400, 404, 429)})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         preps = [await run_in_threadpool(prep.completion, body, x) for x in body.prompts()]
-        fmt = Formatter(grammars, model_name, "completion", logprobs=body.logprobs is not None)
+        fmt = Formatter(grammars, body.model, "completion", logprobs=body.logprobs is not None)
         handles, q = submit([p.gen for p in preps])
         prefixes = [p.prompt_text if body.echo else "" for p in preps]
         if body.stream:
@@ -239,7 +246,8 @@ def create_app(  # noqa: ANN001, PLR0913
 
     @app.post("/v1/embeddings", response_model=None, responses=embed_doc)
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
-        prep.check_model(body.model)
+        if prep.check_model(body.model):
+            raise APIError(400, f"embeddings come from the base model; ask for model '{model_name}'.", param="model")
         try:
             inputs = body.inputs()
         except ValueError as e:

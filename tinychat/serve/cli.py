@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Literal
 
 from tinychat.config import field
 from tinychat.errors import UserError
@@ -23,6 +24,12 @@ class ServeConfig:
     port: int = field(8000)
     api_key: str = field("", help="require 'Authorization: Bearer KEY' on /v1/* (default: open)")
     served_model_name: str = field("", help="the model id clients use (default: the directory's name, or the hub id)")
+    adapter: list[str] = field(
+        [], help="LoRA adapters served beside the base, NAME=DIR ...: a request's model field picks one by NAME"
+    )
+    adapter_batching: Literal["mask", "gather", "group"] = field(
+        "mask", help="how rows of different adapters share a batch: mask, gather or group (docs/peft.md)"
+    )
     max_num_seqs: int = field(16, help="sequences decoded at once (KV-cache slots)")
     max_model_len: int = field(0, help="positions per sequence, prompt + output (0: the model's context)")
     kv_cache_mb: float = field(0.0, help="cap on KV-cache memory in MB; fewer slots when tight (0: no cap)")
@@ -78,6 +85,28 @@ def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Mod
     return m, Tokenizer.from_pretrained(tokenizer_dir(path)), path
 
 
+def parse_adapters(items: list[str], base_name: str) -> dict[str, str]:
+    """--adapter NAME=DIR ... as {name: dir}; a UserError for a malformed, repeated or reserved name."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not name or not path:
+            raise UserError(f"--adapter expects NAME=DIR (e.g. --adapter support=runs/s1/lora), got {item!r}.")
+        if name in out or name == base_name:
+            raise UserError(f"--adapter: the name {name!r} is used twice (the base model is served as {base_name!r}).")
+        out[name] = path
+    return out
+
+
+def load_adapters(model, cfg: ServeConfig, base_name: str):  # noqa: ANN001, ANN201 - (Model, ...) -> AdapterSet | None
+    """Wrap `model` to serve the --adapter LoRA adapters in shared batches (model/peft/multi_lora.py); None without."""
+    from tinychat.model.peft.multi_lora import serve_adapters
+
+    named = parse_adapters(cfg.adapter, base_name)
+    return serve_adapters(model, named, cfg.adapter_batching) if named else None
+
+
 def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
     from tinychat.infer.engine import EngineConfig
 
@@ -103,8 +132,9 @@ def run(cfg: ServeConfig) -> int:
     from tinychat.serve.app import create_app
 
     model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
-    engine = Engine(model, tok, engine_config(cfg)).start()
     name = cfg.served_model_name or model_name(path)
+    adapters = load_adapters(model, cfg, name)
+    engine = Engine(model, tok, engine_config(cfg), adapters).start()
     kb = None
     if cfg.kb:
         from tinychat.rag.kb import KbSettings, KnowledgeBase
@@ -119,6 +149,7 @@ def run(cfg: ServeConfig) -> int:
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
         f"{engine.max_len} tokens) on http://{cfg.host}:{cfg.port}/  (OpenAI API under /v1)"
+        + (f"; LoRA adapters: {', '.join(adapters.names)}" if adapters else "")
     )
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

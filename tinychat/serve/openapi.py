@@ -100,6 +100,8 @@ class ModelCard(Out):
     created: int
     owned_by: str
     max_model_len: int
+    parent: str | None = Field(None, description="A LoRA adapter's base model (absent for the base itself).")
+    root: str | None = Field(None, description="A LoRA adapter's directory.")
 
 
 class ModelList(Out):

@@ -45,18 +45,24 @@ class Preparer:
     def __init__(self, engine: Engine, tokenizer, grammars: Grammars, model_name: str) -> None:  # noqa: ANN001
         self.engine, self.tok, self.grammars, self.model_name = engine, tokenizer, grammars, model_name
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(
-                404,
-                f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str) -> str:
+        """The LoRA adapter a request's `model` names ("" for the base model); 404 for a name not served."""
+        adapters = self.engine.adapters.names if self.engine.adapters else []
+        if name == self.model_name:
+            return ""
+        if name in adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in [self.model_name, *adapters])
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist; this server serves {served}.",
+            param="model",
+            code="model_not_found",
+        )
 
     # ------------------------------------------------------------------ chat
     def chat(self, body: ChatCompletionRequest) -> Prepared:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         self._check_tool_results(body)
         messages = [self._message(i, m) for i, m in enumerate(body.messages)]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
@@ -65,7 +71,7 @@ class Preparer:
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         max_new = self._budget(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
-        gen = GenerationRequest(ids, self._sampling(body, max_new), n=self._n(body.n))
+        gen = GenerationRequest(ids, self._sampling(body, max_new), n=self._n(body.n), adapter=adapter)
         gen.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         gen.logit_bias = self._bias(body)
         choice, fmt = body.tool_choice or "auto", body.response_format
@@ -128,7 +134,7 @@ class Preparer:
 
     # ------------------------------------------------------------------ text completions
     def completion(self, body: CompletionRequest, prompt: str | list[int]) -> Prepared:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         if isinstance(prompt, str):
             ids, text = self.tok.encode(prompt), prompt
         else:
@@ -138,6 +144,7 @@ class Preparer:
             raise APIError(400, "the prompt is empty; give at least one token.", param="prompt")
         max_new = self._budget(len(ids), body.max_tokens, "prompt")
         gen = GenerationRequest(ids, self._sampling(body, max_new), n=self._n(body.n), logprobs=body.logprobs)
+        gen.adapter = adapter
         gen.logit_bias = self._bias(body)
         return Prepared(gen, text, False)
 

@@ -121,14 +121,16 @@ class BlockManager:
             keys.append(parent)
         return keys
 
-    def match(self, tokens: list[int]) -> list[int]:
+    def match(self, tokens: list[int], root: BlockKey | None = None) -> list[int]:
         """Cached blocks holding the longest run of leading full blocks of `tokens` (acquired for the caller).
+        `root` is the chain's start: None for the base model, a key of its own per LoRA adapter (the same
+        tokens have other keys/values under another adapter).
 
         The last token is never taken from the cache: the model must run on it to give the next-token logits."""
         if not self.prefix_caching:
             return []
         out: list[int] = []
-        for key in self.chain(tokens, (len(tokens) - 1) // self.block_size):
+        for key in self.chain(tokens, (len(tokens) - 1) // self.block_size, root):
             b = self._cached.get(key)
             if b is None:
                 break

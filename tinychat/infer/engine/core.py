@@ -34,6 +34,7 @@ from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for
 from tinychat.infer.text import TextTracker
 from tinychat.infer.tool_calls import ToolCallParser
 from tinychat.model.kv_cache import PagedKVCache, PagedMeta
+from tinychat.model.peft.multi_lora import AdapterSet
 from tinychat.model.pooling import mean_pool
 
 log = logging.getLogger("tinychat.engine")
@@ -42,13 +43,17 @@ log = logging.getLogger("tinychat.engine")
 class Engine:
     """Continuous-batching generation for one model; see the module docstring for the design."""
 
-    def __init__(self, model, tokenizer, cfg: rq.EngineConfig | None = None) -> None:  # noqa: ANN001
+    def __init__(
+        self, model, tokenizer, cfg: rq.EngineConfig | None = None, adapters: AdapterSet | None = None
+    ) -> None:  # noqa: ANN001
+        """`adapters`: the LoRA adapters `model` serves beside its base (multi_lora.serve_adapters); a request
+        picks one by name (GenerationRequest.adapter) and rows of different adapters share every batch."""
         if getattr(model, "virtual_tokens", None) is not None:
             raise UserError(
                 "prompt/prefix-tuning adapters (virtual tokens) do not run in the paged serving engine yet: "
                 "run them with `tinychat generate` or `tinychat eval`, or serve a merged lora/dora/ia3 model."
             )
-        self.model, self.tok = model.eval(), tokenizer
+        self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
         self.cfg = cfg = cfg or rq.EngineConfig()
@@ -122,6 +127,7 @@ class Engine:
             )
         if not self.sched.fits_ever(req):
             raise UserError(f"{req.n} choices of {total} tokens do not fit in the engine's KV memory; ask for fewer.")
+        slot = self._slot(req.adapter)
         V = self.model.cfg.vocab_size
         for t in [*req.prompt_ids, *(req.logit_bias or {}), *req.banned_ids]:
             if not 0 <= t < V:
@@ -138,8 +144,17 @@ class Engine:
             events = queue.Queue()
             sink = events.put
         handle = rq.RequestHandle(rid, self, events)
-        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter()))
+        root = None if slot == 0 else (None, ("adapter", req.adapter))  # no block of tokens has such a key
+        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root))
         return handle
+
+    def _slot(self, name: str) -> int:
+        if not name:
+            return 0
+        if self.adapters is None or name not in self.adapters.names:
+            served = ", ".join(self.adapters.names) if self.adapters else "none"
+            raise UserError(f"unknown adapter {name!r}; this engine serves the base and these adapters: {served}.")
+        return self.adapters.slot(name)
 
     def embed(self, batch: list[list[int]]) -> Future:
         """Mean-pooled, L2-normalised final hidden states of each token list, on the embedding thread
@@ -224,13 +239,13 @@ class Engine:
         while sched.waiting:
             r = sched.waiting[0]
             req = r.req
-            hit = self.blocks.match(req.prompt_ids)
+            hit = self.blocks.match(req.prompt_ids, r.root)
             if not sched.admissible(req, len(hit)):
                 self.blocks.release(hit)
                 break
             sched.waiting.popleft()
             self._dequeued()
-            keys = self.blocks.chain(req.prompt_ids, len(hit))
+            keys = self.blocks.chain(req.prompt_ids, len(hit), r.root)
             reserve = sched.worst_case(req)
             for i in range(req.n):
                 c = req.constraint
@@ -324,7 +339,8 @@ class Engine:
         else:
             mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
-        h = self.model.hidden_states(x, self.cache, meta=meta)
+        rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.cache.dtype)
+        h = self.model.hidden_states(x, self.cache, meta=meta, adapters=rows)
         for s, ch in zip(seqs, chunks):
             s.computed += len(ch)
             self.sched.register_full_blocks(s)
@@ -354,6 +370,8 @@ class Engine:
         self._sample_and_emit(todo, last[torch.tensor(rows_of, device=self.device)])
 
     def _decode(self, seqs: list[Seq]) -> None:
+        if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
+            seqs = sorted(seqs, key=lambda s: s.r.slot)
         h = self._forward(seqs, [[s.output[-1]] for s in seqs])
         self._sample_and_emit(seqs, self.model.lm_head(h[:, 0]))  # (B, V)
 

@@ -31,6 +31,7 @@ class GenerationRequest:
     banned_ids: list[int] = field(default_factory=list)  # never sampled (e.g. <tool_call> for tool_choice none)
     constraint: Constraint | None = None  # a grammar the output must follow (copied per choice)
     parse_tools: bool = False  # split <tool_call> blocks out of the text into tool calls
+    adapter: str = ""  # the LoRA adapter to continue with ("": the base), one the engine serves
 
 
 @dataclass

@@ -31,6 +31,8 @@ class Request:
     handle: RequestHandle
     sink: Callable[[Event], None]
     submitted: float
+    slot: int = 0  # the LoRA adapter's slot in the model (0: the base; model/peft/multi_lora.py)
+    root: BlockKey | None = None  # the prefix cache's chain start for that adapter (None: the base)
     seqs: list[Seq] = field(default_factory=list)
     completion_tokens: int = 0
     first_token: bool = False
@@ -124,7 +126,7 @@ class Scheduler:
         turn repeats this one)."""
         full, start = s.computed // self.blocks.block_size, len(s.keys)
         if full > start:
-            parent = s.keys[-1] if s.keys else None
+            parent = s.keys[-1] if s.keys else s.r.root
             new = self.blocks.chain(s.prompt + s.output, full, parent, start)
             for j, key in enumerate(new, start):
                 self.blocks.register(s.blocks[j], key)
