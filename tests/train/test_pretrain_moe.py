@@ -21,17 +21,23 @@ def test_moe_trains_through_the_loop_and_logs_router_metrics(corpus_run):
     assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and saved["num_experts"] == 4
 
 
-def test_moe_trains_under_ddp_with_idle_experts(corpus_run):
-    """16 experts, 1 per token, 64 tokens per rank: some expert gets no token on some rank and step, and DDP still
-    finds a gradient for every parameter; the first step's loss equals the single-process run's."""
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_moe_trains_under_ddp_and_fsdp_with_idle_experts(corpus_run, distributed):
+    """16 experts, 1 per token, 64 tokens per rank: some expert gets no token on some rank and step, and DDP (or
+    FSDP2, sharding every expert) still finds a gradient for every parameter; the first step's loss equals the
+    single-process run's."""
     from train_helpers import pretrain_cmd, run_cmd, train_losses
 
     moe = ["--model.n_experts", "16", "--model.experts_per_token", "1", "--train.max_steps", "3"]
     moe += ["--train.batch_size", "2", "--train.batch_tokens", str(2 * 2 * 32)]
-    one = run_cmd(pretrain_cmd(corpus_run, "--run", "moe-one", *moe, "--train.batch_size", "4"))
+    one = run_cmd(pretrain_cmd(corpus_run, "--run", f"moe-one-{distributed}", *moe, "--train.batch_size", "4"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_cmd(pretrain_cmd(corpus_run, "--run", "moe-two", *moe, torchrun=2))
+    two = run_cmd(
+        pretrain_cmd(
+            corpus_run, "--run", f"moe-two-{distributed}", *moe, "--train.distributed", distributed, torchrun=2
+        )
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = train_losses(corpus_run / "moe-one"), train_losses(corpus_run / "moe-two")
+    a, b = train_losses(corpus_run / f"moe-one-{distributed}"), train_losses(corpus_run / f"moe-two-{distributed}")
     assert list(a) == list(b) == [1, 2, 3]
     assert a[1] == pytest.approx(b[1], rel=1e-4)
