@@ -38,6 +38,17 @@ def test_flag_spellings_lists_bools_and_optionals():
     assert cfg.optim.steps == 5 and cfg.seed is None and cfg.optim.lr == -1.0
 
 
+def test_a_repeated_list_flag_extends_and_a_repeated_value_flag_keeps_the_last(tmp_path):
+    """`--adapter a=x --adapter b=y` must serve both adapters, not silently only the last one."""
+    cfg = parse_args(Cmd, ["--inputs", "a", "--seed", "1", "--inputs", "b", "c", "--seed", "2"])
+    assert cfg.inputs == ["a", "b", "c"] and cfg.seed == 2
+    (tmp_path / "c.toml").write_text('inputs = ["t"]\n')  # flags replace the file's list, and extend each other
+    assert parse_args(Cmd, ["--config", str(tmp_path / "c.toml"), "--inputs", "x", "--inputs", "y"]).inputs == [
+        "x",
+        "y",
+    ]
+
+
 @pytest.mark.parametrize(
     "argv,msg",
     [

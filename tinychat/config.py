@@ -312,6 +312,17 @@ def parse_args(cls: type[T], argv: list[str], section: str | None = None, sectio
             positional.append(tok)
             i += 1
 
+    merged: list[tuple[str, list[str]]] = []  # a repeated list flag extends the first (`--adapter a=x --adapter b=y`)
+    first: dict[str, int] = {}
+    for key, vals in flags:
+        norm = key.replace("-", "_")
+        if norm in first and _arity(cls, key) == "many":
+            merged[first[norm]][1].extend(vals)
+        else:
+            first[norm] = len(merged)
+            merged.append((key, list(vals)))
+    flags = merged
+
     obj = cls()  # type: ignore[call-arg]
     for path in config_files:
         obj = apply_toml(cls, obj, load_toml(path), section, sections or set())
