@@ -59,11 +59,12 @@ class BlockManager:
         """A block for a sequence to write (ref 1). `prefer` (the id after the sequence's last block) is taken
         when free, so one sequence's blocks tend to be consecutive and attention reads them in place."""
         grow = not self._evictable  # growing the pool is the last resort while cached blocks can be reused
-        if prefer is not None and 0 < prefer < self.num_blocks and self._is_free[prefer]:
-            ok = prefer < self.high_water or grow
-        else:
-            ok = False
-        if ok:
+        if (
+            prefer is not None
+            and 0 < prefer < self.num_blocks
+            and self._is_free[prefer]
+            and (prefer < self.high_water or grow)
+        ):
             b = prefer
             self._n_free -= 1
         else:
