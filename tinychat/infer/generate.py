@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from tinychat.errors import UserError
+from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
 from tinychat.infer.speculative import Speculative, speculative_generate_ids
 from tinychat.infer.text import TextTracker
@@ -58,12 +59,14 @@ def generate_ids(
     stop_ids: set[int] | None = None,
     on_token: Callable[[int, int], bool] | None = None,
     truncate: Literal["error", "left"] = "error",
+    compiled: bool = False,
 ) -> tuple[list[list[int]], list[str], list[int]]:
     """Generate token ids for a batch of prompts.
 
     on_token(row, token_id) is called for each new token of an unfinished row and returns True when
     that row should stop (e.g. a stop string appeared). Returns (new ids per row, finish reasons,
-    prompt lengths after truncation).
+    prompt lengths after truncation). `compiled`: decode through `torch.compile` with static shapes
+    (infer/compiled.py; the same tokens, faster per token once compiled).
     """
     params.validate()
     context = model.cfg.max_seq_len
@@ -86,8 +89,15 @@ def generate_ids(
     gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     stop_ids = set(stop_ids or ()) if params.stop_on_eos else set()
 
-    cache = model.new_cache(B, max_len=T0 + budget)
-    logits = model(x, cache, n_new=lengths)
+    if compiled and getattr(model, "virtual_tokens", None) is not None:
+        raise UserError("compiled decoding does not run prompt/prefix adapters; generate without --compile.")
+    if compiled:  # fixed shapes: a whole buffer per layer, written by (row, position)
+        L = static_length(T0 + budget, context)
+        cache = StaticKVCache(model.cfg, B, L, device, model.compute_dtype())
+        logits = static_forward(model, x, torch.arange(T0, device=device)[None].expand(B, T0), cache)
+    else:
+        cache = model.new_cache(B, max_len=T0 + budget)
+        logits = model(x, cache, n_new=lengths)
     last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
     new_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
@@ -112,7 +122,10 @@ def generate_ids(
             live = torch.tensor([not d for d in done], device=device)
             context_mask.scatter_(1, nxt[:, None], True)
             counts.scatter_add_(1, nxt[:, None], live.float()[:, None])
-        last = model(nxt[:, None], cache)[:, -1]
+        if compiled:  # the caller's lengths: row b's token goes to position lengths[b] + step
+            last = decode_step(model, nxt[:, None], (lengths + step)[:, None], cache)
+        else:
+            last = model(nxt[:, None], cache)[:, -1]
     return new_ids, reasons, [len(p) for p in prompts]
 
 
@@ -124,12 +137,14 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     truncate: Literal["error", "left"] = "error",
     speculative: Speculative | None = None,
+    compiled: bool = False,
 ) -> list[Generation]:
     """Generate continuations of prompts; on_text(row, delta) streams final text as it comes.
 
     A prompt is text (encoded as plain text: special-token look-alikes stay text) or token ids (what a
     chat template renders, with real special tokens). `speculative` (one prompt only) proposes tokens
-    with a draft model or prompt lookup and verifies them with `model` (infer/speculative.py).
+    with a draft model or prompt lookup and verifies them with `model` (infer/speculative.py). `compiled`
+    decodes through torch.compile (infer/compiled.py).
     """
     params = params or SamplingParams()
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -151,7 +166,8 @@ def generate(
         new, reason = speculative_generate_ids(model, ids[0], params, speculative, set(tokenizer.stop_ids), on_token)
         new_ids, reasons, plens = [new], [reason], [len(ids[0])]
     else:
-        new_ids, reasons, plens = generate_ids(model, ids, params, set(tokenizer.stop_ids), on_token, truncate)
+        stops = set(tokenizer.stop_ids)
+        new_ids, reasons, plens = generate_ids(model, ids, params, stops, on_token, truncate, compiled)
     out = []
     for row, tr in enumerate(trackers):
         tail = tr.finish()

@@ -1,0 +1,79 @@
+"""The compiled decode step (infer/compiled.py): the static-shape cache gives the eager cache's logits, and
+compiled generation gives eager generation's tokens, greedy and sampled, for ragged batches."""
+
+import pytest
+import torch
+
+from tinychat.errors import UserError
+from tinychat.infer import SamplingParams, generate_ids
+from tinychat.infer.compiled import StaticKVCache, static_forward, static_length
+from tinychat.model import Model, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def varied_model() -> Model:
+    """Random weights large enough that greedy decoding does not repeat one token (it would hide errors)."""
+    torch.manual_seed(0)
+    dims = dict(d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_ff=128)
+    cfg = ModelConfig(vocab_size=97, max_seq_len=200, init_std=0.3, **dims)
+    return Model(cfg).eval().fuse_projections()
+
+
+PROMPTS = [list(range(3, 20)), [5, 9], [40, 41, 42, 43, 44, 45, 46]]
+
+
+def test_static_length_rounds_to_buckets_within_the_context():
+    assert static_length(1, 512) == 128 and static_length(128, 512) == 128 and static_length(129, 512) == 256
+    assert static_length(500, 300) == 300
+
+
+@torch.no_grad()
+def test_static_cache_matches_the_kv_cache_step_by_step(varied_model):
+    """Eager, no compile: ragged prefill then decode steps through the static buffer give the logits of the
+    KVCache path at every real position (padded rows' junk is never seen)."""
+    m, B = varied_model, len(PROMPTS)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    T0 = int(lengths.max())
+    x = torch.zeros(B, T0, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        x[i, : len(p)] = torch.tensor(p)
+    ref_cache = m.new_cache(B, max_len=T0 + 8)
+    ref = m(x, ref_cache, n_new=lengths)
+    cache = StaticKVCache(m.cfg, B, 128, torch.device("cpu"), torch.float32)
+    got = static_forward(m, x, torch.arange(T0)[None].expand(B, T0), cache)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got[i, :n], ref[i, :n], atol=1e-5, rtol=1e-5)
+    nxt = ref[torch.arange(B), lengths - 1].argmax(-1)
+    for step in range(6):
+        a = m(nxt[:, None], ref_cache)[:, -1]
+        b = static_forward(m, nxt[:, None], (lengths + step)[:, None], cache)[:, -1]
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        nxt = a.argmax(-1)
+
+
+def test_compiled_generation_gives_the_eager_tokens(varied_model):
+    greedy = SamplingParams(temperature=0, max_new_tokens=24, stop_on_eos=False)
+    eager = generate_ids(varied_model, PROMPTS, greedy)
+    assert len({tuple(r) for r in eager[0]}) == 3 and all(len(set(r)) > 3 for r in eager[0])  # varied output
+    assert generate_ids(varied_model, PROMPTS, greedy, compiled=True) == eager
+    sampled = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=24, seed=5, stop_on_eos=False)
+    assert generate_ids(varied_model, PROMPTS, sampled, compiled=True) == generate_ids(varied_model, PROMPTS, sampled)
+    # another prompt set of the same batch size and bucket reuses the graph; stop ids still end rows
+    other = [[7] * 30, [8, 9, 10], [11]]
+    stop = {eager[0][0][3]}
+    want = generate_ids(varied_model, other, greedy, stop)
+    assert generate_ids(varied_model, other, greedy, stop, compiled=True) == want
+
+
+def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, capsys):
+    from tinychat.cli import main
+
+    class Virtual:  # a prompt/prefix adapter's marker: compiled decoding does not attach virtual tokens
+        num_tokens = 2
+
+    m = Model(varied_model.cfg).eval()
+    m.virtual_tokens = Virtual()
+    with pytest.raises(UserError, match="prompt/prefix adapters"):
+        generate_ids(m, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=2), compiled=True)
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--compile", "--speculative", "ngram"])
+    assert rc == 2 and "--compile decodes without speculation" in capsys.readouterr().err
