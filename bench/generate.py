@@ -11,8 +11,8 @@ its one-off compile is not timed) and each one's ratio to transformers. Timings 
 
 adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat export gguf` as f16, q8_0
 and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32, bf16, int8 and int4
-(`tinychat quantize`, group 64), and each one's decode speed relative to llama.cpp q8_0. --model DIR benches a
-trained model directory.
+(`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), and each one's decode speed
+relative to llama.cpp q8_0. --model DIR benches a trained model directory.
 
     .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR] [--prompt-file F]
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from tinychat.infer import SamplingParams, generate_ids
+from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length
 from tinychat.model import Model, preset
 
 
@@ -131,19 +132,29 @@ def _model_dirs(args: argparse.Namespace, root: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _tinychat_speed(model: Model, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
-    """(prompt tok/s, decode tok/s) at batch 1: prefill into a fresh cache, then `new` greedy steps."""
+def _tinychat_speed(
+    model: Model, prompt: list[int], new: int, repeats: int, compiled: bool = False
+) -> tuple[float, float]:
+    """(prompt tok/s, decode tok/s) at batch 1: prefill into a fresh cache, then `new` greedy steps; `compiled`
+    decodes through infer/compiled.py (its compile happens in the warm-up, not timed)."""
+    L = static_length(len(prompt) + new + 1, model.cfg.max_seq_len)
 
     @torch.no_grad()
     def prefill() -> tuple:
+        if compiled:
+            cache = StaticKVCache(model.cfg, 1, L, torch.device("cpu"), model.compute_dtype())
+            return cache, static_forward(model, torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)[:, -1]
         cache = model.new_cache(1, max_len=len(prompt) + new + 1)
         return cache, model(torch.tensor([prompt]), cache)[:, -1]
 
     @torch.no_grad()
     def full() -> None:
         cache, last = prefill()
-        for _ in range(new):
-            last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
+        for i in range(new):
+            if compiled:
+                last = decode_step(model, last.argmax(-1, keepdim=True), torch.tensor([[len(prompt) + i]]), cache)
+            else:
+                last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
 
     prefill()
     full()  # warm-up
@@ -191,13 +202,15 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
             for dtype in (torch.float32, torch.bfloat16):
                 m = model.to(dtype).fuse_projections()
                 size = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
-                rows.append(
-                    (f"tinychat {str(dtype)[6:]}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats))
-                )
+                for comp in (False, True):
+                    speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
+                    rows.append((f"tinychat {str(dtype)[6:]}{' compiled' if comp else ''}", size, *speed))
             for bits in (8, 4):  # weight-only int8 / int4 (group 64), the `tinychat quantize` path, in memory
                 m = quantize_model(Model.from_pretrained(str(d), dtype=torch.float32), bits, 64).fuse_projections()
                 size = sum(v.numel() * v.element_size() for v in quantized_state(m).values()) / 2**20
-                rows.append((f"tinychat int{bits}", size, *_tinychat_speed(m, prompt, args.new_tokens, args.repeats)))
+                for comp in (False, True):
+                    speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
+                    rows.append((f"tinychat int{bits}{' compiled' if comp else ''}", size, *speed))
             for kind in ("f16", "q8_0", "q4_0"):
                 path = Path(tmp) / f"{label}-{kind}.gguf"
                 export_gguf(d, path, kind)

@@ -65,6 +65,17 @@ def test_compiled_generation_gives_the_eager_tokens(varied_model):
     assert generate_ids(varied_model, other, greedy, stop, compiled=True) == want
 
 
+def test_compiled_int8_model_gives_the_eager_tokens(varied_model):
+    """The weight-only int8 kernel (model/compress/quant.py) inside the compiled graph: same tokens as eager."""
+    from tinychat.model.compress.quant import quantize_model
+
+    m = Model(varied_model.cfg).eval()
+    m.load_state_dict(varied_model.state_dict())
+    quantize_model(m, 8).fuse_projections()
+    greedy = SamplingParams(temperature=0, max_new_tokens=16, stop_on_eos=False)
+    assert generate_ids(m, PROMPTS, greedy, compiled=True) == generate_ids(m, PROMPTS, greedy)
+
+
 def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, capsys):
     from tinychat.cli import main
 

@@ -51,8 +51,12 @@ INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 CPU kernel accepts
 # ---------------------------------------------------------------------------- integer math
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy on a fresh 64-byte-aligned allocation unless `t` already is one. The aten int8
-    kernel segfaults on operands that are not (safetensors hands out tensors at any byte offset)."""
+    kernel segfaults on operands that are not (safetensors hands out tensors at any byte offset). Under
+    torch.compile the activations reaching it are the compiled graph's own fresh buffers (the allocator's
+    64-byte alignment) and a data pointer cannot be read, so only contiguity is asked for."""
     t = t.contiguous()
+    if torch.compiler.is_compiling():
+        return t
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
