@@ -97,11 +97,15 @@ def test_pool_grows_on_demand_and_is_released():
     cache.ensure(3)
     small = cache.nbytes
     assert small == 4 * cache.block_bytes  # doubling from a floor of 4 blocks
-    cache.k[0, 5] = 1.0
+    cache.k[0][5] = 1.0
+    cache.v[1][7] = 2.0
     cache.ensure(9)
-    assert cache.nbytes == 9 * cache.block_bytes and float(cache.k[0, 5, 0, 0]) == 1.0  # grown, contents kept
+    assert cache.nbytes == 9 * cache.block_bytes and len(cache.k) == m.cfg.n_layer
+    assert float(cache.k[0][5, 0, 0]) == 1.0 and float(cache.v[1][7, 0, 0]) == 2.0  # grown, contents kept
+    cache.copy_block(0, 2)  # copy-on-write copies the block in every layer
+    assert float(cache.k[0][2 * 16 + 5, 0, 0]) == 1.0 and float(cache.v[1][2 * 16 + 7, 0, 0]) == 2.0
     cache.release()
-    assert cache.nbytes == 0
+    assert cache.nbytes == 0 and cache.k == []
 
 
 def test_cache_is_in_the_compute_dtype():

@@ -13,7 +13,7 @@ Two layouts:
     `commit()` advances the lengths; Model.forward does both when it is given no `meta`.
   * `PagedKVCache`: one pool of fixed-size blocks shared by every sequence of the serving engine; a
     block table per sequence (tinychat.infer.engine.blocks decides which blocks). Keys are stored
-    token-major (n_layer x positions x n_kv x hd) so the span of a sequence whose blocks are
+    token-major (a positions x n_kv x hd tensor per layer) so the span of a sequence whose blocks are
     consecutive is a plain view; only a scattered span is gathered (one index per layer).
 
 Both keep keys/values in the compute dtype (the caller's autocast dtype, e.g. bf16), so a decode step
@@ -185,7 +185,10 @@ class PagedKVCache:
         self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
         self.device, self.dtype = torch.device(device), dtype
         self.allocated = 0  # blocks backed by memory (a prefix of the block ids)
-        self.k = self.v = torch.empty(0)
+        # one (positions, n_kv, hd) tensor per layer, not views of one: a compiled step (infer/compiled.py)
+        # then writes each in place, where a view of one big input would be copied whole every step
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
 
     @property
     def block_bytes(self) -> int:
@@ -202,25 +205,28 @@ class PagedKVCache:
             return
         assert blocks <= self.num_blocks, f"{blocks} blocks asked for, the pool holds {self.num_blocks}"
         new = min(self.num_blocks, max(blocks, 2 * self.allocated, 4))
-        c = self.cfg
-        shape = (c.n_layer, new * self.block_size, c.n_kv_head, c.head_dim)
-        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        if self.allocated:
-            n = self.allocated * self.block_size
-            k[:, :n], v[:, :n] = self.k, self.v
-        self.k, self.v, self.allocated = k, v, new
+        c, n = self.cfg, self.allocated * self.block_size
+        shape = (new * self.block_size, c.n_kv_head, c.head_dim)
+        for pool in (self.k, self.v):
+            for layer in range(c.n_layer):
+                t = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if self.allocated:
+                    t[:n] = pool[layer]
+                    pool[layer] = t
+                else:
+                    pool.append(t)
+        self.allocated = new
 
     def release(self) -> None:
         """Free all memory (the engine calls this when nothing holds a block)."""
-        self.k = self.v = torch.empty(0)
+        self.k, self.v = [], []
         self.allocated = 0
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: block `dst` becomes a private copy of `src` (every layer)."""
         bs = self.block_size
-        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
-        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+        for t in self.k + self.v:
+            t[dst * bs : (dst + 1) * bs] = t[src * bs : (src + 1) * bs]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: PagedMeta) -> torch.Tensor:
         """Write this layer's new k/v (B, n_kv, T, hd) to their blocks; attend q (B, H, T, hd) over each row's keys."""
