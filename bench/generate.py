@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tinychat.infer import SamplingParams, generate_ids
-from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length
+from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length, static_meta
 from tinychat.model import Model, preset
 
 
@@ -152,7 +152,8 @@ def _tinychat_speed(
         cache, last = prefill()
         for i in range(new):
             if compiled:
-                last = decode_step(model, last.argmax(-1, keepdim=True), torch.tensor([[len(prompt) + i]]), cache)
+                meta = static_meta(torch.tensor([[len(prompt) + i]]), L)
+                last = decode_step(model, last.argmax(-1, keepdim=True), cache, meta)
             else:
                 last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
 

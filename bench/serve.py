@@ -15,6 +15,9 @@ Also printed: the KV memory at the peak and after the server has idled (the pool
 With --system-tokens N every request starts with the same N-token system prompt, and the table is run twice,
 with the engine's prefix cache on and off: TTFT with / without is the prefix cache's gain.
 
+With --compile the table runs with eager decoding and then with compiled decoding (`serve --compile`,
+infer/compiled.py; a warm-up at every level compiles its batch-size buckets before the timed runs).
+
 With --adapters N, N random rank --adapter-rank LoRA adapters (every projection, PEFT's files) are made for the
 model and the same load runs on the base model alone (a plain server) and then spread round-robin over the N
 adapters on a multi-LoRA server (`serve --adapter`, model/peft/multi_lora.py), once per --adapter-batching
@@ -74,7 +77,14 @@ def build_adapters(model_dir: Path, out: Path, n: int, rank: int) -> dict[str, P
     return out_dirs
 
 
-def start(model_dir: Path, slots: int, prefix_caching: bool = True, adapters: dict | None = None, mode: str = "mask"):  # noqa: ANN201 - (url, server, thread, engine, tok)
+def start(  # noqa: ANN201 - (url, server, thread, engine, tok)
+    model_dir: Path,
+    slots: int,
+    prefix_caching: bool = True,
+    adapters: dict | None = None,
+    mode: str = "mask",
+    compile: bool = False,
+):
     import uvicorn
 
     from tinychat.infer.engine import Engine, EngineConfig
@@ -86,7 +96,7 @@ def start(model_dir: Path, slots: int, prefix_caching: bool = True, adapters: di
 
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(tokenizer_dir(model_dir))
-    cfg = EngineConfig(max_num_seqs=slots, prefix_caching=prefix_caching, idle_release_s=1.0)
+    cfg = EngineConfig(max_num_seqs=slots, prefix_caching=prefix_caching, idle_release_s=1.0, compile=compile)
     aset = serve_adapters(model, adapters, mode) if adapters else None
     engine = Engine(model, tok, cfg, aset).start()
     app = create_app(engine, tok, "bench")
@@ -174,13 +184,23 @@ def system_prompt(tok, n: int) -> str:  # noqa: ANN001
     return text.strip()
 
 
-def table(args: argparse.Namespace, model_dir: Path, levels: list[int], prefix_caching: bool, label: str) -> list:
-    url, server, thread, engine, tok = start(model_dir, max(levels), prefix_caching)
+def table(  # noqa: PLR0913
+    args: argparse.Namespace,
+    model_dir: Path,
+    levels: list[int],
+    prefix_caching: bool,
+    label: str,
+    compile: bool = False,
+) -> list:
+    url, server, thread, engine, tok = start(model_dir, max(levels), prefix_caching, compile=compile)
     bias = {str(t): -100.0 for t in tok.stop_ids}
     system = system_prompt(tok, args.system_tokens) if args.system_tokens else ""
     rows = []
     try:
         asyncio.run(run_level(url, 2, 1, 8, bias, system))  # warm-up (with the cache on, it now holds the prompt)
+        if compile:  # every batch-size bucket each level reaches compiles here, not in the timed runs
+            for c in levels:
+                asyncio.run(run_level(url, c, 2, args.max_tokens, bias, system))
         n = engine.model.num_params() / 1e6
         print(
             f"{label}torch {torch.__version__}, {torch.get_num_threads()} threads, {n:.1f}M parameters, "
@@ -276,12 +296,22 @@ def main() -> None:
     ap.add_argument("--adapter-rank", type=int, default=8)
     ap.add_argument("--adapter-batching", default="mask,gather,group", help="multi-LoRA batching modes to measure")
     ap.add_argument("--rounds", type=int, default=3, help="--adapters: interleaved rounds of every setup")
+    ap.add_argument("--compile", action="store_true", help="the table with eager and with compiled decoding")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp), args.preset)
         if args.adapters:
             adapter_table(args, model_dir, levels, Path(tmp))
+            return
+        if args.compile:
+            eager = table(args, model_dir, levels, True, "eager decoding: ")
+            comp = table(args, model_dir, levels, True, "compiled decoding (engine compile=True): ", compile=True)
+            for a, b in zip(comp, eager):
+                print(
+                    f"{a['clients']:>3} clients: compiled / eager tok/s {a['tok_s'] / b['tok_s']:.2f}x, "
+                    f"TTFT p50 {a['p50'] / b['p50']:.2f}x, p95 {a['p95'] / b['p95']:.2f}x"
+                )
             return
         on = table(args, model_dir, levels, True, "prefix cache on: " if args.system_tokens else "")
         if args.system_tokens:

@@ -88,3 +88,28 @@ def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, cap
         generate_ids(m, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=2), compiled=True)
     rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--compile", "--speculative", "ngram"])
     assert rc == 2 and "--compile decodes without speculation" in capsys.readouterr().err
+
+
+def test_engine_compiled_decode_gives_the_eager_tokens(varied_model, tok):
+    """The serving engine's compiled decode (padded batch, bucketed keys, whole pool): the same tokens as its
+    eager decode for requests that join and leave the batch, greedy and seeded sampling."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+
+    sampled = SamplingParams(temperature=0.9, top_k=20, max_new_tokens=20, seed=3, stop_on_eos=False)
+    reqs = [
+        GenerationRequest(p, SamplingParams(temperature=0, max_new_tokens=n, stop_on_eos=False))
+        for p, n in zip(PROMPTS + [[1] * 70], (20, 9, 14, 20))
+    ]
+    reqs.append(GenerationRequest(PROMPTS[0], sampled, n=2))
+    outs = {}
+    for compiled in (False, True):
+        e = Engine(varied_model, tok, EngineConfig(max_num_seqs=2, prefill_chunk=16, compile=compiled)).start()
+        try:
+            handles = [e.submit(r) for r in reqs]
+            outs[compiled] = [[c["token_ids"] for c in collect(h, r.n)[0]] for h, r in zip(handles, reqs)]
+            assert e.stats.running_seqs == 0 and e.stats.free_slots == 2
+            assert (e.cache.allocated == e.cache.num_blocks) == compiled  # the compiled path backs the whole pool
+        finally:
+            e.stop()
+    assert [len(o[0]) for o in outs[False][:4]] == [20, 9, 14, 20]
+    assert outs[True] == outs[False]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import CacheMeta, sdpa
+from tinychat.model.kv_cache import CacheMeta, PagedKVCache, PagedMeta, sdpa
 
 BUCKET = 128  # buffer lengths are rounded up to a multiple of this (fewer distinct shapes, fewer compiles)
 
@@ -76,22 +76,23 @@ def static_forward(
     return model(ids, cache, meta=static_meta(positions, cache.max_len))
 
 
-def _step(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    return static_forward(model, ids, positions, cache)[:, -1]
+def _step(model: torch.nn.Module, ids: torch.Tensor, cache: object, meta: object) -> torch.Tensor:
+    return model(ids, cache, meta=meta)[:, -1]
 
 
 _compiled: Callable[..., torch.Tensor] | None = None
 
 
 def decode_step(
-    model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache
+    model: torch.nn.Module, ids: torch.Tensor, cache: StaticKVCache | PagedKVCache, meta: CacheMeta | PagedMeta
 ) -> torch.Tensor:
-    """Logits (B, V) of one new token per row, ids and positions (B, 1), through the compiled step.
+    """Logits (B, V) of one new token per row, ids (B, 1), through the compiled step.
 
-    The caller keeps the rows' lengths (a row's position is its length before the token). The model is an
-    argument of the compiled function, so a new model or shape compiles a new graph (dynamo's guards) and
-    the same ones are reused from call to call."""
+    The call's metadata must have static shapes: `static_meta` over a `StaticKVCache` (tinychat generate),
+    or the serving engine's padded `PagedMeta` over a pool of fixed size (infer/engine/core.py). The model
+    is an argument of the compiled function, so a new model or shape compiles a new graph (dynamo's
+    guards) and the same ones are reused from call to call."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(_step, fullgraph=True, dynamic=False)
-    return _compiled(model, ids, positions, cache)
+    return _compiled(model, ids, cache, meta)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length
+from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length, static_meta
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
 from tinychat.infer.speculative import Speculative, speculative_generate_ids
 from tinychat.infer.text import TextTracker
@@ -123,7 +123,7 @@ def generate_ids(
             context_mask.scatter_(1, nxt[:, None], True)
             counts.scatter_add_(1, nxt[:, None], live.float()[:, None])
         if compiled:  # the caller's lengths: row b's token goes to position lengths[b] + step
-            last = decode_step(model, nxt[:, None], (lengths + step)[:, None], cache)
+            last = decode_step(model, nxt[:, None], cache, static_meta((lengths + step)[:, None], cache.max_len))
         else:
             last = model(nxt[:, None], cache)[:, -1]
     return new_ids, reasons, [len(p) for p in prompts]

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tinychat.errors import UserError
+from tinychat.infer.compiled import decode_step, static_length
 from tinychat.infer.engine import request as rq
 from tinychat.infer.engine.blocks import BlockManager
 from tinychat.infer.engine.output import OutputProcessor
@@ -53,6 +54,8 @@ class Engine:
                 "prompt/prefix-tuning adapters (virtual tokens) do not run in the paged serving engine yet: "
                 "run them with `tinychat generate` or `tinychat eval`, or serve a merged lora/dora/ia3 model."
             )
+        if cfg is not None and cfg.compile and adapters is not None:
+            raise UserError("compiled decoding does not batch LoRA adapters yet; serve them without --compile.")
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
@@ -311,12 +314,8 @@ class Engine:
         and the keys each row reads: a view of the pool when one sequence's blocks are consecutive,
         else one gather per layer. Padded tokens of shorter rows write to the scratch block 0."""
         bs, dev = self.blocks.block_size, self.device
-        copies = [c for s, ch in zip(seqs, chunks) for c in self.sched.grow(s, len(ch))]
-        self.cache.ensure(1 + max(b for s in seqs for b in s.blocks))
-        for src, dst in copies:
-            self.cache.copy_block(src, dst)
+        starts = self._grow(seqs, chunks)
         B, T = len(seqs), max(len(ch) for ch in chunks)
-        starts = [s.computed for s in seqs]
         S = max(st + len(ch) for st, ch in zip(starts, chunks))
         ids, slots = [], []
         for s, st, ch in zip(seqs, starts, chunks):
@@ -329,8 +328,7 @@ class Engine:
         if B == 1 and first[nb - 1] - first[0] == nb - 1 and first[:nb] == list(range(first[0], first[0] + nb)):
             keys = None  # consecutive blocks: attention reads the pool in place
         else:
-            table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=dev)
-            keys = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(B, nb * bs)[:, :S].contiguous()
+            keys = self._key_positions([s.blocks for s in seqs], S)
         mask, causal = None, False
         if B == 1 and T == 1:
             pass  # one query sees every cached key
@@ -341,10 +339,52 @@ class Engine:
         meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
         rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.cache.dtype)
         h = self.model.hidden_states(x, self.cache, meta=meta, adapters=rows)
+        self._advance(seqs, chunks)
+        return h
+
+    def _grow(self, seqs: list[Seq], chunks: list[list[int]], pool_blocks: int = 0) -> list[int]:
+        """Blocks for the new tokens (copy-on-write copies done), the pool backed up to them (or to
+        `pool_blocks`); each sequence's first new position."""
+        copies = [c for s, ch in zip(seqs, chunks) for c in self.sched.grow(s, len(ch))]
+        self.cache.ensure(max(pool_blocks, 1 + max(b for s in seqs for b in s.blocks)))
+        for src, dst in copies:
+            self.cache.copy_block(src, dst)
+        return [s.computed for s in seqs]
+
+    def _advance(self, seqs: list[Seq], chunks: list[list[int]]) -> None:
         for s, ch in zip(seqs, chunks):
             s.computed += len(ch)
             self.sched.register_full_blocks(s)
-        return h
+
+    def _key_positions(self, tables: list[list[int]], S: int) -> torch.Tensor:
+        """(B, S) pool positions of each row's first S keys; missing blocks read the scratch block 0."""
+        bs, dev = self.blocks.block_size, self.device
+        nb = blocks_for(S, bs)
+        table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], device=dev)
+        return (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(tables), nb * bs)[:, :S].contiguous()
+
+    def _compiled_decode(self, seqs: list[Seq]) -> torch.Tensor:
+        """One token per sequence through the compiled step (infer/compiled.py); logits (B, V).
+
+        Every shape is padded to a few buckets so that graphs are reused: the batch to the next power of
+        two (at most max_num_seqs), the keys to a multiple of 128 positions, the pool to its full size
+        (backed whole from the first step; `release` still frees it when the engine idles). Padded rows
+        write to and read the scratch block 0; a row's keys beyond its own position are masked."""
+        bs, dev = self.blocks.block_size, self.device
+        chunks = [[s.output[-1]] for s in seqs]
+        starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
+        B = len(seqs)
+        Bp = min(self.num_slots, 1 << (B - 1).bit_length())
+        S = static_length(max(starts) + 1, self.max_len)
+        pad = Bp - B
+        ids = torch.tensor([ch[0] for ch in chunks] + [0] * pad, device=dev)[:, None]
+        positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
+        slots = torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, starts)] + [0] * pad, device=dev)
+        keys = self._key_positions([s.blocks for s in seqs] + [[0]] * pad, S)
+        mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+        logits = decode_step(self.model, ids, self.cache, PagedMeta(positions, slots, keys, 0, S, mask))[:B]
+        self._advance(seqs, chunks)
+        return logits
 
     def _prefill(self, batch: list[tuple[Seq, int]]) -> None:
         """Feed one chunk of prompt tokens for the sequences the scheduler picked."""
@@ -370,6 +410,9 @@ class Engine:
         self._sample_and_emit(todo, last[torch.tensor(rows_of, device=self.device)])
 
     def _decode(self, seqs: list[Seq]) -> None:
+        if self.cfg.compile and self.adapters is None:
+            self._sample_and_emit(seqs, self._compiled_decode(seqs))
+            return
         if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
             seqs = sorted(seqs, key=lambda s: s.r.slot)
         h = self._forward(seqs, [[s.output[-1]] for s in seqs])
