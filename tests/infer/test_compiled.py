@@ -28,10 +28,16 @@ def test_static_length_rounds_to_buckets_within_the_context():
 
 
 @torch.no_grad()
-def test_static_cache_matches_the_kv_cache_step_by_step(varied_model):
+@pytest.mark.parametrize("layout", ["rope", "sliding window", "alibi"])
+def test_static_cache_matches_the_kv_cache_step_by_step(varied_model, layout):
     """Eager, no compile: ragged prefill then decode steps through the static buffer give the logits of the
-    KVCache path at every real position (padded rows' junk is never seen)."""
+    KVCache path at every real position (padded rows' junk is never seen), with the per-layer masks of
+    sliding-window and ALiBi models too."""
     m, B = varied_model, len(PROMPTS)
+    if layout != "rope":
+        extra = {"sliding_window": 6, "arch": "qwen2"} if layout == "sliding window" else {"position": "alibi"}
+        torch.manual_seed(1)
+        m = Model(ModelConfig(**{**vars(varied_model.cfg), **extra})).eval().fuse_projections()
     lengths = torch.tensor([len(p) for p in PROMPTS])
     T0 = int(lengths.max())
     x = torch.zeros(B, T0, dtype=torch.long)
@@ -76,7 +82,7 @@ def test_compiled_int8_model_gives_the_eager_tokens(varied_model):
     assert generate_ids(m, PROMPTS, greedy, compiled=True) == generate_ids(m, PROMPTS, greedy)
 
 
-def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, capsys):
+def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, tok, capsys):
     from tinychat.cli import main
 
     class Virtual:  # a prompt/prefix adapter's marker: compiled decoding does not attach virtual tokens
@@ -86,6 +92,13 @@ def test_compiled_refuses_what_it_does_not_run(varied_model, tiny_model_dir, cap
     m.virtual_tokens = Virtual()
     with pytest.raises(UserError, match="prompt/prefix adapters"):
         generate_ids(m, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=2), compiled=True)
+    moe = Model(ModelConfig(**{**vars(varied_model.cfg), "n_experts": 4, "moe_d_ff": 64})).eval()
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        generate_ids(moe, [[1, 2]], SamplingParams(temperature=0, max_new_tokens=2), compiled=True)
+    from tinychat.infer.engine import Engine, EngineConfig
+
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        Engine(moe, tok, EngineConfig(compile=True))
     rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--compile", "--speculative", "ngram"])
     assert rc == 2 and "--compile decodes without speculation" in capsys.readouterr().err
 

@@ -25,10 +25,22 @@ from collections.abc import Callable
 
 import torch
 
+from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import CacheMeta, PagedKVCache, PagedMeta, sdpa
 
 BUCKET = 128  # buffer lengths are rounded up to a multiple of this (fewer distinct shapes, fewer compiles)
+
+
+def check_compilable(model: torch.nn.Module) -> None:
+    """A clear error for the models the compiled step does not run (instead of a failure inside dynamo)."""
+    if getattr(model, "virtual_tokens", None) is not None:
+        raise UserError("compiled decoding does not run prompt/prefix adapters; decode them without --compile.")
+    if getattr(model.cfg, "n_experts", 0):
+        raise UserError(
+            "compiled decoding does not run mixture-of-experts models (their routing has data-dependent "
+            "shapes); decode them without --compile."
+        )
 
 
 def static_length(needed: int, context: int) -> int:

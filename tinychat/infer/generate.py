@@ -15,7 +15,14 @@ from typing import Literal
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length, static_meta
+from tinychat.infer.compiled import (
+    StaticKVCache,
+    check_compilable,
+    decode_step,
+    static_forward,
+    static_length,
+    static_meta,
+)
 from tinychat.infer.sampling import BatchSampling, SamplingParams, apply_penalties, sample
 from tinychat.infer.speculative import Speculative, speculative_generate_ids
 from tinychat.infer.text import TextTracker
@@ -89,9 +96,8 @@ def generate_ids(
     gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     stop_ids = set(stop_ids or ()) if params.stop_on_eos else set()
 
-    if compiled and getattr(model, "virtual_tokens", None) is not None:
-        raise UserError("compiled decoding does not run prompt/prefix adapters; generate without --compile.")
     if compiled:  # fixed shapes: a whole buffer per layer, written by (row, position)
+        check_compilable(model)
         L = static_length(T0 + budget, context)
         cache = StaticKVCache(model.cfg, B, L, device, model.compute_dtype())
         logits = static_forward(model, x, torch.arange(T0, device=device)[None].expand(B, T0), cache)

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.compiled import decode_step, static_length
+from tinychat.infer.compiled import check_compilable, decode_step, static_length
 from tinychat.infer.engine import request as rq
 from tinychat.infer.engine.blocks import BlockManager
 from tinychat.infer.engine.output import OutputProcessor
@@ -54,8 +54,10 @@ class Engine:
                 "prompt/prefix-tuning adapters (virtual tokens) do not run in the paged serving engine yet: "
                 "run them with `tinychat generate` or `tinychat eval`, or serve a merged lora/dora/ia3 model."
             )
-        if cfg is not None and cfg.compile and adapters is not None:
-            raise UserError("compiled decoding does not batch LoRA adapters yet; serve them without --compile.")
+        if cfg is not None and cfg.compile:
+            check_compilable(model)
+            if adapters is not None:
+                raise UserError("compiled decoding does not batch LoRA adapters yet; serve them without --compile.")
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
