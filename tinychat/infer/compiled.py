@@ -6,16 +6,16 @@ arithmetic. Inductor fuses the norms, rotary embedding, SiLU and residual adds i
 C++/Triton kernels per layer and leaves the matmuls to the BLAS, which removes most of that overhead.
 
 Compiling needs shapes that do not change from token to token, or every step would recompile. So the
-decode step attends over the cache's *whole* buffer (max_len positions, a fixed shape) with a mask that
-hides each row's positions beyond its own length, and writes the new key/value with a scatter at each
-row's position: the `KVCache` layout and its masked path (`KVCache.attend` with `start=None`), driven by a
-`CacheMeta` built here instead of by `KVCache.plan` (whose span grows by one every token). The cost is
-attention over max_len keys instead of the filled ones, which is small beside the matmuls for the short
-contexts of small models; the buffer's length is rounded up to a multiple of `BUCKET` so that different
-prompt lengths share a compiled graph.
+decode step attends over a *whole* fixed-length buffer per layer (`StaticKVCache`) with a mask that hides
+each row's positions beyond its own length, and writes the new key/value at each row's own position; the
+call's `CacheMeta` is built here (`static_meta`) instead of by `KVCache.plan`, whose span grows by one every
+token. The cost is attention over the buffer's length instead of the filled positions, small beside the
+matmuls for the short contexts of small models; that length is rounded up to a multiple of `BUCKET` so that
+different prompt lengths share a graph. The serving engine pads its paged metadata the same way
+(infer/engine/core.py, `_compiled_decode`) and calls the same `decode_step`.
 
-One compiled graph per (batch size, buffer length, dtype); torch.compile caches them. The first call
-compiles (tens of seconds on a laptop CPU); `tinychat generate --compile` is worth it for long or many
+One compiled graph per model and shape (batch size, buffer length, dtype); torch.compile caches them. The
+first call compiles (10-30 s on a laptop CPU); `tinychat generate --compile` is worth it for long or many
 generations, not for one short answer. Prefill stays eager: it runs once per prompt.
 """
 
