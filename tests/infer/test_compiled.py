@@ -126,3 +126,17 @@ def test_engine_compiled_decode_gives_the_eager_tokens(varied_model, tok):
             e.stop()
     assert [len(o[0]) for o in outs[False][:4]] == [20, 9, 14, 20]
     assert outs[True] == outs[False]
+
+
+def test_engine_that_cannot_compile_says_so_at_start(varied_model, tok, monkeypatch):
+    """A platform where compiling fails (no C++ compiler, say) gets one clear error when the engine starts."""
+    from tinychat.infer.engine import Engine, EngineConfig, core
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(core, "decode_step", broken)
+    e = Engine(varied_model, tok, EngineConfig(max_num_seqs=2, compile=True))
+    with pytest.raises(UserError, match="compiling the decode step failed.*without --compile"):
+        e.start()
+    assert e.kv_bytes == 0 and e._thread is None  # nothing left allocated or running

@@ -103,6 +103,8 @@ class Engine:
 
     # ------------------------------------------------------------------ public API (any thread)
     def start(self) -> Engine:
+        if self._thread is None and self.cfg.compile:
+            self._compile_now()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="tinychat-engine", daemon=True)
             self._thread.start()
@@ -366,27 +368,44 @@ class Engine:
         return (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(tables), nb * bs)[:, :S].contiguous()
 
     def _compiled_decode(self, seqs: list[Seq]) -> torch.Tensor:
-        """One token per sequence through the compiled step (infer/compiled.py); logits (B, V).
-
-        Every shape is padded to a few buckets so that graphs are reused: the batch to the next power of
-        two (at most max_num_seqs), the keys to a multiple of 128 positions, the pool to its full size
-        (backed whole from the first step; `release` still frees it when the engine idles). Padded rows
-        write to and read the scratch block 0; a row's keys beyond its own position are masked."""
-        bs, dev = self.blocks.block_size, self.device
+        """One token per sequence through the compiled step (infer/compiled.py); logits (B, V)."""
+        bs = self.blocks.block_size
         chunks = [[s.output[-1]] for s in seqs]
         starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
-        B = len(seqs)
-        Bp = min(self.num_slots, 1 << (B - 1).bit_length())
-        S = static_length(max(starts) + 1, self.max_len)
-        pad = Bp - B
-        ids = torch.tensor([ch[0] for ch in chunks] + [0] * pad, device=dev)[:, None]
-        positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
-        slots = torch.tensor([s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, starts)] + [0] * pad, device=dev)
-        keys = self._key_positions([s.blocks for s in seqs] + [[0]] * pad, S)
-        mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-        logits = decode_step(self.model, ids, self.cache, PagedMeta(positions, slots, keys, 0, S, mask))[:B]
+        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, starts)]
+        ids, meta = self._padded_decode_meta([ch[0] for ch in chunks], starts, slots, [s.blocks for s in seqs])
+        logits = decode_step(self.model, ids, self.cache, meta)[: len(seqs)]
         self._advance(seqs, chunks)
         return logits
+
+    def _padded_decode_meta(
+        self, tokens: list[int], starts: list[int], slots: list[int], tables: list[list[int]]
+    ) -> tuple[torch.Tensor, PagedMeta]:
+        """Ids (Bp, 1) and metadata of a decode step padded to a few static shapes, so that compiled graphs
+        are reused: the batch to the next power of two (at most max_num_seqs), the keys to a multiple of
+        128 positions; the pool is backed whole (`release` still frees it when the engine idles). Padded
+        rows write to and read the scratch block 0; a row's keys beyond its own position are masked."""
+        dev, B = self.device, len(tokens)
+        pad = min(self.num_slots, 1 << (B - 1).bit_length()) - B
+        S = static_length(max(starts) + 1, self.max_len)
+        ids = torch.tensor(tokens + [0] * pad, device=dev)[:, None]
+        positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
+        keys = self._key_positions(tables + [[0]] * pad, S)
+        mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+        return ids, PagedMeta(positions, torch.tensor(slots + [0] * pad, device=dev), keys, 0, S, mask)
+
+    def _compile_now(self) -> None:
+        """Compile the batch-1 decode graph before serving, on the scratch block: a platform where compiling
+        fails (no C++ compiler, say) gets a clear error at start instead of failed requests."""
+        self.cache.ensure(self.cache.num_blocks)
+        ids, meta = self._padded_decode_meta([0], [0], [0], [[0]])
+        try:
+            with torch.inference_mode():  # as the engine thread runs it: the graph is reused
+                decode_step(self.model, ids, self.cache, meta)
+        except Exception as e:  # noqa: BLE001 - whatever dynamo or inductor raise, told in one line
+            raise UserError(f"compiling the decode step failed ({type(e).__name__}); serve without --compile.") from e
+        finally:
+            self.cache.release()
 
     def _prefill(self, batch: list[tuple[Seq, int]]) -> None:
         """Feed one chunk of prompt tokens for the sequences the scheduler picked."""
