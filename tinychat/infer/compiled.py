@@ -27,7 +27,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import CacheMeta, PagedKVCache, PagedMeta, sdpa
+from tinychat.model.kv_cache import CacheMeta, PagedKVCache, PagedMeta, sdpa, visible_keys
 
 BUCKET = 128  # buffer lengths are rounded up to a multiple of this (fewer distinct shapes, fewer compiles)
 
@@ -76,9 +76,7 @@ def static_meta(positions: torch.Tensor, max_len: int) -> CacheMeta:
     """Metadata of a call over a whole `StaticKVCache` buffer: row b writes its keys at positions[b] (B, T)
     and a query at position p sees the keys at 0..p (mask (B, 1, T, max_len)); later slots hold junk or
     zeros, masked, and are overwritten before any query reaches them."""
-    keys = torch.arange(max_len, device=positions.device)
-    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
-    return CacheMeta(positions, None, None, max_len, mask, False)
+    return CacheMeta(positions, None, None, max_len, visible_keys(positions, max_len), False)
 
 
 def static_forward(

@@ -38,6 +38,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
+def visible_keys(positions: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, 1, T, span) bool: a query at position p sees the keys at positions 0..p of its own row."""
+    return torch.arange(span, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+
+
 @dataclass
 class CacheMeta:
     """One call's view of a `KVCache`: built by `KVCache.plan`, read by every layer."""
@@ -90,8 +95,7 @@ class KVCache:
         elif start == 0:  # aligned rows prefilling from position 0: plainly causal
             mask, causal = None, True
         else:
-            keys = torch.arange(span, device=self.lengths.device)
-            mask, causal = keys[None, None, None, :] <= pos[:, None, :, None], False
+            mask, causal = visible_keys(pos, span), False
         return CacheMeta(pos, rows, start, span, mask, causal)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: CacheMeta) -> torch.Tensor:

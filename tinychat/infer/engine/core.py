@@ -34,7 +34,7 @@ from tinychat.infer.engine.sampler import Sampler
 from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for
 from tinychat.infer.text import TextTracker
 from tinychat.infer.tool_calls import ToolCallParser
-from tinychat.model.kv_cache import PagedKVCache, PagedMeta
+from tinychat.model.kv_cache import PagedKVCache, PagedMeta, visible_keys
 from tinychat.model.peft.multi_lora import AdapterSet
 from tinychat.model.pooling import mean_pool
 
@@ -103,9 +103,9 @@ class Engine:
 
     # ------------------------------------------------------------------ public API (any thread)
     def start(self) -> Engine:
-        if self._thread is None and self.cfg.compile:
-            self._compile_now()
         if self._thread is None:
+            if self.cfg.compile:
+                self._compile_now()
             self._thread = threading.Thread(target=self._loop, name="tinychat-engine", daemon=True)
             self._thread.start()
         return self
@@ -339,7 +339,7 @@ class Engine:
         elif B == 1 and starts[0] == 0:
             causal = True
         else:
-            mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+            mask = visible_keys(positions, S)
         meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
         rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.cache.dtype)
         h = self.model.hidden_states(x, self.cache, meta=meta, adapters=rows)
@@ -391,8 +391,8 @@ class Engine:
         ids = torch.tensor(tokens + [0] * pad, device=dev)[:, None]
         positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
         keys = self._key_positions(tables + [[0]] * pad, S)
-        mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-        return ids, PagedMeta(positions, torch.tensor(slots + [0] * pad, device=dev), keys, 0, S, mask)
+        slot_ids = torch.tensor(slots + [0] * pad, device=dev)
+        return ids, PagedMeta(positions, slot_ids, keys, 0, S, visible_keys(positions, S))
 
     def _compile_now(self) -> None:
         """Compile the batch-1 decode graph before serving, on the scratch block: a platform where compiling
