@@ -220,4 +220,14 @@ def test_bad_inputs_fail_before_training(corpus_run: Path, tmp_path: Path, capsy
         == 2
     )
     assert "re-tokenize" in _err(capsys)
+    # a validation split too small for one batch: refused at start, not at the first evaluation
+    from tinychat.data.shards import TokenIndex
+
+    tokens = corpus_run / "base" / "data" / "tokens"
+    index = TokenIndex.load(tokens)
+    val, train = (sum(len(m) for m in index.memmaps(split)) for split in ("val", "train"))
+    batch = (val - 1) // 32 + 1  # one more 32-token sequence than the val split holds (packed: stride 32)
+    assert batch * 32 < train
+    assert main([*base, "--data", str(tokens), "--train.batch_size", str(batch)]) == 2
+    assert "the val split" in _err(capsys)
     assert not list(tmp_path.glob("*/checkpoints"))

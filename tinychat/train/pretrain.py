@@ -92,6 +92,8 @@ class PretrainObjective(Objective):
         self.loader = PackedLoader(
             self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=d.rank, world_size=d.world
         )
+        # a validation split too small for one batch fails here, not at the first evaluation minutes later
+        PackedLoader(self.data_dir, cfg.batch_size, cfg.seq_len, split="val", rank=d.rank, world_size=d.world)
         self.token_bytes = torch.tensor(token_byte_lengths(self.tok), dtype=torch.float32, device=ctx.device)
 
     # loader step = optimiser step x accumulation + micro index: the global batch is the same set of

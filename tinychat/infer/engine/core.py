@@ -31,7 +31,7 @@ from tinychat.infer.engine import request as rq
 from tinychat.infer.engine.blocks import BlockManager
 from tinychat.infer.engine.output import OutputProcessor
 from tinychat.infer.engine.sampler import Sampler
-from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for
+from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for, slot_of
 from tinychat.infer.text import TextTracker
 from tinychat.infer.tool_calls import ToolCallParser
 from tinychat.model.kv_cache import PagedKVCache, PagedMeta, visible_keys
@@ -324,7 +324,7 @@ class Engine:
         ids, slots = [], []
         for s, st, ch in zip(seqs, starts, chunks):
             ids += ch + [0] * (T - len(ch))
-            slots += [s.blocks[p // bs] * bs + p % bs for p in range(st, st + len(ch))] + [0] * (T - len(ch))
+            slots += [slot_of(s.blocks, p, bs) for p in range(st, st + len(ch))] + [0] * (T - len(ch))
         x = torch.tensor(ids, device=dev).view(B, T)
         positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]
         first = seqs[0].blocks
@@ -372,7 +372,7 @@ class Engine:
         bs = self.blocks.block_size
         chunks = [[s.output[-1]] for s in seqs]
         starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
-        slots = [s.blocks[p // bs] * bs + p % bs for s, p in zip(seqs, starts)]
+        slots = [slot_of(s.blocks, p, bs) for s, p in zip(seqs, starts)]
         ids, meta = self._padded_decode_meta([ch[0] for ch in chunks], starts, slots, [s.blocks for s in seqs])
         logits = decode_step(self.model, ids, self.cache, meta)[: len(seqs)]
         self._advance(seqs, chunks)

@@ -63,6 +63,11 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """The pool slot that holds a sequence's token at `position`, given its block table."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int, max_len: int) -> None:
         self.blocks, self.prefill_chunk, self.max_len = blocks, prefill_chunk, max_len
