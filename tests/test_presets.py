@@ -45,3 +45,20 @@ def test_gpu_small_is_the_small_model_on_cuda(tmp_path):
     pre = run.stage_config(PretrainConfig, "pretrain", [])
     assert (pre.model.preset, pre.train.device, pre.train.precision) == ("small", "cuda", "bf16")
     assert run.cfg.world_size == "medium"
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
+    """cpu-tiny-Nx is cpu-tiny with s4's optimiser steps x N in place of its time budgets, and nothing else:
+    a recipe change made to cpu-tiny and not to them would make their comparisons meaningless."""
+    from tinychat.config import load_toml
+
+    base, steps = load_toml(CONFIG_DIR / "cpu-tiny.toml"), load_toml(CONFIG_DIR / f"cpu-tiny-{k}x.toml")
+    s4 = {"pretrain": 693, "sft": 99, "dpo": 119, "grpo": 45}
+    for stage, n in s4.items():
+        assert base[stage]["train"].pop("max_time") > 0
+        assert steps[stage]["train"].pop("max_steps") == n * k
+        assert steps[stage]["train"].pop("max_time") == 0
+    assert steps["speedrun"].pop("budget_minutes") == 15.0 * k
+    base["speedrun"].pop("budget_minutes")
+    assert steps == base
