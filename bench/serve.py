@@ -30,15 +30,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+from tinychat.serve.cli import kernel_threads
 
 
 def build_model(path: Path, preset_name: str) -> Path:
@@ -96,11 +101,16 @@ def start(  # noqa: ANN201 - (url, server, thread, engine, tok)
 
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(tokenizer_dir(model_dir))
-    cfg = EngineConfig(max_num_seqs=slots, prefix_caching=prefix_caching, idle_release_s=1.0, compile=compile)
+    # idle longer than a client process takes to start (~1-2 s) before the pool and the prefix cache are dropped
+    cfg = EngineConfig(max_num_seqs=slots, prefix_caching=prefix_caching, idle_release_s=5.0, compile=compile)
     aset = serve_adapters(model, adapters, mode) if adapters else None
     engine = Engine(model, tok, cfg, aset).start()
     app = create_app(engine, tok, "bench")
-    sock = socket.socket()
+    # IPPROTO_TCP, as the sockets uvicorn.run binds from getaddrinfo: asyncio turns Nagle's algorithm off
+    # (TCP_NODELAY) only on connections whose socket says so. With a plain socket.socket() (proto 0) every
+    # response's first chunk after its headers waited for the client's delayed ACK, ~40 ms: that, not the
+    # engine, was most of the time to first token measured before 2026-12-02.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -167,11 +177,56 @@ async def run_level(  # noqa: PLR0913
     return {
         "clients": clients,
         "tok_s": sum(n for _, n in results) / wall,
-        "cpu_ms_tok": 1e3 * cpu / max(1, sum(n for _, n in results)),  # this process: server and clients
+        "wall": wall,
+        "cpu_ms_tok": 1e3 * cpu / max(1, sum(n for _, n in results)),  # this process: the clients (and the server)
         "p50": statistics.median(ttfts),
         "p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         "requests": len(results),
     }
+
+
+IN_PROCESS = False  # --in-process-clients: the load in the server's own process, as before 2026-12-02
+
+
+def load(  # noqa: PLR0913
+    url: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    bias: dict[str, float],
+    system: str = "",
+    models: tuple[str, ...] = ("bench",),
+) -> dict:
+    """`run_level` in a process of its own (or in this one with --in-process-clients).
+
+    Why a process: clients in the server's process share its interpreter lock, so their per-chunk parsing
+    (the OpenAI SDK validates every streamed chunk) takes turns with the engine's kernel dispatch, a cost no
+    deployed server pays. On a 2-core machine the client process still takes CPU from the server; its CPU
+    time per token is printed beside the server's."""
+    if IN_PROCESS:
+        return asyncio.run(run_level(url, clients, requests, max_tokens, bias, system, models))
+    job = dict(url=url, clients=clients, requests=requests, max_tokens=max_tokens, bias=bias, system=system)
+    cpu0 = time.process_time()
+    out = subprocess.run(
+        [sys.executable, __file__, "--client-job", json.dumps(job | {"models": list(models)})],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"the client process failed:\n{out.stderr[-2000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    tokens = r["tok_s"] * r["wall"]
+    r["client_cpu_ms_tok"] = r["cpu_ms_tok"]
+    r["cpu_ms_tok"] = 1e3 * (time.process_time() - cpu0) / max(1.0, tokens)  # this process: the server alone
+    return r
+
+
+def client_job(spec: str) -> None:
+    """The child side of `load`: one level's load, its result as a JSON line on stdout."""
+    job = json.loads(spec)
+    job["models"] = tuple(job["models"])
+    print(json.dumps(asyncio.run(run_level(**job))))
 
 
 def system_prompt(tok, n: int) -> str:  # noqa: ANN001
@@ -197,20 +252,24 @@ def table(  # noqa: PLR0913
     system = system_prompt(tok, args.system_tokens) if args.system_tokens else ""
     rows = []
     try:
-        asyncio.run(run_level(url, 2, 1, 8, bias, system))  # warm-up (with the cache on, it now holds the prompt)
+        load(url, 2, 1, 8, bias, system)  # warm-up (with the cache on, it now holds the prompt)
         if compile:  # every batch-size bucket each level reaches compiles here, not in the timed runs
             for c in levels:
-                asyncio.run(run_level(url, c, 2, args.max_tokens, bias, system))
+                load(url, c, 2, args.max_tokens, bias, system)
         n = engine.model.num_params() / 1e6
         print(
-            f"{label}torch {torch.__version__}, {torch.get_num_threads()} threads, {n:.1f}M parameters, "
-            f"max {engine.num_slots} sequences, {args.requests} requests/client, {args.max_tokens} tokens each"
+            f"{label}torch {torch.__version__}, {torch.get_num_threads()} kernel threads, {n:.1f}M parameters, "
+            f"max {engine.num_slots} sequences, {args.requests} requests/client, {args.max_tokens} tokens each, "
+            f"clients {'in the server process' if IN_PROCESS else 'in a process of their own'}"
             + (f", shared system prompt of {len(tok.encode(system))} tokens" if system else "")
         )
-        print(f"{'clients':>8}{'tok/s':>10}{'x1':>7}{'TTFT p50':>11}{'x1':>7}{'TTFT p95':>11}{'x1':>7}{'KV MiB':>8}")
+        print(
+            f"{'clients':>8}{'tok/s':>10}{'x1':>7}{'TTFT p50':>11}{'x1':>7}{'TTFT p95':>11}{'x1':>7}{'KV MiB':>8}"
+            f"{'CPU ms/tok server':>19}{'clients':>9}"
+        )
         base = None
         for c in levels:
-            r = asyncio.run(run_level(url, c, args.requests, args.max_tokens, bias, system))
+            r = load(url, c, args.requests, args.max_tokens, bias, system)
             r["kv"] = engine.kv_bytes / 2**20
             base = base or r
             rows.append(r)
@@ -218,6 +277,7 @@ def table(  # noqa: PLR0913
                 f"{c:>8}{r['tok_s']:>10.0f}{r['tok_s'] / base['tok_s']:>7.2f}"
                 f"{r['p50'] * 1e3:>9.0f}ms{r['p50'] / base['p50']:>7.2f}"
                 f"{r['p95'] * 1e3:>9.0f}ms{r['p95'] / base['p95']:>7.2f}{r['kv']:>8.1f}"
+                f"{r['cpu_ms_tok']:>19.2f}{r.get('client_cpu_ms_tok', float('nan')):>9.2f}"
             )
         hits = engine.stats.prefix_hit_tokens / max(1, engine.stats.prompt_tokens)
         time.sleep(engine.cfg.idle_release_s + 1.0)
@@ -248,13 +308,11 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
     runs: dict[str, dict[int, list[dict]]] = {label: {c: [] for c in levels} for label, *_ in setups}
     try:
         for (_, _, _, models), (url, *_) in zip(setups, servers):
-            asyncio.run(run_level(url, 2, 1, 8, bias, "", models))  # warm-up
+            load(url, 2, 1, 8, bias, "", models)  # warm-up
         for _ in range(args.rounds):
             for c in levels:
                 for (label, _, _, models), (url, *_) in zip(setups, servers):
-                    runs[label][c].append(
-                        asyncio.run(run_level(url, c, args.requests, args.max_tokens, bias, "", models))
-                    )
+                    runs[label][c].append(load(url, c, args.requests, args.max_tokens, bias, "", models))
     finally:
         for _, server, thread, engine, _ in servers:
             server.should_exit = True
@@ -297,7 +355,16 @@ def main() -> None:
     ap.add_argument("--adapter-batching", default="mask,gather,group", help="multi-LoRA batching modes to measure")
     ap.add_argument("--rounds", type=int, default=3, help="--adapters: interleaved rounds of every setup")
     ap.add_argument("--compile", action="store_true", help="the table with eager and with compiled decoding")
+    ap.add_argument("--threads", type=int, default=0, help="the server's kernel threads (0: as `tinychat serve`)")
+    ap.add_argument("--in-process-clients", action="store_true", help="the load in the server's process (old way)")
+    ap.add_argument("--client-job", default="", help=argparse.SUPPRESS)  # the client process of `load`
     args = ap.parse_args()
+    if args.client_job:
+        client_job(args.client_job)
+        return
+    global IN_PROCESS
+    IN_PROCESS = args.in_process_clients
+    torch.set_num_threads(kernel_threads(args.threads))
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp), args.preset)

@@ -7,12 +7,13 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from tinychat.cli import main
 from tinychat.errors import UserError
 from tinychat.infer.engine import Engine, EngineConfig
 from tinychat.model import Model
-from tinychat.serve.cli import find_latest_model, how_to_get_one, resolve_model, tokenizer_dir
+from tinychat.serve.cli import find_latest_model, how_to_get_one, kernel_threads, resolve_model, tokenizer_dir
 from tinychat.serve.terminal import ChatConfig, chat_loop
 from tinychat.tokenizer import Tokenizer
 
@@ -49,6 +50,22 @@ def test_serve_and_chat_commands_are_registered(capsys):
     assert main(["chat", "--help"]) == 0
     assert main(["serve", "--runs-dir", "/nonexistent/runs"]) == 2
     assert "run `tinychat speedrun` to train one" in capsys.readouterr().err
+
+
+def test_serve_keeps_a_core_for_http_unless_told(monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert kernel_threads(0) == 1  # two cores: one for the kernels, one for HTTP and streaming
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert kernel_threads(0) == 1  # never zero
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert kernel_threads(0) == min(torch.get_num_threads(), 63)  # no more than torch's own choice
+    assert kernel_threads(3) == 3
+    with pytest.raises(UserError, match="--threads must be 0"):
+        kernel_threads(-1)
+    threads = torch.get_num_threads()
+    assert main(["serve", "--threads", "-2"]) == 2
+    assert "--threads must be 0" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads  # refused before anything changed
 
 
 def test_terminal_chat_streams_and_keeps_history(model_dir):
