@@ -15,6 +15,9 @@ Also printed: the KV memory at the peak and after the server has idled (the pool
 With --system-tokens N every request starts with the same N-token system prompt, and the table is run twice,
 with the engine's prefix cache on and off: TTFT with / without is the prefix cache's gain.
 
+With --threads-ab 1,2 a real `tinychat serve --threads N` runs for each N, each in a process of its own, and the
+load takes turns between them (--rounds, medians): the kernel threads' effect with the HTTP server beside them.
+
 With --compile the table runs with eager decoding and then with compiled decoding (`serve --compile`,
 infer/compiled.py; a warm-up at every level compiles its batch-size buckets before the timed runs).
 
@@ -342,6 +345,63 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
             )
 
 
+def serve_process(model_dir: Path, slots: int, threads: int) -> tuple[str, subprocess.Popen]:
+    """A real `tinychat serve --threads N` in a process of its own, on a free port, once it answers."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--max_num_seqs", str(slots), "--served_model_name", "bench", "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return f"http://127.0.0.1:{port}/v1", proc
+        except OSError:
+            if proc.poll() is not None:
+                err = proc.stderr.read()[-2000:] if proc.stderr else ""
+                raise SystemExit(f"tinychat serve failed: {err}") from None
+            time.sleep(0.1)
+    raise SystemExit("tinychat serve did not answer within a minute")
+
+
+def threads_table(args: argparse.Namespace, model_dir: Path, levels: list[int]) -> None:
+    """The same load on `tinychat serve --threads N` for each N of --threads-ab: the servers run at once, each
+    in its own process (the thread count is per process), and take turns for --rounds rounds (medians)."""
+    counts = [int(n) for n in args.threads_ab.split(",")]
+    servers = [serve_process(model_dir, max(levels), n) for n in counts]
+    tok = __import__("tinychat.tokenizer", fromlist=["Tokenizer"]).Tokenizer.from_pretrained(model_dir)
+    bias = {str(t): -100.0 for t in tok.stop_ids}
+    runs: dict[int, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in counts}
+    try:
+        for url, _ in servers:
+            load(url, 2, 1, 8, bias)  # warm-up
+        for _ in range(args.rounds):
+            for c in levels:
+                for n, (url, _) in zip(counts, servers):
+                    runs[n][c].append(load(url, c, args.requests, args.max_tokens, bias))
+    finally:
+        for _, proc in servers:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print(
+        f"torch {torch.__version__}, `tinychat serve --threads N` in its own process, clients in another, "
+        f"{args.requests} requests/client, {args.max_tokens} tokens each, median of {args.rounds} interleaved rounds"
+    )
+    print(f"{'threads':>8}{'clients':>8}{'tok/s':>10}{'x first':>9}{'TTFT p50':>11}{'TTFT p95':>11}  rounds x first")
+    for c in levels:
+        first = runs[counts[0]][c]
+        for n in counts:
+            rs = runs[n][c]
+            tok_s = statistics.median(r["tok_s"] for r in rs)
+            p50, p95 = (statistics.median(r[k] for r in rs) * 1e3 for k in ("p50", "p95"))
+            each = " ".join(f"{r['tok_s'] / b['tok_s']:.2f}" for r, b in zip(rs, first))
+            base = statistics.median(r["tok_s"] for r in first)
+            print(f"{n:>8}{c:>8}{tok_s:>10.0f}{tok_s / base:>9.2f}{p50:>9.0f}ms{p95:>9.0f}ms  {each}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="model directory (default: a random model of --preset)")
@@ -357,6 +417,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="the table with eager and with compiled decoding")
     ap.add_argument("--threads", type=int, default=0, help="the server's kernel threads (0: as `tinychat serve`)")
     ap.add_argument("--in-process-clients", action="store_true", help="the load in the server's process (old way)")
+    ap.add_argument("--threads-ab", default="", help="e.g. 1,2: `tinychat serve --threads N` side by side")
     ap.add_argument("--client-job", default="", help=argparse.SUPPRESS)  # the client process of `load`
     args = ap.parse_args()
     if args.client_job:
@@ -370,6 +431,9 @@ def main() -> None:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp), args.preset)
         if args.adapters:
             adapter_table(args, model_dir, levels, Path(tmp))
+            return
+        if args.threads_ab:
+            threads_table(args, model_dir, levels)
             return
         if args.compile:
             eager = table(args, model_dir, levels, True, "eager decoding: ")
