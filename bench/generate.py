@@ -14,10 +14,13 @@ and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat 
 (`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), and each one's decode speed
 relative to llama.cpp q8_0. --model DIR benches a trained model directory.
 
-    .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR] [--prompt-file F]
+    .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR[,DIR]] [--draft-dtype fp32,bf16]
+        [--draft-k 2,3,4] [--prompt-file F]
 
-batch-1 greedy decode with speculative decoding (prompt lookup, and a draft model) beside plain decoding of the
-same target: tokens/s, speed-up and acceptance. Without --model a random small target and a random tiny draft
+batch-1 greedy decode with speculative decoding (prompt lookup, and each draft model in each dtype and k)
+beside plain decoding of the same target: tokens/s, speed-up and acceptance. A draft may be a `tinychat
+quantize` directory; its dtype or quantization changes what it proposes, never the target's greedy tokens.
+Without --model a random small target and a random tiny draft
 (random models agree rarely: the acceptance, and so the speed-up, needs trained models, e.g. the speedrun's).
 """
 
@@ -54,8 +57,10 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true", help="batch-1 prompt/decode tok/s: tinychat vs llama.cpp")
     ap.add_argument("--model", default="", help="with --llama-cpp: a model directory instead of random presets")
     ap.add_argument("--speculative", action="store_true", help="batch-1 greedy: speculative vs plain decoding")
-    ap.add_argument("--draft", default="", help="with --speculative: the draft model directory")
+    ap.add_argument("--draft", default="", help="with --speculative: draft model directories, comma-separated")
     ap.add_argument("--prompt-file", default="", help="with --speculative --model: prompts, one per line")
+    ap.add_argument("--draft-dtype", default="fp32", help="with --draft: the draft's dtypes, e.g. fp32,bf16")
+    ap.add_argument("--draft-k", default="", help="with --draft: tokens proposed per round, e.g. 2,3,4 (default --k)")
     ap.add_argument("--k", type=int, default=4, help="with --speculative: tokens proposed per round")
     args = ap.parse_args()
     if args.speculative:
@@ -230,48 +235,57 @@ def speculative_table(args: argparse.Namespace) -> None:
         from tinychat.tokenizer import Tokenizer
 
         target = Model.from_pretrained(args.model, dtype=torch.float32).eval()
-        draft = Model.from_pretrained(args.draft, dtype=torch.float32).eval() if args.draft else None
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        drafts = [
+            (f"{Path(d).name} {dt}", Model.from_pretrained(d, dtype=dtypes[dt]).eval())
+            for d in filter(None, args.draft.split(","))
+            for dt in args.draft_dtype.split(",")
+        ]
         tok = Tokenizer.from_pretrained(args.model)
         lines = Path(args.prompt_file).read_text().splitlines() if args.prompt_file else ["Tell me about Paris."]
         prompts = [tok.render_chat([{"role": "user", "content": t}], add_generation_prompt=True).ids for t in lines]
     else:
         torch.manual_seed(0)
         target = Model(preset("small", vocab_size=8192)).eval()
-        draft = Model(preset("tiny", vocab_size=8192)).eval()
+        drafts = [("random tiny fp32", Model(preset("tiny", vocab_size=8192)).eval())]
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, 8192, (args.prompt_len,), generator=g).tolist() for _ in range(2)]
     target.fuse_projections()
-    if draft is not None:
+    for _, draft in drafts:
         draft.fuse_projections()
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_on_eos=False)
     modes = [("plain", None), ("prompt lookup", Speculative(k=args.k))]
-    if draft is not None:
-        modes.append((f"draft ({draft.num_params() / 1e6:.1f}M)", Speculative(draft=draft, k=args.k)))
+    for label, draft in drafts:  # a draft's dtype or quantization never changes the target's greedy tokens
+        for k in [int(k) for k in args.draft_k.split(",")] if args.draft_k else [args.k]:
+            modes.append((f"{label} ({draft.num_params() / 1e6:.1f}M), k={k}", Speculative(draft=draft, k=k)))
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, greedy, batch 1, target "
         f"{target.num_params() / 1e6:.1f}M, {len(prompts)} prompts, {args.new_tokens} new tokens, k={args.k}"
     )
-    print(f"{'mode':<22}{'tok/s':>9}{'speed-up':>10}{'accepted':>10}")
-    base = None
-    for name, spec in modes:
+    print(f"{'mode':<44}{'tok/s':>9}{'speed-up':>10}{'accepted':>10}")
 
-        def run(spec: Speculative | None = spec) -> int:
-            n = 0
-            for p in prompts:
-                if spec is None:
-                    n += len(generate_ids(target, [p], params)[0][0])
-                else:
-                    n += len(speculative_generate_ids(target, p, params, spec)[0])
-            return n
+    def run(spec: Speculative | None) -> int:
+        n = 0
+        for p in prompts:
+            if spec is None:
+                n += len(generate_ids(target, [p], params)[0][0])
+            else:
+                n += len(speculative_generate_ids(target, p, params, spec)[0])
+        return n
 
-        n = run()  # warm-up
+    tokens = {name: run(spec) for name, spec in modes}  # warm-up; the same tokens every round (greedy)
+    for _, spec in modes:
         if spec is not None:
             spec.stats.update(proposed=0, accepted=0, rounds=0)
-        t = best_of(run, args.repeats)
-        rate = n / t
-        base = base or rate
+    best = dict.fromkeys(tokens, float("inf"))
+    for _ in range(args.repeats):  # interleaved rounds: a neighbour's load touches every mode alike
+        for name, spec in modes:
+            best[name] = min(best[name], best_of(lambda spec=spec: run(spec), 1))
+    base = tokens["plain"] / best["plain"]
+    for name, spec in modes:
+        rate = tokens[name] / best[name]
         acc = f"{spec.acceptance:.0%}" if spec is not None else "-"
-        print(f"{name:<22}{rate:>9.1f}{rate / base:>9.2f}x{acc:>10}")
+        print(f"{name:<44}{rate:>9.1f}{rate / base:>9.2f}x{acc:>10}")
 
 
 if __name__ == "__main__":
