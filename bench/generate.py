@@ -5,7 +5,9 @@
 For each preset a random model is saved once; tinychat and transformers (AutoModelForCausalLM on the
 very same directory) then generate the same number of new tokens greedily for batch 1 and batch 8.
 Prints new tokens per second of eager and compiled decoding (`generate_ids(..., compiled=True)`, infer/compiled.py;
-its one-off compile is not timed) and each one's ratio to transformers. Timings live here, never in tests.
+its one-off compile is not timed) and each one's ratio to transformers, and the matmul floor: the tokens/s of
+the weight matmuls alone (`matmul_floor`), which bounds every engine holding fp32 weights on this machine.
+Timings live here, never in tests.
 
     .venv/bin/python bench/generate.py --llama-cpp [--presets tiny,small] [--model DIR]
 
@@ -47,6 +49,25 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def matmul_floor(model: torch.nn.Module, batch: int, repeats: int = 20) -> float:
+    """Seconds per decode step spent in the weight matmuls alone: every Linear's weight and the head applied to
+    `batch` rows of random activations, one after another as a step reads them (no attention, no norms, no
+    Python around them). At batch 1 this is the memory traffic of the weights, the floor under any engine
+    that keeps them in this dtype (transformers included)."""
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not any(w is model.lm_head.weight for w in ws):
+        ws.append(model.lm_head.weight)
+    xs = {k: torch.randn(batch, k, dtype=ws[0].dtype) for k in {w.shape[1] for w in ws}}
+
+    def step() -> None:
+        for w in ws:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    with torch.no_grad():
+        step()
+        return best_of(lambda: [step() for _ in range(repeats)], 3) / repeats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,small")
@@ -77,7 +98,7 @@ def main() -> None:
     )
     print(
         f"{'preset':<8}{'params':>8}{'batch':>7}{'tinychat tok/s':>16}{'compiled tok/s':>16}{'transformers tok/s':>20}"
-        f"{'ratio':>8}{'compiled':>10}"
+        f"{'ratio':>8}{'compiled':>10}{'matmul floor tok/s':>20}"
     )
     for name in args.presets.split(","):
         torch.manual_seed(0)
@@ -113,7 +134,7 @@ def main() -> None:
             n = B * args.new_tokens
             print(
                 f"{name:<8}{model.num_params() / 1e6:>7.1f}M{B:>7}{n / t_ours:>16.1f}{n / t_comp:>16.1f}"
-                f"{n / t_hf:>20.1f}{t_hf / t_ours:>7.2f}x{t_hf / t_comp:>9.2f}x"
+                f"{n / t_hf:>20.1f}{t_hf / t_ours:>7.2f}x{t_hf / t_comp:>9.2f}x{B / matmul_floor(model, B):>20.1f}"
             )
 
 
