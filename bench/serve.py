@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -154,31 +155,38 @@ async def one_request(  # noqa: PLR0913
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
 
 
-async def run_level(  # noqa: PLR0913
-    url: str,
-    clients: int,
-    requests: int,
-    max_tokens: int,
-    bias: dict[str, float],
-    system: str = "",
-    models: tuple[str, ...] = ("bench",),
-) -> dict:
-    """One closed-loop load; client w asks for models[w % len(models)] (the base, or adapters round-robin)."""
+@dataclass
+class Level:
+    """One closed-loop load: `clients` streaming clients, each sending `requests` requests back to back;
+    client w asks for models[w % len(models)] (the base, or adapters round-robin)."""
+
+    url: str
+    clients: int
+    requests: int
+    max_tokens: int
+    bias: dict[str, float]
+    system: str = ""
+    models: tuple[str, ...] = ("bench",)
+
+
+async def run_level(lv: Level) -> dict:
+    """The load of `lv` from this process; tokens/s, TTFT p50/p95 and this process's CPU time per token."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=lv.url, api_key="none", max_retries=0, timeout=600)
 
     async def worker(w: int) -> list[tuple[float, int]]:
-        m = models[w % len(models)]
-        return [await one_request(client, w * 1000 + r, max_tokens, bias, system, m) for r in range(requests)]
+        m = lv.models[w % len(lv.models)]
+        reqs = range(lv.requests)
+        return [await one_request(client, w * 1000 + r, lv.max_tokens, lv.bias, lv.system, m) for r in reqs]
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    results = [x for part in await asyncio.gather(*(worker(w) for w in range(clients))) for x in part]
+    results = [x for part in await asyncio.gather(*(worker(w) for w in range(lv.clients))) for x in part]
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     ttfts = sorted(t for t, _ in results)
     return {
-        "clients": clients,
+        "clients": lv.clients,
         "tok_s": sum(n for _, n in results) / wall,
         "wall": wall,
         "cpu_ms_tok": 1e3 * cpu / max(1, sum(n for _, n in results)),  # this process: the clients (and the server)
@@ -191,15 +199,7 @@ async def run_level(  # noqa: PLR0913
 IN_PROCESS = False  # --in-process-clients: the load in the server's own process, as before 2026-12-02
 
 
-def load(  # noqa: PLR0913
-    url: str,
-    clients: int,
-    requests: int,
-    max_tokens: int,
-    bias: dict[str, float],
-    system: str = "",
-    models: tuple[str, ...] = ("bench",),
-) -> dict:
+def load(lv: Level) -> dict:
     """`run_level` in a process of its own (or in this one with --in-process-clients).
 
     Why a process: clients in the server's process share its interpreter lock, so their per-chunk parsing
@@ -207,11 +207,10 @@ def load(  # noqa: PLR0913
     deployed server pays. On a 2-core machine the client process still takes CPU from the server; its CPU
     time per token is printed beside the server's."""
     if IN_PROCESS:
-        return asyncio.run(run_level(url, clients, requests, max_tokens, bias, system, models))
-    job = dict(url=url, clients=clients, requests=requests, max_tokens=max_tokens, bias=bias, system=system)
+        return asyncio.run(run_level(lv))
     cpu0 = time.process_time()
     out = subprocess.run(
-        [sys.executable, __file__, "--client-job", json.dumps(job | {"models": list(models)})],
+        [sys.executable, __file__, "--client-job", json.dumps(asdict(lv))],
         capture_output=True,
         text=True,
         check=False,
@@ -228,8 +227,7 @@ def load(  # noqa: PLR0913
 def client_job(spec: str) -> None:
     """The child side of `load`: one level's load, its result as a JSON line on stdout."""
     job = json.loads(spec)
-    job["models"] = tuple(job["models"])
-    print(json.dumps(asyncio.run(run_level(**job))))
+    print(json.dumps(asyncio.run(run_level(Level(**job | {"models": tuple(job["models"])})))))
 
 
 def system_prompt(tok, n: int) -> str:  # noqa: ANN001
@@ -255,10 +253,10 @@ def table(  # noqa: PLR0913
     system = system_prompt(tok, args.system_tokens) if args.system_tokens else ""
     rows = []
     try:
-        load(url, 2, 1, 8, bias, system)  # warm-up (with the cache on, it now holds the prompt)
+        load(Level(url, 2, 1, 8, bias, system))  # warm-up (with the cache on, it now holds the prompt)
         if compile:  # every batch-size bucket each level reaches compiles here, not in the timed runs
             for c in levels:
-                load(url, c, 2, args.max_tokens, bias, system)
+                load(Level(url, c, 2, args.max_tokens, bias, system))
         n = engine.model.num_params() / 1e6
         print(
             f"{label}torch {torch.__version__}, {torch.get_num_threads()} kernel threads, {n:.1f}M parameters, "
@@ -272,7 +270,7 @@ def table(  # noqa: PLR0913
         )
         base = None
         for c in levels:
-            r = load(url, c, args.requests, args.max_tokens, bias, system)
+            r = load(Level(url, c, args.requests, args.max_tokens, bias, system))
             r["kv"] = engine.kv_bytes / 2**20
             base = base or r
             rows.append(r)
@@ -311,11 +309,11 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
     runs: dict[str, dict[int, list[dict]]] = {label: {c: [] for c in levels} for label, *_ in setups}
     try:
         for (_, _, _, models), (url, *_) in zip(setups, servers):
-            load(url, 2, 1, 8, bias, "", models)  # warm-up
+            load(Level(url, 2, 1, 8, bias, "", models))  # warm-up
         for _ in range(args.rounds):
             for c in levels:
                 for (label, _, _, models), (url, *_) in zip(setups, servers):
-                    runs[label][c].append(load(url, c, args.requests, args.max_tokens, bias, "", models))
+                    runs[label][c].append(load(Level(url, c, args.requests, args.max_tokens, bias, "", models)))
     finally:
         for _, server, thread, engine, _ in servers:
             server.should_exit = True
@@ -377,11 +375,11 @@ def threads_table(args: argparse.Namespace, model_dir: Path, levels: list[int]) 
     runs: dict[int, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in counts}
     try:
         for url, _ in servers:
-            load(url, 2, 1, 8, bias)  # warm-up
+            load(Level(url, 2, 1, 8, bias))  # warm-up
         for _ in range(args.rounds):
             for c in levels:
                 for n, (url, _) in zip(counts, servers):
-                    runs[n][c].append(load(url, c, args.requests, args.max_tokens, bias))
+                    runs[n][c].append(load(Level(url, c, args.requests, args.max_tokens, bias)))
     finally:
         for _, proc in servers:
             proc.terminate()
