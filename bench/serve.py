@@ -15,6 +15,9 @@ Also printed: the KV memory at the peak and after the server has idled (the pool
 With --system-tokens N every request starts with the same N-token system prompt, and the table is run twice,
 with the engine's prefix cache on and off: TTFT with / without is the prefix cache's gain.
 
+With --spread N each request's length is drawn from --max-tokens ± N (seeded per client), so the closed-loop
+clients fall out of step instead of sending their requests in bursts of one per client (docs/engine.md).
+
 With --threads-ab 1,2 a real `tinychat serve --threads N` runs for each N, each in a process of its own, and the
 load takes turns between them (--rounds, medians): the kernel threads' effect with the HTTP server beside them.
 
@@ -167,6 +170,7 @@ class Level:
     bias: dict[str, float]
     system: str = ""
     models: tuple[str, ...] = ("bench",)
+    spread: int = 0  # each request's length drawn from max_tokens ± spread (seeded): clients fall out of step
 
 
 async def run_level(lv: Level) -> dict:
@@ -178,7 +182,9 @@ async def run_level(lv: Level) -> dict:
     async def worker(w: int) -> list[tuple[float, int]]:
         m = lv.models[w % len(lv.models)]
         reqs = range(lv.requests)
-        return [await one_request(client, w * 1000 + r, lv.max_tokens, lv.bias, lv.system, m) for r in reqs]
+        rng = random.Random(w)
+        lengths = [lv.max_tokens + rng.randint(-lv.spread, lv.spread) for _ in reqs]
+        return [await one_request(client, w * 1000 + r, lengths[r], lv.bias, lv.system, m) for r in reqs]
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     results = [x for part in await asyncio.gather(*(worker(w) for w in range(lv.clients))) for x in part]
@@ -260,7 +266,9 @@ def table(  # noqa: PLR0913
         n = engine.model.num_params() / 1e6
         print(
             f"{label}torch {torch.__version__}, {torch.get_num_threads()} kernel threads, {n:.1f}M parameters, "
-            f"max {engine.num_slots} sequences, {args.requests} requests/client, {args.max_tokens} tokens each, "
+            f"max {engine.num_slots} sequences, {args.requests} requests/client, {args.max_tokens} tokens each"
+            + (f" (± {args.spread}, drawn)" if args.spread else "")
+            + ", "
             f"clients {'in the server process' if IN_PROCESS else 'in a process of their own'}"
             + (f", shared system prompt of {len(tok.encode(system))} tokens" if system else "")
         )
@@ -271,7 +279,7 @@ def table(  # noqa: PLR0913
         base = None
         for c in levels:
             t_sum, t_n = engine.stats.ttft_sum, engine.stats.ttft_count
-            r = load(Level(url, c, args.requests, args.max_tokens, bias, system))
+            r = load(Level(url, c, args.requests, args.max_tokens, bias, system, spread=args.spread))
             r["kv"] = engine.kv_bytes / 2**20
             # the engine's own TTFT (submit to first token): what the client's TTFT spends outside the engine
             r["engine_ttft"] = (engine.stats.ttft_sum - t_sum) / max(1, engine.stats.ttft_count - t_n)
@@ -411,6 +419,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--spread", type=int, default=0, help="draw each request's length from max-tokens ± this")
     ap.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of this many tokens")
     ap.add_argument("--adapters", type=int, default=0, help="spread the load over this many LoRA adapters too")
     ap.add_argument("--adapter-rank", type=int, default=8)
