@@ -355,25 +355,27 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
             )
 
 
-def serve_process(model_dir: Path, slots: int, threads: int) -> tuple[str, subprocess.Popen]:
-    """A real `tinychat serve --threads N` in a process of its own, on a free port, once it answers."""
+def serve_process(model_dir: Path, *options: str) -> tuple[str, subprocess.Popen]:
+    """A real `tinychat serve --model DIR OPTIONS...` in a process of its own, on a free port: its base URL
+    (without /v1) and the process, once /health answers (bench/soak.py's server too)."""
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port)]
-    cmd += ["--max_num_seqs", str(slots), "--served_model_name", "bench", "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port), *options]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return f"http://127.0.0.1:{port}/v1", proc
+            urllib.request.urlopen(f"{base}/health", timeout=1).read()
+            return base, proc
         except OSError:
             if proc.poll() is not None:
                 err = proc.stderr.read()[-2000:] if proc.stderr else ""
                 raise SystemExit(f"tinychat serve failed: {err}") from None
             time.sleep(0.1)
+    proc.terminate()
     raise SystemExit("tinychat serve did not answer within a minute")
 
 
@@ -381,8 +383,11 @@ def threads_table(args: argparse.Namespace, model_dir: Path, levels: list[int]) 
     """The same load on `tinychat serve --threads N` for each N of --threads-ab: the servers run at once, each
     in its own process (the thread count is per process), and take turns for --rounds rounds (medians)."""
     counts = [int(n) for n in args.threads_ab.split(",")]
-    servers = [serve_process(model_dir, max(levels), n) for n in counts]
-    tok = __import__("tinychat.tokenizer", fromlist=["Tokenizer"]).Tokenizer.from_pretrained(model_dir)
+    from tinychat.tokenizer import Tokenizer
+
+    options = ("--max_num_seqs", str(max(levels)), "--served_model_name", "bench", "--threads")
+    servers = [(f"{base}/v1", proc) for base, proc in (serve_process(model_dir, *options, str(n)) for n in counts)]
+    tok = Tokenizer.from_pretrained(model_dir)
     bias = {str(t): -100.0 for t in tok.stop_ids}
     runs: dict[int, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in counts}
     try:

@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from serve import build_model  # bench/serve.py: a random tiny model and its tokenizer
+from serve import build_model, serve_process  # bench/serve.py: a random tiny model; a `tinychat serve` process
 
 STATUSES = ("finished", "cancelled", "failed", "rejected")
 
@@ -98,20 +95,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp) / "model", "tiny")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port)]
-        cmd += ["--max_num_seqs", str(args.slots), "--served_model_name", "soak", "--max_queue", "1024"]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        base = f"http://127.0.0.1:{port}"
+        options = ("--max_num_seqs", str(args.slots), "--served_model_name", "soak", "--max_queue", "1024")
+        base, server = serve_process(model_dir, *options)
         try:
-            for _ in range(600):
-                try:
-                    metrics(base)
-                    break
-                except OSError:
-                    time.sleep(0.1)
             counts = dict.fromkeys(("stream", "abandon", "timeout", "timeout_finished"), 0)
             errors: list[str] = []
             samples: list[tuple[float, float]] = []
