@@ -38,6 +38,7 @@ from tinychat.errors import UserError
 SYSTEM = "Format: bracket."
 METHODS = ["none", "lora", "ia3", "prompt", "prefix", "mam", "houlsby", "parallel", "dora", "qlora", "ptuning",
            "ptuning_v2"]  # fmt: skip
+WDS: dict[str, float] = {}  # AdamW decay per method where --weight-decay overrides the loop's default
 LRS = {"none": 1e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3, "ia3": 2e-2, "prompt": 5e-2, "ptuning": 2e-2,
        "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3}  # fmt: skip
 EXTRA = {"lora": ["--lora.rank", "4"], "dora": ["--lora.rank", "4"], "qlora": ["--lora.rank", "4"],
@@ -106,7 +107,7 @@ def train(method: str, base: Path, data: Path, out: Path, a: argparse.Namespace)
             "--train.max_steps", str(a.steps), "--train.batch_size", str(a.batch_size), "--train.seq_len",
             str(a.seq_len), "--train.lr", str(LRS[method]), "--train.warmup_steps", str(max(1, a.steps // 10)),
             "--train.eval_every", "0", "--train.checkpoint_every", "0", "--train.tensorboard", "false",
-            "--train.seed", str(a.seed),
+            "--train.seed", str(a.seed), *(["--train.weight_decay", str(WDS[method])] if method in WDS else []),
             "--eval_rows", "0", *EXTRA.get(method, [])]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -169,15 +170,21 @@ def main() -> int:
     ap.add_argument("--lora-rank", type=int, default=4, help="lora/dora/qlora: the rank r")
     ap.add_argument("--lora-alpha", type=float, default=16.0, help="lora/dora/qlora: the update's scale is alpha / r")
     ap.add_argument("--rslora", action="store_true", help="rsLoRA's scale alpha / sqrt(r) instead of alpha / r")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora/dora/qlora: dropout on the adapter's input")
+    ap.add_argument("--weight-decay", action="append", default=[], metavar="METHOD=WD",
+                    help="a method's AdamW decay (default 0.1); on an adapter it pulls toward the base")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
     for item in a.lr:  # the levers against forgetting: a method's learning rate, LoRA's target projections
         method, _, lr = item.partition("=")
         LRS[method] = float(lr)
+    for item in a.weight_decay:
+        method, _, wd = item.partition("=")
+        WDS[method] = float(wd)
     alpha = a.lora_alpha * (a.lora_rank**0.5 if a.rslora else 1.0)  # rsLoRA: alpha/sqrt(r) == (alpha*sqrt(r))/r
     for m in ("lora", "dora", "qlora"):
-        EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha)]
+        EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha), "--lora.dropout", str(a.lora_dropout)]
         if a.lora_targets:
             EXTRA[m] += ["--lora.targets", *a.lora_targets.split(",")]
     from tinychat.eval.report import wilson
@@ -211,7 +218,8 @@ def main() -> int:
         r = {"method": method, "trainable": k, "total": total, "accuracy": acc, "n": n,
              "interval": wilson(acc, n), "forgetting_bpb": bpb(tuned, tok, text, a.bpb_tokens) - base_bpb,
              "peak_mib": run["peak_mib"], "adapter_bytes": adapter_file(stage).stat().st_size,
-             "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method]}  # fmt: skip
+             "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method], "weight_decay": WDS.get(method, 0.1),
+             "lora_dropout": a.lora_dropout, "seed": a.seed}  # fmt: skip
         results.append(r)
         print(json.dumps(r), flush=True)
         summary = {"base": {"ceiling": ceiling, "new_format": base_new, "bpb": base_bpb}, "results": results}

@@ -49,6 +49,14 @@ def test_scaling_command_end_to_end(corpus_run: Path, tmp_path: Path):
     before = (tmp_path / "law" / "sweep" / "d16_t2048" / "metrics.jsonl").read_text()
     assert main([*args, "--heldout-tokens", "0"]) == 0
     assert (tmp_path / "law" / "sweep" / "d16_t2048" / "metrics.jsonl").read_text() == before
+    # --mup: the same sweep under μP, base width the smallest; at the base width μP is the standard model
+    assert main([*args, "--heldout-tokens", "0", "--mup"]) == 0
+    mup = json.loads((tmp_path / "law" / "scaling.json").read_text())
+    assert [p["mup_base"] for p in mup["points"]] == [16] * 4
+    key = {(p["width"], p["tokens"]): p["val_loss"] for p in out["points"]}
+    for p in mup["points"]:
+        same = p["val_loss"] == key[(p["width"], p["tokens"])]
+        assert same == (p["width"] == 16), p
 
 
 def test_scaling_needs_two_sizes_and_two_budgets(tmp_path: Path, capsys):

@@ -57,7 +57,8 @@ class ScalingConfig:
         [], help="instead of the law: a learning-rate sweep at every --sizes width, standard and μP"
     )
     lr_tokens: int = field(100_000, help="training tokens of each learning-rate sweep run")
-    mup_base: int = field(0, help="μP base width of the learning-rate sweep (0 = the smallest of --sizes)")
+    mup_base: int = field(0, help="μP base width (0 = the smallest of --sizes)")
+    mup: bool = field(False, help="train the law's sweep and its held-out run under μP (else standard)")
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(
             batch_size=8,
@@ -355,9 +356,10 @@ def run(cfg: ScalingConfig) -> int:
     if len(set(cfg.sizes)) < 2 or len(set(cfg.tokens)) < 2:
         raise UserError("scaling: the fit needs at least two --sizes and two --tokens.")
     out = Path(cfg.runs_dir) / cfg.run
+    mup = (cfg.mup_base or min(cfg.sizes)) if cfg.mup else 0
     points = []
     for width, tokens in itertools.product(sorted(set(cfg.sizes)), sorted(set(cfg.tokens))):
-        points.append(train_point(cfg, width, tokens))
+        points.append(train_point(cfg, width, tokens, mup_base=mup))
         print(f"scaling: d_model {width}, {points[-1]['tokens']:,} tokens: val loss {points[-1]['val_loss']:.4f}")
     n, d, loss = (np.array([p[k] for p in points], dtype=np.float64) for k in ("params", "tokens", "val_loss"))
     fit = fit_law(n, d, loss)
@@ -376,7 +378,7 @@ def run(cfg: ScalingConfig) -> int:
             f"scaling: predicted val loss {predicted:.4f} for d_model {cfg.heldout_size} ({tok_n:,} params), "
             f"{tok_d:,} tokens"
         )
-        held = train_point(cfg, cfg.heldout_size, cfg.heldout_tokens)
+        held = train_point(cfg, cfg.heldout_size, cfg.heldout_tokens, mup_base=mup)
         pred["measured"] = held["val_loss"]
         pred["error_pct"] = 100 * (predicted - held["val_loss"]) / held["val_loss"]
     plots = plot(points, held, fit, out / "plots")
