@@ -49,19 +49,15 @@ def sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
             "--train.eval_batches", "20", "--train.peak_flops", "1"]  # fmt: skip
     subprocess.run(args, check=True)
     points = json.loads((a.out / "scaling.json").read_text())["points"]
-    for p in points:  # a run's directory is named by its requested budget; its result holds the trained one
-        results = (a.out / "sweep").glob(f"d{p['width']}_t*/result.json")
-        found = [r for r in results if json.loads(r.read_text())["tokens"] == p["tokens"]]
-        p["model_dir"] = str(found[0].parent / "checkpoints" / "pretrain")
+    for p in points:
+        p["model_dir"] = str(a.out / "sweep" / p["name"] / "checkpoints" / "pretrain")
     return points
 
 
-def reference_logprob(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Teacher-forced log-probability of each row's reference reply after its chat prompt.
-
-    Returns the mean over rows of the per-token mean log-probability, and the mean over rows of the whole
-    reply's probability (exp of the summed log-probability)."""
-    per_token, whole = [], []
+def reference_logprob(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Teacher-forced log-probability of each row's reference reply after its chat prompt: per row, the mean
+    log-probability per reply token and the whole reply's probability (exp of the summed log-probability)."""
+    scores = []
     with torch.no_grad():
         for r in rows:
             prompt = tok.render_chat(r["messages"], None, add_generation_prompt=True).ids
@@ -70,9 +66,15 @@ def reference_logprob(model: torch.nn.Module, tok: Any, rows: list[dict[str, Any
             logits = model(ids[:, :-1]).float()  # (1, T-1, V)
             logp = torch.log_softmax(logits, -1)[0, len(prompt) - 1 :]  # rows predicting the reply: (R, V)
             lp = logp.gather(-1, torch.tensor(reply)[:, None])[:, 0]  # (R,)
-            per_token.append(lp.mean().item())
-            whole.append(math.exp(lp.sum().item()))
-    return {"logprob_per_token": sum(per_token) / len(per_token), "p_whole_reply": sum(whole) / len(whole)}
+            scores.append((lp.mean().item(), math.exp(lp.sum().item())))
+    return scores
+
+
+def mean_scores(scores: list[tuple[float, float]]) -> dict[str, float]:
+    return {
+        "logprob_per_token": sum(s[0] for s in scores) / len(scores),
+        "p_whole_reply": sum(s[1] for s in scores) / len(scores),
+    }
 
 
 def measure(point: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
@@ -80,22 +82,21 @@ def measure(point: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     cache = Path(point["model_dir"]).parent.parent / "emergence.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    from tinychat.eval.backend import load
-    from tinychat.eval.run import evaluate_model
-    from tinychat.eval.suites import SUITES, SuiteOptions, load_rows
+    from tinychat.eval.backend import LocalCompleter, load
+    from tinychat.eval.suites import SUITES, SuiteOptions, load_rows, run_suites
 
-    res = evaluate_model(point["model_dir"], suites=a.suites, world_dir=a.run / "world", mode="chat",
-                         opts=SuiteOptions(limit=0), batch_size=64)  # fmt: skip
     model, tok = load(point["model_dir"], "cpu")
     model.eval()
+    graded = run_suites(LocalCompleter(model, tok, 64, "fp32"), a.run / "world", a.suites, "chat", SuiteOptions())
     out: dict[str, Any] = {"suites": {}}
     for name in a.suites:
-        s = res["suites"][name]
+        s = graded[name]
         rows = load_rows(a.run / "world", SUITES[name].source)
-        entry = {"accuracy": s["accuracy"], "n": s["n"], **reference_logprob(model, tok, rows)}
-        for mode, graded in s.get("by_mode", {}).items():  # multistep: chain of thought and direct apart
-            mine = [r for r in rows if r.get("mode") == mode]
-            entry[mode] = {**graded, **reference_logprob(model, tok, mine)}
+        scores = reference_logprob(model, tok, rows)
+        entry = {"accuracy": s["accuracy"], "n": s["n"], **mean_scores(scores)}
+        for mode, by_mode in s.get("by_mode", {}).items():  # multistep: chain of thought and direct apart
+            mine = [sc for sc, r in zip(scores, rows) if r.get("mode") == mode]
+            entry[mode] = {**by_mode, **mean_scores(mine)}
         out["suites"][name] = entry
     cache.write_text(json.dumps(out, indent=1))
     return out

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tinychat.errors import UserError
+from tinychat.train.config import TrainConfig
 
 SYSTEM = "Format: bracket."
 METHODS = ["none", "lora", "ia3", "prompt", "prefix", "mam", "houlsby", "parallel", "dora", "qlora", "ptuning",
@@ -43,6 +44,11 @@ LRS = {"none": 1e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3, "ia3": 2e-2, "pr
        "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3}  # fmt: skip
 EXTRA = {"lora": ["--lora.rank", "4"], "dora": ["--lora.rank", "4"], "qlora": ["--lora.rank", "4"],
          "prompt": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."]}  # fmt: skip
+
+
+def per_method(items: list[str]) -> dict[str, float]:
+    """METHOD=VALUE flags as {method: value}."""
+    return {m: float(v) for m, _, v in (item.partition("=") for item in items)}
 
 
 def bracket(answer: str) -> str:
@@ -176,12 +182,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
-    for item in a.lr:  # the levers against forgetting: a method's learning rate, LoRA's target projections
-        method, _, lr = item.partition("=")
-        LRS[method] = float(lr)
-    for item in a.weight_decay:
-        method, _, wd = item.partition("=")
-        WDS[method] = float(wd)
+    # the levers against forgetting: a method's learning rate and decay, LoRA's target projections
+    LRS.update(per_method(a.lr))
+    WDS.update(per_method(a.weight_decay))
     alpha = a.lora_alpha * (a.lora_rank**0.5 if a.rslora else 1.0)  # rsLoRA: alpha/sqrt(r) == (alpha*sqrt(r))/r
     for m in ("lora", "dora", "qlora"):
         EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha), "--lora.dropout", str(a.lora_dropout)]
@@ -218,8 +221,9 @@ def main() -> int:
         r = {"method": method, "trainable": k, "total": total, "accuracy": acc, "n": n,
              "interval": wilson(acc, n), "forgetting_bpb": bpb(tuned, tok, text, a.bpb_tokens) - base_bpb,
              "peak_mib": run["peak_mib"], "adapter_bytes": adapter_file(stage).stat().st_size,
-             "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method], "weight_decay": WDS.get(method, 0.1),
-             "lora_dropout": a.lora_dropout, "seed": a.seed}  # fmt: skip
+             "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method],
+             "weight_decay": WDS.get(method, TrainConfig.weight_decay), "lora_dropout": a.lora_dropout,
+             "seed": a.seed}  # fmt: skip
         results.append(r)
         print(json.dumps(r), flush=True)
         summary = {"base": {"ceiling": ceiling, "new_format": base_new, "bpb": base_bpb}, "results": results}

@@ -90,6 +90,11 @@ def model_overrides(width: int, cfg: ScalingConfig) -> dict[str, Any]:
     )
 
 
+def mup_width(cfg: ScalingConfig) -> int:
+    """The μP base width: --mup-base, or the smallest width of the sweep."""
+    return cfg.mup_base or min(cfg.sizes)
+
+
 def train_point(
     cfg: ScalingConfig, width: int, tokens: int, lr: float | None = None, mup_base: int = 0
 ) -> dict[str, Any]:
@@ -101,7 +106,7 @@ def train_point(
     name = f"d{width}_t{tokens}" + (f"_lr{lr:g}" if lr else "") + (f"_mup{mup_base}" if mup_base else "")
     result_file = root / name / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        return {**json.loads(result_file.read_text()), "name": name}  # results written before "name" was kept
     run_dir = Path(cfg.runs_dir) / cfg.run
     per_step = cfg.train.batch_size * cfg.train.seq_len
     steps = max(1, tokens // per_step)
@@ -132,6 +137,7 @@ def train_point(
         if rec.get("kind") == "train":
             curve.append((rec["tokens"], rec["loss"]))
     point = {
+        "name": name,  # the run's directory under sweep/ (its model: checkpoints/pretrain)
         "width": width,
         "tokens": steps * per_step,
         "params": model.num_params(exclude_embeddings=True),
@@ -301,7 +307,7 @@ def report(points: list[dict], held: dict | None, fit: dict, boots: list[dict], 
 def lr_sweep(cfg: ScalingConfig) -> int:
     """Does the best learning rate stay put as the model widens? Each width at each LR, with standard
     parameterisation (one LR for everything, init std fixed) and with μP (train/optim.py)."""
-    base = cfg.mup_base or min(cfg.sizes)
+    base = mup_width(cfg)
     out = Path(cfg.runs_dir) / cfg.run
     runs = []
     for mup, width, lr in itertools.product((0, base), sorted(set(cfg.sizes)), sorted(set(cfg.lrs))):
@@ -356,7 +362,7 @@ def run(cfg: ScalingConfig) -> int:
     if len(set(cfg.sizes)) < 2 or len(set(cfg.tokens)) < 2:
         raise UserError("scaling: the fit needs at least two --sizes and two --tokens.")
     out = Path(cfg.runs_dir) / cfg.run
-    mup = (cfg.mup_base or min(cfg.sizes)) if cfg.mup else 0
+    mup = mup_width(cfg) if cfg.mup else 0
     points = []
     for width, tokens in itertools.product(sorted(set(cfg.sizes)), sorted(set(cfg.tokens))):
         points.append(train_point(cfg, width, tokens, mup_base=mup))
