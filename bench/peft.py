@@ -43,7 +43,8 @@ WDS: dict[str, float] = {}  # AdamW decay per method where --weight-decay overri
 LRS = {"none": 1e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3, "ia3": 2e-2, "prompt": 5e-2, "ptuning": 2e-2,
        "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3}  # fmt: skip
 EXTRA = {"lora": ["--lora.rank", "4"], "dora": ["--lora.rank", "4"], "qlora": ["--lora.rank", "4"],
-         "prompt": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."]}  # fmt: skip
+         "prompt": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."],
+         "ptuning_v2": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."]}  # fmt: skip
 
 
 def per_method(items: list[str]) -> dict[str, float]:
@@ -81,8 +82,17 @@ def make_data(run: Path, out: Path, n_rows: int, seed: int) -> Path:
     return path
 
 
-def accuracy(model: torch.nn.Module, tok: Any, rows: list[dict], system: bool, check: Any) -> tuple[float, int]:
-    """Greedy replies to `rows` (with or without the new system message), graded by `check`."""
+def in_format(reply: str) -> bool:
+    """The reply is `<<...>>`, right answer or not: whether a method learned the format at all."""
+    s = reply.strip()
+    return s.startswith("<<") and s.endswith(">>") and len(s) > 4
+
+
+def accuracy(
+    model: torch.nn.Module, tok: Any, rows: list[dict], system: bool, check: Any, fmt: list[int] | None = None
+) -> tuple[float, int]:
+    """Greedy replies to `rows` (with or without the new system message), graded by `check`; `fmt`, when
+    given, gets the count of replies in the new format appended."""
     from tinychat.infer.generate import generate_ids
     from tinychat.infer.sampling import SamplingParams
     from tinychat.train.chat_data import render
@@ -92,11 +102,15 @@ def accuracy(model: torch.nn.Module, tok: Any, rows: list[dict], system: bool, c
     sys_msg = [{"role": "system", "content": SYSTEM}] if system else []
     prompts = [render(tok, sys_msg + r["messages"], None, r["id"], generation_prompt=True).ids for r in rows]
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    correct = 0
+    correct = formatted = 0
     with torch.no_grad():
         for i in range(0, len(prompts), 32):
             out, _, _ = generate_ids(model, prompts[i : i + 32], params, set(tok.stop_ids))
-            correct += sum(check(decode_reply(tok, o), r) for o, r in zip(out, rows[i : i + 32]))
+            replies = [decode_reply(tok, o) for o in out]
+            correct += sum(check(reply, r) for reply, r in zip(replies, rows[i : i + 32]))
+            formatted += sum(map(in_format, replies))
+    if fmt is not None:
+        fmt.append(formatted)
     return correct / len(rows), len(rows)
 
 
@@ -125,7 +139,7 @@ def train(method: str, base: Path, data: Path, out: Path, a: argparse.Namespace)
     return {"peak_mib": usage.ru_maxrss / 1024, "train_s": time.perf_counter() - t0, "summary": summary}
 
 
-def trainable(method: str, base: Path, tok: Any) -> tuple[int, int]:
+def trainable(method: str, base: Path, tok: Any, virtual_tokens: int = 0) -> tuple[int, int]:
     """(trainable, total) parameters of the base with the method applied, as `sft` applies it."""
     from tinychat.model import Model
     from tinychat.model.peft import PeftConfig, apply_peft
@@ -140,7 +154,7 @@ def trainable(method: str, base: Path, tok: Any) -> tuple[int, int]:
     targets = extra[extra.index("--lora.targets") + 1 :] if "--lora.targets" in extra else None
     apply_peft(
         model,
-        PeftConfig(method=method),
+        PeftConfig(method=method, virtual_tokens=virtual_tokens or PeftConfig.virtual_tokens),
         LoraConfig(rank=rank) if targets is None else LoraConfig(rank, targets=targets),
     )
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
@@ -179,6 +193,7 @@ def main() -> int:
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora/dora/qlora: dropout on the adapter's input")
     ap.add_argument("--weight-decay", action="append", default=[], metavar="METHOD=WD",
                     help="a method's AdamW decay (default 0.1); on an adapter it pulls toward the base")  # fmt: skip
+    ap.add_argument("--virtual-tokens", type=int, default=0, help="prompt/ptuning/prefix/ptuning_v2/mam: n (0 = 20)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
@@ -186,6 +201,8 @@ def main() -> int:
     LRS.update(per_method(a.lr))
     WDS.update(per_method(a.weight_decay))
     alpha = a.lora_alpha * (a.lora_rank**0.5 if a.rslora else 1.0)  # rsLoRA: alpha/sqrt(r) == (alpha*sqrt(r))/r
+    for m in ("prompt", "ptuning", "prefix", "ptuning_v2", "mam") if a.virtual_tokens else ():
+        EXTRA[m] = [*EXTRA.get(m, []), "--peft.virtual_tokens", str(a.virtual_tokens)]
     for m in ("lora", "dora", "qlora"):
         EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha), "--lora.dropout", str(a.lora_dropout)]
         if a.lora_targets:
@@ -216,14 +233,16 @@ def main() -> int:
         run = train(method, base, data, a.out, a)
         stage = a.out / "runs" / "checkpoints" / method
         tuned = Model.from_pretrained(str(stage), dtype=torch.float32)
-        acc, n = accuracy(tuned, tok, rows, True, graded)
-        k, total = trainable(method, base, tok)
+        fmt: list[int] = []
+        acc, n = accuracy(tuned, tok, rows, True, graded, fmt)
+        k, total = trainable(method, base, tok, a.virtual_tokens)
         r = {"method": method, "trainable": k, "total": total, "accuracy": acc, "n": n,
-             "interval": wilson(acc, n), "forgetting_bpb": bpb(tuned, tok, text, a.bpb_tokens) - base_bpb,
+             "interval": wilson(acc, n), "in_format": fmt[0] / n,
+             "forgetting_bpb": bpb(tuned, tok, text, a.bpb_tokens) - base_bpb,
              "peak_mib": run["peak_mib"], "adapter_bytes": adapter_file(stage).stat().st_size,
              "tok_per_s": tokens_per_s(a.out, method), "lr": LRS[method],
              "weight_decay": WDS.get(method, TrainConfig.weight_decay), "lora_dropout": a.lora_dropout,
-             "seed": a.seed}  # fmt: skip
+             "seed": a.seed, "steps": a.steps, "virtual_tokens": a.virtual_tokens or None}  # fmt: skip
         results.append(r)
         print(json.dumps(r), flush=True)
         summary = {"base": {"ceiling": ceiling, "new_format": base_new, "bpb": base_bpb}, "results": results}

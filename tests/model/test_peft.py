@@ -217,6 +217,23 @@ def test_prompt_tuning_starts_from_the_init_text(tiny_model_dir: Path, tiny_toke
     torch.testing.assert_close(model.virtual_tokens.embedding.weight, want)
 
 
+def test_ptuning_v2_starts_as_the_model_reading_its_init_text(tiny_model_dir: Path, tiny_tokenizer):
+    """P-tuning v2's deep prompt starts as the keys/values of real tokens (Li & Liang's init from real words), so
+    at step 0 the adapted model reading X equals the base model reading the init text and then X."""
+    base = Model.from_pretrained(str(tiny_model_dir))
+    model = Model.from_pretrained(str(tiny_model_dir))
+    text_ids = tiny_tokenizer.encode("the cat sat")
+    pcfg = PeftConfig(method="ptuning_v2", virtual_tokens=5, init_text="the cat sat")
+    apply_peft(model, pcfg, LoraConfig(), init_ids=text_ids)
+    ids = torch.tensor((text_ids * 5)[:5])
+    want = logits(base, torch.cat([ids[None].expand(2, -1), X], dim=1))[:, 5:]
+    torch.testing.assert_close(logits(model), want, atol=1e-4, rtol=0)
+    assert model.virtual_tokens.embedding.weight.requires_grad
+    other = Model.from_pretrained(str(tiny_model_dir))
+    apply_peft(other, PeftConfig(method="ptuning_v2", virtual_tokens=5), LoraConfig())  # random tokens' activations
+    assert not torch.allclose(logits(other), logits(model), atol=1e-3)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: Path, bits: int):
     from tinychat.model.compress.quant import QuantLinear, quantize_blocks

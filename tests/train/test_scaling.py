@@ -62,6 +62,9 @@ def test_scaling_command_end_to_end(corpus_run: Path, tmp_path: Path):
 def test_scaling_needs_two_sizes_and_two_budgets(tmp_path: Path, capsys):
     assert main(["scaling", "--runs-dir", str(tmp_path), "--sizes", "32", "--tokens", "1000", "2000"]) == 2
     assert "at least two" in capsys.readouterr().err
+    args = ["scaling", "--runs-dir", str(tmp_path), "--sizes", "32", "--tokens", "1000", "2000"]
+    assert main([*args, "--train.warmup_steps", "20"]) == 2  # a flag the sweep cannot honour is named, not dropped
+    assert "--train.warmup_steps 20 is ignored" in capsys.readouterr().out
 
 
 def test_mup_scales_hidden_lr_and_init_only():

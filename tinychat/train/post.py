@@ -154,7 +154,7 @@ def add_peft(model: torch.nn.Module, cfg: PostConfig, tok: Any, heads: tuple[str
             f"context window ({model.cfg.max_seq_len}); lower --train.seq_len or --peft.virtual_tokens."
         )
     torch.manual_seed(cfg.train.seed)
-    init_ids = tok.encode(cfg.peft.init_text) if method == "prompt" and cfg.peft.init_text else None
+    init_ids = tok.encode(cfg.peft.init_text) if method in ("prompt", "ptuning_v2") and cfg.peft.init_text else None
     summary = apply_peft(model, cfg.peft, cfg.lora, heads, init_ids)
     if summary:
         print(f"peft: {summary}")

@@ -356,7 +356,16 @@ def plot_lr(runs: list[dict], base: int, out: Path) -> None:
     plt.close(fig)
 
 
+def warn_fixed_warmup(cfg: ScalingConfig) -> None:
+    """Every point warms up for a tenth of its own steps (train_point), so that runs of every length keep the
+    same schedule shape; an explicit --train.warmup_steps would not, and is ignored: say so."""
+    if cfg.train.warmup_steps != TrainConfig.warmup_steps:
+        w = cfg.train.warmup_steps
+        print(f"scaling: --train.warmup_steps {w} is ignored: each run warms up for a tenth of its steps")
+
+
 def run(cfg: ScalingConfig) -> int:
+    warn_fixed_warmup(cfg)
     if cfg.lrs:
         return lr_sweep(cfg)
     if len(set(cfg.sizes)) < 2 or len(set(cfg.tokens)) < 2:

@@ -68,7 +68,9 @@ class PeftConfig:
         "houlsby (serial adapters), parallel (parallel adapters), mam (prefix + parallel FFN adapter)",
     )
     virtual_tokens: int = field(20, help="prompt/ptuning/prefix/ptuning_v2/mam: number of virtual tokens")
-    init_text: str = field("", help="prompt: start the soft prompt from this text's token embeddings")
+    init_text: str = field(
+        "", help="prompt / ptuning_v2: start from this text's token embeddings / keys and values (else random tokens')"
+    )
     encoder: Literal["mlp", "lstm"] = field("mlp", help="ptuning: the prompt encoder")
     encoder_hidden: int = field(0, help="ptuning/prefix: hidden width of the encoder or MLP (0 = token width)")
     targets: list[str] = field(["k", "v", "down"], help="ia3: projections to rescale (q,k,v,o,gate,up,down)")
@@ -108,7 +110,7 @@ class PeftConfig:
             encoder=self.encoder,
             encoder_hidden=self.encoder_hidden,
             projection=method in ("prefix", "mam"),
-            init_text=self.init_text if method == "prompt" else "",
+            init_text=self.init_text if method in ("prompt", "ptuning_v2") else "",
         )
 
 
@@ -120,7 +122,8 @@ def apply_peft(
     init_ids: list[int] | None = None,
 ) -> str:
     """Apply the chosen method to `model` (frozen base, trainable adapter and `heads`); returns a one-line
-    summary ("" when every weight trains). `init_ids`: prompt tuning's init text, tokenised by the caller."""
+    summary ("" when every weight trains). `init_ids`: prompt tuning's / P-tuning v2's init text, tokenised by
+    the caller."""
     m = pcfg.resolve(lcfg)
     if m == "none":
         return ""

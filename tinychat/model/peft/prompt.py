@@ -49,7 +49,7 @@ class PromptSpec:
     encoder_layers: int = 2  # ptuning lstm layers
     projection: bool = False  # prefix: the re-parameterisation MLP (prefix tuning) or none (P-tuning v2)
     trained: bool = True  # False: a loaded adapter, `embedding` holds the final values (no encoder)
-    init_text: str = ""  # prompt tuning: the text the embeddings started from (recorded in the config)
+    init_text: str = ""  # prompt tuning / P-tuning v2: the text the tokens started from (prompt: in the config)
 
 
 class VirtualTokens(nn.Module):
@@ -86,7 +86,7 @@ class VirtualTokens(nn.Module):
                 nn.ReLU(),
                 nn.Linear(hidden, self.width),
             )
-        if spec.kind == "prefix" and not trained_encoder:  # raw keys/values: start at the scale of real ones
+        if spec.kind == "prefix" and not trained_encoder:  # loaded values or real_prefix replace this at once
             nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(self.head_dim))
 
     @property
@@ -190,24 +190,39 @@ class PrefixCache:
 
 
 def attach_virtual_tokens(model: nn.Module, spec: PromptSpec, init_ids: list[int] | None = None) -> VirtualTokens:
-    """Freeze `model` and give it trainable virtual tokens; prompt tuning starts from `init_ids`' embeddings
-    (repeated to n, as PEFT's TEXT init) or, without them, from randomly drawn vocabulary rows (SAMPLE_VOCAB)."""
+    """Freeze `model` and give it trainable virtual tokens. Prompt tuning starts from `init_ids`' embeddings
+    (repeated to n, as PEFT's TEXT init) or, without them, from randomly drawn vocabulary rows (SAMPLE_VOCAB);
+    P-tuning v2 starts from the keys/values the model computes for the same tokens (`real_prefix`)."""
     if getattr(model, "virtual_tokens", None) is not None:
         raise UserError("this model already carries virtual tokens (a prompt/prefix adapter); merge is not possible.")
     for p in model.parameters():
         p.requires_grad_(False)
     dev = model.model.norm.weight.device
     vt = VirtualTokens(spec, model.cfg).to(dev)
-    if spec.kind == "prompt":
+    raw_prefix = spec.kind == "prefix" and not spec.projection and spec.trained  # P-tuning v2's keys/values
+    if spec.kind == "prompt" or raw_prefix:
         emb = model.model.embed_tokens.weight
         if init_ids:
             ids = (init_ids * math.ceil(spec.n / len(init_ids)))[: spec.n]
         else:
             ids = torch.randint(0, emb.shape[0], (spec.n,)).tolist()
+        ids_t = torch.tensor(ids, device=emb.device)
         with torch.no_grad():
-            vt.embedding.weight.copy_(emb[torch.tensor(ids, device=emb.device)].float())
+            vt.embedding.weight.copy_(emb[ids_t].float() if spec.kind == "prompt" else real_prefix(model, ids_t))
     model.virtual_tokens = vt
     return vt
+
+
+def real_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The keys and values the frozen model computes for `ids` (n,) at positions 0..n-1, laid out as PEFT's
+    prefix `prompt_embeddings` (n, n_layer * 2 * kv_dim): P-tuning v2's start. Li & Liang (2021) found that
+    prefixes initialised from real words' activations train far better than random ones; a random prefix
+    also disturbs every layer's attention at step 0, while this one is text the model could have read."""
+    rec = PrefixCache(None, None, 1, ids.numel())
+    model.hidden_states(ids[None], rec)
+    k, v = torch.stack([k[0] for k in rec.keys]), torch.stack([v[0] for v in rec.values])  # (L, n_kv, n, hd)
+    kv = torch.stack([k, v], dim=1).flatten(0, 1)  # (2L, n_kv, n, hd): layer i's key at 2i, its value at 2i+1
+    return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1).float()  # the inverse of VirtualTokens.prefix_kv's view
 
 
 def has_virtual_tokens(model: nn.Module) -> bool:
