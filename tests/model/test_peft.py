@@ -262,12 +262,14 @@ def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: 
     assert err < (0.3 if bits == 4 else 0.05)  # only the quantization error of the base
 
 
-@pytest.mark.parametrize("method", ["prompt", "mam"])
-def test_virtual_tokens_decode_in_a_cache_engine_refuses(tiny_model_dir: Path, tiny_tokenizer, method: str):
+@pytest.mark.parametrize(("method", "block_size"), [("prompt", 4), ("mam", 5), ("ptuning_v2", 4)])
+def test_virtual_tokens_decode_in_both_caches(tiny_model_dir: Path, tiny_tokenizer, method: str, block_size: int):
     """Ragged batched decoding over the contiguous KV cache (virtual tokens preloaded into fresh rows) gives
-    each prompt's own greedy tokens, the first being the cache-less forward's argmax; the paged serving
-    engine does not carry virtual tokens yet and says so in one sentence."""
-    from tinychat.infer.engine import Engine, EngineConfig
+    each prompt's own greedy tokens, the first being the cache-less forward's argmax; so does the paged serving
+    engine, whose sequences share the virtual tokens' blocks (a partial last block copied on write when
+    5 virtual tokens fill blocks of 4), also batched, with chunked prefill, from the prefix cache, and for
+    n = 2 choices."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
     from tinychat.infer.generate import generate_ids
     from tinychat.infer.sampling import SamplingParams
 
@@ -279,5 +281,17 @@ def test_virtual_tokens_decode_in_a_cache_engine_refuses(tiny_model_dir: Path, t
     with torch.no_grad():  # the first generated token is the cache-less forward's argmax
         assert [r[0] for r in ref] == [int(model(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
     assert generate_ids(model, prompts, params, set())[0] == ref
-    with pytest.raises(UserError, match="virtual tokens"):
-        Engine(model, tiny_tokenizer, EngineConfig(max_num_seqs=2, prefill_chunk=4))
+    engine = Engine(model, tiny_tokenizer, EngineConfig(max_num_seqs=3, prefill_chunk=4, block_size=block_size))
+    engine.start()
+    try:
+        handles = [engine.submit(GenerationRequest(p, params)) for p in prompts]
+        assert [collect(h, 1)[0][0]["token_ids"] for h in handles] == ref
+        again = collect(engine.submit(GenerationRequest(prompts[2], params)), 1)[0][0]["token_ids"]
+        assert again == ref[2] and engine.stats.prefix_hit_tokens > 0  # its prompt's blocks came from the cache
+        two = collect(engine.submit(GenerationRequest(prompts[0], params, n=2)), 2)[0]
+        assert [c["token_ids"] for c in two] == [ref[0], ref[0]]
+        too_long = GenerationRequest(prompts[0], SamplingParams(max_new_tokens=model.cfg.max_seq_len - 7))
+        with pytest.raises(UserError, match="5 virtual tokens"):  # the window counts the virtual tokens
+            engine.submit(too_long)
+    finally:
+        engine.stop()

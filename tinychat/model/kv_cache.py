@@ -226,6 +226,13 @@ class PagedKVCache:
         self.k, self.v = [], []
         self.allocated = 0
 
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put n given positions, k/v (n_layer, n_kv, n, hd), at pool positions `slots` (n,): a prompt/prefix
+        adapter's virtual tokens, written once into blocks every sequence then shares."""
+        for layer in range(self.cfg.n_layer):
+            self.k[layer].index_copy_(0, slots, k[layer].transpose(0, 1).to(self.dtype))  # (n, n_kv, hd)
+            self.v[layer].index_copy_(0, slots, v[layer].transpose(0, 1).to(self.dtype))
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: block `dst` becomes a private copy of `src` (every layer)."""
         bs = self.block_size

@@ -49,11 +49,9 @@ class Engine:
     ) -> None:  # noqa: ANN001
         """`adapters`: the LoRA adapters `model` serves beside its base (multi_lora.serve_adapters); a request
         picks one by name (GenerationRequest.adapter) and rows of different adapters share every batch."""
-        if getattr(model, "virtual_tokens", None) is not None:
-            raise UserError(
-                "prompt/prefix-tuning adapters (virtual tokens) do not run in the paged serving engine yet: "
-                "run them with `tinychat generate` or `tinychat eval`, or serve a merged lora/dora/ia3 model."
-            )
+        self.virtual = getattr(model, "virtual_tokens", None)  # a prompt/prefix adapter (model/peft/prompt.py)
+        if self.virtual is not None and adapters is not None:
+            raise UserError("LoRA adapters cannot be served over a prompt/prefix adapter; serve one or the other.")
         if cfg is not None and cfg.compile:
             check_compilable(model)
             if adapters is not None:
@@ -81,7 +79,12 @@ class Engine:
         self.cache.num_blocks = num_blocks
         self.blocks = BlockManager(num_blocks, bs, cfg.prefix_caching)
         self.num_slots = cfg.max_num_seqs  # sequences decoded at once
-        self.sched = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.max_len)
+        # virtual tokens: n positions ahead of every prompt, held under negative ids that no prompt has; their
+        # keys/values are computed once and written into `_prefix_blocks`, which every sequence starts from
+        n_virtual = self.virtual.num_tokens if self.virtual is not None else 0
+        self.virtual_ids = [-1 - i for i in range(n_virtual)]
+        self._prefix_blocks: list[int] = []
+        self.sched = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.max_len, n_virtual)
         self.stop_ids = sorted(tokenizer.stop_ids)
         self.sampler = Sampler(cfg.max_num_seqs, mcfg.vocab_size, self.stop_ids, self.device)
         self.stats = rq.EngineStats(free_slots=cfg.max_num_seqs)
@@ -126,11 +129,12 @@ class Engine:
             raise UserError("the prompt is empty; give at least one token.")
         if not 1 <= req.n <= self.num_slots:
             raise UserError(f"n must be between 1 and {self.num_slots} (the engine's max_num_seqs), got {req.n}.")
-        total = len(req.prompt_ids) + req.params.max_new_tokens
+        total = len(self.virtual_ids) + len(req.prompt_ids) + req.params.max_new_tokens
         if total > self.max_len:
+            virtual = f"{len(self.virtual_ids)} virtual tokens of the adapter, " if self.virtual_ids else ""
             raise UserError(
                 f"the context window is {self.max_len} tokens, but {total} were asked for "
-                f"({len(req.prompt_ids)} in the prompt, {req.params.max_new_tokens} to generate)."
+                f"({virtual}{len(req.prompt_ids)} in the prompt, {req.params.max_new_tokens} to generate)."
             )
         if not self.sched.fits_ever(req):
             raise UserError(f"{req.n} choices of {total} tokens do not fit in the engine's KV memory; ask for fewer.")
@@ -152,7 +156,8 @@ class Engine:
             sink = events.put
         handle = rq.RequestHandle(rid, self, events)
         root = None if slot == 0 else (None, ("adapter", req.adapter))  # no block of tokens has such a key
-        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root))
+        tokens = self.virtual_ids + req.prompt_ids
+        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root, tokens))
         return handle
 
     def _slot(self, name: str) -> int:
@@ -205,8 +210,41 @@ class Engine:
     def _maybe_release(self) -> None:
         """Idle long enough: give the KV pool's memory back (cached prefixes go with it)."""
         if self.cache.allocated and time.perf_counter() - self._idle_since >= self.cfg.idle_release_s:
+            self.blocks.release(self._prefix_blocks)  # rewritten by the next admission
+            self._prefix_blocks = []
             self.blocks.clear_cache()
             self.cache.release()
+
+    def _write_prefix(self) -> None:
+        """The virtual tokens' keys/values, once, into blocks the engine holds for as long as the pool lives;
+        the full ones are offered to the prefix cache under the virtual ids, so prompts chain after them."""
+        if self.virtual is None or self._prefix_blocks:
+            return
+        bs, n = self.blocks.block_size, len(self.virtual_ids)
+        for _ in range(blocks_for(n, bs)):
+            self._prefix_blocks.append(
+                self.blocks.allocate(self._prefix_blocks[-1] + 1 if self._prefix_blocks else None)
+            )
+        self.cache.ensure(1 + max(self._prefix_blocks))
+        k, v = self.virtual.prefix_kv(self.model)  # (n_layer, n_kv, n, hd)
+        slots = torch.tensor([slot_of(self._prefix_blocks, p, bs) for p in range(n)], device=self.device)
+        self.cache.write(slots, k, v)
+        for b, key in zip(self._prefix_blocks, self.blocks.chain(self.virtual_ids, n // bs)):
+            self.blocks.register(b, key)
+
+    def _start_blocks(self, r: Request) -> tuple[list[int], int, int]:
+        """The blocks a new sequence starts from (held for it), how many of them admission may count as already
+        there, and the positions they hold: the prefix cache's longest hit, or at least the virtual tokens'
+        blocks (a partial last one is shared until the prompt's first token goes into a private copy, so
+        admission does not count it)."""
+        hit = self.blocks.match(r.tokens, r.root)
+        n, bs = len(self.virtual_ids), self.blocks.block_size
+        if len(hit) * bs >= n:
+            return hit, len(hit), len(hit) * bs
+        self.blocks.release(hit)
+        for b in self._prefix_blocks:
+            self.blocks.acquire(b)
+        return list(self._prefix_blocks), n // bs, n
 
     def _drain(self, block: bool) -> None:
         try:
@@ -243,16 +281,18 @@ class Engine:
     # ------------------------------------------------------------------ admission and freeing
     def _admit(self) -> None:
         sched = self.sched
+        if sched.waiting:
+            self._write_prefix()
         while sched.waiting:
             r = sched.waiting[0]
             req = r.req
-            hit = self.blocks.match(req.prompt_ids, r.root)
-            if not sched.admissible(req, len(hit)):
+            hit, counted, computed = self._start_blocks(r)
+            if not sched.admissible(req, counted):
                 self.blocks.release(hit)
                 break
             sched.waiting.popleft()
             self._dequeued()
-            keys = self.blocks.chain(req.prompt_ids, len(hit), r.root)
+            keys = self.blocks.chain(r.tokens, computed // self.blocks.block_size, r.root)  # full blocks only
             reserve = sched.worst_case(req)
             for i in range(req.n):
                 c = req.constraint
@@ -269,11 +309,11 @@ class Engine:
                     reserve,
                 )
                 if i == 0:
-                    s.blocks, s.keys, s.computed = hit, keys, len(hit) * self.blocks.block_size
+                    s.blocks, s.keys, s.computed = hit, keys, computed
                 r.seqs.append(s)
                 sched.running.append(s)
             self.stats.prompt_tokens += len(req.prompt_ids)
-            self.stats.prefix_hit_tokens += len(hit) * self.blocks.block_size
+            self.stats.prefix_hit_tokens += computed - len(self.virtual_ids)
         self._update_gauges()
 
     def _dequeued(self) -> None:

@@ -33,6 +33,7 @@ class Request:
     submitted: float
     slot: int = 0  # the LoRA adapter's slot in the model (0: the base; model/peft/multi_lora.py)
     root: BlockKey | None = None  # the prefix cache's chain start for that adapter (None: the base)
+    tokens: list[int] = field(default_factory=list)  # what its blocks hold: virtual-token ids + the prompt
     seqs: list[Seq] = field(default_factory=list)
     completion_tokens: int = 0
     first_token: bool = False
@@ -56,7 +57,9 @@ class Seq:
 
     @property
     def prompt(self) -> list[int]:
-        return self.r.req.prompt_ids
+        """The positions before the output: a prompt/prefix adapter's virtual tokens (negative ids, never
+        fed to the model: their keys/values are written once, see Engine), then the prompt's tokens."""
+        return self.r.tokens
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -69,15 +72,18 @@ def slot_of(table: list[int], position: int, block_size: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int, max_len: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int, max_len: int, virtual: int = 0
+    ) -> None:
         self.blocks, self.prefill_chunk, self.max_len = blocks, prefill_chunk, max_len
+        self.virtual = virtual  # virtual tokens ahead of every prompt (a prompt/prefix adapter)
         self.waiting: deque[Request] = deque()
         self.running: list[Seq] = []
         self.free_rows = list(range(max_num_seqs))[::-1]
 
     def worst_case(self, req: GenerationRequest) -> int:
         """Blocks one choice may need: prompt + output, plus one for a copy-on-write of a shared block."""
-        total = min(len(req.prompt_ids) + req.params.max_new_tokens, self.max_len)
+        total = min(self.virtual + len(req.prompt_ids) + req.params.max_new_tokens, self.max_len)
         return blocks_for(total, self.blocks.block_size) + (1 if req.n > 1 else 0)
 
     def fits_ever(self, req: GenerationRequest) -> bool:

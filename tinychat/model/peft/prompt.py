@@ -14,8 +14,10 @@ of n positions (prompt tuning's prefix is what the model computes from the virtu
 PEFT runs them. `Model.hidden_states` asks its optional `virtual_tokens` module to `attach` to each call:
 - without a cache (training, scoring), attach returns a `PrefixCache`, a one-call stand-in for KVCache whose
   `attend` puts the prefix in front of each layer's keys/values (gradients flow into the prefix);
-- with a KVCache (generate, chat, serve), rows at length 0 get the prefix written at positions 0..n-1 before
-  their prompt is read, so the cache accounts for the virtual tokens and decoding runs at the base's speed.
+- with a KVCache (generate), rows at length 0 get the prefix written at positions 0..n-1 before
+  their prompt is read, so the cache accounts for the virtual tokens and decoding runs at the base's speed;
+- the paged serving engine (chat, serve) writes the prefix once into KV blocks that every sequence shares
+  (infer/engine/core.py), so attach leaves a PagedKVCache alone.
 
 File format (PEFT's): adapter_model.safetensors holds one tensor `prompt_embeddings`, (n, d_model) for
 prompt/P-tuning and (n, n_layer * 2 * kv_dim) for prefix tuning (per layer: key then value, heads then
@@ -34,7 +36,7 @@ from torch import nn
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.kv_cache import CacheMeta, sdpa
+from tinychat.model.kv_cache import CacheMeta, PagedKVCache, sdpa
 from tinychat.model.peft.common import base_path, read_adapter_config, read_adapter_weights, write_adapter
 
 KINDS = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
@@ -126,7 +128,7 @@ class VirtualTokens(nn.Module):
 
     def attach(self, model: nn.Module, cache: Any, batch: int, rows: torch.Tensor | None) -> Any:
         """Called by Model.hidden_states: the cache this call should use (see the module docstring)."""
-        if not self.enabled or self._busy:
+        if not self.enabled or self._busy or isinstance(cache, PagedKVCache):  # the paged engine places its own
             return cache
         n = self.spec.n
         if cache is None:
