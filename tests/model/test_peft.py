@@ -295,3 +295,6 @@ def test_virtual_tokens_decode_in_both_caches(tiny_model_dir: Path, tiny_tokeniz
             engine.submit(too_long)
     finally:
         engine.stop()
+    tiny_pool = EngineConfig(block_size=4, kv_cache_mb=2 * engine.cache.block_bytes / 2**20)
+    with pytest.raises(UserError, match="cannot hold the adapter's 5 virtual tokens"):
+        Engine(model, tiny_tokenizer, tiny_pool)

@@ -84,6 +84,11 @@ class Engine:
         n_virtual = self.virtual.num_tokens if self.virtual is not None else 0
         self.virtual_ids = [-1 - i for i in range(n_virtual)]
         self._prefix_blocks: list[int] = []
+        if blocks_for(n_virtual + 1, bs) > num_blocks - 1:
+            raise UserError(
+                f"kv_cache_mb={cfg.kv_cache_mb} cannot hold the adapter's {n_virtual} virtual tokens and a "
+                "prompt token; raise it."
+            )
         self.sched = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.max_len, n_virtual)
         self.stop_ids = sorted(tokenizer.stop_ids)
         self.sampler = Sampler(cfg.max_num_seqs, mcfg.vocab_size, self.stop_ids, self.device)
