@@ -298,3 +298,50 @@ def test_virtual_tokens_decode_in_both_caches(tiny_model_dir: Path, tiny_tokeniz
     tiny_pool = EngineConfig(block_size=4, kv_cache_mb=2 * engine.cache.block_bytes / 2**20)
     with pytest.raises(UserError, match="cannot hold the adapter's 5 virtual tokens"):
         Engine(model, tiny_tokenizer, tiny_pool)
+
+
+def test_virtual_tokens_in_a_tight_kv_pool(tiny_model_dir: Path, tiny_tokenizer):
+    """With 5 virtual tokens in blocks of 4 (one full block shared through the prefix cache, one partial block
+    copied on write): requests admitted together never run the pool dry (prefill in small chunks, so admitted
+    sequences wait before their copy), a request the pool says it can hold runs instead of waiting forever,
+    and a client's context is the window less the virtual tokens."""
+    import concurrent.futures
+
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+
+    model, _, _ = adapted(tiny_model_dir, "ptuning_v2")
+    model.eval()
+    params = SamplingParams(temperature=0, max_new_tokens=6, stop_on_eos=False)
+    prompts = [tiny_tokenizer.encode(t) for t in ["the cat sat on the mat", "a b c", "tiny models", "learn to chat"]]
+    ref = [generate_ids(model, [p], params, set())[0][0] for p in prompts]
+    probe = Engine(model, tiny_tokenizer, EngineConfig(block_size=4))
+    assert probe.context == probe.max_len - 5
+    worst = max(probe.sched.worst_case(GenerationRequest(p, params)) for p in prompts)
+
+    def pool(blocks: int, **kw) -> EngineConfig:
+        return EngineConfig(block_size=4, kv_cache_mb=blocks * probe.cache.block_bytes / 2**20, **kw)
+
+    engine = Engine(model, tiny_tokenizer, pool(1 + 2 + 2 * worst, max_num_seqs=4, prefill_chunk=2)).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:  # all four at once: some run, the others wait
+            handles = [engine.submit(GenerationRequest(p, params)) for p in prompts]
+            outs = list(ex.map(lambda h: collect(h, 1), handles, timeout=60))
+        assert [o[0][0]["token_ids"] for o in outs] == ref and all(o[1].error is None for o in outs)
+    finally:
+        engine.stop()
+    ex = concurrent.futures.ThreadPoolExecutor(1)
+    for blocks in range(worst - 1, worst + 4):
+        e = Engine(model, tiny_tokenizer, pool(blocks)).start()
+        try:
+            req = GenerationRequest(prompts[0], params)
+            if not e.sched.fits_ever(req):
+                with pytest.raises(UserError, match="do not fit"):
+                    e.submit(req)
+                continue
+            choices, done = ex.submit(collect, e.submit(req), 1).result(timeout=30)  # runs, never waits forever
+            assert choices[0]["token_ids"] == ref[0] and done.error is None
+        finally:
+            e.stop()  # (a request stuck waiting is failed here, so the collecting thread ends)
+    ex.shutdown()

@@ -145,7 +145,7 @@ def create_app(  # noqa: ANN001, PLR0913
             "object": "model",
             "created": int(time.time()),
             "owned_by": "tinychat",
-            "max_model_len": engine.max_len,
+            "max_model_len": engine.context,
         }
         if name != model_name and adapters is not None:  # a LoRA adapter over the base (vLLM's fields)
             card |= {"parent": model_name, "root": str(adapters.dirs[adapters.names.index(name)])}

@@ -177,7 +177,7 @@ def run(cfg: ServeConfig) -> int:
     )
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
-        f"{engine.max_len} tokens, {torch.get_num_threads()} kernel threads) on http://{cfg.host}:{cfg.port}/  "
+        f"{engine.context} tokens, {torch.get_num_threads()} kernel threads) on http://{cfg.host}:{cfg.port}/  "
         "(OpenAI API under /v1)" + (f"; LoRA adapters: {', '.join(adapters.names)}" if adapters else "")
     )
     try:

@@ -150,7 +150,7 @@ class Preparer:
 
     # ------------------------------------------------------------------ shared
     def _budget(self, n_prompt: int, max_tokens: int | None, what: str) -> int:
-        ctx = self.engine.max_len
+        ctx = self.engine.context
         if n_prompt >= ctx or (max_tokens is not None and n_prompt + max_tokens > ctx):
             if max_tokens:
                 asked = f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in the "

@@ -68,8 +68,8 @@ def chat_loop(engine, tok, cfg: ChatConfig, stdin: TextIO, stdout: TextIO) -> No
             continue
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        max_new = min(cfg.max_tokens, engine.max_len // 2)
-        ids = fit_history(tok, messages, engine.max_len - max_new)
+        max_new = min(cfg.max_tokens, engine.context // 2)
+        ids = fit_history(tok, messages, engine.context - max_new)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new, seed=cfg.seed)
         handle = engine.submit(GenerationRequest(ids, params))
         reply = []

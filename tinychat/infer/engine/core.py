@@ -105,6 +105,12 @@ class Engine:
         self._idle_since = time.perf_counter()
 
     @property
+    def context(self) -> int:
+        """Tokens a request may use, prompt and completion together: the window less the virtual tokens of a
+        prompt/prefix adapter, which take the first positions of every sequence."""
+        return self.max_len - len(self.virtual_ids)
+
+    @property
     def kv_bytes(self) -> int:
         """KV memory allocated now (it grows with the sequences and is dropped when the engine idles)."""
         return self.cache.nbytes
@@ -226,16 +232,20 @@ class Engine:
         if self.virtual is None or self._prefix_blocks:
             return
         bs, n = self.blocks.block_size, len(self.virtual_ids)
-        for _ in range(blocks_for(n, bs)):
-            self._prefix_blocks.append(
-                self.blocks.allocate(self._prefix_blocks[-1] + 1 if self._prefix_blocks else None)
-            )
-        self.cache.ensure(1 + max(self._prefix_blocks))
-        k, v = self.virtual.prefix_kv(self.model)  # (n_layer, n_kv, n, hd)
-        slots = torch.tensor([slot_of(self._prefix_blocks, p, bs) for p in range(n)], device=self.device)
-        self.cache.write(slots, k, v)
-        for b, key in zip(self._prefix_blocks, self.blocks.chain(self.virtual_ids, n // bs)):
+        blocks: list[int] = []
+        try:
+            for _ in range(blocks_for(n, bs)):
+                blocks.append(self.blocks.allocate(blocks[-1] + 1 if blocks else None))
+            self.cache.ensure(1 + max(blocks))
+            with torch.inference_mode():
+                k, v = self.virtual.prefix_kv(self.model)  # (n_layer, n_kv, n, hd)
+            self.cache.write(torch.tensor([slot_of(blocks, p, bs) for p in range(n)], device=self.device), k, v)
+        except BaseException:
+            self.blocks.release(blocks)  # nothing half-written is ever used
+            raise
+        for b, key in zip(blocks, self.blocks.chain(self.virtual_ids, n // bs)):
             self.blocks.register(b, key)
+        self._prefix_blocks = blocks
 
     def _start_blocks(self, r: Request) -> tuple[list[int], int, int]:
         """The blocks a new sequence starts from (held for it), how many of them admission may count as already

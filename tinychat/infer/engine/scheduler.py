@@ -82,12 +82,18 @@ class Scheduler:
         self.free_rows = list(range(max_num_seqs))[::-1]
 
     def worst_case(self, req: GenerationRequest) -> int:
-        """Blocks one choice may need: prompt + output, plus one for a copy-on-write of a shared block."""
+        """Blocks one choice may need: virtual tokens + prompt + output, plus one for a copy-on-write of a
+        shared block (n > 1 choices; the virtual tokens' partial last block, copied when the prompt starts)."""
         total = min(self.virtual + len(req.prompt_ids) + req.params.max_new_tokens, self.max_len)
-        return blocks_for(total, self.blocks.block_size) + (1 if req.n > 1 else 0)
+        cow = (1 if req.n > 1 else 0) + (1 if self.virtual % self.blocks.block_size else 0)
+        return blocks_for(total, self.blocks.block_size) + cow
 
     def fits_ever(self, req: GenerationRequest) -> bool:
-        return req.n * self.worst_case(req) <= self.blocks.num_blocks - 1
+        """Whether the request fits an otherwise empty pool: the scratch block and the virtual tokens' blocks
+        are held for good, their full blocks are shared by every choice (admission counts them as hits)."""
+        bs = self.blocks.block_size
+        held = 1 + blocks_for(self.virtual, bs)
+        return req.n * self.worst_case(req) - self.virtual // bs <= self.blocks.num_blocks - held
 
     def outstanding(self) -> int:
         """Blocks the running sequences may still take."""

@@ -27,6 +27,7 @@ head_dim, as PEFT views it); adapter_config.json carries peft_type PROMPT_TUNING
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class VirtualTokens(nn.Module):
         self.width = self.n_layer * 2 * self.token_dim if spec.kind == "prefix" else self.token_dim
         hidden = spec.encoder_hidden or self.token_dim
         self.hidden = hidden
-        self.enabled, self._busy = True, False
+        self.enabled = True
         trained_encoder = spec.trained and (spec.kind == "ptuning" or (spec.kind == "prefix" and spec.projection))
         self.embedding = nn.Embedding(spec.n, self.token_dim if trained_encoder else self.width)
         if trained_encoder and spec.kind == "prefix":
@@ -117,19 +118,25 @@ class VirtualTokens(nn.Module):
         # keys/values (a recording PrefixCache: KVCache's in-place writes would break the backward pass)
         rec = PrefixCache(None, None, 1, n)
         embed = model.model.embed_tokens
-        hook = embed.register_forward_hook(lambda m, args, out: p[None].to(out.dtype))  # (1, n, d) in place of ids
-        self._busy = True
+        me = threading.get_ident()  # (1, n, d) in place of ids, in this thread's call only
+
+        def virtual_embeddings(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return p[None].to(out.dtype) if threading.get_ident() == me else out
+
+        hook = embed.register_forward_hook(virtual_embeddings)
+        busy = _computing()
+        busy.add(id(self))
         try:
             model.hidden_states(torch.zeros(1, n, dtype=torch.long, device=p.device), rec)
         finally:
             hook.remove()
-            self._busy = False
+            busy.discard(id(self))
         return torch.stack([k[0] for k in rec.keys]), torch.stack([v[0] for v in rec.values])
 
     def attach(self, model: nn.Module, cache: Any, batch: int, rows: torch.Tensor | None) -> Any:
         """Called by Model.hidden_states: the cache this call should use (see the module docstring)."""
-        if not self.enabled or self._busy or isinstance(cache, PagedKVCache):  # the paged engine places its own
-            return cache
+        if not self.enabled or id(self) in _computing() or isinstance(cache, PagedKVCache):
+            return cache  # off, inside its own prefix computation, or the paged engine (it places the prefix)
         n = self.spec.n
         if cache is None:
             k, v = self.prefix_kv(model)
@@ -145,6 +152,16 @@ class VirtualTokens(nn.Module):
             k, v = self.prefix_kv(model)
         cache.preload(fresh, k, v)
         return cache
+
+
+_THREAD = threading.local()  # per thread: a server's embedding thread runs forwards beside the engine's
+
+
+def _computing() -> set[int]:
+    """Ids of the VirtualTokens whose prefix this thread is computing now (their attach must stand aside)."""
+    if not hasattr(_THREAD, "busy"):
+        _THREAD.busy = set()
+    return _THREAD.busy
 
 
 class PrefixCache:
