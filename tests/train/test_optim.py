@@ -90,3 +90,22 @@ def test_training_with_muon_learns_and_resumes_exactly(corpus_run: Path):
     assert again.returncode == 0, again.stderr
     assert "resumed pretrain" in again.stdout
     assert train_losses(corpus_run / "muon2") == losses
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ia3_scales_are_gains_not_decayed_matrices(optimizer: str):
+    """IA3's scales are (out, 1) / (1, in) matrices in PEFT's layout but start at the base's 1: decay would pull
+    them toward 0, away from the base, and Muon would orthogonalise a vector. They go with the gains."""
+    from tinychat.model.peft.ia3 import apply_ia3
+
+    model = Model(preset("tiny", vocab_size=128, d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, d_ff=64))
+    apply_ia3(model, ["k", "v", "down"])
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-3, weight_decay=10.0), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {names[id(p)]: g for g in opt.param_groups for p in g["params"]}
+    assert len(groups) == 6 and all(n.endswith("ia3_l") for n in groups)  # only the scales train
+    assert all(g["weight_decay"] == 0.0 and not g.get("muon", False) for g in groups.values())
+    loss = model(torch.randint(0, 128, (2, 8))).float().pow(2).mean()  # one step with no gradient signal ...
+    loss.mul(0).backward()
+    opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if n.endswith("ia3_l"))

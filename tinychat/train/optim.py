@@ -28,9 +28,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         return build_muon(model, cfg)
     if cfg.mup_base_width:
         return build_mup_adamw(model, cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    decay = [p for n, p in named if not is_gain(n, p)]
+    no_decay = [p for n, p in named if is_gain(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     # fused AdamW: one kernel for all parameters (CPU and CUDA in torch >= 2.4); not for DTensor on gloo
@@ -68,8 +69,8 @@ def build_mup_adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     of full μP is left out: tinychat ties the head to the embedding by default."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-    tables = [p for n, p in named if p.ndim >= 2 and not is_hidden_matrix(n, p)]
-    gains = [p for _, p in named if p.ndim < 2]
+    tables = [p for n, p in named if not is_gain(n, p) and not is_hidden_matrix(n, p)]
+    gains = [p for n, p in named if is_gain(n, p)]
     groups = [
         {"params": hidden, "weight_decay": cfg.weight_decay, "lr_scale": width_ratio(model, cfg.mup_base_width)},
         {"params": tables, "weight_decay": cfg.weight_decay},
@@ -108,9 +109,16 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
+def is_gain(name: str, p: torch.nn.Parameter) -> bool:
+    """A scale vector, kept out of weight decay (and out of Muon): norms' gains, biases, DoRA's magnitudes, and
+    IA3's scales, which PEFT stores as (out, 1) or (1, in) matrices but which start at the base's 1: a decay
+    toward 0 would pull them away from the base model instead of toward it."""
+    return p.ndim < 2 or name.endswith("ia3_l")
+
+
 def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
-    """Muon's parameters: 2-D weights of the blocks; not the token embedding or the output head."""
-    return p.ndim == 2 and "embed" not in name and "lm_head" not in name
+    """Muon's parameters: 2-D weights of the blocks; not the token embedding, the output head or a gain."""
+    return p.ndim == 2 and not is_gain(name, p) and "embed" not in name and "lm_head" not in name
 
 
 class Muon(torch.optim.Optimizer):
@@ -156,8 +164,8 @@ def build_muon(model: torch.nn.Module, cfg: TrainConfig) -> Muon:
     if any(type(p).__name__ == "DTensor" for _, p in named):
         raise UserError("--train.optimizer muon does not shard yet (FSDP/TP): use adamw with distributed training.")
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-    tables = [p for n, p in named if p.ndim >= 2 and not is_hidden_matrix(n, p)]
-    gains = [p for _, p in named if p.ndim < 2]
+    tables = [p for n, p in named if not is_gain(n, p) and not is_hidden_matrix(n, p)]
+    gains = [p for n, p in named if is_gain(n, p)]
     groups = [
         {"params": hidden, "muon": True, "weight_decay": cfg.weight_decay, "lr_scale": cfg.muon_lr / cfg.lr},
         {"params": tables, "weight_decay": cfg.weight_decay},
