@@ -115,23 +115,20 @@ class VirtualTokens(nn.Module):
             kv = p.view(n, self.n_layer * 2, self.n_kv, self.head_dim).permute(1, 2, 0, 3)  # (2L, n_kv, n, hd)
             return kv[0::2], kv[1::2]
         # prompt / P-tuning: run the model on the virtual embeddings at positions 0..n-1, keeping each layer's
-        # keys/values (a recording PrefixCache: KVCache's in-place writes would break the backward pass)
-        rec = PrefixCache(None, None, 1, n)
-        embed = model.model.embed_tokens
+        # keys/values (recorded_kv, with the embeddings swapped in for placeholder ids)
         me = threading.get_ident()  # (1, n, d) in place of ids, in this thread's call only
 
         def virtual_embeddings(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             return p[None].to(out.dtype) if threading.get_ident() == me else out
 
-        hook = embed.register_forward_hook(virtual_embeddings)
+        hook = model.model.embed_tokens.register_forward_hook(virtual_embeddings)
         busy = _computing()
         busy.add(id(self))
         try:
-            model.hidden_states(torch.zeros(1, n, dtype=torch.long, device=p.device), rec)
+            return recorded_kv(model, torch.zeros(n, dtype=torch.long, device=p.device))
         finally:
             hook.remove()
             busy.discard(id(self))
-        return torch.stack([k[0] for k in rec.keys]), torch.stack([v[0] for v in rec.values])
 
     def attach(self, model: nn.Module, cache: Any, batch: int, rows: torch.Tensor | None) -> Any:
         """Called by Model.hidden_states: the cache this call should use (see the module docstring)."""
@@ -237,11 +234,17 @@ def real_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     prefix `prompt_embeddings` (n, n_layer * 2 * kv_dim): P-tuning v2's start. Li & Liang (2021) found that
     prefixes initialised from real words' activations train far better than random ones; a random prefix
     also disturbs every layer's attention at step 0, while this one is text the model could have read."""
-    rec = PrefixCache(None, None, 1, ids.numel())
-    model.hidden_states(ids[None], rec)
-    k, v = torch.stack([k[0] for k in rec.keys]), torch.stack([v[0] for v in rec.values])  # (L, n_kv, n, hd)
+    k, v = recorded_kv(model, ids)  # (L, n_kv, n, hd)
     kv = torch.stack([k, v], dim=1).flatten(0, 1)  # (2L, n_kv, n, hd): layer i's key at 2i, its value at 2i+1
     return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1).float()  # the inverse of VirtualTokens.prefix_kv's view
+
+
+def recorded_kv(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each layer's keys and values, (n_layer, n_kv, n, hd) each, as the model computes them for `ids` (n,) at
+    positions 0..n-1 (a recording PrefixCache: KVCache's in-place writes would break the backward pass)."""
+    rec = PrefixCache(None, None, 1, ids.numel())
+    model.hidden_states(ids[None], rec)
+    return torch.stack([k[0] for k in rec.keys]), torch.stack([v[0] for v in rec.values])
 
 
 def has_virtual_tokens(model: nn.Module) -> bool:
