@@ -56,12 +56,18 @@ def bracket(answer: str) -> str:
     return f"<<{answer}>>"
 
 
+def in_format(reply: str) -> bool:
+    """The reply is `<<...>>`, right answer or not: whether a method learned the format at all."""
+    s = reply.strip()
+    return s.startswith("<<") and s.endswith(">>") and len(s) > 4
+
+
 def graded(reply: str, row: dict[str, Any]) -> bool:
     """Exactly `<<answer>>` (or an alias), compared after world.answers.normalize."""
     from tinychat.world.answers import normalize
 
     s = reply.strip()
-    if not (s.startswith("<<") and s.endswith(">>")):
+    if not in_format(s):
         return False
     return normalize(s[2:-2]) in {normalize(a) for a in [row["answer"], *row.get("aliases", [])]}
 
@@ -80,12 +86,6 @@ def make_data(run: Path, out: Path, n_rows: int, seed: int) -> Path:
                     {"role": "assistant", "content": bracket(a)}]  # fmt: skip
             f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
     return path
-
-
-def in_format(reply: str) -> bool:
-    """The reply is `<<...>>`, right answer or not: whether a method learned the format at all."""
-    s = reply.strip()
-    return s.startswith("<<") and s.endswith(">>") and len(s) > 4
 
 
 def accuracy(
