@@ -38,10 +38,11 @@ from tinychat.train.config import TrainConfig
 
 SYSTEM = "Format: bracket."
 METHODS = ["none", "lora", "ia3", "prompt", "prefix", "mam", "houlsby", "parallel", "dora", "qlora", "ptuning",
-           "ptuning_v2"]  # fmt: skip
+           "ptuning_v2", "unipelt"]  # fmt: skip
 WDS: dict[str, float] = {}  # AdamW decay per method where --weight-decay overrides the loop's default
 LRS = {"none": 1e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3, "ia3": 2e-2, "prompt": 5e-2, "ptuning": 2e-2,
-       "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3}  # fmt: skip
+       "prefix": 2e-2, "ptuning_v2": 2e-2, "houlsby": 5e-3, "parallel": 5e-3, "mam": 5e-3,
+       "unipelt": 5e-3}  # fmt: skip
 EXTRA = {"lora": ["--lora.rank", "4"], "dora": ["--lora.rank", "4"], "qlora": ["--lora.rank", "4"],
          "prompt": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."],
          "ptuning_v2": ["--peft.init_text", "Format: bracket. Answer as <<answer>>."]}  # fmt: skip
@@ -193,7 +194,9 @@ def main() -> int:
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora/dora/qlora: dropout on the adapter's input")
     ap.add_argument("--weight-decay", action="append", default=[], metavar="METHOD=WD",
                     help="a method's AdamW decay (default 0.1); on an adapter it pulls toward the base")  # fmt: skip
-    ap.add_argument("--virtual-tokens", type=int, default=0, help="prompt/ptuning/prefix/ptuning_v2/mam: n (0 = 20)")
+    ap.add_argument(
+        "--virtual-tokens", type=int, default=0, help="prompt/ptuning/prefix/ptuning_v2/mam/unipelt: n (0 = 20)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-from", type=Path, help="results.json of an earlier run: reuse its base accuracies")
     a = ap.parse_args()
@@ -201,7 +204,7 @@ def main() -> int:
     LRS.update(per_method(a.lr))
     WDS.update(per_method(a.weight_decay))
     alpha = a.lora_alpha * (a.lora_rank**0.5 if a.rslora else 1.0)  # rsLoRA: alpha/sqrt(r) == (alpha*sqrt(r))/r
-    for m in ("prompt", "ptuning", "prefix", "ptuning_v2", "mam") if a.virtual_tokens else ():
+    for m in ("prompt", "ptuning", "prefix", "ptuning_v2", "mam", "unipelt") if a.virtual_tokens else ():
         EXTRA[m] = [*EXTRA.get(m, []), "--peft.virtual_tokens", str(a.virtual_tokens)]
     for m in ("lora", "dora", "qlora"):
         EXTRA[m] = ["--lora.rank", str(a.lora_rank), "--lora.alpha", str(alpha), "--lora.dropout", str(a.lora_dropout)]

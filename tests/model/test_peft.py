@@ -15,11 +15,12 @@ from tinychat.model.peft import PeftConfig, adapters_disabled, apply_peft, load_
 from tinychat.model.peft.adapters import Bottleneck
 from tinychat.model.peft.ia3 import IA3Linear
 from tinychat.model.peft.lora import LoraConfig, LoRALinear
+from tinychat.model.peft.unipelt import PrefixGate
 
 X = torch.randint(16, 200, (2, 12))
 VIRTUAL = ["prompt", "ptuning", "prefix", "ptuning_v2"]
 PEFT_HAS = ["lora", "dora", "ia3", *VIRTUAL]
-OURS = ["houlsby", "parallel", "mam"]  # tinychat's own format
+OURS = ["houlsby", "parallel", "mam", "unipelt"]  # tinychat's own format
 ALL = [*PEFT_HAS, *OURS]
 
 
@@ -47,6 +48,9 @@ def adapted(base_dir: Path, method: str, **kw) -> tuple[Model, PeftConfig, LoraC
             m.ia3_l.data.add_(0.2 * torch.randn_like(m.ia3_l))
         if isinstance(m, Bottleneck):
             torch.nn.init.normal_(m.up.weight, std=0.1)
+        if isinstance(m, PrefixGate):  # gates that differ per layer and head, some near 0 (the base's attention)
+            torch.nn.init.normal_(m.weight, std=0.5)
+            torch.nn.init.normal_(m.bias, std=2.0)
     return model, pcfg, lcfg
 
 
@@ -72,7 +76,11 @@ def test_each_method_starts_near_the_base_and_trains_only_its_adapter(tiny_model
     loss = model(X).float().logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None for p in trainable.values())  # (LoRA's A has a zero gradient while B = 0)
-    assert sum(float(p.grad.abs().sum()) > 0 for p in trainable.values()) >= len(trainable) / 2
+    assert sum(float(p.grad.abs().sum()) > 0 for p in trainable.values()) >= len(trainable) / 2 or method == "unipelt"
+    if method == "unipelt":  # what reads a zero-initialised B / up gets no gradient yet; everything else does
+        waits = (".lora_A.", ".lora_gate.", ".adapter.down.", ".adapter.gate.")
+        moving = {k: p for k, p in trainable.items() if not any(w in k for w in waits)}
+        assert len(moving) >= 10 and all(float(p.grad.abs().sum()) > 0 for p in moving.values()), moving.keys()
     assert all(p.grad is None for k, p in model.named_parameters() if not p.requires_grad)
     with adapters_disabled(model):
         torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
@@ -157,14 +165,14 @@ def test_our_adapters_round_trip_through_their_format(tiny_model_dir: Path, tmp_
     where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
     conf = json.loads((where / "adapter_config.json").read_text())
     assert conf["peft_type"] == method.upper() and conf["tinychat_format"] == 1 and conf["adapter_dim"] == 16
-    assert conf["adapter_scale"] == (4.0 if method == "mam" else 1.0)
+    assert conf.get("adapter_scale", 1.0) == (4.0 if method == "mam" else 1.0)
     again = Model.from_pretrained(str(where))  # an adapter directory opens as base + adapter, unmerged
     torch.testing.assert_close(logits(again), ours, atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="cannot be merged"):
         merge_adapters(again)
 
 
-@pytest.mark.parametrize("method", [*VIRTUAL, "mam"])
+@pytest.mark.parametrize("method", [*VIRTUAL, "mam", "unipelt"])
 def test_the_kv_cache_accounts_for_virtual_tokens(tiny_model_dir: Path, method: str):
     """Prefill + one-token decode steps through the cache give the logits of the cache-less forward."""
     model, _, _ = adapted(tiny_model_dir, method)
@@ -262,7 +270,7 @@ def test_qlora_trains_lora_over_an_integer_base(tiny_model_dir: Path, tmp_path: 
     assert err < (0.3 if bits == 4 else 0.05)  # only the quantization error of the base
 
 
-@pytest.mark.parametrize(("method", "block_size"), [("prompt", 4), ("mam", 5), ("ptuning_v2", 4)])
+@pytest.mark.parametrize(("method", "block_size"), [("prompt", 4), ("mam", 5), ("ptuning_v2", 4), ("unipelt", 4)])
 def test_virtual_tokens_decode_in_both_caches(tiny_model_dir: Path, tiny_tokenizer, method: str, block_size: int):
     """Ragged batched decoding over the contiguous KV cache (virtual tokens preloaded into fresh rows) gives
     each prompt's own greedy tokens, the first being the cache-less forward's argmax; so does the paged serving
@@ -345,3 +353,55 @@ def test_virtual_tokens_in_a_tight_kv_pool(tiny_model_dir: Path, tiny_tokenizer)
         finally:
             e.stop()  # (a request stuck waiting is failed here, so the collecting thread ends)
     ex.shutdown()
+
+
+def test_unipelt_gates_turn_each_part_on_and_off(tiny_model_dir: Path):
+    """A prefix gate near 0 leaves the base's attention (LoRA and adapter at zero: the base model exactly), a gate
+    near 1 is plain prefix tuning with the same prefix; the gate reads the query without its rotary position."""
+    from tinychat.model.peft import prompt
+    from tinychat.model.transformer import rope_tables, rotate
+
+    base = Model.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model, _, _ = adapted(tiny_model_dir, "unipelt")
+    assert (logits(model) - logits(base)).abs().max() > 1e-2
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.zeros_(m.lora_B.weight)
+        if isinstance(m, Bottleneck):
+            torch.nn.init.zeros_(m.up.weight)
+    gate = model.virtual_tokens.gate
+    torch.nn.init.zeros_(gate.weight)
+    torch.nn.init.constant_(gate.bias, -60.0)  # G = e^-60: the prefix's weights vanish
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
+    torch.nn.init.constant_(gate.bias, 60.0)  # G = 1: prefix tuning
+    plain = Model.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    vt = prompt.attach_virtual_tokens(plain, prompt.PromptSpec(kind="prefix", n=5, trained=False))
+    with torch.no_grad():
+        vt.embedding.weight.copy_(model.virtual_tokens.prompts())
+    torch.testing.assert_close(logits(model), logits(plain), atol=1e-5, rtol=0)
+    torch.nn.init.normal_(gate.weight)
+    torch.nn.init.zeros_(gate.bias)
+    q0 = torch.randn(1, model.cfg.n_head, 1, model.cfg.head_dim)
+    at = [rotate(q0, *rope_tables(torch.tensor([[p]]), model.inv_freq, torch.float32)) for p in (3, 40)]
+    g3, g40 = (gate.log_gate(1, q, torch.tensor([[p]]), model.inv_freq) for q, p in zip(at, (3, 40)))
+    torch.testing.assert_close(g3, g40, atol=1e-5, rtol=0)
+    assert (g3 - gate.log_gate(1, at[1], torch.tensor([[3]]), model.inv_freq)).abs().max() > 1e-3
+
+
+def test_a_broken_unipelt_adapter_is_one_sentence(tiny_model_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    model, _, lcfg = adapted(tiny_model_dir, "unipelt")
+    where = save(model, lcfg, tiny_model_dir, tmp_path / "stage")
+    conf = json.loads((where / "adapter_config.json").read_text())
+    (where / "adapter_config.json").write_text(json.dumps({k: v for k, v in conf.items() if k != "r"}))
+    with pytest.raises(UserError, match="needs r, lora_alpha"):
+        Model.from_pretrained(str(where))
+    (where / "adapter_config.json").write_text(json.dumps(conf))
+    tensors = load_file(str(where / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "prefix_gate.bias"}, str(where / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="prefix_gate.bias is missing"):
+        Model.from_pretrained(str(where))
+    (where / "adapter_config.json").write_text(json.dumps({**conf, "num_layers": 7}))
+    with pytest.raises(UserError, match="do not match this base model"):
+        Model.from_pretrained(str(where))

@@ -84,3 +84,25 @@ def test_prefix_dpo_resumes_exactly(toy_runs: Path):
     assert [r["loss"] for r in metrics(toy_runs / "prefix", "dpo")] == [r["loss"] for r in ref]
     conf = json.loads((toy_runs / "prefix" / "checkpoints" / "dpo" / "adapter_config.json").read_text())
     assert conf["peft_type"] == "PREFIX_TUNING" and conf["prefix_projection"] is True
+
+
+def test_unipelt_sft_through_the_cli(toy_runs: Path, capsys):
+    """UniPELT trains its three gated parts on the one loop, its stage is a UNIPELT adapter directory that
+    generate opens, and merge refuses it in one sentence."""
+    args = ["--train.max_steps", "6", "--train.lr", "1e-2", "--eval_rows", "0", "--peft.method", "unipelt",
+            "--peft.virtual_tokens", "3", "--stage", "sft_uni",
+            "--init", str(toy_runs / RUN / "checkpoints" / "pretrain")]  # fmt: skip
+    assert main(["sft", *common(toy_runs), *args]) == 0
+    out = capsys.readouterr().out
+    assert "gated lora rank 8 on 4 projections" in out  # q and v of 2 layers
+    stage = toy_runs / RUN / "checkpoints" / "sft_uni"
+    conf = json.loads((stage / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "UNIPELT" and conf["target_modules"] == ["q_proj", "v_proj"]
+    assert conf["num_virtual_tokens"] == 3 and not (stage / "config.json").exists()
+    loss = [r["loss"] for r in metrics(toy_runs / RUN, "sft_uni")]
+    assert loss[-1] < loss[0]
+    cmd = ["generate", "--model", str(stage), "--prompt", "hello", "--max_new_tokens", "4", "--temperature", "0"]
+    assert main(cmd) == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(stage), "--out", str(toy_runs / "uni_merged")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err

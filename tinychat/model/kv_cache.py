@@ -30,10 +30,26 @@ import torch.nn.functional as F
 from tinychat.model.config import ModelConfig
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """(B, H, T, hd) attention of q over k/v (B, n_kv, S, hd); GQA when the head counts differ."""
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, H, T, hd) attention of q over k/v (B, n_kv, S, hd); GQA when the head counts differ.
+
+    `bias` (B, H, T, S), when given, is added to the scores (UniPELT's prefix gate, model/peft/unipelt.py);
+    the visibility rule (mask or causal) is folded into it, so SDPA gets one float mask."""
     if k.dtype != q.dtype:  # checked here: a no-op .to() still costs a dispatch per layer and token
         k, v = k.to(q.dtype), v.to(q.dtype)
+    if bias is not None:
+        if mask is None and causal:  # SDPA's is_causal: query i sees keys 0..i (top-left aligned)
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+        mask, causal = bias.to(q.dtype), False
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
@@ -98,7 +114,15 @@ class KVCache:
             mask, causal = visible_keys(pos, span), False
         return CacheMeta(pos, rows, start, span, mask, causal)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: CacheMeta) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        m: CacheMeta,
+        bias: torch.Tensor | None = None,  # (B, H, T, span) added to the scores (sdpa)
+    ) -> torch.Tensor:
         """Write this layer's new k/v (B, n_kv, T, hd) and attend q (B, H, T, hd) over the cached span."""
         ck, cv = self.k[layer], self.v[layer]
         T = k.shape[2]
@@ -116,7 +140,7 @@ class KVCache:
             ck[r, :, m.positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, n_kv, hd) at [row, :, pos]
             cv[r, :, m.positions] = v.transpose(1, 2).to(cv.dtype)
             ks, vs = ck[m.rows, :, : m.span], cv[m.rows, :, : m.span]
-        return sdpa(q, ks, vs, m.mask, m.is_causal)
+        return sdpa(q, ks, vs, m.mask, m.is_causal, bias)
 
     def commit(self, m: CacheMeta, n_new: torch.Tensor | None = None) -> None:
         """The call is done: each row it fed now holds n_new[b] (default: all T) more real tokens."""
@@ -239,7 +263,15 @@ class PagedKVCache:
         for t in self.k + self.v:
             t[dst * bs : (dst + 1) * bs] = t[src * bs : (src + 1) * bs]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: PagedMeta) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        m: PagedMeta,
+        bias: torch.Tensor | None = None,  # (B, H, T, span) added to the scores (sdpa)
+    ) -> torch.Tensor:
         """Write this layer's new k/v (B, n_kv, T, hd) to their blocks; attend q (B, H, T, hd) over each row's keys."""
         pk, pv = self.k[layer], self.v[layer]  # (P, n_kv, hd)
         B, n_kv, T, hd = k.shape
@@ -252,4 +284,4 @@ class PagedKVCache:
             idx = m.keys.reshape(-1)
             ks = pk.index_select(0, idx).view(B, m.span, n_kv, hd)
             vs = pv.index_select(0, idx).view(B, m.span, n_kv, hd)
-        return sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal)
+        return sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal, bias)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.hub import resolve_model_dir
-from tinychat.model.peft import UNMERGED, VIRTUAL, PeftConfig, adapters_disabled, apply_peft, has_adapters, save_result
+from tinychat.model.peft import PREFIXED, UNMERGED, PeftConfig, adapters_disabled, apply_peft, has_adapters, save_result
 from tinychat.model.peft.common import adapter_base, is_adapter_dir
 from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
@@ -148,7 +148,7 @@ def add_peft(model: torch.nn.Module, cfg: PostConfig, tok: Any, heads: tuple[str
     method = cfg.peft.resolve(cfg.lora)
     if "score" in heads and method in (*UNMERGED, "ia3"):
         raise UserError(f"--peft.method {method} cannot carry a reward model's score head; use lora or dora.")
-    if method in (*VIRTUAL, "mam") and cfg.train.seq_len + cfg.peft.virtual_tokens > model.cfg.max_seq_len:
+    if method in PREFIXED and cfg.train.seq_len + cfg.peft.virtual_tokens > model.cfg.max_seq_len:
         raise UserError(
             f"train.seq_len ({cfg.train.seq_len}) + {cfg.peft.virtual_tokens} virtual tokens exceed the model's "
             f"context window ({model.cfg.max_seq_len}); lower --train.seq_len or --peft.virtual_tokens."

@@ -6,7 +6,8 @@ Methods (each in its own module, each applied from outside the Transformer by wr
   memory (embeddings and head stay float, as in QLoRA), LoRA on top;
 - ia3 (ia3.py): learned per-channel scales of k, v and the feed-forward input;
 - prompt, ptuning, prefix, ptuning_v2 (prompt.py): virtual tokens at the input or at every layer;
-- houlsby, parallel, mam (adapters.py): bottleneck adapters (MAM adds a prefix), in tinychat's own format.
+- houlsby, parallel, mam (adapters.py): bottleneck adapters (MAM adds a prefix), in tinychat's own format;
+- unipelt (unipelt.py): gated LoRA on q/v + gated prefix + gated serial adapter, in tinychat's own format.
 LoRA/DoRA/IA3 merge into the weights (the stage's model is the merged one, the adapter sits beside it in
 adapter/); the other methods cannot merge, so their stage directory *is* the adapter (adapter_config.json +
 adapter_model.safetensors naming the base), run unmerged by generate/chat/eval/serve.
@@ -28,18 +29,20 @@ from torch import nn
 
 from tinychat.config import field
 from tinychat.errors import UserError
-from tinychat.model.peft import adapters, ia3, lora, prompt
+from tinychat.model.peft import adapters, ia3, lora, prompt, unipelt
 from tinychat.model.peft.common import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config, switched_off
 
 if TYPE_CHECKING:
     from tinychat.model.transformer import Model
 
 METHODS = (
-    "none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam"
+    "none", "lora", "dora", "qlora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "houlsby", "parallel", "mam",
+    "unipelt",
 )  # fmt: skip
 VIRTUAL = ("prompt", "ptuning", "prefix", "ptuning_v2")
 BOTTLENECK = ("houlsby", "parallel", "mam")
-UNMERGED = (*VIRTUAL, *BOTTLENECK)  # run unmerged; a stage trained with one is an adapter directory
+PREFIXED = (*VIRTUAL, "mam", "unipelt")  # methods whose virtual tokens take the first positions
+UNMERGED = (*VIRTUAL, *BOTTLENECK, "unipelt")  # run unmerged; a stage trained with one is an adapter directory
 
 __all__ = ["METHODS", "PeftConfig", "apply_peft", "is_adapter_dir", "load_adapter", "save_result"]
 
@@ -60,14 +63,16 @@ class PeftConfig:
         "houlsby",
         "parallel",
         "mam",
+        "unipelt",
     ] = field(
         "auto",
         help="auto (lora if --lora.rank > 0, else none), none (every weight trains), lora, dora, qlora (LoRA over "
         "an int4/int8 base), ia3, prompt "
         "(prompt tuning), ptuning (P-tuning v1), prefix (prefix tuning), ptuning_v2 (deep prompts, no MLP), "
-        "houlsby (serial adapters), parallel (parallel adapters), mam (prefix + parallel FFN adapter)",
+        "houlsby (serial adapters), parallel (parallel adapters), mam (prefix + parallel FFN adapter), unipelt (gated "
+        "lora on q/v + gated prefix + gated FFN adapter)",
     )
-    virtual_tokens: int = field(20, help="prompt/ptuning/prefix/ptuning_v2/mam: number of virtual tokens")
+    virtual_tokens: int = field(20, help="prompt/ptuning/prefix/ptuning_v2/mam/unipelt: number of virtual tokens")
     init_text: str = field(
         "", help="prompt / ptuning_v2: start from this text's token embeddings / keys and values (else random tokens')"
     )
@@ -76,7 +81,7 @@ class PeftConfig:
     targets: list[str] = field(["k", "v", "down"], help="ia3: projections to rescale (q,k,v,o,gate,up,down)")
     bits: int = field(4, help="qlora: the frozen base's integer width, 4 or 8")
     group_size: int = field(64, help="qlora: int4 scale group (32, 64, 128 or 256)")
-    adapter_dim: int = field(16, help="houlsby/parallel/mam: bottleneck width of each adapter")
+    adapter_dim: int = field(16, help="houlsby/parallel/mam/unipelt: bottleneck width of each adapter")
     adapter_scale: float = field(0.0, help="parallel/mam: output scale s (0 = 1 for parallel, 4 for mam)")
 
     def resolve(self, lcfg: lora.LoraConfig) -> str:
@@ -92,13 +97,15 @@ class PeftConfig:
             check_bits(self.bits, self.group_size)
             if lcfg.modules_to_save:
                 raise UserError("--lora.modules_to_save cannot train whole modules of a quantized base (qlora).")
-        if m not in ("lora", "dora", "qlora") and (lcfg.rank > 0 or lcfg.modules_to_save):
+        if m == "unipelt":
+            unipelt.lora_config(lcfg)
+        elif m not in ("lora", "dora", "qlora") and (lcfg.rank > 0 or lcfg.modules_to_save):
             raise UserError(f"--lora.* is for --peft.method lora or dora, not {m}; drop one of the two.")
-        if m in (*VIRTUAL, "mam") and self.virtual_tokens <= 0:
+        if m in PREFIXED and self.virtual_tokens <= 0:
             raise UserError(f"--peft.virtual_tokens must be > 0 for --peft.method {m}.")
         if m == "ia3":
             lora.target_leaves(self.targets, "--peft.targets")
-        if m in BOTTLENECK and self.adapter_dim <= 0:
+        if m in (*BOTTLENECK, "unipelt") and self.adapter_dim <= 0:
             raise UserError(f"--peft.adapter_dim must be > 0 for --peft.method {m}.")
         return m
 
@@ -142,6 +149,8 @@ def apply_peft(
     elif m in VIRTUAL:
         prompt.attach_virtual_tokens(model, pcfg.spec(m), init_ids)
         what = f"{m}, {pcfg.virtual_tokens} virtual tokens"
+    elif m == "unipelt":
+        what = unipelt.apply_unipelt(model, pcfg.virtual_tokens, pcfg.encoder_hidden, lcfg, pcfg.adapter_dim)
     else:
         if m == "mam":
             prompt.attach_virtual_tokens(model, pcfg.spec(m))
@@ -202,6 +211,11 @@ def save_result(
     no adapter: `state` is returned unchanged.
     """
     base = init if (init / "config.json").is_file() else ""  # an adapter-only init has no base dir
+    if unipelt.is_unipelt(model):
+        if modules:
+            raise UserError(f"UniPELT adapters cannot carry the {', '.join(modules)} head; use lora, dora or ia3.")
+        unipelt.save_unipelt(path, model, state, lcfg, base, task_type)
+        return None
     if has_bottlenecks(model):
         if modules:
             raise UserError(f"bottleneck adapters cannot carry the {', '.join(modules)} head; use lora, dora or ia3.")
@@ -267,6 +281,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[dict[str, Any], di
         raise UserError(f"{Path(path) / ADAPTER_CONFIG}: {t} adapters are read for CAUSAL_LM, not {d['task_type']}.")
     if t == "IA3":
         ia3.load_ia3(model, path, d)
+    elif t == unipelt.PEFT_TYPE:
+        unipelt.load_unipelt(model, path, d)
     elif t in adapters.TYPES.values():
         adapters.load_adapters(model, path, d)
     else:

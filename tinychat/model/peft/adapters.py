@@ -46,23 +46,30 @@ PLACEMENTS = {
     "houlsby": {"self_attn": "serial", "mlp": "serial"},
     "parallel": {"self_attn": "parallel", "mlp": "parallel"},
     "mam": {"mlp": "parallel"},
+    "unipelt": {"mlp": "serial"},  # model/peft/unipelt.py: gated, after the feed-forward sublayer
 }
 TYPES = {"houlsby": "HOULSBY", "parallel": "PARALLEL", "mam": "MAM"}
 
 
 class Bottleneck(nn.Module):
-    """up(relu(down(h))) * scale: d_model -> r -> d_model, up zero-initialised (the identity at step 0)."""
+    """up(relu(down(h))) * scale: d_model -> r -> d_model, up zero-initialised (the identity at step 0).
+    `gated` (UniPELT): times sigmoid(gate(h)), one learned gate per token."""
 
-    def __init__(self, d: int, r: int, scale: float, serial: bool) -> None:
+    def __init__(self, d: int, r: int, scale: float, serial: bool, gated: bool = False) -> None:
         super().__init__()
         self.down = nn.Linear(d, r)
         self.up = nn.Linear(r, d)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.gate = nn.Linear(d, 1) if gated else None
+        if self.gate is not None:
+            nn.init.normal_(self.gate.weight, std=0.02)
+            nn.init.zeros_(self.gate.bias)
         self.scale, self.serial, self.enabled = scale, serial, True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(F.relu(self.down(h))) * self.scale
+        out = self.up(F.relu(self.down(h))) * self.scale
+        return out if self.gate is None else out * torch.sigmoid(self.gate(h))
 
 
 def _adapter_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
@@ -74,9 +81,11 @@ def _adapter_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tenso
     return out + a(src).to(out.dtype)
 
 
-def apply_adapters(model: nn.Module, method: str, dim: int, scale: float, freeze: bool = True) -> int:
+def apply_adapters(
+    model: nn.Module, method: str, dim: int, scale: float, freeze: bool = True, gated: bool = False
+) -> int:
     """Add bottleneck adapters at the sublayers PLACEMENTS[method] names (and freeze the rest of `model`
-    unless `freeze` is False: MAM's prefix was attached first); returns how many."""
+    unless `freeze` is False: MAM's and UniPELT's other parts were attached first); returns how many."""
     if dim <= 0:
         raise UserError(f"--peft.adapter_dim must be > 0 for --peft.method {method}.")
     for p in model.parameters() if freeze else ():
@@ -85,7 +94,7 @@ def apply_adapters(model: nn.Module, method: str, dim: int, scale: float, freeze
     for layer in model.model.layers:
         for sub, how in PLACEMENTS[method].items():
             mod = getattr(layer, sub)
-            mod.adapter = Bottleneck(d, dim, scale if how == "parallel" else 1.0, how == "serial").to(dev)
+            mod.adapter = Bottleneck(d, dim, scale if how == "parallel" else 1.0, how == "serial", gated).to(dev)
             mod.register_forward_hook(_adapter_hook, with_kwargs=True)
             n += 1
     return n
@@ -96,7 +105,7 @@ def bottlenecks(model: nn.Module) -> list[Bottleneck]:
 
 
 def is_adapter_key(key: str) -> bool:
-    return ".adapter.down." in key or ".adapter.up." in key
+    return ".adapter.down." in key or ".adapter.up." in key or ".adapter.gate." in key
 
 
 def save_adapters(

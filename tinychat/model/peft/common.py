@@ -23,7 +23,7 @@ from tinychat.errors import UserError
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # peft_type values tinychat reads and writes (PEFT's own names), and tinychat's own methods PEFT lacks
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "HOULSBY", "PARALLEL", "MAM")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "HOULSBY", "PARALLEL", "MAM", "UNIPELT")
 
 
 def is_adapter_dir(path: str | Path) -> bool:

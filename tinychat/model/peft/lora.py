@@ -105,7 +105,13 @@ class LoRALinear(nn.Module):
     Over a QuantLinear (QLoRA) the integer module is kept as `quant` and W is its dequantized weight."""
 
     def __init__(
-        self, base: nn.Linear | QuantLinear, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False
+        self,
+        base: nn.Linear | QuantLinear,
+        rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        dora: bool = False,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -129,6 +135,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
         self.lora_magnitude_vector: nn.Parameter | None = None
+        # UniPELT (model/peft/unipelt.py): the update is scaled per token by sigmoid(gate(x)), an input-dependent
+        # weight that cannot be merged into W
+        self.lora_gate = nn.Linear(self.in_features, 1, device=dev, dtype=dt) if gated else None
+        if gated:
+            nn.init.normal_(self.lora_gate.weight, std=0.02)  # as the adapters library starts its gates
+            nn.init.zeros_(self.lora_gate.bias)
         if dora:  # m starts at the rows' norms, so step 0 is still the base model
             self.lora_magnitude_vector = nn.Parameter(self.base_weight().detach().float().norm(dim=1).to(dt))  # (out,)
 
@@ -156,6 +168,8 @@ class LoRALinear(nn.Module):
             return y
         xd = self.dropout(x)
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        if self.lora_gate is not None:
+            lora = lora * torch.sigmoid(self.lora_gate(x))  # (..., 1): one gate per token
         if self.lora_magnitude_vector is None:
             return y + lora
         # DoRA: m/||W'|| (W x + s B A x) + b, written as PEFT writes it (base output plus a correction)
@@ -169,6 +183,8 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding W + (alpha/r) B A (DoRA: rescaled per row; the base's weight is untouched;
         QLoRA: a float layer from the dequantized integers)."""
+        if self.lora_gate is not None:
+            raise UserError("a gated LoRA update (UniPELT) depends on the input and cannot be merged into the weights.")
         bias = self.base_bias()
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         with torch.no_grad():
@@ -190,16 +206,18 @@ def _targets(model: nn.Module, leaf_names: list[str]) -> Iterator[tuple[nn.Modul
                 yield mod, child_name, child
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
-    """Freeze every parameter of `model` and wrap its target projections in LoRALinear; returns how many.
+def apply_lora(model: nn.Module, cfg: LoraConfig, gated: bool = False, freeze: bool = True) -> int:
+    """Freeze every parameter of `model` (unless `freeze` is False: UniPELT's other parts were attached first)
+    and wrap its target projections in LoRALinear (`gated`: UniPELT's per-token gate); returns how many.
 
     Heads an objective adds (a reward score, a value head) are unfrozen by the objective afterwards.
     """
     leaves = cfg.leaf_names()
-    train_only(model, module_names(cfg.modules_to_save), "--lora.modules_to_save")
+    if freeze:
+        train_only(model, module_names(cfg.modules_to_save), "--lora.modules_to_save")
     n = 0
     for parent, name, lin in _targets(model, leaves):
-        setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout, cfg.use_dora))
+        setattr(parent, name, LoRALinear(lin, cfg.rank, cfg.scaling, cfg.dropout, cfg.use_dora, gated))
         n += 1
     if n == 0:
         raise UserError(f"--lora.targets {','.join(cfg.targets)} matched no projection of this model.")
@@ -256,12 +274,14 @@ def lora_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key or key.endswith(".lora_magnitude_vector")
+    return ".lora_A." in key or ".lora_B." in key or ".lora_gate." in key or key.endswith(".lora_magnitude_vector")
 
 
 def merge_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A LoRA/DoRA model's state dict as plain weights: W + scaling * B @ A (DoRA: rescaled to m per row),
     adapter tensors dropped."""
+    if any(".lora_gate." in k for k in state):
+        raise UserError("a gated LoRA update (UniPELT) depends on the input and cannot be merged into the weights.")
     out = {k: v for k, v in state.items() if not is_lora_key(k)}
     for key, a in state.items():
         if key.endswith(".lora_A.weight"):

@@ -131,24 +131,28 @@ class VirtualTokens(nn.Module):
             busy.discard(id(self))
 
     def attach(self, model: nn.Module, cache: Any, batch: int, rows: torch.Tensor | None) -> Any:
-        """Called by Model.hidden_states: the cache this call should use (see the module docstring)."""
-        if not self.enabled or id(self) in _computing() or isinstance(cache, PagedKVCache):
-            return cache  # off, inside its own prefix computation, or the paged engine (it places the prefix)
+        """Called by Model.hidden_states: the cache this call should use (see the module docstring). UniPELT's
+        gated prefix (`self.gate`, model/peft/unipelt.py) wraps it, to add the gate to the prefix's scores."""
+        if not self.enabled or id(self) in _computing():
+            return cache  # off, or inside its own prefix computation
+        gate = getattr(self, "gate", None)
+        if isinstance(cache, PagedKVCache):  # the paged engine has placed the prefix
+            return cache if gate is None else gate.wrap(model, cache, self.spec.n)
         n = self.spec.n
         if cache is None:
             k, v = self.prefix_kv(model)
-            return PrefixCache(k, v, batch, self.cfg.max_seq_len)
+            prefixed = PrefixCache(k, v, batch, self.cfg.max_seq_len)
+            return prefixed if gate is None else gate.wrap(model, prefixed, n)
         lengths = cache.lengths if rows is None else cache.lengths[rows]
         ids = torch.arange(cache.batch_size, device=lengths.device) if rows is None else rows
         fresh = ids[lengths == 0]  # rows about to read their prompt: the virtual tokens come first
-        if fresh.numel() == 0:
-            return cache
-        if cache.max_len < n + 1:
-            raise ValueError(f"KV cache of {cache.max_len} positions has no room after {n} virtual tokens.")
-        with torch.no_grad():
-            k, v = self.prefix_kv(model)
-        cache.preload(fresh, k, v)
-        return cache
+        if fresh.numel() > 0:
+            if cache.max_len < n + 1:
+                raise ValueError(f"KV cache of {cache.max_len} positions has no room after {n} virtual tokens.")
+            with torch.no_grad():
+                k, v = self.prefix_kv(model)
+            cache.preload(fresh, k, v)
+        return cache if gate is None else gate.wrap(model, cache, n)
 
 
 _THREAD = threading.local()  # per thread: a server's embedding thread runs forwards beside the engine's
@@ -187,7 +191,15 @@ class PrefixCache:
         mask = torch.cat([torch.ones(n_tokens, n, dtype=torch.bool, device=dev), causal], dim=1)[None, None]
         return CacheMeta(pos, None, n, n + n_tokens, mask, False)  # mask (1, 1, T, n + T)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: CacheMeta) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        m: CacheMeta,
+        bias: torch.Tensor | None = None,  # (B, H, T, n + T) added to the scores (UniPELT's prefix gate)
+    ) -> torch.Tensor:
         """q (B, H, T, hd) over the prefix's keys/values and the call's own k/v (B, n_kv, T, hd)."""
         if self.k is None or self.v is None:  # recording: keep each layer's keys/values, attend causally
             self.keys.append(k)
@@ -196,7 +208,7 @@ class PrefixCache:
             B = k.shape[0]  # (B, n_kv, T, hd) -> (B, n_kv, n + T, hd)
             k = torch.cat([self.k[layer].to(k.dtype)[None].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([self.v[layer].to(v.dtype)[None].expand(B, -1, -1, -1), v], dim=2)
-        return sdpa(q, k, v, m.mask, m.is_causal)
+        return sdpa(q, k, v, m.mask, m.is_causal, bias)
 
     def commit(self, m: CacheMeta, n_new: torch.Tensor | None = None) -> None:
         """Nothing to advance: the cache lives for one call."""
@@ -260,9 +272,8 @@ def export_prompts(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Te
     `state` (the gathered weights) so it works whatever wraps the live module."""
     vt: VirtualTokens = model.virtual_tokens
     cpu = VirtualTokens(vt.spec, vt.cfg)
-    cpu.load_state_dict(
-        {k.removeprefix("virtual_tokens."): v.float().cpu() for k, v in state.items() if is_virtual_key(k)}
-    )
+    own = {k.removeprefix("virtual_tokens."): v for k, v in state.items() if is_virtual_key(k)}
+    cpu.load_state_dict({k: v.float().cpu() for k, v in own.items() if not k.startswith("gate.")})  # (UniPELT's gate)
     with torch.no_grad():
         return cpu.prompts().float().contiguous()
 
