@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from tinychat.model.config import ModelConfig
 
@@ -114,16 +115,9 @@ class KVCache:
             mask, causal = visible_keys(pos, span), False
         return CacheMeta(pos, rows, start, span, mask, causal)
 
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        m: CacheMeta,
-        bias: torch.Tensor | None = None,  # (B, H, T, span) added to the scores (sdpa)
-    ) -> torch.Tensor:
-        """Write this layer's new k/v (B, n_kv, T, hd) and attend q (B, H, T, hd) over the cached span."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, m: CacheMeta, bias: Tensor | None = None) -> Tensor:
+        """Write this layer's new k/v (B, n_kv, T, hd) and attend q (B, H, T, hd) over the cached span (`bias`:
+        (B, H, T, span) added to the scores, see sdpa)."""
         ck, cv = self.k[layer], self.v[layer]
         T = k.shape[2]
         if m.rows is None and m.start is not None:  # aligned rows: slices, no copy of the span
@@ -263,16 +257,9 @@ class PagedKVCache:
         for t in self.k + self.v:
             t[dst * bs : (dst + 1) * bs] = t[src * bs : (src + 1) * bs]
 
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        m: PagedMeta,
-        bias: torch.Tensor | None = None,  # (B, H, T, span) added to the scores (sdpa)
-    ) -> torch.Tensor:
-        """Write this layer's new k/v (B, n_kv, T, hd) to their blocks; attend q (B, H, T, hd) over each row's keys."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, m: PagedMeta, bias: Tensor | None = None) -> Tensor:
+        """Write this layer's new k/v (B, n_kv, T, hd) to their blocks; attend q (B, H, T, hd) over each row's keys
+        (`bias`: (B, H, T, span) added to the scores, see sdpa)."""
         pk, pv = self.k[layer], self.v[layer]  # (P, n_kv, hd)
         B, n_kv, T, hd = k.shape
         pk.index_copy_(0, m.slots, k.transpose(1, 2).reshape(B * T, n_kv, hd).to(pk.dtype))

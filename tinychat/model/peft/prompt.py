@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
@@ -191,16 +191,9 @@ class PrefixCache:
         mask = torch.cat([torch.ones(n_tokens, n, dtype=torch.bool, device=dev), causal], dim=1)[None, None]
         return CacheMeta(pos, None, n, n + n_tokens, mask, False)  # mask (1, 1, T, n + T)
 
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        m: CacheMeta,
-        bias: torch.Tensor | None = None,  # (B, H, T, n + T) added to the scores (UniPELT's prefix gate)
-    ) -> torch.Tensor:
-        """q (B, H, T, hd) over the prefix's keys/values and the call's own k/v (B, n_kv, T, hd)."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, m: CacheMeta, bias: Tensor | None = None) -> Tensor:
+        """q (B, H, T, hd) over the prefix's keys/values and the call's own k/v (B, n_kv, T, hd); `bias` (B, H, T,
+        n + T) is added to the scores (UniPELT's prefix gate)."""
         if self.k is None or self.v is None:  # recording: keep each layer's keys/values, attend causally
             self.keys.append(k)
             self.values.append(v)

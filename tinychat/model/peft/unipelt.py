@@ -42,17 +42,7 @@ from torch import nn
 
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
-from tinychat.model.peft import adapters, lora, prompt
-from tinychat.model.peft.common import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
-    base_path,
-    copy_into,
-    read_adapter_config,
-    read_adapter_weights,
-    write_adapter,
-)
+from tinychat.model.peft import adapters, common, lora, prompt
 from tinychat.model.transformer import rope_tables, rotate
 
 PEFT_TYPE = "UNIPELT"
@@ -139,7 +129,7 @@ def save_unipelt(
     """Write tinychat's UniPELT format (module docstring) atomically into `path`."""
     cfg, vt = model.cfg, model.virtual_tokens
     tensors = lora.adapter_state(state)
-    tensors.update({PEFT_PREFIX + k: v for k, v in state.items() if adapters.is_adapter_key(k)})
+    tensors.update({common.PEFT_PREFIX + k: v for k, v in state.items() if adapters.is_adapter_key(k)})
     tensors["prompt_embeddings"] = prompt.export_prompts(model, state)
     for part in ("weight", "bias"):
         tensors[f"prefix_gate.{part}"] = state[f"virtual_tokens.gate.{part}"].detach().float().cpu().contiguous()
@@ -148,7 +138,7 @@ def save_unipelt(
         "peft_type": PEFT_TYPE,
         "tinychat_format": 1,
         "task_type": task_type,
-        "base_model_name_or_path": base_path(base_model),
+        "base_model_name_or_path": common.base_path(base_model),
         "r": lcfg.rank,
         "lora_alpha": lcfg.alpha,
         "target_modules": sorted(set(lcfg.leaf_names())),
@@ -161,13 +151,13 @@ def save_unipelt(
         "num_query_heads": cfg.n_head,
         "inference_mode": True,
     }
-    write_adapter(path, config, tensors)
+    common.write_adapter(path, config, tensors)
 
 
 def load_unipelt(model: nn.Module, path: str | Path, d: dict[str, Any] | None = None) -> None:
     """Attach the UniPELT adapter at `path` to `model` (frozen, for inference)."""
-    d = d or read_adapter_config(path, (PEFT_TYPE,))
-    src = Path(path) / ADAPTER_CONFIG
+    d = d or common.read_adapter_config(path, (PEFT_TYPE,))
+    src = Path(path) / common.ADAPTER_CONFIG
     cfg = model.cfg
     shape = (d.get("num_layers"), d.get("num_query_heads"), d.get("placement"))
     if shape != (cfg.n_layer, cfg.n_head, adapters.PLACEMENTS["unipelt"]):
@@ -185,7 +175,7 @@ def load_unipelt(model: nn.Module, path: str | Path, d: dict[str, Any] | None = 
     vt.gate = PrefixGate(cfg).to(model.model.norm.weight.device)
     lora.apply_lora(model, lcfg, gated=True, freeze=False)
     adapters.apply_adapters(model, "unipelt", dim, 1.0, freeze=False, gated=True)
-    tensors = read_adapter_weights(path)
+    tensors = common.read_adapter_weights(path)
     prompt.place_prompts(vt, tensors, path)
     own = dict(model.named_parameters())
     # the file's names (PEFT's prefix stripped on reading) -> the model's parameter names
@@ -193,7 +183,9 @@ def load_unipelt(model: nn.Module, path: str | Path, d: dict[str, Any] | None = 
     wanted |= {k: k for k in own if lora.is_lora_key(k) or adapters.is_adapter_key(k)}
     missing = sorted(k for k in wanted if k not in tensors)
     if missing:
-        raise UserError(f"{src.parent / ADAPTER_WEIGHTS}: tensor {missing[0]} is missing ({len(missing)} in all).")
+        raise UserError(
+            f"{src.parent / common.ADAPTER_WEIGHTS}: tensor {missing[0]} is missing ({len(missing)} in all)."
+        )
     for k, name in wanted.items():
-        copy_into(own, name, tensors[k], str(src.parent / ADAPTER_WEIGHTS))
+        common.copy_into(own, name, tensors[k], str(src.parent / common.ADAPTER_WEIGHTS))
     model.requires_grad_(False)
