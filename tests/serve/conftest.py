@@ -87,9 +87,11 @@ def _start_server(
     engine_cfg: EngineConfig,
     api_key: str | None = API_KEY,
     adapters: dict[str, Path] | None = None,
+    adapter_slots: int = 0,
     **app_kw: object,
 ) -> Live:
-    """A live server; `adapters` ({name: LoRA directory}) are served beside the base (multi-LoRA)."""
+    """A live server; `adapters` ({name: LoRA directory}) are served beside the base (multi-LoRA), in
+    `adapter_slots` slots of rank 8 when given (room for adapters loaded while serving)."""
     import uvicorn
 
     from tinychat.model.peft.multi_lora import serve_adapters
@@ -97,7 +99,10 @@ def _start_server(
 
     model = Model.from_pretrained(str(model_dir))
     tok = Tokenizer.from_pretrained(model_dir)
-    aset = serve_adapters(model, adapters) if adapters else None
+    if adapter_slots:
+        aset = serve_adapters(model, adapters or {}, capacity=adapter_slots, max_rank=8)
+    else:
+        aset = serve_adapters(model, adapters) if adapters else None
     engine = Engine(model, tok, engine_cfg, aset).start()
     app = create_app(engine, tok, MODEL_NAME, api_key=api_key, **app_kw)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -83,3 +83,123 @@ def test_bad_adapter_flags_stop_the_command(model_dir, adapters, tmp_path, capsy
     assert "adapter_config.json" in capsys.readouterr().err
     assert main([*argv, "--adapter", f"fox={adapters['fox']}", "--adapter_batching", "fast"]) == 2
     assert "adapter_batching" in capsys.readouterr().err
+
+
+def test_adapters_load_and_unload_while_the_engine_runs(model_dir, adapters, tmp_path):
+    """Free slots take adapters between engine steps; a slot reused by another adapter answers with the new
+    weights (its prefix-cache blocks are not reused); an adapter still in use is not unloaded; a request
+    submitted under an adapter that is gone before it starts fails in one sentence."""
+    from tinychat.model.peft.multi_lora import serve_adapters
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    model = Model.from_pretrained(str(model_dir))
+    aset = serve_adapters(model, {"fox": adapters["fox"]}, capacity=2, max_rank=8)
+    cat = make_lora(model_dir, tmp_path / "cat", seed=7, rank=8, targets=("q", "v", "down"), std=0.5)
+    engine = Engine(model, tok, EngineConfig(max_num_seqs=4), aset)
+    prompt, params = tok.encode("the quick brown fox"), SamplingParams(temperature=0, max_new_tokens=8)
+
+    def text(name: str) -> str:
+        return collect(engine.submit(GenerationRequest(prompt, params, adapter=name)), 1)[0][0]["text"]
+
+    stale = engine.submit(GenerationRequest(prompt, params, adapter="fox"))  # queued before the engine runs
+    aset.unload("fox")  # (the engine thread is not running yet, so this is safe here)
+    engine.start()
+    try:
+        _, done = collect(stale, 1)
+        assert done.error == "adapter 'fox' was unloaded before this request started"
+        assert engine.load_adapter("fox", str(adapters["fox"])).result(10) == 1
+        assert text("fox") == merged_text(model_dir, adapters["fox"], "the quick brown fox", 8)
+        assert engine.load_adapter("dog", str(adapters["dog"])).result(10) == 2
+        assert aset.served == ["fox", "dog"]
+        with pytest.raises(UserError, match="all 2 adapter slots are in use"):
+            engine.load_adapter("cat", str(cat)).result(10)
+        with pytest.raises(UserError, match="already served"):
+            engine.load_adapter("dog", str(adapters["fox"])).result(10)
+        slow = engine.submit(
+            GenerationRequest(prompt, SamplingParams(max_new_tokens=200, stop_on_eos=False), adapter="fox")
+        )
+        with pytest.raises(UserError, match="in use by 1 request"):
+            engine.unload_adapter("fox").result(10)
+        slow.cancel()
+        collect(slow, 1)
+        assert engine.unload_adapter("fox").result(10) == 1
+        assert engine.load_adapter("cat", str(cat)).result(10) == 1  # fox's slot, same prompt, new weights
+        assert text("cat") == merged_text(model_dir, cat, "the quick brown fox", 8)
+        assert text("dog") == merged_text(model_dir, adapters["dog"], "the quick brown fox", 8)
+        with pytest.raises(UserError, match="unknown adapter 'fox'"):
+            engine.submit(GenerationRequest(prompt, params, adapter="fox"))
+        with pytest.raises(UserError, match="no adapter named 'fox'"):
+            engine.unload_adapter("fox").result(10)
+        big = make_lora(model_dir, tmp_path / "big", seed=8, rank=16)
+        with pytest.raises(UserError, match="rank 16 is above this server's 8"):
+            engine.load_adapter("big", str(big))
+    finally:
+        engine.stop()
+
+
+def test_the_adapter_routes(model_dir, adapters, start_server, raw_request, tmp_path):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes) under --adapter_updates: only
+    directories under the root are read; every refusal is a 4xx in one sentence."""
+    import json
+
+    root = tmp_path / "root"
+    make_lora(model_dir, root / "owl", seed=9, std=0.5)
+    outside = make_lora(model_dir, tmp_path / "elsewhere", seed=10)
+    (root / "link").symlink_to(outside)
+    live = start_server(model_dir, EngineConfig(max_num_seqs=4), adapter_slots=2, adapter_root=root)
+    try:
+        client = live.client()
+        base = client.models.list().data[0].id
+
+        def post(path: str, body: dict) -> tuple[int, dict]:
+            return raw_request(live.url, "POST", path, json.dumps(body).encode())
+
+        status, out = post("/v1/load_lora_adapter", {"lora_name": "owl", "lora_path": "owl"})
+        assert status == 200 and out == {
+            "id": "owl",
+            "object": "adapter",
+            "status": "loaded",
+            "root": str(root / "owl"),
+        }
+        assert [m.id for m in client.models.list().data] == [base, "owl"]
+        r = client.completions.create(model="owl", prompt="the quick brown fox", max_tokens=8, temperature=0)
+        assert r.choices[0].text == merged_text(model_dir, root / "owl", "the quick brown fox", 8)
+        refusals = [
+            ({"lora_name": "x", "lora_path": "../elsewhere"}, 400, "must be a directory under"),
+            ({"lora_name": "x", "lora_path": str(outside)}, 400, "must be a directory under"),
+            ({"lora_name": "x", "lora_path": "link"}, 400, "must be a directory under"),
+            ({"lora_name": "x", "lora_path": "missing"}, 400, "adapter_config.json"),
+            ({"lora_name": "owl", "lora_path": "owl"}, 409, "already served"),
+            ({"lora_name": base, "lora_path": "owl"}, 409, "base model's name"),
+            ({"lora_name": "a b", "lora_path": "owl"}, 400, "lora_name"),
+            ({"lora_name": "x"}, 400, "lora_path"),
+        ]
+        for body, code, text in refusals:
+            status, out = post("/v1/load_lora_adapter", body)
+            assert status == code and text in out["error"]["message"] + str(out["error"].get("param")), (body, out)
+        status, out = post("/v1/unload_lora_adapter", {"lora_name": "cat"})
+        assert status == 404 and "no adapter named 'cat'" in out["error"]["message"]
+        status, out = post("/v1/unload_lora_adapter", {"lora_name": "owl"})
+        assert status == 200 and out["status"] == "unloaded"
+        assert [m.id for m in client.models.list().data] == [base]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="owl", prompt="hi", max_tokens=2)
+    finally:
+        live.close()
+    plain = start_server(model_dir, EngineConfig(max_num_seqs=2))
+    try:  # without --adapter_updates the routes do not exist
+        assert (
+            raw_request(plain.url, "POST", "/v1/load_lora_adapter", b'{"lora_name": "a", "lora_path": "b"}')[0] == 404
+        )
+    finally:
+        plain.close()
+
+
+def test_adapter_update_flags(model_dir, tmp_path, capsys):
+    argv = ["serve", "--model", str(model_dir), "--port", "0"]
+    assert main([*argv, "--max_adapters", "2"]) == 2
+    assert "add it" in capsys.readouterr().err
+    assert main([*argv, "--adapter_updates", str(tmp_path / "none")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main([*argv, "--adapter_updates", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "would let anyone load adapters" in capsys.readouterr().err

@@ -35,7 +35,13 @@ from tinychat.infer.structured import Grammars
 from tinychat.serve import openapi, responses_api
 from tinychat.serve.metrics import HttpStats, render_metrics
 from tinychat.serve.prepare import APIError, Prepared, Preparer
-from tinychat.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from tinychat.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+)
 from tinychat.serve.responses import Formatter, sse
 
 log = logging.getLogger("tinychat.serve")
@@ -51,11 +57,14 @@ def create_app(  # noqa: ANN001, PLR0913
     kb=None,
     max_body_mb: float = 16.0,
     allow_writes: bool = True,
+    adapter_root: Path | None = None,
 ) -> FastAPI:
     """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open);
     `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes;
     `allow_writes=False` answers uploads and deletes of documents with 403 (see serve.cli.write_policy);
-    `max_body_mb` bounds every request body, uploads included (413 beyond)."""
+    `max_body_mb` bounds every request body, uploads included (413 beyond); `adapter_root` adds
+    POST /v1/load_lora_adapter and /v1/unload_lora_adapter for LoRA directories under it (the engine must
+    have been started with free adapter slots)."""
     grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
     prep = Preparer(engine, tokenizer, grammars, model_name)
     http = HttpStats()
@@ -148,7 +157,7 @@ def create_app(  # noqa: ANN001, PLR0913
             "max_model_len": engine.context,
         }
         if name != model_name and adapters is not None:  # a LoRA adapter over the base (vLLM's fields)
-            card |= {"parent": model_name, "root": str(adapters.dirs[adapters.names.index(name)])}
+            card |= {"parent": model_name, "root": str(adapters.dir_of(name))}
         return card
 
     @app.get(
@@ -157,7 +166,7 @@ def create_app(  # noqa: ANN001, PLR0913
         responses=openapi.ok(openapi.ModelList, "The base model and the LoRA adapters this server serves."),
     )
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(n) for n in [model_name, *(adapters.names if adapters else [])]]}
+        return {"object": "list", "data": [model_card(n) for n in [model_name, *(adapters.served if adapters else [])]]}
 
     @app.get(
         "/v1/models/{name:path}",
@@ -167,6 +176,9 @@ def create_app(  # noqa: ANN001, PLR0913
     async def get_model(name: str) -> dict[str, Any]:
         prep.check_model(name)
         return model_card(name)
+
+    if adapter_root is not None:
+        _adapter_routes(app, engine, model_name, adapter_root)
 
     if kb is not None:
         from tinychat.serve import rag_routes
@@ -283,6 +295,48 @@ def create_app(  # noqa: ANN001, PLR0913
 
 
 # ---------------------------------------------------------------------------------------------- streams
+def _adapter_routes(app: FastAPI, engine: Engine, model_name: str, root: Path) -> None:
+    """Load and unload LoRA adapters while serving (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter).
+
+    A request names a directory, so only directories under `root` (the operator's `--adapter_updates DIR`)
+    are read: a path that resolves outside it (.., a symbolic link) is refused before any file is opened.
+    Reading and checking the adapter runs in a worker thread; the engine puts it into a free slot between
+    two steps, so running requests are never disturbed."""
+    root = root.resolve()
+
+    def inside(path: str) -> Path:
+        p = (root / path).resolve()  # an absolute `path` replaces root here, and is then checked like any other
+        if not p.is_relative_to(root):
+            raise APIError(400, f"lora_path must be a directory under {root}.", param="lora_path")
+        return p
+
+    async def on_engine(fut: Any) -> Any:
+        try:
+            return await asyncio.wrap_future(fut)
+        except UserError as e:
+            status = 404 if "no adapter named" in str(e) else 409
+            raise APIError(status, str(e), param="lora_name") from None
+
+    doc = openapi.ok(openapi.AdapterStatus, "The adapter's new state.")
+
+    @app.post("/v1/load_lora_adapter", response_model=None, responses={**doc, **openapi.errors(400, 409)})
+    async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
+        if body.lora_name == model_name:
+            raise APIError(409, f"{body.lora_name!r} is the base model's name; pick another.", param="lora_name")
+        path = inside(body.lora_path)
+        try:
+            fut = await run_in_threadpool(engine.load_adapter, body.lora_name, str(path))
+        except UserError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        await on_engine(fut)
+        return {"id": body.lora_name, "object": "adapter", "status": "loaded", "root": str(path)}
+
+    @app.post("/v1/unload_lora_adapter", response_model=None, responses={**doc, **openapi.errors(400, 404, 409)})
+    async def unload_adapter(body: UnloadAdapterRequest) -> dict[str, Any]:
+        await on_engine(engine.unload_adapter(body.lora_name))
+        return {"id": body.lora_name, "object": "adapter", "status": "unloaded"}
+
+
 def _stream(gen: AsyncIterator[str], handles: list) -> StreamingResponse:
     """An SSE response; afterwards (also when the client left before the first chunk) its requests are cancelled,
     which is a no-op for the finished ones."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -32,6 +33,15 @@ class ServeConfig:
     )
     adapter_batching: Literal["mask", "gather", "group"] = field(
         "mask", help="how rows of different adapters share a batch: mask, gather or group (docs/peft.md)"
+    )
+    adapter_updates: str = field(
+        "",
+        help="a directory: POST /v1/load_lora_adapter and /v1/unload_lora_adapter may load LoRA adapters from "
+        "under it while serving (default: off)",
+    )
+    max_adapters: int = field(0, help="LoRA adapter slots (0: as many as --adapter, at least 4 with --adapter_updates)")
+    max_adapter_rank: int = field(
+        0, help="the slots' LoRA rank with --adapter_updates (0: 16, or the largest --adapter's)"
     )
     max_num_seqs: int = field(16, help="sequences decoded at once (KV-cache slots)")
     max_model_len: int = field(0, help="positions per sequence, prompt + output (0: the model's context)")
@@ -126,11 +136,30 @@ def parse_adapters(items: list[str], base_name: str) -> dict[str, str]:
 
 
 def load_adapters(model, cfg: ServeConfig, base_name: str):  # noqa: ANN001, ANN201 - (Model, ...) -> AdapterSet | None
-    """Wrap `model` to serve the --adapter LoRA adapters in shared batches (model/peft/multi_lora.py); None without."""
+    """Wrap `model` to serve the --adapter LoRA adapters in shared batches (model/peft/multi_lora.py), with free
+    slots for adapters loaded later when --adapter_updates is given; None without either."""
     from tinychat.model.peft.multi_lora import serve_adapters
 
     named = parse_adapters(cfg.adapter, base_name)
-    return serve_adapters(model, named, cfg.adapter_batching) if named else None
+    if cfg.max_adapters < 0 or cfg.max_adapter_rank < 0:
+        raise UserError("--max_adapters and --max_adapter_rank must be >= 0.")
+    if not cfg.adapter_updates:
+        if cfg.max_adapters or cfg.max_adapter_rank:
+            raise UserError("--max_adapters and --max_adapter_rank size the slots of --adapter_updates; add it.")
+        return serve_adapters(model, named, cfg.adapter_batching) if named else None
+    if not Path(cfg.adapter_updates).is_dir():
+        raise UserError(f"--adapter_updates {cfg.adapter_updates}: no such directory.")
+    capacity = cfg.max_adapters or max(4, len(named))
+    return serve_adapters(model, named, cfg.adapter_batching, capacity, cfg.max_adapter_rank or 16)
+
+
+def check_adapter_updates(cfg: ServeConfig) -> None:
+    """Loading adapters changes what the server runs: like document writes, it needs a key beyond loopback."""
+    if cfg.adapter_updates and not is_loopback(cfg.host) and not cfg.api_key and not cfg.allow_unauthenticated_writes:
+        raise UserError(
+            f"--adapter_updates on --host {cfg.host} would let anyone load adapters; set --api_key "
+            "(or --allow_unauthenticated_writes)."
+        )
 
 
 def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
@@ -159,6 +188,7 @@ def run(cfg: ServeConfig) -> int:
     from tinychat.serve.app import create_app
 
     threads = kernel_threads(cfg.threads)
+    check_adapter_updates(cfg)
     model, tok, path = load(cfg.model, cfg.runs_dir, cfg.device, cfg.dtype)
     name = cfg.served_model_name or model_name(path)
     adapters = load_adapters(model, cfg, name)
@@ -173,12 +203,20 @@ def run(cfg: ServeConfig) -> int:
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr)
     app = create_app(
-        engine, tok, name, api_key=cfg.api_key or None, kb=kb, max_body_mb=cfg.max_body_mb, allow_writes=writes
+        engine,
+        tok,
+        name,
+        api_key=cfg.api_key or None,
+        kb=kb,
+        max_body_mb=cfg.max_body_mb,
+        allow_writes=writes,
+        adapter_root=Path(cfg.adapter_updates) if cfg.adapter_updates else None,
     )
     print(
         f"serving {path} as '{name}' ({model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots of "
         f"{engine.context} tokens, {torch.get_num_threads()} kernel threads) on http://{cfg.host}:{cfg.port}/  "
-        "(OpenAI API under /v1)" + (f"; LoRA adapters: {', '.join(adapters.names)}" if adapters else "")
+        "(OpenAI API under /v1)"
+        + (f"; LoRA adapters: {', '.join(adapters.served)}" if adapters and adapters.served else "")
     )
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

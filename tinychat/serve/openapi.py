@@ -47,8 +47,9 @@ WHY = {
     400: "The request is invalid (a field, the JSON, the context length); `param` names the field.",
     401: "The API key is missing or wrong (send `Authorization: Bearer KEY`).",
     403: "The server refuses to change the knowledge base (it listens beyond loopback without an API key).",
-    404: "No such model or document.",
-    409: "The name matches several documents; delete one by its id.",
+    404: "No such model, adapter or document.",
+    409: "A conflict: the name matches several documents (delete one by its id), or an adapter's name or slot is "
+    "taken or it is still in use.",
     413: "The request body is larger than the server's limit (serve --max-body-mb).",
     429: "The server is overloaded (its request queue is full); retry after the time in Retry-After.",
     500: "An unexpected error; the server logged the details and keeps running.",
@@ -107,6 +108,13 @@ class ModelCard(Out):
 class ModelList(Out):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class AdapterStatus(Out):
+    id: str = Field(description="The adapter's name: the `model` a request gives to use it.")
+    object: Literal["adapter"]
+    status: Literal["loaded", "unloaded"]
+    root: str | None = Field(None, description="The adapter's directory (when loaded).")
 
 
 class Usage(Out):

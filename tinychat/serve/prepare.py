@@ -47,7 +47,7 @@ class Preparer:
 
     def check_model(self, name: str) -> str:
         """The LoRA adapter a request's `model` names ("" for the base model); 404 for a name not served."""
-        adapters = self.engine.adapters.names if self.engine.adapters else []
+        adapters = self.engine.adapters.served if self.engine.adapters else []
         if name == self.model_name:
             return ""
         if name in adapters:

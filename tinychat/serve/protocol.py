@@ -304,3 +304,16 @@ class EmbeddingRequest(Strict):
         if all(isinstance(v, int) for v in x):
             return [x]  # type: ignore[list-item]
         return list(x)  # type: ignore[arg-type]
+
+
+class LoadAdapterRequest(Strict):
+    """POST /v1/load_lora_adapter (vLLM's fields): serve the PEFT LoRA directory `lora_path` as model `lora_name`."""
+
+    lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadAdapterRequest(Strict):
+    """POST /v1/unload_lora_adapter: stop serving adapter `lora_name`."""
+
+    lora_name: str = Field(min_length=1, max_length=200)

@@ -149,7 +149,7 @@ class Engine:
             )
         if not self.sched.fits_ever(req):
             raise UserError(f"{req.n} choices of {total} tokens do not fit in the engine's KV memory; ask for fewer.")
-        slot = self._slot(req.adapter)
+        slot, load = self._slot(req.adapter)
         V = self.model.cfg.vocab_size
         for t in [*req.prompt_ids, *(req.logit_bias or {}), *req.banned_ids]:
             if not 0 <= t < V:
@@ -166,18 +166,58 @@ class Engine:
             events = queue.Queue()
             sink = events.put
         handle = rq.RequestHandle(rid, self, events)
-        root = None if slot == 0 else (None, ("adapter", req.adapter))  # no block of tokens has such a key
+        root = None if slot == 0 else (None, ("adapter", load))  # no block of tokens has such a key
         tokens = self.virtual_ids + req.prompt_ids
-        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root, tokens))
+        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root, tokens, load))
         return handle
 
-    def _slot(self, name: str) -> int:
+    def _slot(self, name: str) -> tuple[int, int]:
+        """(slot, load) of an adapter name ("": the base, (0, 0)); UserError for one not served."""
         if not name:
-            return 0
-        if self.adapters is None or name not in self.adapters.names:
-            served = ", ".join(self.adapters.names) if self.adapters else "none"
-            raise UserError(f"unknown adapter {name!r}; this engine serves the base and these adapters: {served}.")
-        return self.adapters.slot(name)
+            return 0, 0
+        served = ", ".join(self.adapters.served) if self.adapters is not None else ""
+        if self.adapters is None or name not in self.adapters.served:
+            raise UserError(
+                f"unknown adapter {name!r}; this engine serves the base and these adapters: {served or 'none'}."
+            )
+        slot = self.adapters.slot(name)
+        return slot, self.adapters.load_id(slot)
+
+    def load_adapter(self, name: str, path: str) -> Future:
+        """Serve one more LoRA adapter (multi_lora.AdapterSet.prepare, here; install, between two engine steps).
+        The Future's result is its slot; UserError for a bad adapter, a name in use or no free slot."""
+        if self.adapters is None or not self.adapters.updatable:
+            raise UserError("this engine was not started with room for adapters loaded while serving.")
+        prepared = self.adapters.prepare(name, path)  # reading and checking files stays off the engine thread
+        return self._between_steps(lambda: self.adapters.install(prepared))
+
+    def unload_adapter(self, name: str) -> Future:
+        """Stop serving adapter `name` between two engine steps; UserError (in the Future) for an unknown name or
+        one that requests still use (waiting or running: finish or cancel them first)."""
+        if self.adapters is None or not self.adapters.updatable:
+            raise UserError("this engine was not started with room for adapters loaded while serving.")
+
+        def unload() -> int:
+            aset = self.adapters
+            if name not in aset.served:
+                raise UserError(f"no adapter named {name!r} is served; served: {', '.join(aset.served) or 'none'}.")
+            slot = aset.slot(name)
+            users = sum(r.slot == slot for r in self.sched.waiting) + len(
+                {id(s.r) for s in self.sched.running if s.r.slot == slot and not s.done}
+            )
+            if users:
+                raise UserError(f"adapter {name!r} is in use by {users} request(s); unload it when they are done.")
+            return aset.unload(name)
+
+        return self._between_steps(unload)
+
+    def _between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread before its next step (the model's adapters change only there)."""
+        if self._thread is None or not self._thread.is_alive():
+            raise UserError("the engine is not running.")
+        fut: Future = Future()
+        self._inbox.put((fn, fut))
+        return fut
 
     def embed(self, batch: list[list[int]]) -> Future:
         """Mean-pooled, L2-normalised final hidden states of each token list, on the embedding thread
@@ -268,11 +308,27 @@ class Engine:
             return
         while True:
             if isinstance(item, Request):
-                self.sched.waiting.append(item)
+                self._accept(item)
+            elif isinstance(item, tuple):  # a call between steps (_between_steps)
+                fn, fut = item
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller, who turns it into a 4xx
+                    fut.set_exception(e)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _accept(self, r: Request) -> None:
+        """Queue a submitted request, unless its adapter was unloaded (or replaced) after it was submitted."""
+        if r.slot and (self.adapters is None or self.adapters.load_id(r.slot) != r.load):
+            self._dequeued()
+            self.stats.requests_failed += 1
+            msg = f"adapter {r.req.adapter!r} was unloaded before this request started"
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), 0, error=msg))
+            return
+        self.sched.waiting.append(r)
 
     def step(self) -> None:
         """One scheduling step: reap cancelled, admit, one prefill chunk, one decode step."""

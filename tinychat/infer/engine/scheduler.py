@@ -34,6 +34,7 @@ class Request:
     slot: int = 0  # the LoRA adapter's slot in the model (0: the base; model/peft/multi_lora.py)
     root: BlockKey | None = None  # the prefix cache's chain start for that adapter (None: the base)
     tokens: list[int] = field(default_factory=list)  # what its blocks hold: virtual-token ids + the prompt
+    load: int = 0  # which load of that slot it was submitted under (AdapterSet.loads; 0: the base)
     seqs: list[Seq] = field(default_factory=list)
     completion_tokens: int = 0
     first_token: bool = False

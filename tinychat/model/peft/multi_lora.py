@@ -115,6 +115,14 @@ class MultiLoRALinear(nn.Module):
         self.has[slot] = True
         self._stacks.clear()
 
+    @torch.no_grad()
+    def clear_adapter(self, slot: int) -> None:
+        """Empty `slot` (an adapter unloaded): zeros, so a row of that slot would get no update."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.has[slot] = False
+        self._stacks.clear()
+
     def stacks(self, group: tuple[MultiLoRALinear, ...]) -> Stacks:
         """The group's adapters in the layouts of `Stacks` (built on first use, kept until an adapter changes)."""
         key = tuple(id(m) for m in group)
@@ -162,17 +170,88 @@ class MultiLoRALinear(nn.Module):
 
 
 @dataclass
-class AdapterSet:
-    """The adapters a model serves: names in slot order (slot i + 1), their directories, the stacked rank."""
+class Prepared:
+    """One adapter read and checked against the model (any thread), ready to go into a slot (`AdapterSet.install`)."""
 
-    names: list[str]
-    dirs: list[Path]
+    name: str
+    path: Path
+    rank: int
+    updates: list[tuple[str, torch.Tensor, torch.Tensor, float]]  # (projection path, A, B, scaling)
+
+
+@dataclass
+class AdapterSet:
+    """The adapters a model serves: a name per slot 1..capacity (None: a free slot), their directories, the
+    stacked rank. Slots change only between engine steps (`install`/`unload`, on the engine thread); `loads`
+    counts each slot's loads, so a request admitted under one load never runs with the next one's weights
+    and the prefix cache never mixes their keys."""
+
+    names: list[str | None]
+    dirs: list[Path | None]
     rank: int
     mode: Mode = "mask"
+    modules: dict[str, MultiLoRALinear] = field(default_factory=dict)  # projection path -> its wrapper
+    loads: list[int] = field(default_factory=list)  # per slot 1..capacity: the load it holds (0: none)
+    updatable: bool = False  # adapters may be loaded and unloaded while serving
+    _next_load: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.loads:
+            self.loads = [self._new_load() if n else 0 for n in self.names]
+
+    def _new_load(self) -> int:
+        self._next_load += 1
+        return self._next_load
+
+    @property
+    def served(self) -> list[str]:
+        """The names served now, in slot order."""
+        return [n for n in self.names if n]
 
     def slot(self, name: str) -> int:
         """The slot of an adapter name ("" is the base, slot 0); KeyError for an unknown name."""
-        return 0 if name == "" else self.names.index(name) + 1
+        if name == "":
+            return 0
+        if name not in self.served:
+            raise KeyError(name)
+        return self.names.index(name) + 1
+
+    def load_id(self, slot: int) -> int:
+        """Which load slot `slot` holds now (0: the base, or a free slot)."""
+        return 0 if slot == 0 else self.loads[slot - 1]
+
+    def dir_of(self, name: str) -> Path:
+        return self.dirs[self.slot(name) - 1]  # type: ignore[return-value]
+
+    def install(self, p: Prepared) -> int:
+        """Put a prepared adapter into a free slot (engine thread, between steps); returns the slot."""
+        if p.name in self.served:
+            raise UserError(f"an adapter named {p.name!r} is already served; unload it first or pick another name.")
+        if None not in self.names:
+            raise UserError(f"all {len(self.names)} adapter slots are in use (--max_adapters); unload one first.")
+        slot = self.names.index(None) + 1
+        for prefix, a, b, scaling in p.updates:
+            self.modules[prefix].set_adapter(slot, a, b, scaling)
+        self.names[slot - 1], self.dirs[slot - 1], self.loads[slot - 1] = p.name, p.path, self._new_load()
+        return slot
+
+    def unload(self, name: str) -> int:
+        """Free the slot of `name` (engine thread, between steps; the caller checks nothing still uses it)."""
+        slot = self.slot(name)
+        for m in self.modules.values():
+            m.clear_adapter(slot)
+        self.names[slot - 1], self.dirs[slot - 1], self.loads[slot - 1] = None, None, 0
+        return slot
+
+    def prepare(self, name: str, path: str | Path) -> Prepared:
+        """Read the LoRA adapter at `path` and check it against the served projections and rank (any thread)."""
+        p = Path(path)
+        cfg, tensors = _read(p)
+        if cfg.rank > self.rank:
+            raise UserError(
+                f"{p / ADAPTER_CONFIG}: rank {cfg.rank} is above this server's {self.rank} (--max_adapter_rank)."
+            )
+        return Prepared(name, p, cfg.rank, _updates(p, cfg, tensors, self.modules))
 
     def rows(self, slots: list[int], device: torch.device, dtype: torch.dtype) -> AdapterRows | None:
         """The forward call's `adapters` argument for rows using `slots`; None when every row is the base."""
@@ -217,48 +296,71 @@ def _projections(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def serve_adapters(model: nn.Module, adapters: dict[str, str | Path], mode: Mode = "mask") -> AdapterSet:
+def _updates(
+    path: Path, cfg: lora.LoraConfig, tensors: dict[str, torch.Tensor], projs: dict[str, nn.Module]
+) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """(projection path, A, B, scaling) of each update in one adapter's tensors, checked against `projs`."""
+    wfile = path / ADAPTER_WEIGHTS
+    pairs = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    if not pairs:
+        raise UserError(f"{wfile} holds no lora_A/lora_B tensors.")
+    stray = sorted(set(tensors) - {f"{p}.lora_{ab}.weight" for p in pairs for ab in "AB"})
+    if stray:
+        raise UserError(f"{wfile}: tensor {stray[0]} is not a LoRA update of a projection; serve it merged, alone.")
+    out = []
+    for prefix in pairs:
+        mod = projs.get(prefix)
+        b = tensors.get(prefix + ".lora_B.weight")
+        if mod is None:
+            raise UserError(f"{wfile}: tensor {prefix}.lora_A.weight does not match any projection of the base model.")
+        if b is None:
+            raise UserError(f"{wfile}: tensor {prefix}.lora_B.weight is missing.")
+        a = tensors[prefix + ".lora_A.weight"]
+        if not isinstance(mod, nn.Linear | MultiLoRALinear):
+            raise UserError(f"{wfile}: {prefix} of the base is not a float linear layer (a quantized base?).")
+        want = ((cfg.rank, mod.in_features), (mod.out_features, cfg.rank))
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            raise UserError(
+                f"{wfile}: {prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}, expected {want[0]} and "
+                f"{want[1]} (is this the base the adapter was trained on?)."
+            )
+        out.append((prefix, a, b, cfg.scaling))
+    return out
+
+
+def serve_adapters(
+    model: nn.Module,
+    adapters: dict[str, str | Path],
+    mode: Mode = "mask",
+    capacity: int = 0,
+    max_rank: int = 0,
+) -> AdapterSet:
     """Wrap the projections any of `adapters` ({name: PEFT LoRA directory}) targets in MultiLoRALinear and
     load each adapter into its slot; returns the AdapterSet the engine selects from. The base is unchanged
     for rows of slot 0. Every problem (a missing or non-LoRA directory, a tensor the base has no projection
-    for, a shape that does not match) is one UserError naming the file."""
+    for, a shape that does not match) is one UserError naming the file.
+
+    `capacity` > 0 keeps that many slots (free ones beyond `adapters`) of rank max(`max_rank`, the largest
+    adapter's) on *every* projection an adapter may target, so adapters can be loaded while serving
+    (AdapterSet.prepare/install; vLLM's --max-loras and --max-lora-rank)."""
     if mode not in MODES:
         raise UserError(f"the adapter batching mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    if not adapters:
-        raise UserError("serve_adapters needs at least one adapter.")
+    if not adapters and capacity <= 0:
+        raise UserError("serve_adapters needs at least one adapter, or room for some (capacity).")
+    if capacity and len(adapters) > capacity:
+        raise UserError(f"{len(adapters)} adapters do not fit in {capacity} slots (--max_adapters); raise it.")
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        raise UserError("this model already serves adapters; load them all in one serve_adapters call.")
     loaded = {name: (Path(p), *_read(Path(p))) for name, p in adapters.items()}
-    rank = max(cfg.rank for _, cfg, _ in loaded.values())
+    rank = max([max_rank, *(cfg.rank for _, cfg, _ in loaded.values())])
     projs = _projections(model)
     wanted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for slot, (path, cfg, tensors) in enumerate(loaded.values(), 1):
-        wfile = path / ADAPTER_WEIGHTS
-        pairs = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
-        if not pairs:
-            raise UserError(f"{wfile} holds no lora_A/lora_B tensors.")
-        stray = sorted(set(tensors) - {f"{p}.lora_{ab}.weight" for p in pairs for ab in "AB"})
-        if stray:
-            raise UserError(f"{wfile}: tensor {stray[0]} is not a LoRA update of a projection; serve it merged, alone.")
-        for prefix in pairs:
-            mod = projs.get(prefix)
-            b = tensors.get(prefix + ".lora_B.weight")
-            if mod is None:
-                raise UserError(
-                    f"{wfile}: tensor {prefix}.lora_A.weight does not match any projection of the base model."
-                )
-            if b is None:
-                raise UserError(f"{wfile}: tensor {prefix}.lora_B.weight is missing.")
-            a = tensors[prefix + ".lora_A.weight"]
-            if not isinstance(mod, nn.Linear | MultiLoRALinear):
-                raise UserError(f"{wfile}: {prefix} of the base is not a float linear layer (a quantized base?).")
-            want = ((cfg.rank, mod.in_features), (mod.out_features, cfg.rank))
-            if (tuple(a.shape), tuple(b.shape)) != want:
-                raise UserError(
-                    f"{wfile}: {prefix} has A {tuple(a.shape)} and B {tuple(b.shape)}, expected {want[0]} and "
-                    f"{want[1]} (is this the base the adapter was trained on?)."
-                )
-            wanted.setdefault(prefix, []).append((slot, a, b, cfg.scaling))
-    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
-        raise UserError("this model already serves adapters; load them all in one serve_adapters call.")
+        for prefix, a, b, s in _updates(path, cfg, tensors, projs):
+            wanted.setdefault(prefix, []).append((slot, a, b, s))
+    if capacity:  # room for adapters loaded later: every projection they may target
+        for prefix in projs:
+            wanted.setdefault(prefix, [])
     for prefix in list(wanted):  # wrap whole fused groups (q/k/v, gate/up): one update for the fused matmul
         layer, leaf = prefix.rsplit(".", 1)
         for group in FUSED:
@@ -266,11 +368,16 @@ def serve_adapters(model: nn.Module, adapters: dict[str, str | Path], mode: Mode
                 for other in group:
                     if f"{layer}.{other}" in projs:
                         wanted.setdefault(f"{layer}.{other}", [])
+    n = max(capacity, len(loaded))
+    modules = {}
     for prefix, items in wanted.items():
         parent_path, leaf = prefix.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
-        wrapped = MultiLoRALinear(getattr(parent, leaf), len(loaded), rank)
+        wrapped = MultiLoRALinear(getattr(parent, leaf), n, rank)
         for slot, a, b, s in items:
             wrapped.set_adapter(slot, a, b, s)
         setattr(parent, leaf, wrapped)
-    return AdapterSet(list(loaded), [p for p, _, _ in loaded.values()], rank, mode)
+        modules[prefix] = wrapped
+    names: list[str | None] = [*loaded, *[None] * (n - len(loaded))]
+    dirs: list[Path | None] = [*(p for p, _, _ in loaded.values()), *[None] * (n - len(loaded))]
+    return AdapterSet(names, dirs, rank, mode, modules, updatable=capacity > 0)
