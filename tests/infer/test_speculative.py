@@ -40,6 +40,23 @@ def test_greedy_output_is_identical_to_plain_decoding(use_draft):
     assert spec.stats["rounds"] < 30  # some guesses were accepted (fewer target calls than tokens)
 
 
+@pytest.mark.parametrize("use_draft", [True, False])
+def test_greedy_output_is_identical_with_virtual_tokens(use_draft):
+    """A prefix adapter's virtual tokens sit first in the target's cache: every rewind keeps them."""
+    from tinychat.model.peft import prompt as vt
+
+    target = toy(0, vocab=50, init_std=0.2)  # larger weights: the output depends on the whole context
+    torch.manual_seed(3)
+    vt.attach_virtual_tokens(target, vt.PromptSpec(kind="prefix", n=5, trained=False))
+    draft = toy(1, vocab=50, n_layer=1, init_std=0.2) if use_draft else None
+    prompt = [1, 2, 3, 4] * 3
+    params = SamplingParams(temperature=0, max_new_tokens=30, stop_on_eos=False)
+    plain = generate_ids(target, [prompt], params)[0][0]
+    spec = Speculative(draft=draft, k=4)
+    assert speculative_generate_ids(target, prompt, params, spec)[0] == plain
+    assert spec.stats["rounds"] < 30  # guesses were accepted: the cache was rewound between rounds
+
+
 def test_a_draft_of_the_target_itself_is_always_accepted():
     target = toy(0)
     spec = Speculative(draft=target, k=3)

@@ -113,3 +113,16 @@ def test_bad_adapters_are_refused_in_one_sentence(dirs: dict[str, Path], tmp_pat
     )
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
     refused({"b": broken}, "not a readable safetensors")
+
+
+def test_room_for_adapters_over_a_quantized_base(dirs: dict[str, Path]):
+    """Free slots wrap float projections only: an int8 base starts, and an adapter for its integer projections is
+    refused in one sentence."""
+    from tinychat.model.compress.quant import quantize_blocks
+
+    model = Model.from_pretrained(str(dirs["base"]))
+    quantize_blocks(model, 8, 64)
+    aset = serve_adapters(model, {}, capacity=2, max_rank=8)
+    assert aset.served == [] and not any(isinstance(m, MultiLoRALinear) for m in model.modules())
+    with pytest.raises(UserError, match="does not match any projection"):
+        aset.prepare("a", dirs["a"])

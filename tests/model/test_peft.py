@@ -168,6 +168,8 @@ def test_our_adapters_round_trip_through_their_format(tiny_model_dir: Path, tmp_
     assert conf.get("adapter_scale", 1.0) == (4.0 if method == "mam" else 1.0)
     again = Model.from_pretrained(str(where))  # an adapter directory opens as base + adapter, unmerged
     torch.testing.assert_close(logits(again), ours, atol=1e-6, rtol=0)
+    half = Model.from_pretrained(str(where), dtype=torch.bfloat16)  # a bf16 base (serve --dtype auto on a GPU)
+    assert (logits(half).float() - ours).abs().max() < 0.5
     with pytest.raises(UserError, match="cannot be merged"):
         merge_adapters(again)
 

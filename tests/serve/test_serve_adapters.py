@@ -120,9 +120,9 @@ def test_adapters_load_and_unload_while_the_engine_runs(model_dir, adapters, tmp
         )
         with pytest.raises(UserError, match="in use by 1 request"):
             engine.unload_adapter("fox").result(10)
-        slow.cancel()
-        collect(slow, 1)
+        slow.cancel()  # unloading right after cancelling: the cancelled request no longer counts
         assert engine.unload_adapter("fox").result(10) == 1
+        collect(slow, 1)
         assert engine.load_adapter("cat", str(cat)).result(10) == 1  # fox's slot, same prompt, new weights
         assert text("cat") == merged_text(model_dir, cat, "the quick brown fox", 8)
         assert text("dog") == merged_text(model_dir, adapters["dog"], "the quick brown fox", 8)
@@ -133,8 +133,19 @@ def test_adapters_load_and_unload_while_the_engine_runs(model_dir, adapters, tmp
         big = make_lora(model_dir, tmp_path / "big", seed=8, rank=16)
         with pytest.raises(UserError, match="rank 16 is above this server's 8"):
             engine.load_adapter("big", str(big))
+        # an adapter without q or gate (whose modules hold their fused groups' stacks), after requests that
+        # built those stacks for the other adapters
+        vup = make_lora(model_dir, tmp_path / "vup", seed=11, targets=("v", "up"), std=0.5)
+        assert engine.unload_adapter("cat").result(10) == 1
+        assert text("dog") == merged_text(model_dir, adapters["dog"], "the quick brown fox", 8)  # (builds stacks)
+        assert engine.load_adapter("vup", str(vup)).result(10) == 1
+        assert text("vup") == merged_text(model_dir, vup, "the quick brown fox", 8)
     finally:
         engine.stop()
+    with pytest.raises(UserError, match="not running"):
+        engine.load_adapter("owl", str(cat))
+    with pytest.raises(UserError, match="stopped"):
+        engine.submit(GenerationRequest(prompt, params, adapter="dog"))
 
 
 def test_the_adapter_routes(model_dir, adapters, start_server, raw_request, tmp_path):
@@ -146,6 +157,14 @@ def test_the_adapter_routes(model_dir, adapters, start_server, raw_request, tmp_
     make_lora(model_dir, root / "owl", seed=9, std=0.5)
     outside = make_lora(model_dir, tmp_path / "elsewhere", seed=10)
     (root / "link").symlink_to(outside)
+    (root / "filelink").mkdir()  # a directory inside whose files lead outside
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "filelink" / name).symlink_to(outside / name)
+    for name, change in (("nor", lambda c: c.pop("r")), ("badr", lambda c: c.update(r="abc"))):
+        make_lora(model_dir, root / name, seed=12)
+        conf = json.loads((root / name / "adapter_config.json").read_text())
+        change(conf)
+        (root / name / "adapter_config.json").write_text(json.dumps(conf))
     live = start_server(model_dir, EngineConfig(max_num_seqs=4), adapter_slots=2, adapter_root=root)
     try:
         client = live.client()
@@ -169,6 +188,10 @@ def test_the_adapter_routes(model_dir, adapters, start_server, raw_request, tmp_
             ({"lora_name": "x", "lora_path": str(outside)}, 400, "must be a directory under"),
             ({"lora_name": "x", "lora_path": "link"}, 400, "must be a directory under"),
             ({"lora_name": "x", "lora_path": "missing"}, 400, "adapter_config.json"),
+            ({"lora_name": "x", "lora_path": "filelink"}, 400, "must be a directory under"),
+            ({"lora_name": "x", "lora_path": "a\u0000b"}, 400, "not a usable path"),
+            ({"lora_name": "x", "lora_path": "nor"}, 400, "not a valid LoRA config"),
+            ({"lora_name": "x", "lora_path": "badr"}, 400, "not a valid LoRA config"),
             ({"lora_name": "owl", "lora_path": "owl"}, 409, "already served"),
             ({"lora_name": base, "lora_path": "owl"}, 409, "base model's name"),
             ({"lora_name": "a b", "lora_path": "owl"}, 400, "lora_name"),

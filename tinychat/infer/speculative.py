@@ -80,7 +80,9 @@ def speculative_generate_ids(
     sp = BatchSampling.stack([params], device)
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    ctx = model.cfg.max_seq_len
+    virtual = getattr(model, "virtual_tokens", None)  # a prompt/prefix adapter's n positions come first
+    nv = virtual.num_tokens if virtual is not None else 0
+    ctx = model.cfg.max_seq_len - nv
     if len(prompt) >= ctx:
         raise UserError(f"the prompt has {len(prompt)} tokens but the context window is {ctx}.")
     budget = min(params.max_new_tokens, ctx - len(prompt))
@@ -144,7 +146,7 @@ def speculative_generate_ids(
         spec.stats["accepted"] += len(accepted)
         # 4. drop the rejected guesses' keys/values (the next call writes over them)
         keep = len(tokens) + len(accepted)
-        cache.rewind(keep)
+        cache.rewind(nv + keep)  # the target's cache holds the virtual tokens first
         if dcache is not None:
             fed_draft = min(fed_draft, keep)
             dcache.rewind(fed_draft)

@@ -115,6 +115,8 @@ def create_app(  # noqa: ANN001, PLR0913
                         continue
                 if isinstance(ev, Done):
                     done.add(k)
+                    if ev.code == "adapter_unloaded":  # the model it named went away before it started
+                        raise APIError(404, f"{ev.error}.", param="model", code="model_not_found")
                     if ev.error and ev.error != "cancelled":
                         raise APIError(500, f"generation failed: {ev.error}", type="server_error")
                 yield k, ev
@@ -156,8 +158,9 @@ def create_app(  # noqa: ANN001, PLR0913
             "owned_by": "tinychat",
             "max_model_len": engine.context,
         }
-        if name != model_name and adapters is not None:  # a LoRA adapter over the base (vLLM's fields)
-            card |= {"parent": model_name, "root": str(adapters.dir_of(name))}
+        entry = adapters.index.get(name) if adapters is not None and name != model_name else None
+        if entry is not None:  # a LoRA adapter over the base (vLLM's fields)
+            card |= {"parent": model_name, "root": str(entry[2])}
         return card
 
     @app.get(
@@ -166,7 +169,11 @@ def create_app(  # noqa: ANN001, PLR0913
         responses=openapi.ok(openapi.ModelList, "The base model and the LoRA adapters this server serves."),
     )
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(n) for n in [model_name, *(adapters.served if adapters else [])]]}
+        index = adapters.index if adapters is not None else {}  # one snapshot (adapters may come and go)
+        cards = [model_card()] + [
+            model_card(n) | {"parent": model_name, "root": str(d)} for n, (_, _, d) in index.items()
+        ]
+        return {"object": "list", "data": cards}
 
     @app.get(
         "/v1/models/{name:path}",
@@ -305,8 +312,13 @@ def _adapter_routes(app: FastAPI, engine: Engine, model_name: str, root: Path) -
     root = root.resolve()
 
     def inside(path: str) -> Path:
-        p = (root / path).resolve()  # an absolute `path` replaces root here, and is then checked like any other
-        if not p.is_relative_to(root):
+        """The adapter directory, and the two files read from it, each resolved (links followed) under root."""
+        try:
+            p = (root / path).resolve()  # an absolute `path` replaces root here, and is then checked like any other
+            files = [(p / name).resolve() for name in ("adapter_config.json", "adapter_model.safetensors")]
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long, a loop of links
+            raise APIError(400, f"lora_path is not a usable path ({e}).", param="lora_path") from None
+        if not all(f.is_relative_to(root) for f in [p, *files]):
             raise APIError(400, f"lora_path must be a directory under {root}.", param="lora_path")
         return p
 

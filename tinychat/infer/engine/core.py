@@ -97,6 +97,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet admitted (guarded by _lock)
+        self._closed = False  # the loop has ended: nothing new is accepted (guarded by _lock)
         self._ids = itertools.count(1)
         self._rate: deque[tuple[float, int]] = deque()
         self._thread: threading.Thread | None = None
@@ -154,12 +155,6 @@ class Engine:
         for t in [*req.prompt_ids, *(req.logit_bias or {}), *req.banned_ids]:
             if not 0 <= t < V:
                 raise UserError(f"token id {t} is outside the vocabulary (0..{V - 1}).")
-        with self._lock:
-            if self._queued >= self.cfg.max_queue:
-                self.stats.requests_rejected += 1
-                raise rq.EngineOverloaded(f"{self._queued} requests are already waiting; retry later.")
-            self._queued += 1
-            self.stats.queue_depth = self._queued
         rid = next(self._ids)
         events: queue.Queue | None = None
         if sink is None:
@@ -168,20 +163,27 @@ class Engine:
         handle = rq.RequestHandle(rid, self, events)
         root = None if slot == 0 else (None, ("adapter", load))  # no block of tokens has such a key
         tokens = self.virtual_ids + req.prompt_ids
-        self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root, tokens, load))
+        with self._lock:
+            if self._closed:
+                raise UserError("the engine was stopped.")
+            if self._queued >= self.cfg.max_queue:
+                self.stats.requests_rejected += 1
+                raise rq.EngineOverloaded(f"{self._queued} requests are already waiting; retry later.")
+            self._queued += 1
+            self.stats.queue_depth = self._queued
+            self._inbox.put(Request(rid, req, handle, sink, time.perf_counter(), slot, root, tokens, load))
         return handle
 
     def _slot(self, name: str) -> tuple[int, int]:
         """(slot, load) of an adapter name ("": the base, (0, 0)); UserError for one not served."""
         if not name:
             return 0, 0
-        served = ", ".join(self.adapters.served) if self.adapters is not None else ""
-        if self.adapters is None or name not in self.adapters.served:
-            raise UserError(
-                f"unknown adapter {name!r}; this engine serves the base and these adapters: {served or 'none'}."
-            )
-        slot = self.adapters.slot(name)
-        return slot, self.adapters.load_id(slot)
+        index = self.adapters.index if self.adapters is not None else {}  # one snapshot: slot and load agree
+        if name not in index:
+            served = ", ".join(index) or "none"
+            raise UserError(f"unknown adapter {name!r}; this engine serves the base and these adapters: {served}.")
+        slot, load, _ = index[name]
+        return slot, load
 
     def load_adapter(self, name: str, path: str) -> Future:
         """Serve one more LoRA adapter (multi_lora.AdapterSet.prepare, here; install, between two engine steps).
@@ -202,9 +204,9 @@ class Engine:
             if name not in aset.served:
                 raise UserError(f"no adapter named {name!r} is served; served: {', '.join(aset.served) or 'none'}.")
             slot = aset.slot(name)
-            users = sum(r.slot == slot for r in self.sched.waiting) + len(
-                {id(s.r) for s in self.sched.running if s.r.slot == slot and not s.done}
-            )
+            live = [r for r in self.sched.waiting if not r.handle.cancelled]  # (cancelled ones are reaped next step)
+            live += list({id(s.r): s.r for s in self.sched.running if not s.done and not s.r.handle.cancelled}.values())
+            users = sum(r.slot == slot for r in live)
             if users:
                 raise UserError(f"adapter {name!r} is in use by {users} request(s); unload it when they are done.")
             return aset.unload(name)
@@ -213,10 +215,11 @@ class Engine:
 
     def _between_steps(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread before its next step (the model's adapters change only there)."""
-        if self._thread is None or not self._thread.is_alive():
-            raise UserError("the engine is not running.")
         fut: Future = Future()
-        self._inbox.put((fn, fut))
+        with self._lock:  # (the loop closes the inbox under this lock: nothing put here is left unanswered)
+            if self._closed or self._thread is None:
+                raise UserError("the engine is not running.")
+            self._inbox.put((fn, fut))
         return fut
 
     def embed(self, batch: list[list[int]]) -> Future:
@@ -256,6 +259,9 @@ class Engine:
                     log.exception("engine step failed")
                     self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
                 self._idle_since = time.perf_counter()
+            with self._lock:
+                self._closed = True  # submit and _between_steps refuse from now on
+            self._drain(block=False)  # what was queued before that: requests fail below, calls are refused
             self._fail_all("the engine was stopped")
 
     def _maybe_release(self) -> None:
@@ -312,6 +318,8 @@ class Engine:
             elif isinstance(item, tuple):  # a call between steps (_between_steps)
                 fn, fut = item
                 try:
+                    if self._closed:
+                        raise UserError("the engine was stopped.")
                     fut.set_result(fn())
                 except Exception as e:  # noqa: BLE001 - handed to the caller, who turns it into a 4xx
                     fut.set_exception(e)
@@ -322,11 +330,11 @@ class Engine:
 
     def _accept(self, r: Request) -> None:
         """Queue a submitted request, unless its adapter was unloaded (or replaced) after it was submitted."""
-        if r.slot and (self.adapters is None or self.adapters.load_id(r.slot) != r.load):
+        if r.slot and (self.adapters is None or r.load == 0 or self.adapters.load_id(r.slot) != r.load):
             self._dequeued()
             self.stats.requests_failed += 1
             msg = f"adapter {r.req.adapter!r} was unloaded before this request started"
-            self.out.emit(r, rq.Done(len(r.req.prompt_ids), 0, error=msg))
+            self.out.emit(r, rq.Done(len(r.req.prompt_ids), 0, error=msg, code="adapter_unloaded"))
             return
         self.sched.waiting.append(r)
 

@@ -60,6 +60,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    code: str | None = None  # what kind of error: "adapter_unloaded" (the client's, not the engine's), else None
 
 
 Event = Delta | Done

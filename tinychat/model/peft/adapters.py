@@ -78,7 +78,7 @@ def _adapter_hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tenso
     if not a.enabled:
         return out
     src = out if a.serial else (args[0] if args else kwargs["x"])
-    return out + a(src).to(out.dtype)
+    return out + a(src.to(a.down.weight.dtype)).to(out.dtype)  # (a bf16 base keeps fp32 adapters)
 
 
 def apply_adapters(

@@ -183,8 +183,9 @@ class Prepared:
 class AdapterSet:
     """The adapters a model serves: a name per slot 1..capacity (None: a free slot), their directories, the
     stacked rank. Slots change only between engine steps (`install`/`unload`, on the engine thread); `loads`
-    counts each slot's loads, so a request admitted under one load never runs with the next one's weights
-    and the prefix cache never mixes their keys."""
+    numbers each slot's loads, so a request admitted under one load never runs with the next one's weights
+    and the prefix cache never mixes their keys. Other threads read `index`, a snapshot {name: (slot, load,
+    dir)} that install/unload replace whole (one reference assignment), never the lists being changed."""
 
     names: list[str | None]
     dirs: list[Path | None]
@@ -193,46 +194,47 @@ class AdapterSet:
     modules: dict[str, MultiLoRALinear] = field(default_factory=dict)  # projection path -> its wrapper
     loads: list[int] = field(default_factory=list)  # per slot 1..capacity: the load it holds (0: none)
     updatable: bool = False  # adapters may be loaded and unloaded while serving
+    index: dict[str, tuple[int, int, Path]] = field(default_factory=dict)
     _next_load: int = 0
 
     def __post_init__(self) -> None:
         if not self.loads:
             self.loads = [self._new_load() if n else 0 for n in self.names]
+        self._publish()
 
     def _new_load(self) -> int:
         self._next_load += 1
         return self._next_load
 
+    def _publish(self) -> None:
+        self.index = {n: (i + 1, self.loads[i], d) for i, (n, d) in enumerate(zip(self.names, self.dirs)) if n and d}
+
     @property
     def served(self) -> list[str]:
         """The names served now, in slot order."""
-        return [n for n in self.names if n]
+        return list(self.index)
 
     def slot(self, name: str) -> int:
         """The slot of an adapter name ("" is the base, slot 0); KeyError for an unknown name."""
-        if name == "":
-            return 0
-        if name not in self.served:
-            raise KeyError(name)
-        return self.names.index(name) + 1
+        return 0 if name == "" else self.index[name][0]
 
     def load_id(self, slot: int) -> int:
-        """Which load slot `slot` holds now (0: the base, or a free slot)."""
+        """Which load slot `slot` holds now (0: the base, or a free slot); engine thread."""
         return 0 if slot == 0 else self.loads[slot - 1]
-
-    def dir_of(self, name: str) -> Path:
-        return self.dirs[self.slot(name) - 1]  # type: ignore[return-value]
 
     def install(self, p: Prepared) -> int:
         """Put a prepared adapter into a free slot (engine thread, between steps); returns the slot."""
-        if p.name in self.served:
+        if p.name in self.index:
             raise UserError(f"an adapter named {p.name!r} is already served; unload it first or pick another name.")
         if None not in self.names:
             raise UserError(f"all {len(self.names)} adapter slots are in use (--max_adapters); unload one first.")
         slot = self.names.index(None) + 1
+        for m in self.modules.values():  # every module: a fused group's stacks live in its first projection
+            m.clear_adapter(slot)
         for prefix, a, b, scaling in p.updates:
             self.modules[prefix].set_adapter(slot, a, b, scaling)
         self.names[slot - 1], self.dirs[slot - 1], self.loads[slot - 1] = p.name, p.path, self._new_load()
+        self._publish()
         return slot
 
     def unload(self, name: str) -> int:
@@ -241,6 +243,7 @@ class AdapterSet:
         for m in self.modules.values():
             m.clear_adapter(slot)
         self.names[slot - 1], self.dirs[slot - 1], self.loads[slot - 1] = None, None, 0
+        self._publish()
         return slot
 
     def prepare(self, name: str, path: str | Path) -> Prepared:
@@ -280,7 +283,12 @@ def _read(path: Path) -> tuple[lora.LoraConfig, dict[str, torch.Tensor]]:
         raise UserError(f"{source}: DoRA adapters cannot share a batch; merge it (tinychat merge) and serve it alone.")
     if d.get("modules_to_save"):
         raise UserError(f"{source}: it replaces whole modules ({d['modules_to_save']}); serve it merged and alone.")
-    cfg = lora.config_from_adapter(d, source)
+    try:
+        cfg = lora.config_from_adapter(d, source)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: not a valid LoRA config ({type(e).__name__}: {e}).") from None
+    if cfg.rank < 1:
+        raise UserError(f"{source}: r must be a positive rank, got {cfg.rank}.")
     return cfg, read_adapter_weights(path)
 
 
@@ -358,15 +366,16 @@ def serve_adapters(
     for slot, (path, cfg, tensors) in enumerate(loaded.values(), 1):
         for prefix, a, b, s in _updates(path, cfg, tensors, projs):
             wanted.setdefault(prefix, []).append((slot, a, b, s))
-    if capacity:  # room for adapters loaded later: every projection they may target
-        for prefix in projs:
-            wanted.setdefault(prefix, [])
+    if capacity:  # room for adapters loaded later: every float projection they may target
+        for prefix, mod in projs.items():
+            if isinstance(mod, nn.Linear):
+                wanted.setdefault(prefix, [])
     for prefix in list(wanted):  # wrap whole fused groups (q/k/v, gate/up): one update for the fused matmul
         layer, leaf = prefix.rsplit(".", 1)
         for group in FUSED:
             if leaf in group:
                 for other in group:
-                    if f"{layer}.{other}" in projs:
+                    if isinstance(projs.get(f"{layer}.{other}"), nn.Linear):
                         wanted.setdefault(f"{layer}.{other}", [])
     n = max(capacity, len(loaded))
     modules = {}
