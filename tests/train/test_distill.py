@@ -15,7 +15,7 @@ from train_helpers import TINY, run_cmd
 from tinychat.cli import main
 from tinychat.data.shards import TokenIndex
 from tinychat.model import Model, preset
-from tinychat.train.distill import kd_loss
+from tinychat.train.distill import kd_loss, topk_kd_loss
 
 
 def test_kl_is_zero_when_student_equals_teacher_and_positive_otherwise():
@@ -40,6 +40,27 @@ def test_kl_matches_the_definition_and_the_mask():
     assert kd_loss(s, t, mask, T, "forward").item() == pytest.approx(want_f.item(), rel=1e-5)
     assert kd_loss(s, t, mask, T, "reverse").item() == pytest.approx(want_r.item(), rel=1e-5)
     assert abs(want_f.item() - want_r.item()) > 1e-3  # the two directions are different objectives
+
+
+def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
+    """Over the teacher's K likeliest tokens plus "the rest": the full KL when K = V, the KL of the two
+    distributions coarsened to K + 1 outcomes otherwise (never more than the full one), zero for a twin."""
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 4, 13), torch.randn(2, 4, 13)
+    mask = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    T = 1.3
+    full = kd_loss(s, t, mask, T, "forward")
+    top = F.log_softmax(t / T, -1).topk(13, -1)
+    assert topk_kd_loss(s, top.indices, top.values, mask, T).item() == pytest.approx(full.item(), rel=1e-4)
+    top = F.log_softmax(t / T, -1).topk(4, -1)
+    ps, pt = F.softmax(s / T, -1), F.softmax(t / T, -1)
+    cs = torch.cat([ps.gather(-1, top.indices), 1 - ps.gather(-1, top.indices).sum(-1, keepdim=True)], -1)
+    ct = torch.cat([pt.gather(-1, top.indices), 1 - pt.gather(-1, top.indices).sum(-1, keepdim=True)], -1)
+    want = ((ct * (ct.log() - cs.log())).sum(-1) * mask).sum() * T * T
+    got = topk_kd_loss(s, top.indices.to(torch.int16), top.values.half(), mask, T)
+    assert got.item() == pytest.approx(want.item(), rel=2e-3)  # (fp16 log-probabilities, as cached)
+    assert 0 < got.item() < full.item()
+    assert topk_kd_loss(t, top.indices, top.values, mask, T).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_gradient_reaches_only_the_student(tiny_tokenizer):
@@ -112,6 +133,26 @@ def test_token_level_distill_runs_on_the_loop(corpus_run: Path, tmp_path: Path):
     assert detect_mode(out) == "base"  # a distilled student is a base model, evaluated with few-shot prompts
 
 
+def test_cached_topk_distill_matches_the_live_teacher_on_the_loop(corpus_run: Path):
+    """--kd_topk V caches the teacher's whole distribution: the same losses as the teacher in the loop; a
+    small K trains too, without the teacher at any step."""
+    teacher = _teacher(corpus_run, corpus_run.parent)
+    small = ["--model.d_model", "32", "--model.n_head", "2", "--model.n_kv_head", "1", "--model.d_ff", "64"]
+    V = Model.from_pretrained(str(teacher)).cfg.vocab_size
+    runs = {}
+    for name, extra in (("live", []), ("cachev", ["--kd_topk", str(V)]), ("cache8", ["--kd_topk", "8"])):
+        r = run_cmd(_cmd(corpus_run, "distill", "--run", name, "--teacher", str(teacher), "--temperature", "1",
+                         "--train.max_steps", "6", *small, *extra))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(x) for x in (corpus_run / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [x for x in rows if x["kind"] == "train" and x["stage"] == "distill"]
+        if extra:
+            assert f"the teacher's top-{extra[1]} next tokens of" in r.stdout
+    for a, b in zip(runs["live"], runs["cachev"]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=2e-3) and a["ce"] == pytest.approx(b["ce"], rel=2e-3)
+    assert len(runs["cache8"]) == 6 and runs["cache8"][-1]["loss"] < runs["cache8"][0]["loss"]
+
+
 def test_sequence_level_distill_trains_on_teacher_written_documents(corpus_run: Path):
     teacher = _teacher(corpus_run, corpus_run.parent)
     r = run_cmd(_cmd(corpus_run, "distill", "--run", "seq", "--teacher", str(teacher), "--alpha", "1.0",
@@ -152,6 +193,8 @@ def test_cli_errors(corpus_run: Path, tiny_model_dir: Path, capsys):
         (["--alpha", "1.5"], "--alpha"),
         (["--alpha", "1"], "pretrain"),
         (["--seq.samples", "-1"], "--seq.samples"),
+        (["--kd_topk", "-1"], "--kd_topk"),
+        (["--kd_topk", "8", "--kd", "reverse"], "forward KL only"),
     ):
         assert main([*base, "--teacher", str(tiny_model_dir), *flags]) == 2
         assert word in capsys.readouterr().err

@@ -11,6 +11,14 @@ A small student learns from a bigger teacher that shares its tokenizer, in two w
   KL(student || teacher): mode-seeking, the student commits to the teacher's likeliest tokens (MiniLLM,
   GKD), better for a student too small to cover the teacher's spread. alpha = 1 switches it off (and
   with it the teacher's forward pass).
+* Cached top-k teacher (`--kd_topk K`, token-level KD without the teacher in the loop): before training,
+  one inference pass of the teacher over every training window stores its K likeliest next tokens and
+  their log-probabilities at temperature T (the loader's windows are fixed, so each position's context is
+  the one the student will see). The KL is then taken over K + 1 outcomes, the K tokens and "the rest",
+  which is the exact KL between both distributions coarsened that way. A training step then costs about
+  what a cross-entropy step costs, instead of adding a teacher forward pass to every step of every epoch:
+  the teacher runs once per window, not once per window per epoch. Forward KL only (the reverse needs
+  the teacher's probability of every token the student favours).
 * Sequence-level (Kim & Rush 2016), "use the big model to make data for the small one". With
   `--seq.samples N` the teacher first continues the opening `--seq.prompt_tokens` tokens of N training
   documents; the student then trains on those N teacher-written documents instead of the data. The
@@ -28,6 +36,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +79,11 @@ class DistillConfig(PretrainConfig):
     kd: Literal["forward", "reverse"] = field("forward", help="token-level KL: KL(teacher||student) or the reverse")
     temperature: float = field(2.0, help="softmax temperature of both distributions in the KL term")
     alpha: float = field(0.5, help="weight of cross-entropy on the data; 1 - alpha weighs the KL (1 = no token KD)")
+    kd_topk: int = field(
+        0,
+        help="cache the teacher's top-K next tokens of every training window once, before training (0 = the "
+        "teacher runs at every step)",
+    )
     seq: SeqKDConfig = dataclasses.field(default_factory=SeqKDConfig)
 
 
@@ -92,6 +106,58 @@ def kd_loss(
     return (kl * mask).sum() * temperature**2
 
 
+def topk_kd_loss(
+    student_logits: torch.Tensor,  # (B, T, V)
+    teacher_ids: torch.Tensor,  # (B, T, K) the teacher's K likeliest next tokens
+    teacher_logp: torch.Tensor,  # (B, T, K) their log-probabilities at the temperature
+    mask: torch.Tensor,  # (B, T) bool
+    temperature: float,
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) over K + 1 outcomes (the K tokens, then all others together), summed over
+    masked positions (fp32). With K = V it is kd_loss's forward KL exactly."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return topk_kl(s, teacher_ids, teacher_logp, mask, temperature)
+
+
+def topk_kl(
+    s: torch.Tensor,  # (B, T, V) the student's log-probabilities at the temperature (fp32)
+    teacher_ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """topk_kd_loss from the student's log-probabilities (computed once, shared with cross-entropy at T = 1)."""
+    s_k = s.gather(-1, teacher_ids.long())  # (B, T, K)
+    t_k = teacher_logp.float()
+    # the rest's log-probability, log(1 - sum exp), computed stably; clamped where the K tokens hold all the mass
+    t_rest = torch.log1p(-t_k.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_rest = torch.log1p(-s_k.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (t_k.exp() * (t_k - s_k)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # (B, T)
+    return (kl * mask).sum() * temperature**2
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher: torch.nn.Module, loader: Any, k: int, temperature: float, device: torch.device, amp: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k next tokens and log-probabilities (at `temperature`) for every window of `loader`
+    (its fixed seq_len windows), (n_windows, T, k) each: int16/int32 ids and fp16 log-probabilities, on the CPU."""
+    n, T, V = loader.n_seqs, loader.T, teacher.cfg.vocab_size
+    ids = torch.empty(n, T, k, dtype=torch.int16 if V <= 2**15 else torch.int32)
+    logp = torch.empty(n, T, k, dtype=torch.float16)
+    bs = 32
+    for lo in range(0, n, bs):
+        w = np.stack([loader.window(i)[:-1] for i in range(lo, min(n, lo + bs))]).astype(np.int64)
+        x = torch.from_numpy(w).to(device)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            logits = teacher(x)
+        z = logits.float() / temperature  # (b, T, V); the log-probabilities of the top k only, not all V
+        top = z.topk(k, dim=-1).indices
+        ids[lo : lo + len(w)] = top.to("cpu", ids.dtype)
+        logp[lo : lo + len(w)] = (z.gather(-1, top) - z.logsumexp(-1, keepdim=True)).to("cpu", torch.float16)
+    return ids, logp
+
+
 class DistillObjective(PretrainObjective):
     """Pretraining on packed shards, with the teacher's distribution mixed into the loss."""
 
@@ -104,21 +170,54 @@ class DistillObjective(PretrainObjective):
         # --lora / --trainable stages work as in pretrain (the adapter is what gets saved)
         super().__init__(data_dir, tokenizer, cfg, samples, dcfg.lora, Path(dcfg.init) if dcfg.init else None)
         self.teacher, self.dcfg = teacher, dcfg
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # --kd_topk: (ids, log-probs) per window
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         self.teacher = self.teacher.to(ctx.device).eval().requires_grad_(False)
+        k = self.dcfg.kd_topk
+        if k and self.dcfg.alpha < 1.0:
+            from tinychat.train.mfu import autocast_dtype
+
+            t0 = time.perf_counter()
+            amp = autocast_dtype(ctx.device, self.cfg.precision)
+            self.cache = teacher_topk(self.teacher, self.loader, k, self.dcfg.temperature, ctx.device, amp)
+            self.teacher = None  # no longer needed: free its memory
+            n = self.loader.n_seqs
+            print(
+                f"distill: the teacher's top-{k} next tokens of {n:,} windows ({n * self.loader.T:,} positions, "
+                f"{sum(t.numel() * t.element_size() for t in self.cache) / 2**20:.0f} MiB) cached in "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        """(x, y) as pretraining reads them, plus the windows' ids when the teacher's top-k is cached."""
+        out = super().micro_batches(step, model)
+        if self.cache is None:
+            return out
+        return [(x, y, self.loader.seq_ids(step * self.accum + m)) for m, (x, y) in enumerate(out)]
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = batch  # (B, T) each
+        x, y = batch[0], batch[1]  # (B, T) each
         logits = model(x)  # (B, T, V)
+        alpha, T = self.dcfg.alpha, self.dcfg.temperature
+        if self.cache is not None and alpha < 1.0:
+            # one log-softmax over the vocabulary serves both terms at T = 1: for a small student the V-wide
+            # operations are a large part of the step, so a second one would cost more than the cache saves
+            mask = y != -100
+            s = F.log_softmax(logits.float(), dim=-1)
+            ce = -(s.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum()
+            rows = torch.as_tensor(batch[2], dtype=torch.long)
+            ids, logp = (t[rows].to(x.device) for t in self.cache)
+            kd = topk_kl(s if T == 1.0 else F.log_softmax(logits.float() / T, dim=-1), ids, logp, mask, T)
+            return alpha * ce + (1.0 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        alpha = self.dcfg.alpha
         if alpha >= 1.0:
             return ce, {"ce": ce.detach()}
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        kd = kd_loss(logits, teacher_logits, y != -100, self.dcfg.temperature, self.dcfg.kd)
+        kd = kd_loss(logits, teacher_logits, y != -100, T, self.dcfg.kd)
         return alpha * ce + (1.0 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
 
@@ -191,6 +290,12 @@ def check_distill(cfg: DistillConfig) -> None:
         raise UserError("--seq.samples must be >= 0 and --seq.prompt_tokens, --seq.new_tokens, --seq.batch >= 1.")
     if cfg.seq.temperature < 0:
         raise UserError(f"--seq.temperature must be >= 0, got {cfg.seq.temperature}.")
+    if cfg.kd_topk < 0:
+        raise UserError(f"--kd_topk must be >= 0, got {cfg.kd_topk}.")
+    if cfg.kd_topk and cfg.kd == "reverse":
+        raise UserError(
+            "--kd_topk caches the teacher's likeliest tokens, which serves forward KL only; use --kd forward."
+        )
     if cfg.alpha >= 1.0 and not cfg.seq.samples:
         raise UserError("--alpha 1 without --seq.samples uses no teacher at all; that is `tinychat pretrain`.")
 
@@ -209,6 +314,8 @@ def load_teacher(cfg: DistillConfig, tok: Any, student: torch.nn.Module) -> torc
             f"the teacher {cfg.teacher} uses another tokenizer than the student; distillation compares "
             "next-token distributions id by id, so both need the same one."
         )
+    if cfg.kd_topk > teacher.cfg.vocab_size:
+        raise UserError(f"--kd_topk {cfg.kd_topk} is more than the vocabulary's {teacher.cfg.vocab_size} tokens.")
     if teacher.cfg.vocab_size != student.cfg.vocab_size:
         raise UserError(
             f"the teacher's vocab_size is {teacher.cfg.vocab_size} but the student's is {student.cfg.vocab_size}; "
