@@ -59,6 +59,8 @@ class PrefixGate(nn.Module):
 
     def log_gate(self, layer: int, q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         """(B, H, T) log G for queries q (B, H, T, hd) at positions (B|1, T), rotary undone first."""
+        # (YaRN models scale their tables by an attention factor; undoing the unscaled rotation leaves q times
+        # that factor, the same in training and inference, so the gate simply learns on that scale)
         cos, sin = rope_tables(positions, inv_freq, torch.float32)  # (B|1, 1, T, hd)
         q0 = rotate(q.float(), cos, -sin)  # the inverse rotation: q as the projection (and q_norm) left it
         w, b = self.weight[layer].float(), self.bias[layer].float()  # (H, hd), (H,)
