@@ -15,7 +15,7 @@ from train_helpers import TINY, run_cmd
 from tinychat.cli import main
 from tinychat.data.shards import TokenIndex
 from tinychat.model import Model, preset
-from tinychat.train.distill import kd_loss, topk_kd_loss
+from tinychat.train.distill import kd_loss, topk_kl
 
 
 def test_kl_is_zero_when_student_equals_teacher_and_positive_otherwise():
@@ -51,16 +51,18 @@ def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
     T = 1.3
     full = kd_loss(s, t, mask, T, "forward")
     top = F.log_softmax(t / T, -1).topk(13, -1)
-    assert topk_kd_loss(s, top.indices, top.values, mask, T).item() == pytest.approx(full.item(), rel=1e-4)
+    assert topk_kl(F.log_softmax(s / T, -1), top.indices, top.values, mask, T).item() == pytest.approx(
+        full.item(), rel=1e-4
+    )
     top = F.log_softmax(t / T, -1).topk(4, -1)
     ps, pt = F.softmax(s / T, -1), F.softmax(t / T, -1)
     cs = torch.cat([ps.gather(-1, top.indices), 1 - ps.gather(-1, top.indices).sum(-1, keepdim=True)], -1)
     ct = torch.cat([pt.gather(-1, top.indices), 1 - pt.gather(-1, top.indices).sum(-1, keepdim=True)], -1)
     want = ((ct * (ct.log() - cs.log())).sum(-1) * mask).sum() * T * T
-    got = topk_kd_loss(s, top.indices.to(torch.int16), top.values.half(), mask, T)
+    got = topk_kl(F.log_softmax(s / T, -1), top.indices.to(torch.int16), top.values.half(), mask, T)
     assert got.item() == pytest.approx(want.item(), rel=2e-3)  # (fp16 log-probabilities, as cached)
     assert 0 < got.item() < full.item()
-    assert topk_kd_loss(t, top.indices, top.values, mask, T).item() == pytest.approx(0.0, abs=1e-5)
+    assert topk_kl(F.log_softmax(t / T, -1), top.indices, top.values, mask, T).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_gradient_reaches_only_the_student(tiny_tokenizer):

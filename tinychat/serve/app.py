@@ -150,7 +150,7 @@ def create_app(  # noqa: ANN001, PLR0913
 
     adapters = engine.adapters
 
-    def model_card(name: str = model_name) -> dict[str, Any]:
+    def model_card(name: str = model_name, root: Path | None = None) -> dict[str, Any]:
         card = {
             "id": name,
             "object": "model",
@@ -158,9 +158,8 @@ def create_app(  # noqa: ANN001, PLR0913
             "owned_by": "tinychat",
             "max_model_len": engine.context,
         }
-        entry = adapters.index.get(name) if adapters is not None and name != model_name else None
-        if entry is not None:  # a LoRA adapter over the base (vLLM's fields)
-            card |= {"parent": model_name, "root": str(entry[2])}
+        if root is not None:  # a LoRA adapter over the base (vLLM's fields)
+            card |= {"parent": model_name, "root": str(root)}
         return card
 
     @app.get(
@@ -170,10 +169,7 @@ def create_app(  # noqa: ANN001, PLR0913
     )
     async def list_models() -> dict[str, Any]:
         index = adapters.index if adapters is not None else {}  # one snapshot (adapters may come and go)
-        cards = [model_card()] + [
-            model_card(n) | {"parent": model_name, "root": str(d)} for n, (_, _, d) in index.items()
-        ]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": [model_card()] + [model_card(n, d) for n, (_, _, d) in index.items()]}
 
     @app.get(
         "/v1/models/{name:path}",
@@ -182,7 +178,8 @@ def create_app(  # noqa: ANN001, PLR0913
     )
     async def get_model(name: str) -> dict[str, Any]:
         prep.check_model(name)
-        return model_card(name)
+        entry = adapters.index.get(name) if adapters is not None and name != model_name else None
+        return model_card(name, entry[2] if entry else None)
 
     if adapter_root is not None:
         _adapter_routes(app, engine, model_name, adapter_root)
@@ -325,9 +322,8 @@ def _adapter_routes(app: FastAPI, engine: Engine, model_name: str, root: Path) -
     async def on_engine(fut: Any) -> Any:
         try:
             return await asyncio.wrap_future(fut)
-        except UserError as e:
-            status = 404 if "no adapter named" in str(e) else 409
-            raise APIError(status, str(e), param="lora_name") from None
+        except UserError as e:  # the engine refused the change: a name or slot taken, or still in use
+            raise APIError(409, str(e), param="lora_name") from None
 
     doc = openapi.ok(openapi.AdapterStatus, "The adapter's new state.")
 
@@ -345,6 +341,12 @@ def _adapter_routes(app: FastAPI, engine: Engine, model_name: str, root: Path) -
 
     @app.post("/v1/unload_lora_adapter", response_model=None, responses={**doc, **openapi.errors(400, 404, 409)})
     async def unload_adapter(body: UnloadAdapterRequest) -> dict[str, Any]:
+        served = engine.adapters.served if engine.adapters is not None else []
+        if body.lora_name not in served:
+            raise APIError(
+                404, f"no adapter named {body.lora_name!r} is served; served: {', '.join(served) or 'none'}.",
+                param="lora_name",
+            )  # fmt: skip
         await on_engine(engine.unload_adapter(body.lora_name))
         return {"id": body.lora_name, "object": "adapter", "status": "unloaded"}
 

@@ -155,7 +155,7 @@ def load_adapters(model, cfg: ServeConfig, base_name: str):  # noqa: ANN001, ANN
 
 def check_adapter_updates(cfg: ServeConfig) -> None:
     """Loading adapters changes what the server runs: like document writes, it needs a key beyond loopback."""
-    if cfg.adapter_updates and not is_loopback(cfg.host) and not cfg.api_key and not cfg.allow_unauthenticated_writes:
+    if cfg.adapter_updates and not write_policy(cfg)[0]:
         raise UserError(
             f"--adapter_updates on --host {cfg.host} would let anyone load adapters; set --api_key "
             "(or --allow_unauthenticated_writes)."

@@ -106,27 +106,16 @@ def kd_loss(
     return (kl * mask).sum() * temperature**2
 
 
-def topk_kd_loss(
-    student_logits: torch.Tensor,  # (B, T, V)
+def topk_kl(
+    s: torch.Tensor,  # (B, T, V) the student's log-probabilities at the temperature (fp32)
     teacher_ids: torch.Tensor,  # (B, T, K) the teacher's K likeliest next tokens
     teacher_logp: torch.Tensor,  # (B, T, K) their log-probabilities at the temperature
     mask: torch.Tensor,  # (B, T) bool
     temperature: float,
 ) -> torch.Tensor:
     """T^2 * KL(teacher || student) over K + 1 outcomes (the K tokens, then all others together), summed over
-    masked positions (fp32). With K = V it is kd_loss's forward KL exactly."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return topk_kl(s, teacher_ids, teacher_logp, mask, temperature)
-
-
-def topk_kl(
-    s: torch.Tensor,  # (B, T, V) the student's log-probabilities at the temperature (fp32)
-    teacher_ids: torch.Tensor,
-    teacher_logp: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """topk_kd_loss from the student's log-probabilities (computed once, shared with cross-entropy at T = 1)."""
+    masked positions (fp32); with K = V it is kd_loss's forward KL exactly. The student's log-probabilities
+    come in computed, so at T = 1 one log-softmax serves cross-entropy too."""
     s_k = s.gather(-1, teacher_ids.long())  # (B, T, K)
     t_k = teacher_logp.float()
     # the rest's log-probability, log(1 - sum exp), computed stably; clamped where the K tokens hold all the mass

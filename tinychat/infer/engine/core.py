@@ -185,28 +185,30 @@ class Engine:
         slot, load, _ = index[name]
         return slot, load
 
+    def _updatable(self) -> AdapterSet:
+        if self.adapters is None or not self.adapters.updatable:
+            raise UserError("this engine was not started with room for adapters loaded while serving.")
+        return self.adapters
+
     def load_adapter(self, name: str, path: str) -> Future:
         """Serve one more LoRA adapter (multi_lora.AdapterSet.prepare, here; install, between two engine steps).
         The Future's result is its slot; UserError for a bad adapter, a name in use or no free slot."""
-        if self.adapters is None or not self.adapters.updatable:
-            raise UserError("this engine was not started with room for adapters loaded while serving.")
-        prepared = self.adapters.prepare(name, path)  # reading and checking files stays off the engine thread
-        return self._between_steps(lambda: self.adapters.install(prepared))
+        aset = self._updatable()
+        prepared = aset.prepare(name, path)  # reading and checking files stays off the engine thread
+        return self._between_steps(lambda: aset.install(prepared))
 
     def unload_adapter(self, name: str) -> Future:
         """Stop serving adapter `name` between two engine steps; UserError (in the Future) for an unknown name or
         one that requests still use (waiting or running: finish or cancel them first)."""
-        if self.adapters is None or not self.adapters.updatable:
-            raise UserError("this engine was not started with room for adapters loaded while serving.")
+        aset = self._updatable()
 
         def unload() -> int:
-            aset = self.adapters
             if name not in aset.served:
                 raise UserError(f"no adapter named {name!r} is served; served: {', '.join(aset.served) or 'none'}.")
             slot = aset.slot(name)
-            live = [r for r in self.sched.waiting if not r.handle.cancelled]  # (cancelled ones are reaped next step)
-            live += list({id(s.r): s.r for s in self.sched.running if not s.done and not s.r.handle.cancelled}.values())
-            users = sum(r.slot == slot for r in live)
+            reqs = [*self.sched.waiting, *(s.r for s in self.sched.running if not s.done)]
+            # (cancelled requests are reaped at the next step; a request's n choices count once)
+            users = len({id(r) for r in reqs if r.slot == slot and not r.handle.cancelled})
             if users:
                 raise UserError(f"adapter {name!r} is in use by {users} request(s); unload it when they are done.")
             return aset.unload(name)

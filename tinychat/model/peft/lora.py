@@ -388,7 +388,12 @@ def config_from_adapter(d: dict[str, Any], source: str) -> LoraConfig:
         names = [leaf_to_short[t] for t in targets]
     else:
         raise UserError(f"{source}: target_modules must be a list of module names, got {targets!r}.")
-    r, alpha = int(d["r"]), float(d.get("lora_alpha", 8))
+    try:
+        r, alpha = int(d["r"]), float(d.get("lora_alpha", 8))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: not a valid LoRA config ({type(e).__name__}: {e}).") from None
+    if r < 1:
+        raise UserError(f"{source}: r must be a positive rank, got {r}.")
     if d.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): express it as an equivalent alpha
         alpha = alpha * math.sqrt(r)
     return LoraConfig(rank=r, alpha=alpha, dropout=0.0, targets=names, use_dora=bool(d.get("use_dora")))

@@ -283,13 +283,7 @@ def _read(path: Path) -> tuple[lora.LoraConfig, dict[str, torch.Tensor]]:
         raise UserError(f"{source}: DoRA adapters cannot share a batch; merge it (tinychat merge) and serve it alone.")
     if d.get("modules_to_save"):
         raise UserError(f"{source}: it replaces whole modules ({d['modules_to_save']}); serve it merged and alone.")
-    try:
-        cfg = lora.config_from_adapter(d, source)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{source}: not a valid LoRA config ({type(e).__name__}: {e}).") from None
-    if cfg.rank < 1:
-        raise UserError(f"{source}: r must be a positive rank, got {cfg.rank}.")
-    return cfg, read_adapter_weights(path)
+    return lora.config_from_adapter(d, source), read_adapter_weights(path)
 
 
 def _projections(model: nn.Module) -> dict[str, nn.Module]:

@@ -100,15 +100,20 @@ def lora_config(lcfg: lora.LoraConfig) -> lora.LoraConfig:
     return lcfg
 
 
-def apply_unipelt(model: nn.Module, n_virtual: int, encoder_hidden: int, lcfg: lora.LoraConfig, dim: int) -> str:
-    """Freeze `model` and attach the three gated parts; returns what was attached."""
-    if dim <= 0:
-        raise UserError("--peft.adapter_dim must be > 0 for --peft.method unipelt.")
-    spec = prompt.PromptSpec(kind="prefix", n=n_virtual, encoder_hidden=encoder_hidden, projection=True)
+def _attach(
+    model: nn.Module, spec: prompt.PromptSpec, lcfg: lora.LoraConfig, dim: int
+) -> tuple[prompt.VirtualTokens, int, int]:
+    """Freeze `model` and attach the three gated parts: (the virtual tokens, LoRA projections, adapters)."""
     vt = prompt.attach_virtual_tokens(model, spec)  # freezes the base
     vt.gate = PrefixGate(model.cfg).to(model.model.norm.weight.device)
     n_lora = lora.apply_lora(model, lcfg, gated=True, freeze=False)
-    n_ad = adapters.apply_adapters(model, "unipelt", dim, 1.0, freeze=False, gated=True)
+    return vt, n_lora, adapters.apply_adapters(model, "unipelt", dim, 1.0, freeze=False, gated=True)
+
+
+def apply_unipelt(model: nn.Module, n_virtual: int, encoder_hidden: int, lcfg: lora.LoraConfig, dim: int) -> str:
+    """Freeze `model` and attach the three gated parts, to train; returns what was attached."""
+    spec = prompt.PromptSpec(kind="prefix", n=n_virtual, encoder_hidden=encoder_hidden, projection=True)
+    _, n_lora, n_ad = _attach(model, spec, lcfg, dim)
     return (
         f"unipelt: {n_virtual} gated prefix tokens, gated lora rank {lcfg.rank} on {n_lora} projections, "
         f"{n_ad} gated adapters of width {dim}"
@@ -172,11 +177,7 @@ def load_unipelt(model: nn.Module, path: str | Path, d: dict[str, Any] | None = 
             f"{src}: a UniPELT config needs r, lora_alpha, target_modules, adapter_dim and num_virtual_tokens ({e})."
         ) from e
     lcfg = lora.LoraConfig(rank=r, alpha=alpha, targets=targets)
-    spec = prompt.PromptSpec(kind="prefix", n=n, trained=False)
-    vt = prompt.attach_virtual_tokens(model, spec)
-    vt.gate = PrefixGate(cfg).to(model.model.norm.weight.device)
-    lora.apply_lora(model, lcfg, gated=True, freeze=False)
-    adapters.apply_adapters(model, "unipelt", dim, 1.0, freeze=False, gated=True)
+    vt, _, _ = _attach(model, prompt.PromptSpec(kind="prefix", n=n, trained=False), lcfg, dim)
     tensors = common.read_adapter_weights(path)
     prompt.place_prompts(vt, tensors, path)
     own = dict(model.named_parameters())
