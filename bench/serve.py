@@ -21,6 +21,10 @@ clients fall out of step instead of sending their requests in bursts of one per 
 With --threads-ab 1,2 a real `tinychat serve --threads N` runs for each N, each in a process of its own, and the
 load takes turns between them (--rounds, medians): the kernel threads' effect with the HTTP server beside them.
 
+With --serve-ab 'OPTIONS A;OPTIONS B' the same, for any sets of `tinychat serve` options: e.g. the engine in the
+server's process against the engine in its own (`--serve-ab '--threads 1;--threads 1 --engine_process true'`).
+The table also prints each server's tokens/s and TTFT p95 as ratios to its own first (one-client) level.
+
 With --compile the table runs with eager decoding and then with compiled decoding (`serve --compile`,
 infer/compiled.py; a warm-up at every level compiles its batch-size buckets before the timed runs).
 
@@ -379,42 +383,52 @@ def serve_process(model_dir: Path, *options: str) -> tuple[str, subprocess.Popen
     raise SystemExit("tinychat serve did not answer within a minute")
 
 
-def threads_table(args: argparse.Namespace, model_dir: Path, levels: list[int]) -> None:
-    """The same load on `tinychat serve --threads N` for each N of --threads-ab: the servers run at once, each
-    in its own process (the thread count is per process), and take turns for --rounds rounds (medians)."""
-    counts = [int(n) for n in args.threads_ab.split(",")]
+def servers_table(
+    args: argparse.Namespace, model_dir: Path, levels: list[int], setups: list[tuple[str, list[str]]]
+) -> None:
+    """The same load on one real `tinychat serve` per setup (label, extra options): the servers run at once, each
+    in its own process (thread counts are per process), and take turns for --rounds rounds (medians)."""
     from tinychat.tokenizer import Tokenizer
 
-    options = ("--max_num_seqs", str(max(levels)), "--served_model_name", "bench", "--threads")
-    servers = [(f"{base}/v1", proc) for base, proc in (serve_process(model_dir, *options, str(n)) for n in counts)]
+    options = ("--max_num_seqs", str(max(levels)), "--served_model_name", "bench")
+    servers = [(f"{base}/v1", proc) for base, proc in (serve_process(model_dir, *options, *o) for _, o in setups)]
     tok = Tokenizer.from_pretrained(model_dir)
     bias = {str(t): -100.0 for t in tok.stop_ids}
-    runs: dict[int, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in counts}
+    runs: list[dict[int, list[dict]]] = [{c: [] for c in levels} for _ in setups]
     try:
         for url, _ in servers:
             load(Level(url, 2, 1, 8, bias))  # warm-up
         for _ in range(args.rounds):
             for c in levels:
-                for n, (url, _) in zip(counts, servers):
-                    runs[n][c].append(load(Level(url, c, args.requests, args.max_tokens, bias)))
+                for k, (url, _) in enumerate(servers):
+                    runs[k][c].append(load(Level(url, c, args.requests, args.max_tokens, bias)))
     finally:
         for _, proc in servers:
             proc.terminate()
             proc.wait(timeout=10)
     print(
-        f"torch {torch.__version__}, `tinychat serve --threads N` in its own process, clients in another, "
+        f"torch {torch.__version__}, each setup a `tinychat serve` in its own process, clients in another, "
         f"{args.requests} requests/client, {args.max_tokens} tokens each, median of {args.rounds} interleaved rounds"
     )
-    print(f"{'threads':>8}{'clients':>8}{'tok/s':>10}{'x first':>9}{'TTFT p50':>11}{'TTFT p95':>11}  rounds x first")
+    width = max(len(label) for label, _ in setups)
+    print(
+        f"{'setup':>{width}}{'clients':>8}{'tok/s':>10}{'x first':>9}{'x 1 client':>11}{'TTFT p50':>11}{'TTFT p95':>11}"
+        f"{'p95 x 1':>9}  rounds x first"
+    )
+    one = [statistics.median(r["tok_s"] for r in runs[k][levels[0]]) for k in range(len(setups))]
+    one_p95 = [statistics.median(r["p95"] for r in runs[k][levels[0]]) for k in range(len(setups))]
     for c in levels:
-        first = runs[counts[0]][c]
-        for n in counts:
-            rs = runs[n][c]
+        first = runs[0][c]
+        base = statistics.median(r["tok_s"] for r in first)
+        for k, (label, _) in enumerate(setups):
+            rs = runs[k][c]
             tok_s = statistics.median(r["tok_s"] for r in rs)
-            p50, p95 = (statistics.median(r[k] for r in rs) * 1e3 for k in ("p50", "p95"))
+            p50, p95 = (statistics.median(r[key] for r in rs) for key in ("p50", "p95"))
             each = " ".join(f"{r['tok_s'] / b['tok_s']:.2f}" for r, b in zip(rs, first))
-            base = statistics.median(r["tok_s"] for r in first)
-            print(f"{n:>8}{c:>8}{tok_s:>10.0f}{tok_s / base:>9.2f}{p50:>9.0f}ms{p95:>9.0f}ms  {each}")
+            print(
+                f"{label:>{width}}{c:>8}{tok_s:>10.0f}{tok_s / base:>9.2f}{tok_s / one[k]:>11.2f}{p50 * 1e3:>9.0f}ms"
+                f"{p95 * 1e3:>9.0f}ms{p95 / one_p95[k]:>9.2f}  {each}"
+            )
 
 
 def main() -> None:
@@ -434,6 +448,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="the server's kernel threads (0: as `tinychat serve`)")
     ap.add_argument("--in-process-clients", action="store_true", help="the load in the server's process (old way)")
     ap.add_argument("--threads-ab", default="", help="e.g. 1,2: `tinychat serve --threads N` side by side")
+    ap.add_argument(
+        "--serve-ab",
+        default="",
+        help="real servers side by side, one per ';'-separated set of `tinychat serve` options, e.g. "
+        "'--threads 1;--threads 1 --engine_process true'",
+    )
     ap.add_argument("--client-job", default="", help=argparse.SUPPRESS)  # the client process of `load`
     args = ap.parse_args()
     if args.client_job:
@@ -448,8 +468,10 @@ def main() -> None:
         if args.adapters:
             adapter_table(args, model_dir, levels, Path(tmp))
             return
-        if args.threads_ab:
-            threads_table(args, model_dir, levels)
+        if args.threads_ab or args.serve_ab:
+            setups = [(f"--threads {n}", ["--threads", n]) for n in args.threads_ab.split(",") if n]
+            setups += [(o.strip(), o.split()) for o in args.serve_ab.split(";") if o.strip()]
+            servers_table(args, model_dir, levels, setups)
             return
         if args.compile:
             eager = table(args, model_dir, levels, True, "eager decoding: ")

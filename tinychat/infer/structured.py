@@ -95,7 +95,7 @@ class Grammars:
 
     def constraint(self, grammar: str) -> Constraint:
         with self._lock:  # the matcher builds against the shared tokenizer
-            return Constraint(llg.LLMatcher(self.lltok, grammar, log_level=0), self.vocab_size)
+            return Constraint(llg.LLMatcher(self.lltok, grammar, log_level=0), self.vocab_size, grammar)
 
 
 class Constraint:
@@ -103,13 +103,14 @@ class Constraint:
 
     _SHIFTS = torch.arange(32, dtype=torch.int32)
 
-    def __init__(self, matcher: llg.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int, grammar: str = "") -> None:
         self.matcher, self.vocab_size = matcher, vocab_size
+        self.grammar = grammar  # its source: an engine in another process compiles it again (serve/engine_process.py)
         if matcher.is_error():
             raise UserError(f"the grammar cannot be used: {matcher.get_error()}.")
 
     def copy(self) -> Constraint:
-        return Constraint(self.matcher.deep_copy(), self.vocab_size)
+        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.grammar)
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens that keep the output inside the grammar (end-of-turn when it is complete)."""

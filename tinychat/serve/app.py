@@ -139,14 +139,14 @@ def create_app(  # noqa: ANN001, PLR0913
 
     @app.get("/health", response_class=JSONResponse, responses=health_doc)
     async def health() -> JSONResponse:
-        alive = engine._thread is not None and engine._thread.is_alive()
+        alive = engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     metrics_doc = {200: {"description": "Prometheus' text exposition format (tinychat.serve.metrics)."}}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=metrics_doc)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render_metrics(engine, http), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(engine.snapshot(), http), media_type="text/plain; version=0.0.4")
 
     adapters = engine.adapters
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from tinychat.infer.engine import TTFT_BUCKETS, Engine
+from tinychat.infer.engine import TTFT_BUCKETS, MetricsSnapshot
 
 
 class HttpStats:
@@ -24,8 +24,8 @@ class HttpStats:
             self.responses[(route, status)] += 1
 
 
-def render_metrics(engine: Engine, http: HttpStats) -> str:
-    s = engine.stats
+def render_metrics(snap: MetricsSnapshot, http: HttpStats) -> str:
+    s = snap.stats
     lines: list[str] = []
 
     def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
@@ -59,15 +59,15 @@ def render_metrics(engine: Engine, http: HttpStats) -> str:
     metric("queue_depth", "gauge", "Requests waiting for KV memory.", [("", s.queue_depth)])
     metric("running_sequences", "gauge", "Sequences holding a KV slot.", [("", s.running_seqs)])
     metric("kv_slots_free", "gauge", "KV-cache slots free.", [("", s.free_slots)])
-    metric("kv_slots_total", "gauge", "KV-cache slots.", [("", engine.num_slots)])
+    metric("kv_slots_total", "gauge", "KV-cache slots.", [("", snap.num_slots)])
     metric(
         "kv_cache_bytes",
         "gauge",
         "KV-cache memory allocated now (grows with use, dropped when idle).",
-        [("", engine.kv_bytes)],
+        [("", snap.kv_bytes)],
     )
     metric("kv_blocks_used", "gauge", "KV blocks held by running sequences.", [("", s.kv_blocks_used)])
-    metric("kv_blocks_total", "gauge", "KV blocks the memory cap allows.", [("", engine.blocks.num_blocks - 1)])
+    metric("kv_blocks_total", "gauge", "KV blocks the memory cap allows.", [("", snap.kv_blocks)])
     metric(
         "prefix_cache_hit_tokens_total",
         "counter",
@@ -78,7 +78,7 @@ def render_metrics(engine: Engine, http: HttpStats) -> str:
         "tokens_per_second",
         "gauge",
         "Generated tokens per second over the last 5 s.",
-        [("", engine.tokens_per_second())],
+        [("", snap.tokens_per_second)],
     )
     buckets = [(f'_bucket{{le="{b:g}"}}', s.ttft_buckets[b]) for b in TTFT_BUCKETS]
     buckets += [('_bucket{le="+Inf"}', s.ttft_count), ("_sum", s.ttft_sum), ("_count", s.ttft_count)]

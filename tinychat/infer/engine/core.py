@@ -14,6 +14,7 @@ The model is touched for generation only by the engine thread; callers talk to i
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -104,6 +105,9 @@ class Engine:
         self._stop = threading.Event()
         self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinychat-embed")
         self._idle_since = time.perf_counter()
+        # called on the engine thread after each pass of its loop (a step, or a wake-up with nothing to run):
+        # an engine in a process of its own (serve/engine_process.py) sends that pass's events in one write
+        self.after_pass: Callable[[], None] | None = None
 
     @property
     def context(self) -> int:
@@ -237,6 +241,18 @@ class Engine:
 
         return self._embedder.submit(work)
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (GET /health)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> rq.MetricsSnapshot:
+        """The counters and gauges /metrics shows (a copy: the engine thread keeps writing the originals)."""
+        stats = copy.copy(self.stats)
+        stats.ttft_buckets = dict(stats.ttft_buckets)
+        kv_blocks = self.blocks.num_blocks - 1  # the scratch block is never a sequence's
+        return rq.MetricsSnapshot(stats, self.num_slots, self.kv_bytes, kv_blocks, self.tokens_per_second())
+
     def tokens_per_second(self) -> float:
         """Tokens generated over the last RATE_WINDOW seconds, per second (0 when idle)."""
         now = time.perf_counter()
@@ -254,17 +270,21 @@ class Engine:
                 self._drain(block=not busy)
                 if not (self.sched.waiting or self.sched.running):
                     self._maybe_release()
-                    continue
-                try:
-                    self.step()
-                except Exception as e:  # a bug: fail what is running, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
-                self._idle_since = time.perf_counter()
+                else:
+                    try:
+                        self.step()
+                    except Exception as e:  # a bug: fail what is running, keep serving
+                        log.exception("engine step failed")
+                        self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                    self._idle_since = time.perf_counter()
+                if self.after_pass is not None:
+                    self.after_pass()
             with self._lock:
                 self._closed = True  # submit and _between_steps refuse from now on
             self._drain(block=False)  # what was queued before that: requests fail below, calls are refused
             self._fail_all("the engine was stopped")
+            if self.after_pass is not None:
+                self.after_pass()
 
     def _maybe_release(self) -> None:
         """Idle long enough: give the KV pool's memory back (cached prefixes go with it)."""

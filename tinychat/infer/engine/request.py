@@ -121,6 +121,17 @@ class EngineStats:
     steps: int = 0
 
 
+@dataclass
+class MetricsSnapshot:
+    """What /metrics reads of an engine, taken at one moment (Engine.snapshot; an engine process sends it whole)."""
+
+    stats: EngineStats
+    num_slots: int
+    kv_bytes: int
+    kv_blocks: int  # blocks the memory cap allows (the scratch block not counted)
+    tokens_per_second: float
+
+
 RATE_WINDOW = 5.0  # seconds over which tokens/s is measured
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
