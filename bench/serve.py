@@ -396,8 +396,9 @@ def servers_table(
     bias = {str(t): -100.0 for t in tok.stop_ids}
     runs: list[dict[int, list[dict]]] = [{c: [] for c in levels} for _ in setups]
     try:
-        for url, _ in servers:
-            load(Level(url, 2, 1, 8, bias))  # warm-up
+        for url, _ in servers:  # warm-up at every level: a compiled server (--compile) compiles each batch bucket
+            for c in levels:
+                load(Level(url, c, 1, 8, bias))
         for _ in range(args.rounds):
             for c in levels:
                 for k, (url, _) in enumerate(servers):
