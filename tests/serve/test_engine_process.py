@@ -20,7 +20,7 @@ from tinychat.infer.engine import Done, Engine, EngineConfig, GenerationRequest,
 from tinychat.infer.sampling import SamplingParams
 from tinychat.infer.structured import Grammars
 from tinychat.model import Model
-from tinychat.serve.cli import ServeConfig, build_engine, run
+from tinychat.serve.cli import ServeConfig, build_engine
 from tinychat.serve.engine_process import EngineProcess
 from tinychat.tokenizer import Tokenizer
 
@@ -192,7 +192,40 @@ def test_an_engine_process_that_dies_answers_everything(model_dir):
         eng.stop()
 
 
-def test_adapter_updates_need_the_engine_in_the_server_process(model_dir, tmp_path):
-    cfg = serve_config(model_dir, engine_process=True, adapter_updates=str(tmp_path))
-    with pytest.raises(UserError, match="--adapter_updates needs the engine in the server's process"):
-        run(cfg)
+def greedy(engine: Engine | EngineProcess, ids: list[int], adapter: str = "") -> str:
+    req = GenerationRequest(list(ids), SamplingParams(temperature=0, max_new_tokens=8), adapter=adapter)
+    return collect(engine.submit(req), 1)[0][0]["text"]
+
+
+def test_adapters_loaded_and_unloaded_in_the_engine_process(model_dir, tmp_path):
+    from adapter_helpers import make_lora
+
+    root = tmp_path / "adapters"
+    fox, dog = (make_lora(model_dir, root / name, seed=i, std=0.5) for i, name in enumerate(("fox", "dog"), 1))
+    cfg = serve_config(model_dir, adapter=[f"fox={fox}"], adapter_updates=str(root), max_adapters=2, max_adapter_rank=8)
+    eng = EngineProcess(build_engine, cfg, model_dir, "tiny", threads=1)
+    tok = Tokenizer.from_pretrained(model_dir)
+    ids = tok.encode("the quick brown fox")
+    merged = {}
+    for name, path in (("", model_dir), ("fox", fox), ("dog", dog)):
+        local = Engine(Model.from_pretrained(str(path), dtype=torch.float32), tok, EngineConfig(max_num_seqs=1)).start()
+        merged[name] = greedy(local, ids)
+        local.stop()
+    try:
+        assert eng.adapters.served == ["fox"] and eng.adapters.updatable
+        assert greedy(eng, ids, "fox") == merged["fox"]
+        assert eng.load_adapter("dog", str(dog)).result(timeout=60) == 2
+        assert eng.adapters.served == ["fox", "dog"] and eng.adapters.index["dog"][2] == dog
+        assert greedy(eng, ids, "dog") == merged["dog"] and greedy(eng, ids) == merged[""]
+        with pytest.raises(UserError, match="no LoRA adapter|adapter_config.json"):  # refused before installing
+            eng.load_adapter("cat", str(tmp_path))
+        with pytest.raises(UserError, match="in use|no free|already"):  # refused by the engine: both slots taken
+            eng.load_adapter("fox", str(dog)).result(timeout=60)
+        eng.unload_adapter("dog").result(timeout=60)
+        assert eng.adapters.served == ["fox"]
+        with pytest.raises(UserError, match="unknown adapter 'dog'"):
+            eng.submit(GenerationRequest(list(ids), adapter="dog"))
+        with pytest.raises(UserError, match="no adapter named 'dog'"):
+            eng.unload_adapter("dog").result(timeout=60)
+    finally:
+        eng.stop()

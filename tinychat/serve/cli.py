@@ -57,7 +57,7 @@ class ServeConfig:
     engine_process: bool = field(
         False,
         help="run the engine in a process of its own, beside the HTTP server's (vLLM v1's split): more tokens/s "
-        "under load on a CPU with cores to spare (docs/engine.md); not with --adapter_updates",
+        "under load on a CPU with cores to spare (docs/engine.md)",
     )
     runs_dir: str = field("runs", help="where to look for speedrun models when --model is not given")
     device: str = field("auto")
@@ -204,8 +204,6 @@ def run(cfg: ServeConfig) -> int:
 
     threads = kernel_threads(cfg.threads)
     check_adapter_updates(cfg)
-    if cfg.engine_process and cfg.adapter_updates:
-        raise UserError("--adapter_updates needs the engine in the server's process; drop --engine_process.")
     path = resolve_model(cfg.model, cfg.runs_dir)
     name = cfg.served_model_name or model_name(path)
     if cfg.engine_process:

@@ -18,8 +18,8 @@ against the same tokenizer. `submit` waits for the engine's answer, so a request
 UserError or EngineOverloaded here exactly as in one process (the HTTP layer turns them into 400 and 429).
 
 The API process keeps the tokenizer (chat templates, grammars, detokenised text comes from the engine) and
-never loads the weights. Not supported yet: loading adapters while serving (--adapter_updates); adapters given
-with --adapter at start are served.
+never loads the weights. Adapters loaded or unloaded while serving (--adapter_updates) are read and installed
+in the engine process; each change sends back the new index of served adapters.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ class ModelInfo:
 
 
 @dataclass
-class StaticAdapters:
-    """The adapters served, as the engine process reported them at start (they do not change: no updates)."""
+class ServedAdapters:
+    """The adapters the engine process serves, as it last reported them: {name: (slot, load, directory)}. A load or
+    unload replaces `index` whole (the engine process sends the new one), as AdapterSet does in one process."""
 
     index: dict[str, tuple[int, int, Any]]
     updatable: bool = False
@@ -123,7 +124,8 @@ class EngineProcess:
         self.model = _Model(payload["model"])
         self.context: int = payload["context"]
         self.num_slots: int = payload["num_slots"]
-        self.adapters = StaticAdapters(payload["adapters"]) if payload["adapters"] is not None else None
+        a = payload["adapters"]
+        self.adapters = ServedAdapters(a["index"], a["updatable"]) if a is not None else None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._sinks: dict[int, Callable[[Event], None]] = {}
@@ -163,10 +165,38 @@ class EngineProcess:
         return self._wait(self._call("snapshot"))
 
     def load_adapter(self, name: str, path: str) -> Future:
-        raise UserError("adapters cannot be loaded while serving with --engine_process; serve without it.")
+        """As Engine.load_adapter: a bad adapter raises UserError now; the Future ends when the engine process
+        has installed it (its result is the slot) or refused it (a name in use, no free slot)."""
+        return self._adapter_call("load_adapter", name, path)
 
     def unload_adapter(self, name: str) -> Future:
-        raise UserError("adapters cannot be unloaded while serving with --engine_process; serve without it.")
+        """As Engine.unload_adapter: the Future ends when the engine process has unloaded it, or refused."""
+        return self._adapter_call("unload_adapter", name)
+
+    def _adapter_call(self, name: str, *args: Any) -> Future:
+        """Two replies: the engine process's Engine.<name> returned (or raised: raised here), then its Future
+        ended; the second carries the new index of served adapters, installed here before `done` ends."""
+        done_id = -next(self._ids)
+        finished = self._call_id(done_id, None)  # registered first: the second reply may follow the first at once
+        try:
+            self._wait(self._call(name, done_id, *args))
+        except BaseException:
+            with self._lock:
+                self._replies.pop(done_id, None)
+            raise
+        done: Future = Future()
+
+        def installed(f: Future) -> None:
+            if f.exception() is not None:
+                done.set_exception(f.exception())
+                return
+            slot, index = f.result()
+            if self.adapters is not None:
+                self.adapters.index = index
+            done.set_result(slot)
+
+        finished.add_done_callback(installed)
+        return done
 
     def stop(self) -> None:
         with contextlib.suppress(UserError):  # already gone
@@ -187,9 +217,12 @@ class EngineProcess:
                 raise UserError(f"the engine is not running ({e}).") from None
 
     def _call_id(self, cid: int, msg: Any) -> Future:
+        """A Future for reply `cid`, then `msg` sent (None: only wait, for a reply another message asks for)."""
         fut: Future = Future()
         with self._lock:
             self._replies[cid] = fut
+        if msg is None:
+            return fut
         try:
             self._send(msg)
         except UserError:
@@ -252,7 +285,8 @@ def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any
         outbox.send(("failed", str(e)))
         return
     m = engine.model
-    index = engine.adapters.index if engine.adapters is not None else None
+    aset = engine.adapters
+    index = {"index": aset.index, "updatable": aset.updatable} if aset is not None else None
     outbox.send(
         (
             "ready",
@@ -325,6 +359,19 @@ def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any
                         engine.embed(*call_args).add_done_callback(done)
                     except UserError as e:
                         pending.append(("reply", cid, e, None))
+                elif name in ("load_adapter", "unload_adapter"):
+                    done_id, *rest = call_args
+
+                    def changed(f: Future, done_id: int = done_id) -> None:  # on the engine thread, between steps
+                        e = f.exception()
+                        pending.append(("reply", done_id, e, None if e is not None else (f.result(), aset.index)))
+
+                    try:
+                        getattr(engine, name)(*rest).add_done_callback(changed)
+                        pending.append(("reply", cid, None, None))
+                    except UserError as e:
+                        pending.append(("reply", cid, e, None))
+                        pending.append(("reply", done_id, e, None))
                 elif name == "snapshot":
                     pending.append(("reply", cid, None, engine.snapshot()))
                 else:
