@@ -62,10 +62,10 @@ def build_model_dir(path: Path, max_seq_len: int = 1024, seed: int = 0) -> Path:
 @dataclass
 class Live:
     url: str
-    engine: Engine
-    tok: Tokenizer
     server: object
     thread: threading.Thread
+    engine: Engine
+    tok: Tokenizer
 
     @property
     def base_url(self) -> str:
@@ -92,8 +92,6 @@ def _start_server(
 ) -> Live:
     """A live server; `adapters` ({name: LoRA directory}) are served beside the base (multi-LoRA), in
     `adapter_slots` slots of rank 8 when given (room for adapters loaded while serving)."""
-    import uvicorn
-
     from tinychat.model.peft.multi_lora import serve_adapters
     from tinychat.serve.app import create_app
 
@@ -105,6 +103,13 @@ def _start_server(
         aset = serve_adapters(model, adapters) if adapters else None
     engine = Engine(model, tok, engine_cfg, aset).start()
     app = create_app(engine, tok, MODEL_NAME, api_key=api_key, **app_kw)
+    return Live(*_serve_app(app), engine=engine, tok=tok)
+
+
+def _serve_app(app: object) -> tuple[str, object, threading.Thread]:
+    """(base URL, uvicorn server, its thread) for `app` on a free 127.0.0.1 port, once it accepts connections."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -116,7 +121,7 @@ def _start_server(
     while not server.started:
         assert time.time() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    return Live(f"http://127.0.0.1:{port}", engine, tok, server, thread)
+    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +148,11 @@ def _raw_request(
 @pytest.fixture(scope="session")
 def start_server():  # noqa: ANN201 - the factory, for tests that need a server of their own
     return _start_server
+
+
+@pytest.fixture(scope="session")
+def serve_app():  # noqa: ANN201 - the helper, for tests that build their own app
+    return _serve_app
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ process serves most tests here (module scope)."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,21 +134,12 @@ def test_embeddings_equal_the_in_process_engine(remote, local):
         remote.embed([[]]).result(timeout=60)
 
 
-def test_http_through_the_engine_process(remote, model_dir):
+def test_http_through_the_engine_process(remote, model_dir, serve_app):
     import openai
-    import uvicorn
 
     from tinychat.serve.app import create_app
 
-    app = create_app(remote, Tokenizer.from_pretrained(model_dir), "tiny")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    base, server, thread = serve_app(create_app(remote, Tokenizer.from_pretrained(model_dir), "tiny"))
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
         msgs = [{"role": "user", "content": "hello"}]

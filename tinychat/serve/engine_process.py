@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.engine import Done, EngineOverloaded, Event, GenerationRequest, MetricsSnapshot
+from tinychat.infer.engine import Done, EngineOverloaded, Event, GenerationRequest, MetricsSnapshot, RequestHandle
 
 START_TIMEOUT_S = 600.0  # loading (and with --compile, compiling) a model can take minutes
 CALL_TIMEOUT_S = 60.0
@@ -73,27 +73,6 @@ class _Model:  # engine.model as the routes use it: only .cfg
 
     def num_params(self) -> int:
         return self.cfg.params
-
-
-class RemoteHandle:
-    """A request running in the engine process: cancel it, or iterate over its events (without a sink)."""
-
-    def __init__(self, rid: int, client: EngineProcess, events: queue.Queue | None) -> None:
-        self.id, self._client, self._events = rid, client, events
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self._client._send(("cancel", self.id))
-
-    def __iter__(self):  # noqa: ANN204 - Iterator[Event]
-        assert self._events is not None, "this request was submitted with a sink; events go there"
-        while True:
-            ev = self._events.get()
-            yield ev
-            if isinstance(ev, Done):
-                return
 
 
 class EngineProcess:
@@ -140,7 +119,7 @@ class EngineProcess:
     def alive(self) -> bool:
         return not self._dead and self._proc.is_alive()
 
-    def submit(self, req: GenerationRequest, sink: Callable[[Event], None] | None = None) -> RemoteHandle:
+    def submit(self, req: GenerationRequest, sink: Callable[[Event], None] | None = None) -> RequestHandle:
         """Queue a request in the engine process; raises what Engine.submit raises there."""
         rid = next(self._ids)
         events: queue.Queue | None = None
@@ -156,7 +135,7 @@ class EngineProcess:
             with self._lock:
                 self._sinks.pop(rid, None)
             raise
-        return RemoteHandle(rid, self, events)
+        return RequestHandle(rid, lambda: self._cancel(rid), events)
 
     def embed(self, batch: list[list[int]]) -> Future:
         return self._call("embed", batch)
@@ -207,6 +186,10 @@ class EngineProcess:
         self._fail("the engine was stopped")
 
     # ------------------------------------------------------------------ plumbing
+    def _cancel(self, rid: int) -> None:
+        with contextlib.suppress(UserError):  # an engine that is gone has ended every request already
+            self._send(("cancel", rid))
+
     def _send(self, msg: Any) -> None:
         if self._dead:
             raise UserError(f"the engine is not running ({self._dead}).")

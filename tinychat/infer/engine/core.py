@@ -164,7 +164,7 @@ class Engine:
         if sink is None:
             events = queue.Queue()
             sink = events.put
-        handle = rq.RequestHandle(rid, self, events)
+        handle = rq.RequestHandle(rid, self._wake, events)
         root = None if slot == 0 else (None, ("adapter", load))  # no block of tokens has such a key
         tokens = self.virtual_ids + req.prompt_ids
         with self._lock:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tinychat.infer.sampling import SamplingParams
 from tinychat.infer.structured import Constraint
 from tinychat.infer.tool_calls import ToolCall
-
-if TYPE_CHECKING:
-    from tinychat.infer.engine.core import Engine
 
 
 class EngineOverloaded(Exception):
@@ -69,14 +66,15 @@ Event = Delta | Done
 class RequestHandle:
     """What `submit` returns: cancel the request, or (without a sink) iterate over its events."""
 
-    def __init__(self, rid: int, engine: Engine, events: queue.Queue | None) -> None:
-        self.id, self._engine, self._events = rid, engine, events
+    def __init__(self, rid: int, wake: Callable[[], None], events: queue.Queue | None) -> None:
+        """`wake`: tells the engine to look (Engine._wake; an engine process's proxy sends the cancel instead)."""
+        self.id, self._wake, self._events = rid, wake, events
         self.cancelled = False
 
     def cancel(self) -> None:
         """Stop generating and free the request's KV blocks at the next step (a client went away)."""
         self.cancelled = True
-        self._engine._wake()
+        self._wake()
 
     def __iter__(self) -> Iterator[Event]:
         assert self._events is not None, "this request was submitted with a sink; events go there"
