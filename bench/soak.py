@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/soak.py [--model DIR] [--clients 64] [--seconds 60] [--slots 16]
 
-The server is a real `tinychat serve` subprocess (so its resident memory is its own); without --model it
-serves a random `tiny` model with a tokenizer trained on the spot (bench/serve.py's). Each client is the
-official AsyncOpenAI client in a closed loop; per request it draws one of:
+The server is a real `tinychat serve` subprocess (memory: its own resident set plus its engine process's);
+without --model it serves a random `tiny` model with a tokenizer trained on the spot (bench/serve.py's). Each
+client is the official AsyncOpenAI client in a closed loop; per request it draws one of:
   * stream (70%): a streamed chat completion read to the end, 32 tokens;
   * abandon (15%): a streamed one closed after its second chunk (a browser tab closed mid-answer);
   * timeout (15%): a non-streamed one whose client gives up after 0.3 s (the server must cancel it).
@@ -31,10 +31,27 @@ STATUSES = ("finished", "cancelled", "failed", "rejected")
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of `pid` and its children: the server and, by default, its engine process."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:  # gone meanwhile
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            out.append(int(stat.parent.name))
+    return out
 
 
 def metrics(base: str) -> dict[str, float]:
