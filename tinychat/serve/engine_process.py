@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import queue
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -260,6 +261,9 @@ class EngineProcess:
 # ---------------------------------------------------------------------------------------------- the child
 def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any, outbox: Any) -> None:
     """The engine process: build and start the engine, then execute what the parent sends until it stops."""
+    # Ctrl-C in a terminal reaches the whole process group: the API process decides when the engine stops
+    # (it sends None, or its end of the pipe closes), so the engine process does not die mid-step on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = build(*args)
         torch.set_num_threads(threads)
