@@ -1,12 +1,14 @@
 """Control for bench/copying.py: a 2-layer transformer written from scratch, sharing no model or optimizer code.
 
     .venv/bin/python bench/copy_control.py [VOCAB=512] [SEQ=256] [LR=1e-3] [MLP=0] [SMALL_VOCAB_STEPS=0] [STEPS=3000]
-                                           [BATCH=16]
+                                           [BATCH=16] [DRILL_FRACTION=1]
 
 LayerNorm, learned absolute positions, a separate output head, attention only unless MLP=1, torch's AdamW
 without decay, fp32; the same drills (bench/copying.py's batch). SMALL_VOCAB_STEPS > 0 first trains that
 many steps on 16 drill tokens (a curriculum) before switching to VOCAB. The last line names the first
 evaluation (every 100 steps) with more than half of the copyable tokens right: where the plateau ended.
+DRILL_FRACTION < 1 makes only that share of each batch's rows drills and the rest random tokens with nothing
+to copy: copy drills diluted in text that the circuit does not help.
 If this model too sits at ln(VOCAB), the copy plateau is a property of the task and the step budget, not of
 tinychat's model or optimizer.
 """
@@ -58,9 +60,9 @@ class Control(nn.Module):
 
 
 def main() -> None:
-    args = [float(a) for a in sys.argv[1:]] + [512, 256, 1e-3, 0, 0, 3000, 16][len(sys.argv) - 1 :]
+    args = [float(a) for a in sys.argv[1:]] + [512, 256, 1e-3, 0, 0, 3000, 16, 1.0][len(sys.argv) - 1 :]
     vocab, seq, lr, mlp, small_steps, steps = int(args[0]), int(args[1]), args[2], bool(args[3]), args[4], args[5]
-    rows = int(args[6])
+    rows, drill_rows = int(args[6]), max(1, round(int(args[6]) * args[7]))
     left = None
     torch.manual_seed(0)
     model = Control(FIRST + vocab, seq, mlp)
@@ -68,7 +70,10 @@ def main() -> None:
     rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     t0 = time.time()
     for step in range(int(steps) + 1):
-        x, y, _ = batch(rng, rows, seq, 16 if step < small_steps else vocab)
+        x, y, _ = batch(rng, drill_rows, seq, 16 if step < small_steps else vocab)
+        if drill_rows < rows:  # the other rows: uniform random tokens
+            r = torch.from_numpy(rng.integers(FIRST, FIRST + vocab, size=(rows - drill_rows, seq + 1)))
+            x, y = torch.cat([x, r[:, :-1]]), torch.cat([y, r[:, 1:]])
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
