@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512, help="distinct drill tokens (the model's vocabulary is 8192)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--decay", type=float, default=0.1, help="AdamW weight decay (the speedrun's: 0.1)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--every", type=int, default=100)
@@ -234,7 +235,7 @@ def main() -> None:
             model.model.embed_tokens.weight.normal_(0.0, args.emb_std)
     if args.mimetic:
         mimetic_init(model, args.mimetic, args.ov_scale)
-    opt = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=args.decay), torch.device("cpu"))
     rng, eval_rng = np.random.default_rng(0), np.random.default_rng(1)
     inits = [("induction", args.induction_init), ("previous-token", args.prev_token_init), ("mimetic", args.mimetic)]
     init_name = args.init or next((n for n, on in inits if on), "default")
