@@ -273,7 +273,7 @@ def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any
         return
     m = engine.model
     aset = engine.adapters
-    index = {"index": aset.index, "updatable": aset.updatable} if aset is not None else None
+    served = {"index": aset.index, "updatable": aset.updatable} if aset is not None else None
     outbox.send(
         (
             "ready",
@@ -281,7 +281,7 @@ def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any
                 "model": ModelInfo(m.cfg.vocab_size, m.cfg.max_seq_len, m.cfg.d_model, m.num_params()),
                 "context": engine.context,
                 "num_slots": engine.num_slots,
-                "adapters": index,
+                "adapters": served,
             },
         )
     )
