@@ -1,7 +1,8 @@
 """Does the model learn to copy from its context at all? Pure copy drills, no other data.
 
-    .venv/bin/python bench/copying.py [--preset tiny] [--vocab 512] [--steps 1500] [--lr 3e-3] [--no-qk-norm]
-        [--model-vocab 8192] [--layers N] [--fp32] [--clip 1.0] [--untied] [--emb-std S]
+    .venv/bin/python bench/copying.py [--preset tiny] [--vocab 512] [--alphabet N] [--steps 1500]
+        [--lr 3e-3] [--no-qk-norm] [--model-vocab 8192] [--layers N] [--fp32] [--clip 1.0] [--untied]
+        [--emb-std S] [--drill-softmax]
         [--prev-token-init | --mimetic STD [--ov-scale C] | --induction-init WRITE MATCH COPY GAIN [--freeze-circuit]]
 
 Why: the speedrun model never copies a name or number from its prompt (tool calls carry the wrong
@@ -33,21 +34,26 @@ from tinychat.train.optim import build_optimizer
 EOS, SEP, FIRST = 1, 2, 100  # drill ids start at FIRST so the two markers never occur inside a drill
 
 
-def drills(rng: np.random.Generator, n_tokens: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+def drills(rng: np.random.Generator, n_tokens: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, copyable) of length n_tokens: copyable[t] is True where token t repeats the drill's first half."""
     toks: list[int] = []
     copy: list[bool] = []
     while len(toks) < n_tokens:
-        xs = rng.integers(FIRST, FIRST + vocab, size=int(rng.integers(5, 30))).tolist()
+        xs = rng.choice(ids, size=int(rng.integers(5, 30))).tolist()
         toks += [EOS, *xs, SEP, *xs]
         copy += [False] * (len(xs) + 2) + [True] * len(xs)
     return np.array(toks[:n_tokens]), np.array(copy[:n_tokens])
 
 
-def batch(rng: np.random.Generator, b: int, t: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    toks, copy = drills(rng, b * (t + 1), vocab)
+def batch(
+    rng: np.random.Generator, b: int, t: int, vocab: int, alphabet: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, whether y is a copy, and the batch's drill ids: the first `vocab` ids, or with `alphabet` a fresh
+    draw of `vocab` of the first `alphabet` ids for every batch (so no id is special to the circuit)."""
+    ids = FIRST + (rng.choice(alphabet, size=vocab, replace=False) if alphabet else np.arange(vocab))
+    toks, copy = drills(rng, b * (t + 1), ids)
     w, c = torch.from_numpy(toks.reshape(b, t + 1)), torch.from_numpy(copy.reshape(b, t + 1))
-    return w[:, :-1], w[:, 1:], c[:, 1:]  # x, y, whether y is a copy
+    return w[:, :-1], w[:, 1:], c[:, 1:], torch.from_numpy(ids)
 
 
 @torch.no_grad()
@@ -175,12 +181,29 @@ def freeze_circuit(model: Model) -> None:
     model.model.norm.weight.requires_grad_(False)
 
 
+def drill_softmax_loss(model: Model, x: torch.Tensor, y: torch.Tensor, drill_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the softmax over [EOS, SEP, drill ids] only: the rows of the (tied) head for the
+    other ~8,100 tokens are neither multiplied nor pushed down, which is what the full softmax spends its
+    drill-token gradient on (the embeddings' shared component grows; docs/speedrun.md, round 5)."""
+    ids = torch.cat([torch.tensor([EOS, SEP]), drill_ids])  # (K,)
+    remap = torch.full((model.cfg.vocab_size,), -100, dtype=torch.long)
+    remap[ids] = torch.arange(len(ids))
+    h = model.hidden_states(x)  # (B, T, d)
+    logits = h @ model.lm_head.weight[ids].T  # (B, T, K)
+    return F.cross_entropy(logits.float().flatten(0, 1), remap[y].flatten())
+
+
 @torch.no_grad()
 def copy_accuracy(model: Model, rng: np.random.Generator, args: argparse.Namespace) -> float:
     model.eval()
-    x, y, c = batch(rng, 32, args.seq, args.vocab)
+    x, y, c, ids = batch(rng, 32, args.seq, args.vocab, args.alphabet)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model(x).argmax(-1)
+        logits = model(x)
+    if args.drill_softmax:  # the argmax among the ids the loss ranked (the others were never pushed down)
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[ids] = True
+        logits[..., ~keep] = float("-inf")
+    pred = logits.argmax(-1)
     model.train()
     return float((pred[c] == y[c]).float().mean())
 
@@ -189,6 +212,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vocab", type=int, default=512, help="distinct drill tokens (the model's vocabulary is 8192)")
+    ap.add_argument("--alphabet", type=int, default=0, help="draw each batch's --vocab drill ids from this many")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--decay", type=float, default=0.1, help="AdamW weight decay (the speedrun's: 0.1)")
@@ -211,6 +235,11 @@ def main() -> None:
     ap.add_argument("--freeze-circuit", action="store_true", help="with --induction-init: train around the circuit")
     ap.add_argument("--untied", action="store_true", help="separate input embedding and output head")
     ap.add_argument("--emb-std", type=float, default=0.0, help="input embedding init std (0 = preset)")
+    ap.add_argument(
+        "--drill-softmax",
+        action="store_true",
+        help="the loss's softmax over the drill ids and the two markers only (the head's other rows get no gradient)",
+    )
     ap.add_argument("--init", default="", help="start from this trained model directory (e.g. a speedrun's pretrain)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -249,9 +278,12 @@ def main() -> None:
     for step in range(args.steps + 1):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 50)
-        x, y, _ = batch(rng, args.batch, args.seq, args.vocab)
+        x, y, _, ids = batch(rng, args.batch, args.seq, args.vocab, args.alphabet)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+            if args.drill_softmax:
+                loss = drill_softmax_loss(model, x, y, ids)
+            else:
+                loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         loss.backward()
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

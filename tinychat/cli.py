@@ -58,6 +58,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "raise a model's context window by RoPE scaling (linear, ntk, yarn)",
     ),
     "pretrain": ("tinychat.train.pretrain", "PretrainConfig", "run", "pretrain a model on token shards"),
+    "copy-drills": (
+        "tinychat.train.copy_drills",
+        "CopyDrillsConfig",
+        "run",
+        "train a fresh model to copy from its context (the stage before pretraining)",
+    ),
     "sft": ("tinychat.train.sft", "SFTConfig", "run", "supervised fine-tuning on chat conversations"),
     "reward": ("tinychat.train.reward", "RewardConfig", "run", "train a reward model on preference pairs"),
     "dpo": ("tinychat.train.dpo", "DPOConfig", "run", "direct preference optimisation against a frozen reference"),

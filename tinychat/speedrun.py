@@ -39,6 +39,9 @@ class SpeedrunConfig:
     stage_eval_limit: int = field(0, help="questions per suite for the earlier stages (0 = eval_limit)")
     apply_limit: int = field(48, help="knowledge-base questions for the final model (agent tasks: half as many)")
     eval_bpb_tokens: int = field(8192, help="validation tokens for bits per byte at each stage")
+    copy_drills: bool = field(
+        False, help="a copy-drill stage before pretraining ([copy-drills] in the preset; pretraining continues it)"
+    )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
     )
@@ -96,6 +99,7 @@ class Speedrun:
             Stage("world", lambda: (self.path("world", "manifest.json")).is_file(), self.world),
             Stage("tokenizer", lambda: self.path("tokenizer", "tokenizer.json").is_file(), self.tokenizer),
             Stage("data", lambda: self.path("data", "tokens", "index.json").is_file(), self.data),
+            *([Stage("copy", lambda: self.done("copy"), self.copy_drills)] if self.cfg.copy_drills else []),
             Stage("pretrain", lambda: self.done("pretrain"), self.pretrain),
             Stage("sft", lambda: self.done("sft"), lambda: self.post("tinychat.train.sft", "SFTConfig", "sft")),
             Stage("dpo", lambda: self.done("dpo"), lambda: self.post("tinychat.train.dpo", "DPOConfig", "dpo")),
@@ -208,11 +212,23 @@ class Speedrun:
             )
         )
 
+    def copy_drills(self) -> None:
+        """Pure copy drills for a fresh model, so that pretraining starts with the circuit that copies from the
+        context (tinychat.train.copy_drills); budgeted in steps, since the plateau it must pass is."""
+        from tinychat.train.copy_drills import CopyDrillsConfig, run_copy_drills
+
+        cfg = self.stage_config(
+            CopyDrillsConfig, "copy-drills", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume"]
+        )
+        if run_copy_drills(self.scaled(cfg)).interrupted:
+            raise KeyboardInterrupt
+
     def pretrain(self) -> None:
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
+        init = ["--init", str(self.path("checkpoints", "copy"))] if self.cfg.copy_drills else []
         cfg = self.stage_config(
-            PretrainConfig, "pretrain", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume"]
+            PretrainConfig, "pretrain", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init]
         )
         result = run_pretrain(self.scaled(cfg))
         if result.interrupted:

@@ -1,0 +1,117 @@
+"""The copy-drill stage (`tinychat copy-drills`): drills whose second half repeats the first, an alphabet of
+the text's own tokens, a softmax over each batch's candidates only, and pretraining that continues it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import TINY
+
+from tinychat.cli import main
+from tinychat.data.shards import TokenIndex
+from tinychat.model import Model
+from tinychat.model.config import ModelConfig
+from tinychat.tokenizer import Tokenizer
+from tinychat.tokenizer.bytes import token_byte_lengths
+from tinychat.train.config import TrainConfig
+from tinychat.train.copy_drills import CopyDrillsConfig, CopyDrillsObjective, drill_alphabet, drill_rows
+
+
+def test_drill_rows_repeat_their_first_half():
+    rng = np.random.default_rng(0)
+    toks, copy = drill_rows(rng, np.arange(10, 20), rows=3, length=50, start=1, sep=[5, 6], lens=(2, 6))
+    flat, flags = toks.ravel().tolist(), copy.ravel().tolist()
+    assert toks.shape == copy.shape == (3, 50)
+    starts = [i for i, t in enumerate(flat) if t == 1]
+    for a, b in zip(starts, starts[1:]):  # every whole drill: start, xs, sep, xs
+        body = flat[a + 1 : b]
+        n = (len(body) - 2) // 2
+        assert 2 <= n < 6 and body[n : n + 2] == [5, 6] and body[:n] == body[n + 2 :]
+        assert flags[a:b] == [False] * (n + 3) + [True] * n
+    assert all(10 <= t < 20 for t, f in zip(flat, flags) if f)
+
+
+def test_alphabet_is_the_most_frequent_text_tokens(corpus_run: Path):
+    base = corpus_run / "base"
+    tok = Tokenizer.from_pretrained(base / "tokenizer")
+    index = TokenIndex.load(base / "data" / "tokens")
+    sep = tok.encode("\n")
+    ids = drill_alphabet(index, tok, 50, {index.eot_id, *sep})
+    counts = np.bincount(np.concatenate([np.asarray(m) for m in index.memmaps("train")]), minlength=tok.vocab_size)
+    assert len(ids) == 50 and len(set(ids.tolist())) == 50
+    assert index.eot_id not in ids and not set(sep) & set(ids.tolist())
+    assert all(token_byte_lengths(tok)[i] > 0 for i in ids)
+    assert list(counts[ids]) == sorted(counts[ids], reverse=True)
+    assert counts[ids].min() >= max(
+        counts[i]
+        for i in range(tok.vocab_size)
+        if i not in ids and i != index.eot_id and i not in sep and token_byte_lengths(tok)[i] > 0
+    )
+
+
+def test_drill_softmax_ranks_the_candidates_and_leaves_other_rows_alone():
+    torch.manual_seed(0)
+    model = Model(ModelConfig(vocab_size=300, d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, d_ff=64))
+    cfg = CopyDrillsConfig(per_batch=12, train=TrainConfig(batch_size=4, seq_len=24))
+    obj = CopyDrillsObjective(cfg, np.arange(100, 200), start=0, sep=[7])
+    obj.ctx = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1))
+    x, y, c, cand = obj.batch(np.random.default_rng(1), 4)
+    assert len(cand) == 14 and set(y.unique().tolist()) <= set(cand.tolist())
+    loss, _ = obj.loss(model, (x, y, c, cand))
+    logits = model(x)[..., cand]  # the full head, then the candidates' columns: the same softmax
+    expect = F.cross_entropy(logits.flatten(0, 1), torch.searchsorted(cand, y).flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expect, rtol=1e-4, atol=1e-3)
+    loss.backward()
+    grad = model.lm_head.weight.grad  # tied: the input embedding's rows as well
+    others = torch.ones(300, dtype=torch.bool)
+    others[cand] = False
+    assert grad[others].abs().max() == 0 and grad[cand].abs().sum(1).min() > 0
+
+
+def test_copy_drills_then_pretraining_continues_them(corpus_run: Path):
+    base = ["--runs-dir", str(corpus_run), "--tokenizer", str(corpus_run / "base" / "tokenizer")]
+    data = ["--data", str(corpus_run / "base" / "data" / "tokens")]
+    train = ["--train.batch_size", "4", "--train.seq_len", "32", "--train.precision", "fp32"]
+    train += ["--train.tensorboard", "false", "--train.warmup_steps", "2"]
+    drills = ["copy-drills", *base, *data, *TINY, *train, "--run", "cd", "--alphabet", "40", "--per_batch", "8"]
+    assert main([*drills, "--train.max_steps", "6", "--train.eval_every", "3"]) == 0
+    run = corpus_run / "cd"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval" and e["stage"] == "copy"]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(0 <= e["copy_accuracy"] <= 1 and 0 <= e["copy_accuracy_candidates"] <= 1 for e in evals)
+    assert (run / "config.copy.toml").is_file()
+    drilled = Model.from_pretrained(str(run / "checkpoints" / "copy"))
+    pre = ["pretrain", *base, *data, *train, "--run", "cd", "--init", str(run / "checkpoints" / "copy")]
+    assert main([*pre, "--train.max_steps", "2", "--train.eval_every", "0", "--train.lr", "0", "--samples"]) == 0
+    after = Model.from_pretrained(str(run / "checkpoints" / "pretrain"))
+    assert drilled.cfg.n_layer == after.cfg.n_layer == 2
+    for (name, a), b in zip(drilled.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)  # lr 0: pretraining started from the drilled weights
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min_len", "5", "--max_len", "5"], "min_len < max_len"),
+        (["--separator", ""], "separator"),
+        (["--data", "/nonexistent"], "not a tokenized data directory"),
+    ],
+)
+def test_bad_input_is_one_sentence(corpus_run: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str):
+    args = ["copy-drills", "--runs-dir", str(corpus_run), "--run", "bad", *TINY, "--train.max_steps", "1"]
+    args += [
+        "--tokenizer",
+        str(corpus_run / "base" / "tokenizer"),
+        "--data",
+        str(corpus_run / "base" / "data" / "tokens"),
+    ]
+    assert main([*args, *flags]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

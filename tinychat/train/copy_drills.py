@@ -1,0 +1,205 @@
+"""Copy drills: a short stage before pretraining that forms the circuit which copies from the context.
+
+`tinychat copy-drills --config PRESET --run NAME` trains a fresh model on nothing but drills
+`<eot> x1 .. xn SEP x1 .. xn` (n in [min_len, max_len), xi token ids of the run's own text) into
+runs/NAME/checkpoints/copy; `tinychat pretrain --init runs/NAME/checkpoints/copy` then continues it on the
+text. The speedrun runs it first when its preset has `[speedrun] copy_drills = true`.
+
+Why a stage of its own (docs/speedrun.md, "Copying"): naming a city from a retrieved document, putting
+the question's numbers into a calculator call, or passing a tool's result on all need an induction
+circuit (a previous-token head feeding a head that looks up the current token's earlier occurrence;
+Olsson et al. 2022). It forms only after a plateau that is counted in optimiser steps (~3,000-3,750 at
+16 x 64 tokens, whatever the learning rate), and only on pure drills: mixed into the text at 8% or 32% of
+the tokens, or half of every batch, it never formed within 12,000 steps; formed first, it survived the
+dilution. So the drills come before the text, and as cheap per step as they can be: short windows.
+
+The softmax: with the full softmax over all V ids, most of a drill token's gradient goes to pushing the
+~V ids that never occur in the drills down, and a tied head shares that push with the input embeddings
+(their common component grew while the drill tokens' differences shrank, and the tied 8,192-token
+model stayed on the plateau). `softmax = "drill"` ranks only the batch's own candidates (its drill ids,
+<eot> and the separator): no other row of the head is touched, and the head matmul shrinks to them.
+Each batch draws its `per_batch` drill ids afresh from the `alphabet` most frequent ids of the training
+text, so no id is special to the circuit and every frequent token learns to be copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinychat.config import dumps_toml, field
+from tinychat.data.shards import TokenIndex
+from tinychat.errors import UserError
+from tinychat.model.config import ModelConfig, resolve
+from tinychat.model.transformer import Model
+from tinychat.tokenizer import Tokenizer
+from tinychat.tokenizer.bytes import token_byte_lengths
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import Objective, TrainContext, TrainResult, train
+
+
+@dataclass
+class CopyDrillsConfig:
+    run: str = field("default", help="run name: everything goes to RUNS_DIR/NAME")
+    runs_dir: str = field("runs")
+    data: str = field("", help="tokenized data directory whose train split gives the drill ids")
+    tokenizer: str = field("", help="tokenizer directory (default RUNS_DIR/NAME/tokenizer)")
+    resume: bool = field(False, help="continue from the newest checkpoint of this stage")
+    stage: str = field("copy", help="checkpoint folder name under RUNS_DIR/NAME/checkpoints")
+    alphabet: int = field(1024, help="drill ids: this many of the train split's most frequent text tokens")
+    per_batch: int = field(64, help="each batch's drills use this many of them (0 = the whole alphabet)")
+    min_len: int = field(5, help="shortest drill (tokens to copy)")
+    max_len: int = field(30, help="longest drill + 1")
+    separator: str = field("\n", help="text between a drill's two halves")
+    softmax: Literal["drill", "full"] = field("drill", help="rank the batch's candidate ids only, or all ids")
+    eval_batches: int = field(4, help="fixed batches for the copy accuracy at each evaluation")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def drill_alphabet(index: TokenIndex, tok: Tokenizer, size: int, exclude: set[int]) -> np.ndarray:
+    """The `size` most frequent ids of the train split that stand for text (special tokens have no bytes)."""
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    for m in index.memmaps("train"):
+        counts += np.bincount(np.asarray(m, dtype=np.int64), minlength=tok.vocab_size)[: tok.vocab_size]
+    text = np.array(token_byte_lengths(tok)) > 0
+    counts[~text] = 0
+    counts[sorted(exclude)] = 0
+    ids = np.argsort(-counts, kind="stable")
+    ids = ids[counts[ids] > 0][:size]
+    if len(ids) < 2:
+        raise UserError(f"the train split of {index.root} holds fewer than 2 distinct text tokens to drill.")
+    return ids
+
+
+def drill_rows(
+    rng: np.random.Generator, ids: np.ndarray, rows: int, length: int, start: int, sep: list[int], lens: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, length) token ids packed from drills, and whether each token repeats its drill's first half."""
+    toks: list[int] = []
+    copy: list[bool] = []
+    while len(toks) < rows * length:
+        xs = rng.choice(ids, size=int(rng.integers(*lens))).tolist()
+        toks += [start, *xs, *sep, *xs]
+        copy += [False] * (1 + len(xs) + len(sep)) + [True] * len(xs)
+    n = rows * length
+    return np.array(toks[:n]).reshape(rows, length), np.array(copy[:n]).reshape(rows, length)
+
+
+class CopyDrillsObjective(Objective):
+    name = "copy"
+
+    def __init__(self, cfg: CopyDrillsConfig, alphabet: np.ndarray, start: int, sep: list[int]) -> None:
+        self.cfg, self.alphabet, self.start, self.sep = cfg, alphabet, start, sep
+        self.k = min(cfg.per_batch or len(alphabet), len(alphabet))
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        d = ctx.dist
+        if self.cfg.train.batch_size % d.world:
+            raise UserError(
+                f"train.batch_size ({self.cfg.train.batch_size}) must be a multiple of the {d.world} ranks."
+            )
+
+    def batch(self, rng: np.random.Generator, rows: int) -> tuple[torch.Tensor, ...]:
+        """x, y (rows, T), whether y is a copy, and the candidate ids the drill softmax ranks (K,)."""
+        ids = rng.choice(self.alphabet, size=self.k, replace=False)
+        toks, copy = drill_rows(
+            rng, ids, rows, self.cfg.train.seq_len + 1, self.start, self.sep, (self.cfg.min_len, self.cfg.max_len)
+        )
+        w, c = torch.from_numpy(toks), torch.from_numpy(copy)
+        cand = torch.from_numpy(np.unique(np.concatenate([[self.start], self.sep, ids])))
+        dev = self.ctx.device
+        return (
+            w[:, :-1].contiguous().to(dev),
+            w[:, 1:].contiguous().to(dev),
+            c[:, 1:].contiguous().to(dev),
+            cand.to(dev),
+        )
+
+    # a batch is a pure function of (seed, step): the same rows whatever the ranks, each rank its own slice
+    def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
+        d, b = self.ctx.dist, self.cfg.train.batch_size
+        x, y, c, cand = self.batch(np.random.default_rng((self.cfg.train.seed, step)), b)
+        per = b // d.world
+        sl = slice(d.rank * per, (d.rank + 1) * per)
+        return [(x[sl], y[sl], c[sl], cand)]
+
+    def count(self, batch: Any) -> int:
+        return batch[1].numel()
+
+    def tokens(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def logits(self, model: torch.nn.Module, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """(B, T, K) logits of the candidates; the head multiplies only their rows when it can."""
+        if self.cfg.softmax == "full":
+            return model(x)
+        if isinstance(model, Model):  # unwrapped: the head's matmul over the K candidate rows only
+            return model.hidden_states(x) @ model.lm_head.weight[cand].T
+        return model(x)[..., cand]  # a wrapper (DDP, compile) must see its own forward: the same gradient
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, c, cand = batch
+        logits = self.logits(model, x, cand)
+        if self.cfg.softmax == "drill":
+            y = torch.searchsorted(cand, y)  # cand is sorted and holds every target
+        per_tok = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return per_tok.sum(), {"copy_loss": (per_tok * c.flatten()).sum() * y.numel() / max(int(c.sum()), 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        """Copy accuracy on fixed drills: the argmax over all ids (what text generation will use) and over the
+        batch's candidates; chance is 1/per_batch."""
+        raw = getattr(model, "module", model)
+        right = right_cand = total = 0
+        rng = np.random.default_rng((self.cfg.train.seed, 1 << 40))  # never a training step
+        for _ in range(self.cfg.eval_batches):
+            x, y, c, cand = self.batch(rng, self.cfg.train.batch_size)
+            with self.ctx.autocast():
+                logits = raw(x).float()
+            right += int((logits.argmax(-1)[c] == y[c]).sum())
+            right_cand += int((cand[logits[..., cand].argmax(-1)][c] == y[c]).sum())
+            total += int(c.sum())
+        return {"copy_accuracy": right / max(total, 1), "copy_accuracy_candidates": right_cand / max(total, 1)}
+
+
+def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else run_dir / "tokenizer"
+    data_dir = Path(cfg.data) if cfg.data else run_dir / "data" / "tokens"
+    if not tok_dir.is_dir():
+        raise UserError(f"tokenizer directory {tok_dir} does not exist; run `tinychat tokenizer train` first.")
+    if not (data_dir / "index.json").is_file():
+        raise UserError(f"{data_dir} is not a tokenized data directory; run `tinychat data tokenize` first.")
+    if not 1 <= cfg.min_len < cfg.max_len:
+        raise UserError(f"copy drills need 1 <= min_len < max_len, got {cfg.min_len} and {cfg.max_len}.")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    sep = tok.encode(cfg.separator)
+    if not sep:
+        raise UserError("--separator must be some text: it marks where a drill's copy starts.")
+    index = TokenIndex.load(data_dir)  # drills start with the token that separates the text's documents
+    alphabet = drill_alphabet(index, tok, cfg.alphabet, {index.eot_id, *sep})
+    mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    if cfg.train.seq_len > mcfg.max_seq_len:
+        raise UserError(f"train.seq_len ({cfg.train.seq_len}) is larger than the context window ({mcfg.max_seq_len}).")
+    torch.manual_seed(cfg.train.seed)
+    model = Model(mcfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"config.{cfg.stage}.toml").write_text(dumps_toml(dataclasses.replace(cfg, model=mcfg)))
+    objective = CopyDrillsObjective(cfg, alphabet, index.eot_id, sep)
+    return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
+
+
+def run(cfg: CopyDrillsConfig) -> int:
+    r = run_copy_drills(cfg)
+    acc = r.last_eval.get("copy_accuracy")
+    shown = f", copy accuracy {acc:.1%}" if acc is not None else ""
+    print(f"copy-drills: {r.steps} steps in {r.seconds / 60:.1f} min, loss {r.final_loss:.3f}{shown} -> {r.model_dir}")
+    return 130 if r.interrupted else 0
