@@ -10,6 +10,7 @@ from tinychat.data.tokenize import TokenizeConfig
 from tinychat.speedrun import CONFIG_DIR, Speedrun, SpeedrunConfig, with_preset_defaults
 from tinychat.tokenizer.train import TokenizerTrainConfig
 from tinychat.train.dpo import DPOConfig
+from tinychat.train.copy_drills import CopyDrillsConfig
 from tinychat.train.grpo import GRPOConfig
 from tinychat.train.pretrain import PretrainConfig
 from tinychat.train.sft import SFTConfig
@@ -19,6 +20,7 @@ STAGES = [
     (TokenizerTrainConfig, "tokenizer_train"),
     (PrepareConfig, "data_prepare"),
     (TokenizeConfig, "data_tokenize"),
+    (CopyDrillsConfig, "copy-drills"),
     (PretrainConfig, "pretrain"),
     (SFTConfig, "sft"),
     (DPOConfig, "dpo"),

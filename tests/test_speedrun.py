@@ -4,6 +4,7 @@ and the report card's numbers are exactly those the run recorded in metrics.json
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,20 @@ def test_report_numbers_equal_the_recorded_metrics(micro_run: Path):
         assert f"| {stage} |" in report and f"{train[-1]['loss']:.4f}" in report, stage
         refusal = [r for r in recs if r["stage"] == stage and r["kind"] == "eval_suite" and r["suite"] == "refusal"]
         assert refusal and refusal[-1]["n"] > 0
+
+
+def test_the_copy_drill_stage_runs_first_and_pretraining_continues_it(micro_run: Path):
+    runs = micro_run.parent
+    for part in ("world", "tokenizer", "data"):  # the same inputs as the micro run: only the new stages run
+        shutil.copytree(micro_run / part, runs / "c" / part)
+    args = ["speedrun", "--preset", "micro", "--runs-dir", str(runs), "--run", "c", "--copy_drills", "true"]
+    assert main([*args, "--stages", "copy", "pretrain"]) == 0
+    run = runs / "c"
+    assert (run / "checkpoints" / "copy" / "model.safetensors").is_file()
+    assert set(json.loads((run / "timings.json").read_text())) == {"copy", "pretrain"}
+    assert f'init = "{run / "checkpoints" / "copy"}"' in (run / "config.pretrain.toml").read_text()
+    drills = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in drills if r["stage"] == "copy" and r["kind"] == "train"] == list(range(1, 7))
 
 
 def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys):

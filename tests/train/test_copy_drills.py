@@ -20,7 +20,8 @@ from tinychat.model.config import ModelConfig
 from tinychat.tokenizer import Tokenizer
 from tinychat.tokenizer.bytes import token_byte_lengths
 from tinychat.train.config import TrainConfig
-from tinychat.train.copy_drills import CopyDrillsConfig, CopyDrillsObjective, drill_alphabet, drill_rows
+from tinychat.train.copy_drills import CopyDrillsConfig, CopyDrillsObjective, DrillSource, drill_alphabet, drill_rows
+from tinychat.train.pretrain import PretrainObjective
 
 
 def test_drill_rows_repeat_their_first_half():
@@ -59,7 +60,7 @@ def test_drill_softmax_ranks_the_candidates_and_leaves_other_rows_alone():
     torch.manual_seed(0)
     model = Model(ModelConfig(vocab_size=300, d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, d_ff=64))
     cfg = CopyDrillsConfig(per_batch=12, train=TrainConfig(batch_size=4, seq_len=24))
-    obj = CopyDrillsObjective(cfg, np.arange(100, 200), start=0, sep=[7])
+    obj = CopyDrillsObjective(cfg, DrillSource(np.arange(100, 200), start=0, sep=[7], per_batch=12))
     obj.ctx = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1))
     x, y, c, cand = obj.batch(np.random.default_rng(1), 4)
     assert len(cand) == 14 and set(y.unique().tolist()) <= set(cand.tolist())
@@ -96,6 +97,24 @@ def test_copy_drills_then_pretraining_continues_them(corpus_run: Path):
         torch.testing.assert_close(a, b, msg=name)  # lr 0: pretraining started from the drilled weights
 
 
+def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_run: Path):
+    args = ["copy-drills", "--runs-dir", str(corpus_run), "--run", "stop", *TINY, "--train.precision", "fp32"]
+    args += [
+        "--tokenizer",
+        str(corpus_run / "base" / "tokenizer"),
+        "--data",
+        str(corpus_run / "base" / "data" / "tokens"),
+    ]
+    args += ["--train.batch_size", "4", "--train.seq_len", "32", "--train.tensorboard", "false", "--per_batch", "4"]
+    assert main([*args, "--train.max_steps", "40", "--train.eval_every", "2", "--stop_at", "0.01"]) == 0
+    records = [json.loads(x) for x in (corpus_run / "stop" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert evals[0]["copy_accuracy_candidates"] >= 0.01 and evals[0]["done"]  # chance is 1/4 among 4 ids
+    assert max(steps) == 2 and [e["step"] for e in evals] == [2, 2]  # the stopping one, then the final one
+    assert (corpus_run / "stop" / "checkpoints" / "copy" / "config.json").is_file()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -115,3 +134,19 @@ def test_bad_input_is_one_sentence(corpus_run: Path, capsys: pytest.CaptureFixtu
     assert main([*args, *flags]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_pretraining_keeps_a_share_of_every_batch_for_drills(corpus_run: Path):
+    base = corpus_run / "base"
+    tok = Tokenizer.from_pretrained(base / "tokenizer")
+    cfg = TrainConfig(batch_size=8, seq_len=32)
+    obj = PretrainObjective(base / "data" / "tokens", tok, cfg, [], drill_rows=0.25)
+    obj.setup(SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1)))
+    plain = PretrainObjective(base / "data" / "tokens", tok, cfg, [])
+    plain.setup(SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1)))
+    for step in (0, 5):
+        (x, y), (px, py) = obj.micro_batches(step, None)[0], plain.micro_batches(step, None)[0]
+        assert torch.equal(x[:6], px[:6]) and torch.equal(y[:6], py[:6])  # the text rows are the same text
+        assert torch.equal(x[6:, 1:], y[6:, :-1])  # two drill rows, shifted as text is
+        alphabet = set(obj.drills.alphabet.tolist()) | {obj.drills.start, *obj.drills.sep}
+        assert set(x[6:].unique().tolist()) <= alphabet and not torch.equal(x[6:], px[6:])

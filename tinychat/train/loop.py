@@ -66,7 +66,8 @@ class Objective:
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
-        """Validation numbers; run on every rank (collectives allowed), logged by rank 0."""
+        """Validation numbers; run on every rank (collectives allowed), logged by rank 0. A true "done" ends
+        training early (every rank must agree)."""
         return {}
 
     def pipeline_io(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,6 +371,8 @@ def train(
             done_now = budget_progress(step, elapsed) >= 1.0  # the final evaluation and checkpoint follow
             if cfg.eval_every and step % cfg.eval_every == 0 and not done_now:
                 last_eval = _evaluate(objective, eval_model, step, log, console, info)
+                if last_eval.get("done"):  # the objective met its own goal: the final evaluation and save follow
+                    break
             if stop.flag:
                 interrupted = True
                 break

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +26,7 @@ from tinychat.model.config import ModelConfig
 from tinychat.model.peft import PeftConfig
 from tinychat.model.peft.lora import LoraConfig
 from tinychat.train.config import TrainConfig
+from tinychat.train.copy_drills import DrillSource
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
 from tinychat.train.optim import mup_init
 
@@ -41,6 +43,11 @@ class PretrainConfig:
     samples: list[str] = field(["The", "Velmora", "12 + 7 ="], help="prompts sampled at each evaluation")
     trainable: Literal["all", "embeddings"] = field(
         "all", help="embeddings: train only the input embeddings and the output layer (Chinese-LLaMA's stage 1)"
+    )
+    drill_rows: float = field(
+        0.0,
+        help="share of each batch's rows that are copy drills (tinychat.train.copy_drills): keeps a copy circuit that "
+        "a copy-drill stage formed from being trained away by the text",
     )
     vocab_init: Literal["mean", "random"] = field(
         "mean", help="rows for tokens the tokenizer adds to the --init model's own (see `tinychat model resize-vocab`)"
@@ -72,9 +79,11 @@ class PretrainObjective(Objective):
         samples: list[str],
         lora: LoraConfig | None = None,
         init: Path | None = None,
+        drill_rows: float = 0.0,
     ) -> None:
         self.data_dir, self.tok, self.cfg, self.samples = data_dir, tokenizer, cfg, samples
         self.lora, self.init = lora or LoraConfig(), init or Path("")
+        self.drill_rows = drill_rows
 
     def setup(self, ctx: TrainContext) -> None:
         from tinychat.data.loader import PackedLoader
@@ -95,6 +104,10 @@ class PretrainObjective(Objective):
         # a validation split too small for one batch fails here, not at the first evaluation minutes later
         PackedLoader(self.data_dir, cfg.batch_size, cfg.seq_len, split="val", rank=d.rank, world_size=d.world)
         self.token_bytes = torch.tensor(token_byte_lengths(self.tok), dtype=torch.float32, device=ctx.device)
+        self.drills = None
+        if self.drill_rows:
+            self.drills = DrillSource.for_data(self.data_dir, self.tok)
+            self.n_drill = max(1, round(cfg.batch_size * self.drill_rows))
 
     # loader step = optimiser step x accumulation + micro index: the global batch is the same set of
     # sequences whatever the split between ranks and accumulation (see tinychat.data.loader)
@@ -103,6 +116,11 @@ class PretrainObjective(Objective):
         out = []
         for m in range(self.accum):
             x, y = self.loader.batch(step * self.accum + m)
+            if self.drills is not None:  # the last rows of the micro-batch become drills
+                rng = np.random.default_rng((self.cfg.seed, step * self.accum + m, self.ctx.dist.rank))
+                w = torch.from_numpy(self.drills.rows(rng, self.n_drill, x.shape[1] + 1))
+                x, y = x.clone(), y.clone()
+                x[-self.n_drill :], y[-self.n_drill :] = w[:, :-1], w[:, 1:]
             out.append((x.to(dev), y.to(dev)))
         return out
 
@@ -299,7 +317,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     freeze_for_stage(model, cfg, tok)
     write_config(cfg, run_dir, model)
     init = Path(cfg.init) if cfg.init else None
-    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples, cfg.lora, init)
+    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples, cfg.lora, init, cfg.drill_rows)
     return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
 
 
