@@ -47,6 +47,11 @@ class TrainConfig:
     beta2: float = field(0.95)
     eps: float = field(1e-8)
     grad_clip: float = field(1.0, help="clip the global gradient norm (0 = off)")
+    ema: float = field(
+        0.0,
+        help="keep an exponential moving average of the weights with this decay per step (e.g. 0.99; 0 = off): "
+        "the stage's final model is the average (tinychat.train.ema)",
+    )
     keep_sparsity: bool = field(
         False, help="keep the zeros of a magnitude-pruned model's block Linears zero (its recovery fine-tune)"
     )

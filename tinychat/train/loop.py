@@ -32,6 +32,7 @@ from tinychat.model.moe import clear_router_stats, router_losses
 from tinychat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
+from tinychat.train.ema import WeightEMA
 from tinychat.train.metrics import Console, MetricsLog
 from tinychat.train.mfu import autocast_dtype, peak_flops
 from tinychat.train.optim import build_optimizer, lr_factor
@@ -204,6 +205,9 @@ def train(
             "--train.keep_sparsity needs whole parameters on each rank (no FSDP or tensor parallelism) and a "
             "model with zeros in its block Linears (`tinychat prune --method magnitude`)."
         )
+    if cfg.ema and sharded:
+        raise UserError("--train.ema needs whole parameters on each rank (no FSDP, tensor or pipeline parallelism).")
+    ema = WeightEMA(raw, cfg.ema) if cfg.ema else None
     scaler = grad_scaler(ctx)
     objective.setup(ctx)
     pipe, eval_model = None, raw
@@ -224,6 +228,8 @@ def train(
             if scaler.is_enabled() and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])
             log.truncate_after(step)
+            if ema is not None and not ema.load(ckpt) and info.is_main:
+                print(f"note: {ckpt} holds no weight average; it starts again from the resumed weights", flush=True)
             if info.is_main:
                 print(f"resumed {stage} from {ckpt} at step {step}", flush=True)
     elif latest_checkpoint(stage_dir) is not None and info.is_main:
@@ -266,6 +272,8 @@ def train(
         path = save_checkpoint(
             stage_dir, step, raw, optimizer, trainer_state(), tokenizer_dir, cfg.keep_checkpoints, info.is_main, pipe
         )
+        if ema is not None and info.is_main:
+            ema.save(path)
         barrier()
         return path
 
@@ -342,6 +350,8 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(step)
             step_tokens = sum(objective.tokens(b) for b in batches) * info.world
             tokens += step_tokens
             dt = time.perf_counter() - t0
@@ -379,9 +389,13 @@ def train(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done_now:
                 checkpoint()
         last_eval = _evaluate(objective, eval_model, step, log, console, info) if not interrupted else last_eval
+        if ema is not None and not interrupted:  # the saved model is the average: its numbers too
+            with ema.swapped_in():
+                averaged = _evaluate(objective, eval_model, step, log, console, info, prefix="ema_")
+            last_eval = {**last_eval, **averaged}
         path = checkpoint()
         if not interrupted:
-            _save_final(objective, raw, stage_dir, tokenizer_dir, info, pipe)
+            _save_final(objective, raw, stage_dir, tokenizer_dir, info, pipe, ema)
     console.close()
     log.close()
     if interrupted and info.is_main:
@@ -389,11 +403,19 @@ def train(
     return TrainResult(step, tokens, elapsed, last_loss, stage_dir, interrupted, last_eval)
 
 
-def _evaluate(objective, model, step, log, console, info) -> dict[str, Any]:  # noqa: ANN001
+def _evaluate(
+    objective: Objective,
+    model: torch.nn.Module,
+    step: int,
+    log: MetricsLog,
+    console: Console,
+    info: DistInfo,
+    prefix: str = "",
+) -> dict[str, Any]:
     """Evaluate the unwrapped module: no DDP hooks, and no torch.compile recompilation for no-grad shapes."""
     model.eval()
     with torch.no_grad():
-        result = objective.evaluate(model, step)
+        result = {prefix + k: v for k, v in objective.evaluate(model, step).items()}
     scalars = {k: v for k, v in result.items() if isinstance(v, int | float)}
     log.log(step, result, kind="eval")
     if scalars:
@@ -403,11 +425,22 @@ def _evaluate(objective, model, step, log, console, info) -> dict[str, Any]:  # 
     return result
 
 
-def _save_final(objective, raw, stage_dir: Path, tokenizer_dir, info: DistInfo, pipe=None) -> None:  # noqa: ANN001
-    """The stage's result as a plain model directory at checkpoints/STAGE/ (step dirs stay beside it)."""
+def _save_final(
+    objective: Objective,
+    raw: torch.nn.Module,
+    stage_dir: Path,
+    tokenizer_dir: str | Path | None,
+    info: DistInfo,
+    pipe: Pipeline | None = None,
+    ema: WeightEMA | None = None,
+) -> None:
+    """The stage's result as a plain model directory at checkpoints/STAGE/ (step dirs stay beside it); with
+    --train.ema the weight average."""
     from tinychat.train.checkpoint import gather_stages, gather_state
 
     model_sd, _ = gather_stages(raw, None, pipe) if pipe else gather_state(raw, None)
+    if ema is not None:
+        model_sd = ema.merged(model_sd)
     if info.is_main:
         objective.save_model(raw, stage_dir, model_sd)
         copy_tokenizer(tokenizer_dir, stage_dir)
