@@ -84,7 +84,7 @@ from tinychat.train.loop import Objective, train  # noqa: E402
 from tinychat.train.metrics import read_metrics  # noqa: E402
 from tinychat.train.mfu import autocast_dtype, measure_peak_flops  # noqa: E402
 from tinychat.train.optim import lr_factor  # noqa: E402
-from tinychat.train.pretrain import PretrainObjective, lm_loss  # noqa: E402
+from tinychat.train.pretrain import PretrainObjective, lm_loss, summed_ce  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,8 +109,8 @@ class StreamObjective(Objective):
 
     name = "bench"
 
-    def __init__(self, data: torch.Tensor, batch: int, seq: int) -> None:
-        self.data, self.B, self.T = data, batch, seq
+    def __init__(self, data: torch.Tensor, batch: int, seq: int, fused: bool = True) -> None:
+        self.data, self.B, self.T, self.fused = data, batch, seq, fused
 
     def batch_at(self, step: int) -> Batch:
         n = self.B * (self.T + 1)
@@ -127,8 +127,10 @@ class StreamObjective(Objective):
     def tokens(self, b) -> int:  # noqa: ANN001
         return b[0].numel()
 
-    def loss(self, model, b):  # noqa: ANN001
-        return lm_loss(model, *b), {}
+    def loss(self, model: torch.nn.Module, b: Batch) -> tuple[torch.Tensor, dict]:
+        if self.fused:  # the shipped path: the head and the loss in row chunks (model/loss.py)
+            return lm_loss(model, *b), {}
+        return summed_ce(model(b[0]), b[1]), {}  # the (tokens, vocab) logits, then the cross-entropy
 
 
 def amp_dtype(precision: str) -> torch.dtype | None:
@@ -212,11 +214,11 @@ def train_baseline(
     return recs
 
 
-def run_tinychat(name: str, amp: str, data: torch.Tensor, cfg: TrainConfig, compile: bool) -> dict:
+def run_tinychat(name: str, amp: str, data: torch.Tensor, cfg: TrainConfig, compile: bool, fused: bool = True) -> dict:
     torch.manual_seed(0)
     model = Model(preset(name, vocab_size=int(data.max()) + 1))
     tc = dataclasses.replace(cfg, precision=amp, compile=compile)
-    recs = train_tinychat(model, StreamObjective(data, cfg.batch_size, cfg.seq_len), tc)
+    recs = train_tinychat(model, StreamObjective(data, cfg.batch_size, cfg.seq_len, fused), tc)
     flops = model.flops_per_token(cfg.seq_len)
     return summarise([r["step_time"] for r in recs], [r["loss"] for r in recs], flops, cfg, model.num_params())
 
@@ -265,13 +267,14 @@ def throughput(args: argparse.Namespace) -> None:
     print("same recipe and optimizer for both; the ratio compares the blocks' speed per step:")
     for impl in ("tinychat", "baseline"):
         print(optimizer_line(impl, cfg))
-    head = f"{'preset':<7}{'prec':<6}{'impl':<18}{'params':>8}{'tok/s':>9}{'MFU':>7}{'loss':>8}{'vs baseline':>13}"
+    head = f"{'preset':<7}{'prec':<6}{'impl':<20}{'params':>8}{'tok/s':>9}{'MFU':>7}{'loss':>8}{'vs baseline':>13}"
     print(head)
     for name in args.presets.split(","):
         for amp in ("fp32", "bf16"):
             rows = [
                 ("nanoGPT baseline", run_baseline(name, amp, data, cfg)),
                 ("tinychat", run_tinychat(name, amp, data, cfg, compile=False)),
+                ("tinychat logits+CE", run_tinychat(name, amp, data, cfg, compile=False, fused=False)),
             ]
             if args.compile:
                 rows.append(("tinychat+compile", run_tinychat(name, amp, data, cfg, compile=True)))
@@ -279,7 +282,7 @@ def throughput(args: argparse.Namespace) -> None:
             for impl, r in rows:
                 mfu = r["flops"] * r["tok_s"] / peak[amp]
                 print(
-                    f"{name:<7}{amp:<6}{impl:<18}{r['params'] / 1e6:>7.1f}M{r['tok_s']:>9.0f}{mfu:>7.1%}"
+                    f"{name:<7}{amp:<6}{impl:<20}{r['params'] / 1e6:>7.1f}M{r['tok_s']:>9.0f}{mfu:>7.1%}"
                     f"{r['loss']:>8.3f}{r['tok_s'] / base:>12.2f}x",
                     flush=True,
                 )
@@ -471,7 +474,7 @@ def time_to_loss(args: argparse.Namespace) -> None:
         for impl, c in (("tinychat", tc_cfg), ("baseline", nano_cfg)):
             print(optimizer_line(impl, c), flush=True)
         head = (
-            f"{'preset':<7}{'impl':<18}{'params':>8}{'steps':>7}{'tokens':>9}{'train s':>9}{'tok/s':>7}"
+            f"{'preset':<7}{'impl':<20}{'params':>8}{'steps':>7}{'tokens':>9}{'train s':>9}{'tok/s':>7}"
             f"{'val loss':>10}{'s to L*':>10}{'tok to L*':>12}"
         )
         print(head, flush=True)
@@ -504,7 +507,7 @@ def report(name: str, base: dict, tiny: dict) -> dict:
         end = r["points"][-1]
         s, tok = reach[key]
         print(
-            f"{name:<7}{impl:<18}{r['params'] / 1e6:>7.2f}M{r['steps']:>7}{end['tokens'] / 1e6:>8.2f}M"
+            f"{name:<7}{impl:<20}{r['params'] / 1e6:>7.2f}M{r['steps']:>7}{end['tokens'] / 1e6:>8.2f}M"
             f"{end['seconds']:>9.1f}{end['tokens'] / end['seconds']:>7.0f}{end['val_loss']:>10.3f}"
             f"{s:>10.1f}{tok / 1e6:>11.2f}M"
         )

@@ -20,6 +20,7 @@ from torch import nn
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta, sdpa
+from tinychat.model.loss import linear_cross_entropy
 from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
@@ -379,9 +380,19 @@ class Model(nn.Module):
         rows: torch.Tensor | None = None,
         meta: CacheMeta | PagedMeta | None = None,
         adapters: object = None,
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids, -100 = no loss
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, n_new, rows, meta, adapters))
+        """Logits (B, T, vocab_size); with `targets`, the summed cross-entropy against them instead (an fp32
+        scalar), computed in row chunks without materialising the logits where the head is a plain Linear
+        (model/loss.py). Through forward, so DDP, FSDP and compile wrappers see the call."""
+        h = self.hidden_states(input_ids, cache, n_new, rows, meta, adapters)
+        if targets is None:
+            return self.lm_head(h)
+        w = self.lm_head.weight
+        if type(self.lm_head) is nn.Linear and type(w) in (torch.Tensor, nn.Parameter):  # not LoRA, int8, a DTensor
+            return linear_cross_entropy(h.flatten(0, 1), w, targets.flatten())
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
     def compute_dtype(self) -> torch.dtype:
         """The activations' dtype: autocast's when it is on, else the norms' (a quantized head's weight is integer)."""

@@ -25,6 +25,7 @@ from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
 from tinychat.model.peft import PeftConfig
 from tinychat.model.peft.lora import LoraConfig
+from tinychat.model.transformer import Model
 from tinychat.train.config import TrainConfig
 from tinychat.train.copy_drills import DrillSource
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
@@ -59,7 +60,11 @@ class PretrainConfig:
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over targets != -100, computed in fp32 from (possibly bf16) logits."""
+    """Summed next-token cross-entropy over targets != -100, in fp32: the model's own fused head-and-loss
+    (model/loss.py: no (tokens, vocab) logits), or the logits' cross-entropy for a model without it."""
+    inner = getattr(model, "module", getattr(model, "_orig_mod", model))  # under DDP or torch.compile
+    if isinstance(inner, Model):
+        return model(x, targets=y)
     return summed_ce(model(x), y)
 
 
@@ -278,7 +283,6 @@ def freeze_for_stage(model: torch.nn.Module, cfg: PretrainConfig, tok: Any = Non
 def prepare(cfg: PretrainConfig) -> tuple[Path, Path, Path, Any, torch.nn.Module]:
     """(run dir, tokenizer dir, data dir, tokenizer, model) with every input checked: shared with distill."""
     from tinychat.model.config import resolve
-    from tinychat.model.transformer import Model
     from tinychat.tokenizer import Tokenizer
 
     run_dir = Path(cfg.runs_dir) / cfg.run
