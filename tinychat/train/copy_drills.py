@@ -20,6 +20,11 @@ model stayed on the plateau). `softmax = "drill"` ranks only the batch's own can
 <eot> and the separator): no other row of the head is touched, and the head matmul shrinks to them.
 Each batch draws its `per_batch` drill ids afresh from the `alphabet` most frequent ids of the training
 text, so no id is special to the circuit and every frequent token learns to be copied.
+
+What it does not do (measured, docs/speedrun.md round 6): on the tiny model the stage reaches 50% in ~3,250
+steps (7 minutes on 2 cores), but 693 steps of pretraining erase it unless `tinychat pretrain --drill_rows`
+keeps a quarter of every batch as drills; kept, it still copies only in the drills' own format and tokens,
+not a list stated in words, and starting from it costs pretraining most of its facts. Hence off by default.
 """
 
 from __future__ import annotations
