@@ -97,14 +97,25 @@ def test_copy_drills_then_pretraining_continues_them(corpus_run: Path):
         torch.testing.assert_close(a, b, msg=name)  # lr 0: pretraining started from the drilled weights
 
 
-def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_run: Path):
-    args = ["copy-drills", "--runs-dir", str(corpus_run), "--run", "stop", *TINY, "--train.precision", "fp32"]
-    args += [
+def _drills_cmd(runs: Path, run: str) -> list[str]:
+    """`tinychat copy-drills` on the shared corpus with the tiny model."""
+    base = runs / "base"
+    return [
+        "copy-drills",
+        "--runs-dir",
+        str(runs),
+        "--run",
+        run,
+        *TINY,
         "--tokenizer",
-        str(corpus_run / "base" / "tokenizer"),
+        str(base / "tokenizer"),
         "--data",
-        str(corpus_run / "base" / "data" / "tokens"),
+        str(base / "data" / "tokens"),
     ]
+
+
+def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_run: Path):
+    args = [*_drills_cmd(corpus_run, "stop"), "--train.precision", "fp32"]
     args += ["--train.batch_size", "4", "--train.seq_len", "32", "--train.tensorboard", "false", "--per_batch", "4"]
     assert main([*args, "--train.max_steps", "40", "--train.eval_every", "2", "--stop_at", "0.01"]) == 0
     records = [json.loads(x) for x in (corpus_run / "stop" / "metrics.jsonl").read_text().splitlines()]
@@ -124,13 +135,7 @@ def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_r
     ],
 )
 def test_bad_input_is_one_sentence(corpus_run: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str):
-    args = ["copy-drills", "--runs-dir", str(corpus_run), "--run", "bad", *TINY, "--train.max_steps", "1"]
-    args += [
-        "--tokenizer",
-        str(corpus_run / "base" / "tokenizer"),
-        "--data",
-        str(corpus_run / "base" / "data" / "tokens"),
-    ]
+    args = [*_drills_cmd(corpus_run, "bad"), "--train.max_steps", "1"]
     assert main([*args, *flags]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
