@@ -9,8 +9,8 @@ from tinychat.data.prepare import PrepareConfig
 from tinychat.data.tokenize import TokenizeConfig
 from tinychat.speedrun import CONFIG_DIR, Speedrun, SpeedrunConfig, with_preset_defaults
 from tinychat.tokenizer.train import TokenizerTrainConfig
-from tinychat.train.dpo import DPOConfig
 from tinychat.train.copy_drills import CopyDrillsConfig
+from tinychat.train.dpo import DPOConfig
 from tinychat.train.grpo import GRPOConfig
 from tinychat.train.pretrain import PretrainConfig
 from tinychat.train.sft import SFTConfig
