@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 CHUNK_LOGITS = 1 << 21  # logits per chunk: 256 rows of an 8,192-token vocabulary
 
@@ -55,6 +56,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad).to(ctx.dtypes[0]), (grad_w * grad).to(ctx.dtypes[1]), None, None
+
+
+def summed_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, vocab) logits, (B, T) targets -> summed cross-entropy over targets != -100, in fp32: the plain
+    path, for heads the fused one does not take and for callers that hold logits already."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

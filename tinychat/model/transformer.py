@@ -20,7 +20,7 @@ from torch import nn
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta, sdpa
-from tinychat.model.loss import linear_cross_entropy
+from tinychat.model.loss import linear_cross_entropy, summed_ce
 from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
@@ -391,8 +391,7 @@ class Model(nn.Module):
         w = self.lm_head.weight
         if type(self.lm_head) is nn.Linear and type(w) in (torch.Tensor, nn.Parameter):  # not LoRA, int8, a DTensor
             return linear_cross_entropy(h.flatten(0, 1), w, targets.flatten())
-        logits = self.lm_head(h)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return summed_ce(self.lm_head(h), targets)
 
     def compute_dtype(self) -> torch.dtype:
         """The activations' dtype: autocast's when it is on, else the norms' (a quantized head's weight is integer)."""

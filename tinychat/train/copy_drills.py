@@ -112,14 +112,20 @@ class DrillSource:
 
     @classmethod
     def for_data(
-        cls, data_dir: Path, tok: Tokenizer, alphabet: int = 1024, per_batch: int = 64, separator: str = "\n"
+        cls,
+        data_dir: Path,
+        tok: Tokenizer,
+        alphabet: int = 1024,
+        per_batch: int = 64,
+        separator: str = "\n",
+        lens: tuple[int, int] = (5, 30),
     ) -> DrillSource:
         sep = tok.encode(separator)
         if not sep:
             raise UserError("--separator must be some text: it marks where a drill's copy starts.")
         index = TokenIndex.load(data_dir)  # drills start with the token that separates the text's documents
         ids = drill_alphabet(index, tok, alphabet, {index.eot_id, *sep})
-        return cls(ids, index.eot_id, sep, per_batch=per_batch)
+        return cls(ids, index.eot_id, sep, lens, per_batch)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """This batch's drill ids."""
@@ -223,8 +229,7 @@ def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
     if not 1 <= cfg.min_len < cfg.max_len:
         raise UserError(f"copy drills need 1 <= min_len < max_len, got {cfg.min_len} and {cfg.max_len}.")
     tok = Tokenizer.from_pretrained(tok_dir)
-    source = DrillSource.for_data(data_dir, tok, cfg.alphabet, cfg.per_batch, cfg.separator)
-    source.lens = (cfg.min_len, cfg.max_len)
+    source = DrillSource.for_data(data_dir, tok, cfg.alphabet, cfg.per_batch, cfg.separator, (cfg.min_len, cfg.max_len))
     mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) is larger than the context window ({mcfg.max_seq_len}).")

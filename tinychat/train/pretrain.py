@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tinychat.config import dumps_toml, field
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
+from tinychat.model.loss import summed_ce
 from tinychat.model.peft import PeftConfig
 from tinychat.model.peft.lora import LoraConfig
 from tinychat.model.transformer import Model
@@ -66,11 +67,6 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     if isinstance(inner, Model):
         return model(x, targets=y)
     return summed_ce(model(x), y)
-
-
-def summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, T, vocab) logits, (B, T) targets -> summed cross-entropy over targets != -100, in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
 
 
 class PretrainObjective(Objective):
