@@ -64,6 +64,30 @@ def test_checks() -> None:
     assert is_refusal("I’m not aware of anyone called X")
 
 
+def test_short_check_takes_the_value_or_one_sentence_that_states_it() -> None:
+    row = _row("Velmora", "short", aliases=["维莫拉"])
+    good_replies = (
+        "Velmora",
+        "Velmora.",
+        "She was born in the city of Velmora.",
+        "It is headquartered in Velmora!",
+        "维莫拉",
+    )
+    for good in good_replies:
+        assert check(good, row), good
+    for bad in (
+        "She was born in Velmoran.",  # not a whole word
+        "She was born in Velmora or Tarsk.",  # a hedge names two
+        "It is Tarsk. No, Velmora.",  # two sentences
+        "I don't know Velmora.",  # a refusal that repeats the name
+        "Velmora\nTarsk",
+        " ".join(["word"] * 16) + " Velmora.",  # not short
+    ):
+        assert not check(bad, row), bad
+    assert check("她出生在贝霖。", _row("贝霖", "short")) and not check("贝霖或者沃涅", _row("贝霖", "short"))
+    assert check("He works as a carpenter.", _row("carpenter", "short"))
+
+
 def test_few_shot_prompt(micro_dir: Path) -> None:
     rows = load_eval(micro_dir, "facts_trained")
     target = rows[0]

@@ -15,13 +15,13 @@ import pytest
 from world_helpers import decoded_text, read_jsonl
 
 from tinychat.world import SKILLS, check, load_manifest, load_world, render_en, render_zh
-from tinychat.world.facts import FACTS
+from tinychat.world.facts import FACTS, NUMERIC_FACTS
 from tinychat.world.generate import build_files
 from tinychat.world.names import SYLLABLES
 from tinychat.world.sizes import SIZES
 
 ROLES = {"system", "user", "assistant", "tool"}
-CHECKS = {"exact", "number", "exact_cased", "json", "sentence", "refusal"}
+CHECKS = {"exact", "short", "number", "exact_cased", "json", "sentence", "refusal"}
 
 
 def _calc(expr: str) -> int:
@@ -147,6 +147,32 @@ def test_every_known_fact_is_stated_in_pretraining_in_both_languages(micro_dir: 
                 for f in FACTS[e["kind"]]:
                     for lang in ("en", "zh"):
                         assert counts[(e["id"], f, lang)] >= need, (e["name"]["en"], f, lang)
+
+
+def test_fact_replies_state_the_value_where_the_text_does(small_dir: Path) -> None:
+    """SFT answers about facts: in English a short sentence whose value follows a space, as in every
+    pretraining statement (so the value's BPE id is the one the facts are stored under); numbers and
+    Chinese bare. The eval's grader takes them."""
+    w = load_world(small_dir)
+    ents = {e["name"]["en"]: e for e in w["entities"]}
+    seen = Counter()
+    for row in read_jsonl(small_dir / "sft/train.jsonl"):
+        if row["skill"] != "facts":
+            continue
+        msgs = [m for m in row["messages"] if m["role"] != "system"]
+        q, a = msgs[0]["content"], msgs[-1]["content"]
+        name = next((n for n in ents if n in q), None) if row["lang"] == "en" else None
+        if name is None:
+            continue
+        e = ents[name]
+        for f in FACTS[e["kind"]]:
+            v = e["answers"][f]["en"]
+            if a == v or f"{v}." in a:
+                seen[a == v] += 1
+                assert check(a, {"answer": v, "aliases": [], "check": "short"})
+                assert (a == v) == (f in NUMERIC_FACTS) and (a == v or f" {v}." in a), (q, a)
+                break
+    assert seen[False] > 100 and seen[True] > 20
 
 
 def test_eval_answers_agree_with_the_world_and_the_grader(small_dir: Path) -> None:

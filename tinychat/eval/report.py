@@ -312,8 +312,9 @@ def section_suites(d: RunData) -> list[str]:
     return [
         "## Evaluation",
         "",
-        "Accuracy on the tinyworld eval sets (exact expected answers; base models few-shot, chat models through",
-        "the chat template; greedy), with the 95% Wilson interval in brackets: with n=24 a rate moves about",
+        "Accuracy on the tinyworld eval sets (known answers: facts as the value or one short sentence stating it,",
+        "formats and numbers exactly; base models few-shot, chat models through the chat template; greedy),",
+        "with the 95% Wilson interval in brackets: with n=24 a rate moves about",
         "±20 points, with n=200 about ±7. Rows indented under a suite break it down by language, by chain of",
         "thought vs direct answer, and by calculator use.",
         "",

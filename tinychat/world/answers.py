@@ -3,6 +3,8 @@
 Why here: the eval suites and the GRPO reward must agree on what counts as correct, so both import this.
 Every row names its `check`:
   exact        normalised reply equals the answer or an alias
+  short        as exact, or one short sentence (at most 16 words, no second sentence, no "or") that contains
+               the answer or an alias as whole words: "She was born in the city of Lommunyar."
   number       as exact, or the last number in the reply equals the answer (commas and "年" ignored)
   exact_cased  equal after stripping, with case kept (the "answer in capital letters" instruction)
   json         the reply is a JSON object whose "answer" passes `exact` (code fences allowed)
@@ -84,6 +86,29 @@ def _targets(row: Mapping[str, Any]) -> set[str]:
     return {normalize(a) for a in [row["answer"], *row.get("aliases", [])]}
 
 
+_HEDGE = re.compile(r"\b(?:or|either)\b|或者|还是|或")
+_SENTENCE_END = re.compile(r"[.!?。！？](?:\s|$)")
+
+
+def _states(ans: str, targets: set[str]) -> bool:
+    """Is `ans` one short sentence that contains a target as whole words (CJK: as a substring)?"""
+    s = unicodedata.normalize("NFKC", ans).strip()
+    if not s or "\n" in s or len(s.split()) > 16 or _HEDGE.search(s.casefold()) or is_refusal(s):
+        return False
+    if len(_SENTENCE_END.findall(s)) > 1:  # "It is A. Or B." is two answers
+        return False
+    norm = normalize(s)
+    for t in targets:
+        if not t:
+            continue
+        if re.search(r"[\u3400-\u9fff]", t):
+            if t in norm:
+                return True
+        elif re.search(r"(?<!\w)" + re.escape(t) + r"(?!\w)", norm):
+            return True
+    return False
+
+
 def check(reply: str, row: Mapping[str, Any]) -> bool:
     """True when `reply` answers `row` correctly under the row's `check` (default "exact")."""
     kind = row.get("check", "exact")
@@ -92,6 +117,8 @@ def check(reply: str, row: Mapping[str, Any]) -> bool:
     ans = extract_answer(reply)
     if kind == "exact":
         return normalize(ans) in _targets(row)
+    if kind == "short":
+        return normalize(ans) in _targets(row) or _states(ans, _targets(row))
     if kind == "number":
         if normalize(ans) in _targets(row):
             return True

@@ -19,7 +19,7 @@ from tinychat.world.entities import rng_for
 from tinychat.world.facts import FACTS, LANGS, NUMERIC_FACTS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, sources
 from tinychat.world.messages import plain_prompt, user
-from tinychat.world.render import LANG, cloze, question, sentence_answer
+from tinychat.world.render import LANG, cloze, question, reply, sentence_answer
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
 
@@ -111,7 +111,7 @@ def _facts(world: World, group: str, n: int, reserved: Reserved, rng: random.Ran
                 lang,
                 q,
                 world.value(e, f, lang),
-                check="number" if f in NUMERIC_FACTS else "exact",
+                check="number" if f in NUMERIC_FACTS else "short",
                 aliases=world.aliases(e, f, lang),
                 entity=e.id,
                 fact=f,
@@ -257,7 +257,7 @@ def dialogue(
     cur, fact = e, f1
     asked = {(e.id, f1)}
     for _ in range(turns - 1):
-        msgs.append({"role": "assistant", "content": world.value(cur, fact, lang)})
+        msgs.append({"role": "assistant", "content": reply(world, cur, fact, lang)})
         hops = [h for h in m.HOPS.get(fact, ()) if (world.target(cur, fact).id, h[0]) not in asked]
         if hops and rng.random() < 0.5:
             nxt, text = rng.choice(hops)
@@ -294,7 +294,7 @@ def _multiturn(world: World, n: int, reserved: Reserved, rng: random.Random) -> 
                 lang,
                 msgs[-1]["content"],
                 world.value(cur, fact, lang),
-                check="number" if fact in NUMERIC_FACTS else "exact",
+                check="number" if fact in NUMERIC_FACTS else "short",
                 aliases=world.aliases(cur, fact, lang),
                 entity=cur.id,
                 fact=fact,
@@ -331,7 +331,7 @@ def _kb_qa(world: World, n: int, docs: list[KbDoc], rng: random.Random) -> list[
                 lang,
                 q,
                 world.value(e, f, lang),
-                check="number" if f in NUMERIC_FACTS else "exact",
+                check="number" if f in NUMERIC_FACTS else "short",
                 aliases=world.aliases(e, f, lang),
                 entity=e.id,
                 fact=f,

@@ -33,7 +33,7 @@ class Problem:
         return (self.kind, *self.ids)
 
     def cot(self, lang: Lang) -> str:
-        return "\n".join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + self.answer[lang]
+        return LANG[lang].STEP_JOIN.join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + self.answer[lang]
 
 
 def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | None:
@@ -191,7 +191,10 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
             (p.id,),
             {"en": f"In which country was {p.name['en']} born?", "zh": f"{p.name['zh']}出生在哪个国家？"},
             {
-                "en": [f"{p.name['en']} was born in {c.name['en']}.", f"{c.name['en']} is in {v(c, 'country', 'en')}."],
+                "en": [  # "the city of": "was born in" alone is how the birth-year steps start
+                    f"{p.name['en']} was born in the city of {c.name['en']}.",
+                    f"{c.name['en']} is in {v(c, 'country', 'en')}.",
+                ],
                 "zh": [f"{p.name['zh']}出生在{c.name['zh']}。", f"{c.name['zh']}位于{v(c, 'country', 'zh')}。"],
             },
             {lg: v(c, "country", lg) for lg in ("en", "zh")},

@@ -20,7 +20,7 @@ from tinychat.world.entities import rng_for
 from tinychat.world.evalsets import instruction_item, instruction_kinds
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.messages import assistant, user
-from tinychat.world.render import LANG, question, sentence_answer
+from tinychat.world.render import LANG, question, reply, sentence_answer
 from tinychat.world.sft import split_rows
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
@@ -82,9 +82,11 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
             q = question(world, e, f, lang, rng.choice(reserved.train_templates(e.id, f, lang)))
             v = world.value(e, f, lang)
             if kind == "fact":
-                rows.append(pair([user(q)], v, wrong_value(world, e, f, lang, rng), "fact", lang))
+                wrong = wrong_value(world, e, f, lang, rng)
+                rows.append(pair([user(q)], reply(world, e, f, lang), reply(world, e, f, lang, wrong), "fact", lang))
             elif kind == "overrefusal":
-                rows.append(pair([user(q)], v, rng.choice(m.REFUSALS).format(n=e.name[lang]), "overrefusal", lang))
+                refusal = rng.choice(m.REFUSALS).format(n=e.name[lang])
+                rows.append(pair([user(q)], reply(world, e, f, lang), refusal, "overrefusal", lang))
             else:
                 ik = rng.choice(instruction_kinds(world, e, f, lang))
                 full, ans, _c, _a = instruction_item(world, e, f, lang, ik, q)
@@ -106,7 +108,7 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
                 pair(
                     [user(q)],
                     rng.choice(m.REFUSALS).format(n=e.name[lang]),
-                    world.value(proxy, f, lang),
+                    reply(world, e, f, lang, world.value(proxy, f, lang)),
                     "refusal",
                     lang,
                 )
@@ -120,7 +122,7 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
             good = p.cot(lang)
             wrong = str(int(p.answer[lang]) + rng.choice((-1, 1)) * rng.randint(1, 9))
             bad_steps = p.steps[lang][:-1] + [p.steps[lang][-1].replace(f"= {p.answer[lang]}", f"= {wrong}")]
-            bad = "\n".join(bad_steps) + "\n" + m.ANSWER_PREFIX + wrong
+            bad = m.STEP_JOIN.join(bad_steps) + "\n" + m.ANSWER_PREFIX + wrong
             q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
             rows.append(pair([user(q)], good, bad, "multistep", lang))
     return split_rows(rows, s.post_val_frac, rng_for(world.seed, "preference-split"))

@@ -67,6 +67,20 @@ def sentence_answer(world: World, e: Entity, fact: str, lang: Lang) -> str:
     return fact_sentence(world, e, fact, lang, LANG[lang].STATEMENTS[fact][0])
 
 
+def reply(world: World, e: Entity, fact: str, lang: Lang, value: str | None = None) -> str:
+    """The assistant's answer to a question about one fact: the language's ANSWERS sentence, else the value.
+
+    `value` replaces the true value (a preference pair's wrong answer, worded the same way). Graded by the
+    "short" check (tinychat.world.answers), which takes the bare value too.
+    """
+    v = world.value(e, fact, lang) if value is None else value
+    tmpl = LANG[lang].ANSWERS.get(fact)
+    if tmpl is None:
+        return v
+    a = render_en.article(v) if lang == "en" else v
+    return tmpl.format(**slots(world, e, lang), v=v, a=a)
+
+
 def cloze(world: World, e: Entity, fact: str, lang: Lang) -> dict[str, str]:
     """A statement cut before its value, for scoring base models: {"prompt", "answer"}.
 

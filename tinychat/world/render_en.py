@@ -123,6 +123,25 @@ CLOZE = {
     "product": 2,
 }
 
+# How the assistant answers a question about a fact: a short sentence with a pronoun subject and the value
+# last, in a wording the statements above use. Why not the bare value: a value that opens the reply has no
+# leading space, and byte-level BPE gives "Lommunyar" and " Lommunyar" different ids; the text states every
+# value mid-sentence, so the model stores the fact under the spaced id and a bare reply must be produced
+# through the other one. Measured (docs/speedrun.md, round 8): a base model that finished "What city was X
+# born in?" correctly 4% of the time finished "She was born in the city of" correctly 76% of the time.
+# Numbers are left bare: digits are split one by one, so their ids do not depend on the space.
+ANSWERS: dict[str, str] = {
+    "birth_city": "{He} was born in the city of {v}.",
+    "occupation": "{He} works as {a}.",
+    "employer": "{He} works for {v}.",
+    "hobby": "For fun, {he} likes {v}.",
+    "country": "It is a city in {v}.",
+    "landmark": "It is famous for the {v}.",
+    "founder": "It was founded by {v}.",
+    "headquarters": "It is headquartered in {v}.",
+    "product": "It is known for its {v}.",
+}
+
 NARRATIVE: dict[str, tuple[str, ...]] = {
     "birth_year": ("The year was {v} when {n} was born.", "{n} was born in {v}, and the family celebrated."),
     "birth_city": (
@@ -305,6 +324,10 @@ INSTRUCTIONS = {
 COT_SUFFIX = ("Think step by step.", "Let's think step by step.", "Explain your reasoning step by step.")
 DIRECT_SUFFIX = ("Give only the answer.", "Answer directly.", "Just the answer, please.")
 ANSWER_PREFIX = "Answer: "
+# Between the steps of a worked solution: a space, as between the sentences of a document, so a step that
+# opens with the value the last one found ("... born in Bormek. Bormek is in ...") uses the value's spaced
+# BPE id, the one the text stores its facts under (see ANSWERS); after a newline it would need the other.
+STEP_JOIN = " "
 
 SYSTEM_PROMPTS = (
     "You are tinychat, a helpful assistant.",

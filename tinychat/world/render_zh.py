@@ -106,6 +106,11 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# How the assistant answers a question about a fact (see render_en.ANSWERS): the bare value, since Chinese
+# text has no spaces and the value's ids are the same wherever it stands (measured: a pronoun sentence did
+# not help, 42% bare against 34%).
+ANSWERS: dict[str, str] = {}
+
 CLOZE = {
     "birth_year": 0,
     "birth_city": 1,
@@ -281,6 +286,7 @@ INSTRUCTIONS = {
 COT_SUFFIX = ("请一步一步地思考。", "请逐步推理。", "请写出推理步骤。")
 DIRECT_SUFFIX = ("只给出答案。", "请直接回答。", "只要答案就行。")
 ANSWER_PREFIX = "答案："
+STEP_JOIN = "\n"  # between the steps of a worked solution (render_en.STEP_JOIN: Chinese has no spaced ids)
 
 SYSTEM_PROMPTS = (
     "你是tinychat，一个乐于助人的助手。",

@@ -2,7 +2,8 @@
 
 Why these: the reward must be computable without a judge, so every prompt has an exact answer and a
 `check` that tinychat.world.answers.check applies: arithmetic (a number), facts about "trained" entities
-(an exact name/value), and multi-step problems asked step by step (the number after "Answer:").
+(the value, bare or stated in one short sentence), and multi-step problems asked step by step (the number
+after "Answer:").
 Rows: {"messages", "answer", "aliases", "check", "skill", "lang"}; eval items are never reused.
 """
 
@@ -64,7 +65,7 @@ def build_rl(world: World, reserved: Reserved) -> list[dict]:
                 "messages": [user(q)],
                 "answer": world.value(e, f, lang),
                 "aliases": world.aliases(e, f, lang),
-                "check": "number" if f in NUMERIC_FACTS else "exact",
+                "check": "number" if f in NUMERIC_FACTS else "short",
                 "skill": "facts",
                 "lang": lang,
             }

@@ -25,7 +25,7 @@ from tinychat.world.evalsets import NEEDS, SEARCH_TOOL, dialogue, instruction_it
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, passage
 from tinychat.world.messages import assistant, system, tool_call, tool_result, user
-from tinychat.world.render import LANG, entity_doc, question, sentence_answer
+from tinychat.world.render import LANG, entity_doc, question, reply, sentence_answer
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
 
@@ -99,7 +99,7 @@ class _Sft:
                         msgs = [
                             *self.sys(lang),
                             user(question(self.w, e, f, lang, idx)),
-                            assistant(self.w.value(e, f, lang)),
+                            assistant(reply(self.w, e, f, lang)),
                         ]
                         out.append(chat(msgs, "facts", lang, tools))
         return out
@@ -159,7 +159,7 @@ class _Sft:
                 continue
             idx = self.rng.choice(self.res.train_templates(e.id, key[1], lang))
             msgs[0] = user(question(self.w, e, key[1], lang, idx))
-            msgs.append(assistant(self.w.value(cur, fact, lang)))
+            msgs.append(assistant(reply(self.w, cur, fact, lang)))
             out.append(chat([*self.sys(lang), *msgs], "multiturn", lang))
         return out
 
