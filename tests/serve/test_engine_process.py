@@ -160,6 +160,53 @@ def test_http_through_the_engine_process(remote, model_dir, serve_app):
         thread.join(timeout=10)
 
 
+class _SlowSubmit:
+    """An engine whose submit takes `delay` seconds, as EngineProcess's does while the engine is mid-step."""
+
+    def __init__(self, engine: Engine, delay: float, waits: bool) -> None:
+        self._engine, self._delay, self.submit_waits = engine, delay, waits
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def submit(self, req: GenerationRequest, sink: object = None) -> object:
+        time.sleep(self._delay)
+        return self._engine.submit(req, sink)
+
+
+@pytest.mark.parametrize("waits", [True, False])
+def test_a_waiting_submit_does_not_stall_the_event_loop(local, model_dir, serve_app, waits):
+    """While one request waits in submit, the server still answers others: the event loop is free when the
+    engine says its submit waits (EngineProcess), and held when it claims not to (the control)."""
+    import threading
+    import urllib.request
+
+    import openai
+
+    from tinychat.serve.app import create_app
+
+    base, server, thread = serve_app(
+        create_app(_SlowSubmit(local, 1.5, waits), Tokenizer.from_pretrained(model_dir), "t")
+    )
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        out: list[str] = []
+        worker = threading.Thread(
+            target=lambda: out.append(client.completions.create(model="t", prompt="hi", max_tokens=4).choices[0].text)
+        )
+        worker.start()
+        time.sleep(0.4)  # the completion is inside submit now
+        t0 = time.perf_counter()
+        assert json.loads(urllib.request.urlopen(base + "/health", timeout=10).read()) == {"status": "ok"}
+        health_s = time.perf_counter() - t0
+        worker.join(timeout=30)
+        assert len(out) == 1  # the waiting request itself was served
+        assert (health_s < 0.8) if waits else (health_s > 0.9), health_s  # held: ~1.1 s
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_a_build_error_is_one_sentence_here(model_dir):
     with pytest.raises(UserError, match="--adapter expects NAME=DIR"):
         EngineProcess(build_engine, serve_config(model_dir, adapter=["no-equals-sign"]), model_dir, "tiny")

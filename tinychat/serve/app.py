@@ -15,7 +15,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from tinychat.errors import UserError
-from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest
+from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest, RequestHandle
 from tinychat.infer.structured import Grammars
 from tinychat.serve import openapi, responses_api
 from tinychat.serve.metrics import HttpStats, render_metrics
@@ -76,20 +76,45 @@ def create_app(  # noqa: ANN001, PLR0913
     openapi.install(app, model_name, api_key, None if allow_writes else WRITE_ROUTES)
 
     # ------------------------------------------------------------------ plumbing to the engine
-    def submit(gens: list[GenerationRequest]) -> tuple[list, asyncio.Queue]:
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        handles = []
+    def submit_all(gens: list[GenerationRequest], sinks: list[Callable[[Any], None]]) -> list[RequestHandle]:
+        """Every request queued, or none: a refusal cancels the ones already queued."""
+        handles: list[RequestHandle] = []
         try:
-            for k, g in enumerate(gens):
-                sink = lambda ev, k=k: loop.call_soon_threadsafe(q.put_nowait, (k, ev))  # noqa: E731
+            for g, sink in zip(gens, sinks, strict=True):
                 handles.append(engine.submit(g, sink))
-        except EngineOverloaded as e:
+        except BaseException:
             for h in handles:
                 h.cancel()
+            raise
+        return handles
+
+    def cancel_all(fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            for h in fut.result():
+                h.cancel()
+
+    async def submit(gens: list[GenerationRequest]) -> tuple[list[RequestHandle], asyncio.Queue]:
+        """Queue the requests; their events arrive on the returned queue as (index, event).
+
+        An engine in its own process answers `submit` over a pipe (the refusal must be raised here), which
+        takes as long as the engine's current step; on the event loop that wait would stall every other
+        stream's tokens, so such an engine is called from a worker thread. The in-process engine answers at
+        once and is called directly. A client that leaves during the wait gets its requests cancelled."""
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        sinks = [lambda ev, k=k: loop.call_soon_threadsafe(q.put_nowait, (k, ev)) for k in range(len(gens))]
+        try:
+            if getattr(engine, "submit_waits", False):
+                fut = loop.run_in_executor(None, submit_all, gens, sinks)
+                try:
+                    handles = await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    fut.add_done_callback(cancel_all)
+                    raise
+            else:
+                handles = submit_all(gens, sinks)
+        except EngineOverloaded as e:
             raise APIError(429, f"The server is overloaded: {e}", type="rate_limit_error", code="overloaded") from None
         except UserError as e:
-            for h in handles:
-                h.cancel()
             raise APIError(400, str(e)) from None
         return handles, q
 
@@ -209,7 +234,7 @@ def create_app(  # noqa: ANN001, PLR0913
             if rag.fixed is not None:
                 return rag_routes.fixed_reply(fmt, rag, body.stream)
         p: Prepared = await run_in_threadpool(prep.chat, body)
-        handles, q = submit([p.gen])
+        handles, q = await submit([p.gen])
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_stream(fmt, p.gen.n, events(handles, q, None), usage)
@@ -231,7 +256,7 @@ def create_app(  # noqa: ANN001, PLR0913
             p: Prepared = await run_in_threadpool(prep.chat, responses_api.to_chat(body))
         except APIError as e:
             raise responses_api.rename_param(e) from None
-        handles, q = submit([p.gen])
+        handles, q = await submit([p.gen])
         out = responses_api.ResponseBuilder(body, body.model)
         if body.stream:
             return _stream(responses_api.stream(out, events(handles, q, None)), handles)
@@ -248,7 +273,7 @@ def create_app(  # noqa: ANN001, PLR0913
     async def completions(body: CompletionRequest, request: Request) -> Any:
         preps = [await run_in_threadpool(prep.completion, body, x) for x in body.prompts()]
         fmt = Formatter(grammars, body.model, "completion", logprobs=body.logprobs is not None)
-        handles, q = submit([p.gen for p in preps])
+        handles, q = await submit([p.gen for p in preps])
         prefixes = [p.prompt_text if body.echo else "" for p in preps]
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

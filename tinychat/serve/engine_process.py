@@ -15,7 +15,9 @@ that a client or a file supplies is ever unpickled here: requests are built by t
     from the engine:  lists of ("event", rid, Delta | Done) | ("reply", id, error or None, value)
 A grammar (structured output, tool calls) travels as its text and is compiled again in the engine process,
 against the same tokenizer. `submit` waits for the engine's answer, so a request the engine refuses raises
-UserError or EngineOverloaded here exactly as in one process (the HTTP layer turns them into 400 and 429).
+UserError or EngineOverloaded here exactly as in one process (the HTTP layer turns them into 400 and 429);
+the HTTP layer makes that call from a worker thread (`submit_waits`), so the wait, as long as the engine's
+current step, never holds its event loop and the other streams' tokens.
 
 The API process keeps the tokenizer (chat templates, grammars, detokenised text comes from the engine) and
 never loads the weights. Adapters loaded or unloaded while serving (--adapter_updates) are read and installed
@@ -78,6 +80,8 @@ class _Model:  # engine.model as the routes use it: only .cfg
 
 class EngineProcess:
     """Engine's interface (submit, embed, snapshot, stop, ...) for an engine running in a child process."""
+
+    submit_waits = True  # submit waits for the engine process's answer: the API calls it off its event loop
 
     def __init__(self, build: Callable[..., Any], *args: Any, threads: int = 1) -> None:
         """Start the child and wait until its engine runs. `build(*args)` is called there and returns an

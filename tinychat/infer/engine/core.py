@@ -45,6 +45,8 @@ log = logging.getLogger("tinychat.engine")
 class Engine:
     """Continuous-batching generation for one model; see the module docstring for the design."""
 
+    submit_waits = False  # submit returns at once (see EngineProcess: one whose submit waits on a pipe)
+
     def __init__(
         self, model, tokenizer, cfg: rq.EngineConfig | None = None, adapters: AdapterSet | None = None
     ) -> None:  # noqa: ANN001
