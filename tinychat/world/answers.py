@@ -86,7 +86,7 @@ def _targets(row: Mapping[str, Any]) -> set[str]:
     return {normalize(a) for a in [row["answer"], *row.get("aliases", [])]}
 
 
-_HEDGE = re.compile(r"\b(?:or|either)\b|或者|还是|或")
+_HEDGE = re.compile(r"\b(?:or|either)\b|或|还是")  # 或 covers 或者
 _SENTENCE_END = re.compile(r"[.!?。！？](?:\s|$)")
 
 
@@ -118,7 +118,8 @@ def check(reply: str, row: Mapping[str, Any]) -> bool:
     if kind == "exact":
         return normalize(ans) in _targets(row)
     if kind == "short":
-        return normalize(ans) in _targets(row) or _states(ans, _targets(row))
+        targets = _targets(row)
+        return normalize(ans) in targets or _states(ans, targets)
     if kind == "number":
         if normalize(ans) in _targets(row):
             return True
