@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta, sdpa
@@ -389,7 +390,8 @@ class Model(nn.Module):
         if targets is None:
             return self.lm_head(h)
         w = self.lm_head.weight
-        if type(self.lm_head) is nn.Linear and type(w) in (torch.Tensor, nn.Parameter):  # not LoRA, int8, a DTensor
+        plain = parametrize.type_before_parametrizations(self.lm_head) is nn.Linear  # not LoRA or int8
+        if plain and type(w) in (torch.Tensor, nn.Parameter):  # not a DTensor
             return linear_cross_entropy(h.flatten(0, 1), w, targets.flatten())
         return summed_ce(self.lm_head(h), targets)
 

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tinychat.errors import UserError
 from tinychat.model.hf import copy_tokenizer, save_pretrained
+from tinychat.train.twins import fold_state, split_state
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -96,6 +97,7 @@ def save_checkpoint(
 ) -> Path:
     # every rank takes part in the gather
     model_sd, optim_sd = gather_stages(model, optimizer, pipe) if pipe else gather_state(model, optimizer)
+    model_sd = fold_state(model, model_sd)  # a plain model directory; the optimiser keeps W's and S's names
     final = stage_dir / f"step_{step:06d}"
     if not is_main:
         return final
@@ -182,6 +184,7 @@ def load_checkpoint(
         unwrapped = getattr(model, "module", model)
         if unwrapped.cfg.tie_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    weights = split_state(model, weights)
     if stage:
         weights = {k: v for k, v in weights.items() if k in set(get_model_state_dict(model))}
     check_tensor_names(path, weights, model)

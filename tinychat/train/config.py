@@ -52,6 +52,11 @@ class TrainConfig:
         help="keep an exponential moving average of the weights with this decay per step (e.g. 0.99; 0 = off): "
         "the stage's final model is the average (tinychat.train.ema)",
     )
+    twin_tokens: bool = field(
+        False,
+        help="while training, give each word's two BPE ids (with and without the leading space) a shared part of "
+        "their embedding; saved models are plain (tinychat.train.twins)",
+    )
     keep_sparsity: bool = field(
         False, help="keep the zeros of a magnitude-pruned model's block Linears zero (its recovery fine-tune)"
     )

@@ -29,6 +29,7 @@ import torch
 from tinychat.errors import UserError
 from tinychat.model.hf import copy_tokenizer
 from tinychat.model.moe import clear_router_stats, router_losses
+from tinychat.tokenizer import Tokenizer
 from tinychat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
@@ -39,6 +40,7 @@ from tinychat.train.optim import build_optimizer, lr_factor
 from tinychat.train.parallel import clip_grad_norm
 from tinychat.train.pipeline import Pipeline, PipelineForward
 from tinychat.train.sparsity import SparsityMask
+from tinychat.train.twins import apply_twins, fold_state
 
 
 class Objective:
@@ -195,11 +197,17 @@ def train(
     amp = autocast_dtype(device, cfg.precision)
     ctx = TrainContext(cfg, info, device, amp, run_dir, stage)
     raw = module.to(device)
+    sharded = info.mesh is not None or (cfg.distributed == "fsdp" and info.world > 1)
+    if cfg.twin_tokens:
+        if sharded or tokenizer_dir is None:
+            raise UserError("--train.twin_tokens needs whole parameters on each rank and the run's tokenizer.")
+        n_pairs = apply_twins(raw, Tokenizer.from_pretrained(tokenizer_dir))
+        if info.is_main:
+            print(f"{stage}: {n_pairs} twin-token pairs share part of their embedding (--train.twin_tokens)")
     flops_tok = raw.flops_per_token(cfg.seq_len) if hasattr(raw, "flops_per_token") else 0.0  # the whole model's
     model = wrap_model(raw, info, cfg.distributed, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(model, cfg, device)
     mask = SparsityMask(raw) if cfg.keep_sparsity else None
-    sharded = info.mesh is not None or (cfg.distributed == "fsdp" and info.world > 1)
     if mask is not None and (sharded or not mask):
         raise UserError(
             "--train.keep_sparsity needs whole parameters on each rank (no FSDP or tensor parallelism) and a "
@@ -441,6 +449,7 @@ def _save_final(
     model_sd, _ = gather_stages(raw, None, pipe) if pipe else gather_state(raw, None)
     if ema is not None:
         model_sd = ema.merged(model_sd)
+    model_sd = fold_state(raw, model_sd)
     if info.is_main:
         objective.save_model(raw, stage_dir, model_sd)
         copy_tokenizer(tokenizer_dir, stage_dir)
