@@ -16,7 +16,7 @@ from tinychat.model.config import preset
 from tinychat.model.transformer import Model
 from tinychat.train import mfu
 from tinychat.train.config import TrainConfig
-from tinychat.train.loop import Objective, train
+from tinychat.train.loop import Objective, time_budget, train
 from tinychat.train.metrics import read_metrics
 from tinychat.train.pretrain import lm_loss
 
@@ -177,3 +177,11 @@ def test_keep_sparsity_keeps_a_pruned_models_zeros_while_the_rest_trains(tmp_pat
     assert float(zeros(regrown).float().mean()) < 0.05  # the control: a plain fine-tune fills the zeros
     with pytest.raises(UserError, match="keep_sparsity needs"):
         train(RandomTokens(), tiny_model(), config(keep_sparsity=True), tmp_path / "c", "random")
+
+
+def test_the_time_budget_keeps_the_reserve_at_the_measured_rate():
+    cfg = TrainConfig(max_time=10.0, reserve_tokens=1_000_000)
+    assert time_budget(cfg, 19, 50_000, 20.0) == 600.0  # too early to trust the rate
+    assert time_budget(cfg, 100, 400_000, 100.0) == pytest.approx(350.0)  # 4k tokens/s: 250 s reserved
+    assert time_budget(cfg, 100, 200_000, 100.0) == pytest.approx(300.0)  # twice as slow: capped at half
+    assert time_budget(TrainConfig(max_time=10.0), 100, 200_000, 100.0) == 600.0

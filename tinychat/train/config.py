@@ -63,6 +63,11 @@ class TrainConfig:
     max_steps: int = field(0, help="optimiser steps (0 = no step budget)")
     max_tokens: int = field(0, help="training tokens (0 = no token budget)")
     max_time: float = field(0.0, help="minutes of training (0 = no time budget)")
+    reserve_tokens: int = field(
+        0,
+        help="with max_time: stop early by the time this many training tokens take at the measured rate "
+        "(later work that runs at this machine's speed; at most half of max_time)",
+    )
     epochs: float = field(0.0, help="passes over the training data (0 = no epoch budget)")
     eval_every: int = field(100, help="steps between evaluations (0 = only at the end)")
     eval_batches: int = field(8, help="validation micro-batches per evaluation")

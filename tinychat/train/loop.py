@@ -154,6 +154,16 @@ def _step_budget(cfg: TrainConfig, tokens_per_step: int) -> int | None:
     return min(budgets) if budgets else None
 
 
+def time_budget(cfg: TrainConfig, step: int, tokens: int, elapsed: float) -> float:
+    """Seconds the time budget allows: max_time, less the time reserve_tokens take at the rate measured so far
+    (from step 20 on; at most half the budget). A slower machine thus stops earlier and leaves later work whose
+    cost grows with its slowness (the speedrun's post-training overheads, evaluation and apply) its time."""
+    total = cfg.max_time * 60
+    if not cfg.reserve_tokens or step < 20 or tokens <= 0:
+        return total
+    return total - min(cfg.reserve_tokens * elapsed / tokens, total / 2)
+
+
 class _Interrupt:
     """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: stop at once."""
 
@@ -260,7 +270,7 @@ def train(
         """How much of the first budget to run out is spent (>= 1: stop); also drives the LR schedule."""
         return max(
             step / total_steps if total_steps else 0.0,
-            elapsed / (cfg.max_time * 60) if cfg.max_time else 0.0,
+            elapsed / time_budget(cfg, step, tokens, elapsed) if cfg.max_time else 0.0,
             objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
         )
 
