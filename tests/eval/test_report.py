@@ -10,7 +10,7 @@ import pytest
 
 from tinychat.cli import main
 from tinychat.errors import UserError
-from tinychat.eval.report import fmt_count, fmt_pct, fmt_rate, fmt_seconds, wilson, write_report
+from tinychat.eval.report import fmt_count, fmt_pct, fmt_rate, fmt_seconds, shared_accuracy, wilson, write_report
 
 ENV = {
     "hardware": {
@@ -201,7 +201,11 @@ def test_stage_evaluation_to_report(run_dir: Path) -> None:
     opts = dict(limit=2, max_new_tokens=6, cot_max_new_tokens=8, bpb_tokens=512, seq_len=64)
     base = evaluate_stage(run_dir, "pretrain", suites=["facts_trained", "multistep"], **opts)
     chat = evaluate_stage(
-        run_dir, "sft", model_dir=run_dir / "checkpoints" / "pretrain", suites=["arithmetic_tool"], **opts
+        run_dir,
+        "sft",
+        model_dir=run_dir / "checkpoints" / "pretrain",
+        suites=["arithmetic_tool", "facts_trained"],
+        **{**opts, "limit": 3},
     )
     assert base["mode"] == "base" and chat["mode"] == "chat"
     recs = read_metrics(run_dir, kind="eval_suite")
@@ -211,6 +215,7 @@ def test_stage_evaluation_to_report(run_dir: Path) -> None:
         ("pretrain", "multistep"),
         ("sft", "bpb"),
         ("sft", "arithmetic_tool"),
+        ("sft", "facts_trained"),
     }
     bpb = {r["stage"]: r for r in recs if r["suite"] == "bpb"}
     assert bpb["pretrain"]["val_bpb"] == base["bpb"]["bpb"]
@@ -221,4 +226,19 @@ def test_stage_evaluation_to_report(run_dir: Path) -> None:
     delta = bpb["sft"]["val_bpb"] - bpb["pretrain"]["val_bpb"]
     assert f"| sft | {bpb['sft']['val_bpb']:.4f} | {delta:+.4f} |" in md
     fr = next(r for r in recs if r["suite"] == "facts_trained")
-    assert f"| facts_trained | {fmt_rate(fr['accuracy'], fr['n'])} | — |" in md
+    assert f"| facts_trained | {fmt_rate(fr['accuracy'], fr['n'])} | " in md
+    # per-row outcomes: the pretrain stage answered the first 2 rows, sft the first 3; compared on the 2
+    outs = {r["stage"]: r["outcomes"] for r in recs if r["suite"] == "facts_trained"}
+    for stage, n in (("pretrain", 2), ("sft", 3)):
+        rec = next(r for r in recs if r["suite"] == "facts_trained" and r["stage"] == stage)
+        assert len(outs[stage]) > 3 and outs[stage][:n].count(".") == 0 and set(outs[stage][n:]) == {"."}
+        assert outs[stage].count("1") == rec["correct"]
+    accs, n = shared_accuracy([outs["pretrain"], outs["sft"]])
+    assert n == 2 and accs == [outs["pretrain"][:2].count("1") / 2, outs["sft"][:2].count("1") / 2]
+    gain = f"{fmt_pct(accs[1])} ({100 * (accs[1] - accs[0]):+.1f})"
+    assert "## What each stage added" in md and f"| facts_trained | 2 | {fmt_pct(accs[0])} | {gain} |" in md
+
+
+def test_shared_accuracy_uses_only_rows_every_stage_answered() -> None:
+    assert shared_accuracy(["11.0", "0110", "1.11"]) == ([0.5, 0.0, 1.0], 2)  # rows 0 and 3
+    assert shared_accuracy(["1.", ".1"]) == ([], 0)

@@ -323,6 +323,45 @@ def section_suites(d: RunData) -> list[str]:
     ]
 
 
+def shared_accuracy(outcomes: list[str]) -> tuple[list[float], int]:
+    """Each stage's accuracy on the rows every one of them answered (per-row strings of 1/0/., see
+    eval/suites.py `outcomes`), and how many rows that is."""
+    common = [i for i in range(min(map(len, outcomes))) if all(o[i] != "." for o in outcomes)]
+    if not common:
+        return [], 0
+    return [sum(o[i] == "1" for i in common) / len(common) for o in outcomes], len(common)
+
+
+def section_stage_gains(d: RunData) -> list[str]:
+    """What each stage added: accuracy on the same questions for every stage (the final model answers more
+    of them than the earlier ones), with the change from the stage before in points."""
+    stages = [s for s in d.stages if any(k != "bpb" for k in d.suites[s])]
+    if len(stages) < 2:
+        return []
+    rows = []
+    for name in d.suite_names():
+        outs = [d.suites[s].get(name, {}).get("outcomes") for s in stages]
+        if not all(isinstance(o, str) and o for o in outs) or len({len(o) for o in outs}) != 1:
+            continue
+        accs, n = shared_accuracy(outs)
+        if not n:
+            continue
+        cells = [fmt_pct(accs[0])]
+        cells += [f"{fmt_pct(a)} ({100 * (a - b):+.1f})" for b, a in zip(accs, accs[1:])]
+        rows.append([name, str(n), *cells])
+    if not rows:
+        return []
+    return [
+        "## What each stage added",
+        "",
+        "Each stage on the same questions (those every stage answered), with the change from the stage before",
+        "in points. Differences within a stage's 95% interval (about ±10 points at n = 100) are noise.",
+        "",
+        *table(["suite", "n", *stages], rows),
+        "",
+    ]
+
+
 def section_alignment_tax(d: RunData) -> list[str]:
     stages = [s for s in d.stages if "bpb" in d.suites[s]]
     if not stages:
@@ -376,6 +415,7 @@ def render(d: RunData, plot_files: list[tuple[str, str]], plot_note: str = "") -
     lines += section_timings(d)
     lines += section_training(d)
     lines += section_suites(d)
+    lines += section_stage_gains(d)
     lines += section_alignment_tax(d)
     lines += section_harness(d)
     lines += section_apply(d)

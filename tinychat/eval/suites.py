@@ -141,6 +141,16 @@ def summarize(rows: list[dict[str, Any]], replies: list[str], correct: list[bool
     return out
 
 
+def outcomes(pool: list[dict[str, Any]], rows: list[dict[str, Any]], correct: list[bool]) -> str:
+    """One character per row of the suite's file: 1 right, 0 wrong, . not asked. Stages evaluated on different
+    numbers of rows are compared on the rows they share (the report's "what each stage added")."""
+    at = {id(r): i for i, r in enumerate(pool)}
+    chars = ["."] * len(pool)
+    for r, ok in zip(rows, correct):
+        chars[at[id(r)]] = "1" if ok else "0"
+    return "".join(chars)
+
+
 def run_suite(
     completer: Completer,
     world_dir: str | Path,
@@ -187,6 +197,7 @@ def run_suite(
     result["tool_available"] = mode == "chat" and suite.tools
     correct = [check(rep, r) for rep, r in zip(replies, rows)]
     result.update(summarize(rows, replies, correct, opts.samples))
+    result["outcomes"] = outcomes(pool, rows, correct)
     if suite.source.startswith("facts_") and rows:
         # every entity here exists and its facts were in pretraining: a refusal is a false refusal
         result["refused"] = sum(is_refusal(rep) for rep in replies) / len(rows)
