@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import pretrain_cmd, run_cmd, train_losses
+from train_helpers import short_run, train_losses
 
 from tinychat.errors import UserError
 from tinychat.train.ema import WeightEMA
@@ -38,17 +38,9 @@ def test_the_average_follows_its_formula_and_swaps_back():
         WeightEMA(model, 1.0)
 
 
-def _run(corpus_run: Path, name: str, *extra: str) -> Path:
-    r = run_cmd(
-        pretrain_cmd(corpus_run, "--run", name, "--train.schedule", "constant", "--train.checkpoint_every", "3", *extra)
-    )
-    assert r.returncode == 0, r.stderr
-    return corpus_run / name
-
-
 def test_the_final_model_is_the_average_and_training_is_unchanged(corpus_run: Path):
-    plain = _run(corpus_run, "noema", "--train.max_steps", "6")
-    avg = _run(corpus_run, "ema", "--train.max_steps", "6", "--train.ema", "0.7", "--train.eval_every", "3")
+    plain = short_run(corpus_run, "noema", "--train.max_steps", "6")
+    avg = short_run(corpus_run, "ema", "--train.max_steps", "6", "--train.ema", "0.7", "--train.eval_every", "3")
     assert train_losses(avg) == train_losses(plain)  # the optimiser never sees the average
     final = load_file(str(avg / "checkpoints" / "pretrain" / "model.safetensors"))
     last = avg / "checkpoints" / "pretrain" / "step_000006"
@@ -64,9 +56,9 @@ def test_the_final_model_is_the_average_and_training_is_unchanged(corpus_run: Pa
 
 
 def test_resume_continues_the_average(corpus_run: Path):
-    whole = _run(corpus_run, "ema6", "--train.max_steps", "6", "--train.ema", "0.7")
-    part = _run(corpus_run, "ema3", "--train.max_steps", "3", "--train.ema", "0.7")
-    _run(corpus_run, "ema3", "--train.max_steps", "6", "--train.ema", "0.7", "--resume")
+    whole = short_run(corpus_run, "ema6", "--train.max_steps", "6", "--train.ema", "0.7")
+    part = short_run(corpus_run, "ema3", "--train.max_steps", "3", "--train.ema", "0.7")
+    short_run(corpus_run, "ema3", "--train.max_steps", "6", "--train.ema", "0.7", "--resume")
     a = load_file(str(whole / "checkpoints" / "pretrain" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "pretrain" / "model.safetensors"))
     for k in a:

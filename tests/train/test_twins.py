@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import pretrain_cmd, run_cmd, train_losses
+from train_helpers import short_run, train_losses
 
 from tinychat.errors import UserError
 from tinychat.model import Model, ModelConfig
@@ -90,19 +90,11 @@ def test_twins_need_a_trainable_embedding_and_the_right_tokenizer(corpus_run: Pa
         apply_twins(_model(tok.vocab_size + 8), tok)
 
 
-def _run(corpus_run: Path, name: str, *extra: str) -> Path:
-    r = run_cmd(
-        pretrain_cmd(corpus_run, "--run", name, "--train.schedule", "constant", "--train.checkpoint_every", "3", *extra)
-    )
-    assert r.returncode == 0, r.stderr
-    return corpus_run / name
-
-
 def test_training_with_twins_saves_plain_models_and_resumes_exactly(corpus_run: Path):
-    plain = _run(corpus_run, "notwin", "--train.max_steps", "6")
-    whole = _run(corpus_run, "twin6", "--train.max_steps", "6", "--train.twin_tokens", "true")
-    part = _run(corpus_run, "twin3", "--train.max_steps", "3", "--train.twin_tokens", "true")
-    _run(corpus_run, "twin3", "--train.max_steps", "6", "--train.twin_tokens", "true", "--resume")
+    plain = short_run(corpus_run, "notwin", "--train.max_steps", "6")
+    whole = short_run(corpus_run, "twin6", "--train.max_steps", "6", "--train.twin_tokens", "true")
+    part = short_run(corpus_run, "twin3", "--train.max_steps", "3", "--train.twin_tokens", "true")
+    short_run(corpus_run, "twin3", "--train.max_steps", "6", "--train.twin_tokens", "true", "--resume")
     assert train_losses(whole)[6] != train_losses(plain)[6]  # the shared rows change training
     a = load_file(str(whole / "checkpoints" / "pretrain" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "pretrain" / "model.safetensors"))

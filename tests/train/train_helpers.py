@@ -108,6 +108,14 @@ def run_cmd(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def short_run(runs: Path, name: str, *extra: str) -> Path:
+    """A tiny pretraining run at a constant learning rate with a checkpoint every 3 steps; its run directory."""
+    flags = ["--train.schedule", "constant", "--train.checkpoint_every", "3"]
+    r = run_cmd(pretrain_cmd(runs, "--run", name, *flags, *extra))
+    assert r.returncode == 0, r.stderr
+    return runs / name
+
+
 def train_losses(run_dir: Path, stage: str = "pretrain") -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
