@@ -36,6 +36,68 @@ def test_batched_prompts_equal_single_prompts_under_greedy(mt):
     assert batched == single
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_finished_rows_leave_the_batch_and_the_others_are_unchanged(mt, monkeypatch, penalty):
+    """Rows stop after 1..20 tokens: the batch shrinks as they finish (KVCache.keep), and every row's tokens
+    equal that prompt generated alone, with repetition penalties (per-row state that shrinks too)."""
+    from tinychat.model.kv_cache import KVCache
+
+    model, tok = mt
+    prompts = [tok.encode(t) for t in ["the", "a lazy dog", "今天", "the quick brown", "dog", "a", "small", "then"]]
+    stops = [1, 2, 3, 12, 2, 20, 1, 5]
+    kept: list[int] = []
+    keep = KVCache.keep
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (kept.append(len(rows)), keep(self, rows))[1])
+    p = SamplingParams(temperature=0, max_new_tokens=24, stop_on_eos=False, repetition_penalty=penalty)
+    counts = [0] * len(prompts)
+
+    def on_token(row: int, _tok: int) -> bool:
+        counts[row] += 1
+        return counts[row] == stops[row]
+
+    batched, reasons, _ = generate_ids(model, prompts, p, None, on_token)
+    assert kept == [4, 2, 1]  # 8 rows -> 4 left after step 2, 2 after step 5, 1 after step 12
+    single = [generate_ids(model, [q], p)[0][0] for q in prompts]
+    assert batched == [s[:n] for s, n in zip(single, stops)]
+    assert reasons == ["stop"] * len(prompts)
+
+
+def test_shared_prefix_counts_common_leading_tokens_and_keeps_one_per_prompt():
+    from tinychat.infer.generate import SHARED_PREFIX_MIN, shared_prefix
+
+    n = SHARED_PREFIX_MIN
+    head = list(range(100, 100 + n + 4))
+    assert shared_prefix([head + [1, 2], head + [1, 3], head + [5]]) == n + 4
+    assert shared_prefix([head, head + [7]]) == n + 3  # the shorter prompt keeps its last token
+    assert shared_prefix([head[: n - 1] + [1], head[: n - 1] + [2]]) == 0  # too short to pay for a call
+    assert shared_prefix([head + [1]]) == 0  # one prompt: nothing to share
+
+
+def test_prompts_with_a_shared_prefix_compute_it_once_and_generate_as_alone(mt, monkeypatch):
+    from tinychat.model.kv_cache import KVCache
+
+    model, tok = mt
+    system = tok.encode("a long shared system message that every prompt in the batch begins with, and more")
+    prompts = [system + tok.encode(q) for q in ["the", "今天 the quick", "a lazy dog", "dog"]]
+    shared: list[int] = []
+    share = KVCache.share_prefix
+    monkeypatch.setattr(KVCache, "share_prefix", lambda self, row=0: (shared.append(self._lengths[row]), share(self))[1])
+    p = SamplingParams(temperature=0, max_new_tokens=10, stop_on_eos=False)
+    batched = generate_ids(model, prompts, p)[0]
+    assert shared and shared[0] >= len(system)  # the prefix went through the model once
+    assert batched == [generate_ids(model, [q], p)[0][0] for q in prompts]
+
+
+def test_forward_at_given_positions_equals_the_full_logits_there(mt):
+    model, tok = mt
+    x = torch.tensor([tok.encode("the quick brown fox")[:4], tok.encode("a lazy dog and")[:4]])
+    at = torch.tensor([3, 1])
+    with torch.no_grad():
+        full, part = model(x), model(x, last=at)
+    assert part.shape == (2, model.cfg.vocab_size)
+    torch.testing.assert_close(part, full[torch.arange(2), at])
+
+
 def test_stop_string_is_cut_and_reported(mt):
     model, tok = mt
     p = SamplingParams(temperature=0, max_new_tokens=30, stop_on_eos=False)

@@ -12,10 +12,17 @@ server uses (tinychat.infer.tool_calls), so a local run and a served run of one 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tinychat.errors import UserError
+from tinychat.infer.tool_calls import split_reply
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ChatBackend(Protocol):
@@ -53,15 +60,100 @@ class LocalChat:
     def chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
     ) -> dict[str, Any]:
-        from tinychat.infer.tool_calls import split_reply
-
         ids = self.tokenizer.render_chat(messages, tools or None, add_generation_prompt=True).ids
-        text = self.completer.complete([ids], max_tokens)[0]
-        content, calls, _ = split_reply(text) if tools else (text.strip(), [], 0)
-        msg: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            msg["tool_calls"] = [c.to_openai() for c in calls]
-        return msg
+        return reply_message(self.completer.complete([ids], max_tokens)[0], bool(tools))
+
+
+def reply_message(text: str, tools: bool) -> dict[str, Any]:
+    """The assistant message (OpenAI format) of a local model's reply text: <tool_call> blocks parsed
+    when tools were offered."""
+    content, calls, _ = split_reply(text) if tools else (text.strip(), [], 0)
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        msg["tool_calls"] = [c.to_openai() for c in calls]
+    return msg
+
+
+class Lockstep:
+    """LocalChat for many callers at once, each in its own thread: a call waits until every caller still
+    at work has asked (or finished), then one batched greedy completion answers all of them.
+
+    Why: an evaluation runs dozens of independent agent loops (tinychat.agent.evaluate). One at a time,
+    each model call decodes a single row, and on a CPU a batch of 32 rows costs little more than one.
+    The loops stay the shipped, sequential Agent code; only the backend batches. Greedy replies do not
+    depend on the batch (tests/infer/test_generate.py), so the results equal a sequential run's.
+
+    `enter()` before a caller starts and `leave()` when it is done (also on error): the batch is run
+    as soon as the callers at work all wait."""
+
+    def __init__(self, local: LocalChat, batch_size: int = 32) -> None:
+        from tinychat.infer.complete import LocalCompleter  # torch, as in LocalChat
+
+        self.local, self.name = local, local.name
+        self.completer = LocalCompleter(local.completer.model, local.tokenizer, batch_size=batch_size)
+        self.tokenizer, self.max_seq_len = local.tokenizer, local.max_seq_len
+        self._cond = threading.Condition()
+        self._working = 0
+        self._waiting: list[tuple[list[int], int, dict[str, Any]]] = []  # (prompt ids, max_tokens, slot)
+        self.batches: list[int] = []  # rows of each completion run: the batching achieved
+
+    def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+        return self.local.count_tokens(messages, tools)
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """fn(item) for every item, each in its own thread, their chat calls batched; results in order."""
+        for _ in items:  # all enter first, so the first call waits for the others
+            self.enter()
+
+        def work(item: T) -> R:
+            try:
+                return fn(item)
+            finally:
+                self.leave()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+            return list(pool.map(work, items))
+
+    def enter(self) -> None:
+        with self._cond:
+            self._working += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._working -= 1
+            self._run_if_all_wait()
+
+    def chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, max_tokens: int = 256
+    ) -> dict[str, Any]:
+        ids = self.tokenizer.render_chat(messages, tools or None, add_generation_prompt=True).ids
+        slot: dict[str, Any] = {}
+        with self._cond:
+            self._waiting.append((ids, max_tokens, slot))
+            self._run_if_all_wait()
+            while not slot:
+                self._cond.wait()
+        if "error" in slot:
+            raise slot["error"]
+        return reply_message(slot["text"], bool(tools))
+
+    def _run_if_all_wait(self) -> None:
+        """Called with the lock held: when every caller at work waits, complete them all (grouped by
+        max_tokens) and wake them."""
+        if not self._waiting or len(self._waiting) < self._working:
+            return
+        batch, self._waiting = self._waiting, []
+        self.batches.append(len(batch))
+        try:
+            for limit in sorted({m for _, m, _ in batch}):
+                group = [(ids, slot) for ids, m, slot in batch if m == limit]
+                texts = self.completer.complete([ids for ids, _ in group], limit)
+                for (_, slot), text in zip(group, texts):
+                    slot["text"] = text
+        except Exception as e:  # noqa: BLE001 - every waiting caller gets the error
+            for _, _, slot in batch:
+                slot.setdefault("error", e)
+        self._cond.notify_all()
 
 
 class RemoteChat:

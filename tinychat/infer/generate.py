@@ -2,6 +2,10 @@
 
 Prompts of different lengths share one batch: they are right-padded, prefilled in one forward call
 (the cache records each row's real length) and then decode together, each row at its own position.
+Whenever half of the rows still decoding have finished, those are dropped from the batch (the cache
+keeps the others' rows; one copy each time, at most about twice the cache in all), so a batch of short
+answers is not carried to the longest one's length at full width: an evaluation's 64 prompts whose
+replies stop after a few tokens, with one that runs to the limit.
 Text is streamed as it becomes final: a trailing partial UTF-8 character, or text that could still
 turn into a stop string, is held back until the next token decides it.
 """
@@ -58,6 +62,36 @@ def prepare_prompts(
     return out
 
 
+SHARED_PREFIX_MIN = 16  # tokens: below this, one more forward call costs more than it saves
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Leading tokens every prompt has in common (each keeps at least its last token to prefill), or 0
+    when there are fewer than SHARED_PREFIX_MIN of them or a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
+def prefill(model, x: torch.Tensor, lengths: torch.Tensor, cache, shared: int = 0) -> torch.Tensor:  # noqa: ANN001
+    """Prefill right-padded prompts x (B, T0) of `lengths` into `cache`; the logits (B, V) at each row's
+    last prompt token.
+
+    A prefix of `shared` tokens common to every prompt (a system message, a tool schema, few-shot
+    examples) is computed once, for row 0, and copied to the other rows. The LM head runs on the last
+    token of each row only: a prefill's other logits (B x T0 x vocab) are never read."""
+    if shared and getattr(model, "virtual_tokens", None) is None:
+        row0 = torch.zeros(1, dtype=torch.long, device=x.device)
+        model(x[:1, :shared], cache, rows=row0, last=row0)
+        cache.share_prefix(0)
+        x, lengths = x[:, shared:], lengths - shared
+    return model(x, cache, n_new=lengths, last=lengths - 1)
+
+
 @torch.no_grad()
 def generate_ids(
     model,  # noqa: ANN001 - tinychat Model
@@ -101,19 +135,18 @@ def generate_ids(
         L = static_length(T0 + budget, context)
         cache = StaticKVCache(model.cfg, B, L, device, model.compute_dtype())
         logits = static_forward(model, x, torch.arange(T0, device=device)[None].expand(B, T0), cache)
+        last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
     else:
         cache = model.new_cache(B, max_len=T0 + budget)
-        logits = model(x, cache, n_new=lengths)
-    last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
+        last = prefill(model, x, lengths, cache, shared_prefix(prompts))
     new_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B  # on the host: the loop's bookkeeping costs no device ops per token
+    rows = list(range(B))  # the caller's row at each position of the batch (finished rows are dropped)
     for step in range(budget):
         logits_f = apply_penalties(last.float(), context_mask, counts, sp)
-        nxt = sample(logits_f, sp, gen)  # (B,)
-        toks = nxt.tolist()
-        for row in range(B):
-            tok = toks[row]
+        nxt = sample(logits_f, sp, gen)  # (b,)
+        for row, tok in zip(rows, nxt.tolist()):
             if done[row]:
                 continue
             if tok in stop_ids:
@@ -124,10 +157,15 @@ def generate_ids(
                 reasons[row], done[row] = "stop", True
         if all(done) or step == budget - 1:
             break
+        live = [not done[row] for row in rows]
         if sp.needs_penalties:
-            live = torch.tensor([not d for d in done], device=device)
             context_mask.scatter_(1, nxt[:, None], True)
-            counts.scatter_add_(1, nxt[:, None], live.float()[:, None])
+            counts.scatter_add_(1, nxt[:, None], torch.tensor(live, device=device).float()[:, None])
+        if not compiled and 2 * sum(live) <= len(rows):  # half the batch is done: drop those rows
+            keep = torch.tensor([j for j, alive in enumerate(live) if alive], device=device)
+            cache.keep(keep)
+            nxt, context_mask, counts, sp = nxt[keep], context_mask[keep], counts[keep], sp.select(keep)
+            rows = [rows[j] for j in keep.tolist()]
         if compiled:  # the caller's lengths: row b's token goes to position lengths[b] + step
             last = decode_step(model, nxt[:, None], cache, static_meta((lengths + step)[:, None], cache.max_len))
         else:

@@ -7,7 +7,7 @@ every knob is a (B,) tensor internally; `SamplingParams` is the per-request, use
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -74,6 +74,11 @@ class BatchSampling:
                 or (self.presence_penalty != 0).any()
                 or (self.frequency_penalty != 0).any()
             )
+
+    def select(self, rows: torch.Tensor) -> BatchSampling:
+        """The parameters of `rows` only, in that order (the decided flags carry over)."""
+        cols = {f.name: getattr(self, f.name) for f in fields(self)}
+        return BatchSampling(**{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in cols.items()})
 
     @staticmethod
     def flags(p: SamplingParams) -> tuple[bool, bool, bool]:

@@ -164,6 +164,23 @@ class KVCache:
         for r in rows.tolist():
             self._lengths[r] = n
 
+    def share_prefix(self, row: int = 0) -> None:
+        """Every row starts over holding `row`'s cached positions (a copy of them): a batch whose prompts
+        share a prefix computes it once."""
+        n = self._lengths[row]
+        self.k[:, :, :, :n] = self.k[:, row : row + 1, :, :n]
+        self.v[:, :, :, :n] = self.v[:, row : row + 1, :, :n]
+        self.lengths.fill_(n)
+        self._lengths = [n] * self.batch_size
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows`, in that order, as rows 0..n-1 (one copy of their span): a batch whose
+        finished sequences are dropped stops spending compute on them."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.lengths = self.lengths[rows]
+        self._lengths = [self._lengths[r] for r in rows.tolist()]
+        self.batch_size = len(self._lengths)
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget rows (all by default) so they can hold new sequences."""
         if rows is None:

@@ -382,11 +382,15 @@ class Model(nn.Module):
         meta: CacheMeta | PagedMeta | None = None,
         adapters: object = None,
         targets: torch.Tensor | None = None,  # (B, T) next-token ids, -100 = no loss
+        last: torch.Tensor | None = None,  # (B,) the one position per row whose logits are wanted
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size); with `targets`, the summed cross-entropy against them instead (an fp32
-        scalar), computed in row chunks without materialising the logits where the head is a plain Linear
+        """Logits (B, T, vocab_size), or (B, vocab_size) at the positions `last` (a prefill reads only its
+        last token's); with `targets`, the summed cross-entropy against them instead (an fp32 scalar),
+        computed in row chunks without materialising the logits where the head is a plain Linear
         (model/loss.py). Through forward, so DDP, FSDP and compile wrappers see the call."""
         h = self.hidden_states(input_ids, cache, n_new, rows, meta, adapters)
+        if last is not None:
+            return self.lm_head(h[torch.arange(h.shape[0], device=h.device), last])
         if targets is None:
             return self.lm_head(h)
         w = self.lm_head.weight
