@@ -81,7 +81,8 @@ def test_prompts_with_a_shared_prefix_compute_it_once_and_generate_as_alone(mt, 
     prompts = [system + tok.encode(q) for q in ["the", "今天 the quick", "a lazy dog", "dog"]]
     shared: list[int] = []
     share = KVCache.share_prefix
-    monkeypatch.setattr(KVCache, "share_prefix", lambda self, row=0: (shared.append(self._lengths[row]), share(self))[1])
+    spy = lambda self, row=0: (shared.append(self._lengths[row]), share(self))[1]  # noqa: E731
+    monkeypatch.setattr(KVCache, "share_prefix", spy)
     p = SamplingParams(temperature=0, max_new_tokens=10, stop_on_eos=False)
     batched = generate_ids(model, prompts, p)[0]
     assert shared and shared[0] >= len(system)  # the prefix went through the model once
