@@ -63,6 +63,7 @@ def prepare_prompts(
 
 
 SHARED_PREFIX_MIN = 16  # tokens: below this, one more forward call costs more than it saves
+DROP_FINISHED_AT = 0.5  # share of the batch still decoding at which the finished rows are dropped
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
@@ -161,7 +162,7 @@ def generate_ids(
         if sp.needs_penalties:
             context_mask.scatter_(1, nxt[:, None], True)
             counts.scatter_add_(1, nxt[:, None], torch.tensor(live, device=device).float()[:, None])
-        if not compiled and 2 * sum(live) <= len(rows):  # half the batch is done: drop those rows
+        if not compiled and sum(live) <= DROP_FINISHED_AT * len(rows):  # half the batch is done: drop those rows
             keep = torch.tensor([j for j, alive in enumerate(live) if alive], device=device)
             cache.keep(keep)
             nxt, context_mask, counts, sp = nxt[keep], context_mask[keep], counts[keep], sp.select(keep)
