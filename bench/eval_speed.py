@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-import tinychat.infer.generate as gen
 from tinychat.eval.backend import LocalCompleter, detect_mode, load
 from tinychat.eval.suites import DEFAULT_SUITES, SuiteOptions, run_suite
+
+gen = importlib.import_module("tinychat.infer.generate")  # the module: tinychat.infer exports a function of its name
 
 
 def prefill_every_position(model, x, lengths, cache, shared=0):  # noqa: ANN001, ANN201, ARG001
