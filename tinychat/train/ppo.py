@@ -42,9 +42,9 @@ class PolicyWithValue(Model):
     """The policy with a value head: `model(ids, values=True)` returns (logits, values (B, T) fp32)."""
 
     def forward(self, input_ids, cache=None, n_new=None, rows=None, values: bool = False, last=None):  # noqa: ANN001, ANN201
+        if last is not None:  # generation's prefill: the logits (B, V) at one position per row
+            return super().forward(input_ids, cache, n_new, rows, last=last)
         h = self.hidden_states(input_ids, cache, n_new, rows)
-        if last is not None:  # generation's prefill: the logits (B, V) at one position per row (Model.forward)
-            return self.lm_head(h[torch.arange(h.shape[0], device=h.device), last])
         logits = self.lm_head(h)
         return (logits, self.value_head(h).squeeze(-1).float()) if values else logits
 
