@@ -62,6 +62,7 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
         assert steps[stage]["train"].pop("max_steps") == n * k
         assert steps[stage]["train"].pop("max_time") == 0
     assert base["pretrain"]["train"].pop("reserve_tokens") > 0  # part of the time budget
+    assert 0 < base["pretrain"]["train"].pop("reserve_cap") <= 1  # its limit, a share of the time budget
     assert steps["speedrun"].pop("budget_minutes") == 15.0 * k
     base["speedrun"].pop("budget_minutes")
     assert steps == base

@@ -185,3 +185,11 @@ def test_the_time_budget_keeps_the_reserve_at_the_measured_rate():
     assert time_budget(cfg, 100, 400_000, 100.0) == pytest.approx(350.0)  # 4k tokens/s: 250 s reserved
     assert time_budget(cfg, 100, 200_000, 100.0) == pytest.approx(300.0)  # twice as slow: capped at half
     assert time_budget(TrainConfig(max_time=10.0), 100, 200_000, 100.0) == 600.0
+    capped = TrainConfig(max_time=10.0, reserve_tokens=1_000_000, reserve_cap=0.25)
+    assert time_budget(capped, 100, 400_000, 100.0) == pytest.approx(450.0)  # 250 s wanted, 150 s allowed
+    assert time_budget(capped, 100, 4_000_000, 100.0) == pytest.approx(575.0)  # under the cap: 25 s
+
+
+def test_a_reserve_cap_outside_zero_to_one_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match="reserve_cap"):
+        train(RandomTokens(), tiny_model(), config(reserve_cap=1.5), tmp_path / "r", "random")

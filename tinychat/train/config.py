@@ -66,7 +66,12 @@ class TrainConfig:
     reserve_tokens: int = field(
         0,
         help="with max_time: stop early by the time this many training tokens take at the measured rate "
-        "(later work that runs at this machine's speed; at most half of max_time)",
+        "(later work that runs at this machine's speed; at most reserve_cap of max_time)",
+    )
+    reserve_cap: float = field(
+        0.5,
+        help="the largest share of max_time the reserve may take: the training rate overprices later work "
+        "on a machine that trains in fp32 but evaluates at a similar speed",
     )
     epochs: float = field(0.0, help="passes over the training data (0 = no epoch budget)")
     eval_every: int = field(100, help="steps between evaluations (0 = only at the end)")

@@ -156,12 +156,14 @@ def _step_budget(cfg: TrainConfig, tokens_per_step: int) -> int | None:
 
 def time_budget(cfg: TrainConfig, step: int, tokens: int, elapsed: float) -> float:
     """Seconds the time budget allows: max_time, less the time reserve_tokens take at the rate measured so far
-    (from step 20 on; at most half the budget). A slower machine thus stops earlier and leaves later work whose
-    cost grows with its slowness (the speedrun's post-training overheads, evaluation and apply) its time."""
+    (from step 20 on; at most reserve_cap of the budget). A slower machine thus stops earlier and leaves later
+    work whose cost grows with its slowness (the speedrun's post-training overheads, evaluation and apply) its
+    time. The cap matters where training is slow for a reason inference does not share: a CPU without fast
+    bf16 trains in fp32 at half the rate but evaluates about as fast (docs/speedrun.md, round 11)."""
     total = cfg.max_time * 60
     if not cfg.reserve_tokens or step < 20 or tokens <= 0:
         return total
-    return total - min(cfg.reserve_tokens * elapsed / tokens, total / 2)
+    return total - min(cfg.reserve_tokens * elapsed / tokens, total * cfg.reserve_cap)
 
 
 class _Interrupt:
@@ -203,6 +205,8 @@ def train(
     device = info.device
     if not any((cfg.max_steps, cfg.max_tokens, cfg.max_time, cfg.epochs)):
         raise UserError("no training budget: set one of --train.max_steps, max_tokens, max_time or epochs.")
+    if not 0.0 <= cfg.reserve_cap <= 1.0:
+        raise UserError(f"--train.reserve_cap is a share of max_time between 0 and 1, not {cfg.reserve_cap}.")
     torch.manual_seed(cfg.seed)
     amp = autocast_dtype(device, cfg.precision)
     ctx = TrainContext(cfg, info, device, amp, run_dir, stage)
