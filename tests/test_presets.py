@@ -64,5 +64,7 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
     assert base["pretrain"]["train"].pop("reserve_tokens") > 0  # part of the time budget
     assert 0 < base["pretrain"]["train"].pop("reserve_cap") <= 1  # its limit, a share of the time budget
     assert steps["speedrun"].pop("budget_minutes") == 15.0 * k
+    assert base["speedrun"].pop("target_steps") > 0  # fitting the shape to the time budget: steps fix both
+    assert base["speedrun"].pop("shapes")[0] == f"n_layer={base['model']['n_layer']}"  # [model] itself first
     base["speedrun"].pop("budget_minutes")
     assert steps == base

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tinychat.cli import main
+from tinychat.speedrun import CONFIG_DIR
+from tinychat.train.sizing import parse_shape
 
 STAGES = ("pretrain", "sft", "dpo", "grpo")
 
@@ -81,6 +83,38 @@ def test_the_copy_drill_stage_runs_first_and_pretraining_continues_it(micro_run:
     assert f'init = "{run / "checkpoints" / "copy"}"' in (run / "config.pretrain.toml").read_text()
     drills = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in drills if r["stage"] == "copy" and r["kind"] == "train"] == list(range(1, 7))
+
+
+def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tmp_path: Path, capsys):
+    """No shape reaches an impossible target, so every one is timed and the fastest trains; the choice is kept
+    in sizing.json, and the SFT stage continues that shape."""
+    text = (CONFIG_DIR / "micro.toml").read_text()
+    shapes = '["n_layer=2", "n_layer=1,d_ff=64"]'
+    text = text.replace("[speedrun]\n", f"[speedrun]\nshapes = {shapes}\ntarget_steps = 1000000000\n", 1)
+    text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)  # max_steps still ends it
+    preset = tmp_path / "fit.toml"
+    preset.write_text(text)
+    runs = micro_run.parent
+    for part in ("world", "tokenizer", "data"):
+        shutil.copytree(micro_run / part, runs / "f" / part)
+    args = ["speedrun", "--preset", str(preset), "--runs-dir", str(runs), "--run", "f"]
+    assert main([*args, "--stages", "pretrain", "sft", "report"]) == 0
+    run = runs / "f"
+    report = (run / "report.md").read_text()
+    assert "## Model shape fitted to this machine" in report and "**chosen**" in report
+    record = json.loads((run / "sizing.json").read_text())
+    assert [m["shape"] for m in record["measured"]] == ["n_layer=2", "n_layer=1,d_ff=64"]
+    assert record["chosen"] == min(record["measured"], key=lambda m: m["seconds_per_step"])["shape"]
+    assert f"model shape {record['chosen']}" in capsys.readouterr().out
+    chosen = parse_shape(record["chosen"])
+    for stage in ("pretrain", "sft"):
+        cfg = json.loads((run / "checkpoints" / stage / "config.json").read_text())
+        assert cfg["num_hidden_layers"] == chosen["n_layer"]
+    (run / "sizing.json").write_text(json.dumps({**record, "chosen": "n_layer=2"}))
+    shutil.rmtree(run / "checkpoints")
+    assert main([*args, "--stages", "pretrain"]) == 0  # a kept choice is not measured again
+    assert "model shape" not in capsys.readouterr().out
+    assert json.loads((run / "checkpoints" / "pretrain" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
 def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys):

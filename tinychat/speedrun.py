@@ -45,6 +45,14 @@ class SpeedrunConfig:
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
     )
+    shapes: list[str] = field(
+        [],
+        help="model shapes to fit to this machine, largest first, each [model] options as 'key=value,...' "
+        "(tinychat.train.sizing); empty = the preset's [model] as it is",
+    )
+    target_steps: int = field(
+        0, help="with shapes: pretraining steps the chosen shape must be predicted to reach in its time budget"
+    )
 
 
 def preset_path(name: str) -> Path:
@@ -227,12 +235,39 @@ class Speedrun:
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
         init = ["--init", str(self.path("checkpoints", "copy"))] if self.cfg.copy_drills else []
-        cfg = self.stage_config(
-            PretrainConfig, "pretrain", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init]
-        )
-        result = run_pretrain(self.scaled(cfg))
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init]
+        cfg = self.scaled(self.stage_config(PretrainConfig, "pretrain", argv))
+        shape = self.fitted_shape(cfg)
+        if shape:
+            model_args = [a for k, v in shape.items() for a in (f"--model.{k}", str(v))]
+            cfg = self.scaled(self.stage_config(PretrainConfig, "pretrain", [*argv, *model_args]))
+        result = run_pretrain(cfg)
         if result.interrupted:
             raise KeyboardInterrupt
+
+    def fitted_shape(self, cfg: object) -> dict[str, object]:
+        """The [model] options of the shape fitted to this machine (tinychat.train.sizing), chosen once per run
+        and kept in runs/NAME/sizing.json so that a resumed run trains the same shape; {} when the preset
+        fits none (no `shapes`), a copy-drill stage fixed the shape, or a run from before sizing is resumed."""
+        from tinychat.tokenizer import Tokenizer
+        from tinychat.train.sizing import choose_shape, parse_shape
+
+        if not (self.cfg.shapes and self.cfg.target_steps) or self.cfg.copy_drills or not cfg.train.max_time:
+            return {}
+        record_file = self.path("sizing.json")
+        if record_file.is_file():
+            return parse_shape(json.loads(record_file.read_text())["chosen"])
+        if any(self.path("checkpoints", "pretrain").glob("step_*")):
+            return {}  # started with the preset's shape before sizing existed: keep it
+        vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
+        record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab)
+        record_file.write_text(json.dumps(record, indent=1))
+        tried = "; ".join(
+            f"{m['shape']}: {m['seconds_per_step']:.2f} s/step, ~{m['predicted_steps']} steps"
+            for m in record["measured"]
+        )
+        print(f"pretrain: model shape {record['chosen']} (target {self.cfg.target_steps} steps; {tried})")
+        return parse_shape(record["chosen"])
 
     def post(self, module: str, cls_name: str, section: str) -> None:
         """A post-training stage, exactly as `tinychat SECTION --config PRESET --run NAME --resume` runs it."""

@@ -207,6 +207,34 @@ def section_timings(d: RunData) -> list[str]:
     return ["## Wall time per stage", "", *table(["stage", "wall time", "share"], rows), ""]
 
 
+def section_sizing(d: RunData) -> list[str]:
+    """The model shape the speedrun fitted to this machine (runs/NAME/sizing.json), when it fitted one."""
+    f = d.run_dir / "sizing.json" if d.run_dir else None
+    try:
+        rec = json.loads(f.read_text()) if f and f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        rec = None
+    if not isinstance(rec, dict) or not isinstance(rec.get("measured"), list):
+        return []
+    rows = [
+        [
+            f"`{m.get('shape')}`",
+            fmt_num(m.get("seconds_per_step")),
+            fmt_num(m.get("predicted_steps")),
+            "**chosen**" if m.get("shape") == rec.get("chosen") else "",
+        ]
+        for m in rec["measured"]
+        if isinstance(m, dict)
+    ]
+    intro = (
+        f"Pretraining's model shape: the first, largest first, predicted to reach {rec.get('target_steps', 0):,} "
+        "steps in its time budget, else the fastest; each timed on random tokens before training "
+        "(tinychat.train.sizing)."
+    )
+    head = ["shape ([model] options)", "seconds per step", "predicted steps", ""]
+    return ["## Model shape fitted to this machine", "", intro, "", *table(head, rows), ""]
+
+
 PEAK_KEYS = ("peak_flops", "probe_min", "probe_median", "probe_max")
 
 
@@ -414,6 +442,7 @@ def render(d: RunData, plot_files: list[tuple[str, str]], plot_note: str = "") -
     lines += section_environment(d)
     lines += section_timings(d)
     lines += section_training(d)
+    lines += section_sizing(d)
     lines += section_suites(d)
     lines += section_stage_gains(d)
     lines += section_alignment_tax(d)

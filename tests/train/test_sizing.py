@@ -1,0 +1,75 @@
+"""Fitting the model to the machine (tinychat.train.sizing): shapes parse with one-sentence errors, the
+prediction is the loop's own time budget over the measured step time, and the choice is the first shape that
+reaches the target, else the fastest."""
+
+from __future__ import annotations
+
+import pytest
+
+from tinychat.errors import UserError
+from tinychat.model.config import ModelConfig
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import time_budget
+from tinychat.train.sizing import choose_shape, parse_shape, pick, predicted_steps
+
+
+def test_a_shape_is_model_options_as_numbers():
+    assert parse_shape("n_layer=2, d_model=192,head_dim=48") == {"n_layer": 2, "d_model": 192, "head_dim": 48}
+    assert parse_shape("rope_theta=500000.0") == {"rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("layers=2", "not a \\[model\\] option"),
+        ("n_layer", "key=value"),
+        ("n_layer=two", "not a number"),
+        (" , ", "empty"),
+    ],
+)
+def test_a_bad_shape_is_one_sentence(text: str, match: str):
+    with pytest.raises(UserError, match=match):
+        parse_shape(text)
+
+
+def test_predicted_steps_are_the_loops_budget_over_the_step_time():
+    plain = TrainConfig(max_time=10.0, batch_size=4, seq_len=8)
+    assert predicted_steps(plain, 2.0) == 300  # 600 s / 2 s
+    reserved = TrainConfig(max_time=10.0, batch_size=4, seq_len=8, reserve_tokens=32 * 50)  # 50 steps' tokens
+    assert predicted_steps(reserved, 2.0) == 250  # 100 s kept back at this rate
+    assert predicted_steps(reserved, 2.0) == int(time_budget(reserved, 20, 640, 40.0) / 2.0)
+    capped = TrainConfig(max_time=10.0, batch_size=4, seq_len=8, reserve_tokens=32 * 500, reserve_cap=0.25)
+    assert predicted_steps(capped, 2.0) == 225  # 1,000 s wanted, 150 s allowed
+
+
+def test_the_first_shape_reaching_the_target_wins_else_the_fastest():
+    assert pick([900, 1200, 1500], [0.9, 0.7, 0.5], 800) == 0
+    assert pick([500, 850, 1500], [0.9, 0.7, 0.5], 800) == 1
+    assert pick([500, 600], [0.9, 0.7], 800) == 1
+    assert pick([600, 500], [0.7, 0.9], 800) == 0  # a ladder out of order: still the fastest
+
+
+def micro() -> ModelConfig:
+    return ModelConfig(d_model=32, n_layer=2, n_head=2, n_kv_head=1, head_dim=16, d_ff=64, max_seq_len=32)
+
+
+def test_choosing_stops_at_the_first_shape_that_fits():
+    train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
+    record = choose_shape(micro(), train, ["n_layer=2", "n_layer=1"], 1, vocab_size=64)
+    assert record["chosen"] == "n_layer=2"
+    assert [m["shape"] for m in record["measured"]] == ["n_layer=2"]  # the second was never timed
+    assert record["measured"][0]["seconds_per_step"] > 0
+
+
+def test_when_no_shape_fits_every_one_is_timed_and_the_fastest_chosen():
+    train = TrainConfig(max_time=0.01, batch_size=2, seq_len=16, device="cpu")
+    record = choose_shape(micro(), train, ["n_layer=2", "n_layer=1,d_ff=32"], 10**9, vocab_size=64)
+    measured = record["measured"]
+    assert [m["shape"] for m in measured] == ["n_layer=2", "n_layer=1,d_ff=32"]
+    assert record["chosen"] == min(measured, key=lambda m: m["seconds_per_step"])["shape"]
+    assert all(m["predicted_steps"] < 10**9 for m in measured)
+
+
+def test_choosing_needs_a_time_budget():
+    with pytest.raises(UserError, match="time budget"):
+        choose_shape(micro(), TrainConfig(max_steps=10), ["n_layer=1"], 100, vocab_size=64)

@@ -1,0 +1,109 @@
+"""Fit the model to the machine: the largest of a ladder of shapes that gets enough pretraining steps in
+the time budget, chosen from measured step times, not guessed.
+
+Why: the speedrun stores its facts only after enough optimiser steps (docs/speedrun.md: between ~350 and
+~900 for the tiny model), and laptop CPUs differ by 2-3x in training speed. A CPU with fast bf16 trains the
+3-layer tiny model at 4.7-7k tokens/s; one with AVX2 only trains in fp32 at ~2.6k, gets a third of the steps
+and learns almost nothing in the same minutes (round 11). A shape that suits one machine starves on the
+other, so the plan has to shrink with the machine.
+
+How: each candidate's training step is timed on random tokens (its real forward with the fused head and
+loss, backward and optimiser step, under the loop's autocast; a warm-up step first, then the median of a
+few), and the steps it would get are the stage's time budget (less its reserve, priced as the loop prices
+it) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does, the
+fastest. On a fast machine this costs the default shape's few probe steps (~3 s) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tinychat.errors import UserError
+from tinychat.model.config import ModelConfig, resolve
+from tinychat.model.transformer import Model
+from tinychat.train.config import TrainConfig
+from tinychat.train.loop import time_budget
+from tinychat.train.mfu import autocast_dtype
+from tinychat.train.optim import build_optimizer
+
+
+def parse_shape(text: str) -> dict[str, Any]:
+    """'n_layer=2,d_model=192' -> {'n_layer': 2, 'd_model': 192}: [model] options, integers or numbers."""
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise UserError(f"shape '{text}': '{part}' is not a [model] option written as key=value.")
+        try:
+            out[key] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise UserError(f"shape '{text}': the value of {key} is not a number.") from None
+    if not out:
+        raise UserError("an empty shape; write at least one [model] option as key=value.")
+    return out
+
+
+def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, steps: int = 3) -> float:
+    """Median seconds of one training step of a fresh `mcfg` model on random (batch, seq_len) tokens."""
+    torch.manual_seed(0)
+    model = Model(mcfg).to(device).train()
+    optimizer = build_optimizer(model, train, device)
+    amp = autocast_dtype(device, train.precision)
+    x = torch.randint(0, mcfg.vocab_size, (train.batch_size, train.seq_len + 1), device=device)
+    times = []
+    for i in range(steps + 1):  # the first step allocates and warms caches: not timed
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def predicted_steps(train: TrainConfig, seconds_per_step: float) -> int:
+    """Steps the time budget holds at this step time, after the reserve the loop would keep at that rate."""
+    tokens = train.batch_size * train.seq_len
+    budget = time_budget(train, 20, 20 * tokens, 20 * seconds_per_step)
+    return int(budget / seconds_per_step)
+
+
+def pick(predicted: Sequence[int], seconds: Sequence[float], target_steps: int) -> int:
+    """The first shape (largest first) predicted to reach target_steps, else the fastest."""
+    for i, n in enumerate(predicted):
+        if n >= target_steps:
+            return i
+    return min(range(len(seconds)), key=lambda i: seconds[i])
+
+
+def choose_shape(
+    model: ModelConfig, train: TrainConfig, shapes: Sequence[str], target_steps: int, vocab_size: int
+) -> dict[str, Any]:
+    """Time the shapes in order and stop at the first that reaches target_steps; returns the record the
+    speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time and predicted steps, the
+    choice."""
+    if not train.max_time:
+        raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
+    device = torch.device("cuda" if train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    measured: list[dict[str, Any]] = []
+    for text in shapes:
+        overrides = parse_shape(text)
+        mcfg = resolve(model, vocab_size=vocab_size, **overrides)
+        sec = step_seconds(mcfg, train, device)
+        steps = predicted_steps(train, sec)
+        measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
+        if steps >= target_steps:
+            break
+    chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], target_steps)
+    return {"target_steps": target_steps, "measured": measured, "chosen": measured[chosen]["shape"]}
