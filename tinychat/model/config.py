@@ -104,7 +104,7 @@ class ModelConfig:
 
 # Sizes are quoted for the default 8192-token vocabulary (base/medium assume larger vocabularies).
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~6.8M parameters; the CPU speedrun (configs/cpu-tiny.toml) trains it with n_layer = 3 (4.5M)
+    # ~6.8M parameters; the CPU speedrun (configs/cpu-tiny.toml) trains it with n_layer = 3 (4.5M; d_model 192 if slow)
     "tiny": dict(d_model=256, n_layer=6, n_head=4, n_kv_head=2, head_dim=64, d_ff=768, max_seq_len=512),
     # ~29M parameters: a CPU model for an hour, or a GPU smoke test
     "small": dict(d_model=512, n_layer=8, n_head=8, n_kv_head=4, head_dim=64, d_ff=1536, max_seq_len=1024),

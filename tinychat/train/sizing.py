@@ -8,15 +8,14 @@ and learns almost nothing in the same minutes (round 11). A shape that suits one
 other, so the plan has to shrink with the machine.
 
 How: each candidate's training step is timed on random tokens (its real forward with the fused head and
-loss, backward and optimiser step, under the loop's autocast; a warm-up step first, then the median of a
-few), and the steps it would get are the stage's time budget (less its reserve, priced as the loop prices
+loss, backward and optimiser step, under the loop's autocast; two warm-up steps, then the fastest of
+three), and the steps it would get are the stage's time budget (less its reserve, priced as the loop prices
 it) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does, the
-fastest. On a fast machine this costs the default shape's few probe steps (~3 s) and changes nothing.
+fastest. On a fast machine this costs the default shape's few probe steps (~4 s) and changes nothing.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,15 +49,17 @@ def parse_shape(text: str) -> dict[str, Any]:
     return out
 
 
-def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, steps: int = 3) -> float:
-    """Median seconds of one training step of a fresh `mcfg` model on random (batch, seq_len) tokens."""
+def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, steps: int = 3, warmup: int = 2) -> float:
+    """Seconds of one training step of a fresh `mcfg` model on random (batch, seq_len) tokens: the fastest of
+    `steps` after `warmup` untimed ones. The fastest, because interference only ever adds time: inside a
+    speedrun one probe read 1.75 s where the same step, alone, takes 1.14-1.17 s."""
     torch.manual_seed(0)
     model = Model(mcfg).to(device).train()
     optimizer = build_optimizer(model, train, device)
     amp = autocast_dtype(device, train.precision)
     x = torch.randint(0, mcfg.vocab_size, (train.batch_size, train.seq_len + 1), device=device)
     times = []
-    for i in range(steps + 1):  # the first step allocates and warms caches: not timed
+    for i in range(warmup + steps):  # the first steps allocate and warm caches: not timed
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = model(x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
@@ -67,9 +68,9 @@ def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, st
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def predicted_steps(train: TrainConfig, seconds_per_step: float) -> int:
