@@ -259,6 +259,8 @@ class Speedrun:
             return parse_shape(json.loads(record_file.read_text())["chosen"])
         if any(self.path("checkpoints", "pretrain").glob("step_*")):
             return {}  # started with the preset's shape before sizing existed: keep it
+        if not self.path("tokenizer", "tokenizer.json").is_file():
+            return {}  # pretraining itself says what is missing, in one sentence
         vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
         record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab)
         record_file.write_text(json.dumps(record, indent=1))
