@@ -227,7 +227,7 @@ def section_sizing(d: RunData) -> list[str]:
         if isinstance(m, dict)
     ]
     intro = (
-        f"Pretraining's model shape: the first, largest first, predicted to reach {rec.get('target_steps', 0):,} "
+        f"Pretraining's model shape: the first, largest first, predicted to reach {fmt_num(rec.get('target_steps'))} "
         "steps in its time budget, else the fastest; each timed on random tokens before training "
         "(tinychat.train.sizing)."
     )

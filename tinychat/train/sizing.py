@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tinychat.device import pick_device
 from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig, resolve
 from tinychat.model.transformer import Model
@@ -29,6 +30,7 @@ from tinychat.train.config import TrainConfig
 from tinychat.train.loop import time_budget
 from tinychat.train.mfu import autocast_dtype
 from tinychat.train.optim import build_optimizer
+from tinychat.train.pretrain import lm_loss
 
 
 def parse_shape(text: str) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, st
     for i in range(warmup + steps):  # the first steps allocate and warm caches: not timed
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = model(x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
+            loss = lm_loss(model, x[:, :-1], x[:, 1:]) / x[:, 1:].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,7 +98,7 @@ def choose_shape(
     choice."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
-    device = torch.device("cuda" if train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(train.device)
     measured: list[dict[str, Any]] = []
     for text in shapes:
         overrides = parse_shape(text)
