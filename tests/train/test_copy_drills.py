@@ -24,18 +24,28 @@ from tinychat.train.copy_drills import CopyDrillsConfig, CopyDrillsObjective, Dr
 from tinychat.train.pretrain import PretrainObjective
 
 
-def test_drill_rows_repeat_their_first_half():
+def test_drill_rows_hold_whole_drills_that_repeat_their_first_half():
     rng = np.random.default_rng(0)
-    toks, copy = drill_rows(rng, np.arange(10, 20), rows=3, length=50, start=1, sep=[5, 6], lens=(2, 6))
-    flat, flags = toks.ravel().tolist(), copy.ravel().tolist()
-    assert toks.shape == copy.shape == (3, 50)
-    starts = [i for i, t in enumerate(flat) if t == 1]
-    for a, b in zip(starts, starts[1:]):  # every whole drill: start, xs, sep, xs
-        body = flat[a + 1 : b]
-        n = (len(body) - 2) // 2
-        assert 2 <= n < 6 and body[n : n + 2] == [5, 6] and body[:n] == body[n + 2 :]
-        assert flags[a:b] == [False] * (n + 3) + [True] * n
-    assert all(10 <= t < 20 for t, f in zip(flat, flags) if f)
+    toks, copy = drill_rows(rng, np.arange(10, 20), rows=40, length=17, start=1, sep=[5, 6], lens=(2, 6))
+    assert toks.shape == copy.shape == (40, 17)
+    seen = set()
+    for row, flags in zip(toks.tolist(), copy.tolist()):
+        at = 0
+        while at < len(row):  # every drill is whole inside its row: start, xs, sep, xs; then start padding
+            assert row[at] == 1
+            if 5 not in row[at:]:
+                assert row[at:] == [1] * (len(row) - at) and not any(flags[at:])
+                break
+            n = row.index(5, at) - at - 1
+            body = row[at + 1 : at + 3 + 2 * n]
+            assert 2 <= n < 6 and body[n : n + 2] == [5, 6] and body[:n] == body[n + 2 :]
+            assert flags[at : at + 3 + 2 * n] == [False] * (n + 3) + [True] * n
+            seen.add(n)
+            at += 3 + 2 * n
+        assert all(10 <= t < 20 for t, f in zip(row, flags) if f)
+    assert seen == {2, 3, 4, 5}  # the last drill of a row is drawn to fit, the others from the whole range
+    with pytest.raises(ValueError, match="cannot hold"):
+        drill_rows(rng, np.arange(10, 20), rows=1, length=6, start=1, sep=[5, 6], lens=(2, 6))
 
 
 def test_alphabet_is_the_most_frequent_text_tokens(corpus_run: Path):

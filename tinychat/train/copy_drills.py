@@ -89,15 +89,30 @@ def drill_alphabet(index: TokenIndex, tok: Tokenizer, size: int, exclude: set[in
 def drill_rows(
     rng: np.random.Generator, ids: np.ndarray, rows: int, length: int, start: int, sep: list[int], lens: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, length) token ids packed from drills, and whether each token repeats its drill's first half."""
-    toks: list[int] = []
-    copy: list[bool] = []
-    while len(toks) < rows * length:
-        xs = rng.choice(ids, size=int(rng.integers(*lens))).tolist()
-        toks += [start, *xs, *sep, *xs]
-        copy += [False] * (1 + len(xs) + len(sep)) + [True] * len(xs)
-    n = rows * length
-    return np.array(toks[:n]).reshape(rows, length), np.array(copy[:n]).reshape(rows, length)
+    """(rows, length) token ids of whole drills, and whether each token repeats its drill's first half.
+
+    Each row holds only drills that fit in it whole (the last one shortened to fit, the rest of the row
+    `start` tokens), so every token marked as a copy has its original in the same row: a drill cut at a
+    row's edge would ask for a copy of tokens the model cannot see. Rows are independent, so a short row
+    is a short context, which is what the circuit's plateau grows with (quadratically in the context
+    length, Musat et al. 2025; docs/speedrun.md, round 12).
+    """
+    lo, hi = lens
+    overhead = 1 + len(sep)
+    if length < overhead + 2 * lo:
+        raise ValueError(f"a row of {length} tokens cannot hold a drill of {lo} tokens (needs {overhead + 2 * lo}).")
+    toks = np.full((rows, length), start, dtype=np.int64)
+    copy = np.zeros((rows, length), dtype=bool)
+    for r in range(rows):
+        at = 0
+        while length - at >= overhead + 2 * lo:
+            fit = (length - at - overhead) // 2  # the longest drill the rest of the row holds
+            xs = rng.choice(ids, size=int(rng.integers(lo, min(hi, fit + 1)))).tolist()
+            drill = [start, *xs, *sep, *xs]
+            toks[r, at : at + len(drill)] = drill
+            copy[r, at + overhead + len(xs) : at + len(drill)] = True
+            at += len(drill)
+    return toks, copy
 
 
 @dataclass
@@ -233,6 +248,11 @@ def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
     mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) is larger than the context window ({mcfg.max_seq_len}).")
+    row = 1 + len(source.sep) + 2 * cfg.min_len  # the shortest drill; a row holds seq_len + 1 tokens
+    if cfg.train.seq_len + 1 < row:
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) cannot hold a drill of min_len {cfg.min_len}: use at least {row - 1}."
+        )
     torch.manual_seed(cfg.train.seed)
     model = Model(mcfg)
     run_dir.mkdir(parents=True, exist_ok=True)
