@@ -124,6 +124,14 @@ def _drills_cmd(runs: Path, run: str) -> list[str]:
     ]
 
 
+def test_a_window_too_short_for_the_shortest_drill_is_one_sentence(corpus_run: Path, capsys):
+    args = [*_drills_cmd(corpus_run, "short"), "--train.seq_len", "10", "--min_len", "5", "--train.max_steps", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot hold a drill of min_len 5: use at least 11" in err and err.count("\n") == 0
+    assert not (corpus_run / "short" / "checkpoints").exists()
+
+
 def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_run: Path):
     args = [*_drills_cmd(corpus_run, "stop"), "--train.precision", "fp32"]
     args += ["--train.batch_size", "4", "--train.seq_len", "32", "--train.tensorboard", "false", "--per_batch", "4"]

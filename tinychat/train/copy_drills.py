@@ -90,6 +90,11 @@ def drill_alphabet(index: TokenIndex, tok: Tokenizer, size: int, exclude: set[in
     return ids
 
 
+def shortest_row(sep: list[int], min_len: int) -> int:
+    """Tokens of the shortest drill: the start token, min_len ids, the separator, the min_len ids again."""
+    return 1 + len(sep) + 2 * min_len
+
+
 def drill_rows(
     rng: np.random.Generator, ids: np.ndarray, rows: int, length: int, start: int, sep: list[int], lens: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -102,14 +107,14 @@ def drill_rows(
     length, Musat et al. 2025; docs/speedrun.md, round 12).
     """
     lo, hi = lens
-    overhead = 1 + len(sep)
-    if length < overhead + 2 * lo:
-        raise ValueError(f"a row of {length} tokens cannot hold a drill of {lo} tokens (needs {overhead + 2 * lo}).")
+    overhead, shortest = 1 + len(sep), shortest_row(sep, lo)
+    if length < shortest:
+        raise ValueError(f"a row of {length} tokens cannot hold a drill of {lo} tokens (needs {shortest}).")
     toks = np.full((rows, length), start, dtype=np.int64)
     copy = np.zeros((rows, length), dtype=bool)
     for r in range(rows):
         at = 0
-        while length - at >= overhead + 2 * lo:
+        while length - at >= shortest:
             fit = (length - at - overhead) // 2  # the longest drill the rest of the row holds
             xs = rng.choice(ids, size=int(rng.integers(lo, min(hi, fit + 1)))).tolist()
             drill = [start, *xs, *sep, *xs]
@@ -252,7 +257,7 @@ def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
     mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) is larger than the context window ({mcfg.max_seq_len}).")
-    row = 1 + len(source.sep) + 2 * cfg.min_len  # the shortest drill; a row holds seq_len + 1 tokens
+    row = shortest_row(source.sep, cfg.min_len)  # a row holds seq_len + 1 tokens (inputs and targets)
     if cfg.train.seq_len + 1 < row:
         raise UserError(
             f"train.seq_len ({cfg.train.seq_len}) cannot hold a drill of min_len {cfg.min_len}: use at least {row - 1}."
