@@ -117,6 +117,27 @@ def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tm
     assert json.loads((run / "checkpoints" / "pretrain" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+def test_the_copy_drill_stage_trains_the_fitted_shape_in_pretrainings_time(micro_run: Path, tmp_path: Path):
+    text = (CONFIG_DIR / "micro.toml").read_text()
+    text = text.replace("[speedrun]\n", '[speedrun]\nshapes = ["n_layer=1,d_ff=64"]\ntarget_steps = 1\n', 1)
+    text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)  # max_steps still ends it
+    preset = tmp_path / "copyfit.toml"
+    preset.write_text(text)
+    runs = micro_run.parent
+    for part in ("world", "tokenizer", "data"):
+        shutil.copytree(micro_run / part, runs / "cf" / part)
+    args = ["speedrun", "--preset", str(preset), "--runs-dir", str(runs), "--run", "cf", "--copy_drills", "true"]
+    assert main([*args, "--stages", "copy", "pretrain"]) == 0
+    run = runs / "cf"
+    assert json.loads((run / "sizing.json").read_text())["chosen"] == "n_layer=1,d_ff=64"
+    for stage in ("copy", "pretrain"):
+        cfg = json.loads((run / "checkpoints" / stage / "config.json").read_text())
+        assert (cfg["num_hidden_layers"], cfg["intermediate_size"]) == (1, 64)
+    copy_minutes = json.loads((run / "timings.json").read_text())["copy"] / 60
+    pretrain = (run / "config.pretrain.toml").read_text()
+    assert f"max_time = {round(5.0 - copy_minutes, 3)}" in pretrain  # the drills' minutes came out of pretraining's
+
+
 def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys):
     assert main(["speedrun", "--preset", "nope", "--runs-dir", str(tmp_path)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err

@@ -221,13 +221,13 @@ class Speedrun:
         )
 
     def copy_drills(self) -> None:
-        """Pure copy drills for a fresh model, so that pretraining starts with the circuit that copies from the
-        context (tinychat.train.copy_drills); budgeted in steps, since the plateau it must pass is."""
+        """Pure copy drills for a fresh model of the fitted shape, so that pretraining starts with the circuit
+        that copies from the context (tinychat.train.copy_drills); budgeted in steps, since the plateau it must
+        pass is, and its time is taken from pretraining's."""
         from tinychat.train.copy_drills import CopyDrillsConfig, run_copy_drills
 
-        cfg = self.stage_config(
-            CopyDrillsConfig, "copy-drills", ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume"]
-        )
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *self.shape_args()]
+        cfg = self.stage_config(CopyDrillsConfig, "copy-drills", argv)
         if run_copy_drills(self.scaled(cfg)).interrupted:
             raise KeyboardInterrupt
 
@@ -235,29 +235,37 @@ class Speedrun:
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
         init = ["--init", str(self.path("checkpoints", "copy"))] if self.cfg.copy_drills else []
-        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init]
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init, *self.shape_args()]
         cfg = self.scaled(self.stage_config(PretrainConfig, "pretrain", argv))
-        shape = self.fitted_shape(cfg)
-        if shape:
-            model_args = [a for k, v in shape.items() for a in (f"--model.{k}", str(v))]
-            cfg = self.scaled(self.stage_config(PretrainConfig, "pretrain", [*argv, *model_args]))
+        copy_minutes = self._load_timings().get("copy", 0.0) / 60 if self.cfg.copy_drills else 0.0
+        if cfg.train.max_time and copy_minutes:  # the whole run keeps its budget: drills are pretraining's time
+            cfg.train.max_time = round(max(cfg.train.max_time - copy_minutes, 0.1 * cfg.train.max_time), 3)
+            print(f"pretrain: {cfg.train.max_time:.2f} min after {copy_minutes:.2f} min of copy drills", flush=True)
         result = run_pretrain(cfg)
         if result.interrupted:
             raise KeyboardInterrupt
 
+    def shape_args(self) -> list[str]:
+        """--model.KEY VALUE flags of the shape fitted to this machine ([] when none is)."""
+        from tinychat.train.pretrain import PretrainConfig
+
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
+        shape = self.fitted_shape(self.scaled(self.stage_config(PretrainConfig, "pretrain", argv)))
+        return [a for k, v in shape.items() for a in (f"--model.{k}", str(v))]
+
     def fitted_shape(self, cfg: object) -> dict[str, object]:
         """The [model] options of the shape fitted to this machine (tinychat.train.sizing), chosen once per run
         and kept in runs/NAME/sizing.json so that a resumed run trains the same shape; {} when the preset
-        fits none (no `shapes`), a copy-drill stage fixed the shape, or a run from before sizing is resumed."""
+        fits none (no `shapes`) or a run from before sizing is resumed. A copy-drill stage trains it too."""
         from tinychat.tokenizer import Tokenizer
         from tinychat.train.sizing import choose_shape, parse_shape
 
-        if not (self.cfg.shapes and self.cfg.target_steps) or self.cfg.copy_drills or not cfg.train.max_time:
+        if not (self.cfg.shapes and self.cfg.target_steps) or not cfg.train.max_time:
             return {}
         record_file = self.path("sizing.json")
         if record_file.is_file():
             return parse_shape(json.loads(record_file.read_text())["chosen"])
-        if any(self.path("checkpoints", "pretrain").glob("step_*")):
+        if any(p.name.startswith("step_") for s in ("copy", "pretrain") for p in self.path("checkpoints", s).glob("*")):
             return {}  # started with the preset's shape before sizing existed: keep it
         if not self.path("tokenizer", "tokenizer.json").is_file():
             return {}  # pretraining itself says what is missing, in one sentence

@@ -4,6 +4,7 @@ the text's own tokens, a softmax over each batch's candidates only, and pretrain
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,7 +73,8 @@ def test_drill_softmax_ranks_the_candidates_and_leaves_other_rows_alone():
     cfg = CopyDrillsConfig(per_batch=12, train=TrainConfig(batch_size=4, seq_len=24))
     obj = CopyDrillsObjective(cfg, DrillSource(np.arange(100, 200), start=0, sep=[7], per_batch=12))
     obj.ctx = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1))
-    x, y, c, cand = obj.batch(np.random.default_rng(1), 4)
+    x, y, c, cand = obj.batch(np.random.default_rng(1))
+    assert x.shape == (4, 24)
     assert len(cand) == 14 and set(y.unique().tolist()) <= set(cand.tolist())
     loss, _ = obj.loss(model, (x, y, c, cand))
     logits = model(x)[..., cand]  # the full head, then the candidates' columns: the same softmax
@@ -144,9 +146,37 @@ def test_stop_at_ends_the_stage_at_the_first_evaluation_that_reaches_it(corpus_r
     assert (corpus_run / "stop" / "checkpoints" / "copy" / "config.json").is_file()
 
 
+def test_a_curriculum_moves_to_longer_windows_at_stop_at_with_the_same_tokens_per_step(corpus_run: Path):
+    cfg = CopyDrillsConfig(windows=[8, 16, 32], train=TrainConfig(batch_size=4, seq_len=32))
+    obj = CopyDrillsObjective(cfg, DrillSource(np.arange(100, 200), start=0, sep=[7], lens=(2, 30), per_batch=12))
+    obj.ctx = SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1))
+    for phase, shape in enumerate([(16, 8), (8, 16), (4, 32)]):
+        obj.phase = phase
+        assert obj.batch(np.random.default_rng(1))[0].shape == shape
+    args = [*_drills_cmd(corpus_run, "curr"), "--train.precision", "fp32", "--train.batch_size", "4"]
+    args += ["--train.seq_len", "32", "--train.tensorboard", "false", "--per_batch", "4", "--min_len", "2"]
+    args += ["--windows", "8", "16", "--stop_at", "0.01", "--train.eval_every", "2", "--train.checkpoint_every", "2"]
+    assert main([*args, "--train.max_steps", "3"]) == 0
+    run = corpus_run / "curr"
+
+    def evals() -> list[tuple[int, int, bool]]:
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["window"], r["done"]) for r in records if r["kind"] == "eval"]
+
+    assert evals() == [(2, 8, False), (3, 16, True)]  # 8 reached at step 2, then 16 at the final evaluation
+    step2 = run / "checkpoints" / "copy" / "step_000002"
+    assert json.loads((step2 / "trainer_state.json").read_text())["objective"] == {"phase": 1}
+    shutil.rmtree(run / "checkpoints" / "copy" / "step_000003")
+    assert main([*args, "--train.max_steps", "3", "--resume"]) == 0  # step 3 again, from step 2's phase
+    assert evals() == [(2, 8, False), (3, 16, True)]  # the log was rewound to step 2: step 3 at 16 tokens again
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--windows", "16", "32"], "needs --stop_at > 0"),
+        (["--windows", "8", "--min_len", "5"], "a window (8) cannot hold a drill of min_len 5: use at least 11"),
+        (["--windows", "2000", "--stop_at", "0.5"], "larger than the context window"),
         (["--min_len", "5", "--max_len", "5"], "min_len < max_len"),
         (["--separator", ""], "separator"),
         (["--data", "/nonexistent"], "not a tokenized data directory"),

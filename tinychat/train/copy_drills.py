@@ -28,7 +28,9 @@ not a list stated in words, and starting from it costs pretraining most of its f
 
 Round 12 (docs/speedrun.md): the plateau grows with the context length. With 16-token rows of drills of 2-6
 the tiny model copies 99% by step 600; 64-token rows stay at chance for 1,000 steps. Resuming the stage at
-32 and then 64 tokens (a curriculum, by hand so far) generalises it to 99% at 64 tokens and 45% at 256.
+32 and then 64 tokens generalises it to 99% at 64 tokens and 45% at 256. `windows = [16, 32, 64]` is that
+curriculum: each window's phase lasts until the copy accuracy reaches `stop_at`, then the next begins, and
+every phase trains the same tokens per step (more, shorter rows) so that only the context length changes.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class CopyDrillsConfig:
     eval_batches: int = field(4, help="fixed batches for the copy accuracy at each evaluation")
     stop_at: float = field(
         0.0, help="end the stage once the copy accuracy among the candidates reaches this (0 = spend the budget)"
+    )
+    windows: list[int] = field(
+        [],
+        help="a length curriculum: rows of these many tokens in turn, each until the copy accuracy reaches stop_at "
+        "(default: train.seq_len alone); every phase trains train.batch_size x train.seq_len tokens per step",
     )
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -162,25 +169,41 @@ class DrillSource:
         return drill_rows(rng, ids, rows, length, self.start, self.sep, self.lens)[0]
 
 
+def phase_rows(cfg: CopyDrillsConfig) -> list[tuple[int, int]]:
+    """(window, rows) of each phase of the curriculum: the same tokens per step in each, so more rows when
+    shorter; without `windows`, the one phase of train.seq_len x train.batch_size."""
+    t = cfg.train
+    return [(w, t.batch_size * t.seq_len // w) for w in cfg.windows] or [(t.seq_len, t.batch_size)]
+
+
 class CopyDrillsObjective(Objective):
     name = "copy"
 
     def __init__(self, cfg: CopyDrillsConfig, source: DrillSource) -> None:
         self.cfg, self.source = cfg, source
+        self.phases = phase_rows(cfg)
+        self.phase = 0  # the curriculum's current phase: moved on by evaluate, kept in the checkpoint
 
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
         d = ctx.dist
-        if self.cfg.train.batch_size % d.world:
-            raise UserError(
-                f"train.batch_size ({self.cfg.train.batch_size}) must be a multiple of the {d.world} ranks."
-            )
+        for w, rows in self.phases:
+            if rows % d.world:
+                raise UserError(f"the {rows} rows of {w} tokens per step must be a multiple of the {d.world} ranks.")
 
-    def batch(self, rng: np.random.Generator, rows: int) -> tuple[torch.Tensor, ...]:
-        """x, y (rows, T), whether y is a copy, and the candidate ids the drill softmax ranks (K,)."""
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase = int(state.get("phase", 0))
+
+    def batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """x, y (rows, T) of the current phase, whether y is a copy, and the candidate ids the drill softmax
+        ranks (K,)."""
         src = self.source
+        window, rows = self.phases[self.phase]
         ids = src.draw(rng)
-        toks, copy = drill_rows(rng, ids, rows, self.cfg.train.seq_len + 1, src.start, src.sep, src.lens)
+        toks, copy = drill_rows(rng, ids, rows, window + 1, src.start, src.sep, src.lens)
         w, c = torch.from_numpy(toks), torch.from_numpy(copy)
         cand = torch.from_numpy(np.unique(np.concatenate([[src.start], src.sep, ids])))
         dev = self.ctx.device
@@ -193,9 +216,9 @@ class CopyDrillsObjective(Objective):
 
     # a batch is a pure function of (seed, step): the same rows whatever the ranks, each rank its own slice
     def micro_batches(self, step: int, model: torch.nn.Module) -> list[Any]:
-        d, b = self.ctx.dist, self.cfg.train.batch_size
-        x, y, c, cand = self.batch(np.random.default_rng((self.cfg.train.seed, step)), b)
-        per = b // d.world
+        d = self.ctx.dist
+        x, y, c, cand = self.batch(np.random.default_rng((self.cfg.train.seed, step)))
+        per = len(x) // d.world
         sl = slice(d.rank * per, (d.rank + 1) * per)
         return [(x[sl], y[sl], c[sl], cand)]
 
@@ -223,13 +246,15 @@ class CopyDrillsObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
-        """Copy accuracy on fixed drills: the argmax over all ids (what text generation will use) and over the
-        batch's candidates; chance is 1/per_batch."""
+        """Copy accuracy on fixed drills of the current phase: the argmax over all ids (what text generation
+        will use) and over the batch's candidates; chance is 1/per_batch. Reaching stop_at moves the
+        curriculum to its next window, and ends the stage after the last."""
         raw = getattr(model, "module", model)
         right = right_cand = total = 0
+        window = self.phases[self.phase][0]
         rng = np.random.default_rng((self.cfg.train.seed, 1 << 40))  # never a training step
         for _ in range(self.cfg.eval_batches):
-            x, y, c, cand = self.batch(rng, self.cfg.train.batch_size)
+            x, y, c, cand = self.batch(rng)
             with self.ctx.autocast():
                 logits = raw(x).float()
             right += int((logits.argmax(-1)[c] == y[c]).sum())
@@ -238,8 +263,11 @@ class CopyDrillsObjective(Objective):
         acc, acc_cand = right / max(total, 1), right_cand / max(total, 1)
         # the circuit is judged among the candidates: ids never drilled keep their random head rows until
         # pretraining trains them, and may outrank a right copy in the full argmax meanwhile
-        done = bool(self.cfg.stop_at) and acc_cand >= self.cfg.stop_at
-        return {"copy_accuracy": acc, "copy_accuracy_candidates": acc_cand, "done": done}
+        reached = bool(self.cfg.stop_at) and acc_cand >= self.cfg.stop_at
+        done = reached and self.phase == len(self.phases) - 1
+        if reached and not done:
+            self.phase += 1
+        return {"copy_accuracy": acc, "copy_accuracy_candidates": acc_cand, "window": window, "done": done}
 
 
 def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
@@ -255,13 +283,18 @@ def run_copy_drills(cfg: CopyDrillsConfig) -> TrainResult:
     tok = Tokenizer.from_pretrained(tok_dir)
     source = DrillSource.for_data(data_dir, tok, cfg.alphabet, cfg.per_batch, cfg.separator, (cfg.min_len, cfg.max_len))
     mcfg = resolve(cfg.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    if cfg.train.seq_len > mcfg.max_seq_len:
-        raise UserError(f"train.seq_len ({cfg.train.seq_len}) is larger than the context window ({mcfg.max_seq_len}).")
-    row = shortest_row(source.sep, cfg.min_len)  # a row holds seq_len + 1 tokens (inputs and targets)
-    if cfg.train.seq_len + 1 < row:
-        raise UserError(
-            f"train.seq_len ({cfg.train.seq_len}) cannot hold a drill of min_len {cfg.min_len}: use at least {row - 1}."
-        )
+    if len(cfg.windows) > 1 and not cfg.stop_at:
+        raise UserError("a curriculum of several windows needs --stop_at > 0: it moves on when that is reached.")
+    row = shortest_row(source.sep, cfg.min_len)  # a row holds window + 1 tokens (inputs and targets)
+    for w, rows in phase_rows(cfg):
+        name = "train.seq_len" if not cfg.windows else "a window"
+        if w + 1 < row:
+            raise UserError(f"{name} ({w}) cannot hold a drill of min_len {cfg.min_len}: use at least {row - 1}.")
+        if w > mcfg.max_seq_len:
+            raise UserError(f"{name} ({w}) is larger than the context window ({mcfg.max_seq_len}).")
+        if rows < 1:
+            step = cfg.train.batch_size * cfg.train.seq_len
+            raise UserError(f"a window of {w} tokens is longer than a step's {step} (batch_size x seq_len).")
     torch.manual_seed(cfg.train.seed)
     model = Model(mcfg)
     run_dir.mkdir(parents=True, exist_ok=True)
