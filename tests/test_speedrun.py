@@ -136,6 +136,7 @@ def test_the_copy_drill_stage_trains_the_fitted_shape_in_pretrainings_time(micro
     copy_minutes = json.loads((run / "timings.json").read_text())["copy"] / 60
     pretrain = (run / "config.pretrain.toml").read_text()
     assert f"max_time = {round(5.0 - copy_minutes, 3)}" in pretrain  # the drills' minutes came out of pretraining's
+    assert "drill_alphabet = 64" in pretrain  # pretraining's drill rows use the copy stage's ids (micro: 64)
 
 
 def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys):

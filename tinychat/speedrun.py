@@ -237,6 +237,10 @@ class Speedrun:
         init = ["--init", str(self.path("checkpoints", "copy"))] if self.cfg.copy_drills else []
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", *init, *self.shape_args()]
         cfg = self.scaled(self.stage_config(PretrainConfig, "pretrain", argv))
+        if self.cfg.copy_drills:  # drill rows keep the circuit the copy stage formed, over the same ids
+            from tinychat.train.copy_drills import CopyDrillsConfig
+
+            cfg.drill_alphabet = self.stage_config(CopyDrillsConfig, "copy-drills", []).alphabet
         copy_minutes = self._load_timings().get("copy", 0.0) / 60 if self.cfg.copy_drills else 0.0
         if cfg.train.max_time and copy_minutes:  # the whole run keeps its budget: drills are pretraining's time
             cfg.train.max_time = round(max(cfg.train.max_time - copy_minutes, 0.1 * cfg.train.max_time), 3)

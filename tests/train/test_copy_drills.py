@@ -203,3 +203,15 @@ def test_pretraining_keeps_a_share_of_every_batch_for_drills(corpus_run: Path):
         assert torch.equal(x[6:, 1:], y[6:, :-1])  # two drill rows, shifted as text is
         alphabet = set(obj.drills.alphabet.tolist()) | {obj.drills.start, *obj.drills.sep}
         assert set(x[6:].unique().tolist()) <= alphabet and not torch.equal(x[6:], px[6:])
+    narrow = PretrainObjective(base / "data" / "tokens", tok, cfg, [], drill_rows=0.25, drill_alphabet=20)
+    narrow.setup(SimpleNamespace(device=torch.device("cpu"), dist=SimpleNamespace(rank=0, world=1)))
+    assert narrow.drills.alphabet.tolist() == obj.drills.alphabet[:20].tolist()  # the 20 most frequent
+
+
+def test_drill_rows_in_a_window_too_short_for_a_drill_is_one_sentence(corpus_run: Path, capsys):
+    base = corpus_run / "base"
+    args = ["pretrain", "--runs-dir", str(corpus_run), "--run", "short-drills", *TINY]
+    args += ["--tokenizer", str(base / "tokenizer"), "--data", str(base / "data" / "tokens")]
+    assert main([*args, "--train.seq_len", "8", "--drill_rows", "0.25", "--train.max_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--drill_rows needs train.seq_len of at least 11" in err and err.count("\n") == 0

@@ -28,7 +28,7 @@ from tinychat.model.peft import PeftConfig
 from tinychat.model.peft.lora import LoraConfig
 from tinychat.model.transformer import Model
 from tinychat.train.config import TrainConfig
-from tinychat.train.copy_drills import DrillSource
+from tinychat.train.copy_drills import DrillSource, shortest_row
 from tinychat.train.loop import Objective, TrainContext, TrainResult, train
 from tinychat.train.optim import mup_init
 
@@ -50,6 +50,9 @@ class PretrainConfig:
         0.0,
         help="share of each batch's rows that are copy drills (tinychat.train.copy_drills): keeps a copy circuit that "
         "a copy-drill stage formed from being trained away by the text",
+    )
+    drill_alphabet: int = field(
+        1024, help="with drill_rows: drill ids from this many of the text's most frequent tokens (the copy stage's)"
     )
     vocab_init: Literal["mean", "random"] = field(
         "mean", help="rows for tokens the tokenizer adds to the --init model's own (see `tinychat model resize-vocab`)"
@@ -81,10 +84,11 @@ class PretrainObjective(Objective):
         lora: LoraConfig | None = None,
         init: Path | None = None,
         drill_rows: float = 0.0,
+        drill_alphabet: int = 1024,
     ) -> None:
         self.data_dir, self.tok, self.cfg, self.samples = data_dir, tokenizer, cfg, samples
         self.lora, self.init = lora or LoraConfig(), init or Path("")
-        self.drill_rows = drill_rows
+        self.drill_rows, self.drill_alphabet = drill_rows, drill_alphabet
 
     def setup(self, ctx: TrainContext) -> None:
         from tinychat.data.loader import PackedLoader
@@ -107,8 +111,11 @@ class PretrainObjective(Objective):
         self.token_bytes = torch.tensor(token_byte_lengths(self.tok), dtype=torch.float32, device=ctx.device)
         self.drills = None
         if self.drill_rows:
-            self.drills = DrillSource.for_data(self.data_dir, self.tok)
+            self.drills = DrillSource.for_data(self.data_dir, self.tok, self.drill_alphabet)
             self.n_drill = max(1, round(cfg.batch_size * self.drill_rows))
+            shortest = shortest_row(self.drills.sep, self.drills.lens[0])  # a row holds seq_len + 1 tokens
+            if cfg.seq_len + 1 < shortest:
+                raise UserError(f"--drill_rows needs train.seq_len of at least {shortest - 1} to hold a drill.")
 
     # loader step = optimiser step x accumulation + micro index: the global batch is the same set of
     # sequences whatever the split between ranks and accumulation (see tinychat.data.loader)
@@ -317,7 +324,9 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     freeze_for_stage(model, cfg, tok)
     write_config(cfg, run_dir, model)
     init = Path(cfg.init) if cfg.init else None
-    objective = PretrainObjective(data_dir, tok, cfg.train, cfg.samples, cfg.lora, init, cfg.drill_rows)
+    objective = PretrainObjective(
+        data_dir, tok, cfg.train, cfg.samples, cfg.lora, init, cfg.drill_rows, cfg.drill_alphabet
+    )
     return train(objective, model, cfg.train, run_dir, cfg.stage, tokenizer_dir=tok_dir, resume=cfg.resume)
 
 
