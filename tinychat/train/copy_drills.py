@@ -31,6 +31,8 @@ the tiny model copies 99% by step 600; 64-token rows stay at chance for 1,000 st
 32 and then 64 tokens generalises it to 99% at 64 tokens and 45% at 256. `windows = [16, 32, 64]` is that
 curriculum: each window's phase lasts until the copy accuracy reaches `stop_at`, then the next begins, and
 every phase trains the same tokens per step (more, shorter rows) so that only the context length changes.
+Round 13: in the speedrun it forms in ~800 steps and survives pretraining and post-training at 97-99%, yet the
+models copy nothing stated in words (bench/copy_probe.py 0%): the circuit stays gated to the drill format.
 """
 
 from __future__ import annotations
