@@ -85,19 +85,25 @@ def test_the_copy_drill_stage_runs_first_and_pretraining_continues_it(micro_run:
     assert [r["step"] for r in drills if r["stage"] == "copy" and r["kind"] == "train"] == list(range(1, 7))
 
 
-def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tmp_path: Path, capsys):
-    """No shape reaches an impossible target, so every one is timed and the fastest trains; the choice is kept
-    in sizing.json, and the SFT stage continues that shape."""
+def _fitting_run(micro_run: Path, tmp_path: Path, shapes: str, target_steps: int, name: str) -> list[str]:
+    """`tinychat speedrun` args for run NAME: the micro preset with these [speedrun] shapes and a 5-minute
+    pretraining budget (max_steps still ends it), on a copy of the micro run's world, tokenizer and data."""
     text = (CONFIG_DIR / "micro.toml").read_text()
-    shapes = '["n_layer=2", "n_layer=1,d_ff=64"]'
-    text = text.replace("[speedrun]\n", f"[speedrun]\nshapes = {shapes}\ntarget_steps = 1000000000\n", 1)
-    text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)  # max_steps still ends it
-    preset = tmp_path / "fit.toml"
+    text = text.replace("[speedrun]\n", f"[speedrun]\nshapes = {shapes}\ntarget_steps = {target_steps}\n", 1)
+    text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)
+    preset = tmp_path / f"{name}.toml"
     preset.write_text(text)
     runs = micro_run.parent
     for part in ("world", "tokenizer", "data"):
-        shutil.copytree(micro_run / part, runs / "f" / part)
-    args = ["speedrun", "--preset", str(preset), "--runs-dir", str(runs), "--run", "f"]
+        shutil.copytree(micro_run / part, runs / name / part)
+    return ["speedrun", "--preset", str(preset), "--runs-dir", str(runs), "--run", name]
+
+
+def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tmp_path: Path, capsys):
+    """No shape reaches an impossible target, so every one is timed and the fastest trains; the choice is kept
+    in sizing.json, and the SFT stage continues that shape."""
+    args = _fitting_run(micro_run, tmp_path, '["n_layer=2", "n_layer=1,d_ff=64"]', 1000000000, "f")
+    runs = micro_run.parent
     assert main([*args, "--stages", "pretrain", "sft", "report"]) == 0
     run = runs / "f"
     report = (run / "report.md").read_text()
@@ -118,15 +124,8 @@ def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tm
 
 
 def test_the_copy_drill_stage_trains_the_fitted_shape_in_pretrainings_time(micro_run: Path, tmp_path: Path):
-    text = (CONFIG_DIR / "micro.toml").read_text()
-    text = text.replace("[speedrun]\n", '[speedrun]\nshapes = ["n_layer=1,d_ff=64"]\ntarget_steps = 1\n', 1)
-    text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)  # max_steps still ends it
-    preset = tmp_path / "copyfit.toml"
-    preset.write_text(text)
+    args = [*_fitting_run(micro_run, tmp_path, '["n_layer=1,d_ff=64"]', 1, "cf"), "--copy_drills", "true"]
     runs = micro_run.parent
-    for part in ("world", "tokenizer", "data"):
-        shutil.copytree(micro_run / part, runs / "cf" / part)
-    args = ["speedrun", "--preset", str(preset), "--runs-dir", str(runs), "--run", "cf", "--copy_drills", "true"]
     assert main([*args, "--stages", "copy", "pretrain"]) == 0
     run = runs / "cf"
     assert json.loads((run / "sizing.json").read_text())["chosen"] == "n_layer=1,d_ff=64"
