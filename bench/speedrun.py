@@ -39,8 +39,11 @@ def measures(run: Path) -> dict[str, float]:
         if r.get("refused") is not None:
             out[f"{name} refused"] = 100 * r["refused"]
     apply = run / "eval" / "apply.json"
-    if apply.is_file():
-        a = json.loads(apply.read_text())
+    a = json.loads(apply.read_text()) if apply.is_file() else None
+    if a is not None and a.get("model", final) != final:  # a later `apply` of another checkpoint overwrote it
+        print(f"{run}: eval/apply.json is of {a['model']}, not the final {final}; its kb/agent rows are left out")
+        a = None
+    if a is not None:
         out["kb_qa with kb"] = 100 * a["answers"]["accuracy_with_kb"]
         out["kb_qa without"] = 100 * a["answers"]["accuracy_without_kb"]
         out["agent with tools"] = 100 * a["agent"]["success_with_tools"]
