@@ -1,0 +1,86 @@
+"""Stored or not answered? Each fact question's cloze in the pretraining text's own wording, against the chat answer.
+
+    .venv/bin/python bench/fact_probe.py runs/NAME [--stages pretrain grpo] [--suites facts_heldout] [--n 300]
+
+For every row of a fact suite (world/eval/SUITE.jsonl) the world keeps a cloze: the start of a statement as
+the pretraining text words it ("The population of Kesholhesk is" -> "32500"). *Stored* = a stage's greedy
+completion of that cloze starts with the value; *asked* = the same stage's chat answer to the row's question
+was graded right by `tinychat eval` (eval/STAGE.json's per-row outcomes, so the speedrun's eval must have run).
+The gap between the two is extraction: a fact the model can complete but not answer. Round 8
+(docs/speedrun.md) found English held-out facts stored at 76% and answered at 18% this way, and the cause
+(the value's space-prefixed BPE id); this script keeps that measurement one command away, per language and
+per fact. Prints rates with 95% Wilson intervals; a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from tinychat.infer.generate import generate
+from tinychat.infer.sampling import SamplingParams
+from tinychat.model import Model
+from tinychat.tokenizer import Tokenizer
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
+
+
+def rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / n:6.1%} [{lo:.0%}-{hi:.0%}] n={n}" if n else "–"
+
+
+def stored(model_dir: Path, rows: list[dict]) -> list[bool]:
+    """Greedy completions of each row's cloze prompt, plain text (no chat template), checked by prefix."""
+    model = Model.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = Tokenizer.from_pretrained(model_dir)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, seed=0)
+    with torch.no_grad():
+        outs = generate(model, tok, [r["cloze"]["prompt"] for r in rows], params)
+    return [o.text.strip().startswith(r["cloze"]["answer"]) for r, o in zip(rows, outs)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--stages", nargs="+", default=["pretrain", "grpo"])
+    ap.add_argument("--suites", nargs="+", default=["facts_trained", "facts_heldout"])
+    ap.add_argument("--n", type=int, default=300, help="the first N rows of each suite (of those, the ones asked)")
+    args = ap.parse_args()
+    for suite in args.suites:
+        rows = [json.loads(line) for line in (args.run / "world" / "eval" / f"{suite}.jsonl").open()]
+        rows = [r for r in rows[: args.n] if r.get("cloze")]
+        for stage in args.stages:
+            ev = args.run / "eval" / f"{stage}.json"
+            if not ev.is_file():
+                raise SystemExit(f"{ev} is missing: run the speedrun's eval stage first.")
+            outcomes = json.loads(ev.read_text())["suites"][suite]["outcomes"]  # "1" right, "0" wrong, "." not asked
+            asked = [(r, o) for r, o in zip(rows, outcomes) if o in "01"]
+            n = len(asked)
+            got = stored(args.run / "checkpoints" / stage, [r for r, _ in asked])
+            groups: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+            for (r, a), s in zip(asked, got):
+                for key in ("all", r["lang"], f"{r['lang']} {r['fact']}"):
+                    groups[key].append((s, a == "1"))
+            print(f"\n{suite} · {stage} ({n} rows): stored = cloze completed, asked = chat answer right")
+            print(f"{'':<22}{'stored':>28}{'asked':>28}{'asked if stored':>28}")
+            for key in sorted(groups, key=lambda k: (k != "all", " " in k, k)):
+                pairs = groups[key]
+                k_s, k_a = sum(s for s, _ in pairs), sum(a for _, a in pairs)
+                k_both = sum(s and a for s, a in pairs)
+                print(f"{key:<22}{rate(k_s, len(pairs)):>28}{rate(k_a, len(pairs)):>28}{rate(k_both, k_s):>28}")
+
+
+if __name__ == "__main__":
+    main()
