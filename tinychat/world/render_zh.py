@@ -106,6 +106,11 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# How the assistant answers a question about a fact (see render_en.ANSWERS): the bare value, since Chinese
+# text has no spaces and the value's ids are the same wherever it stands (measured: a pronoun sentence did
+# not help, 42% bare against 34%).
+ANSWERS: dict[str, str] = {}
+
 CLOZE = {
     "birth_year": 0,
     "birth_city": 1,
@@ -119,16 +124,6 @@ CLOZE = {
     "founded": 0,
     "headquarters": 0,
     "product": 2,
-}
-
-# How the assistant answers a question about a fact (see render_en.ANSWERS). Facts whose value is another
-# entity's name are answered with the cloze statement itself, the entity's name first ("佩齐·吉塞桑的出生地是
-# 贝霖。"): the text stores the value after exactly these words, and asked bare the model named another city
-# or company (docs/speedrun.md round 13: forcing this prefix lifted held-out birth city and employer from
-# 0-4 to 7-16 of ~20 each, on three seeds). The rest stay bare: a pronoun sentence did not help them (42%
-# bare against 34%), nor, by the same probe, the name sentence (birth year, hobby).
-ANSWERS: dict[str, str] = {
-    f: STATEMENTS[f][CLOZE[f]] for f in ("birth_city", "employer", "country", "founder", "headquarters")
 }
 
 NARRATIVE: dict[str, tuple[str, ...]] = {
