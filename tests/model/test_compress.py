@@ -76,8 +76,9 @@ def test_pack_int4_round_trip_and_matches_compressed_tensors() -> None:
 
 @pytest.mark.parametrize(("bits", "n", "k"), [(8, 48, 64), (8, 8, 24), (4, 32, 64), (4, 8, 64)])
 def test_quant_linear_kernel_and_plain_path_match_the_dequantized_weight(bits: int, n: int, k: int) -> None:
-    """The aten kernels (bf16 activations, fp32 accumulation) against x @ dequantized W^T in fp32: the only
-    differences are bf16 rounding of x and of y (relative 2^-8 each), so 1% relative is the bound. The
+    """The kernels (aten's: bf16 activations, fp32 accumulation; int8 on AVX2: native.py's, activations rounded
+    to int8 per 32) against x @ dequantized W^T in fp32: the differences are the activations' and outputs'
+    rounding (relative 2^-8 each, or ~0.5% for int8 activations), so 1% relative is the bound. The
     (8, 8, 24) and (4, 8, 64) shapes take the plain path the kernels cannot (K % 16, N % 16)."""
     torch.manual_seed(0)
     w, x = torch.randn(n, k), torch.randn(5, k)
@@ -119,6 +120,28 @@ def test_quantized_directory_stores_integers_and_round_trips(tmp_path: Path, arc
     assert rel(logits(back, IDS), ref) < (0.03 if bits == 8 else 0.15)
     if bits == 8:
         assert (logits(back, IDS).argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_int8_projections_change_nothing_but_the_calls(tmp_path: Path, bits: int) -> None:
+    """fuse_projections on a quantized model: int8 q/k/v and gate/up become one integer matmul each, whose
+    integers the projections then view (no memory added), with the very same logits and files; int4's
+    packed kernel layout does not split by rows, so it stays unfused."""
+    q = quantize_model(tiny(), bits, 32)
+    ref, size = logits(q, IDS), weight_bytes(q)
+    q.save_pretrained(tmp_path / "before")
+    q.fuse_projections()
+    attn, mlp = q.model.layers[0].self_attn, q.model.layers[0].mlp
+    assert bool(attn.qkv_int) == bool(mlp.gate_up_int) == (bits == 8)
+    if bits == 8:
+        assert attn.q_proj.qweight.data_ptr() == attn.qkv_int[0].qweight.data_ptr()
+        assert mlp.up_proj.qweight.data_ptr() == mlp.gate_up_int[0].qweight[mlp.gate_proj.out_features :].data_ptr()
+    norms = sum(b.self_attn.qk_weight.numel() * 4 for b in q.model.layers if bits == 8)  # fused q/k-norm weights
+    assert torch.equal(logits(q, IDS), ref) and weight_bytes(q) == size + norms
+    assert not any(n.endswith(("qkv_int", "gate_up_int")) for n, _ in q.named_modules())
+    q.save_pretrained(tmp_path / "after")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -103,6 +103,6 @@ def decode_step(
     is an argument of the compiled function, so a new model or shape compiles a new graph (dynamo's
     guards) and the same ones are reused from call to call."""
     global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_step, fullgraph=True, dynamic=False)
+    if _compiled is None:  # cpp_wrapper: the graph's kernels are called from generated C++, not Python
+        _compiled = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return _compiled(model, ids, cache, meta)

@@ -114,6 +114,19 @@ def _fusable(m: nn.Module) -> bool:
     return type(m) is nn.Linear or hasattr(m, "add_to")
 
 
+def _fuse_integer(mods: tuple[nn.Module, ...]) -> tuple[nn.Module, ...]:
+    """(one module computing all of `mods`,) for integer projections that can share one kernel call
+    (compress/quant.py `QuantLinear.concat`: int8, whose weights then become views of the fused one), else ().
+
+    A tuple, not a submodule: the fused module stays out of the module tree, so state_dict, the quantized
+    files and named_modules see only the projections themselves, as in an unfused model."""
+    concat = getattr(type(mods[0]), "concat", None)
+    if concat is None or any(type(m) is not type(mods[0]) for m in mods):
+        return ()
+    fused = concat(mods)
+    return () if fused is None else (fused,)
+
+
 def layer_metas(
     cfg: ModelConfig,
     pos: torch.Tensor,  # (B|1, T) positions of the new tokens
@@ -153,6 +166,7 @@ class Attention(nn.Module):
         self.qk_weight: torch.Tensor | None  # (H + KV, hd): q_norm's weight per query head, then k_norm's
         for name in ("qkv_weight", "qkv_bias", "qk_weight"):
             self.register_buffer(name, None, persistent=False)
+        self.qkv_int: tuple[nn.Module, ...] = ()  # fused int8 q/k/v (fuse(), _fuse_integer)
 
     def forward(
         self,
@@ -166,8 +180,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, KV = cfg.n_head, cfg.n_kv_head
-        if self.qkv_weight is not None:  # fused for inference (fuse_projections): one matmul, one norm, one rope
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if self.qkv_weight is not None or self.qkv_int:  # fused for inference (fuse_projections): one matmul,
+            # one norm, one rope
+            qkv = self.qkv_int[0](x) if self.qkv_int else F.linear(x, self.qkv_weight, self.qkv_bias)
             qkv = add_adapters(qkv, x, (self.q_proj, self.k_proj, self.v_proj), adapters)
             qkv = qkv.view(B, T, H + 2 * KV, cfg.head_dim)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :].transpose(1, 2)
@@ -196,12 +211,18 @@ class Attention(nn.Module):
     def fuse(self) -> bool:
         """Inference only: one (q+k+v, d) matmul instead of three; q/k/v_proj's weights become views of it,
         so memory does not grow and in-place updates stay in sync (until a later .to() copies them apart).
-        Skipped (False) when a projection is not a plain nn.Linear (quantized, LoRA-adapted); a multi-adapter one
-        fuses too (its per-row update is added after the fused matmul, add_adapters)."""
+        Skipped (False) when a projection is not a plain nn.Linear (LoRA-adapted, int4); a multi-adapter one
+        fuses too (its per-row update is added after the fused matmul, add_adapters), and int8 ones fuse into
+        one integer matmul (_fuse_integer)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(_fusable(m) for m in mods) or self.qkv_weight is not None:
-            return self.qkv_weight is not None
-        self.qkv_weight, self.qkv_bias = _fuse_linears(mods)
+        if self.qkv_weight is not None or self.qkv_int:
+            return True
+        if all(_fusable(m) for m in mods):
+            self.qkv_weight, self.qkv_bias = _fuse_linears(mods)
+        else:
+            self.qkv_int = _fuse_integer(mods)
+            if not self.qkv_int:
+                return False
         if self.cfg.qk_norm:
             cfg = self.cfg
             w = (self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1))
@@ -238,10 +259,12 @@ class MLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None
         for name in ("gate_up_weight", "gate_up_bias"):  # set by fuse(), as in Attention
             self.register_buffer(name, None, persistent=False)
+        self.gate_up_int: tuple[nn.Module, ...] = ()
 
     def forward(self, x: torch.Tensor, adapters: object = None) -> torch.Tensor:  # adapters: as in Attention
-        if self.gate_up_weight is not None:  # fused for inference: one matmul for gate and up
-            gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        if self.gate_up_weight is not None or self.gate_up_int:  # fused for inference: one matmul for gate and up
+            fused = self.gate_up_int
+            gate_up = fused[0](x) if fused else F.linear(x, self.gate_up_weight, self.gate_up_bias)
             gate, up = add_adapters(gate_up, x, (self.gate_proj, self.up_proj), adapters).chunk(2, dim=-1)
         else:
             gate = add_adapters(self.gate_proj(x), x, (self.gate_proj,), adapters)
@@ -253,9 +276,12 @@ class MLP(nn.Module):
     def fuse(self) -> bool:
         """Inference only: gate and up in one matmul (as Attention.fuse)."""
         mods = (self.gate_proj, self.up_proj)
-        if all(_fusable(m) for m in mods) and self.gate_up_weight is None:
-            self.gate_up_weight, self.gate_up_bias = _fuse_linears(mods)
-        return self.gate_up_weight is not None
+        if self.gate_up_weight is None and not self.gate_up_int:
+            if all(_fusable(m) for m in mods):
+                self.gate_up_weight, self.gate_up_bias = _fuse_linears(mods)
+            else:
+                self.gate_up_int = _fuse_integer(mods)
+        return self.gate_up_weight is not None or bool(self.gate_up_int)
 
 
 class Block(nn.Module):

@@ -2,7 +2,8 @@
 
 Why weight-only: batch-1 decoding on a CPU is memory-bound (every weight is read once per token), so
 reading 1 byte (int8) or half a byte (int4) per weight instead of 4 is where the speed comes from, and
-activations stay in floating point, which keeps the quality loss small without calibration data.
+activations are not stored quantized, which keeps the quality loss small without calibration data (the
+native int8 kernel below rounds them per call, per block of 32, dynamically: no calibration either).
 
 Kernels (measured with bench/quantize.py, torch 2.13 CPU): `aten._weight_int8pack_mm` and
 `aten._weight_int4pack_mm_for_cpu` are fast only when the activations are bf16 (with fp32 activations
@@ -11,6 +12,9 @@ QuantLinear casts x to bf16, multiplies with fp32 accumulation inside the kernel
 int8 kernel crashes for in_features not divisible by 16 and the int4 kernel needs out_features % 16 == 0
 and a group of 32/64/128/256; such layers, and any non-CPU device, take the plain path: dequantize the
 layer's weight for that call (correct, not fast; there is no GPU here to tune one).
+On AVX2 CPUs int8 layers with K % 32 == 0 run up to NATIVE_ROWS rows (decode steps, short prompts) through
+tinychat's own kernel instead (native.py, int8_gemv.cpp: activations rounded to int8 per block of 32 and
+multiplied in integers, as llama.cpp's q8_0 matmul does): 1.4-2x aten's kernel on a 2-core AVX2 EPYC.
 
 Scales are rounded to bf16 *before* the integers are chosen, so the kernel's bf16 scales reproduce the
 stored weights exactly and transformers (which dequantizes in fp32) sees the very same numbers.
@@ -44,8 +48,10 @@ from tinychat.model.compress.common import (
     save_with_tokenizer,
     set_module,
 )
+from tinychat.model.compress.native import int8_gemv
 
 INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 CPU kernel accepts
+NATIVE_ROWS = 64  # int8 matmuls of up to this many rows (decode batches, short prompts) take int8_gemv.cpp
 
 
 # ---------------------------------------------------------------------------- integer math
@@ -132,9 +138,12 @@ class QuantLinear(nn.Module):
         N, K = q.shape
         if bits == 8:
             self.fast = K % 16 == 0
+            # native.py's kernel for decode steps (activations quantized per 32, as llama.cpp's q8_0 matmul)
+            self.native = int8_gemv() if K % 32 == 0 and int(q.min()) > -128 else None
             self.register_buffer("qweight", aligned(q.to(torch.int8)), persistent=False)  # (N, K)
             self.register_buffer("kscale", aligned(scale.reshape(N).to(torch.bfloat16)), persistent=False)
         else:
+            self.native = None
             self.fast = group in INT4_GROUPS and N % 16 == 0 and K % group == 0
             if self.fast:
                 # the kernel's layout: (N, K/2) uint8 and per-group (scale, zero) pairs (K/group, N, 2)
@@ -147,6 +156,31 @@ class QuantLinear(nn.Module):
             else:
                 self.register_buffer("qweight", pack_int4(q), persistent=False)  # (N, K/8) int32
                 self.register_buffer("kscale", torch.empty(0), persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, mods: tuple[QuantLinear, ...]) -> QuantLinear | None:
+        """One int8 layer whose outputs are `mods`' outputs side by side (q/k/v, gate/up: one kernel call
+        instead of three, transformer.py `_fuse_integer`), or None where they cannot share one.
+
+        Each module's integers, scales and bias become views of the fused layer's, so memory does not grow
+        and the files (written from the modules themselves) do not change. Only int8 on the fast path fuses,
+        and only where every view starts 64-byte aligned, as the kernel needs: int4's packed kernel layout
+        does not split by rows."""
+        K, with_bias = mods[0].in_features, mods[0].bias is not None
+        if any(m.bits != 8 or not m.fast or m.in_features != K or (m.bias is not None) != with_bias for m in mods):
+            return None
+        starts = [sum(m.out_features for m in mods[:i]) for i in range(len(mods))]
+        if any(r * K % 64 or r * 2 % 64 for r in starts):  # qweight rows of K bytes, kscale of 2
+            return None
+        bias = torch.cat([m.bias for m in mods]) if with_bias else None
+        fused = cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]), 8, 0, bias)
+        for m, r in zip(mods, starts):
+            rows = slice(r, r + m.out_features)
+            m.qweight, m.kscale, m.scale = fused.qweight[rows], fused.kscale[rows], fused.scale[rows]
+            if with_bias:
+                m.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+        return fused
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) these integers stand for: tests and the slow path only."""
@@ -190,7 +224,11 @@ class QuantLinear(nn.Module):
 
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.fast and x.device.type == "cpu":
+        rows = x.numel() // self.in_features
+        if self.native and rows <= NATIVE_ROWS and x.device.type == "cpu":  # decode steps: int8_gemv.cpp
+            y = self.native(x.reshape(rows, self.in_features).float(), self.qweight, self.scale.reshape(-1).float())
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        elif self.fast and x.device.type == "cpu":
             x2 = aligned(x.reshape(-1, self.in_features).to(torch.bfloat16))
             if self.bits == 8:
                 y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kscale)
