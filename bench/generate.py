@@ -13,8 +13,9 @@ Timings live here, never in tests.
 
 adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat export gguf` as f16, q8_0
 and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32, bf16, int8 and int4
-(`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), and each one's decode speed
-relative to llama.cpp q8_0. --model DIR benches a trained model directory.
+(`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), int8 compiled once more on aten's
+int8 kernel instead of native.py's ("comp. aten"), and each one's decode speed relative to llama.cpp q8_0.
+--model DIR benches a trained model directory.
 
     .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR[,DIR]] [--draft-dtype fp32,bf16]
         [--draft-k 2,3,4] [--prompt-file F]
@@ -211,6 +212,22 @@ def _llama_cpp_speed(path: Path, prompt: list[int], new: int, repeats: int) -> t
     return len(prompt) / t_pre, new / max(t_all - t_pre, 1e-9)
 
 
+def _int8_kernel(model: Model, native: bool) -> bool:
+    """Switch a quantized model's int8 layers (the fused ones too) between native.py's kernel and aten's;
+    False where the native kernel is not available here. A compiled step recompiles on the switch."""
+    from tinychat.model.compress.native import int8_gemv
+    from tinychat.model.compress.quant import QuantLinear
+
+    op = int8_gemv()
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in model.model.layers:
+        mods += [*layer.self_attn.qkv_int, *getattr(layer.mlp, "gate_up_int", ())]
+    for m in mods:
+        if m.bits == 8 and m.in_features % 32 == 0 and int(m.qweight.min()) > -128:
+            m.native = op if native else None
+    return op is not None
+
+
 def llama_cpp_table(args: argparse.Namespace) -> None:
     """Batch-1 prompt and decode speed of tinychat fp32/bf16/int8/int4 and llama.cpp f16/q8_0/q4_0, same weights."""
     from tinychat.model.compress.quant import quantize_model, quantized_state
@@ -238,6 +255,10 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
                 for comp in (False, True):
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
                     rows.append((f"tinychat int{bits}{' compiled' if comp else ''}", size, *speed))
+                if bits == 8 and _int8_kernel(m, False):  # the same model on aten's int8 kernel, for the ratio
+                    speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, True)
+                    rows.append(("tinychat int8 comp. aten", size, *speed))
+                    _int8_kernel(m, True)
             for kind in ("f16", "q8_0", "q4_0"):
                 path = Path(tmp) / f"{label}-{kind}.gguf"
                 export_gguf(d, path, kind)

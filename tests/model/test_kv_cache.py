@@ -130,3 +130,19 @@ def test_fused_model_converts_with_to_and_saves_without_the_fused_copies(tmp_pat
     m.save_pretrained(str(tmp_path))  # the projections are plain tensors again after .to()
     again = Model.from_pretrained(str(tmp_path))
     torch.testing.assert_close(again.model.layers[0].self_attn.k_proj.weight, m.model.layers[0].self_attn.k_proj.weight)
+
+
+@pytest.mark.parametrize(("h", "kv", "t"), [(4, 2, 1), (4, 4, 3), (6, 1, 2)])
+def test_matmul_attention_equals_sdpa(h: int, kv: int, t: int) -> None:
+    """The compiled decode step's attention (two matmuls and a softmax, query heads of a group stacked) against
+    SDPA with GQA, for per-row masks that hide different key spans."""
+    from tinychat.model.kv_cache import matmul_attention, visible_keys
+
+    torch.manual_seed(0)
+    B, S, hd = 3, 20, 16
+    q, k, v = torch.randn(B, h, t, hd), torch.randn(B, kv, S, hd), torch.randn(B, kv, S, hd)
+    mask = visible_keys(
+        torch.tensor([[5 + i for i in range(t)], [11, 12, 13][:t], [19 - t + 1 + i for i in range(t)]]), S
+    )
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
+    torch.testing.assert_close(matmul_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ never casts the cached span.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,32 @@ def sdpa(
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
         mask, causal = bias.to(q.dtype), False
+    if (
+        torch.compiler.is_compiling()
+        and q.shape[2] <= 8
+        and bias is None
+        and mask is not None
+        and mask.dtype == torch.bool
+    ):
+        return matmul_attention(q, k, v, mask)  # a compiled decode step (not a long compiled training window)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sdpa for compiled decode steps: two matmuls and a softmax, which inductor fuses with the mask, where
+    SDPA's CPU kernel is an opaque call of ~40 µs per layer for one query over a few hundred keys (measured
+    on tinychat generate --compile: tiny int8 987 against 789 tokens/s, small 270 against 242, same tokens).
+
+    q (B, H, T, hd); k, v (B, KV, S, hd); mask (B|1, 1, T, S) bool. The G = H / KV query heads that share a
+    key/value head are stacked along T, so GQA needs no copy of k and v."""
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    scores = q.reshape(B, KV, G * T, hd) @ k.transpose(-1, -2) * (1.0 / math.sqrt(hd))  # (B, KV, G*T, S)
+    seen = mask.reshape(mask.shape[0], 1, 1, T, S).expand(-1, 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+    return (probs @ v).reshape(B, H, T, hd)
 
 
 def visible_keys(positions: torch.Tensor, span: int) -> torch.Tensor:
