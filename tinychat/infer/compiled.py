@@ -105,4 +105,7 @@ def decode_step(
     global _compiled
     if _compiled is None:  # cpp_wrapper: the graph's kernels are called from generated C++, not Python
         _compiled = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        # one graph per model, dtype, batch bucket and buffer length: dynamo's default of 8 is reached by one
+        # server's batch buckets plus a draft model, and fullgraph turns the 9th into an error
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return _compiled(model, ids, cache, meta)
