@@ -37,7 +37,13 @@ from pathlib import Path
 import torch
 
 from tinychat.infer import SamplingParams, generate_ids
-from tinychat.infer.compiled import StaticKVCache, decode_step, static_forward, static_length, static_meta
+from tinychat.infer.compiled import (
+    GREEDY_STEPS,
+    StaticKVCache,
+    greedy_steps,
+    static_forward,
+    static_length,
+)
 from tinychat.model import Model, preset
 
 
@@ -164,7 +170,7 @@ def _tinychat_speed(
 ) -> tuple[float, float]:
     """(prompt tok/s, decode tok/s) at batch 1: prefill into a fresh cache, then `new` greedy steps; `compiled`
     decodes through infer/compiled.py (its compile happens in the warm-up, not timed)."""
-    L = static_length(len(prompt) + new + 1, model.cfg.max_seq_len)
+    L = static_length(len(prompt) + new + GREEDY_STEPS + 1, model.cfg.max_seq_len)
 
     @torch.no_grad()
     def prefill() -> tuple:
@@ -177,12 +183,13 @@ def _tinychat_speed(
     @torch.no_grad()
     def full() -> None:
         cache, last = prefill()
-        for i in range(new):
-            if compiled:
-                meta = static_meta(torch.tensor([[len(prompt) + i]]), L)
-                last = decode_step(model, last.argmax(-1, keepdim=True), cache, meta)
-            else:
-                last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
+        if compiled:  # greedy, as tinychat generate --compile runs it: GREEDY_STEPS tokens per compiled call
+            nxt = last.argmax(-1, keepdim=True)
+            for i in range(0, new, GREEDY_STEPS):
+                nxt = greedy_steps(model, nxt, cache, torch.tensor([[len(prompt) + i]]))[:, -1:]
+            return
+        for _ in range(new):
+            last = model(last.argmax(-1, keepdim=True), cache)[:, -1]
 
     prefill()
     full()  # warm-up

@@ -1,6 +1,8 @@
 """The compiled decode step (infer/compiled.py): the static-shape cache gives the eager cache's logits, and
 compiled generation gives eager generation's tokens, greedy and sampled, for ragged batches."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -69,6 +71,31 @@ def test_compiled_generation_gives_the_eager_tokens(varied_model):
     stop = {eager[0][0][3]}
     want = generate_ids(varied_model, other, greedy, stop)
     assert generate_ids(varied_model, other, greedy, stop, compiled=True) == want
+
+
+@pytest.mark.parametrize("budget", [1, 2, 5, 10])
+def test_greedy_steps_give_the_eager_tokens_and_stops(varied_model, budget, monkeypatch):
+    """Plain greedy decoding runs GREEDY_STEPS tokens per compiled call (compiled.greedy_steps): for budgets
+    below, at and past one call, with a stop id and a stop string (on_token) that end rows mid-call, the
+    tokens, finish reasons and prompt lengths are eager decoding's; a budget that leaves the buffer no room
+    for the extra steps falls back to one step per call with the same result."""
+    from tinychat.infer.compiled import GREEDY_STEPS, greedy_steps
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=budget, stop_on_eos=False)
+    free = generate_ids(varied_model, PROMPTS, greedy)[0]
+    stop = {free[0][min(2, budget - 1)]}  # row 0 stops on its third token (or its last)
+
+    def on_token(row: int, tok: int) -> bool:  # row 2 stops after its second token, as a stop string would
+        return row == 2 and tok == free[2][min(1, budget - 1)]
+
+    want = generate_ids(varied_model, PROMPTS, greedy, stop, on_token)
+    gen = importlib.import_module("tinychat.infer.generate")  # the module (the package exports a function so named)
+    calls = []
+    monkeypatch.setattr(gen, "greedy_steps", lambda *a: calls.append(1) or greedy_steps(*a))
+    assert generate_ids(varied_model, PROMPTS, greedy, stop, on_token, compiled=True) == want
+    assert len(calls) == -(-(budget - 1) // GREEDY_STEPS)  # one call per GREEDY_STEPS tokens after the first
+    long = [[3 + i % 90 for i in range(200 - budget - GREEDY_STEPS + 1)]]  # no room for the steps past the budget
+    assert generate_ids(varied_model, long, greedy, compiled=True) == generate_ids(varied_model, long, greedy)
 
 
 def test_compiled_int8_model_gives_the_eager_tokens(varied_model):

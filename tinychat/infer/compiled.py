@@ -94,6 +94,16 @@ def _step(model: torch.nn.Module, ids: torch.Tensor, cache: object, meta: object
 
 
 _compiled: Callable[..., torch.Tensor] | None = None
+_compiled_greedy: Callable[..., torch.Tensor] | None = None
+GREEDY_STEPS = 4  # greedy tokens per compiled call (greedy_steps)
+
+
+def _compile(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    # cpp_wrapper: the graph's kernels are called from generated C++, not Python. One graph per model, dtype,
+    # batch bucket and buffer length: dynamo's default of 8 is reached by one server's batch buckets plus a
+    # draft model, and fullgraph turns the 9th into an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def decode_step(
@@ -106,9 +116,30 @@ def decode_step(
     is an argument of the compiled function, so a new model or shape compiles a new graph (dynamo's
     guards) and the same ones are reused from call to call."""
     global _compiled
-    if _compiled is None:  # cpp_wrapper: the graph's kernels are called from generated C++, not Python
-        _compiled = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-        # one graph per model, dtype, batch bucket and buffer length: dynamo's default of 8 is reached by one
-        # server's batch buckets plus a draft model, and fullgraph turns the 9th into an error
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if _compiled is None:
+        _compiled = _compile(_step)
     return _compiled(model, ids, cache, meta)
+
+
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, cache: StaticKVCache, positions: torch.Tensor) -> torch.Tensor:
+    out = []
+    for j in range(GREEDY_STEPS):  # unrolled by dynamo: one graph for all the steps
+        ids = model(ids, cache, meta=static_meta(positions + j, cache.max_len))[:, -1].argmax(-1, keepdim=True)
+        out.append(ids)
+    return torch.cat(out, 1)
+
+
+def greedy_steps(
+    model: torch.nn.Module, ids: torch.Tensor, cache: StaticKVCache, positions: torch.Tensor
+) -> torch.Tensor:
+    """The next GREEDY_STEPS greedy tokens (B, GREEDY_STEPS) after ids (B, 1), written at positions (B, 1) and on:
+    several decode steps in one compiled graph, the argmax inside it, so Python (dynamo's guards, the call,
+    the metadata) runs once per GREEDY_STEPS tokens instead of once per token (tinychat generate --compile,
+    greedy without penalties: tiny int8 1,526 against 969 tokens/s, small 353 against 286, same tokens).
+
+    The caller keeps what it needs: tokens after a stop are dropped, and their keys/values, written past the
+    row's end, are never read. The buffer must hold GREEDY_STEPS - 1 positions beyond the last one kept."""
+    global _compiled_greedy
+    if _compiled_greedy is None:
+        _compiled_greedy = _compile(_greedy)
+    return _compiled_greedy(model, ids, cache, positions)

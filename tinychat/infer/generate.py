@@ -20,9 +20,11 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.infer.compiled import (
+    GREEDY_STEPS,
     StaticKVCache,
     check_compilable,
     decode_step,
+    greedy_steps,
     static_forward,
     static_length,
     static_meta,
@@ -131,9 +133,13 @@ def generate_ids(
     gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     stop_ids = set(stop_ids or ()) if params.stop_on_eos else set()
 
+    # plain greedy decoding runs several steps per compiled call (compiled.greedy_steps), when the buffer has
+    # room for the steps past the budget
+    multi = compiled and not sp.any_sampling and not sp.needs_penalties and T0 + budget + GREEDY_STEPS <= context
+    pending: list[torch.Tensor] = []  # tokens (b,) that greedy_steps already chose, for the coming steps
     if compiled:  # fixed shapes: a whole buffer per layer, written by (row, position)
         check_compilable(model)
-        L = static_length(T0 + budget, context)
+        L = static_length(T0 + budget + (GREEDY_STEPS if multi else 0), context)
         cache = StaticKVCache(model.cfg, B, L, device, model.compute_dtype())
         logits = static_forward(model, x, torch.arange(T0, device=device)[None].expand(B, T0), cache)
         last = logits[torch.arange(B, device=device), lengths - 1]  # (B, V)
@@ -145,8 +151,7 @@ def generate_ids(
     done = [False] * B  # on the host: the loop's bookkeeping costs no device ops per token
     rows = list(range(B))  # the caller's row at each position of the batch (finished rows are dropped)
     for step in range(budget):
-        logits_f = apply_penalties(last.float(), context_mask, counts, sp)
-        nxt = sample(logits_f, sp, gen)  # (b,)
+        nxt = pending.pop(0) if pending else sample(apply_penalties(last.float(), context_mask, counts, sp), sp, gen)
         for row, tok in zip(rows, nxt.tolist()):
             if done[row]:
                 continue
@@ -167,7 +172,10 @@ def generate_ids(
             cache.keep(keep)
             nxt, context_mask, counts, sp = nxt[keep], context_mask[keep], counts[keep], sp.select(keep)
             rows = [rows[j] for j in keep.tolist()]
-        if compiled:  # the caller's lengths: row b's token goes to position lengths[b] + step
+        if multi:  # tokens step + 1 .. step + GREEDY_STEPS, unless the last call's are still pending
+            if not pending:
+                pending = list(greedy_steps(model, nxt[:, None], cache, (lengths + step)[:, None]).unbind(1))
+        elif compiled:  # the caller's lengths: row b's token goes to position lengths[b] + step
             last = decode_step(model, nxt[:, None], cache, static_meta((lengths + step)[:, None], cache.max_len))
         else:
             last = model(nxt[:, None], cache)[:, -1]
