@@ -219,20 +219,15 @@ def _llama_cpp_speed(path: Path, prompt: list[int], new: int, repeats: int) -> t
     return len(prompt) / t_pre, new / max(t_all - t_pre, 1e-9)
 
 
-def _int8_kernel(model: Model, native: bool) -> bool:
-    """Switch a quantized model's int8 layers (the fused ones too) between native.py's kernel and aten's;
-    False where the native kernel is not available here. A compiled step recompiles on the switch."""
-    from tinychat.model.compress.native import int8_gemv
+def _int8_layers(model: Model) -> list:
+    """Every QuantLinear of a quantized model, the fused q/k/v and gate/up ones (kept outside the module tree)
+    included."""
     from tinychat.model.compress.quant import QuantLinear
 
-    op = int8_gemv()
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in model.model.layers:
         mods += [*layer.self_attn.qkv_int, *getattr(layer.mlp, "gate_up_int", ())]
-    for m in mods:
-        if m.bits == 8 and m.in_features % 32 == 0 and int(m.qweight.min()) > -128:
-            m.native = op if native else None
-    return op is not None
+    return mods
 
 
 def llama_cpp_table(args: argparse.Namespace) -> None:
@@ -262,10 +257,15 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
                 for comp in (False, True):
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
                     rows.append((f"tinychat int{bits}{' compiled' if comp else ''}", size, *speed))
-                if bits == 8 and _int8_kernel(m, False):  # the same model on aten's int8 kernel, for the ratio
+                layers = _int8_layers(m) if bits == 8 else []
+                kernels = [q.native for q in layers]  # native.py's kernel where QuantLinear chose it, else None
+                if any(kernels):  # the same model on aten's int8 kernel, for the ratio (the step recompiles)
+                    for q in layers:
+                        q.native = None
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, True)
                     rows.append(("tinychat int8 comp. aten", size, *speed))
-                    _int8_kernel(m, True)
+                    for q, kernel in zip(layers, kernels):
+                        q.native = kernel
             for kind in ("f16", "q8_0", "q4_0"):
                 path = Path(tmp) / f"{label}-{kind}.gguf"
                 export_gguf(d, path, kind)
