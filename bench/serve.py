@@ -26,7 +26,10 @@ server's process against the engine in its own (`--serve-ab '--threads 1;--threa
 The table also prints each server's tokens/s and TTFT p95 as ratios to its own first (one-client) level.
 
 With --compile the table runs with eager decoding and then with compiled decoding (`serve --compile`,
-infer/compiled.py; a warm-up at every level compiles its batch-size buckets before the timed runs).
+infer/compiled.py; a warm-up at every level compiles its batch-size buckets before the timed runs). With
+--reference too (and 1 first in --clients), transformers' `generate` then runs the same request at batch 1 on
+the same weights in this process, and one client's tokens/s is printed as a ratio to it: a reference whose
+speed does not move with tinychat's code.
 
 With --adapters N, N random rank --adapter-rank LoRA adapters (every projection, PEFT's files) are made for the
 model and the same load runs on the base model alone (a plain server) and then spread round-robin over the N
@@ -160,6 +163,30 @@ async def one_request(  # noqa: PLR0913
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
+
+
+def transformers_reference(model_dir: Path, max_tokens: int, rounds: int = 5) -> float:
+    """Tokens/s of transformers' `generate` at batch 1 on the same weights and in this process: the bench's
+    request (its chat prompt, temperature 0.8, exactly `max_tokens` new tokens), median of `rounds`. Its speed
+    does not move with tinychat's code, so "one client / transformers" compares runs of different code,
+    machines and days (issue 18: one client at 3x the 131 tok/s of its filing)."""
+    from transformers import AutoModelForCausalLM
+
+    from tinychat.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    user = [{"role": "user", "content": "Request 0: tell me about the quick brown fox and Paris."}]
+    ids = torch.tensor([tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True, temperature=0.8, top_k=0)
+    times = []
+    with torch.no_grad():
+        for i in range(rounds + 1):  # the first is a warm-up
+            torch.manual_seed(i)
+            t = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tok.im_end_id, **kw)
+            times.append(time.perf_counter() - t)
+    return max_tokens / statistics.median(times[1:])
 
 
 @dataclass
@@ -446,6 +473,9 @@ def main() -> None:
     ap.add_argument("--adapter-batching", default="mask,gather,group", help="multi-LoRA batching modes to measure")
     ap.add_argument("--rounds", type=int, default=3, help="--adapters: interleaved rounds of every setup")
     ap.add_argument("--compile", action="store_true", help="the table with eager and with compiled decoding")
+    ap.add_argument(
+        "--reference", action="store_true", help="with --compile: transformers' generate at batch 1 on the same weights"
+    )
     ap.add_argument("--threads", type=int, default=0, help="the server's kernel threads (0: as `tinychat serve`)")
     ap.add_argument("--in-process-clients", action="store_true", help="the load in the server's process (old way)")
     ap.add_argument("--threads-ab", default="", help="e.g. 1,2: `tinychat serve --threads N` side by side")
@@ -481,6 +511,12 @@ def main() -> None:
                 print(
                     f"{a['clients']:>3} clients: compiled / eager tok/s {a['tok_s'] / b['tok_s']:.2f}x, "
                     f"TTFT p50 {a['p50'] / b['p50']:.2f}x, p95 {a['p95'] / b['p95']:.2f}x"
+                )
+            if args.reference and levels[0] == 1:
+                ref = transformers_reference(model_dir, args.max_tokens)
+                print(
+                    f"transformers generate, batch 1, same weights and request: {ref:.0f} tok/s; one client "
+                    f"{eager[0]['tok_s'] / ref:.2f}x of it eager, {comp[0]['tok_s'] / ref:.2f}x compiled"
                 )
             return
         on = table(args, model_dir, levels, True, "prefix cache on: " if args.system_tokens else "")

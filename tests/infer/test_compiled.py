@@ -8,7 +8,7 @@ import torch
 
 from tinychat.errors import UserError
 from tinychat.infer import SamplingParams, generate_ids
-from tinychat.infer.compiled import StaticKVCache, static_forward, static_length
+from tinychat.infer.compiled import StaticKVCache, sampled_steps, static_forward, static_length
 from tinychat.model import Model, ModelConfig
 
 
@@ -167,3 +167,44 @@ def test_engine_that_cannot_compile_says_so_at_start(varied_model, tok, monkeypa
     with pytest.raises(UserError, match="compiling the decode step failed.*without --compile"):
         e.start()
     assert e.kv_bytes == 0 and e._thread is None  # nothing left allocated or running
+
+
+def test_engine_multi_step_decode_gives_one_step_tokens(varied_model, tok, monkeypatch):
+    """decode_steps > 1 (Engine._multi_decode, compiled.sampled_steps): several tokens per compiled call while
+    nothing waits, sampled inside the graph from noise each row's generator drew beforehand. Greedy and
+    seeded sampled requests (with logit bias, banned ids, n = 2, a stop string and token budgets that end
+    rows mid-call) get exactly the tokens and finish reasons of one step per call; a request the graph
+    cannot sample (top-k) runs one step per call; every block is returned afterwards."""
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect, core
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=23, stop_on_eos=False)
+    seeded = SamplingParams(temperature=0.9, max_new_tokens=21, seed=11, stop_on_eos=False)
+    reqs = [
+        GenerationRequest(PROMPTS[0], greedy),
+        GenerationRequest(PROMPTS[1], seeded, n=2, logit_bias={5: 3.0, 7: -100.0}, banned_ids=[9]),
+        GenerationRequest(PROMPTS[2], SamplingParams(temperature=0.7, max_new_tokens=10, seed=2, stop_on_eos=False)),
+    ]
+    calls = []
+    monkeypatch.setattr(core, "sampled_steps", lambda *a: calls.append(1) or sampled_steps(*a))
+    outs = {}
+    for steps in (1, 4):
+        e = Engine(varied_model, tok, EngineConfig(max_num_seqs=4, compile=True, decode_steps=steps)).start()
+        try:
+            first = collect(e.submit(reqs[0]), 1)[0][0]  # alone: then a stop string that falls mid-call
+            stop = tok.decode(first["token_ids"][9:11])
+            with_stop = GenerationRequest(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=23, stop=[stop]))
+            handles = [e.submit(r) for r in [*reqs, with_stop]]  # together: they join while others decode
+            outs[steps] = [first] + [c for h, r in zip(handles, [*reqs, with_stop]) for c in collect(h, r.n)[0]]
+            topk = GenerationRequest(PROMPTS[1], SamplingParams(temperature=0.9, top_k=5, max_new_tokens=8, seed=1))
+            n_calls = len(calls)
+            collect(e.submit(topk), 1)
+            assert len(calls) == n_calls  # top-k: one step per call
+            assert e.stats.running_seqs == 0 and e.blocks.num_used == len(e._prefix_blocks)
+        finally:
+            e.stop()
+        assert (len(calls) > 0) == (steps > 1)
+        calls.clear()
+    assert [c["finish_reason"] for c in outs[4]] == ["length"] * 5 + ["stop"]
+    assert [len(c["token_ids"]) for c in outs[4][:5]] == [23, 23, 21, 21, 10]
+    assert 9 not in outs[4][2]["token_ids"] + outs[4][3]["token_ids"]  # banned
+    assert outs[4] == outs[1]

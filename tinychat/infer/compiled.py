@@ -95,6 +95,7 @@ def _step(model: torch.nn.Module, ids: torch.Tensor, cache: object, meta: object
 
 _compiled: Callable[..., torch.Tensor] | None = None
 _compiled_greedy: Callable[..., torch.Tensor] | None = None
+_compiled_sampled: Callable[..., torch.Tensor] | None = None
 GREEDY_STEPS = 4  # greedy tokens per compiled call (greedy_steps)
 
 
@@ -143,3 +144,46 @@ def greedy_steps(
     if _compiled_greedy is None:
         _compiled_greedy = _compile(_greedy)
     return _compiled_greedy(model, ids, cache, positions)
+
+
+def _sampled(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    cache: PagedKVCache,
+    meta: PagedMeta,
+    slots: torch.Tensor,
+    bias: torch.Tensor,
+    temperature: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    out = []
+    for j in range(noise.shape[0]):  # unrolled by dynamo: one graph for all the steps
+        pos = meta.positions + j
+        m = PagedMeta(pos, slots[j], meta.keys, 0, meta.span, visible_keys(pos, meta.span))
+        x = model(ids, cache, meta=m)[:, -1].float() + bias  # (B, V): the sampler's logits, bias added
+        probs = (x / temperature.clamp(min=1e-5)[:, None]).softmax(-1)
+        ids = torch.where(temperature > 0, (probs / noise[j]).argmax(-1), x.argmax(-1))[:, None]
+        out.append(ids)
+    return torch.cat(out, 1)
+
+
+def sampled_steps(
+    model: torch.nn.Module,
+    ids: torch.Tensor,  # (B, 1) each row's next input token
+    cache: PagedKVCache,
+    meta: PagedMeta,  # positions (B, 1) of ids, keys (B, S) covering every step's position; slots unused
+    slots: torch.Tensor,  # (K, B) pool slot of each step's new key/value
+    bias: torch.Tensor,  # (B, V) logit bias, -inf for banned ids, 0 elsewhere
+    temperature: torch.Tensor,  # (B,) 0 = greedy
+    noise: torch.Tensor,  # (K, B, V) Exp(1) draws of each row's generator, in the order K steps would draw them
+) -> torch.Tensor:
+    """The serving engine's multi-step decode (vLLM's multi-step scheduling): K = noise.shape[0] tokens per row
+    (B, K) in one compiled graph, sampled inside it as the engine's sampler samples one step (bias, then
+    temperature; `probs / noise` argmax is the exponential-race form of a categorical draw, greedy at
+    temperature 0), each fed back as the next step's input. The noise is drawn beforehand from each row's
+    own generator, so a seeded request gets the same tokens as one step per call. Rows that need what
+    the graph does not do (penalties, top-k/p, grammars, logprobs) decode one step per call instead."""
+    global _compiled_sampled
+    if _compiled_sampled is None:
+        _compiled_sampled = _compile(_sampled)
+    return _compiled_sampled(model, ids, cache, meta, slots, bias, temperature, noise)

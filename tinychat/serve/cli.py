@@ -51,6 +51,11 @@ class ServeConfig:
     compile: bool = field(
         False, help="decode through torch.compile: faster per token, ~20 s to compile each new batch-size bucket"
     )
+    decode_steps: int = field(
+        4,
+        help="with --compile: tokens per compiled call while no request waits and every running one samples "
+        "with temperature and logit bias only (vLLM's multi-step scheduling); 1 = one per call",
+    )
     threads: int = field(
         0, help="CPU threads for the model's kernels (0: torch's default less one core, kept for HTTP and streaming)"
     )
@@ -170,7 +175,7 @@ def check_adapter_updates(cfg: ServeConfig) -> None:
 def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
     from tinychat.infer.engine import EngineConfig
 
-    for name in ("max_num_seqs", "max_queue", "prefill_chunk"):
+    for name in ("max_num_seqs", "max_queue", "prefill_chunk", "decode_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
     return EngineConfig(
@@ -180,6 +185,7 @@ def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
         max_queue=cfg.max_queue,
         prefill_chunk=cfg.prefill_chunk,
         compile=cfg.compile,
+        decode_steps=cfg.decode_steps,
     )
 
 

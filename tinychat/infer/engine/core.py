@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.compiled import check_compilable, decode_step, static_length
+from tinychat.infer.compiled import check_compilable, decode_step, sampled_steps, static_length
 from tinychat.infer.engine import request as rq
 from tinychat.infer.engine.blocks import BlockManager
 from tinychat.infer.engine.output import OutputProcessor
@@ -522,29 +522,89 @@ class Engine:
         return logits
 
     def _padded_decode_meta(
-        self, tokens: list[int], starts: list[int], slots: list[int], tables: list[list[int]]
+        self, tokens: list[int], starts: list[int], slots: list[int], tables: list[list[int]], steps: int = 1
     ) -> tuple[torch.Tensor, PagedMeta]:
         """Ids (Bp, 1) and metadata of a decode step padded to a few static shapes, so that compiled graphs
         are reused: the batch to the next power of two (at most max_num_seqs), the keys to a multiple of
-        128 positions; the pool is backed whole (`release` still frees it when the engine idles). Padded
-        rows write to and read the scratch block 0; a row's keys beyond its own position are masked."""
+        128 positions (covering `steps` new positions per row); the pool is backed whole (`release` still
+        frees it when the engine idles). Padded rows write to and read the scratch block 0; a row's keys
+        beyond its own position are masked."""
         dev, B = self.device, len(tokens)
-        pad = min(self.num_slots, 1 << (B - 1).bit_length()) - B
-        S = static_length(max(starts) + 1, self.max_len)
+        pad = self._padded(B) - B
+        S = static_length(max(starts) + steps, self.max_len)
         ids = torch.tensor(tokens + [0] * pad, device=dev)[:, None]
         positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
         keys = self._key_positions(tables + [[0]] * pad, S)
         slot_ids = torch.tensor(slots + [0] * pad, device=dev)
         return ids, PagedMeta(positions, slot_ids, keys, 0, S, visible_keys(positions, S))
 
+    def _padded(self, B: int) -> int:
+        return min(self.num_slots, 1 << (B - 1).bit_length())
+
+    def _multi_ok(self, seqs: list[Seq]) -> bool:
+        """Whether this decode step may run `decode_steps` tokens per row in one call: nothing waits to be
+        admitted or prefilled (a newcomer's first token would wait for the whole call), and every row samples
+        the way the graph does (temperature and logit bias only; no penalties, top-k/p, grammar or logprobs)
+        with room for all the steps in its token budget and the context."""
+        K = self.cfg.decode_steps
+        if K < 2 or self.sched.waiting or any(s.state != "decode" for s in self.sched.running if not s.done):
+            return False
+        for s in seqs:
+            p, st = s.r.req.params, s.sampling
+            room = min(p.max_new_tokens - len(s.output), self.max_len - len(s.prompt) - len(s.output))
+            if st.flags[1] or st.flags[2] or st.constraint is not None or s.r.req.logprobs is not None or room < K:
+                return False
+        return True
+
+    def _multi_decode(self, seqs: list[Seq]) -> None:
+        """`decode_steps` tokens per sequence through one compiled graph (compiled.sampled_steps): Python, the
+        metadata and dynamo's guards run once per K tokens. The output processor then takes each row's tokens
+        in order; a row that finishes early (a stop token or string) drops the rest, and the keys/values
+        written for them go with its blocks. Each row's noise is drawn from its own generator in the order K
+        single steps would draw it, so seeded outputs are those of one step per call."""
+        K, bs, dev, V = self.cfg.decode_steps, self.blocks.block_size, self.device, self.model.cfg.vocab_size
+        chunks = [[s.output[-1]] * K for s in seqs]  # K positions each; the fed tokens are chosen in the graph
+        starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
+        Bp = self._padded(len(seqs))
+        steps = [[slot_of(s.blocks, p + j, bs) for s, p in zip(seqs, starts)] for j in range(K)]
+        ids, meta = self._padded_decode_meta([ch[0] for ch in chunks], starts, steps[0], [s.blocks for s in seqs], K)
+        slots = torch.tensor([row + [0] * (Bp - len(seqs)) for row in steps], device=dev)  # (K, Bp)
+        bias = torch.zeros(Bp, V, device=dev)
+        noise = torch.ones(K, Bp, V, device=dev)
+        temperature = torch.zeros(Bp, device=dev)
+        temperature[: len(seqs)] = self.sampler.table[torch.tensor([s.row for s in seqs], device=dev), 0]
+        for i, s in enumerate(seqs):
+            st = s.sampling
+            if st.bias_ids is not None:
+                bias[i].index_add_(0, st.bias_ids, st.bias_vals)
+            if st.flags[0]:
+                for j in range(K):
+                    noise[j, i].exponential_(1.0, generator=st.gen)
+        toks = sampled_steps(self.model, ids, self.cache, meta, slots, bias, temperature, noise)[: len(seqs)].tolist()
+        now, n = time.perf_counter(), 0
+        for j in range(K):
+            for s, row in zip(seqs, toks):
+                if not s.done:
+                    self.out.accept(s, row[j], None, now)
+                    n += 1
+        live = [s for s in seqs if not s.done]
+        self._advance(live, [[0] * K for _ in live])
+        self._count_rate(now, n)
+
     def _compile_now(self) -> None:
         """Compile the batch-1 decode graph before serving, on the scratch block: a platform where compiling
         fails (no C++ compiler, say) gets a clear error at start instead of failed requests."""
         self.cache.ensure(self.cache.num_blocks)
         ids, meta = self._padded_decode_meta([0], [0], [0], [[0]])
+        K, V = self.cfg.decode_steps, self.model.cfg.vocab_size
         try:
             with torch.inference_mode():  # as the engine thread runs it: the graph is reused
                 decode_step(self.model, ids, self.cache, meta)
+                if K > 1:  # and the multi-step graph (_multi_decode) for one sequence
+                    _, meta = self._padded_decode_meta([0], [0], [0], [[0]], K)
+                    zeros = torch.zeros(K, 1, dtype=torch.long, device=self.device)
+                    one = torch.ones(K, 1, V, device=self.device)
+                    sampled_steps(self.model, ids, self.cache, meta, zeros, one[0] * 0, one[0, :, 0] * 0, one)
         except Exception as e:  # noqa: BLE001 - whatever dynamo or inductor raise, told in one line
             raise UserError(f"compiling the decode step failed ({type(e).__name__}); serve without --compile.") from e
         finally:
@@ -575,7 +635,10 @@ class Engine:
 
     def _decode(self, seqs: list[Seq]) -> None:
         if self.cfg.compile and self.adapters is None:
-            self._sample_and_emit(seqs, self._compiled_decode(seqs))
+            if self._multi_ok(seqs):
+                self._multi_decode(seqs)
+            else:
+                self._sample_and_emit(seqs, self._compiled_decode(seqs))
             return
         if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
             seqs = sorted(seqs, key=lambda s: s.r.slot)
@@ -587,6 +650,9 @@ class Engine:
         now = time.perf_counter()
         for s, tok, lp in zip(seqs, tokens, lps):
             self.out.accept(s, tok, lp, now)
-        self._rate.append((now, len(seqs)))
+        self._count_rate(now, len(seqs))
+
+    def _count_rate(self, now: float, tokens: int) -> None:
+        self._rate.append((now, tokens))
         while self._rate and now - self._rate[0][0] > rq.RATE_WINDOW:
             self._rate.popleft()

@@ -96,6 +96,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill forward, so decoding is never starved for long
     idle_release_s: float = 30.0  # drop the KV pool (and its cached prefixes) after this long with nothing to do
     compile: bool = False  # decode through torch.compile (infer/compiled.py): faster per token, a compile per shape
+    decode_steps: int = 4  # compiled: tokens per call while nothing waits (Engine._multi_decode); 1 = one per call
 
 
 @dataclass
