@@ -560,8 +560,9 @@ class Engine:
         """`decode_steps` tokens per sequence through one compiled graph (compiled.sampled_steps): Python, the
         metadata and dynamo's guards run once per K tokens. The output processor then takes each row's tokens
         in order; a row that finishes early (a stop token or string) drops the rest, and the keys/values
-        written for them go with its blocks. Each row's noise is drawn from its own generator in the order K
-        single steps would draw it, so seeded outputs are those of one step per call."""
+        written for them go with its blocks. A request cancelled during the call gets none of its tokens (the
+        next step reaps it). Each row's noise is drawn from its own generator in the order K single steps
+        would draw it, so seeded outputs are those of one step per call."""
         K, bs, dev, V = self.cfg.decode_steps, self.blocks.block_size, self.device, self.model.cfg.vocab_size
         chunks = [[s.output[-1]] * K for s in seqs]  # K positions each; the fed tokens are chosen in the graph
         starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
@@ -582,12 +583,13 @@ class Engine:
                     noise[j, i].exponential_(1.0, generator=st.gen)
         toks = sampled_steps(self.model, ids, self.cache, meta, slots, bias, temperature, noise)[: len(seqs)].tolist()
         now, n = time.perf_counter(), 0
+        rows = [(s, row) for s, row in zip(seqs, toks) if not s.r.handle.cancelled]  # cancelled: no more tokens
         for j in range(K):
-            for s, row in zip(seqs, toks):
+            for s, row in rows:
                 if not s.done:
                     self.out.accept(s, row[j], None, now)
                     n += 1
-        live = [s for s in seqs if not s.done]
+        live = [s for s, _ in rows if not s.done]  # all K tokens taken: their positions are computed
         self._advance(live, [[0] * K for _ in live])
         self._count_rate(now, n)
 
