@@ -54,6 +54,7 @@ def sdpa(
         mask, causal = bias.to(q.dtype), False
     if (
         torch.compiler.is_compiling()
+        and q.shape[0] == 1
         and q.shape[2] <= 8
         and bias is None
         and mask is not None
@@ -65,9 +66,11 @@ def sdpa(
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sdpa for compiled decode steps: two matmuls and a softmax, which inductor fuses with the mask, where
-    SDPA's CPU kernel is an opaque call of ~40 µs per layer for one query over a few hundred keys (measured
-    on tinychat generate --compile: tiny int8 987 against 789 tokens/s, small 270 against 242, same tokens).
+    """sdpa for compiled decode steps of one row: two matmuls and a softmax, which inductor fuses with the mask,
+    where SDPA's CPU kernel is an opaque call of ~40 µs per layer for one query over a few hundred keys
+    (measured on tinychat generate --compile: tiny int8 987 against 789 tokens/s, small 270 against 242, same
+    tokens). From two rows on it loses: the serving engine's compiled step over gathered paged keys took 3.7 /
+    5.3 / 8.4 / 13.2 ms at 2 / 4 / 8 / 16 rows against SDPA's 2.8 / 3.6 / 5.6 / 8.9 (docs/engine.md).
 
     q (B, H, T, hd); k, v (B, KV, S, hd); mask (B|1, 1, T, S) bool. The G = H / KV query heads that share a
     key/value head are stacked along T, so GQA needs no copy of k and v."""
