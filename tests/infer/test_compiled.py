@@ -208,3 +208,30 @@ def test_engine_multi_step_decode_gives_one_step_tokens(varied_model, tok, monke
     assert [len(c["token_ids"]) for c in outs[4][:5]] == [23, 23, 21, 21, 10]
     assert 9 not in outs[4][2]["token_ids"] + outs[4][3]["token_ids"]  # banned
     assert outs[4] == outs[1]
+
+
+def test_engine_decodes_eagerly_where_dynamo_refuses_to_recompile(varied_model, tok, monkeypatch):
+    """A shape past dynamo's recompile limit (FailOnRecompileLimitHit under fullgraph) must not fail the running
+    requests: those steps decode eagerly, with the eager engine's tokens."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from tinychat.infer.engine import Engine, EngineConfig, GenerationRequest, collect, core
+
+    def refuse(*_a):  # noqa: ANN202 - what dynamo raises once a function has compiled too many graphs
+        raise FailOnRecompileLimitHit("recompile limit reached")
+
+    reqs = [GenerationRequest(p, SamplingParams(temperature=0, max_new_tokens=12, stop_on_eos=False)) for p in PROMPTS]
+    outs = []
+    for compiled in (False, True):
+        e = Engine(varied_model, tok, EngineConfig(max_num_seqs=4, compile=compiled)).start()
+        try:
+            if compiled:  # after start, which compiled the batch-1 graphs
+                monkeypatch.setattr(core, "decode_step", refuse)
+                monkeypatch.setattr(core, "sampled_steps", refuse)
+            handles = [e.submit(r) for r in reqs]
+            outs.append([collect(h, 1)[0][0]["token_ids"] for h in handles])
+            assert e.stats.requests_failed == 0
+        finally:
+            e.stop()
+    assert [len(o) for o in outs[1]] == [12, 12, 12]
+    assert outs[1] == outs[0]

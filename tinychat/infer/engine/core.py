@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from tinychat.errors import UserError
 from tinychat.infer.compiled import check_compilable, decode_step, sampled_steps, static_length
@@ -103,6 +104,7 @@ class Engine:
         self._closed = False  # the loop has ended: nothing new is accepted (guarded by _lock)
         self._ids = itertools.count(1)
         self._rate: deque[tuple[float, int]] = deque()
+        self._warned_recompile = False  # _decode: a compiled step dynamo refused, told once
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinychat-embed")
@@ -637,11 +639,17 @@ class Engine:
 
     def _decode(self, seqs: list[Seq]) -> None:
         if self.cfg.compile and self.adapters is None:
-            if self._multi_ok(seqs):
-                self._multi_decode(seqs)
-            else:
-                self._sample_and_emit(seqs, self._compiled_decode(seqs))
-            return
+            try:
+                if self._multi_ok(seqs):
+                    self._multi_decode(seqs)
+                else:
+                    self._sample_and_emit(seqs, self._compiled_decode(seqs))
+                return
+            except FailOnRecompileLimitHit:  # a shape dynamo will not compile again: this step decodes eagerly (the
+                # blocks already grown are reused; a multi-step call's noise was drawn, so seeded rows change stream)
+                if not self._warned_recompile:
+                    log.warning("compiled decoding reached dynamo's recompile limit; such steps decode eagerly")
+                    self._warned_recompile = True
         if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
             seqs = sorted(seqs, key=lambda s: s.r.slot)
         h = self._forward(seqs, [[s.output[-1]] for s in seqs])
