@@ -532,16 +532,13 @@ class Engine:
         frees it when the engine idles). Padded rows write to and read the scratch block 0; a row's keys
         beyond its own position are masked."""
         dev, B = self.device, len(tokens)
-        pad = self._padded(B) - B
+        pad = min(self.num_slots, 1 << (B - 1).bit_length()) - B
         S = static_length(max(starts) + steps, self.max_len)
         ids = torch.tensor(tokens + [0] * pad, device=dev)[:, None]
         positions = torch.tensor(starts + [0] * pad, device=dev)[:, None]
         keys = self._key_positions(tables + [[0]] * pad, S)
         slot_ids = torch.tensor(slots + [0] * pad, device=dev)
         return ids, PagedMeta(positions, slot_ids, keys, 0, S, visible_keys(positions, S))
-
-    def _padded(self, B: int) -> int:
-        return min(self.num_slots, 1 << (B - 1).bit_length())
 
     def _multi_ok(self, seqs: list[Seq]) -> bool:
         """Whether this decode step may run `decode_steps` tokens per row in one call: nothing waits to be
@@ -552,9 +549,8 @@ class Engine:
         if K < 2 or self.sched.waiting or any(s.state != "decode" for s in self.sched.running if not s.done):
             return False
         for s in seqs:
-            p, st = s.r.req.params, s.sampling
-            room = min(p.max_new_tokens - len(s.output), self.max_len - len(s.prompt) - len(s.output))
-            if st.flags[1] or st.flags[2] or st.constraint is not None or s.r.req.logprobs is not None or room < K:
+            room = min(s.r.req.params.max_new_tokens - len(s.output), self.max_len - len(s.prompt) - len(s.output))
+            if room < K or not self.sampler.in_graph(s.sampling):
                 return False
         return True
 
@@ -565,25 +561,15 @@ class Engine:
         written for them go with its blocks. A request cancelled during the call gets none of its tokens (the
         next step reaps it). Each row's noise is drawn from its own generator in the order K single steps
         would draw it, so seeded outputs are those of one step per call."""
-        K, bs, dev, V = self.cfg.decode_steps, self.blocks.block_size, self.device, self.model.cfg.vocab_size
+        K, bs = self.cfg.decode_steps, self.blocks.block_size
         chunks = [[s.output[-1]] * K for s in seqs]  # K positions each; the fed tokens are chosen in the graph
         starts = self._grow(seqs, chunks, pool_blocks=self.cache.num_blocks)
-        Bp = self._padded(len(seqs))
         steps = [[slot_of(s.blocks, p + j, bs) for s, p in zip(seqs, starts)] for j in range(K)]
         ids, meta = self._padded_decode_meta([ch[0] for ch in chunks], starts, steps[0], [s.blocks for s in seqs], K)
-        slots = torch.tensor([row + [0] * (Bp - len(seqs)) for row in steps], device=dev)  # (K, Bp)
-        bias = torch.zeros(Bp, V, device=dev)
-        noise = torch.ones(K, Bp, V, device=dev)
-        temperature = torch.zeros(Bp, device=dev)
-        temperature[: len(seqs)] = self.sampler.table[torch.tensor([s.row for s in seqs], device=dev), 0]
-        for i, s in enumerate(seqs):
-            st = s.sampling
-            if st.bias_ids is not None:
-                bias[i].index_add_(0, st.bias_ids, st.bias_vals)
-            if st.flags[0]:
-                for j in range(K):
-                    noise[j, i].exponential_(1.0, generator=st.gen)
-        toks = sampled_steps(self.model, ids, self.cache, meta, slots, bias, temperature, noise)[: len(seqs)].tolist()
+        Bp = ids.shape[0]
+        slots = torch.tensor([row + [0] * (Bp - len(seqs)) for row in steps], device=self.device)  # (K, Bp)
+        sampling = self.sampler.graph_inputs([s.sampling for s in seqs], Bp, K)
+        toks = sampled_steps(self.model, ids, self.cache, meta, slots, *sampling)[: len(seqs)].tolist()
         now, n = time.perf_counter(), 0
         rows = [(s, row) for s, row in zip(seqs, toks) if not s.r.handle.cancelled]  # cancelled: no more tokens
         for j in range(K):
@@ -600,15 +586,14 @@ class Engine:
         fails (no C++ compiler, say) gets a clear error at start instead of failed requests."""
         self.cache.ensure(self.cache.num_blocks)
         ids, meta = self._padded_decode_meta([0], [0], [0], [[0]])
-        K, V = self.cfg.decode_steps, self.model.cfg.vocab_size
+        K = self.cfg.decode_steps
         try:
             with torch.inference_mode():  # as the engine thread runs it: the graph is reused
                 decode_step(self.model, ids, self.cache, meta)
-                if K > 1:  # and the multi-step graph (_multi_decode) for one sequence
+                if K > 1:  # and the multi-step graph (_multi_decode) for one sequence: a padding row, greedy
                     _, meta = self._padded_decode_meta([0], [0], [0], [[0]], K)
-                    zeros = torch.zeros(K, 1, dtype=torch.long, device=self.device)
-                    one = torch.ones(K, 1, V, device=self.device)
-                    sampled_steps(self.model, ids, self.cache, meta, zeros, one[0] * 0, one[0, :, 0] * 0, one)
+                    slots = torch.zeros(K, 1, dtype=torch.long, device=self.device)
+                    sampled_steps(self.model, ids, self.cache, meta, slots, *self.sampler.graph_inputs([], 1, K))
         except Exception as e:  # noqa: BLE001 - whatever dynamo or inductor raise, told in one line
             raise UserError(f"compiling the decode step failed ({type(e).__name__}); serve without --compile.") from e
         finally:

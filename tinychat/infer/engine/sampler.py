@@ -63,6 +63,31 @@ class Sampler:
             vals = torch.tensor(list(bias.values()), device=self.device)
         return RowState(row, req, gen, constraint, flags, ids, vals)
 
+    @staticmethod
+    def in_graph(st: RowState) -> bool:
+        """Whether compiled.sampled_steps samples this row as `sample` would: temperature and logit bias only
+        (no penalties, top-k/p/min-p filters, grammar or logprobs)."""
+        return not (st.flags[1] or st.flags[2]) and st.constraint is None and st.req.logprobs is None
+
+    def graph_inputs(
+        self, states: list[RowState], rows: int, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bias (rows, V), temperature (rows,), noise (steps, rows, V)) for compiled.sampled_steps: `sample`'s
+        logit bias and temperature per state, and `steps` Exp(1) draws of each sampling row's generator, in the
+        order `steps` calls of `sample` would draw them. Rows past the states are padding (greedy, no bias)."""
+        bias = torch.zeros(rows, self.V, device=self.device)
+        noise = torch.ones(steps, rows, self.V, device=self.device)
+        temperature = torch.zeros(rows, device=self.device)
+        rows_of = torch.tensor([s.row for s in states], dtype=torch.long, device=self.device)
+        temperature[: len(states)] = self.table[rows_of, 0]
+        for i, s in enumerate(states):
+            if s.bias_ids is not None:
+                bias[i].index_add_(0, s.bias_ids, s.bias_vals)
+            if s.flags[0]:
+                for j in range(steps):
+                    noise[j, i].exponential_(1.0, generator=s.gen)
+        return bias, temperature, noise
+
     def sample(self, states: list[RowState], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Tokens (and logprobs where asked) for each state's row of logits (B, V)."""
         raw = logits.float()
