@@ -265,3 +265,55 @@ def test_adapters_loaded_and_unloaded_in_the_engine_process(model_dir, tmp_path)
             eng.unload_adapter("dog").result(timeout=60)
     finally:
         eng.stop()
+
+
+class _LateEvents:
+    """An engine whose events reach the server only when the request is done, all at once, as they do for a
+    consumer that fell behind the engine (a busy HTTP process)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine, self.delivered = engine, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def submit(self, req: GenerationRequest, sink: object = None) -> object:
+        import asyncio
+
+        loop, held = asyncio.get_running_loop(), []  # called on the server's event loop (submit_waits is False)
+
+        def hold(ev: object) -> None:
+            held.append(ev)
+            if isinstance(ev, Done):  # every event reaches the queue in one turn of the loop, none consumed between
+                self.delivered += len(held)
+                loop.call_soon_threadsafe(lambda: [sink(e) for e in held])  # type: ignore[operator]
+
+        return self._engine.submit(req, hold)
+
+
+def test_a_backlog_of_deltas_streams_as_one_chunk(local, model_dir, serve_app):
+    """Deltas waiting for a busy consumer go out as one chunk per choice (app.events -> coalesce): the same
+    text and usage as without streaming, in fewer chunks than the engine sent."""
+    import openai
+
+    from tinychat.serve.app import create_app
+
+    late = _LateEvents(local)
+    base, server, thread = serve_app(create_app(late, Tokenizer.from_pretrained(model_dir), "t"))
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "hello"}]
+        args = dict(model="t", messages=msgs, max_tokens=12, temperature=0)
+        whole = client.chat.completions.create(**args)
+        late.delivered = 0
+        chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(content) == whole.choices[0].message.content
+        n = whole.usage.completion_tokens
+        assert chunks[-1].usage.completion_tokens == n and n >= 3
+        assert late.delivered >= n and len(content) == 1  # n deltas (or n - 1 and a stop) and a Done came together
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == [whole.choices[0].finish_reason]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from tinychat.errors import UserError
-from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest, RequestHandle
+from tinychat.infer.engine import Delta, Done, Engine, EngineOverloaded, GenerationRequest, RequestHandle, coalesce
 from tinychat.infer.structured import Grammars
 from tinychat.serve import openapi, responses_api
 from tinychat.serve.metrics import HttpStats, render_metrics
@@ -123,21 +123,29 @@ def create_app(  # noqa: ANN001, PLR0913
         done: set[int] = set()
         loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL_S
+        backlog: list[tuple[int, Any]] = []  # events taken from q, not yet handed on
         try:
             while len(done) < len(handles):
-                if request is None:
-                    k, ev = await q.get()
-                else:  # a non-streaming caller: notice when it hangs up, also while tokens keep coming
-                    try:
-                        k, ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
-                    except TimeoutError:
-                        ev = None
-                    if loop.time() >= next_check or ev is None:
-                        if await request.is_disconnected():
-                            return
-                        next_check = loop.time() + DISCONNECT_POLL_S
-                    if ev is None:
-                        continue
+                if not backlog:
+                    if request is None:
+                        first = await q.get()
+                    else:  # a non-streaming caller: notice when it hangs up, also while tokens keep coming
+                        try:
+                            first = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                        except TimeoutError:
+                            first = None
+                        if loop.time() >= next_check or first is None:
+                            if await request.is_disconnected():
+                                return
+                            next_check = loop.time() + DISCONNECT_POLL_S
+                        if first is None:
+                            continue
+                    backlog.append(first)
+                if not q.empty():  # what arrived while this consumer was busy goes on as one delta per choice
+                    while not q.empty():
+                        backlog.append(q.get_nowait())
+                    backlog = coalesce(backlog)
+                k, ev = backlog.pop(0)
                 if isinstance(ev, Done):
                     done.add(k)
                     if ev.code == "adapter_unloaded":  # the model it named went away before it started

@@ -41,7 +41,15 @@ from typing import Any
 import torch
 
 from tinychat.errors import UserError
-from tinychat.infer.engine import Done, EngineOverloaded, Event, GenerationRequest, MetricsSnapshot, RequestHandle
+from tinychat.infer.engine import (
+    Done,
+    EngineOverloaded,
+    Event,
+    GenerationRequest,
+    MetricsSnapshot,
+    RequestHandle,
+    coalesce,
+)
 
 START_TIMEOUT_S = 600.0  # loading (and with --compile, compiling) a model can take minutes
 CALL_TIMEOUT_S = 60.0
@@ -298,9 +306,10 @@ def _child_main(build: Callable[..., Any], args: tuple, threads: int, inbox: Any
         with send_lock:
             batch = []
             while pending:
-                batch.append(pending.popleft())
-            if batch:
-                outbox.send(batch)
+                m = pending.popleft()
+                batch.append((m[1], m[2]) if m[0] == "event" else (None, m))
+            if batch:  # a request's deltas of one pass (a multi-step decode's tokens) travel as one
+                outbox.send([("event", rid, ev) if rid is not None else ev for rid, ev in coalesce(batch)])
 
     engine.after_pass = flush
     handles: dict[int, Any] = {}

@@ -21,6 +21,7 @@ from tinychat.infer.engine.request import (
     MetricsSnapshot,
     RequestHandle,
     TokenLogprob,
+    coalesce,
     collect,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "MetricsSnapshot",
     "RequestHandle",
     "TokenLogprob",
+    "coalesce",
     "collect",
 ]

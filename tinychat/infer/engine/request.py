@@ -49,6 +49,20 @@ class Delta:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | tool_calls | cancelled
 
+    def then(self, later: Delta) -> Delta | None:
+        """This delta and the same choice's `later` one as one delta, or None where they must stay two: this
+        one ends its choice, or carries tool calls, whose chunks a stream sends before any later text."""
+        if later.index != self.index or self.finish_reason is not None or self.tool_calls:
+            return None
+        return Delta(
+            self.index,
+            self.text + later.text,
+            self.token_ids + later.token_ids,
+            self.logprobs + later.logprobs,
+            list(later.tool_calls),
+            later.finish_reason,
+        )
+
 
 @dataclass
 class Done:
@@ -83,6 +97,27 @@ class RequestHandle:
             yield ev
             if isinstance(ev, Done):
                 return
+
+
+def coalesce(events: list[tuple[Any, Event]]) -> list[tuple[Any, Event]]:
+    """(key, event) pairs, in order, with each choice's deltas merged into its earliest one where `Delta.then`
+    allows: what a consumer that fell behind the engine has waiting goes out as one chunk per choice instead of
+    one per token (vLLM v1's RequestOutputCollector does the same), so streaming costs the HTTP side less per
+    token exactly when it is the bottleneck, and nothing when it keeps up. A choice's text keeps its order and
+    never passes its request's Done (which comes after every delta); choices only move relative to each other."""
+    out: list[tuple[Any, Event]] = []
+    latest: dict[tuple[Any, int], int] = {}  # (key, choice) -> position in out of its latest delta
+    for key, ev in events:
+        if isinstance(ev, Delta):
+            j = latest.get((key, ev.index), -1)
+            prev = out[j][1] if j >= 0 else None
+            merged = prev.then(ev) if isinstance(prev, Delta) else None
+            if merged is not None:
+                out[j] = (key, merged)
+                continue
+            latest[key, ev.index] = len(out)
+        out.append((key, ev))
+    return out
 
 
 @dataclass
