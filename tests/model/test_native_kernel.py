@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinychat.model.compress import native
+from tinychat.model import native
 from tinychat.model.compress.quant import NATIVE_ROWS, QuantLinear, quantize_int8
 
 OP = native.int8_gemv()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinychat.model import native
 from tinychat.model.config import ModelConfig
 
 
@@ -256,6 +257,11 @@ class PagedKVCache:
         # then writes each in place, where a view of one big input would be copied whole every step
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        # one query per row over keys in place (paged_attention.cpp), where it computes what sdpa would: fp32 on
+        # the CPU, and the plain visibility rule (sliding windows and ALiBi give layers masks of their own)
+        plain = cfg.position != "alibi" and not any(cfg.sliding(i) for i in range(cfg.n_layer))
+        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
+        self.decode_kernel = native.paged_decode_attention() if plain and cpu_fp32 else None
 
     @property
     def block_bytes(self) -> int:
@@ -309,6 +315,9 @@ class PagedKVCache:
         B, n_kv, T, hd = k.shape
         pk.index_copy_(0, m.slots, k.transpose(1, 2).reshape(B * T, n_kv, hd).to(pk.dtype))
         pv.index_copy_(0, m.slots, v.transpose(1, 2).reshape(B * T, n_kv, hd).to(pv.dtype))
+        if self.decode_kernel is not None and T == 1 and m.keys is not None and bias is None and q.dtype == pk.dtype:
+            # a decode step over scattered blocks: each row's keys are read where they lie, nothing gathered
+            return self.decode_kernel(q, pk, pv, m.keys, m.positions, 1.0 / math.sqrt(hd))
         if m.keys is None:  # consecutive blocks: the span is a view of the pool, nothing is copied
             ks = pk[m.view_start : m.view_start + m.span][None]
             vs = pv[m.view_start : m.view_start + m.span][None]

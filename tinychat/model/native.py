@@ -1,16 +1,19 @@
-"""tinychat's one native kernel (int8_gemv.cpp), built on first use with the machine's C++ compiler.
+"""tinychat's native kernels, built on first use with the machine's C++ compiler.
 
-Why a kernel of our own: a decode step at batch 1 reads every weight once, and aten's weight-only int8
-matmul runs well below memory speed on AVX2 CPUs (it converts each weight to float first), which held int8
-decoding at half of llama.cpp's q8_0 on the same weights (docs/compress.md). int8_gemv.cpp multiplies in
-integers as q8_0 does.
+Two kernels, each a speed-up that tinychat runs without:
+  * `int8_gemv` (compress/int8_gemv.cpp): a decode step at batch 1 reads every weight once, and aten's
+    weight-only int8 matmul runs well below memory speed on AVX2 CPUs (it converts each weight to float
+    first), which held int8 decoding at half of llama.cpp's q8_0 on the same weights (docs/compress.md).
+    The kernel multiplies in integers as q8_0 does.
+  * `paged_decode_attention` (paged_attention.cpp): the serving engine's decode step attends over each
+    row's keys where they lie in the paged pool, instead of gathering them into a copy and masking it for
+    SDPA (docs/engine.md).
 
 Why built here rather than shipped: wheels of compiled code per platform are a packaging project of their
-own, while every machine that runs `--compile` already has the compiler inductor needs. The library is
+own, while every machine that runs `--compile` already has the compiler inductor needs. Each library is
 built once per source and torch version into ~/.cache/tinychat/kernels (TINYCHAT_CACHE moves it; ~20 s
-on 2 cores) and loaded with `torch.ops.load_library`. Where it cannot be built or run (no AVX2/FMA, no
-g++, a build error, or TINYCHAT_NATIVE=0), `int8_gemv()` answers None once and callers keep aten's path:
-the kernel is a speed-up, never a requirement.
+on 2 cores) and loaded with `torch.ops.load_library`. Where one cannot be built or run (no AVX2/FMA, no
+g++, a build error, or TINYCHAT_NATIVE=0), its function answers None once and callers keep aten's path.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.utils.cpp_extension as cpp
 
-SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+HERE = Path(__file__).parent
 _state: dict[str, object] = {}
 
 
@@ -45,10 +49,10 @@ def _cpu_ok() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-def _build() -> Path:
+def _build(source: Path) -> Path:
     """The shared library for this source and torch, compiled unless the cache has it."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    lib = cache_dir() / f"tinychat_int8_gemv_{key}.so"
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    lib = cache_dir() / f"tinychat_{source.stem}_{key}.so"
     if lib.is_file():
         return lib
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -59,32 +63,48 @@ def _build() -> Path:
     abi = int(torch.compiled_with_cxx11_abi())
     cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
     cmd += [f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    cmd += [f"-I{p}" for p in cpp.include_paths()] + [str(SOURCE), "-o", str(tmp)]
+    cmd += [f"-I{p}" for p in cpp.include_paths()] + [str(source), "-o", str(tmp)]
     cmd += [f"-L{p}" for p in cpp.library_paths()] + ["-lc10", "-ltorch_cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"building {source.name} failed: {done.stderr.strip()[-500:]}")
     tmp.replace(lib)
     return lib
 
 
-def int8_gemv() -> object | None:
-    """torch.ops.tinychat.int8_gemv, built and loaded on first call; None where it cannot run here."""
-    if "op" in _state:
-        return _state["op"]
+def _load(name: str, source: Path, what: str, fake: Callable[..., torch.Tensor]) -> object | None:
+    """torch.ops.tinychat.<name>, built and loaded on first call (`fake` gives torch.compile its output's shape);
+    None where it cannot run here, told once on stderr when a build was tried and failed."""
+    if name in _state:
+        return _state[name]
     op = None
     if os.environ.get("TINYCHAT_NATIVE", "1") != "0" and _cpu_ok():
         try:
-            torch.ops.load_library(str(_build()))
-            op = torch.ops.tinychat.int8_gemv
-
-            @torch.library.register_fake("tinychat::int8_gemv")
-            def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-                return x.new_empty(x.shape[0], w.shape[0])
-
+            torch.ops.load_library(str(_build(source)))
+            op = getattr(torch.ops.tinychat, name)
+            torch.library.register_fake(f"tinychat::{name}")(fake)
         except (RuntimeError, OSError) as e:
-            print(f"tinychat: the int8 kernel is not available ({e}); using aten's int8 matmul", file=sys.stderr)
+            print(f"tinychat: the {what} is not available ({e}); using aten's", file=sys.stderr)
             op = None
-    _state["op"] = op
+    _state[name] = op
     return op
+
+
+def _int8_gemv_fake(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def int8_gemv() -> object | None:
+    """torch.ops.tinychat.int8_gemv(x (M, K) fp32, w (N, K) int8, scale (N,)) -> (M, N); None where it cannot run."""
+    return _load("int8_gemv", HERE / "compress" / "int8_gemv.cpp", "int8 kernel", _int8_gemv_fake)
+
+
+def _attention_fake(q: torch.Tensor, *_: object) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def paged_decode_attention() -> object | None:
+    """torch.ops.tinychat.paged_decode_attention(q (B, H, 1, hd), k_pool, v_pool (P, n_kv, hd), keys (B, S),
+    positions (B, 1), scale) -> (B, H, 1, hd), float32; None where it cannot run here."""
+    return _load("paged_decode_attention", HERE / "paged_attention.cpp", "paged attention kernel", _attention_fake)

@@ -13,7 +13,7 @@ int8 kernel crashes for in_features not divisible by 16 and the int4 kernel need
 and a group of 32/64/128/256; such layers, and any non-CPU device, take the plain path: dequantize the
 layer's weight for that call (correct, not fast; there is no GPU here to tune one).
 On AVX2 CPUs int8 layers with K % 32 == 0 run up to NATIVE_ROWS rows (decode steps, short prompts) through
-tinychat's own kernel instead (native.py, int8_gemv.cpp: activations rounded to int8 per block of 32 and
+tinychat's own kernel instead (model/native.py, int8_gemv.cpp: activations rounded to int8 per block of 32 and
 multiplied in integers, as llama.cpp's q8_0 matmul does): 1.4-2x aten's kernel on a 2-core AVX2 EPYC.
 
 Scales are rounded to bf16 *before* the integers are chosen, so the kernel's bf16 scales reproduce the
@@ -48,7 +48,7 @@ from tinychat.model.compress.common import (
     save_with_tokenizer,
     set_module,
 )
-from tinychat.model.compress.native import int8_gemv
+from tinychat.model.native import int8_gemv
 
 INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 CPU kernel accepts
 NATIVE_ROWS = 64  # int8 matmuls of up to this many rows (decode batches, short prompts) take int8_gemv.cpp

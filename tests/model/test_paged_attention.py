@@ -1,0 +1,98 @@
+"""The native paged decode attention (model/paged_attention.cpp via model/native.py): one query per row over
+that row's keys where they lie in the pool, against SDPA over the gathered span it replaces.
+
+The kernel is built with the machine's g++ on first use (cached per source and torch version); the tests that
+need it skip where it cannot run (no AVX2/FMA), and the fallback tests run everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinychat.model import native
+from tinychat.model.config import preset
+from tinychat.model.kv_cache import PagedKVCache, PagedMeta, visible_keys
+
+OP = native.paged_decode_attention()
+needs_kernel = pytest.mark.skipif(OP is None, reason="the native attention kernel cannot run on this machine")
+
+
+def gathered_sdpa(q, pk, pv, keys, positions):  # noqa: ANN001, ANN201 - the path the kernel replaces
+    B, S = keys.shape
+    ks = pk[keys.reshape(-1)].view(B, S, *pk.shape[1:]).transpose(1, 2)
+    vs = pv[keys.reshape(-1)].view(B, S, *pv.shape[1:]).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, ks, vs, attn_mask=visible_keys(positions, S), enable_gqa=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("B", "H", "KV", "hd", "S"), [(1, 4, 2, 64, 16), (5, 4, 2, 64, 128), (3, 8, 8, 32, 40), (2, 6, 1, 8, 7)]
+)
+def test_kernel_equals_sdpa_over_the_gathered_span(B: int, H: int, KV: int, hd: int, S: int) -> None:
+    """Scattered keys, rows of different lengths (one sees a single key, one sees all S), GQA and MHA and
+    MQA: the same output as gathering each row's span and masking it for SDPA, to float rounding."""
+    torch.manual_seed(0)
+    P = 4 * S + 3
+    pk, pv = torch.randn(P, KV, hd), torch.randn(P, KV, hd)
+    keys = torch.stack([torch.randperm(P)[:S] for _ in range(B)])  # (B, S) positions anywhere in the pool
+    positions = torch.randint(0, S, (B, 1))
+    positions[-1, 0] = S - 1
+    positions[0, 0] = 0  # (with B = 1 the one row sees a single key)
+    q = torch.randn(B, 1, H, hd).transpose(1, 2)  # (B, H, 1, hd), not contiguous: as the model passes it
+    got = OP(q, pk, pv, keys, positions, 1.0 / math.sqrt(hd))
+    want = gathered_sdpa(q, pk, pv, keys, positions)
+    assert got.shape == (B, H, 1, hd)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    keys2 = keys.clone()
+    keys2[0, 1:] = 0  # row 0 sees one key: what lies past its position is never read
+    torch.testing.assert_close(OP(q, pk, pv, keys2, positions, 1.0 / math.sqrt(hd))[0], got[0])
+
+
+@needs_kernel
+def test_a_key_outside_the_pool_is_an_error_not_a_read() -> None:
+    pk = pv = torch.randn(8, 1, 8)
+    q = torch.randn(1, 1, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        OP(q, pk, pv, torch.tensor([[3, 99]]), torch.tensor([[1]]), 1.0)
+
+
+def test_the_cache_uses_it_only_where_it_computes_what_sdpa_would() -> None:
+    """fp32 on the CPU with the plain visibility rule; not bf16, ALiBi or sliding windows (their layers bring masks
+    of their own), and not when the kernel is off."""
+    cfg = preset("tiny", vocab_size=64, n_layer=2)
+    assert (PagedKVCache(cfg, 4, 8, "cpu", torch.float32).decode_kernel is not None) == (OP is not None)
+    assert PagedKVCache(cfg, 4, 8, "cpu", torch.bfloat16).decode_kernel is None
+    assert (
+        PagedKVCache(preset("tiny", vocab_size=64, position="alibi"), 4, 8, "cpu", torch.float32).decode_kernel is None
+    )
+    slid = preset("tiny", vocab_size=64, sliding_window=8)
+    assert PagedKVCache(slid, 4, 8, "cpu", torch.float32).decode_kernel is None
+
+
+@needs_kernel
+def test_attend_reads_the_same_through_the_kernel_and_the_gather() -> None:
+    """PagedKVCache.attend for a decode step of three rows over scattered blocks: the kernel's output is the
+    gather path's, and the new keys/values are written either way."""
+    cfg = preset("tiny", vocab_size=64, n_layer=1)
+    outs = []
+    for kernel in (True, False):
+        torch.manual_seed(1)
+        cache = PagedKVCache(cfg, 4, 16, "cpu", torch.float32)
+        cache.ensure(16)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        if not kernel:
+            cache.decode_kernel = None
+        keys = torch.tensor(
+            [[40, 41, 42, 43, 8, 9, 10, 11], [20, 21, 22, 23, 0, 0, 0, 0], [4, 5, 6, 7, 60, 61, 62, 63]]
+        )
+        positions = torch.tensor([[5], [2], [7]])
+        slots = keys.gather(1, positions).view(-1)
+        meta = PagedMeta(positions, slots, keys, 0, 8, visible_keys(positions, 8))
+        q = torch.randn(3, cfg.n_head, 1, cfg.head_dim)
+        k, v = torch.randn(2, 3, cfg.n_kv_head, 1, cfg.head_dim)
+        outs.append((cache.attend(0, q, k, v, meta), cache.k[0][slots].clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1])
