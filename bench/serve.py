@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -388,16 +389,22 @@ def adapter_table(args: argparse.Namespace, model_dir: Path, levels: list[int], 
 
 def serve_process(model_dir: Path, *options: str) -> tuple[str, subprocess.Popen]:
     """A real `tinychat serve --model DIR OPTIONS...` in a process of its own, on a free port: its base URL
-    (without /v1) and the process, once /health answers (bench/soak.py's server too)."""
+    (without /v1) and the process, once /health answers (bench/soak.py's server too). Options of the form
+    NAME=VALUE set the server's environment instead (PYTHONPATH=<a worktree> serves another commit's code,
+    TINYCHAT_NATIVE=0 turns the native kernels off), so --serve-ab compares code side by side too."""
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.update(o.split("=", 1) for o in options if "=" in o and not o.startswith("-"))
+    options = tuple(o for o in options if not ("=" in o and not o.startswith("-")))
     cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port), *options]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 300  # --compile builds two graphs at start: minutes with a cold inductor cache
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"{base}/health", timeout=1).read()
             return base, proc
@@ -407,7 +414,7 @@ def serve_process(model_dir: Path, *options: str) -> tuple[str, subprocess.Popen
                 raise SystemExit(f"tinychat serve failed: {err}") from None
             time.sleep(0.1)
     proc.terminate()
-    raise SystemExit("tinychat serve did not answer within a minute")
+    raise SystemExit("tinychat serve did not answer within 5 minutes")
 
 
 def servers_table(
@@ -423,9 +430,9 @@ def servers_table(
     bias = {str(t): -100.0 for t in tok.stop_ids}
     runs: list[dict[int, list[dict]]] = [{c: [] for c in levels} for _ in setups]
     try:
-        for url, _ in servers:  # warm-up at every level: a compiled server (--compile) compiles each batch bucket
-            for c in levels:
-                load(Level(url, c, 1, 8, bias))
+        for url, _ in servers:  # warm-up, a whole round at every level: a compiled server (--compile) compiles
+            for c in levels:  # two graphs per batch bucket and key length it reaches, minutes with a cold cache
+                load(Level(url, c, args.requests, args.max_tokens, bias))
         for _ in range(args.rounds):
             for c in levels:
                 for k, (url, _) in enumerate(servers):
