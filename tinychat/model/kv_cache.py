@@ -315,8 +315,14 @@ class PagedKVCache:
         B, n_kv, T, hd = k.shape
         pk.index_copy_(0, m.slots, k.transpose(1, 2).reshape(B * T, n_kv, hd).to(pk.dtype))
         pv.index_copy_(0, m.slots, v.transpose(1, 2).reshape(B * T, n_kv, hd).to(pv.dtype))
-        if self.decode_kernel is not None and T == 1 and m.keys is not None and bias is None and q.dtype == pk.dtype:
-            # a decode step over scattered blocks: each row's keys are read where they lie, nothing gathered
+        if (
+            self.decode_kernel is not None
+            and T == 1
+            and m.keys is not None
+            and bias is None
+            and q.dtype == pk.dtype
+            and (B > 1 or not torch.compiler.is_compiling())  # one compiled row: matmul_attention, fused, is faster
+        ):  # a decode step over scattered blocks: each row's keys are read where they lie, nothing gathered
             return self.decode_kernel(q, pk, pv, m.keys, m.positions, 1.0 / math.sqrt(hd))
         if m.keys is None:  # consecutive blocks: the span is a view of the pool, nothing is copied
             ks = pk[m.view_start : m.view_start + m.span][None]
