@@ -397,9 +397,9 @@ def serve_process(model_dir: Path, *options: str) -> tuple[str, subprocess.Popen
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ)
-    env.update(o.split("=", 1) for o in options if "=" in o and not o.startswith("-"))
-    options = tuple(o for o in options if not ("=" in o and not o.startswith("-")))
+    settings = [o for o in options if "=" in o and not o.startswith("-")]
+    env = {**os.environ, **dict(o.split("=", 1) for o in settings)}
+    options = tuple(o for o in options if o not in settings)
     cmd = [sys.executable, "-m", "tinychat.cli", "serve", "--model", str(model_dir), "--port", str(port), *options]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"

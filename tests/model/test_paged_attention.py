@@ -61,7 +61,7 @@ def test_a_key_outside_the_pool_is_an_error_not_a_read() -> None:
 
 def test_the_cache_uses_it_only_where_it_computes_what_sdpa_would() -> None:
     """fp32 on the CPU with the plain visibility rule; not bf16, ALiBi or sliding windows (their layers bring masks
-    of their own), and not when the kernel is off."""
+    of their own), a head size that 8 does not divide, or when the kernel is off."""
     cfg = preset("tiny", vocab_size=64, n_layer=2)
     assert (PagedKVCache(cfg, 4, 8, "cpu", torch.float32).decode_kernel is not None) == (OP is not None)
     assert PagedKVCache(cfg, 4, 8, "cpu", torch.bfloat16).decode_kernel is None
@@ -70,6 +70,8 @@ def test_the_cache_uses_it_only_where_it_computes_what_sdpa_would() -> None:
     )
     slid = preset("tiny", vocab_size=64, sliding_window=8)
     assert PagedKVCache(slid, 4, 8, "cpu", torch.float32).decode_kernel is None
+    odd = preset("tiny", vocab_size=64, head_dim=12)  # the kernel's vectors are 8 floats
+    assert PagedKVCache(odd, 4, 8, "cpu", torch.float32).decode_kernel is None
 
 
 @needs_kernel

@@ -94,6 +94,11 @@ class ModelConfig:
         return self.sliding_window > 0 and layer >= self.max_window_layers
 
     @property
+    def plain_masks(self) -> bool:
+        """Every layer sees what the call's own metadata allows: no ALiBi biases, no sliding-window layers."""
+        return self.position != "alibi" and not any(self.sliding(i) for i in range(self.n_layer))
+
+    @property
     def q_dim(self) -> int:
         return self.n_head * self.head_dim
 

@@ -258,10 +258,10 @@ class PagedKVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         # one query per row over keys in place (paged_attention.cpp), where it computes what sdpa would: fp32 on
-        # the CPU, and the plain visibility rule (sliding windows and ALiBi give layers masks of their own)
-        plain = cfg.position != "alibi" and not any(cfg.sliding(i) for i in range(cfg.n_layer))
-        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
-        self.decode_kernel = native.paged_decode_attention() if plain and cpu_fp32 else None
+        # the CPU, the plain visibility rule (sliding windows and ALiBi give layers masks of their own), and a
+        # head size its 8-float vectors divide
+        fits = self.device.type == "cpu" and dtype == torch.float32 and cfg.head_dim % 8 == 0
+        self.decode_kernel = native.paged_decode_attention() if fits and cfg.plain_masks else None
 
     @property
     def block_bytes(self) -> int:

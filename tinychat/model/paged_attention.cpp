@@ -9,7 +9,7 @@
 //   q (B, H, 1, hd) float32, k_pool / v_pool (P, n_kv, hd) float32, keys (B, S) int64 pool positions,
 //   positions (B, 1) int64: row b sees keys[b, 0..positions[b]].  ->  (B, H, 1, hd)
 // A query head h reads key/value head h / (H / n_kv) (GQA). Softmax in float32 with its maximum subtracted,
-// as SDPA's. Needs AVX2 and FMA and hd % 8 == 0 (tinychat/model/native.py checks them).
+// as SDPA's. Needs AVX2 and FMA (tinychat/model/native.py checks them) and hd % 8 == 0 (PagedKVCache does).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -100,9 +100,9 @@ def layer_masks(
     layer lets a query at p see keys k with p - W < k <= p (transformers' rule); ALiBi adds -slope_h * (p - k)
     to every allowed score, as a float mask (-inf where not allowed).
     """
-    sliding = [cfg.sliding(i) for i in range(cfg.n_layer)]
-    if cfg.position != "alibi" and not any(sliding):
+    if cfg.plain_masks:
         return [(mask, is_causal)] * cfg.n_layer
+    sliding = [cfg.sliding(i) for i in range(cfg.n_layer)]
     n_keys = n_keys or int(pos.max().item()) + 1
     keys = torch.arange(n_keys, device=pos.device)
     dist = pos[:, None, :, None] - keys[None, None, None, :]  # (B|1, 1, T, S): query minus key position

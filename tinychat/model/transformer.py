@@ -138,7 +138,7 @@ def layer_metas(
     paths), or a copy carrying that layer's sliding-window / ALiBi mask (model/positions.py). Keys sit at
     positions 0..span-1 of their row in both cache layouts, so one rule covers cache-less, contiguous and
     paged calls."""
-    if cfg.position != "alibi" and not any(cfg.sliding(i) for i in range(cfg.n_layer)):
+    if cfg.plain_masks:
         return [meta] * cfg.n_layer
     if cache is None:
         T = pos.shape[-1]
