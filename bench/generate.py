@@ -44,7 +44,8 @@ from tinychat.infer.compiled import (
     static_forward,
     static_length,
 )
-from tinychat.model import Model, preset
+from tinychat.model import Model, native, preset
+from tinychat.model.packed import pack_linears
 
 
 def best_of(fn, repeats: int) -> float:
@@ -59,8 +60,9 @@ def best_of(fn, repeats: int) -> float:
 def matmul_floor(model: torch.nn.Module, batch: int, repeats: int = 20) -> float:
     """Seconds per decode step spent in the weight matmuls alone: every Linear's weight and the head applied to
     `batch` rows of random activations, one after another as a step reads them (no attention, no norms, no
-    Python around them). At batch 1 this is the memory traffic of the weights, the floor under any engine
-    that keeps them in this dtype (transformers included)."""
+    Python around them), through F.linear or, where faster, the packed kernel (model/packed.py). At batch 1
+    this is the memory traffic of the weights, the floor under any engine that keeps them in this dtype
+    (transformers included)."""
     ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not any(w is model.lm_head.weight for w in ws):
         ws.append(model.lm_head.weight)
@@ -70,9 +72,20 @@ def matmul_floor(model: torch.nn.Module, batch: int, repeats: int = 20) -> float
         for w in ws:
             torch.nn.functional.linear(xs[w.shape[1]], w)
 
+    steps = [step]
+    op = native.packed_linear() if ws[0].dtype == torch.float32 else None
+    if op is not None:
+        packed = [(torch.ops.tinychat.pack_linear_weight(w.detach()), w.shape) for w in ws]
+
+        def packed_step() -> None:
+            for p, (n, k) in packed:
+                op(xs[k], p, None, n)
+
+        steps.append(packed_step)
     with torch.no_grad():
-        step()
-        return best_of(lambda: [step() for _ in range(repeats)], 3) / repeats
+        for f in steps:
+            f()
+        return min(best_of(lambda f=f: [f() for _ in range(repeats)], 3) for f in steps) / repeats
 
 
 def main() -> None:
@@ -113,7 +126,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        model.fuse_projections()  # the inference path (the engine and `tinychat generate` do the same)
+        pack_linears(model.fuse_projections())  # the inference path (the engine and `tinychat generate` do the same)
         for B in [int(b) for b in args.batches.split(",")]:
             prompts = torch.randint(0, 8192, (B, args.prompt_len))
             params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_on_eos=False)
@@ -226,7 +239,7 @@ def _int8_layers(model: Model) -> list:
 
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in model.model.layers:
-        mods += [*layer.self_attn.qkv_int, *getattr(layer.mlp, "gate_up_int", ())]
+        mods += [*layer.self_attn.qkv_mod, *getattr(layer.mlp, "gate_up_mod", ())]
     return mods
 
 
@@ -246,7 +259,7 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
             prompt = torch.randint(16, 300, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
             rows = []
             for dtype in (torch.float32, torch.bfloat16):
-                m = model.to(dtype).fuse_projections()
+                m = pack_linears(model.to(dtype).fuse_projections())
                 size = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
                 for comp in (False, True):
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
@@ -299,9 +312,9 @@ def speculative_table(args: argparse.Namespace) -> None:
         drafts = [("random tiny fp32", Model(preset("tiny", vocab_size=8192)).eval())]
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, 8192, (args.prompt_len,), generator=g).tolist() for _ in range(2)]
-    target.fuse_projections()
+    pack_linears(target.fuse_projections())
     for _, draft in drafts:
-        draft.fuse_projections()
+        pack_linears(draft.fuse_projections())
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, stop_on_eos=False)
     modes = [("plain", None), ("prompt lookup", Speculative(k=args.k))]
     for label, draft in drafts:  # a draft's dtype or quantization never changes the target's greedy tokens

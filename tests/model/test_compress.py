@@ -132,13 +132,13 @@ def test_fused_int8_projections_change_nothing_but_the_calls(tmp_path: Path, bit
     q.save_pretrained(tmp_path / "before")
     q.fuse_projections()
     attn, mlp = q.model.layers[0].self_attn, q.model.layers[0].mlp
-    assert bool(attn.qkv_int) == bool(mlp.gate_up_int) == (bits == 8)
+    assert bool(attn.qkv_mod) == bool(mlp.gate_up_mod) == (bits == 8)
     if bits == 8:
-        assert attn.q_proj.qweight.data_ptr() == attn.qkv_int[0].qweight.data_ptr()
-        assert mlp.up_proj.qweight.data_ptr() == mlp.gate_up_int[0].qweight[mlp.gate_proj.out_features :].data_ptr()
+        assert attn.q_proj.qweight.data_ptr() == attn.qkv_mod[0].qweight.data_ptr()
+        assert mlp.up_proj.qweight.data_ptr() == mlp.gate_up_mod[0].qweight[mlp.gate_proj.out_features :].data_ptr()
     norms = sum(b.self_attn.qk_weight.numel() * 4 for b in q.model.layers if bits == 8)  # fused q/k-norm weights
     assert torch.equal(logits(q, IDS), ref) and weight_bytes(q) == size + norms
-    assert not any(n.endswith(("qkv_int", "gate_up_int")) for n, _ in q.named_modules())
+    assert not any(n.endswith(("qkv_mod", "gate_up_mod")) for n, _ in q.named_modules())
     q.save_pretrained(tmp_path / "after")
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes()

@@ -41,6 +41,7 @@ def run(cfg: GenerateConfig) -> int:
     from tinychat.infer.sampling import SamplingParams
     from tinychat.model import Model
     from tinychat.model.hub import resolve_model_dir
+    from tinychat.model.packed import pack_linears
     from tinychat.tokenizer import Tokenizer
 
     if not cfg.model:
@@ -51,6 +52,7 @@ def run(cfg: GenerateConfig) -> int:
     path = resolve_model_dir(cfg.model)
     model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
     model.fuse_projections()  # inference only: q/k/v and gate/up in one matmul each
+    pack_linears(model)  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
     spec = None
     if cfg.compile and (cfg.draft_model or cfg.speculative):
         raise UserError("--compile decodes without speculation; drop --compile or --draft_model/--speculative.")
@@ -63,7 +65,7 @@ def run(cfg: GenerateConfig) -> int:
         if cfg.draft_model:
             d = resolve_model_dir(cfg.draft_model)
             draft = Model.from_pretrained(str(d), dtype=pick_dtype(cfg.dtype, device), device=str(device))
-            draft.fuse_projections()
+            pack_linears(draft.fuse_projections())
         spec = Speculative(draft=draft, k=cfg.num_speculative_tokens)
     tok = Tokenizer.from_pretrained(tokenizer_dir(path))
     prompts = cfg.prompt

@@ -1,6 +1,6 @@
 """tinychat's native kernels, built on first use with the machine's C++ compiler.
 
-Two kernels, each a speed-up that tinychat runs without:
+Three kernels, each a speed-up that tinychat runs without:
   * `int8_gemv` (compress/int8_gemv.cpp): a decode step at batch 1 reads every weight once, and aten's
     weight-only int8 matmul runs well below memory speed on AVX2 CPUs (it converts each weight to float
     first), which held int8 decoding at half of llama.cpp's q8_0 on the same weights (docs/compress.md).
@@ -8,6 +8,8 @@ Two kernels, each a speed-up that tinychat runs without:
   * `paged_decode_attention` (paged_attention.cpp): the serving engine's decode step attends over each
     row's keys where they lie in the paged pool, instead of gathering them into a copy and masking it for
     SDPA (docs/engine.md).
+  * `packed_linear` (packed_linear.cpp): fp32 matmuls of a decode step's few rows over weights packed once
+    into 16-column panels, where MKL's sgemm runs far below the core's speed (model/packed.py).
 
 Why built here rather than shipped: wheels of compiled code per platform are a packaging project of their
 own, while every machine that runs `--compile` already has the compiler inductor needs. Each library is
@@ -108,3 +110,13 @@ def paged_decode_attention() -> object | None:
     """torch.ops.tinychat.paged_decode_attention(q (B, H, 1, hd), k_pool, v_pool (P, n_kv, hd), keys (B, S),
     positions (B, 1), scale) -> (B, H, 1, hd), float32; None where it cannot run here."""
     return _load("paged_decode_attention", HERE / "paged_attention.cpp", "paged attention kernel", _attention_fake)
+
+
+def _packed_fake(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+def packed_linear() -> object | None:
+    """torch.ops.tinychat.packed_linear(x (M, K) fp32, packed (ceil(N/16), K, 16), bias (N,) or None, N) -> (M, N),
+    over a weight from torch.ops.tinychat.pack_linear_weight(w (N, K)); None where it cannot run here."""
+    return _load("packed_linear", HERE / "packed_linear.cpp", "packed matmul kernel", _packed_fake)

@@ -166,7 +166,8 @@ class Attention(nn.Module):
         self.qk_weight: torch.Tensor | None  # (H + KV, hd): q_norm's weight per query head, then k_norm's
         for name in ("qkv_weight", "qkv_bias", "qk_weight"):
             self.register_buffer(name, None, persistent=False)
-        self.qkv_int: tuple[nn.Module, ...] = ()  # fused int8 q/k/v (fuse(), _fuse_integer)
+        # one module computing the fused q/k/v: int8 (fuse(), _fuse_integer) or packed fp32 (model/packed.py)
+        self.qkv_mod: tuple[nn.Module, ...] = ()
 
     def forward(
         self,
@@ -180,9 +181,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, KV = cfg.n_head, cfg.n_kv_head
-        if self.qkv_weight is not None or self.qkv_int:  # fused for inference (fuse_projections): one matmul,
+        if self.qkv_weight is not None or self.qkv_mod:  # fused for inference (fuse_projections): one matmul,
             # one norm, one rope
-            qkv = self.qkv_int[0](x) if self.qkv_int else F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = self.qkv_mod[0](x) if self.qkv_mod else F.linear(x, self.qkv_weight, self.qkv_bias)
             qkv = add_adapters(qkv, x, (self.q_proj, self.k_proj, self.v_proj), adapters)
             qkv = qkv.view(B, T, H + 2 * KV, cfg.head_dim)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :].transpose(1, 2)
@@ -215,13 +216,13 @@ class Attention(nn.Module):
         fuses too (its per-row update is added after the fused matmul, add_adapters), and int8 ones fuse into
         one integer matmul (_fuse_integer)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
-        if self.qkv_weight is not None or self.qkv_int:
+        if self.qkv_weight is not None or self.qkv_mod:
             return True
         if all(_fusable(m) for m in mods):
             self.qkv_weight, self.qkv_bias = _fuse_linears(mods)
         else:
-            self.qkv_int = _fuse_integer(mods)
-            if not self.qkv_int:
+            self.qkv_mod = _fuse_integer(mods)
+            if not self.qkv_mod:
                 return False
         if self.cfg.qk_norm:
             cfg = self.cfg
@@ -259,11 +260,11 @@ class MLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None
         for name in ("gate_up_weight", "gate_up_bias"):  # set by fuse(), as in Attention
             self.register_buffer(name, None, persistent=False)
-        self.gate_up_int: tuple[nn.Module, ...] = ()
+        self.gate_up_mod: tuple[nn.Module, ...] = ()  # as Attention.qkv_mod
 
     def forward(self, x: torch.Tensor, adapters: object = None) -> torch.Tensor:  # adapters: as in Attention
-        if self.gate_up_weight is not None or self.gate_up_int:  # fused for inference: one matmul for gate and up
-            fused = self.gate_up_int
+        if self.gate_up_weight is not None or self.gate_up_mod:  # fused for inference: one matmul for gate and up
+            fused = self.gate_up_mod
             gate_up = fused[0](x) if fused else F.linear(x, self.gate_up_weight, self.gate_up_bias)
             gate, up = add_adapters(gate_up, x, (self.gate_proj, self.up_proj), adapters).chunk(2, dim=-1)
         else:
@@ -276,12 +277,12 @@ class MLP(nn.Module):
     def fuse(self) -> bool:
         """Inference only: gate and up in one matmul (as Attention.fuse)."""
         mods = (self.gate_proj, self.up_proj)
-        if self.gate_up_weight is None and not self.gate_up_int:
+        if self.gate_up_weight is None and not self.gate_up_mod:
             if all(_fusable(m) for m in mods):
                 self.gate_up_weight, self.gate_up_bias = _fuse_linears(mods)
             else:
-                self.gate_up_int = _fuse_integer(mods)
-        return self.gate_up_weight is not None or bool(self.gate_up_int)
+                self.gate_up_mod = _fuse_integer(mods)
+        return self.gate_up_weight is not None or bool(self.gate_up_mod)
 
 
 class Block(nn.Module):

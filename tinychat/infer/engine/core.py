@@ -37,6 +37,7 @@ from tinychat.infer.engine.scheduler import Request, Scheduler, Seq, blocks_for,
 from tinychat.infer.text import TextTracker
 from tinychat.infer.tool_calls import ToolCallParser
 from tinychat.model.kv_cache import PagedKVCache, PagedMeta, visible_keys
+from tinychat.model.packed import pack_linears
 from tinychat.model.peft.multi_lora import AdapterSet
 from tinychat.model.pooling import mean_pool
 
@@ -63,6 +64,7 @@ class Engine:
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
+            pack_linears(model)  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
         self.cfg = cfg = cfg or rq.EngineConfig()
         mcfg = model.cfg
         self.max_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)

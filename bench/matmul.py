@@ -1,0 +1,85 @@
+"""A decode step's matmuls through F.linear (MKL) and through the packed kernel (model/packed.py), side by side.
+
+    .venv/bin/python bench/matmul.py [--preset tiny] [--rows 1,2,4,8,16,32,64] [--threads 1] [--evict-mb 16]
+
+For each row count, one "step" applies every projection of a `--preset` model (q/k/v and gate/up fused as the
+engine runs them, o, down, the head) to that many rows of random activations, one after another as a decode
+step reads them. Between steps `--evict-mb` of other memory is written, as the KV cache and activations
+would, so the weights come from where a real step finds them rather than from a warm L1/L2. Prints the median
+step time of each path (the best of two interleaved passes), its GFLOP/s and the ratio. Timings live here,
+never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tinychat.model import Model, native, preset
+
+
+def shapes(preset_name: str) -> list[tuple[int, int]]:
+    """(N, K) of every matmul a decode step runs, in order."""
+    m = Model(preset(preset_name)).fuse_projections()
+    out = []
+    for layer in m.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        out += [tuple(a.qkv_weight.shape), tuple(a.o_proj.weight.shape)]
+        out += [tuple(mlp.gate_up_weight.shape), tuple(mlp.down_proj.weight.shape)]
+    return out + [tuple(m.lm_head.weight.shape)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--evict-mb", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    op = native.packed_linear()
+    if op is None:
+        raise SystemExit("the packed kernel cannot run on this machine (no AVX2/FMA or g++, or TINYCHAT_NATIVE=0)")
+    torch.manual_seed(0)
+    dims = shapes(args.preset)
+    ws = [torch.randn(n, k) / k**0.5 for n, k in dims]
+    packed = [torch.ops.tinychat.pack_linear_weight(w) for w in ws]
+    junk = torch.empty(args.evict_mb * 2**18)
+    print(f"{args.preset}: {len(ws)} matmuls, {sum(w.numel() for w in ws) * 4 / 2**20:.1f} MiB of fp32 weights")
+    print(f"{'rows':>5} {'F.linear ms':>12} {'GFLOP/s':>8} {'packed ms':>10} {'GFLOP/s':>8} {'x':>6}")
+    with torch.no_grad():
+        for M in (int(r) for r in args.rows.split(",")):
+            xs = [torch.randn(M, k) for _, k in dims]
+            for w, p, x in zip(ws, packed, xs):  # the same numbers, or the timing means nothing
+                torch.testing.assert_close(op(x, p, None, w.shape[0]), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+            def aten(xs: list[torch.Tensor] = xs) -> None:
+                for w, x in zip(ws, xs):
+                    F.linear(x, w)
+
+            def kernel(xs: list[torch.Tensor] = xs) -> None:
+                for w, p, x in zip(ws, packed, xs):
+                    op(x, p, None, w.shape[0])
+
+            best: dict[str, float] = {}
+            for name, step in [("aten", aten), ("packed", kernel)] * 2:
+                times = []
+                for _ in range(args.steps):
+                    junk.add_(1.0)
+                    t = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - t)
+                best[name] = min(best.get(name, float("inf")), statistics.median(times))
+            flops = sum(2 * M * n * k for n, k in dims)
+            a, k = best["aten"], best["packed"]
+            gf_a, gf_k = flops / a / 1e9, flops / k / 1e9
+            print(f"{M:>5} {a * 1e3:>12.2f} {gf_a:>8.1f} {k * 1e3:>10.2f} {gf_k:>8.1f} {a / k:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
