@@ -240,3 +240,23 @@ def test_embeddings_are_mean_pooled_and_normalised(engine, model, prompts):
         with torch.no_grad():
             h = model.hidden_states(torch.tensor([p]))[0].mean(0)
         torch.testing.assert_close(torch.tensor(v), F.normalize(h, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_packed_weights_are_optional_and_change_no_token(model, tok, prompts):
+    """`pack_weights=False` leaves every projection an nn.Linear (no packed copy in memory); where the packed
+    kernel runs, the default engine packs them, and both give the same greedy tokens."""
+    from tinychat.model import Model, native
+    from tinychat.model.packed import PackedLinear
+
+    outs = {}
+    for pack in (False, True):
+        m = Model(model.cfg).eval()
+        m.load_state_dict(model.state_dict())
+        e = Engine(m, tok, EngineConfig(max_num_seqs=4, pack_weights=pack)).start()
+        try:
+            outs[pack] = [run(e, GenerationRequest(p, greedy()))[0][0]["token_ids"] for p in prompts[:4]]
+        finally:
+            e.stop()
+        packed = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]  # o, down, head (fused ones: tuples)
+        assert len(packed) == (2 * m.cfg.n_layer + 1 if pack and native.packed_linear() is not None else 0)
+    assert outs[True] == outs[False]

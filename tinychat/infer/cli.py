@@ -31,6 +31,9 @@ class GenerateConfig:
     speculative: Literal["", "ngram"] = field("", help="ngram: draft-free speculative decoding (prompt lookup)")
     num_speculative_tokens: int = field(4, help="tokens proposed per speculative round")
     compile: bool = field(False, help="decode through torch.compile: faster per token after a one-off compile (~20 s)")
+    pack_weights: bool = field(
+        True, help="fp32 on a CPU: decode matmuls over a packed copy of the weights (faster; their memory again)"
+    )
 
 
 def run(cfg: GenerateConfig) -> int:
@@ -52,7 +55,8 @@ def run(cfg: GenerateConfig) -> int:
     path = resolve_model_dir(cfg.model)
     model = Model.from_pretrained(str(path), dtype=pick_dtype(cfg.dtype, device), device=str(device))
     model.fuse_projections()  # inference only: q/k/v and gate/up in one matmul each
-    pack_linears(model)  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
+    if cfg.pack_weights:
+        pack_linears(model)  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
     spec = None
     if cfg.compile and (cfg.draft_model or cfg.speculative):
         raise UserError("--compile decodes without speculation; drop --compile or --draft_model/--speculative.")
@@ -65,7 +69,9 @@ def run(cfg: GenerateConfig) -> int:
         if cfg.draft_model:
             d = resolve_model_dir(cfg.draft_model)
             draft = Model.from_pretrained(str(d), dtype=pick_dtype(cfg.dtype, device), device=str(device))
-            pack_linears(draft.fuse_projections())
+            draft.fuse_projections()
+            if cfg.pack_weights:
+                pack_linears(draft)
         spec = Speculative(draft=draft, k=cfg.num_speculative_tokens)
     tok = Tokenizer.from_pretrained(tokenizer_dir(path))
     prompts = cfg.prompt

@@ -56,6 +56,11 @@ class ServeConfig:
         help="with --compile: tokens per compiled call while no request waits and every running one samples "
         "with temperature and logit bias only (vLLM's multi-step scheduling); 1 = one per call",
     )
+    pack_weights: bool = field(
+        True,
+        help="fp32 on a CPU: decode matmuls over a packed copy of the weights (model/packed.py; 1.3-2.2x tokens/s "
+        "on 2 cores, docs/engine.md); false saves that copy's memory (the fp32 weights' size)",
+    )
     threads: int = field(
         0, help="CPU threads for the model's kernels (0: torch's default less one core, kept for HTTP and streaming)"
     )
@@ -186,6 +191,7 @@ def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
         prefill_chunk=cfg.prefill_chunk,
         compile=cfg.compile,
         decode_steps=cfg.decode_steps,
+        pack_weights=cfg.pack_weights,
     )
 
 

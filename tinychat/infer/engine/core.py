@@ -62,10 +62,11 @@ class Engine:
             if adapters is not None:
                 raise UserError("compiled decoding does not batch LoRA adapters yet; serve them without --compile.")
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
+        self.cfg = cfg = cfg or rq.EngineConfig()
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
-            pack_linears(model)  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
-        self.cfg = cfg = cfg or rq.EngineConfig()
+            if cfg.pack_weights:  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
+                pack_linears(model)
         mcfg = model.cfg
         self.max_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
         p = model.model.norm.weight

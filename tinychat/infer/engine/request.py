@@ -132,6 +132,7 @@ class EngineConfig:
     idle_release_s: float = 30.0  # drop the KV pool (and its cached prefixes) after this long with nothing to do
     compile: bool = False  # decode through torch.compile (infer/compiled.py): faster per token, a compile per shape
     decode_steps: int = 4  # compiled: tokens per call while nothing waits (Engine._multi_decode); 1 = one per call
+    pack_weights: bool = True  # fp32 on a CPU: decode matmuls over a packed copy of the weights (model/packed.py)
 
 
 @dataclass
