@@ -35,11 +35,11 @@ def shapes(preset_name: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--evict-mb", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--preset", default="tiny", help="the model shape whose matmuls a step runs")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="rows per step (running sequences)")
+    ap.add_argument("--threads", type=int, default=1, help="kernel threads (the server's default is 1 on 2 cores)")
+    ap.add_argument("--evict-mb", type=int, default=16, help="other memory written between steps")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per pass (medians)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     op = native.packed_linear()
