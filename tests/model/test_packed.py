@@ -111,3 +111,17 @@ def test_models_the_kernel_does_not_serve_stay_as_they_are(monkeypatch: pytest.M
     monkeypatch.setattr(packed.native, "packed_linear", lambda: None)
     m = pack_linears(tiny_model().fuse_projections())
     assert not m.model.layers[0].self_attn.qkv_mod and type(m.model.layers[0].mlp.down_proj) is nn.Linear
+
+
+@needs_kernel
+def test_a_packed_model_moved_to_another_dtype_and_back_computes_with_its_new_weights() -> None:
+    """`model.to(...)` replaces the fused q/k/v and gate/up buffers, which the fused packed modules (outside the
+    module tree) read at every call: bf16 runs F.linear on the bf16 weights, and back in fp32 the next eager
+    call repacks, so the logits are those of the same model never packed."""
+    m = pack_linears(tiny_model().fuse_projections())
+    ref = tiny_model().fuse_projections()
+    x = torch.randint(0, 301, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.to(torch.bfloat16)(x), ref.to(torch.bfloat16)(x), atol=0, rtol=0)
+        torch.testing.assert_close(m.float()(x), ref.float()(x), atol=1e-5, rtol=1e-5)
+    assert "FusedPackedLinear" in repr(m.model.layers[0].self_attn.qkv_mod)
