@@ -52,19 +52,15 @@ class PackedLinear(nn.Linear):
         self.register_buffer("packed", None, persistent=False)
         self.repack()
 
-    def source(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias as they are now."""
-        return self.weight, self.bias
-
     @torch.no_grad()
     def repack(self) -> None:
         """Pack the weight as it is now: (ceil(N / 16), K, 16)."""
-        w = self.source()[0]
+        w = self.weight
         self.packed = torch.ops.tinychat.pack_linear_weight(w.detach())
         self._packed_from = _stamp(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        w, b = self.source()
+        w, b = self.weight, self.bias
         rows = x.numel() // self.in_features
         if (
             rows <= PACKED_ROWS
@@ -93,20 +89,17 @@ class FusedPackedLinear(PackedLinear):
         nn.Module.__init__(self)
         object.__setattr__(self, "owner", owner)  # not a submodule: the owner holds this one
         self.prefix, self.op = prefix, op
-        self.out_features, self.in_features = self.source()[0].shape
+        self.out_features, self.in_features = self.weight.shape
         self.register_buffer("packed", None, persistent=False)
         self.repack()
 
-    def source(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return getattr(self.owner, f"{self.prefix}_weight"), getattr(self.owner, f"{self.prefix}_bias")
-
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return self.source()[0]
+        return getattr(self.owner, f"{self.prefix}_weight")
 
     @property
     def bias(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.source()[1]
+        return getattr(self.owner, f"{self.prefix}_bias")
 
 
 def _packable(w: torch.Tensor | None) -> bool:
