@@ -48,6 +48,20 @@ def test_kernel_computes_the_q8_block_algorithm(m: int, k: int, n: int) -> None:
 
 
 @needs_kernel
+def test_a_rows_result_does_not_depend_on_its_batch_mates() -> None:
+    """Every row is summed in the same order whatever M is, so a decode step's row gives the same bits alone and
+    beside others (the engine's seeded outputs must not depend on who else is running)."""
+    torch.manual_seed(2)
+    q, s = quantize_int8(torch.randn(200, 416))  # 13 blocks: the four-block loop and its tail
+    s = s.reshape(-1).contiguous()
+    x = torch.randn(9, 416)
+    batch = OP(x, q, s)
+    for i in (0, 4, 8):
+        assert torch.equal(OP(x[i : i + 1], q, s)[0], batch[i])
+    assert torch.equal(OP(x[2:5], q, s), batch[2:5])
+
+
+@needs_kernel
 def test_quant_linear_uses_the_kernel_for_short_inputs_only() -> None:
     """Up to NATIVE_ROWS rows (decode steps, short prompts) QuantLinear computes the q8 algorithm, bias added;
     longer inputs take aten's kernel (bf16 activations), so they differ from the q8 reference."""
