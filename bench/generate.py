@@ -13,8 +13,8 @@ Timings live here, never in tests.
 
 adds llama.cpp (llama-cpp-python) on the same weights, exported with `tinychat export gguf` as f16, q8_0
 and q4_0: batch-1 prompt (prefill) and decode tokens per second beside tinychat fp32, bf16, int8 and int4
-(`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), int8 compiled once more on aten's
-int8 kernel instead of native.py's ("comp. aten"), and each one's decode speed relative to llama.cpp q8_0.
+(`tinychat quantize`, group 64), each eager and compiled (infer/compiled.py), int8 and int4 compiled once more on
+aten's kernels instead of native.py's ("comp. aten"), and each one's decode speed relative to llama.cpp q8_0.
 --model DIR benches a trained model directory.
 
     .venv/bin/python bench/generate.py --speculative [--model DIR --draft DIR[,DIR]] [--draft-dtype fp32,bf16]
@@ -232,7 +232,7 @@ def _llama_cpp_speed(path: Path, prompt: list[int], new: int, repeats: int) -> t
     return len(prompt) / t_pre, new / max(t_all - t_pre, 1e-9)
 
 
-def _int8_layers(model: Model) -> list:
+def _quant_layers(model: Model) -> list:
     """Every QuantLinear of a quantized model, the fused q/k/v and gate/up ones (kept outside the module tree)
     included."""
     from tinychat.model.compress.quant import QuantLinear
@@ -270,13 +270,13 @@ def llama_cpp_table(args: argparse.Namespace) -> None:
                 for comp in (False, True):
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, comp)
                     rows.append((f"tinychat int{bits}{' compiled' if comp else ''}", size, *speed))
-                layers = _int8_layers(m) if bits == 8 else []
+                layers = _quant_layers(m)
                 kernels = [q.native for q in layers]  # native.py's kernel where QuantLinear chose it, else None
-                if any(kernels):  # the same model on aten's int8 kernel, for the ratio (the step recompiles)
+                if any(kernels):  # the same model on aten's int8/int4 kernel, for the ratio (the step recompiles)
                     for q in layers:
                         q.native = None
                     speed = _tinychat_speed(m, prompt, args.new_tokens, args.repeats, True)
-                    rows.append(("tinychat int8 comp. aten", size, *speed))
+                    rows.append((f"tinychat int{bits} comp. aten", size, *speed))
                     for q, kernel in zip(layers, kernels):
                         q.native = kernel
             for kind in ("f16", "q8_0", "q4_0"):

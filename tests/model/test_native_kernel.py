@@ -1,5 +1,5 @@
-"""The native int8 kernel (model/compress/int8_gemv.cpp via native.py): its arithmetic, where QuantLinear uses it,
-and that every way it can be unavailable falls back to aten's kernel with one message.
+"""The native int8 and int4 kernels (model/compress/int8_gemv.cpp, int4_gemv.cpp via native.py): their arithmetic,
+where QuantLinear uses them, and that every way a kernel can be unavailable falls back to aten's with one message.
 
 The kernel is built with the machine's g++ on first use (~15 s, cached per source and torch version); the
 tests that need it skip where it cannot run (no AVX2/FMA), and the fallback tests run everywhere.
@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from tinychat.model import native
-from tinychat.model.compress.quant import NATIVE_ROWS, QuantLinear, quantize_int8
+from tinychat.model.compress.quant import NATIVE_ROWS, NATIVE_ROWS_INT4, QuantLinear, quantize_int4, quantize_int8
 
 OP = native.int8_gemv()
+OP4 = native.int4_gemv()
 needs_kernel = pytest.mark.skipif(OP is None, reason="the native int8 kernel cannot run on this machine")
+needs_int4 = pytest.mark.skipif(OP4 is None, reason="the native int4 kernel cannot run on this machine")
 
 
 def q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -79,12 +81,56 @@ def test_quant_linear_uses_the_kernel_for_short_inputs_only() -> None:
 
 
 def test_layers_the_kernel_cannot_take_keep_atens_path() -> None:
-    """K not a multiple of 32, or a weight of -128 (the kernel negates weights in int8), or int4: no kernel."""
+    """int8: K not a multiple of 32, or a weight of -128 (the kernel negates weights); int4: N not a multiple of
+    32 (the panels of aten's layout), or a layer off aten's fast path: no kernel."""
     q, s = quantize_int8(torch.randn(32, 48))
     assert QuantLinear(q, s, 8).native is None  # K = 48
     q, s = quantize_int8(torch.randn(32, 64))
     q[0, 0] = -128
     assert QuantLinear(q, s, 8).native is None
+    q, s = quantize_int4(torch.randn(48, 64), 32)
+    assert QuantLinear(q, s, 4, 32).native is None  # N = 48: aten's kernel takes it, this one does not
+    q, s = quantize_int4(torch.randn(40, 64), 32)
+    assert QuantLinear(q, s, 4, 32).native is None and not QuantLinear(q, s, 4, 32).fast
+
+
+@needs_int4
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group"), [(1, 64, 32, 32), (1, 512, 1536, 64), (3, 256, 96, 128), (4, 512, 2048, 256)]
+)
+def test_int4_kernel_reads_atens_layout(m: int, k: int, n: int, group: int) -> None:
+    """Over the very bytes aten's int4 kernel holds (panels of 32 columns, two per byte, bf16 scale pairs), the
+    kernel computes x @ W^T of the dequantized weights with fp32 activations: to float rounding, for every group
+    size aten accepts and several threads' panels (n > 32), bias added."""
+    torch.manual_seed(3)
+    q, s = quantize_int4(torch.randn(n, k), group)
+    bias = torch.randn(n)
+    lin = QuantLinear(q, s, 4, group, bias=bias)
+    assert lin.native is OP4 and lin.fast
+    x = torch.randn(m, k) * torch.linspace(0.1, 3, k)
+    exact = x.double() @ lin.dequantized().double().t() + bias.double()
+    y = lin(x)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert float((y.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+@needs_int4
+def test_int4_kernel_serves_short_inputs_only_and_rows_do_not_depend_on_batch_mates() -> None:
+    """Up to NATIVE_ROWS_INT4 rows the kernel (fp32 activations, ~1e-7 from the exact product); longer inputs take
+    aten's kernel (bf16 activations, ~1e-3 from it). A row gives the same bits alone and in a batch."""
+    torch.manual_seed(4)
+    q, s = quantize_int4(torch.randn(64, 128), 64)
+    lin = QuantLinear(q, s, 4, 64)
+    w = lin.dequantized().double()
+
+    def err(x: torch.Tensor) -> float:
+        exact = x.double() @ w.t()
+        return float((lin(x).double() - exact).norm() / exact.norm())
+
+    assert err(torch.randn(NATIVE_ROWS_INT4, 128)) < 1e-6
+    assert 1e-5 < err(torch.randn(NATIVE_ROWS_INT4 + 1, 128)) < 1e-2
+    x = torch.randn(NATIVE_ROWS_INT4, 128)
+    assert torch.equal(lin(x[1:2])[0], lin(x)[1])
 
 
 @pytest.mark.parametrize("how", ["disabled", "no compiler", "build error"])

@@ -1,10 +1,11 @@
 """tinychat's native kernels, built on first use with the machine's C++ compiler.
 
-Three kernels, each a speed-up that tinychat runs without:
+Four kernels, each a speed-up that tinychat runs without:
   * `int8_gemv` (compress/int8_gemv.cpp): a decode step at batch 1 reads every weight once, and aten's
     weight-only int8 matmul runs well below memory speed on AVX2 CPUs (it converts each weight to float
     first), which held int8 decoding at half of llama.cpp's q8_0 on the same weights (docs/compress.md).
-    The kernel multiplies in integers as q8_0 does.
+    The kernel multiplies in integers as q8_0 does. `int4_gemv` (compress/int4_gemv.cpp) does the same
+    job for group-wise int4 over the layout aten's int4 kernel already keeps, with fp32 activations.
   * `paged_decode_attention` (paged_attention.cpp): the serving engine's decode step attends over each
     row's keys where they lie in the paged pool, instead of gathering them into a copy and masking it for
     SDPA (docs/engine.md).
@@ -100,6 +101,16 @@ def _int8_gemv_fake(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> to
 def int8_gemv() -> object | None:
     """torch.ops.tinychat.int8_gemv(x (M, K) fp32, w (N, K) int8, scale (N,)) -> (M, N); None where it cannot run."""
     return _load("int8_gemv", HERE / "compress" / "int8_gemv.cpp", "int8 kernel", _int8_gemv_fake)
+
+
+def _int4_gemv_fake(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def int4_gemv() -> object | None:
+    """torch.ops.tinychat.int4_gemv(x (M, K) fp32, w (N, K/2) uint8 in aten's CPU int4 layout, sz (K/group, N, 2)
+    bf16, group) -> (M, N); None where it cannot run."""
+    return _load("int4_gemv", HERE / "compress" / "int4_gemv.cpp", "int4 kernel", _int4_gemv_fake)
 
 
 def _attention_fake(q: torch.Tensor, *_: object) -> torch.Tensor:

@@ -14,7 +14,9 @@ and a group of 32/64/128/256; such layers, and any non-CPU device, take the plai
 layer's weight for that call (correct, not fast; there is no GPU here to tune one).
 On AVX2 CPUs int8 layers with K % 32 == 0 run up to NATIVE_ROWS rows (decode steps, short prompts) through
 tinychat's own kernel instead (model/native.py, int8_gemv.cpp: activations rounded to int8 per block of 32 and
-multiplied in integers, as llama.cpp's q8_0 matmul does): 1.4-2x aten's kernel on a 2-core AVX2 EPYC.
+multiplied in integers, as llama.cpp's q8_0 matmul does): 1.4-2x aten's kernel on a 2-core AVX2 EPYC. int4
+layers with N % 32 == 0 run up to NATIVE_ROWS_INT4 rows through int4_gemv.cpp, which reads aten's int4 layout
+with fp32 activations: 2.2x aten's kernel for one row there.
 
 Scales are rounded to bf16 *before* the integers are chosen, so the kernel's bf16 scales reproduce the
 stored weights exactly and transformers (which dequantizes in fp32) sees the very same numbers.
@@ -48,10 +50,13 @@ from tinychat.model.compress.common import (
     save_with_tokenizer,
     set_module,
 )
-from tinychat.model.native import int8_gemv
+from tinychat.model.native import int4_gemv, int8_gemv
 
 INT4_GROUPS = (32, 64, 128, 256)  # what aten's int4 CPU kernel accepts
 NATIVE_ROWS = 64  # int8 matmuls of up to this many rows (decode batches, short prompts) take int8_gemv.cpp
+# int4 matmuls of up to this many rows take int4_gemv.cpp: 2.2x aten's kernel for one row, even at 4 and behind
+# from 16 (it widens each weight once per row, where aten's bf16 kernel shares the work between rows)
+NATIVE_ROWS_INT4 = 4
 
 
 # ---------------------------------------------------------------------------- integer math
@@ -136,6 +141,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale.float(), persistent=False)  # (N, 1) int8; (N, K/group) int4
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         N, K = q.shape
+        self.native_rows = NATIVE_ROWS if bits == 8 else NATIVE_ROWS_INT4
         if bits == 8:
             self.fast = K % 16 == 0
             # native.py's kernel for decode steps (activations quantized per 32, as llama.cpp's q8_0 matmul)
@@ -143,8 +149,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", aligned(q.to(torch.int8)), persistent=False)  # (N, K)
             self.register_buffer("kscale", aligned(scale.reshape(N).to(torch.bfloat16)), persistent=False)
         else:
-            self.native = None
             self.fast = group in INT4_GROUPS and N % 16 == 0 and K % group == 0
+            # native.py's kernel for decode steps over aten's own layout (below), fp32 activations
+            self.native = int4_gemv() if self.fast and N % 32 == 0 else None
             if self.fast:
                 # the kernel's layout: (N, K/2) uint8 and per-group (scale, zero) pairs (K/group, N, 2)
                 packed = aligned(
@@ -225,8 +232,12 @@ class QuantLinear(nn.Module):
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // self.in_features
-        if self.native and rows <= NATIVE_ROWS and x.device.type == "cpu":  # decode steps: int8_gemv.cpp
-            y = self.native(x.reshape(rows, self.in_features).float(), self.qweight, self.scale.reshape(-1).float())
+        if self.native and rows <= self.native_rows and x.device.type == "cpu":  # decode steps: int8/int4_gemv.cpp
+            x2 = x.reshape(rows, self.in_features).float()
+            if self.bits == 8:
+                y = self.native(x2, self.qweight, self.scale.reshape(-1).float())
+            else:
+                y = self.native(x2, self.qweight, self.kscale, self.group)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         elif self.fast and x.device.type == "cpu":
             x2 = aligned(x.reshape(-1, self.in_features).to(torch.bfloat16))
