@@ -43,10 +43,12 @@ class LocalChat:
         from tinychat.infer.locate import resolve_model, tokenizer_dir
         from tinychat.model import Model
         from tinychat.model.hub import model_name
+        from tinychat.model.packed import pack_linears
         from tinychat.tokenizer import Tokenizer
 
         path = resolve_model(str(model_dir))
         model = Model.from_pretrained(str(path), dtype=torch.float32, device=device).eval()
+        pack_linears(model.fuse_projections())  # loaded to answer only, as `tinychat eval` (eval/run.py)
         tok = Tokenizer.from_pretrained(tokenizer_dir(path))
         self.completer = LocalCompleter(model, tok, batch_size=8)
         self.tokenizer = tok
