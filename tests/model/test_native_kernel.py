@@ -7,6 +7,9 @@ tests that need it skip where it cannot run (no AVX2/FMA), and the fallback test
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,37 @@ def test_an_unavailable_kernel_falls_back_with_one_message(
     lin = QuantLinear(q, s, 8)
     x = torch.randn(2, 64)
     assert lin.native is None and float((lin(x) - x @ lin.dequantized().t()).norm() / lin(x).norm()) < 1e-2
+
+
+def test_int4_kernel_is_used_only_over_the_layout_it_reads() -> None:
+    """aten packs int4 per build: 32-column panels on AVX2 (what int4_gemv.cpp reads), 64-column ones with other
+    lane pairs on AVX-512, neighbouring columns without vector units. Forced to its scalar build
+    (ATEN_CPU_CAPABILITY=default, a fresh process), aten packs otherwise: the probe says so, no kernel is used,
+    and int4 layers still compute the dequantized product through aten."""
+    code = (
+        "import torch\n"
+        "from tinychat.model import native\n"
+        "from tinychat.model.compress.quant import QuantLinear, quantize_int4\n"
+        "q, s = quantize_int4(torch.randn(64, 128), 64)\n"
+        "lin = QuantLinear(q, s, 4, 64)\n"
+        "x = torch.randn(1, 128)\n"
+        "exact = x.double() @ lin.dequantized().double().t()\n"
+        "err = float((lin(x).double() - exact).norm() / exact.norm())\n"
+        "print(native._atens_int4_layout_is_avx2(), lin.native is None, lin.fast, err < 1e-2)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "True", "True"]
+    if OP4 is not None:  # this machine's own build packs as the kernel reads
+        assert native._atens_int4_layout_is_avx2()
+
+
+def test_int4_kernel_waits_for_the_layout_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the probe finds another layout (an AVX-512 build of aten), int4_gemv() is None before anything is
+    built, and int4 layers keep aten's kernel."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_atens_int4_layout_is_avx2", lambda: False)
+    assert native.int4_gemv() is None
+    q, s = quantize_int4(torch.randn(64, 128), 64)
+    assert QuantLinear(q, s, 4, 64).native is None

@@ -109,8 +109,28 @@ def _int4_gemv_fake(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: i
 
 def int4_gemv() -> object | None:
     """torch.ops.tinychat.int4_gemv(x (M, K) fp32, w (N, K/2) uint8 in aten's CPU int4 layout, sz (K/group, N, 2)
-    bf16, group) -> (M, N); None where it cannot run."""
+    bf16, group) -> (M, N); None where it cannot run, or where aten packs int4 otherwise than the kernel reads."""
+    if "int4_layout" not in _state:
+        _state["int4_layout"] = _atens_int4_layout_is_avx2()
+    if not _state["int4_layout"]:
+        return None
     return _load("int4_gemv", HERE / "compress" / "int4_gemv.cpp", "int4 kernel", _int4_gemv_fake)
+
+
+def _atens_int4_layout_is_avx2() -> bool:
+    """Whether `_convert_weight_to_int4pack_for_cpu` packs as its AVX2 build does, the layout int4_gemv.cpp reads:
+    panels of 32 output columns, each k's 16 bytes holding columns j (low nibble) and 16 + j (high nibble).
+    aten's AVX-512 build packs 64-column panels with other lane pairs, and its scalar build neighbouring columns,
+    so the layout is checked on a probe matrix rather than assumed."""
+    n, k = 64, 8
+    u = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    except RuntimeError:
+        return False
+    halves = u.reshape(n // 32, 2, 16, k).permute(0, 3, 1, 2)  # (panel, k, low/high, j)
+    expect = (halves[:, :, 0] | (halves[:, :, 1] << 4)).to(torch.uint8)  # (panel, k, 16)
+    return packed.shape == (n, k // 2) and torch.equal(packed.reshape(-1), expect.reshape(-1))
 
 
 def _attention_fake(q: torch.Tensor, *_: object) -> torch.Tensor:
