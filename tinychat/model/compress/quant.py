@@ -141,7 +141,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale.float(), persistent=False)  # (N, 1) int8; (N, K/group) int4
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         N, K = q.shape
-        self.native_rows = NATIVE_ROWS if bits == 8 else NATIVE_ROWS_INT4
         if bits == 8:
             self.fast = K % 16 == 0
             # native.py's kernel for decode steps (activations quantized per 32, as llama.cpp's q8_0 matmul)
@@ -232,7 +231,8 @@ class QuantLinear(nn.Module):
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // self.in_features
-        if self.native and rows <= self.native_rows and x.device.type == "cpu":  # decode steps: int8/int4_gemv.cpp
+        native_rows = NATIVE_ROWS if self.bits == 8 else NATIVE_ROWS_INT4
+        if self.native and rows <= native_rows and x.device.type == "cpu":  # decode steps: int8/int4_gemv.cpp
             x2 = x.reshape(rows, self.in_features).float()
             if self.bits == 8:
                 y = self.native(x2, self.qweight, self.scale.reshape(-1).float())
