@@ -61,8 +61,8 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
         assert base[stage]["train"].pop("max_time") > 0
         assert steps[stage]["train"].pop("max_steps") == n * k
         assert steps[stage]["train"].pop("max_time") == 0
-    assert base["pretrain"]["train"].pop("reserve_tokens") > 0  # part of the time budget
-    assert 0 < base["pretrain"]["train"].pop("reserve_cap") <= 1  # its limit, a share of the time budget
+    assert base["speedrun"].pop("later_work") > 0  # pretraining's time = what the budget leaves: steps fix it
+    assert base["speedrun"].pop("end_margin") >= 0
     assert steps["speedrun"].pop("budget_minutes") == 15.0 * k
     assert base["speedrun"].pop("target_steps") > 0  # fitting the shape to the time budget: steps fix both
     assert base["speedrun"].pop("shapes")[0] == f"n_layer={base['model']['n_layer']}"  # [model] itself first

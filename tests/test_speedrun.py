@@ -85,11 +85,15 @@ def test_the_copy_drill_stage_runs_first_and_pretraining_continues_it(micro_run:
     assert [r["step"] for r in drills if r["stage"] == "copy" and r["kind"] == "train"] == list(range(1, 7))
 
 
-def _fitting_run(micro_run: Path, tmp_path: Path, shapes: str, target_steps: int, name: str) -> list[str]:
-    """`tinychat speedrun` args for run NAME: the micro preset with these [speedrun] shapes and a 5-minute
-    pretraining budget (max_steps still ends it), on a copy of the micro run's world, tokenizer and data."""
+def _fitting_run(
+    micro_run: Path, tmp_path: Path, shapes: str, target_steps: int, name: str, extra: str = ""
+) -> list[str]:
+    """`tinychat speedrun` args for run NAME: the micro preset with these [speedrun] shapes (and `extra` lines)
+    and a 5-minute pretraining budget (max_steps still ends it), on a copy of the micro run's world, tokenizer
+    and data."""
     text = (CONFIG_DIR / "micro.toml").read_text()
-    text = text.replace("[speedrun]\n", f"[speedrun]\nshapes = {shapes}\ntarget_steps = {target_steps}\n", 1)
+    head = f"[speedrun]\nshapes = {shapes}\ntarget_steps = {target_steps}\n{extra}"
+    text = text.replace("[speedrun]\n", head, 1)
     text = text.replace("[pretrain.train]\n", "[pretrain.train]\nmax_time = 5.0\n", 1)
     preset = tmp_path / f"{name}.toml"
     preset.write_text(text)
@@ -121,6 +125,43 @@ def test_the_pretraining_shape_is_fitted_to_the_machine_once(micro_run: Path, tm
     assert main([*args, "--stages", "pretrain"]) == 0  # a kept choice is not measured again
     assert "model shape" not in capsys.readouterr().out
     assert json.loads((run / "checkpoints" / "pretrain" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_pretraining_gets_what_the_budget_leaves_after_the_later_work_priced_on_this_machine(
+    micro_run: Path, tmp_path: Path, capsys
+):
+    """With later_work, pretraining's max_time is the budget less the time spent, the later stages' budgets,
+    the end margin and later_work times the generation probe of the chosen shape (each shape priced in the
+    sizing too); the plan is kept, so a resumed pretraining keeps it."""
+    extra = "later_work = 100\nend_margin = 30\n"
+    args = _fitting_run(micro_run, tmp_path, '["n_layer=2", "n_layer=1,d_ff=64"]', 1, "pl", extra)
+    argv = [*args, "--budget-minutes", "20", "--stages", "pretrain"]  # micro's later stages: steps, not minutes
+    assert main(argv) == 0
+    run = micro_run.parent / "pl"
+    plan = json.loads((run / "plan.json").read_text())
+    record = json.loads((run / "sizing.json").read_text())
+    chosen = next(m for m in record["measured"] if m["shape"] == record["chosen"])
+    assert chosen["later_seconds"] == plan["later_seconds"] > 0  # the same probe, measured once
+    assert plan["budget_seconds"] == 1200
+    assert 1200 - 30 - 60 < plan["left_seconds"] < 1200 - 30  # only this stage's few seconds spent
+    assert plan["pretrain_minutes"] == pytest.approx((plan["left_seconds"] - plan["later_seconds"]) / 60, abs=0.01)
+    pretrain = (run / "config.pretrain.toml").read_text()
+    assert f"max_time = {plan['pretrain_minutes']}" in pretrain and "reserve_tokens = 0" in pretrain
+    assert "later work, priced at" in capsys.readouterr().out
+    (run / "plan.json").write_text(json.dumps({**plan, "pretrain_minutes": 7.5}))
+    shutil.rmtree(run / "checkpoints")
+    assert main(argv) == 0  # a kept plan is not priced again
+    assert "max_time = 7.5" in (run / "config.pretrain.toml").read_text()
+
+
+def test_generation_seconds_times_a_fresh_model_of_the_shape():
+    from tinychat.model.config import ModelConfig, resolve
+    from tinychat.speedrun import generation_seconds
+
+    small = resolve(ModelConfig(preset="tiny"), vocab_size=256, n_layer=1, d_model=64, head_dim=16, d_ff=128)
+    large = resolve(ModelConfig(preset="tiny"), vocab_size=256, n_layer=4, d_model=256, d_ff=1024)
+    fast, slow = generation_seconds(small, rows=8, prompt_len=16), generation_seconds(large, rows=8, prompt_len=16)
+    assert 0 < fast < slow  # 16x the matmul work in the second
 
 
 def test_the_copy_drill_stage_trains_the_fitted_shape_in_pretrainings_time(micro_run: Path, tmp_path: Path):

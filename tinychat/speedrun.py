@@ -17,9 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinychat.config import ConfigError, field, load_toml, parse_args
 from tinychat.errors import UserError
+
+if TYPE_CHECKING:
+    from tinychat.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,6 +57,13 @@ class SpeedrunConfig:
     target_steps: int = field(
         0, help="with shapes: pretraining steps the chosen shape must be predicted to reach in its time budget"
     )
+    later_work: float = field(
+        0.0,
+        help="with shapes: the work after pretraining that no stage budget bounds (stage overheads, evaluation, "
+        "apply), in units of the generation probe's time (generation_seconds); pretraining then gets what the "
+        "budget leaves; 0 = pretraining keeps its preset max_time and reserve",
+    )
+    end_margin: float = field(30.0, help="with later_work: seconds of the budget the plan leaves unused")
 
 
 def preset_path(name: str) -> Path:
@@ -82,6 +93,8 @@ class Speedrun:
         self.run_dir = Path(cfg.runs_dir) / cfg.run
         self.base_budget = float(self.preset.get("speedrun", {}).get("budget_minutes", 15.0))
         self.scale = (cfg.budget_minutes / self.base_budget) if cfg.budget_minutes else 1.0
+        self.stage_t0 = time.perf_counter()  # when the running stage started (seconds_left)
+        self._probe: dict[str, float] = {}  # generation_seconds per model shape
 
     # ------------------------------------------------------------------ helpers
     def stage_config(self, cls: type, section: str, argv: list[str]) -> object:
@@ -242,12 +255,72 @@ class Speedrun:
 
             cfg.drill_alphabet = self.stage_config(CopyDrillsConfig, "copy-drills", []).alphabet
         copy_minutes = self._load_timings().get("copy", 0.0) / 60 if self.cfg.copy_drills else 0.0
-        if cfg.train.max_time and copy_minutes:  # the whole run keeps its budget: drills are pretraining's time
+        if self.planned(cfg):  # the copy stage's time is already spent, and counted
+            pass
+        elif cfg.train.max_time and copy_minutes:  # the whole run keeps its budget: drills are pretraining's time
             cfg.train.max_time = round(max(cfg.train.max_time - copy_minutes, 0.1 * cfg.train.max_time), 3)
             print(f"pretrain: {cfg.train.max_time:.2f} min after {copy_minutes:.2f} min of copy drills", flush=True)
         result = run_pretrain(cfg)
         if result.interrupted:
             raise KeyboardInterrupt
+
+    def planned(self, cfg: object) -> bool:
+        """With `later_work`: pretraining's max_time becomes what the run's budget leaves once the time spent so
+        far, the later stages' own budgets, the later work priced at this machine's measured generation speed
+        and `end_margin` are taken (the loop's rate-priced reserve is then off). Why: a reserve priced at the
+        training rate mispriced work whose speed is the machine's inference speed (two minutes unused on a fast
+        machine, 2.5 minutes over on a slow one: docs/speedrun.md, rounds 9, 11 and 17). Kept in
+        runs/NAME/plan.json, so a resumed pretraining keeps the same budget. False when there is no plan."""
+        if not (self.cfg.later_work and self.cfg.shapes and self.cfg.target_steps and cfg.train.max_time):
+            return False
+        if not self.path("tokenizer", "tokenizer.json").is_file():
+            return False  # pretraining itself says what is missing, in one sentence
+        plan_file = self.path("plan.json")
+        if plan_file.is_file():
+            plan = json.loads(plan_file.read_text())
+        else:
+            from tinychat.model.config import resolve
+            from tinychat.tokenizer import Tokenizer
+
+            vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
+            later = self.later_seconds(resolve(cfg.model, vocab_size=vocab))
+            left = self.seconds_left()
+            plan = {
+                "budget_seconds": round(self.base_budget * self.scale * 60, 1),
+                "left_seconds": round(left, 1),
+                "later_seconds": round(later, 1),
+                "pretrain_minutes": round(max(left - later, 0.1 * cfg.train.max_time * 60) / 60, 3),
+            }
+            plan_file.write_text(json.dumps(plan, indent=1))
+        cfg.train.max_time, cfg.train.reserve_tokens = plan["pretrain_minutes"], 0
+        print(
+            f"pretrain: {plan['pretrain_minutes']:.2f} min: {plan['left_seconds'] / 60:.2f} left for it and the later "
+            f"work, priced at {plan['later_seconds']:.0f} s on this machine",
+            flush=True,
+        )
+        return True
+
+    def seconds_left(self) -> float:
+        """Seconds of the budget left for pretraining and the later unbudgeted work: the budget, less the
+        finished stages' time, this stage's so far, the later training stages' budgets and the end margin."""
+        from tinychat.train.dpo import DPOConfig
+        from tinychat.train.grpo import GRPOConfig
+        from tinychat.train.sft import SFTConfig
+
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
+        later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
+        budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
+        timings = self._load_timings()
+        spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
+        return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
+
+    def later_seconds(self, mcfg: ModelConfig) -> float:
+        """The work after pretraining that no budget bounds, priced for a model of `mcfg`: `later_work` times
+        generation_seconds (measured once per shape)."""
+        key = json.dumps(dataclasses.asdict(mcfg), sort_keys=True)
+        if key not in self._probe:
+            self._probe[key] = generation_seconds(mcfg)
+        return self.cfg.later_work * self._probe[key]
 
     def shape_args(self) -> list[str]:
         """--model.KEY VALUE flags of the shape fitted to this machine ([] when none is)."""
@@ -274,7 +347,10 @@ class Speedrun:
         if not self.path("tokenizer", "tokenizer.json").is_file():
             return {}  # pretraining itself says what is missing, in one sentence
         vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
-        record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab)
+        later = None
+        if self.cfg.later_work:  # priced per shape, out of what the budget leaves (see planned)
+            cfg.train.max_time, cfg.train.reserve_tokens, later = self.seconds_left() / 60, 0, self.later_seconds
+        record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab, later)
         record_file.write_text(json.dumps(record, indent=1))
         tried = "; ".join(
             f"{m['shape']}: {m['seconds_per_step']:.2f} s/step, ~{m['predicted_steps']} steps"
@@ -317,7 +393,7 @@ class Speedrun:
                 print(f"{head} done already, skipped", flush=True)
                 continue
             print(f"{head} running ...", flush=True)
-            t0 = time.perf_counter()
+            t0 = self.stage_t0 = time.perf_counter()
             stage.run()
             dt = time.perf_counter() - t0
             timings[stage.name] = dt
@@ -347,6 +423,34 @@ class Speedrun:
         tmp = self.path("timings.json.tmp")
         tmp.write_text(json.dumps(timings, indent=1))
         tmp.replace(self.path("timings.json"))
+
+
+def generation_seconds(mcfg: ModelConfig, rows: int = 64, prompt_len: int = 96, new_tokens: int = 32) -> float:
+    """Seconds a fresh model of `mcfg`, loaded as evaluation loads it (fused q/k/v and gate/up, fp32 projections
+    over packed weights, CPU), takes to continue `rows` random prompts of `prompt_len` tokens greedily by
+    `new_tokens` tokens: the fastest of three after an untimed one, since interference only adds time. The unit
+    in which the speedrun prices the work after pretraining that no budget bounds: evaluation and apply are
+    batched greedy generation of this kind, and the stages' own overheads are taken to scale with it.
+    About 0.4 s for the speedrun's narrow shape on a 2-core EPYC."""
+    import torch
+
+    from tinychat.infer.generate import generate_ids
+    from tinychat.infer.sampling import SamplingParams
+    from tinychat.model.packed import pack_linears
+    from tinychat.model.transformer import Model
+
+    torch.manual_seed(0)
+    model = pack_linears(Model(mcfg).eval().fuse_projections())
+    prompts = torch.randint(0, mcfg.vocab_size, (rows, prompt_len), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_on_eos=False)
+    times = []
+    for i in range(4):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            generate_ids(model, prompts.tolist(), params)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def _fmt(seconds: float) -> str:

@@ -40,6 +40,8 @@ def test_predicted_steps_are_the_loops_budget_over_the_step_time():
     assert predicted_steps(reserved, 2.0) == int(time_budget(reserved, 20, 640, 40.0) / 2.0)
     capped = TrainConfig(max_time=10.0, batch_size=4, seq_len=8, reserve_tokens=32 * 500, reserve_cap=0.25)
     assert predicted_steps(capped, 2.0) == 225  # 1,000 s wanted, 150 s allowed
+    assert predicted_steps(plain, 2.0, later_seconds=100.0) == 250  # later work priced by the caller
+    assert predicted_steps(plain, 2.0, later_seconds=1000.0) == 0  # no time left is no steps, not negative ones
 
 
 def test_the_first_shape_reaching_the_target_wins_else_the_fastest():

@@ -10,14 +10,15 @@ other, so the plan has to shrink with the machine.
 How: each candidate's training step is timed on random tokens (its real forward with the fused head and
 loss, backward and optimiser step, under the loop's autocast; two warm-up steps, then the fastest of
 three), and the steps it would get are the stage's time budget (less its reserve, priced as the loop prices
-it) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does, the
-fastest. On a fast machine this costs the default shape's few probe steps (~4 s) and changes nothing.
+it, and less the later work the caller prices for that shape: the speedrun's evaluation is slower for a wider
+model) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does,
+the fastest. On a fast machine this costs the default shape's few probe steps (~4 s) and changes nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -75,11 +76,12 @@ def step_seconds(mcfg: ModelConfig, train: TrainConfig, device: torch.device, st
     return min(times)
 
 
-def predicted_steps(train: TrainConfig, seconds_per_step: float) -> int:
-    """Steps the time budget holds at this step time, after the reserve the loop would keep at that rate."""
+def predicted_steps(train: TrainConfig, seconds_per_step: float, later_seconds: float = 0.0) -> int:
+    """Steps the time budget holds at this step time, after the reserve the loop would keep at that rate and
+    `later_seconds` kept back for later work."""
     tokens = train.batch_size * train.seq_len
-    budget = time_budget(train, 20, 20 * tokens, 20 * seconds_per_step)
-    return int(budget / seconds_per_step)
+    budget = time_budget(train, 20, 20 * tokens, 20 * seconds_per_step) - later_seconds
+    return max(int(budget / seconds_per_step), 0)
 
 
 def pick(predicted: Sequence[int], seconds: Sequence[float], target_steps: int) -> int:
@@ -91,11 +93,16 @@ def pick(predicted: Sequence[int], seconds: Sequence[float], target_steps: int) 
 
 
 def choose_shape(
-    model: ModelConfig, train: TrainConfig, shapes: Sequence[str], target_steps: int, vocab_size: int
+    model: ModelConfig,
+    train: TrainConfig,
+    shapes: Sequence[str],
+    target_steps: int,
+    vocab_size: int,
+    later: Callable[[ModelConfig], float] | None = None,
 ) -> dict[str, Any]:
     """Time the shapes in order and stop at the first that reaches target_steps; returns the record the
-    speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time and predicted steps, the
-    choice."""
+    speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time, the seconds `later` prices
+    the work after pretraining at for it (kept back from the budget), its predicted steps, the choice."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
     device = pick_device(train.device)
@@ -104,8 +111,11 @@ def choose_shape(
         overrides = parse_shape(text)
         mcfg = resolve(model, vocab_size=vocab_size, **overrides)
         sec = step_seconds(mcfg, train, device)
-        steps = predicted_steps(train, sec)
+        later_s = later(mcfg) if later else 0.0
+        steps = predicted_steps(train, sec, later_s)
         measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
+        if later:
+            measured[-1]["later_seconds"] = round(later_s, 1)
         if steps >= target_steps:
             break
     chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], target_steps)
