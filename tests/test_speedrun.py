@@ -136,7 +136,7 @@ def test_pretraining_gets_what_the_budget_leaves_after_the_later_work_priced_on_
     extra = "later_work = 100\nend_margin = 30\n"
     args = _fitting_run(micro_run, tmp_path, '["n_layer=2", "n_layer=1,d_ff=64"]', 1, "pl", extra)
     argv = [*args, "--budget-minutes", "20", "--stages", "pretrain"]  # micro's later stages: steps, not minutes
-    assert main(argv) == 0
+    assert main([*argv, "report"]) == 0
     run = micro_run.parent / "pl"
     plan = json.loads((run / "plan.json").read_text())
     record = json.loads((run / "sizing.json").read_text())
@@ -148,6 +148,8 @@ def test_pretraining_gets_what_the_budget_leaves_after_the_later_work_priced_on_
     pretrain = (run / "config.pretrain.toml").read_text()
     assert f"max_time = {plan['pretrain_minutes']}" in pretrain and "reserve_tokens = 0" in pretrain
     assert "later work, priced at" in capsys.readouterr().out
+    report = (run / "report.md").read_text()
+    assert f"Pretraining got {plan['pretrain_minutes']:.2f} minutes" in report and "later work (s)" in report
     (run / "plan.json").write_text(json.dumps({**plan, "pretrain_minutes": 7.5}))
     shutil.rmtree(run / "checkpoints")
     assert main(argv) == 0  # a kept plan is not priced again

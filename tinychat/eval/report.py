@@ -216,23 +216,46 @@ def section_sizing(d: RunData) -> list[str]:
         rec = None
     if not isinstance(rec, dict) or not isinstance(rec.get("measured"), list):
         return []
+    measured = [m for m in rec["measured"] if isinstance(m, dict)]
+    priced = any("later_seconds" in m for m in measured)
     rows = [
         [
             f"`{m.get('shape')}`",
             fmt_num(m.get("seconds_per_step")),
+            *([fmt_num(m.get("later_seconds"), 1)] if priced else []),
             fmt_num(m.get("predicted_steps")),
             "**chosen**" if m.get("shape") == rec.get("chosen") else "",
         ]
-        for m in rec["measured"]
-        if isinstance(m, dict)
+        for m in measured
     ]
     intro = (
         f"Pretraining's model shape: the first, largest first, predicted to reach {fmt_num(rec.get('target_steps'))} "
         "steps in its time budget, else the fastest; each timed on random tokens before training "
         "(tinychat.train.sizing)."
     )
-    head = ["shape ([model] options)", "seconds per step", "predicted steps", ""]
-    return ["## Model shape fitted to this machine", "", intro, "", *table(head, rows), ""]
+    later = ["later work (s)"] if priced else []
+    head = ["shape ([model] options)", "seconds per step", *later, "predicted steps", ""]
+    out = ["## Model shape fitted to this machine", "", intro, "", *table(head, rows), ""]
+    return out + _plan_lines(d.run_dir / "plan.json")
+
+
+def _plan_lines(f: Path) -> list[str]:
+    """The speedrun's split of its budget (runs/NAME/plan.json), when it priced the later work."""
+    try:
+        plan = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        plan = None
+    if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_minutes"), (int, float)):
+        return []
+    budget, left, later = (fmt_num(plan.get(k), 0) for k in ("budget_seconds", "left_seconds", "later_seconds"))
+    return [
+        f"Pretraining got {plan['pretrain_minutes']:.2f} minutes: of the {budget} s budget, {left} s were left once "
+        f"the time spent, the later stages' budgets and the end margin were taken, less {later} s for the later work "
+        "that no budget bounds "
+        "(evaluation, apply, stage overheads), priced by a generation probe on this machine "
+        "(tinychat.speedrun.generation_seconds).",
+        "",
+    ]
 
 
 PEAK_KEYS = ("peak_flops", "probe_min", "probe_median", "probe_max")
