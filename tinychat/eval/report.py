@@ -249,9 +249,9 @@ def _plan_lines(f: Path) -> list[str]:
         return []
     budget, left, later = (fmt_num(plan.get(k), 0) for k in ("budget_seconds", "left_seconds", "later_seconds"))
     return [
-        f"Pretraining got {plan['pretrain_minutes']:.2f} minutes: of the {budget} s budget, {left} s were left once "
-        f"the time spent, the later stages' budgets and the end margin were taken, less {later} s for the later work "
-        "that no budget bounds "
+        f"Pretraining got {plan['pretrain_minutes']:.2f} minutes: of the {budget} s budget, {left} s were left for it "
+        "and the later work once the time spent, the later stages' budgets and the end margin were taken, and "
+        f"{later} s of that went to the later work that no budget bounds "
         "(evaluation, apply, stage overheads), priced by a generation probe on this machine "
         "(tinychat.speedrun.generation_seconds).",
         "",
