@@ -255,9 +255,8 @@ class Speedrun:
 
             cfg.drill_alphabet = self.stage_config(CopyDrillsConfig, "copy-drills", []).alphabet
         copy_minutes = self._load_timings().get("copy", 0.0) / 60 if self.cfg.copy_drills else 0.0
-        if self.planned(cfg):  # the copy stage's time is already spent, and counted
-            pass
-        elif cfg.train.max_time and copy_minutes:  # the whole run keeps its budget: drills are pretraining's time
+        # with a plan, the copy stage's time is already spent and counted; else it comes out of pretraining's
+        if not self.planned(cfg) and cfg.train.max_time and copy_minutes:
             cfg.train.max_time = round(max(cfg.train.max_time - copy_minutes, 0.1 * cfg.train.max_time), 3)
             print(f"pretrain: {cfg.train.max_time:.2f} min after {copy_minutes:.2f} min of copy drills", flush=True)
         result = run_pretrain(cfg)
@@ -273,16 +272,15 @@ class Speedrun:
         runs/NAME/plan.json, so a resumed pretraining keeps the same budget. False when there is no plan."""
         if not (self.cfg.later_work and self.cfg.shapes and self.cfg.target_steps and cfg.train.max_time):
             return False
-        if not self.path("tokenizer", "tokenizer.json").is_file():
-            return False  # pretraining itself says what is missing, in one sentence
         plan_file = self.path("plan.json")
         if plan_file.is_file():
             plan = json.loads(plan_file.read_text())
         else:
             from tinychat.model.config import resolve
-            from tinychat.tokenizer import Tokenizer
 
-            vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
+            vocab = self.vocab_size()
+            if vocab is None:
+                return False  # pretraining itself says what is missing, in one sentence
             later = self.later_seconds(resolve(cfg.model, vocab_size=vocab))
             left = self.seconds_left()
             plan = {
@@ -299,6 +297,14 @@ class Speedrun:
             flush=True,
         )
         return True
+
+    def vocab_size(self) -> int | None:
+        """The run's tokenizer's vocabulary size; None before the tokenizer stage has written it."""
+        from tinychat.tokenizer import Tokenizer
+
+        if not self.path("tokenizer", "tokenizer.json").is_file():
+            return None
+        return Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
 
     def seconds_left(self) -> float:
         """Seconds of the budget left for pretraining and the later unbudgeted work: the budget, less the
@@ -334,7 +340,6 @@ class Speedrun:
         """The [model] options of the shape fitted to this machine (tinychat.train.sizing), chosen once per run
         and kept in runs/NAME/sizing.json so that a resumed run trains the same shape; {} when the preset
         fits none (no `shapes`) or a run from before sizing is resumed. A copy-drill stage trains it too."""
-        from tinychat.tokenizer import Tokenizer
         from tinychat.train.sizing import choose_shape, parse_shape
 
         if not (self.cfg.shapes and self.cfg.target_steps) or not cfg.train.max_time:
@@ -344,9 +349,9 @@ class Speedrun:
             return parse_shape(json.loads(record_file.read_text())["chosen"])
         if any(p.name.startswith("step_") for s in ("copy", "pretrain") for p in self.path("checkpoints", s).glob("*")):
             return {}  # started with the preset's shape before sizing existed: keep it
-        if not self.path("tokenizer", "tokenizer.json").is_file():
+        vocab = self.vocab_size()
+        if vocab is None:
             return {}  # pretraining itself says what is missing, in one sentence
-        vocab = Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
         later = None
         if self.cfg.later_work:  # priced per shape, out of what the budget leaves (see planned)
             cfg.train.max_time, cfg.train.reserve_tokens, later = self.seconds_left() / 60, 0, self.later_seconds
