@@ -49,20 +49,22 @@ def rate(k: int, n: int) -> str:
     return f"{k / n:6.1%} [{lo:.0%}-{hi:.0%}] n={n}" if n else "–"
 
 
-def stored(model_dir: Path, rows: list[dict]) -> list[bool]:
+def load(model_dir: Path) -> tuple[Model, Tokenizer]:
+    return Model.from_pretrained(str(model_dir), dtype=torch.float32).eval(), Tokenizer.from_pretrained(model_dir)
+
+
+def stored(model: Model, tok: Tokenizer, rows: list[dict]) -> list[bool]:
     """Greedy completions of each row's cloze prompt, plain text (no chat template), checked by prefix."""
-    model = Model.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tok = Tokenizer.from_pretrained(model_dir)
     params = SamplingParams(temperature=0.0, max_new_tokens=12, seed=0)
     with torch.no_grad():
         outs = generate(model, tok, [r["cloze"]["prompt"] for r in rows], params)
     return [o.text.strip().startswith(r["cloze"]["answer"]) for r, o in zip(rows, outs)]
 
 
-def ranked(model_dir: Path, rows: list[dict], pool: dict[tuple[str, str], list[str]], k: int = 15) -> list[bool]:
+def ranked(
+    model: Model, tok: Tokenizer, rows: list[dict], pool: dict[tuple[str, str], list[str]], k: int = 15
+) -> list[bool]:
     """Whether each row's value gives its cloze statement a higher log-likelihood than k other values do."""
-    model = Model.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tok = Tokenizer.from_pretrained(model_dir)
     out = []
     with torch.no_grad():
         for i, r in enumerate(rows):
@@ -105,8 +107,9 @@ def main() -> None:
             outcomes = json.loads(ev.read_text())["suites"][suite]["outcomes"]  # "1" right, "0" wrong, "." not asked
             asked = [(r, o) for r, o in zip(rows, outcomes) if o in "01"]
             n = len(asked)
-            got = stored(args.run / "checkpoints" / stage, [r for r, _ in asked])
-            rank = ranked(args.run / "checkpoints" / stage, [r for r, _ in asked], pool)
+            model, tok = load(args.run / "checkpoints" / stage)
+            got = stored(model, tok, [r for r, _ in asked])
+            rank = ranked(model, tok, [r for r, _ in asked], pool)
             groups: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)
             for (r, a), s, rk in zip(asked, got, rank):
                 for key in ("all", r["lang"], f"{r['lang']} {r['fact']}"):

@@ -209,11 +209,7 @@ def section_timings(d: RunData) -> list[str]:
 
 def section_sizing(d: RunData) -> list[str]:
     """The model shape the speedrun fitted to this machine (runs/NAME/sizing.json), when it fitted one."""
-    f = d.run_dir / "sizing.json" if d.run_dir else None
-    try:
-        rec = json.loads(f.read_text()) if f and f.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        rec = None
+    rec = _json_file(d.run_dir / "sizing.json" if d.run_dir else None)
     if not isinstance(rec, dict) or not isinstance(rec.get("measured"), list):
         return []
     measured = [m for m in rec["measured"] if isinstance(m, dict)]
@@ -239,12 +235,17 @@ def section_sizing(d: RunData) -> list[str]:
     return out + _plan_lines(d.run_dir / "plan.json")
 
 
+def _json_file(f: Path | None) -> object:
+    """A run's optional JSON record; None when it is missing or unreadable (the report leaves its section out)."""
+    try:
+        return json.loads(f.read_text()) if f and f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _plan_lines(f: Path) -> list[str]:
     """The speedrun's split of its budget (runs/NAME/plan.json), when it priced the later work."""
-    try:
-        plan = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        plan = None
+    plan = _json_file(f)
     if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_minutes"), (int, float)):
         return []
     budget, left, later = (fmt_num(plan.get(k), 0) for k in ("budget_seconds", "left_seconds", "later_seconds"))
