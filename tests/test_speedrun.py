@@ -26,6 +26,8 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_stage_leaves_its_artefact(micro_run: Path):
     assert (micro_run / "world" / "manifest.json").is_file()
     assert (micro_run / "tokenizer" / "tokenizer.json").is_file()
+    words = (micro_run / "tokenizer_words.txt").read_text(encoding="utf-8").split()  # kept whole by the tokenizer
+    assert words and all(w.isprintable() for w in words)
     assert (micro_run / "data" / "clean" / "stats.json").is_file()
     assert (micro_run / "data" / "tokens" / "index.json").is_file()
     for stage in STAGES:

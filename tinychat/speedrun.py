@@ -37,6 +37,9 @@ class SpeedrunConfig:
     world_size: str = field("small", help="tinyworld size: micro, small or medium")
     seed: int = field(0, help="world seed")
     vocab_size: int = field(8192, help="tokenizer vocabulary size")
+    whole_words: bool = field(
+        True, help="the tokenizer learns no token across the edge of a Chinese name or value of the world"
+    )
     val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
     stages: list[str] = field([], help="run only these stages (default: all)")
     eval_limit: int = field(24, help="questions per evaluation suite for the final model")
@@ -181,7 +184,13 @@ class Speedrun:
     def tokenizer(self) -> None:
         from tinychat.tokenizer.train import TokenizerTrainConfig
         from tinychat.tokenizer.train import run as train_tok
+        from tinychat.world import chinese_words, load_world
 
+        words = []
+        if self.cfg.whole_words:
+            words_file = self.path("tokenizer_words.txt")
+            words_file.write_text("\n".join(chinese_words(load_world(self.path("world")))) + "\n", encoding="utf-8")
+            words = ["--words", str(words_file)]
         cfg = self.stage_config(
             TokenizerTrainConfig,
             "tokenizer_train",
@@ -194,6 +203,7 @@ class Speedrun:
                 str(self.cfg.vocab_size),
                 "--out",
                 str(self.path("tokenizer")),
+                *words,
             ],
         )
         train_tok(cfg)

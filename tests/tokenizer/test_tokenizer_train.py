@@ -7,7 +7,14 @@ import pytest
 
 from tinychat.cli import main
 from tinychat.tokenizer import Tokenizer
-from tinychat.tokenizer.train import TokenizerTrainConfig, _read, _Stats
+from tinychat.tokenizer.train import (
+    TokenizerTrainConfig,
+    _read,
+    _Stats,
+    _words_pattern,
+    train_tokenizer,
+    word_pieces,
+)
 
 
 def write_inputs(root, corpus):
@@ -102,6 +109,46 @@ def test_chat_input_puts_the_rendered_conversations_in_the_corpus(tmp_path, corp
     assert "<|im_start|>" not in texts[0] and "What is 2 + 3?" in texts[0] and "calculator" in texts[0]
 
 
+def test_word_pieces_cut_only_where_a_word_touches_a_non_space():
+    pat = _words_pattern(["塞敦赞·达仁", "编织", "art", "织"])
+    text = "。塞敦赞·达仁总是喜欢编织。 I like art. A party, art"
+    pieces = list(word_pieces(text, pat))
+    assert "".join(pieces) == text  # nothing lost or added
+    assert pieces == ["。", "塞敦赞·达仁", "总是喜欢", "编织", "。 I like art", ". A party, art"]
+    assert list(word_pieces("", pat)) == [] and list(word_pieces("编织", pat)) == ["编织"]
+
+
+def _crossing(tok, text: str, words: list[str]) -> int:
+    """How many occurrences of `words` in `text` share a token with a neighbour (an edge inside a token)."""
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    edges = {o for span in enc.offsets for o in span}
+    pat = _words_pattern(words)
+    return sum(not (m.start() in edges and m.end() in edges) for m in pat.finditer(text))
+
+
+def test_whole_words_are_never_fused_with_their_neighbours():
+    names, values = ["塞敦赞·达仁", "米莉", "霍瓦"], ["编织", "击剑", "陶艺"]
+    templates = ["。{n}总是喜欢{v}。", "{n}的爱好是{v}，", "空闲的时候，{n}热爱{v}。"]
+    docs = [t.format(n=n, v=v) for t in templates for n in names for v in values] * 20
+    text = "".join(docs)
+    plain = train_tokenizer(docs, 400)
+    whole = train_tokenizer(docs, 400, words=names + values)
+    assert _crossing(plain, text, names + values) > 0  # the fusion the option exists for
+    assert _crossing(whole, text, names + values) == 0
+    assert whole.decode(whole.encode(text)) == text
+    assert whole.encode("编织") == whole.encode("总是喜欢编织")[-len(whole.encode("编织")) :]
+
+
+def test_cli_words_file(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("空闲的时候，米莉总是喜欢编织。\n" * 50, encoding="utf-8")
+    (tmp_path / "words.txt").write_text("米莉\n\n 编织 \n", encoding="utf-8")
+    rc = main(["tokenizer", "train", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
+               "--vocab-size", "300", "--words", str(tmp_path / "words.txt")])  # fmt: skip
+    assert rc == 0 and "2 whole words" in capsys.readouterr().out
+    tok = Tokenizer.from_pretrained(tmp_path / "o")
+    assert _crossing(tok, "空闲的时候，米莉总是喜欢编织。", ["米莉", "编织"]) == 0
+
+
 def test_config_defaults():
     cfg = TokenizerTrainConfig()
     assert (cfg.input, cfg.vocab_size, cfg.out, cfg.text_field, cfg.max_bytes) == ([], 8192, "", "text", None)
@@ -123,6 +170,8 @@ def test_config_defaults():
             lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--chat-input", str(t / "nochat.jsonl")],
             "nochat.jsonl is not a file",
         ),
+        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "no.txt")], "no.txt is not a file"),
+        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "broken.txt")], "not UTF-8"),
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, make_argv, pattern):

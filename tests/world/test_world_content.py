@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from world_helpers import decoded_text, read_jsonl
 
-from tinychat.world import SKILLS, check, load_manifest, load_world, render_en, render_zh
+from tinychat.world import SKILLS, check, chinese_words, load_manifest, load_world, render_en, render_zh
 from tinychat.world.facts import FACTS, NUMERIC_FACTS
 from tinychat.world.generate import build_files
 from tinychat.world.names import SYLLABLES
@@ -349,3 +349,15 @@ def test_copy_drills_repeat_a_list_of_known_names_and_numbers(micro_dir: Path) -
     names = [it for it in items if not re.fullmatch(r"[\d +\-*/]+", it)]
     assert names and set(names) <= known and not set(names) & others
     assert any(re.fullmatch(r"\d+ [+\-*/] \d+", it) for it in items)
+
+
+def test_chinese_words_are_every_chinese_name_and_value_and_no_number(small_dir: Path):
+    w = load_world(small_dir)
+    words = chinese_words(w)
+    assert words == sorted(set(words)) and all(re.search(r"[\u4e00-\u9fff]", x) for x in words)
+    person = next(e for e in w["entities"] if e["kind"] == "person" and e.get("answers"))
+    assert person["name"]["zh"] in words and "·" in person["name"]["zh"]  # a full name is one word
+    assert person["answers"]["hobby"]["zh"] in words and person["answers"]["birth_year"]["zh"] not in words
+    assert {c["zh"] for c in w["countries"]} <= set(words)
+    text = (small_dir / "pretrain" / "train.jsonl").read_text(encoding="utf-8")
+    assert sum(x in text for x in words) > 0.5 * len(words)  # most are written in the text (kb and fakes are not)

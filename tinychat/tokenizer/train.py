@@ -8,6 +8,12 @@ Choices, and why:
     Letter runs are \\p{L}+, so Chinese and other scripts without spaces form words too.
   * The 16 special tokens come first (ids 0..15) so that every tinychat tokenizer, whatever its size,
     agrees on them.
+  * Optional whole words (`--words FILE`): merges are learned as if each occurrence of a listed word stood
+    alone, so no learned token crosses a word's edge. Why: Chinese has no spaces, and the regex keeps a
+    run of Han characters as one pre-token, so BPE fuses names and values with the words around them
+    ("总是喜欢编织", "。塞敦赞"): the same value then has other ids in every sentence than in a bare answer,
+    and a small model stores and recalls it under each separately (docs/speedrun.md, rounds 18-19).
+    Encoding is unchanged (the same regex, the same BPE), so llama.cpp still tokenizes identically.
 Reading uses tinychat.data's streaming readers: one document at a time, bad lines or files skipped with
 a warning and counted, a missing path a UserError before any work starts.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +36,16 @@ from tinychat.data.readers import expand_paths, iter_documents
 from tinychat.errors import UserError
 from tinychat.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-__all__ = ["SPECIAL_TOKENS", "SPLIT_PATTERN", "TokenizerTrainConfig", "build_backend", "run", "train_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "SPLIT_PATTERN",
+    "TokenizerTrainConfig",
+    "build_backend",
+    "read_words",
+    "run",
+    "train_tokenizer",
+    "word_pieces",
+]
 
 # Qwen2's pattern (itself GPT-4's with \p{N} taken singly instead of in runs of up to three).
 SPLIT_PATTERN = (
@@ -57,10 +73,59 @@ def build_backend() -> tokenizers.Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+def _words_pattern(words: Iterable[str]) -> re.Pattern[str]:
+    """One alternation, longest word first, so that a word inside a longer listed word is not cut out of it.
+
+    A word whose edge is an ASCII letter or digit only matches as a whole word there ("art" not in "party");
+    scripts written without spaces (Chinese, Japanese) match anywhere.
+    """
+    alts = []
+    for w in sorted(set(words), key=lambda w: (-len(w), w)):
+        head = r"(?<![A-Za-z0-9])" if w[0].isascii() and w[0].isalnum() else ""
+        tail = r"(?![A-Za-z0-9])" if w[-1].isascii() and w[-1].isalnum() else ""
+        alts.append(head + re.escape(w) + tail)
+    return re.compile("|".join(alts))
+
+
+def word_pieces(text: str, pattern: re.Pattern[str]) -> Iterator[str]:
+    """`text` cut before and after each listed word wherever a non-space character touches it.
+
+    Each piece is pre-tokenized on its own by the trainer, so a word never shares a pre-token (and hence a
+    merge) with its neighbours. Cuts only fall between two non-space characters: a word after a space keeps
+    its leading space (" Dalzan", as the regex makes it anyway), and no piece begins or ends in whitespace.
+    """
+    last = 0
+    for m in pattern.finditer(text):
+        start, end = m.span()
+        if start > last and not text[start - 1].isspace():
+            yield text[last:start]
+            last = start
+        if end < len(text) and not text[end].isspace():
+            yield text[last:end]
+            last = end
+    if last < len(text):
+        yield text[last:]
+
+
+def read_words(path: str | Path) -> list[str]:
+    """A words file: one word per line, blank lines and surrounding whitespace ignored."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--words {p} is not a file; give a text file with one word per line.")
+    try:
+        words = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise UserError(f"--words {p} is not UTF-8 text.") from None
+    return [w for w in words if w]
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, show_progress: bool = False, words: Iterable[str] = ()
+) -> Tokenizer:
     """Learn BPE merges from `texts` (streamed: any iterable, consumed once) up to `vocab_size` ids.
 
-    The result may be smaller than vocab_size when the text has fewer distinct pairs to merge.
+    With `words`, no merge is learned across a word's edge (see word_pieces). The result may be smaller
+    than vocab_size when the text has fewer distinct pairs to merge.
     """
     if vocab_size < MIN_VOCAB:
         raise UserError(
@@ -74,6 +139,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
+    words = list(words)
+    if words:
+        pattern = _words_pattern(words)
+        texts = (piece for text in texts for piece in word_pieces(text, pattern))
     backend.train_from_iterator(texts, trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert backend.token_to_id(t) == i, f"special token {t} landed on id {backend.token_to_id(t)}, not {i}"
@@ -88,6 +157,7 @@ class TokenizerTrainConfig:
     text_field: str = field("text", help="field holding the text in .jsonl / .parquet rows")
     max_bytes: int | None = field(None, help="stop reading after this many bytes of UTF-8 text (default: all)")
     chat_input: list[str] = field([], help="chat JSONL files ({messages, tools}): their rendered text joins the corpus")
+    words: str = field("", help="a file of words, one per line, that no learned token may cross (names, terms)")
 
 
 @dataclass
@@ -176,9 +246,10 @@ def run(cfg: TokenizerTrainConfig) -> int:
     for p in chat_files:
         if not p.is_file():
             raise UserError(f"--chat-input {p} is not a file; give chat JSONL files.")
+    words = read_words(cfg.words) if cfg.words else []
     stats = _Stats()
     texts = itertools.chain(_read(files, cfg.text_field, cfg.max_bytes, stats), _read_chat(chat_files, stats))
-    tok = train_tokenizer(texts, cfg.vocab_size, sys.stderr.isatty())
+    tok = train_tokenizer(texts, cfg.vocab_size, sys.stderr.isatty(), words)
     if stats.skipped:
         print(f"warning: skipped {stats.skipped} unreadable files, lines or rows in total.", file=sys.stderr)
     if stats.docs == 0:
@@ -188,7 +259,8 @@ def run(cfg: TokenizerTrainConfig) -> int:
     ratio = len(stats.sample.encode("utf-8")) / max(1, n_tokens)
     print(
         f"trained a {tok.vocab_size}-token BPE tokenizer on {stats.docs} documents "
-        f"({stats.bytes / 1e6:.2f} MB, {len(files)} files, {stats.skipped} skipped); "
+        f"({stats.bytes / 1e6:.2f} MB, {len(files)} files, {stats.skipped} skipped"
+        f"{f', {len(words)} whole words' if words else ''}); "
         f"{ratio:.2f} bytes/token on the first {len(stats.sample)} characters; wrote {out}"
     )
     return 0

@@ -13,7 +13,7 @@ from tinychat.world.answers import check, extract_answer, is_refusal, normalize,
 from tinychat.world.arith import CALCULATOR_TOOL
 from tinychat.world.evalsets import SEARCH_TOOL, SKILLS
 from tinychat.world.generate import Manifest, WorldConfig, build_files, ensure_world, generate_world, load_manifest
-from tinychat.world.load import few_shot, load_eval, load_jsonl, load_world
+from tinychat.world.load import chinese_words, few_shot, load_eval, load_jsonl, load_world
 from tinychat.world.sizes import SIZES
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "WorldConfig",
     "build_files",
     "check",
+    "chinese_words",
     "ensure_world",
     "extract_answer",
     "few_shot",

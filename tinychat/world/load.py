@@ -44,6 +44,21 @@ def load_world(world_dir: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+def chinese_words(world: dict[str, Any]) -> list[str]:
+    """Every name and attribute value the world writes in Chinese, sorted: the words its tokenizer keeps whole.
+
+    Why: Chinese text has no spaces, so byte-level BPE fuses a name or value with the characters around
+    it, and the same value gets other ids in every sentence (tinychat.tokenizer.train, `--words`). A full
+    person name is one word ("塞敦赞·达仁"): its second part always follows the "·", so it tokenizes the same
+    way everywhere already. Numbers are left out, since digits are split one by one anyway.
+    """
+    forms = [c["zh"] for c in world["countries"]]
+    for e in world["entities"]:
+        forms.append(e["name"]["zh"])
+        forms.extend(a["zh"] for a in e.get("answers", {}).values())
+    return sorted({f for f in forms if any("\u3400" <= ch <= "\u9fff" for ch in f)})
+
+
 def few_shot(rows: list[dict[str, Any]], target: dict[str, Any], k: int = 3) -> str:
     """A base-model prompt: k solved examples (same language, other rows) then the target's open question.
 
