@@ -170,8 +170,14 @@ def test_config_defaults():
             lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--chat-input", str(t / "nochat.jsonl")],
             "nochat.jsonl is not a file",
         ),
-        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "no.txt")], "no.txt is not a file"),
-        (lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "broken.txt")], "not UTF-8"),
+        (
+            lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "no.txt")],
+            "no.txt is not a file",
+        ),
+        (
+            lambda t: ["--input", str(t / "ok.txt"), "--out", str(t / "o"), "--words", str(t / "broken.txt")],
+            "not UTF-8",
+        ),
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(tmp_path, capsys, make_argv, pattern):
