@@ -211,3 +211,36 @@ def test_bad_input_is_one_sentence(tmp_path: Path, tiny_tokenizer, capsys):
         assert main(["tokenizer", "extend", *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _spanning(tok: Tokenizer, texts: list[str]) -> int:
+    """Tokens of the chinese() sentences that hold whole characters of two of its two-character words.
+
+    Only whole characters count: a byte pair learned inside a word (the last byte of one character and
+    the first of the next) can still fire across an edge at encoding, joining two pieces of characters.
+    """
+    n = 0
+    for text in texts:
+        enc = tok.backend.encode(text, add_special_tokens=False)
+        for (start, end), i in zip(enc.offsets, enc.ids, strict=True):
+            piece = tok.decode([i])
+            n += "\ufffd" not in piece and len(piece) >= 2 and start // 2 != (end - 1) // 2
+    return n
+
+
+def test_words_keep_new_tokens_inside_them(tmp_path: Path, capsys):
+    old = train_tokenizer(english(), 350)
+    old.save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join(chinese()) + "\n")
+    (tmp_path / "words.txt").write_text("\n".join(ZH[i : i + 2] for i in range(0, len(ZH), 2)) + "\n")
+    base = ["tokenizer", "extend", "--tokenizer", str(tmp_path / "tok"), "--input", str(corpus), "--add", "200"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "whole"), "--words", str(tmp_path / "words.txt")]) == 0
+    capsys.readouterr()
+    plain, whole = Tokenizer.from_pretrained(tmp_path / "plain"), Tokenizer.from_pretrained(tmp_path / "whole")
+    texts = chinese(40, seed=9)
+    assert _spanning(plain, texts) > 0  # without the words, BPE joins frequent neighbours
+    assert _spanning(whole, texts) == 0 and whole.vocab_size > old.vocab_size
+    assert main([*base, "--out", str(tmp_path / "x"), "--words", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt is not a file" in capsys.readouterr().err

@@ -15,6 +15,9 @@ appended after every existing id and its merge after every existing merge. So:
     exactly, and text without the new pairs (English, here) tokenizes identically;
   * a pair whose merged string is already a token is never added (that would create a second route to
     an old token and let old merges fire on top of new ones).
+With `--words FILE` (names and terms, one per line), the new merges never cross a listed word's edge, as in
+`tokenizer train --words`: Chinese-LLaMA added whole Chinese *words*, not the character runs BPE would fuse
+across them. The old merges are kept as they are, so only the new tokens respect the words.
 Works on tinychat's tokenizers and on Hugging Face byte-level BPE tokenizer.json files of the Llama 3 /
 Qwen2 / GPT-2 shape, whose special tokens sit after the vocabulary: new ids then start after them.
 """
@@ -36,7 +39,7 @@ from tinychat.config import field
 from tinychat.data.readers import expand_paths
 from tinychat.errors import UserError
 from tinychat.tokenizer.tokenizer import Tokenizer
-from tinychat.tokenizer.train import _read, _Stats
+from tinychat.tokenizer.train import _read, _Stats, read_words, split_at_words
 
 Pair = tuple[str, str]
 
@@ -50,6 +53,7 @@ class TokenizerExtendConfig:
     min_frequency: int = field(2, help="a pair must occur at least this often to become a token")
     text_field: str = field("text", help="field holding the text in .jsonl / .parquet rows")
     max_bytes: int | None = field(None, help="stop reading after this many bytes of UTF-8 text (default: all)")
+    words: str = field("", help="a file of words, one per line, that no new token may cross (names, terms)")
 
 
 def check_byte_level_bpe(spec: dict[str, Any], source: str) -> None:
@@ -235,8 +239,9 @@ def run(cfg: TokenizerExtendConfig) -> int:
     files = expand_paths(cfg.input)
     if not files:
         raise UserError(f"no input files found under {', '.join(cfg.input)}.")
+    words = read_words(cfg.words) if cfg.words else []
     stats = _Stats()
-    texts = _read(files, cfg.text_field, cfg.max_bytes, stats)  # streamed: only word counts are kept
+    texts = split_at_words(_read(files, cfg.text_field, cfg.max_bytes, stats), words)  # streamed: only counts kept
     new, merges = extend_tokenizer(tok, texts, cfg.add, cfg.min_frequency)
     if stats.skipped:
         print(f"warning: skipped {stats.skipped} unreadable files, lines or rows in total.", file=sys.stderr)

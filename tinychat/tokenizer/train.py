@@ -9,11 +9,14 @@ Choices, and why:
   * The 16 special tokens come first (ids 0..15) so that every tinychat tokenizer, whatever its size,
     agrees on them.
   * Optional whole words (`--words FILE`): merges are learned as if each occurrence of a listed word stood
-    alone, so no learned token crosses a word's edge. Why: Chinese has no spaces, and the regex keeps a
+    alone, so no merge is learned across a word's edge. Why: Chinese has no spaces, and the regex keeps a
     run of Han characters as one pre-token, so BPE fuses names and values with the words around them
     ("总是喜欢编织", "。塞敦赞"): the same value then has other ids in every sentence than in a bare answer,
     and a small model stores and recalls it under each separately (docs/speedrun.md, rounds 18-19).
-    Encoding is unchanged (the same regex, the same BPE), so llama.cpp still tokenizes identically.
+    The saved pre-tokenizer and BPE are the usual ones, only the merges differ, so llama.cpp still
+    tokenizes identically. Encoding runs the merges over the whole pre-token, so a byte pair learned inside
+    some word can still join the bytes of two characters across an edge: 0.1-1.3% of the speedrun world's
+    names and values still share a token with a neighbour.
 Reading uses tinychat.data's streaming readers: one document at a time, bad lines or files skipped with
 a warning and counted, a missing path a UserError before any work starts.
 """
@@ -43,6 +46,7 @@ __all__ = [
     "build_backend",
     "read_words",
     "run",
+    "split_at_words",
     "train_tokenizer",
     "word_pieces",
 ]
@@ -107,6 +111,15 @@ def word_pieces(text: str, pattern: re.Pattern[str]) -> Iterator[str]:
         yield text[last:]
 
 
+def split_at_words(texts: Iterable[str], words: Iterable[str]) -> Iterable[str]:
+    """`texts` as word_pieces for BPE to learn from (unchanged when there are no words); streamed."""
+    words = list(words)
+    if not words:
+        return texts
+    pattern = _words_pattern(words)
+    return (piece for text in texts for piece in word_pieces(text, pattern))
+
+
 def read_words(path: str | Path) -> list[str]:
     """A words file: one word per line, blank lines and surrounding whitespace ignored."""
     p = Path(path)
@@ -139,11 +152,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    words = list(words)
-    if words:
-        pattern = _words_pattern(words)
-        texts = (piece for text in texts for piece in word_pieces(text, pattern))
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend.train_from_iterator(split_at_words(texts, words), trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert backend.token_to_id(t) == i, f"special token {t} landed on id {backend.token_to_id(t)}, not {i}"
     return Tokenizer(backend)
