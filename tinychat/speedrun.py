@@ -38,7 +38,7 @@ class SpeedrunConfig:
     seed: int = field(0, help="world seed")
     vocab_size: int = field(8192, help="tokenizer vocabulary size")
     whole_words: bool = field(
-        True, help="the tokenizer learns no token across the edge of a Chinese name or value of the world"
+        True, help="the tokenizer learns no merge across the edge of a Chinese name or value of the world"
     )
     val_fraction: float = field(0.05, help="share of pretraining documents held out for bits per byte")
     stages: list[str] = field([], help="run only these stages (default: all)")

@@ -53,7 +53,7 @@ class TokenizerExtendConfig:
     min_frequency: int = field(2, help="a pair must occur at least this often to become a token")
     text_field: str = field("text", help="field holding the text in .jsonl / .parquet rows")
     max_bytes: int | None = field(None, help="stop reading after this many bytes of UTF-8 text (default: all)")
-    words: str = field("", help="a file of words, one per line, that no new token may cross (names, terms)")
+    words: str = field("", help="a file of words, one per line, that no new merge is learned across (names, terms)")
 
 
 def check_byte_level_bpe(spec: dict[str, Any], source: str) -> None:
@@ -239,7 +239,7 @@ def run(cfg: TokenizerExtendConfig) -> int:
     files = expand_paths(cfg.input)
     if not files:
         raise UserError(f"no input files found under {', '.join(cfg.input)}.")
-    words = read_words(cfg.words) if cfg.words else []
+    words = read_words(cfg.words)
     stats = _Stats()
     texts = split_at_words(_read(files, cfg.text_field, cfg.max_bytes, stats), words)  # streamed: only counts kept
     new, merges = extend_tokenizer(tok, texts, cfg.add, cfg.min_frequency)

@@ -121,7 +121,9 @@ def split_at_words(texts: Iterable[str], words: Iterable[str]) -> Iterable[str]:
 
 
 def read_words(path: str | Path) -> list[str]:
-    """A words file: one word per line, blank lines and surrounding whitespace ignored."""
+    """A words file: one word per line, blank lines and surrounding whitespace ignored; no path, no words."""
+    if not path:
+        return []
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--words {p} is not a file; give a text file with one word per line.")
@@ -166,7 +168,7 @@ class TokenizerTrainConfig:
     text_field: str = field("text", help="field holding the text in .jsonl / .parquet rows")
     max_bytes: int | None = field(None, help="stop reading after this many bytes of UTF-8 text (default: all)")
     chat_input: list[str] = field([], help="chat JSONL files ({messages, tools}): their rendered text joins the corpus")
-    words: str = field("", help="a file of words, one per line, that no learned token may cross (names, terms)")
+    words: str = field("", help="a file of words, one per line, that no merge is learned across (names, terms)")
 
 
 @dataclass
@@ -255,7 +257,7 @@ def run(cfg: TokenizerTrainConfig) -> int:
     for p in chat_files:
         if not p.is_file():
             raise UserError(f"--chat-input {p} is not a file; give chat JSONL files.")
-    words = read_words(cfg.words) if cfg.words else []
+    words = read_words(cfg.words)
     stats = _Stats()
     texts = itertools.chain(_read(files, cfg.text_field, cfg.max_bytes, stats), _read_chat(chat_files, stats))
     tok = train_tokenizer(texts, cfg.vocab_size, sys.stderr.isatty(), words)
