@@ -125,3 +125,37 @@ def test_a_lora_run_resumes_exactly_from_its_step_checkpoint(toy_runs: Path):
     shutil.rmtree(toy_runs / "resume" / "checkpoints" / "dpo" / "step_000006")
     assert main([*args, "--resume"]) == 0
     assert [r["loss"] for r in metrics(toy_runs / "resume", "dpo")] == [r["loss"] for r in ref]
+
+
+def test_skill_weights_copy_rows_by_their_skill_the_same_way_every_run():
+    from tinychat.train.sft import weigh
+
+    rows = [(f"row {i}", {"skill": skill, "i": i}) for i in range(200) for skill in ("facts", "agent", "rag", "")]
+    out = weigh(rows, {"*": 1.0, "agent": 0.0, "rag": 0.5, "facts": 2})
+    count = {s: sum(r["skill"] == s for _, r in out) for s in ("facts", "agent", "rag", "")}
+    assert count["facts"] == 400 and count["agent"] == 0 and count[""] == 200  # "*" covers rows without a skill
+    assert 70 < count["rag"] < 130  # each kept with odds 0.5
+    assert out == weigh(rows, {"*": 1.0, "agent": 0.0, "rag": 0.5, "facts": 2})
+    assert weigh(rows, {}) is rows
+
+
+def test_sft_skill_weights_from_the_preset_and_their_errors(toy_runs: Path, tmp_path: Path, capsys):
+    rows = [
+        {"messages": [user(f"q{i}"), {"role": "assistant", "content": "a"}], "skill": s}
+        for i, s in enumerate(["facts"] * 6 + ["agent"] * 4)
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    base = [*common(toy_runs, "weights"), "--data", str(data), "--train.max_steps", "1", "--eval_rows", "0"]
+    base += ["--init", str(toy_runs / RUN / "checkpoints" / "pretrain")]
+
+    def preset(body: str) -> str:
+        path = tmp_path / "preset.toml"
+        path.write_text("[sft.skill_weights]\n" + body)
+        return str(path)
+
+    assert main(["sft", "--config", preset('"*" = 1.0\nagent = 0.0\nfacts = 2\n'), *base]) == 0
+    assert "sft: 12 conversations" in capsys.readouterr().out  # 6 facts rows twice, no agent rows
+    assert main(["sft", "--config", preset("agent = -1\n"), *base]) == 2
+    assert "skill_weights must be numbers >= 0, got {'agent': -1}." in capsys.readouterr().err
+    assert main(["sft", "--config", preset('"*" = 0\n'), *base]) == 2
+    assert "leave none of the rows of" in capsys.readouterr().err

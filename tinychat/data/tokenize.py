@@ -150,9 +150,7 @@ def tokenize(cfg: TokenizeConfig, tokenizer: TokenizerLike | None = None) -> dic
         raise UserError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}.")
     if cfg.workers < 1 or cfg.batch_docs < 1 or cfg.shard_tokens < 1:
         raise UserError("--workers, --batch_docs and --shard_tokens must be at least 1.")
-    bad = {k: w for k, w in cfg.chat_weights.items() if not isinstance(w, int | float) or isinstance(w, bool) or w < 0}
-    if bad:
-        raise UserError(f"chat_weights must be numbers >= 0, got {bad}.")
+    check_weights(cfg.chat_weights, "chat_weights")
     missing = [p for p in cfg.chat if not Path(p).is_file()]
     if missing:  # before the text is tokenized, not after
         raise UserError(f"--chat file {missing[0]} does not exist.")
@@ -222,6 +220,13 @@ def read_chat_rows(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"{path} line {i}: a chat row needs a non-empty 'messages' list.")
         rows.append(row)
     return rows
+
+
+def check_weights(weights: dict[str, Any], name: str) -> None:
+    """Per-skill copy weights (chat_weights, SFT's skill_weights) must be numbers >= 0: else a UserError."""
+    bad = {k: w for k, w in weights.items() if not isinstance(w, int | float) or isinstance(w, bool) or w < 0}
+    if bad:
+        raise UserError(f"{name} must be numbers >= 0, got {bad}.")
 
 
 def copies(weight: float, rng: random.Random) -> int:
