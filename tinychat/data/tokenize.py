@@ -235,6 +235,11 @@ def copies(weight: float, rng: random.Random) -> int:
     return whole + (rng.random() < weight - whole)
 
 
+def skill_copies(weights: dict[str, float], skill: str, rng: random.Random) -> int:
+    """`copies` of a row of `skill` under per-skill weights: its own weight, else "*"'s, else 1."""
+    return copies(float(weights.get(skill, weights.get("*", 1.0))), rng)
+
+
 def _write_chat(files: list[Path], tok: Any, writer: TokenShardWriter, weights: dict[str, float]) -> dict[str, Any]:
     """Render every chat row to ids (specials from the template only) and append it to the train split.
 
@@ -245,13 +250,12 @@ def _write_chat(files: list[Path], tok: Any, writer: TokenShardWriter, weights: 
     """
     dtype = token_dtype(tok.vocab_size)
     rng = random.Random(0)  # the same rows for the same input, on every run
-    default = float(weights.get("*", 1.0))
     rows: Counter[str] = Counter()
     tokens: Counter[str] = Counter()
     for path in files:
         for line, row in enumerate(read_chat_rows(path), 1):
             skill = str(row.get("skill", ""))
-            n = copies(float(weights.get(skill, default)), rng)
+            n = skill_copies(weights, skill, rng)
             if n == 0:
                 continue
             try:

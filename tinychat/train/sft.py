@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from tinychat.config import field
-from tinychat.data.tokenize import check_weights, copies
+from tinychat.data.tokenize import check_weights, skill_copies
 from tinychat.errors import UserError
 from tinychat.train import post
 from tinychat.train.chat_data import Conversation, Prompt, encode_sft, read_rows, render, sft_batch, sft_rows
@@ -45,7 +45,7 @@ class SFTConfig(post.PostConfig):
 
 
 def weigh(rows: list[tuple[str, dict]], weights: dict[str, float]) -> list[tuple[str, dict]]:
-    """Each row as many times as its skill's weight says (`copies`); the same rows for the same input, every run.
+    """Each row as many times as its skill's weight says (`skill_copies`); the same rows for the same input, every run.
 
     Why: a short SFT sees a fraction of an epoch, and rows of a few skills can fill it. On the speedrun's world
     the agent, knowledge-base and calculator transcripts (tool schemas, documents in context) are two thirds of
@@ -54,8 +54,7 @@ def weigh(rows: list[tuple[str, dict]], weights: dict[str, float]) -> list[tuple
     if not weights:
         return rows
     rng = random.Random(0)
-    default = float(weights.get("*", 1.0))
-    return [r for r in rows for _ in range(copies(float(weights.get(str(r[1].get("skill", "")), default)), rng))]
+    return [r for r in rows for _ in range(skill_copies(weights, str(r[1].get("skill", "")), rng))]
 
 
 def task_prompts(tok: Any, rows: list[tuple[str, dict]]) -> list[Prompt]:
