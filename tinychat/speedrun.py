@@ -54,8 +54,8 @@ class SpeedrunConfig:
     )
     shapes: list[str] = field(
         [],
-        help="model shapes to fit to this machine, largest first, each [model] options as 'key=value,...' "
-        "(tinychat.train.sizing); empty = the preset's [model] as it is",
+        help="model shapes to fit to this machine, largest first, each [model] options as 'key=value,...', "
+        "optionally '@STEPS', a target of its own (tinychat.train.sizing); empty = the preset's [model] as it is",
     )
     target_steps: int = field(
         0, help="with shapes: pretraining steps the chosen shape must be predicted to reach in its time budget"

@@ -10,7 +10,7 @@ from tinychat.errors import UserError
 from tinychat.model.config import ModelConfig
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import time_budget
-from tinychat.train.sizing import choose_shape, parse_shape, pick, predicted_steps
+from tinychat.train.sizing import choose_shape, parse_shape, pick, predicted_steps, shape_target
 
 
 def test_a_shape_is_model_options_as_numbers():
@@ -45,10 +45,21 @@ def test_predicted_steps_are_the_loops_budget_over_the_step_time():
 
 
 def test_the_first_shape_reaching_the_target_wins_else_the_fastest():
-    assert pick([900, 1200, 1500], [0.9, 0.7, 0.5], 800) == 0
-    assert pick([500, 850, 1500], [0.9, 0.7, 0.5], 800) == 1
-    assert pick([500, 600], [0.9, 0.7], 800) == 1
-    assert pick([600, 500], [0.7, 0.9], 800) == 0  # a ladder out of order: still the fastest
+    assert pick([900, 1200, 1500], [0.9, 0.7, 0.5], [800] * 3) == 0
+    assert pick([500, 850, 1500], [0.9, 0.7, 0.5], [800] * 3) == 1
+    assert pick([500, 600], [0.9, 0.7], [800] * 2) == 1
+    assert pick([600, 500], [0.7, 0.9], [800] * 2) == 0  # a ladder out of order: still the fastest
+    assert pick([900, 1200], [0.9, 0.7], [1100, 800]) == 1  # the deep shape names a target it misses
+    assert pick([1150, 1700], [0.9, 0.7], [1100, 800]) == 0
+
+
+def test_a_shape_may_name_its_own_target():
+    assert shape_target("n_layer=6@1100", 700) == ("n_layer=6", 1100)
+    assert shape_target(" n_layer=3 ", 700) == ("n_layer=3", 700)
+    assert parse_shape("n_layer=6,d_model=320 @ 1100") == {"n_layer": 6, "d_model": 320}
+    for bad in ("n_layer=6@", "n_layer=6@many", "n_layer=6@0", "n_layer=6@-5"):
+        with pytest.raises(UserError, match="after '@'"):
+            shape_target(bad, 700)
 
 
 def micro() -> ModelConfig:
@@ -61,6 +72,13 @@ def test_choosing_stops_at_the_first_shape_that_fits():
     assert record["chosen"] == "n_layer=2"
     assert [m["shape"] for m in record["measured"]] == ["n_layer=2"]  # the second was never timed
     assert record["measured"][0]["seconds_per_step"] > 0
+
+
+def test_a_shape_short_of_its_own_target_gives_way():
+    train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
+    record = choose_shape(micro(), train, ["n_layer=2@1000000000", "n_layer=1"], 1, vocab_size=64)
+    assert [m["shape"] for m in record["measured"]] == ["n_layer=2@1000000000", "n_layer=1"]
+    assert record["chosen"] == "n_layer=1" and parse_shape(record["chosen"]) == {"n_layer": 1}
 
 
 def test_when_no_shape_fits_every_one_is_timed_and_the_fastest_chosen():

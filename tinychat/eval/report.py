@@ -226,8 +226,8 @@ def section_sizing(d: RunData) -> list[str]:
     ]
     intro = (
         f"Pretraining's model shape: the first, largest first, predicted to reach {fmt_num(rec.get('target_steps'))} "
-        "steps in its time budget, else the fastest; each timed on random tokens before training "
-        "(tinychat.train.sizing)."
+        "steps (or the target written after its '@') in its time budget, else the fastest; each timed on random "
+        "tokens before training (tinychat.train.sizing)."
     )
     later = ["later work (s)"] if priced else []
     head = ["shape ([model] options)", "seconds per step", *later, "predicted steps", ""]

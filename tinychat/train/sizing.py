@@ -12,7 +12,10 @@ loss, backward and optimiser step, under the loop's autocast; two warm-up steps,
 three), and the steps it would get are the stage's time budget (less its reserve, priced as the loop prices
 it, and less the later work the caller prices for that shape: the speedrun's evaluation is slower for a wider
 model) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does,
-the fastest. On a fast machine this costs the default shape's few probe steps (~4 s) and changes nothing.
+the fastest. A shape may name its own target after an '@' ("n_layer=6@1100"): a deeper model needs more
+steps than the default before it pays (docs/speedrun.md, rounds 10 and 21), so it is tried first and taken
+only on a machine fast enough for it. A machine slower than that costs the shapes' few probe steps (~4 s
+each) and gets what it got before.
 """
 
 from __future__ import annotations
@@ -34,11 +37,22 @@ from tinychat.train.optim import build_optimizer
 from tinychat.train.pretrain import lm_loss
 
 
+def shape_target(text: str, default: int) -> tuple[str, int]:
+    """'n_layer=6@1100' -> ('n_layer=6', 1100); a shape without '@' needs `default` steps."""
+    shape, sep, steps = text.partition("@")
+    if not sep:
+        return text.strip(), default
+    if not steps.strip().isdigit() or int(steps) <= 0:
+        raise UserError(f"shape '{text}': the steps after '@' must be a positive whole number.")
+    return shape.strip(), int(steps)
+
+
 def parse_shape(text: str) -> dict[str, Any]:
-    """'n_layer=2,d_model=192' -> {'n_layer': 2, 'd_model': 192}: [model] options, integers or numbers."""
+    """'n_layer=2,d_model=192' -> {'n_layer': 2, 'd_model': 192}: [model] options, integers or numbers (a
+    target written after '@' is not an option, and is ignored here)."""
     known = {f for f in ModelConfig.__dataclass_fields__}
     out: dict[str, Any] = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in (p.strip() for p in shape_target(text, 0)[0].split(",") if p.strip()):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in known:
@@ -84,10 +98,10 @@ def predicted_steps(train: TrainConfig, seconds_per_step: float, later_seconds: 
     return max(int(budget / seconds_per_step), 0)
 
 
-def pick(predicted: Sequence[int], seconds: Sequence[float], target_steps: int) -> int:
-    """The first shape (largest first) predicted to reach target_steps, else the fastest."""
-    for i, n in enumerate(predicted):
-        if n >= target_steps:
+def pick(predicted: Sequence[int], seconds: Sequence[float], targets: Sequence[int]) -> int:
+    """The first shape (largest first) predicted to reach its target, else the fastest."""
+    for i, (n, need) in enumerate(zip(predicted, targets, strict=True)):
+        if n >= need:
             return i
     return min(range(len(seconds)), key=lambda i: seconds[i])
 
@@ -100,14 +114,16 @@ def choose_shape(
     vocab_size: int,
     later: Callable[[ModelConfig], float] | None = None,
 ) -> dict[str, Any]:
-    """Time the shapes in order and stop at the first that reaches target_steps; returns the record the
+    """Time the shapes in order and stop at the first that reaches its target; returns the record the
     speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time, the seconds `later` prices
     the work after pretraining at for it (kept back from the budget), its predicted steps, the choice."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
     device = pick_device(train.device)
     measured: list[dict[str, Any]] = []
+    targets: list[int] = []
     for text in shapes:
+        targets.append(shape_target(text, target_steps)[1])
         overrides = parse_shape(text)
         mcfg = resolve(model, vocab_size=vocab_size, **overrides)
         sec = step_seconds(mcfg, train, device)
@@ -116,7 +132,7 @@ def choose_shape(
         measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
         if later:
             measured[-1]["later_seconds"] = round(later_s, 1)
-        if steps >= target_steps:
+        if steps >= targets[-1]:
             break
-    chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], target_steps)
+    chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], targets)
     return {"target_steps": target_steps, "measured": measured, "chosen": measured[chosen]["shape"]}
