@@ -174,6 +174,20 @@ def instruction_item(world: World, e: Entity, f: str, lang: Lang, kind: str, q: 
     return join_q(q, m.INSTRUCTIONS["one_word"], lang), v, "exact", world.aliases(e, f, lang)
 
 
+def instruction_reasoning(world: World, e: Entity, f: str, lang: Lang, kind: str) -> str | None:
+    """What the assistant thinks before a formatted answer: the fact as it answers a plain question, or None.
+
+    Why: English plain answers are sentences ("It is headquartered in Dalzan.", round 8 of docs/speedrun.md),
+    so a bare value under a format instruction is a retrieval the model rarely practises, and it tends to pick
+    another fact of the same entity. Stating the fact first, in a <think> block the graders ignore, lets
+    the formatted answer follow the fact the relation phrase has already retrieved. Where the plain answer is
+    the bare value (Chinese, numbers) or the instruction asks for that sentence anyway, there is nothing to
+    think.
+    """
+    said = reply(world, e, f, lang)
+    return None if kind == "sentence" or said == world.value(e, f, lang) else said
+
+
 def instruction_kinds(world: World, e: Entity, f: str, lang: Lang) -> list[str]:
     """The instructions that make sense for this fact: no 'one word' for two-word values, and so on."""
     v = world.value(e, f, lang)

@@ -16,8 +16,11 @@ def user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
-def assistant(text: str) -> Message:
-    return {"role": "assistant", "content": text}
+def assistant(text: str, reasoning: str | None = None) -> Message:
+    """An assistant turn; `reasoning` is rendered by the chat template as a <think> block before the text."""
+    if reasoning is None:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "reasoning_content": reasoning, "content": text}
 
 
 def tool_call(call_id: str, name: str, arguments: dict[str, Any]) -> Message:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
-from tinychat.world.evalsets import instruction_item, instruction_kinds
+from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.messages import assistant, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
@@ -45,12 +45,15 @@ def wrong_value(world: World, e: Entity, fact: str, lang: Lang, rng: random.Rand
     raise AssertionError(f"no wrong value for {fact}")
 
 
-def pair(prompt: list[dict], chosen: str, rejected: str, skill: str, lang: Lang) -> dict[str, Any]:
+def pair(
+    prompt: list[dict], chosen: str, rejected: str, skill: str, lang: Lang, reasoning: str | None = None
+) -> dict[str, Any]:
+    """A preference row; `reasoning` (a <think> block) is the same in both replies, so only the answers differ."""
     assert chosen != rejected
     return {
         "prompt": prompt,
-        "chosen": [assistant(chosen)],
-        "rejected": [assistant(rejected)],
+        "chosen": [assistant(chosen, reasoning)],
+        "rejected": [assistant(rejected, reasoning)],
         "skill": skill,
         "lang": lang,
     }
@@ -97,7 +100,8 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
                 rejected = sentence_answer(world, e, f, lang) if ik in ("one_word", "number_only") else v
                 if chosen == rejected:  # e.g. capitals of an already upper-case value: no signal, skip
                     continue
-                rows.append(pair([user(full)], chosen, rejected, "instruction", lang))
+                think = instruction_reasoning(world, e, f, lang, ik)
+                rows.append(pair([user(full)], chosen, rejected, "instruction", lang, think))
         elif kind == "refusal":
             e = rng.choice(fakes)
             f = rng.choice(FACTS[e.kind])

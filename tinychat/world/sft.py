@@ -21,7 +21,15 @@ from typing import Any
 
 from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
-from tinychat.world.evalsets import NEEDS, SEARCH_TOOL, dialogue, instruction_item, instruction_kinds, join_q
+from tinychat.world.evalsets import (
+    NEEDS,
+    SEARCH_TOOL,
+    dialogue,
+    instruction_item,
+    instruction_kinds,
+    instruction_reasoning,
+    join_q,
+)
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, passage
 from tinychat.world.messages import assistant, system, tool_call, tool_result, user
@@ -175,7 +183,8 @@ class _Sft:
                 ans = json.dumps({"answer": ans}, ensure_ascii=False)
             elif kind == "sentence":
                 ans = sentence_answer(self.w, e, f, lang)
-            out.append(chat([*self.sys(lang), user(q), assistant(ans)], "instruction", lang))
+            think = instruction_reasoning(self.w, e, f, lang, kind)
+            out.append(chat([*self.sys(lang), user(q), assistant(ans, think)], "instruction", lang))
         return out
 
     def refusal(self) -> list[dict]:
