@@ -128,3 +128,42 @@ def test_markdown_is_rendered_and_html_is_not(page):
     assert out["links"] == ["https://example.org/"] and out["items"] == 2
     assert out["h1"] == "Title" and out["strong"] == "bold"
     assert page.evaluate("window.pwned === undefined")
+
+
+def test_reasoning_is_shown_folded_as_text_and_sent_back(page):
+    """A stream with reasoning_content (serve --reasoning, tinychat.serve.reasoning): the page shows it folded
+    above the answer, as text, and sends it back in the history. The stream is canned: a random test model
+    does not think."""
+    chunk = 'data: {{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [{{"index": 0, "delta": {}, "logprobs": null, "finish_reason": {}}}]}}\n\n'
+    sse = "".join(
+        chunk.format(json.dumps(d), json.dumps(f))
+        for d, f in [
+            ({"role": "assistant", "content": ""}, None),
+            ({"reasoning_content": "It is <b>headquartered</b>"}, None),
+            ({"reasoning_content": " in Dalzan."}, None),
+            ({"content": '{"answer": "Dalzan"}'}, None),
+            ({}, "stop"),
+        ]
+    ) + "data: [DONE]\n\n"
+    page.click("#new-chat")
+    page.route("**/v1/chat/completions", lambda r: r.fulfill(status=200, content_type="text/event-stream", body=sse))
+    try:
+        page.fill("#input", "Where is it? Reply in JSON.")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant:not(.streaming)")
+        assert page.text_content(".msg.assistant details.reasoning > div") == "It is <b>headquartered</b> in Dalzan."
+        assert page.eval_on_selector_all(".msg.assistant details.reasoning b", "els => els.length") == 0
+        assert page.eval_on_selector(".msg.assistant details.reasoning", "d => d.open") is False
+        assert assistant_texts(page) == ['{"answer": "Dalzan"}']
+        with page.expect_request("**/v1/chat/completions") as req:
+            page.fill("#input", "Thanks.")
+            page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming)').length === 2")
+        sent = json.loads(req.value.post_data)["messages"]
+        assert sent[-2] == {
+            "role": "assistant",
+            "reasoning_content": "It is <b>headquartered</b> in Dalzan.",
+            "content": '{"answer": "Dalzan"}',
+        }
+    finally:
+        page.unroute("**/v1/chat/completions")

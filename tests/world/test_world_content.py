@@ -361,3 +361,29 @@ def test_chinese_words_are_every_chinese_name_and_value_and_no_number(small_dir:
     assert {c["zh"] for c in w["countries"]} <= set(words)
     text = (small_dir / "pretrain" / "train.jsonl").read_text(encoding="utf-8")
     assert sum(x in text for x in words) > 0.5 * len(words)  # most are written in the text (kb and fakes are not)
+
+
+def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) -> None:
+    """English instruction rows (SFT and preference) state the fact as a plain answer would, in a <think>
+    block, before the formatted answer; Chinese and numeric ones (whose plain answer is the bare value) and
+    "full sentence" ones do not. The grader ignores the block, so the row still grades as its answer."""
+    w = load_world(small_dir)
+    values = {e["answers"][f]["en"] for e in w["entities"] for f in e["answers"]}
+    thought = Counter()
+    for row in read_jsonl(small_dir / "sft/train.jsonl"):
+        if row["skill"] != "instruction":
+            continue
+        a = row["messages"][-1]
+        think = a.get("reasoning_content")
+        thought[row["lang"], think is not None] += 1
+        if think is None:
+            continue
+        assert row["lang"] == "en" and think.endswith(".") and " " in think, think
+        v = next(v for v in values if f" {v}." in think or f" the {v}." in think)
+        assert v in a["content"] or v.upper() in a["content"] or re.search("[\u4e00-\u9fff]", a["content"]), (think, a)
+        assert check(f"<think>\n{think}\n</think>\n\n{a['content']}", {"answer": a["content"], "check": "exact"})
+    assert thought["en", True] > 100 and thought["zh", True] == 0 and thought["zh", False] > 100
+    assert thought["en", False] > 20  # numbers and full sentences answer at once
+    pairs = [r for r in read_jsonl(small_dir / "preference/train.jsonl") if r["skill"] == "instruction"]
+    with_think = [r for r in pairs if "reasoning_content" in r["chosen"][0]]
+    assert with_think and all(r["chosen"][0]["reasoning_content"] == r["rejected"][0]["reasoning_content"] for r in with_think)

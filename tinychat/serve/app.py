@@ -42,6 +42,7 @@ from tinychat.serve.protocol import (
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
+from tinychat.serve.reasoning import ReasoningSplitter, split_reasoning
 from tinychat.serve.responses import Formatter, sse
 
 log = logging.getLogger("tinychat.serve")
@@ -58,13 +59,15 @@ def create_app(  # noqa: ANN001, PLR0913
     max_body_mb: float = 16.0,
     allow_writes: bool = True,
     adapter_root: Path | None = None,
+    reasoning: bool = True,
 ) -> FastAPI:
     """The app for a started engine. `api_key` protects /v1/* (the page, /health and /metrics stay open);
     `kb` (a tinychat.rag.kb.KnowledgeBase) adds the knowledge-base routes of tinychat.serve.rag_routes;
     `allow_writes=False` answers uploads and deletes of documents with 403 (see serve.cli.write_policy);
     `max_body_mb` bounds every request body, uploads included (413 beyond); `adapter_root` adds
     POST /v1/load_lora_adapter and /v1/unload_lora_adapter for LoRA directories under it (the engine must
-    have been started with free adapter slots)."""
+    have been started with free adapter slots); `reasoning` returns a chat reply's leading <think> block as
+    reasoning_content (tinychat.serve.reasoning) instead of inside content."""
     grammars = Grammars(tokenizer, engine.model.cfg.vocab_size)
     prep = Preparer(engine, tokenizer, grammars, model_name)
     http = HttpStats()
@@ -245,11 +248,14 @@ def create_app(  # noqa: ANN001, PLR0913
         handles, q = await submit([p.gen])
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = _chat_stream(fmt, p.gen.n, events(handles, q, None), usage)
+            gen = _chat_stream(fmt, p.gen.n, events(handles, q, None), usage, reasoning)
             return _stream(rag_routes.with_sources(gen, fmt, rag) if rag else gen, handles)
         choices, done = await _collect(events(handles, q, request), p.gen.n, [""])
         if done is None:
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        if reasoning:
+            for c in choices:
+                c["reasoning"], c["text"] = split_reasoning(c["text"])
         resp = fmt.chat_response(choices, done.prompt_tokens, done.completion_tokens)
         return rag_routes.decorate(resp, rag) if rag else resp
 
@@ -422,18 +428,26 @@ async def _collect(
     return choices, total if finished == len(prefixes) else None
 
 
-async def _chat_stream(fmt: Formatter, n: int, evs: AsyncIterator[tuple[int, Any]], usage: bool) -> AsyncIterator[str]:
+async def _chat_stream(
+    fmt: Formatter, n: int, evs: AsyncIterator[tuple[int, Any]], usage: bool, reasoning: bool = False
+) -> AsyncIterator[str]:
     for i in range(n):
         yield fmt.chat_chunk(i, {"role": "assistant", "content": ""})
     calls_seen = [0] * n
+    splitters = [ReasoningSplitter() for _ in range(n)] if reasoning else None
     try:
         async for _, ev in evs:
             if isinstance(ev, Done):
                 if usage:
                     yield fmt.usage_chunk(ev.prompt_tokens, ev.completion_tokens)
                 continue
-            if ev.text or ev.logprobs:
-                yield fmt.chat_chunk(ev.index, {"content": ev.text}, logprobs=fmt.chat_logprobs(ev.logprobs))
+            text = ev.text
+            if splitters is not None:
+                thought, text = splitters[ev.index].feed(ev.text, final=bool(ev.finish_reason))
+                if thought:
+                    yield fmt.chat_chunk(ev.index, {"reasoning_content": thought})
+            if text or ev.logprobs:
+                yield fmt.chat_chunk(ev.index, {"content": text}, logprobs=fmt.chat_logprobs(ev.logprobs))
             if ev.tool_calls:
                 for chunk in fmt.tool_call_chunks(ev.index, ev.tool_calls, calls_seen[ev.index]):
                     yield chunk

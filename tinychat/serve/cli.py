@@ -73,6 +73,11 @@ class ServeConfig:
     device: str = field("auto")
     dtype: str = field("auto")
     kb: str = field("", help="knowledge-base directory: adds /v1/rag/* and answers from it (see tinychat rag)")
+    reasoning: bool = field(
+        True,
+        help="return a chat reply's leading <think> block as message.reasoning_content (DeepSeek's and vLLM's "
+        "field); false leaves it inside content",
+    )
     max_body_mb: float = field(16.0, help="largest request body in MB, document uploads included (413 beyond)")
     allow_unauthenticated_writes: bool = field(
         False, help="let anyone upload and delete documents on a non-loopback --host without --api-key"
@@ -244,6 +249,7 @@ def run(cfg: ServeConfig) -> int:
         max_body_mb=cfg.max_body_mb,
         allow_writes=writes,
         adapter_root=Path(cfg.adapter_updates) if cfg.adapter_updates else None,
+        reasoning=cfg.reasoning,
     )
     print(
         f"serving {path} as '{name}' ({engine.model.num_params() / 1e6:.1f}M parameters, {engine.num_slots} slots "

@@ -174,6 +174,7 @@ class Source(Passage):
 class AssistantMessage(Out):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = None  # the reply's leading <think> block (serve --reasoning)
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -211,6 +212,7 @@ class ToolCallDelta(Out):
 class ChatDelta(Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

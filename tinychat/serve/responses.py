@@ -80,6 +80,8 @@ class Formatter:
         out = []
         for i, c in enumerate(choices):
             msg: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+            if c.get("reasoning") is not None:
+                msg["reasoning_content"] = c["reasoning"]
             if c["tool_calls"]:
                 msg["tool_calls"] = [tc.to_openai() for tc in c["tool_calls"]]
                 msg["content"] = c["text"] or None

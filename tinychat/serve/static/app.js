@@ -142,6 +142,19 @@
     else body.textContent = text;
   }
 
+  function showThought(div, thought) {
+    let box = div.querySelector("details.reasoning");
+    if (!thought) return;
+    if (!box) {
+      box = document.createElement("details");
+      box.className = "reasoning";
+      box.append(document.createElement("summary"), document.createElement("div"));
+      box.firstChild.textContent = "reasoning";
+      div.insertBefore(box, div.querySelector(".body"));
+    }
+    box.lastChild.textContent = thought;  // text, never HTML
+  }
+
   function busy(on) {
     ui.send.disabled = on;
     ui.stop.hidden = !on;
@@ -161,10 +174,12 @@
     const div = bubble("assistant", "");
     div.classList.add("streaming");
     let text = "";
+    let thought = "";  // the reply's reasoning_content: shown folded above the answer
     let sources = null;
     let pending = false;
     const redraw = () => {
       pending = false;
+      showThought(div, thought);
       setText(div, "assistant", text);
       ui.messages.scrollTop = ui.messages.scrollHeight;
     };
@@ -201,6 +216,7 @@
             if (chunk.sources) sources = chunk.sources;
             const choice = chunk.choices && chunk.choices[0];
             if (!choice) continue;
+            if (choice.delta && choice.delta.reasoning_content) thought += choice.delta.reasoning_content;
             if (choice.delta && choice.delta.content) text += choice.delta.content;
             if (choice.finish_reason) finish = choice.finish_reason;
           }
@@ -225,7 +241,7 @@
     redraw();
     showSources(div, sources, text);
     div.classList.remove("streaming");
-    history.push({ role: "assistant", content: text });
+    history.push(thought ? { role: "assistant", reasoning_content: thought, content: text } : { role: "assistant", content: text });
     controller = null;
     busy(false);
   }
