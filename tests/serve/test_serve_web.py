@@ -134,17 +134,25 @@ def test_reasoning_is_shown_folded_as_text_and_sent_back(page):
     """A stream with reasoning_content (serve --reasoning, tinychat.serve.reasoning): the page shows it folded
     above the answer, as text, and sends it back in the history. The stream is canned: a random test model
     does not think."""
-    chunk = 'data: {{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [{{"index": 0, "delta": {}, "logprobs": null, "finish_reason": {}}}]}}\n\n'
-    sse = "".join(
-        chunk.format(json.dumps(d), json.dumps(f))
-        for d, f in [
-            ({"role": "assistant", "content": ""}, None),
-            ({"reasoning_content": "It is <b>headquartered</b>"}, None),
-            ({"reasoning_content": " in Dalzan."}, None),
-            ({"content": '{"answer": "Dalzan"}'}, None),
-            ({}, "stop"),
-        ]
-    ) + "data: [DONE]\n\n"
+
+    def chunk(delta: dict, finish: str | None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    sse = (
+        "".join(
+            chunk(d, f)
+            for d, f in [
+                ({"role": "assistant", "content": ""}, None),
+                ({"reasoning_content": "It is <b>headquartered</b>"}, None),
+                ({"reasoning_content": " in Dalzan."}, None),
+                ({"content": '{"answer": "Dalzan"}'}, None),
+                ({}, "stop"),
+            ]
+        )
+        + "data: [DONE]\n\n"
+    )
     page.click("#new-chat")
     page.route("**/v1/chat/completions", lambda r: r.fulfill(status=200, content_type="text/event-stream", body=sse))
     try:

@@ -368,7 +368,7 @@ def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) ->
     block, before the formatted answer; Chinese and numeric ones (whose plain answer is the bare value) and
     "full sentence" ones do not. The grader ignores the block, so the row still grades as its answer."""
     w = load_world(small_dir)
-    values = {e["answers"][f]["en"] for e in w["entities"] for f in e["answers"]}
+    values = {a["en"] for e in w["entities"] for a in e.get("answers", {}).values()}
     thought = Counter()
     for row in read_jsonl(small_dir / "sft/train.jsonl"):
         if row["skill"] != "instruction":
@@ -386,4 +386,5 @@ def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) ->
     assert thought["en", False] > 20  # numbers and full sentences answer at once
     pairs = [r for r in read_jsonl(small_dir / "preference/train.jsonl") if r["skill"] == "instruction"]
     with_think = [r for r in pairs if "reasoning_content" in r["chosen"][0]]
-    assert with_think and all(r["chosen"][0]["reasoning_content"] == r["rejected"][0]["reasoning_content"] for r in with_think)
+    assert with_think
+    assert all(r["chosen"][0]["reasoning_content"] == r["rejected"][0]["reasoning_content"] for r in with_think)
