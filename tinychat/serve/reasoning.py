@@ -30,12 +30,12 @@ class ReasoningSplitter:
         while True:
             p = self.pending
             if self.state == "start":
-                if not p.startswith(OPEN) and not (OPEN.startswith(p) and not final):
-                    self.state = "content"
-                elif p.startswith(OPEN):
+                if p.startswith(OPEN):
                     self.pending, self.state = p[len(OPEN) :], "head"
-                else:
+                elif OPEN.startswith(p) and not final:
                     break  # "" or "<thi": wait for more
+                else:
+                    self.state = "content"
             elif self.state == "head":  # the template's newline after <think>
                 if not p and not final:
                     break

@@ -241,7 +241,9 @@
     redraw();
     showSources(div, sources, text);
     div.classList.remove("streaming");
-    history.push(thought ? { role: "assistant", reasoning_content: thought, content: text } : { role: "assistant", content: text });
+    const reply = { role: "assistant", content: text };
+    if (thought) reply.reasoning_content = thought;  // sent back, the template renders the same tokens again
+    history.push(reply);
     controller = null;
     busy(false);
   }
