@@ -11,10 +11,10 @@ import torch
 
 from tinychat.cli import main
 from tinychat.errors import UserError
-from tinychat.infer.engine import Engine, EngineConfig
+from tinychat.infer.engine import Delta, Done, Engine, EngineConfig
 from tinychat.model import Model
 from tinychat.serve.cli import find_latest_model, how_to_get_one, kernel_threads, resolve_model, tokenizer_dir
-from tinychat.serve.terminal import ChatConfig, chat_loop
+from tinychat.serve.terminal import ChatConfig, chat_loop, show_reply
 from tinychat.tokenizer import Tokenizer
 
 
@@ -90,3 +90,18 @@ def test_terminal_chat_streams_and_keeps_history(model_dir):
     roles = [[m["role"] for m in msgs] for msgs in seen]
     assert roles == [["user"], ["system", "user", "assistant", "user"], ["system", "user"]]
     assert seen[1][2]["content"] in out  # the reply shown is the one kept in the history
+
+
+def test_terminal_chat_shows_the_reasoning_apart():
+    reply = '<think>\nIt is headquartered in Dalzan.\n</think>\n\n{"answer": "Dalzan"}'
+    cuts = [reply[:3], reply[3:20], reply[20:41], reply[41:]]  # "</think>" falls across two deltas
+    stdout, kept = io.StringIO(), []
+    show_reply([Delta(0, c) for c in cuts[:-1]] + [Delta(0, cuts[-1], finish_reason="stop"), Done(3, 9)], stdout, kept)
+    assert stdout.getvalue() == '(thinking) It is headquartered in Dalzan.\n{"answer": "Dalzan"}'
+    assert "".join(kept) == reply  # the history keeps the reply as written: the template renders the same tokens
+    stdout, kept = io.StringIO(), []
+    show_reply([Delta(0, "Dal"), Delta(0, "zan.", finish_reason="stop")], stdout, kept)
+    assert stdout.getvalue() == "Dalzan." and kept == ["Dal", "zan."]
+    stdout = io.StringIO()
+    show_reply([Delta(0, "<think>\nStill thinking </th")], stdout, [])  # stopped: the held-back tail is shown too
+    assert stdout.getvalue() == "(thinking) Still thinking </th"

@@ -1,4 +1,5 @@
-"""A reply's leading <think> block comes back as reasoning_content, whole and streamed in any cut."""
+"""A reply's leading <think> block comes back as reasoning_content (chat) or a reasoning item (Responses), whole
+and streamed in any cut; sent back, it is the assistant turn's reasoning again."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import asyncio
 import json
 
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from tinychat.infer.engine import Done
 from tinychat.infer.engine.request import Delta
+from tinychat.serve import openapi, responses_api
 from tinychat.serve.app import _chat_stream
+from tinychat.serve.prepare import APIError
 from tinychat.serve.reasoning import ReasoningSplitter, split_reasoning
 from tinychat.serve.responses import Formatter
 from tinychat.tokenizer.chat import render_parts
@@ -83,3 +88,103 @@ def test_the_chat_stream_sends_reasoning_content_apart():
     inline = _chunks(deltas, reasoning=False)  # serve --reasoning false: the reply as the model wrote it
     assert "".join(d.get("content") or "" for d in inline) == REPLY
     assert not any("reasoning_content" in d for d in inline)
+
+
+# ---------------------------------------------------------------------------------------------- the Responses API
+def _builder(reasoning: bool = True, **body: object) -> responses_api.ResponseBuilder:
+    req = responses_api.ResponsesRequest.model_validate({"model": "m", "input": "q", **body})
+    return responses_api.ResponseBuilder(req, "m", reasoning, _chars)
+
+
+def _chars(ids: list[int]) -> str:  # a "tokenizer" of one token per character
+    return "".join(map(chr, ids))
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(ch) for ch in text]
+
+
+def test_a_response_returns_the_reasoning_as_its_first_item():
+    choice = {"text": REPLY, "token_ids": _ids(REPLY), "tool_calls": [], "finish_reason": "stop"}
+    resp = _builder().response(choice, Done(3, len(REPLY)))
+    openapi.ResponseObject.model_validate(resp)
+    sdk = Response.model_validate(resp)
+    assert [item.type for item in sdk.output] == ["reasoning", "message"]
+    assert sdk.output[0].content[0].text == "It is headquartered in Dalzan." and sdk.output[0].summary == []
+    assert sdk.output_text == '{"answer": "Dalzan"}'
+    assert sdk.usage.output_tokens_details.reasoning_tokens == REPLY.index("</think>") + len("</think>")
+    plain = _builder(reasoning=False).response(choice, Done(3, len(REPLY)))  # serve --reasoning false
+    assert Response.model_validate(plain).output_text == REPLY
+    assert plain["usage"]["output_tokens_details"]["reasoning_tokens"] == 0
+    cut = {"text": "<think>\nIt is", "token_ids": _ids("<think>\nIt is"), "tool_calls": [], "finish_reason": "length"}
+    resp = Response.model_validate(_builder().response(cut, Done(3, 13)))
+    assert resp.status == "incomplete" and [(i.type, i.status) for i in resp.output] == [("reasoning", "incomplete")]
+    assert resp.output[0].content[0].text == "It is" and resp.usage.output_tokens_details.reasoning_tokens == 13
+
+
+def _events(builder: responses_api.ResponseBuilder, deltas: list[Delta]) -> list:
+    async def events():
+        for d in deltas:
+            yield 0, d
+        yield 0, Done(3, sum(len(d.token_ids) for d in deltas))
+
+    async def run() -> list[str]:
+        return [e async for e in responses_api.stream(builder, events())]
+
+    parse = TypeAdapter(ResponseStreamEvent)
+    return [parse.validate_python(json.loads(e.split("\ndata: ", 1)[1])) for e in asyncio.run(run())]
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9, 30])
+def test_a_streamed_response_sends_the_reasoning_item_first(cut: int):
+    pieces = [REPLY[i : i + cut] for i in range(0, len(REPLY), cut)]
+    deltas = [Delta(0, p, _ids(p)) for p in pieces[:-1]] + [
+        Delta(0, pieces[-1], _ids(pieces[-1]), finish_reason="stop")
+    ]
+    events = _events(_builder(), deltas)
+    kinds = [e.type for e in events]
+    first_text = kinds.index("response.output_text.delta")
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    assert kinds[first_text - 5 : first_text] == [
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (thought, text) == ("It is headquartered in Dalzan.", '{"answer": "Dalzan"}')
+    final = events[-1].response
+    assert final.status == "completed" and [i.type for i in final.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == thought and final.output_text == text
+    assert events[2].item.id == final.output[0].id != final.output[1].id
+    whole = _builder().response(
+        {"text": REPLY, "token_ids": _ids(REPLY), "tool_calls": [], "finish_reason": "stop"}, Done(3, len(REPLY))
+    )
+    assert final.usage.model_dump() == Response.model_validate(whole).usage.model_dump()
+    inline = _events(_builder(reasoning=False), deltas)[-1].response
+    assert [i.type for i in inline.output] == ["message"] and inline.output_text == REPLY
+
+
+def test_reasoning_sent_back_is_the_assistant_turns_reasoning_content():
+    """A response's output items echoed in `input` render the tokens the chat messages with reasoning_content do."""
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "T."}]}
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A."}]}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    req = responses_api.ResponsesRequest.model_validate(
+        {"model": "m", "input": [{"role": "user", "content": "q"}, thought, answer, call]}
+    )
+    msgs = [m.model_dump(exclude_none=True) for m in responses_api.to_chat(req).messages]
+    assert msgs[1]["reasoning_content"] == "T." and msgs[1]["content"] == "A." and len(msgs[1]["tool_calls"]) == 1
+    alone = responses_api.ResponsesRequest.model_validate(
+        {"model": "m", "input": [{"role": "user", "content": "q"}, thought, call]}
+    )
+    msgs = [m.model_dump(exclude_none=True) for m in responses_api.to_chat(alone).messages]
+    assert msgs[1]["reasoning_content"] == "T." and msgs[1]["tool_calls"][0]["id"] == "c1"
+    for bad in ([{"role": "user", "content": "q"}, thought], [thought, {"role": "user", "content": "q"}]):
+        req = responses_api.ResponsesRequest.model_validate({"model": "m", "input": bad})
+        with pytest.raises(APIError, match="must come right before the assistant message") as e:
+            responses_api.to_chat(req)
+        assert e.value.status == 400 and e.value.param == "input"

@@ -271,7 +271,7 @@ def create_app(  # noqa: ANN001, PLR0913
         except APIError as e:
             raise responses_api.rename_param(e) from None
         handles, q = await submit([p.gen])
-        out = responses_api.ResponseBuilder(body, body.model)
+        out = responses_api.ResponseBuilder(body, body.model, reasoning, prep.tok.decode)
         if body.stream:
             return _stream(responses_api.stream(out, events(handles, q, None)), handles)
         choices, done = await _collect(events(handles, q, request), 1, [""])
@@ -409,7 +409,7 @@ async def _collect(
 ) -> tuple[list[dict[str, Any]], Done | None]:
     """All choices of all prompts (choice index = prompt * n + choice), or (…, None) if the client left."""
     choices = [
-        {"prefix": prefixes[k], "text": "", "logprobs": [], "tool_calls": [], "finish_reason": None}
+        {"prefix": prefixes[k], "text": "", "token_ids": [], "logprobs": [], "tool_calls": [], "finish_reason": None}
         for k in range(len(prefixes))
         for _ in range(n)
     ]
@@ -422,6 +422,7 @@ async def _collect(
             continue
         c = choices[k * n + ev.index]
         c["text"] += ev.text
+        c["token_ids"] += ev.token_ids
         c["logprobs"] += ev.logprobs
         c["tool_calls"] += ev.tool_calls
         c["finish_reason"] = ev.finish_reason or c["finish_reason"]

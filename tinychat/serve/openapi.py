@@ -294,7 +294,22 @@ class OutputFunctionCall(Out):
     status: ItemStatus
 
 
-OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
+class ReasoningText(Out):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class OutputReasoning(Out):
+    """The reply's leading <think> block (serve --reasoning), as OpenAI returns an open model's reasoning."""
+
+    type: Literal["reasoning"]
+    id: str
+    summary: Nothing
+    content: list[ReasoningText]  # empty in the output_item.added event, before its part is added
+    status: ItemStatus
+
+
+OutputItem = Annotated[OutputReasoning | OutputMessage | OutputFunctionCall, Field(discriminator="type")]
 
 
 class FunctionToolOut(Out):
@@ -326,6 +341,7 @@ class TextOut(Out):
 
 class InputTokensDetails(Out):
     cached_tokens: int
+    cache_write_tokens: int
 
 
 class OutputTokensDetails(Out):
@@ -394,7 +410,7 @@ class ItemEvent(ResponseEvent):
 class ContentPartEvent(ItemEvent):
     type: Literal["response.content_part.added", "response.content_part.done"]
     content_index: int
-    part: OutputText
+    part: Annotated[OutputText | ReasoningText, Field(discriminator="type")]
 
 
 class TextDeltaEvent(ItemEvent):
@@ -409,6 +425,18 @@ class TextDoneEvent(ItemEvent):
     content_index: int
     text: str
     logprobs: Nothing
+
+
+class ReasoningDeltaEvent(ItemEvent):
+    type: Literal["response.reasoning_text.delta"]
+    content_index: int
+    delta: str
+
+
+class ReasoningDoneEvent(ItemEvent):
+    type: Literal["response.reasoning_text.done"]
+    content_index: int
+    text: str
 
 
 class ArgumentsDeltaEvent(ItemEvent):
@@ -436,6 +464,8 @@ RESPONSE_EVENTS = (
     ContentPartEvent,
     TextDeltaEvent,
     TextDoneEvent,
+    ReasoningDeltaEvent,
+    ReasoningDoneEvent,
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
     ErrorEvent,

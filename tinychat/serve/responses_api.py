@@ -5,8 +5,10 @@ string or a list of items (messages, the function calls the model made, their ou
 ({type, name, parameters} instead of {type, function: {...}}), `max_output_tokens` is max_tokens and
 `text.format` is response_format. So `to_chat` turns it into a ChatCompletionRequest and the chat path
 (template, limits, tool grammars, structured output, cancellation) runs unchanged; only the answer is
-shaped differently: a `response` object whose `output` lists a message item and function_call items, and,
-streamed, the typed events OpenAI sends (`event:` and `data:` lines, each with a sequence_number, no [DONE]).
+shaped differently: a `response` object whose `output` lists a reasoning item (the reply's leading <think>
+block, tinychat.serve.reasoning), a message item and function_call items, and, streamed, the typed events
+OpenAI sends (`event:` and `data:` lines, each with a sequence_number, no [DONE]). A reasoning item sent back
+in `input` becomes the next assistant turn's reasoning_content, so the template renders the same tokens again.
 
 The server keeps no state: `previous_response_id` and `store: true` are refused with a 400 rather than
 ignored, since a client relying on them would silently lose its conversation.
@@ -18,7 +20,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -27,6 +29,7 @@ from tinychat.infer.engine import Done
 from tinychat.infer.tool_calls import ToolCall
 from tinychat.serve.prepare import APIError
 from tinychat.serve.protocol import ChatCompletionRequest, Lenient, OptionalInt, Strict, Temperature, TopP
+from tinychat.serve.reasoning import CLOSE, ReasoningSplitter, split_reasoning
 
 
 # ---------------------------------------------------------------------------------------------- the request
@@ -56,6 +59,23 @@ class FunctionCallOutputItem(Lenient):
     output: list[TextPart] | str
 
 
+class ReasoningPart(Lenient):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(Lenient):
+    """A reasoning output item sent back: its reasoning_text parts (else its summary) are the next assistant
+    turn's reasoning_content. encrypted_content, which only OpenAI can read, is ignored like any other extra."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningPart] = Field(default_factory=list)
+    content: list[ReasoningPart] | None = None
+
+    def text(self) -> str:
+        return "".join(p.text for p in self.content or self.summary)
+
+
 def _item_type(v: Any) -> str | None:
     """A message may leave out its type (OpenAI's "easy input message"); the tags' parentheses keep them out of
     the error's parameter name (app._param drops such location parts)."""
@@ -65,11 +85,13 @@ def _item_type(v: Any) -> str | None:
 InputItem = Annotated[
     Annotated[MessageItem, Tag("(message)")]
     | Annotated[FunctionCallItem, Tag("(function_call)")]
-    | Annotated[FunctionCallOutputItem, Tag("(function_call_output)")],
+    | Annotated[FunctionCallOutputItem, Tag("(function_call_output)")]
+    | Annotated[ReasoningItem, Tag("(reasoning)")],
     Discriminator(
         _item_type,
         custom_error_type="invalid_item",
-        custom_error_message="an input item is an object of type message, function_call or function_call_output",
+        custom_error_message="an input item is an object of type message, function_call, function_call_output or "
+        "reasoning",
     ),
 ]
 
@@ -161,12 +183,17 @@ def check_state(body: ResponsesRequest) -> None:
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """Items to chat messages: consecutive function calls join the assistant turn before them, as one message
-    with tool_calls; a function_call_output is a tool message."""
+    with tool_calls; a function_call_output is a tool message; a reasoning item is the reasoning_content of the
+    assistant turn that follows it."""
     out: list[dict[str, Any]] = []
     if body.instructions is not None:
         out.append({"role": "system", "content": body.instructions})
     items = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    thought: str | None = None  # a reasoning item's text, waiting for its assistant turn
     for item in items:
+        if isinstance(item, ReasoningItem):
+            thought = (thought or "") + item.text()
+            continue
         if isinstance(item, MessageItem):
             out.append({"role": item.role, "content": _text(item.content)})
         elif isinstance(item, FunctionCallItem):
@@ -175,12 +202,28 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 "type": "function",
                 "function": {"name": item.name, "arguments": item.arguments},
             }
-            if not out or out[-1]["role"] != "assistant":
+            if thought is not None or not out or out[-1]["role"] != "assistant":
                 out.append({"role": "assistant", "content": None})
             out[-1].setdefault("tool_calls", []).append(call)
         else:
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
+        if thought is not None:
+            if out[-1]["role"] != "assistant":
+                raise _orphan()
+            if thought:
+                out[-1]["reasoning_content"] = thought
+            thought = None
+    if thought is not None:
+        raise _orphan()
     return out
+
+
+def _orphan() -> APIError:
+    return APIError(
+        400,
+        "Invalid 'input': a reasoning item must come right before the assistant message or function call it led to.",
+        param="input",
+    )
 
 
 def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -228,10 +271,18 @@ def _id(prefix: str) -> str:
 
 
 class ResponseBuilder:
-    """The response object of one request: its id and creation time fixed once, the request's settings echoed."""
+    """The response object of one request: its id and creation time fixed once, the request's settings echoed.
+    `reasoning` returns the reply's leading <think> block as a reasoning item (serve --reasoning); `decode` (token
+    ids -> text) lets usage count its tokens."""
 
-    def __init__(self, body: ResponsesRequest, model: str) -> None:
-        self.body, self.model = body, model
+    def __init__(
+        self,
+        body: ResponsesRequest,
+        model: str,
+        reasoning: bool = False,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        self.body, self.model, self.reasoning, self.decode = body, model, reasoning, decode
         self.id, self.created = _id("resp"), int(time.time())
 
     def head(self, status: str) -> dict[str, Any]:
@@ -263,8 +314,19 @@ class ResponseBuilder:
             "metadata": b.metadata or {},
         }
 
+    def reasoning_tokens(self, output: list[dict[str, Any]], ids: list[int]) -> int:
+        """Of the reply's token ids, those of its reasoning item (up to the closing tag); 0 without one."""
+        if self.decode is None or not any(item["type"] == "reasoning" for item in output):
+            return 0
+        return reasoning_tokens(ids, self.decode)
+
     def final(
-        self, output: list[dict[str, Any]], finish: str | None, prompt_tokens: int, completion_tokens: int
+        self,
+        output: list[dict[str, Any]],
+        finish: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ids: list[int] | None = None,
     ) -> dict[str, Any]:
         cut = finish == "length"
         resp = self.head("incomplete" if cut else "completed")
@@ -272,21 +334,36 @@ class ResponseBuilder:
         resp["output"] = output
         resp["usage"] = {
             "input_tokens": prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},  # both fields OpenAI's SDK requires
             "output_tokens": completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(output, ids or [])},
             "total_tokens": prompt_tokens + completion_tokens,
         }
         return resp
 
     def response(self, choice: dict[str, Any], done: Done) -> dict[str, Any]:
-        """The whole answer (a choice as app._collect gathers it): the text as one message, then the calls."""
+        """The whole answer (a choice as app._collect gathers it): the reasoning, the text as one message, then the
+        calls."""
         status = _status(choice["finish_reason"])
-        out = []
-        if choice["text"] or not choice["tool_calls"]:
-            out.append(message_item(_id("msg"), choice["text"], status))
+        thought, text = split_reasoning(choice["text"]) if self.reasoning else (None, choice["text"])
+        out = [] if thought is None else [reasoning_item(_id("rs"), thought, status)]
+        if text or not (choice["tool_calls"] or out):
+            out.append(message_item(_id("msg"), text, status))
         out += [call_item(_id("fc"), tc, tc.arguments, status) for tc in choice["tool_calls"]]
-        return self.final(out, choice["finish_reason"], done.prompt_tokens, done.completion_tokens)
+        return self.final(out, choice["finish_reason"], done.prompt_tokens, done.completion_tokens, choice["token_ids"])
+
+
+def reasoning_tokens(ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """How many of a reply's leading ids hold its <think> block up to the closing tag (all of them when it never
+    closes): the shortest prefix whose text contains the tag, found by bisection since containment only grows."""
+    lo, hi = 0, len(ids)  # decode(ids[:hi]) contains it, or hi == len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if CLOSE in decode(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def _status(finish: str | None) -> str:
@@ -297,10 +374,21 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": []}
 
 
+def _reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
     """text None: the item as it opens, before its text part is added."""
     content = [] if text is None else [_text_part(text)]
     return {"type": "message", "id": item_id, "role": "assistant", "status": status, "content": content}
+
+
+def reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """The reply's reasoning as OpenAI's reasoning item carries an open model's: one reasoning_text part, no
+    summary. text None: the item as it opens."""
+    content = [] if text is None else [_reasoning_part(text)]
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
 def call_item(item_id: str, tc: ToolCall, arguments: str, status: str) -> dict[str, Any]:
@@ -328,52 +416,73 @@ class _Events:
 
 async def stream(b: ResponseBuilder, evs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
     """created, in_progress, then per output item added → deltas → done, and finally completed (or incomplete
-    when cut by max_output_tokens) with the whole response. Text opens a message item that a tool call closes;
-    a call is sent whole (the engine parses it once its block is complete), as added, one arguments delta,
-    arguments done, item done. A failure mid-stream is an `error` event."""
+    when cut by max_output_tokens) with the whole response. The reasoning opens a reasoning item that the first
+    text closes; text opens a message item that a tool call closes; a call is sent whole (the engine parses it
+    once its block is complete), as added, one arguments delta, arguments done, item done. A failure mid-stream
+    is an `error` event."""
     event = _Events()
     yield event("response.created", response=b.head("in_progress"))
     yield event("response.in_progress", response=b.head("in_progress"))
     output: list[dict[str, Any]] = []
-    msg: dict[str, Any] | None = None  # the open message item
-    finish, done = None, Done(0, 0)
+    item: dict[str, Any] | None = None  # the open reasoning or message item
+    splitter = ReasoningSplitter() if b.reasoning else None
+    finish, done, ids = None, Done(0, 0), []
+
+    def where() -> dict[str, Any]:
+        assert item is not None
+        return {"item_id": item["id"], "output_index": len(output), "content_index": 0}
 
     def close(status: str) -> list[str]:
-        nonlocal msg
-        assert msg is not None
-        where = {"item_id": msg["id"], "output_index": len(output)}
-        text = msg["content"][0]["text"]
-        msg["status"] = status
-        out = [
-            event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
-            event("response.content_part.done", **where, content_index=0, part=_text_part(text)),
-            event("response.output_item.done", output_index=len(output), item=msg),
+        nonlocal item
+        assert item is not None
+        text, at = item["content"][0]["text"], where()
+        if item["type"] == "reasoning":
+            out = [event("response.reasoning_text.done", **at, text=text)]
+            part = _reasoning_part(text)
+        else:
+            out = [event("response.output_text.done", **at, text=text, logprobs=[])]
+            part = _text_part(text)
+        item["status"] = status
+        out += [
+            event("response.content_part.done", **at, part=part),
+            event("response.output_item.done", output_index=len(output), item=item),
         ]
-        output.append(msg)
-        msg = None
+        output.append(item)
+        item = None
         return out
 
-    def open_message() -> list[str]:
-        nonlocal msg
-        msg = message_item(_id("msg"), None, "in_progress")
-        where = {"item_id": msg["id"], "output_index": len(output)}
-        added = event("response.output_item.added", output_index=len(output), item=msg)
-        msg = {**msg, "content": [_text_part("")]}
-        return [added, event("response.content_part.added", **where, content_index=0, part=_text_part(""))]
+    def add(kind: str, text: str) -> list[str]:
+        """`text` into the open item of `kind`, opening it (and closing the other kind's) first."""
+        nonlocal item
+        out = close("completed") if item is not None and item["type"] != kind else []
+        if item is None:
+            new_item = reasoning_item if kind == "reasoning" else message_item
+            opening = new_item(_id("rs" if kind == "reasoning" else "msg"), None, "in_progress")
+            out.append(event("response.output_item.added", output_index=len(output), item=opening))
+            part = (_reasoning_part if kind == "reasoning" else _text_part)("")
+            item = {**opening, "content": [part]}
+            out.append(event("response.content_part.added", **where(), part=part))
+        if text:
+            item["content"][0]["text"] += text
+            if kind == "reasoning":
+                out.append(event("response.reasoning_text.delta", **where(), delta=text))
+            else:
+                out.append(event("response.output_text.delta", **where(), delta=text, logprobs=[]))
+        return out
 
     try:
         async for _, ev in evs:
             if isinstance(ev, Done):
                 done = ev
                 continue
-            if ev.text:
-                for line in open_message() if msg is None else []:
+            ids += ev.token_ids
+            thought, text = "", ev.text
+            if splitter is not None:
+                thought, text = splitter.feed(ev.text, final=bool(ev.finish_reason))
+            for kind, piece in (("reasoning", thought), ("message", text)):
+                for line in add(kind, piece) if piece else []:
                     yield line
-                assert msg is not None
-                msg["content"][0]["text"] += ev.text
-                where = {"item_id": msg["id"], "output_index": len(output)}
-                yield event("response.output_text.delta", **where, content_index=0, delta=ev.text, logprobs=[])
-            if ev.tool_calls and msg is not None:
+            if ev.tool_calls and item is not None:
                 for line in close("completed"):
                     yield line
             for tc in ev.tool_calls:
@@ -381,19 +490,19 @@ async def stream(b: ResponseBuilder, evs: AsyncIterator[tuple[int, Any]]) -> Asy
                 yield event(
                     "response.output_item.added", output_index=k, item=call_item(item_id, tc, "", "in_progress")
                 )
-                where = {"item_id": item_id, "output_index": k}
-                yield event("response.function_call_arguments.delta", **where, delta=tc.arguments)
-                yield event("response.function_call_arguments.done", **where, arguments=tc.arguments)
+                at = {"item_id": item_id, "output_index": k}
+                yield event("response.function_call_arguments.delta", **at, delta=tc.arguments)
+                yield event("response.function_call_arguments.done", **at, arguments=tc.arguments)
                 output.append(call_item(item_id, tc, tc.arguments, _status(ev.finish_reason)))
                 yield event("response.output_item.done", output_index=k, item=output[-1])
             finish = ev.finish_reason or finish
-        if msg is None and not output:
-            for line in open_message():
+        if item is None and not output:
+            for line in add("message", ""):
                 yield line
-        if msg is not None:
+        if item is not None:
             for line in close(_status(finish)):
                 yield line
-        final = b.final(output, finish, done.prompt_tokens, done.completion_tokens)
+        final = b.final(output, finish, done.prompt_tokens, done.completion_tokens, ids)
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
     except APIError as e:
         yield event("error", code=e.code, message=e.message, param=e.param)

@@ -3,16 +3,20 @@
 It runs the same engine as the server, in-process (no HTTP), so what you see here is what the server
 would answer. When the history outgrows the context window the oldest turns are dropped.
 Commands: /reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits;
-Ctrl-C stops the reply being written.
+Ctrl-C stops the reply being written. A reply's leading <think> block is shown apart, after "(thinking) ",
+as the server returns it in reasoning_content; the history keeps the reply as written, which the template
+renders to the same tokens.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from tinychat.config import field
+from tinychat.serve.reasoning import ReasoningSplitter
 
 
 @dataclass
@@ -39,8 +43,34 @@ def fit_history(tok, messages: list[dict], max_prompt: int) -> list[int]:  # noq
         del msgs[turns[0]]
 
 
+def show_reply(events: Iterable[Any], stdout: TextIO, reply: list[str]) -> None:
+    """Write a reply's deltas as they come, its reasoning on a line of its own, and append their text to `reply`
+    (so a reply stopped with Ctrl-C keeps what was written). Events other than deltas (Done) are skipped."""
+    from tinychat.infer.engine import Delta
+
+    splitter, state = ReasoningSplitter(), "start"  # start -> (thinking ->) answer
+
+    def write(thought: str, answer: str) -> None:
+        nonlocal state
+        if thought:
+            stdout.write(("(thinking) " if state == "start" else "") + thought)
+            state = "thinking"
+        if answer:
+            stdout.write(("\n" if state == "thinking" else "") + answer)
+            state = "answer"
+        stdout.flush()
+
+    try:
+        for ev in events:
+            if isinstance(ev, Delta):
+                reply.append(ev.text)
+                write(*splitter.feed(ev.text, final=ev.finish_reason is not None))
+    finally:  # stopped with Ctrl-C: what was held back (a partial tag) is shown too
+        write(*splitter.feed("", final=True))
+
+
 def chat_loop(engine, tok, cfg: ChatConfig, stdin: TextIO, stdout: TextIO) -> None:  # noqa: ANN001
-    from tinychat.infer.engine import Delta, GenerationRequest
+    from tinychat.infer.engine import GenerationRequest
     from tinychat.infer.sampling import SamplingParams
 
     system = cfg.system
@@ -72,14 +102,10 @@ def chat_loop(engine, tok, cfg: ChatConfig, stdin: TextIO, stdout: TextIO) -> No
         ids = fit_history(tok, messages, engine.context - max_new)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new, seed=cfg.seed)
         handle = engine.submit(GenerationRequest(ids, params))
-        reply = []
         stdout.write("assistant> ")
+        reply: list[str] = []
         try:
-            for ev in handle:
-                if isinstance(ev, Delta) and ev.text:
-                    reply.append(ev.text)
-                    stdout.write(ev.text)
-                    stdout.flush()
+            show_reply(handle, stdout, reply)
         except KeyboardInterrupt:
             handle.cancel()
             stdout.write(" [stopped]")
