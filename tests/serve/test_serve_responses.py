@@ -197,7 +197,7 @@ BAD = [
     ({"input": "hi", "store": True}, "store", "keeps no responses"),
     ({"input": 5}, "input", "a string or a list of items"),
     ({"input": []}, "input", "at least 1"),
-    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0]", "message, function_call, function_call_output"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0]", "function_call_output or reasoning"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input", "reasoning item must come right before"),
     (
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
