@@ -6,8 +6,9 @@ For each row count, one "step" applies every projection of a `--preset` model (q
 engine runs them, o, down, the head) to that many rows of random activations, one after another as a decode
 step reads them. Between steps `--evict-mb` of other memory is written, as the KV cache and activations
 would, so the weights come from where a real step finds them rather than from a warm L1/L2. Prints the median
-step time of each path (the best of two interleaved passes), its GFLOP/s and the ratio. Timings live here,
-never in tests.
+step time of each path (the best of two interleaved passes), its GFLOP/s and the ratio. Where the CPU has
+AVX-512 the kernel is timed twice, with its AVX-512 tiles off ("packed") and on ("avx512"; both give the same
+bits). Timings live here, never in tests.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def main() -> None:
     packed = [torch.ops.tinychat.pack_linear_weight(w) for w in ws]
     junk = torch.empty(args.evict_mb * 2**18)
     print(f"{args.preset}: {len(ws)} matmuls, {sum(w.numel() for w in ws) * 4 / 2**20:.1f} MiB of fp32 weights")
-    print(f"{'rows':>5} {'F.linear ms':>12} {'GFLOP/s':>8} {'packed ms':>10} {'GFLOP/s':>8} {'x':>6}")
+    avx512 = torch.ops.tinychat.packed_linear_avx512(True)
+    head = f"{'rows':>5} {'F.linear ms':>12} {'GFLOP/s':>8} {'packed ms':>10} {'GFLOP/s':>8} {'x':>6}"
+    print(head + (f" {'avx512 ms':>10} {'GFLOP/s':>8} {'x packed':>9}" if avx512 else ""))
     with torch.no_grad():
         for M in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(M, k) for _, k in dims]
@@ -62,12 +65,14 @@ def main() -> None:
                 for w, x in zip(ws, xs):
                     F.linear(x, w)
 
-            def kernel(xs: list[torch.Tensor] = xs) -> None:
+            def kernel(xs: list[torch.Tensor] = xs, wide: bool = False) -> None:
+                torch.ops.tinychat.packed_linear_avx512(wide)
                 for w, p, x in zip(ws, packed, xs):
                     op(x, p, None, w.shape[0])
 
+            paths = [("aten", aten), ("packed", kernel)] + ([("avx512", lambda: kernel(wide=True))] if avx512 else [])
             best: dict[str, float] = {}
-            for name, step in [("aten", aten), ("packed", kernel)] * 2:
+            for name, step in paths * 2:
                 times = []
                 for _ in range(args.steps):
                     junk.add_(1.0)
@@ -78,7 +83,11 @@ def main() -> None:
             flops = sum(2 * M * n * k for n, k in dims)
             a, k = best["aten"], best["packed"]
             gf_a, gf_k = flops / a / 1e9, flops / k / 1e9
-            print(f"{M:>5} {a * 1e3:>12.2f} {gf_a:>8.1f} {k * 1e3:>10.2f} {gf_k:>8.1f} {a / k:>6.2f}")
+            line = f"{M:>5} {a * 1e3:>12.2f} {gf_a:>8.1f} {k * 1e3:>10.2f} {gf_k:>8.1f} {a / k:>6.2f}"
+            if avx512:
+                z = best["avx512"]
+                line += f" {z * 1e3:>10.2f} {flops / z / 1e9:>8.1f} {k / z:>9.2f}"
+            print(line)
 
 
 if __name__ == "__main__":

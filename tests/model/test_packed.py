@@ -54,6 +54,29 @@ def test_a_rows_result_does_not_depend_on_its_batch() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("M", [2, 5, 11, 12, 13, 16, 25, 64])
+@pytest.mark.parametrize(("K", "N"), [(256, 512), (33, 15), (64, 17), (48, 100), (16, 48)])
+def test_the_avx512_tiles_give_the_avx2_bits(M: int, K: int, N: int) -> None:
+    """Where the CPU has AVX-512, calls of two rows or more take 12-row, two-panel tiles: every tile height (1-12 and
+    their sums), an odd last panel and every panel tail must give exactly the AVX2 tiles' numbers (the same fused
+    multiply-adds in the same order), so which path runs never changes an output. Elsewhere the switch stays off."""
+    torch.manual_seed(M * 1000 + K + N)
+    w, x, b = torch.randn(N, K), torch.randn(M, K), torch.randn(N)
+    p = torch.ops.tinychat.pack_linear_weight(w)
+    was = torch.ops.tinychat.packed_linear_avx512(True)
+    try:
+        wide = torch.ops.tinychat.packed_linear_avx512(True)  # True only where this CPU has AVX-512
+        a = OP(x, p, b, N)
+        torch.ops.tinychat.packed_linear_avx512(False)
+        assert torch.equal(OP(x, p, b, N), a)
+        torch.testing.assert_close(a, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        if not wide:
+            assert not torch.ops.tinychat.packed_linear_avx512(True), "switched on without AVX-512"
+    finally:
+        torch.ops.tinychat.packed_linear_avx512(was)
+
+
+@needs_kernel
 def test_pack_linears_swaps_what_a_forward_calls_and_changes_nothing_else() -> None:
     """After fuse_projections: the fused q/k/v and gate/up, o/down and the tied head are packed; the
     projections the fused matmuls replaced are not; parameters, their names and the tie are the same objects,

@@ -13,7 +13,11 @@
 //   packed_linear(x (M, K) float32, packed (P, K, 16), bias (N,) or None, N) -> (M, N)
 // Each output is summed in the order k = 0..K-1 whatever M is, so a row's result does not depend on how many
 // rows share the call or where it sits among them (MKL's blocking does not promise that).
-// Needs AVX2 and FMA (tinychat/model/native.py checks them).
+// Needs AVX2 and FMA (tinychat/model/native.py checks them). Where the CPU has AVX-512, calls of two rows or
+// more take tiles of up to 12 rows x 32 columns (two panels, one zmm register each: 24 accumulators of the 32
+// registers), which read each weight once per 12 rows and do twice the arithmetic per instruction. The sums
+// are the same fused multiply-adds in the same order, so both paths give the same bits (tested);
+// packed_linear_avx512(false) turns the wider path off, as ATEN_CPU_CAPABILITY=avx2 does through native.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace {
@@ -125,6 +130,96 @@ void rows(int64_t mr, const float* x, int64_t ldx, const float* packed, int64_t 
   }
 }
 
+// ------------------------------------------------------------------------------------------------ AVX-512
+#define TINYCHAT_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");  // libgcc also checks that the OS saves the zmm state
+}
+
+std::atomic<bool> use_avx512{cpu_has_avx512()};
+
+constexpr int64_t MR512 = 12;  // rows per AVX-512 tile
+
+TINYCHAT_AVX512 inline __mmask16 lanes(int64_t valid) {
+  return valid >= NR ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+}
+
+// The bias of columns c..c+15 (zeros past N, or without a bias): the accumulators' start, as bias16's.
+TINYCHAT_AVX512 inline __m512 bias512(const float* bias, int64_t c, int64_t N) {
+  return bias ? _mm512_maskz_loadu_ps(lanes(N - c), bias + c) : _mm512_setzero_ps();
+}
+
+TINYCHAT_AVX512 inline void store512(float* out, __m512 v, int64_t valid) {
+  _mm512_mask_storeu_ps(out, lanes(valid), v);
+}
+
+// y[0:MR, c:c+16*NP] = x[0:MR, :] @ NP consecutive panels (+ bias): tile<MR>'s sums, with one zmm per panel row.
+template <int MR, int NP>
+TINYCHAT_AVX512 inline void tile512(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias,
+                                    float* y, int64_t ldy, int64_t c, int64_t N) {
+  const int64_t ps = K * NR;
+  const __m512 b0 = bias512(bias, c, N), b1 = NP > 1 ? bias512(bias, c + NR, N) : b0;
+#define TINYCHAT_ACC(r) __m512 c##r##_0 = b0, c##r##_1 = b1;
+  TINYCHAT_ACC(0) TINYCHAT_ACC(1) TINYCHAT_ACC(2) TINYCHAT_ACC(3) TINYCHAT_ACC(4) TINYCHAT_ACC(5)
+  TINYCHAT_ACC(6) TINYCHAT_ACC(7) TINYCHAT_ACC(8) TINYCHAT_ACC(9) TINYCHAT_ACC(10) TINYCHAT_ACC(11)
+#undef TINYCHAT_ACC
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(panel + k * NR);
+    const __m512 w1 = NP > 1 ? _mm512_loadu_ps(panel + ps + k * NR) : w0;
+#define TINYCHAT_ROW(r)                                  \
+  if constexpr (MR > r) {                                \
+    const __m512 a = _mm512_set1_ps(x[r * ldx + k]);     \
+    c##r##_0 = _mm512_fmadd_ps(a, w0, c##r##_0);         \
+    if constexpr (NP > 1) c##r##_1 = _mm512_fmadd_ps(a, w1, c##r##_1); \
+  }
+    TINYCHAT_ROW(0) TINYCHAT_ROW(1) TINYCHAT_ROW(2) TINYCHAT_ROW(3) TINYCHAT_ROW(4) TINYCHAT_ROW(5)
+    TINYCHAT_ROW(6) TINYCHAT_ROW(7) TINYCHAT_ROW(8) TINYCHAT_ROW(9) TINYCHAT_ROW(10) TINYCHAT_ROW(11)
+#undef TINYCHAT_ROW
+  }
+#define TINYCHAT_OUT(r)                                                  \
+  if constexpr (MR > r) {                                                \
+    store512(y + r * ldy + c, c##r##_0, N - c);                          \
+    if constexpr (NP > 1) store512(y + r * ldy + c + NR, c##r##_1, N - c - NR); \
+  }
+  TINYCHAT_OUT(0) TINYCHAT_OUT(1) TINYCHAT_OUT(2) TINYCHAT_OUT(3) TINYCHAT_OUT(4) TINYCHAT_OUT(5)
+  TINYCHAT_OUT(6) TINYCHAT_OUT(7) TINYCHAT_OUT(8) TINYCHAT_OUT(9) TINYCHAT_OUT(10) TINYCHAT_OUT(11)
+#undef TINYCHAT_OUT
+}
+
+// Panels [p0, p1) for MR rows of x, two at a time.
+template <int MR>
+TINYCHAT_AVX512 void panels512(const float* x, int64_t ldx, const float* packed, int64_t K, const float* bias,
+                               float* y, int64_t ldy, int64_t p0, int64_t p1, int64_t N) {
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) tile512<MR, 2>(x, ldx, packed + p * K * NR, K, bias, y, ldy, p * NR, N);
+  if (p < p1) tile512<MR, 1>(x, ldx, packed + p * K * NR, K, bias, y, ldy, p * NR, N);
+}
+
+TINYCHAT_AVX512 void rows512(int64_t mr, const float* x, int64_t ldx, const float* packed, int64_t K,
+                             const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, int64_t N) {
+  switch (mr) {
+    case 12: panels512<12>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 11: panels512<11>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 10: panels512<10>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 9: panels512<9>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 8: panels512<8>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 7: panels512<7>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 6: panels512<6>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 5: panels512<5>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 4: panels512<4>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 3: panels512<3>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    case 2: panels512<2>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+    default: panels512<1>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
+  }
+}
+
+// Whether calls of two rows or more take the AVX-512 tiles; sets it (never on where the CPU lacks AVX-512) and
+// returns what it was.
+bool packed_linear_avx512(bool on) { return use_avx512.exchange(on && cpu_has_avx512()); }
+
+// ------------------------------------------------------------------------------------------------ the ops
 at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear_weight: w (N, K) float32");
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
@@ -153,12 +248,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
   float* yp = y.data_ptr<float>();
   // threads split the panels (each streams its own slice of the weight); under ~256 KB a matrix stays on one
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / (K * NR));
+  // one row is bound by reading the weights, not by arithmetic: it keeps row4's eight AVX2 sums
+  const bool wide = M > 1 && use_avx512.load(std::memory_order_relaxed);
+  const int64_t mr = wide ? MR512 : 6;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     // four panels at a time (64 KB at K = 256), reused by every row tile while they sit in L1/L2
     for (int64_t pb = p0; pb < p1; pb += 4) {
       const int64_t pe = std::min(p1, pb + 4);
-      for (int64_t m = 0; m < M; m += 6)
-        rows(std::min<int64_t>(6, M - m), xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
+      for (int64_t m = 0; m < M; m += mr) {
+        const int64_t n = std::min(mr, M - m);
+        if (wide)
+          rows512(n, xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
+        else
+          rows(n, xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
+      }
     }
   });
   return y;
@@ -169,6 +272,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
 TORCH_LIBRARY_FRAGMENT(tinychat, m) {
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("packed_linear_avx512(bool on) -> bool", &packed_linear_avx512);
 }
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {
