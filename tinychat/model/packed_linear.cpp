@@ -118,17 +118,10 @@ void panels(const float* x, int64_t ldx, const float* packed, int64_t K, const f
   for (; p < p1; ++p) tile<MR>(x, ldx, packed + p * K * NR, K, bias, y, ldy, p * NR, N);
 }
 
-void rows(int64_t mr, const float* x, int64_t ldx, const float* packed, int64_t K, const float* bias, float* y,
-          int64_t ldy, int64_t p0, int64_t p1, int64_t N) {
-  switch (mr) {
-    case 6: panels<6>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 5: panels<5>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 4: panels<4>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 3: panels<3>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 2: panels<2>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    default: panels<1>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-  }
-}
+// The row-tile function for each number of rows (index = rows).
+using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t,
+                        int64_t);
+constexpr RowsFn kRows[] = {nullptr, panels<1>, panels<2>, panels<3>, panels<4>, panels<5>, panels<6>};
 
 // ------------------------------------------------------------------------------------------------ AVX-512
 #define TINYCHAT_AVX512 __attribute__((target("avx512f,avx2,fma")))
@@ -197,23 +190,9 @@ TINYCHAT_AVX512 void panels512(const float* x, int64_t ldx, const float* packed,
   if (p < p1) tile512<MR, 1>(x, ldx, packed + p * K * NR, K, bias, y, ldy, p * NR, N);
 }
 
-TINYCHAT_AVX512 void rows512(int64_t mr, const float* x, int64_t ldx, const float* packed, int64_t K,
-                             const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1, int64_t N) {
-  switch (mr) {
-    case 12: panels512<12>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 11: panels512<11>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 10: panels512<10>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 9: panels512<9>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 8: panels512<8>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 7: panels512<7>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 6: panels512<6>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 5: panels512<5>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 4: panels512<4>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 3: panels512<3>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    case 2: panels512<2>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-    default: panels512<1>(x, ldx, packed, K, bias, y, ldy, p0, p1, N); break;
-  }
-}
+constexpr RowsFn kRows512[] = {nullptr,        panels512<1>,  panels512<2>, panels512<3>, panels512<4>,
+                                panels512<5>,   panels512<6>,  panels512<7>, panels512<8>, panels512<9>,
+                                panels512<10>,  panels512<11>, panels512<12>};
 
 // Whether calls of two rows or more take the AVX-512 tiles; sets it (never on where the CPU lacks AVX-512) and
 // returns what it was.
@@ -257,10 +236,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
       const int64_t pe = std::min(p1, pb + 4);
       for (int64_t m = 0; m < M; m += mr) {
         const int64_t n = std::min(mr, M - m);
-        if (wide)
-          rows512(n, xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
-        else
-          rows(n, xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
+        (wide ? kRows512 : kRows)[n](xp + m * K, K, wp, K, bp, yp + m * N, N, pb, pe, N);
       }
     }
   });
