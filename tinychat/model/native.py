@@ -152,9 +152,10 @@ def packed_linear() -> object | None:
     over a weight from torch.ops.tinychat.pack_linear_weight(w (N, K)); None where it cannot run here. Its AVX-512
     tiles run where torch's own kernels do (ATEN_CPU_CAPABILITY=avx2 keeps both on AVX2; TINYCHAT_AVX512=0 only
     the kernel, for a side-by-side measurement)."""
-    first = "packed_linear" not in _state
+    if "packed_linear" in _state:
+        return _state["packed_linear"]
     op = _load("packed_linear", HERE / "packed_linear.cpp", "packed matmul kernel", _packed_fake)
     wide = torch.backends.cpu.get_cpu_capability() == "AVX512" and os.environ.get("TINYCHAT_AVX512", "1") != "0"
-    if first and op is not None and not wide:
+    if op is not None and not wide:
         torch.ops.tinychat.packed_linear_avx512(False)
     return op

@@ -414,6 +414,14 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+# the two items a stream fills with text: id prefix, the item as it opens, its content part, the prefix of its
+# delta/done events and their extra fields
+_STREAMED: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[str], dict[str, Any]], str, dict]] = {
+    "reasoning": ("rs", reasoning_item, _reasoning_part, "response.reasoning_text", {}),
+    "message": ("msg", message_item, _text_part, "response.output_text", {"logprobs": []}),
+}
+
+
 async def stream(b: ResponseBuilder, evs: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[str]:
     """created, in_progress, then per output item added → deltas → done, and finally completed (or incomplete
     when cut by max_output_tokens) with the whole response. The reasoning opens a reasoning item that the first
@@ -435,16 +443,12 @@ async def stream(b: ResponseBuilder, evs: AsyncIterator[tuple[int, Any]]) -> Asy
     def close(status: str) -> list[str]:
         nonlocal item
         assert item is not None
+        _, _, part_of, events, extra = _STREAMED[item["type"]]
         text, at = item["content"][0]["text"], where()
-        if item["type"] == "reasoning":
-            out = [event("response.reasoning_text.done", **at, text=text)]
-            part = _reasoning_part(text)
-        else:
-            out = [event("response.output_text.done", **at, text=text, logprobs=[])]
-            part = _text_part(text)
         item["status"] = status
-        out += [
-            event("response.content_part.done", **at, part=part),
+        out = [
+            event(f"{events}.done", **at, text=text, **extra),
+            event("response.content_part.done", **at, part=part_of(text)),
             event("response.output_item.done", output_index=len(output), item=item),
         ]
         output.append(item)
@@ -454,20 +458,16 @@ async def stream(b: ResponseBuilder, evs: AsyncIterator[tuple[int, Any]]) -> Asy
     def add(kind: str, text: str) -> list[str]:
         """`text` into the open item of `kind`, opening it (and closing the other kind's) first."""
         nonlocal item
+        prefix, new_item, part_of, events, extra = _STREAMED[kind]
         out = close("completed") if item is not None and item["type"] != kind else []
         if item is None:
-            new_item = reasoning_item if kind == "reasoning" else message_item
-            opening = new_item(_id("rs" if kind == "reasoning" else "msg"), None, "in_progress")
+            opening = new_item(_id(prefix), None, "in_progress")
             out.append(event("response.output_item.added", output_index=len(output), item=opening))
-            part = (_reasoning_part if kind == "reasoning" else _text_part)("")
-            item = {**opening, "content": [part]}
-            out.append(event("response.content_part.added", **where(), part=part))
+            item = {**opening, "content": [part_of("")]}
+            out.append(event("response.content_part.added", **where(), part=part_of("")))
         if text:
             item["content"][0]["text"] += text
-            if kind == "reasoning":
-                out.append(event("response.reasoning_text.delta", **where(), delta=text))
-            else:
-                out.append(event("response.output_text.delta", **where(), delta=text, logprobs=[]))
+            out.append(event(f"{events}.delta", **where(), delta=text, **extra))
         return out
 
     try:
