@@ -29,11 +29,13 @@ def gathered_sdpa(q, pk, pv, keys, positions):  # noqa: ANN001, ANN201 - the pat
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("B", "H", "KV", "hd", "S"), [(1, 4, 2, 64, 16), (5, 4, 2, 64, 128), (3, 8, 8, 32, 40), (2, 6, 1, 8, 7)]
+    ("B", "H", "KV", "hd", "S"),
+    [(1, 4, 2, 64, 16), (5, 4, 2, 64, 128), (3, 8, 8, 32, 40), (2, 6, 1, 8, 7), (6, 4, 4, 128, 37), (4, 2, 1, 96, 23)],
 )
 def test_kernel_equals_sdpa_over_the_gathered_span(B: int, H: int, KV: int, hd: int, S: int) -> None:
-    """Scattered keys, rows of different lengths (one sees a single key, one sees all S), GQA and MHA and
-    MQA: the same output as gathering each row's span and masking it for SDPA, to float rounding."""
+    """Scattered keys, rows of different lengths (one sees a single key, one sees all S; eight keys at a time
+    and the tail), GQA and MHA and MQA, head sizes past one 64-float register block (128, 96 = 64 + 32): the same
+    output as gathering each row's span and masking it for SDPA, to float rounding."""
     torch.manual_seed(0)
     P = 4 * S + 3
     pk, pv = torch.randn(P, KV, hd), torch.randn(P, KV, hd)
@@ -49,6 +51,19 @@ def test_kernel_equals_sdpa_over_the_gathered_span(B: int, H: int, KV: int, hd: 
     keys2 = keys.clone()
     keys2[0, 1:] = 0  # row 0 sees one key: what lies past its position is never read
     torch.testing.assert_close(OP(q, pk, pv, keys2, positions, 1.0 / math.sqrt(hd))[0], got[0])
+
+
+@needs_kernel
+def test_peaked_scores_underflow_to_zero_weights_not_to_nans() -> None:
+    """Scores hundreds apart (the vectorised exp's underflow past -87): weights of 0, the same output as SDPA."""
+    torch.manual_seed(2)
+    pk, pv = torch.randn(64, 2, 64), torch.randn(64, 2, 64)
+    keys = torch.arange(40).view(1, 40).repeat(3, 1)
+    positions = torch.tensor([[39], [17], [8]])
+    q = 300 * torch.randn(3, 4, 1, 64)
+    got = OP(q, pk, pv, keys, positions, 1 / 8)  # SDPA's scale for hd 64
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, gathered_sdpa(q, pk, pv, keys, positions), atol=2e-5, rtol=1e-4)
 
 
 @needs_kernel

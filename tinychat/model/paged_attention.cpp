@@ -24,6 +24,13 @@
 
 namespace {
 
+// Throughput, not latency (2026-12-05): a row's n keys are scored eight at a time (eight independent
+// accumulators, then one transposing horizontal sum for all eight instead of a dependent chain and a sum per
+// key), the softmax's exponentials are taken eight at a time, and the weighted sum of values keeps its output
+// in registers across the keys instead of loading and storing it once per key. The first version, one key at a
+// time, took as long at 64 rows of the tiny model as all of the step's matmuls; this one is 1.2-1.7x faster
+// (bench/attention.py --against) and at 16-64 rows reads keys and values near the memory's speed.
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -31,17 +38,94 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  return hsum(acc);
+// The eight sums of a[0..7] as one vector: lane i holds the sum of a[i]'s lanes.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+// exp of eight floats (Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for exp(r), 2^k from
+// the exponent bits); relative error ~1e-7 over the softmax's range (x <= 0), 0 below -87.3.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365448f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626f)), lo);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
+
+// scores[j] = scale * q . k_j for the n keys at k_rows[j] (hd floats each, hd % 8 == 0).
+void score(const float* q, const float* const* k_rows, int64_t n, int64_t hd, float scale, float* scores) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[j + u] + d), acc[u]);
+    }
+    _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8(acc), sc));
+  }
+  for (; j < n; ++j) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k_rows[j] + d), acc);
+    scores[j] = hsum(acc) * scale;
+  }
+}
+
+// w[0..n) <- softmax(w[0..n)), in float32 with the maximum subtracted, as SDPA's.
+void softmax(float* w, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(w + j));
+  float mx = -INFINITY;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  for (float l : lanes) mx = std::max(mx, l);
+  for (int64_t t = j; t < n; ++t) mx = std::max(mx, w[t]);
+  const __m256 m8 = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(w + j), m8));
+    _mm256_storeu_ps(w + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  for (; j < n; ++j) sum += (w[j] = std::exp(w[j] - mx));
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(w + j, _mm256_mul_ps(_mm256_loadu_ps(w + j), iv));
+  for (; j < n; ++j) w[j] *= inv;
+}
+
+// out[0 .. 8C) = sum_j w[j] v_j[0 .. 8C), the output held in C registers across the keys.
+template <int C>
+void weigh(const float* w, const float* const* v_rows, int64_t n, int64_t off, float* out) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_broadcast_ss(w + j);
+    const float* v = v_rows[j] + off;
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+using Weigh = void (*)(const float*, const float* const*, int64_t, int64_t, float*);
+constexpr Weigh kWeigh[8] = {weigh<1>, weigh<2>, weigh<3>, weigh<4>, weigh<5>, weigh<6>, weigh<7>, weigh<8>};
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const at::Tensor& keys, const at::Tensor& positions, double scale) {
@@ -58,7 +142,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   TORCH_CHECK(keys.size(0) == B && positions.numel() == B, "paged_decode_attention: keys (B, S), positions (B, 1)");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode_attention: contiguous pools");
   const at::Tensor qc = q.contiguous(), kc = keys.contiguous(), pc = positions.contiguous();
-  at::Tensor out = at::zeros({B, H, 1, hd}, qc.options());
+  at::Tensor out = at::empty({B, H, 1, hd}, qc.options());
   const float* qp = qc.data_ptr<float>();
   const float* kp = k_pool.data_ptr<float>();
   const float* vp = v_pool.data_ptr<float>();
@@ -66,29 +150,31 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const int64_t* posp = pc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t G = H / KV, row = KV * hd;  // query heads per key head; floats per pool position
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0, n = std::min<int64_t>(S, std::max<int64_t>(0, posp[b] + 1)); j < n; ++j)
+      TORCH_CHECK(keyp[b * S + j] >= 0 && keyp[b * S + j] < P, "paged_decode_attention: key position outside the pool");
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> w(G * S);  // this (row, key head)'s scores, then weights, for its G query heads
+    std::vector<float> w(S);  // one query head's scores, then weights
+    std::vector<const float*> k_rows(S), v_rows(S);  // this (row, key head)'s keys and values in the pool
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KV, g = i % KV;
       const int64_t n = std::min<int64_t>(S, std::max<int64_t>(0, posp[b] + 1));  // keys this row sees
       const int64_t* kb = keyp + b * S;
       for (int64_t j = 0; j < n; ++j) {
-        TORCH_CHECK(kb[j] >= 0 && kb[j] < P, "paged_decode_attention: key position outside the pool");
-        const float* k = kp + kb[j] * row + g * hd;
-        for (int64_t h = 0; h < G; ++h) w[h * S + j] = dot(qp + ((b * H) + g * G + h) * hd, k, hd) * sc;
+        k_rows[j] = kp + kb[j] * row + g * hd;
+        v_rows[j] = vp + kb[j] * row + g * hd;
       }
       for (int64_t h = 0; h < G; ++h) {
-        float* wh = &w[h * S];
-        float mx = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, wh[j]);
-        for (int64_t j = 0; j < n; ++j) sum += (wh[j] = std::exp(wh[j] - mx));
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int64_t j = 0; j < n; ++j) wh[j] *= inv;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const float* v = vp + kb[j] * row + g * hd;
-        for (int64_t h = 0; h < G; ++h) axpy(w[h * S + j], v, op + ((b * H) + g * G + h) * hd, hd);
+        const int64_t head = b * H + g * G + h;
+        float* o = op + head * hd;
+        if (n == 0) {  // sees no key: zeros, as before
+          std::fill(o, o + hd, 0.f);
+          continue;
+        }
+        score(qp + head * hd, k_rows.data(), n, hd, sc, w.data());
+        softmax(w.data(), n);
+        for (int64_t off = 0; off < hd; off += 64) kWeigh[std::min<int64_t>(8, (hd - off) / 8) - 1](w.data(), v_rows.data(), n, off, o + off);
       }
     }
   });
