@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -190,3 +191,28 @@ def test_idle_engine_releases_kv_memory(model, tok, prompts):
         assert e.kv_bytes == 0
     finally:
         e.stop()
+
+
+def test_the_used_count_follows_every_operation() -> None:
+    """num_used is counted (free and evictable blocks subtracted), not scanned: under random allocations, shares,
+    releases, cache hits and cache clears it equals the blocks whose reference count is positive."""
+    rng = random.Random(0)
+    for _ in range(50):
+        m, held = BlockManager(32, 2), []
+        for _ in range(200):
+            op = rng.random()
+            if op < 0.35 and m.num_available:
+                held.append([m.allocate(prefer=rng.randint(0, 40) if rng.random() < 0.5 else None)])
+            elif op < 0.55 and held:
+                m.release(held.pop(rng.randrange(len(held))))
+            elif op < 0.7 and held:
+                m.register(rng.choice(held)[0], (None, (rng.randint(0, 3), rng.randint(0, 3))))
+            elif op < 0.8 and held:
+                b = rng.choice(held)
+                m.acquire(b[0])
+                held.append(list(b))
+            elif op < 0.9:
+                held += [[b] for b in m.match([rng.randint(0, 3) for _ in range(3)])]
+            else:
+                m.clear_cache()
+            assert m.num_used == sum(1 for r in m.ref[1:] if r > 0)

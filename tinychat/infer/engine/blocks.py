@@ -51,8 +51,9 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        """Blocks some sequence holds (cached-but-unheld blocks and the scratch block excluded)."""
-        return sum(1 for r in self.ref[1:] if r > 0)
+        """Blocks some sequence holds (cached-but-unheld blocks and the scratch block excluded): every other block is
+        free or evictable. Counted, not scanned: the engine reads it after every step."""
+        return self.num_blocks - 1 - self._n_free - len(self._evictable)
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, prefer: int | None = None) -> int:
