@@ -3,6 +3,7 @@
     .venv/bin/python bench/attention.py [--preset tiny] [--rows 1,16,64] [--keys 64] [--threads 1]
     git show b9a05b1:tinychat/model/paged_attention.cpp > /tmp/old.cpp
     .venv/bin/python bench/attention.py --against /tmp/old.cpp     # another build of the kernel, same run
+    .venv/bin/python bench/attention.py --kv-dtypes float16,bfloat16  # 16-bit pools (serve --kv_cache_dtype)
 
 For each row count, one "step" runs every layer's attention of a `--preset` model over a pool laid out as the
 engine lays it out (each row's keys in its own consecutive blocks of 16 positions, rows side by side, one pool
@@ -10,7 +11,8 @@ per layer), each row seeing `--keys` keys. Between steps `--evict-mb` of other m
 and activations of a real step would, so the keys come from where a real step finds them. Prints the median step
 time of each path (the best of two interleaved passes), the key/value bytes it read per second, and the ratios.
 `--against` builds a second copy of the kernel from another source (its op renamed) and times it beside the
-current one: how a change to paged_attention.cpp is measured. Timings live here, never in tests.
+current one: how a change to paged_attention.cpp is measured. `--kv-dtypes` times the kernel over 16-bit pools
+too, beside the float32 one. Timings live here, never in tests.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--evict-mb", type=int, default=32, help="other memory written between steps")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per pass (medians)")
     ap.add_argument("--against", default="", help="another paged_attention.cpp to time beside the current one")
+    ap.add_argument("--kv-dtypes", default="", help="e.g. float16,bfloat16: also the kernel over such pools")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     op = native.paged_decode_attention()
@@ -60,7 +63,9 @@ def main() -> None:
     junk = torch.empty(args.evict_mb * 2**18)
     print(f"{args.preset}: {L} layers, {H} query / {KV} key-value heads of {hd}, {n} keys per row, fp32")
     head = f"{'rows':>5} {'gather+sdpa ms':>15} {'kernel ms':>10} {'GB/s':>6} {'x sdpa':>7}"
-    print(head + (f" {'against ms':>11} {'x against':>10}" if other else ""))
+    narrow = [getattr(torch, d) for d in args.kv_dtypes.split(",") if d]
+    head += f" {'against ms':>11} {'x against':>10}" if other else ""
+    print(head + "".join(f" {str(d).removeprefix('torch.') + ' ms':>13} {'x fp32':>7}" for d in narrow))
     torch.manual_seed(0)
     with torch.no_grad():
         for B in (int(r) for r in args.rows.split(",")):
@@ -88,6 +93,14 @@ def main() -> None:
             ref = F.scaled_dot_product_attention(qs[0], ks, vs, attn_mask=mask, enable_gqa=True)
             torch.testing.assert_close(want, ref, atol=2e-5, rtol=1e-4)  # the same numbers, or timing means nothing
             paths = [("sdpa", sdpa), ("kernel", kernel)] + ([("against", lambda: kernel(other))] if other else [])
+            for d in narrow:
+                small = [(pk.to(d), pv.to(d)) for pk, pv in pools]
+
+                def kernel16(small: list = small) -> None:
+                    for q, (pk, pv) in zip(qs, small):
+                        op(q, pk, pv, keys, positions, scale)
+
+                paths.append((str(d), kernel16))
             best: dict[str, float] = {}
             for name, step in paths * 2:
                 times = []
@@ -102,6 +115,8 @@ def main() -> None:
             line = f"{B:>5} {s * 1e3:>15.3f} {k * 1e3:>10.3f} {read / k / 1e9:>6.1f} {s / k:>7.2f}"
             if other:
                 line += f" {best['against'] * 1e3:>11.3f} {best['against'] / k:>10.2f}"
+            for d in narrow:
+                line += f" {best[str(d)] * 1e3:>13.3f} {k / best[str(d)]:>7.2f}"
             print(line)
 
 

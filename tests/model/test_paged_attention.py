@@ -67,6 +67,54 @@ def test_peaked_scores_underflow_to_zero_weights_not_to_nans() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_pool_is_widened_as_it_is_read(dtype: torch.dtype) -> None:
+    """--kv_cache_dtype: over float16 or bfloat16 pools the kernel computes what SDPA computes over the same
+    rounded keys/values widened to float32 (to float rounding, not to the 16-bit rounding)."""
+    if dtype == torch.float16 and "f16c" not in native.cpu_flags():
+        pytest.skip("no F16C on this CPU")
+    torch.manual_seed(3)
+    B, H, KV, hd, S = 5, 4, 2, 64, 45
+    P = 4 * S
+    pk, pv = torch.randn(P, KV, hd).to(dtype), torch.randn(P, KV, hd).to(dtype)
+    keys = torch.stack([torch.randperm(P)[:S] for _ in range(B)])
+    positions = torch.tensor([[0], [7], [8], [30], [44]])
+    q = torch.randn(B, 1, H, hd).transpose(1, 2)
+    got = OP(q, pk, pv, keys, positions, 1.0 / math.sqrt(hd))
+    want = gathered_sdpa(q, pk.float(), pv.float(), keys, positions)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="float32 query"):
+        OP(q, pk, pv.float(), keys, positions, 1.0)  # pools of two dtypes
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attend_over_a_16_bit_pool_reads_the_same_through_the_kernel_and_the_gather(dtype: torch.dtype) -> None:
+    """PagedKVCache.attend with a 16-bit pool and an fp32 query: the kernel and the gather + SDPA path (which widens
+    the gathered span) agree, also for one row over consecutive blocks (read through the kernel rather than a
+    widened copy of the view), and the new keys are stored rounded to the pool's dtype."""
+    cfg = preset("tiny", vocab_size=64, n_layer=1)
+    cache = PagedKVCache(cfg, 4, 16, "cpu", dtype)
+    if cache.decode_kernel is None:
+        pytest.skip("no kernel for this pool here")
+    cache.ensure(16)
+    cache.k[0].normal_(), cache.v[0].normal_()
+    keys = torch.tensor([[40, 41, 42, 43, 8, 9, 10, 11], [20, 21, 22, 23, 0, 0, 0, 0]])
+    positions = torch.tensor([[5], [2]])
+    slots = keys.gather(1, positions).view(-1)
+    meta = PagedMeta(positions, slots, keys, 0, 8, visible_keys(positions, 8))
+    q = torch.randn(2, cfg.n_head, 1, cfg.head_dim)
+    k, v = torch.randn(2, 2, cfg.n_kv_head, 1, cfg.head_dim)
+    fast = cache.attend(0, q, k, v, meta)
+    assert torch.equal(cache.k[0][slots], k.transpose(1, 2).reshape(2, cfg.n_kv_head, cfg.head_dim).to(dtype))
+    one = PagedMeta(torch.tensor([[6]]), torch.tensor([30]), None, 24, 7, None)  # one row over consecutive blocks
+    fast_one = cache.attend(0, q[:1], k[:1], v[:1], one)
+    cache.decode_kernel = None
+    torch.testing.assert_close(fast, cache.attend(0, q, k, v, meta), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_one, cache.attend(0, q[:1], k[:1], v[:1], one), atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
 def test_a_key_outside_the_pool_is_an_error_not_a_read() -> None:
     pk = pv = torch.randn(8, 1, 8)
     q = torch.randn(1, 1, 1, 8)
@@ -75,11 +123,13 @@ def test_a_key_outside_the_pool_is_an_error_not_a_read() -> None:
 
 
 def test_the_cache_uses_it_only_where_it_computes_what_sdpa_would() -> None:
-    """fp32 on the CPU with the plain visibility rule; not bf16, ALiBi or sliding windows (their layers bring masks
-    of their own), a head size that 8 does not divide, or when the kernel is off."""
+    """An fp32, fp16 or bf16 pool on the CPU with the plain visibility rule; not fp64, ALiBi or sliding windows
+    (their layers bring masks of their own), a head size that 8 does not divide, or when the kernel is off. (A
+    bf16 query, a model computing in bf16, takes SDPA: see attend.)"""
     cfg = preset("tiny", vocab_size=64, n_layer=2)
     assert (PagedKVCache(cfg, 4, 8, "cpu", torch.float32).decode_kernel is not None) == (OP is not None)
-    assert PagedKVCache(cfg, 4, 8, "cpu", torch.bfloat16).decode_kernel is None
+    assert (PagedKVCache(cfg, 4, 8, "cpu", torch.bfloat16).decode_kernel is not None) == (OP is not None)
+    assert PagedKVCache(cfg, 4, 8, "cpu", torch.float64).decode_kernel is None
     assert (
         PagedKVCache(preset("tiny", vocab_size=64, position="alibi"), 4, 8, "cpu", torch.float32).decode_kernel is None
     )

@@ -13,7 +13,16 @@ from tinychat.cli import main
 from tinychat.errors import UserError
 from tinychat.infer.engine import Delta, Done, Engine, EngineConfig
 from tinychat.model import Model
-from tinychat.serve.cli import find_latest_model, how_to_get_one, kernel_threads, resolve_model, tokenizer_dir
+from tinychat.serve.cli import (
+    ServeConfig,
+    build_engine,
+    engine_config,
+    find_latest_model,
+    how_to_get_one,
+    kernel_threads,
+    resolve_model,
+    tokenizer_dir,
+)
 from tinychat.serve.terminal import ChatConfig, chat_loop, show_reply
 from tinychat.tokenizer import Tokenizer
 
@@ -50,6 +59,15 @@ def test_serve_and_chat_commands_are_registered(capsys):
     assert main(["chat", "--help"]) == 0
     assert main(["serve", "--runs-dir", "/nonexistent/runs"]) == 2
     assert "run `tinychat speedrun` to train one" in capsys.readouterr().err
+
+
+def test_serve_passes_the_kv_cache_dtype_and_refuses_others(model_dir, capsys):
+    cfg = ServeConfig(model=str(model_dir), kv_cache_dtype="bfloat16", dtype="float32", max_num_seqs=2)
+    assert engine_config(cfg).kv_cache_dtype == "bfloat16"
+    engine = build_engine(cfg, model_dir, "tiny")
+    assert engine.cache.dtype == torch.bfloat16 and engine.compute_dtype == torch.float32
+    assert main(["serve", "--model", str(model_dir), "--kv_cache_dtype", "int8"]) == 2
+    assert "kv_cache_dtype" in capsys.readouterr().err
 
 
 def test_serve_keeps_a_core_for_http_unless_told(monkeypatch, capsys):

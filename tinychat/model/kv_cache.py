@@ -239,8 +239,13 @@ class PagedMeta:
     is_causal: bool = False
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # pools paged_attention.cpp reads
+
+
 class PagedKVCache:
-    """A pool of `num_blocks` blocks of `block_size` positions for every layer, in the compute dtype.
+    """A pool of `num_blocks` blocks of `block_size` positions for every layer, in the compute dtype by default, or
+    in a narrower one (`serve --kv_cache_dtype float16|bfloat16`: half the memory per token, read and widened
+    as attention needs it, llama.cpp's default cache type and vLLM's --kv-cache-dtype).
 
     Block 0 is reserved as the scratch block for padded tokens. The pool grows on demand (`ensure`)
     up to its capacity and can be dropped when the engine is idle (`release`), so the memory held is
@@ -257,10 +262,12 @@ class PagedKVCache:
         # then writes each in place, where a view of one big input would be copied whole every step
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        # one query per row over keys in place (paged_attention.cpp), where it computes what sdpa would: fp32 on
-        # the CPU, the plain visibility rule (sliding windows and ALiBi give layers masks of their own), and a
-        # head size its 8-float vectors divide
-        fits = self.device.type == "cpu" and dtype == torch.float32 and cfg.head_dim % 8 == 0
+        # one query per row over keys in place (paged_attention.cpp), where it computes what sdpa would: an fp32
+        # query on the CPU (the pool fp32, or 16-bit and widened as read), the plain visibility rule (sliding
+        # windows and ALiBi give layers masks of their own), and a head size its 8-float vectors divide
+        fits = self.device.type == "cpu" and dtype in KERNEL_DTYPES and cfg.head_dim % 8 == 0
+        if dtype == torch.float16 and "f16c" not in native.cpu_flags():
+            fits = False
         self.decode_kernel = native.paged_decode_attention() if fits and cfg.plain_masks else None
 
     @property
@@ -315,15 +322,20 @@ class PagedKVCache:
         B, n_kv, T, hd = k.shape
         pk.index_copy_(0, m.slots, k.transpose(1, 2).reshape(B * T, n_kv, hd).to(pk.dtype))
         pv.index_copy_(0, m.slots, v.transpose(1, 2).reshape(B * T, n_kv, hd).to(pv.dtype))
+        keys = m.keys
+        if keys is None and T == 1 and pk.dtype != q.dtype and self.decode_kernel is not None:
+            # one row over consecutive blocks of a 16-bit pool: the kernel widens what it reads, where the view
+            # below would be copied whole into the compute dtype every step
+            keys = torch.arange(m.view_start, m.view_start + m.span, device=q.device)[None].expand(B, -1)
         if (
             self.decode_kernel is not None
             and T == 1
-            and m.keys is not None
+            and keys is not None
             and bias is None
-            and q.dtype == pk.dtype
+            and q.dtype == torch.float32
             and (B > 1 or not torch.compiler.is_compiling())  # one compiled row: matmul_attention, fused, is faster
         ):  # a decode step over scattered blocks: each row's keys are read where they lie, nothing gathered
-            return self.decode_kernel(q, pk, pv, m.keys, m.positions, 1.0 / math.sqrt(hd))
+            return self.decode_kernel(q, pk, pv, keys, m.positions, 1.0 / math.sqrt(hd))
         if m.keys is None:  # consecutive blocks: the span is a view of the pool, nothing is copied
             ks = pk[m.view_start : m.view_start + m.span][None]
             vs = pv[m.view_start : m.view_start + m.span][None]
@@ -332,4 +344,6 @@ class PagedKVCache:
             idx, P = m.keys.reshape(-1), pk.shape[0]
             ks = pk.view(P, n_kv * hd).index_select(0, idx).view(B, m.span, n_kv, hd)
             vs = pv.view(P, n_kv * hd).index_select(0, idx).view(B, m.span, n_kv, hd)
+        if ks.dtype != q.dtype:  # a pool narrower than the compute (--kv_cache_dtype): widened for SDPA
+            ks, vs = ks.to(q.dtype), vs.to(q.dtype)
         return sdpa(q, ks.transpose(1, 2), vs.transpose(1, 2), m.mask, m.is_causal, bias)

@@ -41,15 +41,21 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux lists them (empty elsewhere, or when /proc/cpuinfo cannot be read)."""
+    if "flags" not in _state:
+        try:
+            _state["flags"] = set(Path("/proc/cpuinfo").read_text().split()) if sys.platform == "linux" else set()
+        except OSError:
+            _state["flags"] = set()
+    return _state["flags"]  # type: ignore[return-value]
+
+
 def _cpu_ok() -> bool:
     """AVX2 and FMA on this CPU (the kernel's instructions)."""
-    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def _build(source: Path) -> Path:
@@ -138,8 +144,9 @@ def _attention_fake(q: torch.Tensor, *_: object) -> torch.Tensor:
 
 
 def paged_decode_attention() -> object | None:
-    """torch.ops.tinychat.paged_decode_attention(q (B, H, 1, hd), k_pool, v_pool (P, n_kv, hd), keys (B, S),
-    positions (B, 1), scale) -> (B, H, 1, hd), float32; None where it cannot run here."""
+    """torch.ops.tinychat.paged_decode_attention(q (B, H, 1, hd) float32, k_pool, v_pool (P, n_kv, hd) float32,
+    float16 or bfloat16, keys (B, S), positions (B, 1), scale) -> (B, H, 1, hd) float32; None where it cannot run
+    here. A float16 pool needs F16C as well (`cpu_flags`)."""
     return _load("paged_decode_attention", HERE / "paged_attention.cpp", "paged attention kernel", _attention_fake)
 
 

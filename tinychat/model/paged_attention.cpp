@@ -6,10 +6,15 @@
 // cost more than the arithmetic. This kernel reads every key and value row in place through `keys` (each
 // row's pool positions, what PagedMeta already carries) and stops at the row's own position, so nothing is
 // gathered or masked (vLLM's PagedAttention, for a CPU and one query per row).
-//   q (B, H, 1, hd) float32, k_pool / v_pool (P, n_kv, hd) float32, keys (B, S) int64 pool positions,
-//   positions (B, 1) int64: row b sees keys[b, 0..positions[b]].  ->  (B, H, 1, hd)
+//   q (B, H, 1, hd) float32, k_pool / v_pool (P, n_kv, hd) float32, float16 or bfloat16 (both the same),
+//   keys (B, S) int64 pool positions, positions (B, 1) int64: row b sees keys[b, 0..positions[b]].
+//   ->  (B, H, 1, hd) float32
 // A query head h reads key/value head h / (H / n_kv) (GQA). Softmax in float32 with its maximum subtracted,
-// as SDPA's. Needs AVX2 and FMA (tinychat/model/native.py checks them) and hd % 8 == 0 (PagedKVCache does).
+// as SDPA's. A 16-bit pool (`serve --kv_cache_dtype`) is widened to float32 as it is read, so the arithmetic
+// is the float32 kernel's over the rounded keys/values. Needs AVX2 and FMA (tinychat/model/native.py checks
+// them), F16C for a float16 pool (PagedKVCache checks it) and hd % 8 == 0 (PagedKVCache does).
+
+#pragma GCC target("f16c")  // vcvtph2ps, on every AVX2 CPU; only a float16 pool reaches it
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,6 +41,16 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// Eight pool values as float32: a float16 is widened by F16C, a bfloat16 is the top half of its float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 // The eight sums of a[0..7] as one vector: lane i holds the sum of a[i]'s lanes.
@@ -67,7 +82,8 @@ inline __m256 exp8(__m256 x) {
 }
 
 // scores[j] = scale * q . k_j for the n keys at k_rows[j] (hd floats each, hd % 8 == 0).
-void score(const float* q, const float* const* k_rows, int64_t n, int64_t hd, float scale, float* scores) {
+template <typename T>
+void score(const float* q, const T* const* k_rows, int64_t n, int64_t hd, float scale, float* scores) {
   const __m256 sc = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -75,13 +91,13 @@ void score(const float* q, const float* const* k_rows, int64_t n, int64_t hd, fl
     for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[j + u] + d), acc[u]);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, load8(k_rows[j + u] + d), acc[u]);
     }
     _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8(acc), sc));
   }
   for (; j < n; ++j) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k_rows[j] + d), acc);
+    for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k_rows[j] + d), acc);
     scores[j] = hsum(acc) * scale;
   }
 }
@@ -112,51 +128,31 @@ void softmax(float* w, int64_t n) {
 }
 
 // out[0 .. 8C) = sum_j w[j] v_j[0 .. 8C), the output held in C registers across the keys.
-template <int C>
-void weigh(const float* w, const float* const* v_rows, int64_t n, int64_t off, float* out) {
+template <typename T, int C>
+void weigh(const float* w, const T* const* v_rows, int64_t n, int64_t off, float* out) {
   __m256 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const __m256 wj = _mm256_broadcast_ss(w + j);
-    const float* v = v_rows[j] + off;
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    const T* v = v_rows[j] + off;
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(wj, load8(v + 8 * c), acc[c]);
   }
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 
-using Weigh = void (*)(const float*, const float* const*, int64_t, int64_t, float*);
-constexpr Weigh kWeigh[8] = {weigh<1>, weigh<2>, weigh<3>, weigh<4>, weigh<5>, weigh<6>, weigh<7>, weigh<8>};
+template <typename T>
+using Weigh = void (*)(const float*, const T* const*, int64_t, int64_t, float*);
+template <typename T>
+constexpr Weigh<T> kWeigh[8] = {weigh<T, 1>, weigh<T, 2>, weigh<T, 3>, weigh<T, 4>,
+                                weigh<T, 5>, weigh<T, 6>, weigh<T, 7>, weigh<T, 8>};
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                  const at::Tensor& keys, const at::Tensor& positions, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "paged_decode_attention: q (B, H, 1, hd)");
-  TORCH_CHECK(k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(), "paged_decode_attention: pools (P, n_kv, hd)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
-                  v_pool.scalar_type() == at::kFloat,
-              "paged_decode_attention: float32 only");
-  TORCH_CHECK(keys.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
-              "paged_decode_attention: int64 keys and positions");
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), P = k_pool.size(0), KV = k_pool.size(1);
-  const int64_t S = keys.size(1);
-  TORCH_CHECK(k_pool.size(2) == hd && hd % 8 == 0 && H % KV == 0, "paged_decode_attention: hd % 8, H % n_kv");
-  TORCH_CHECK(keys.size(0) == B && positions.numel() == B, "paged_decode_attention: keys (B, S), positions (B, 1)");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode_attention: contiguous pools");
-  const at::Tensor qc = q.contiguous(), kc = keys.contiguous(), pc = positions.contiguous();
-  at::Tensor out = at::empty({B, H, 1, hd}, qc.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k_pool.data_ptr<float>();
-  const float* vp = v_pool.data_ptr<float>();
-  const int64_t* keyp = kc.data_ptr<int64_t>();
-  const int64_t* posp = pc.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t G = H / KV, row = KV * hd;  // query heads per key head; floats per pool position
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0, n = std::min<int64_t>(S, std::max<int64_t>(0, posp[b] + 1)); j < n; ++j)
-      TORCH_CHECK(keyp[b * S + j] >= 0 && keyp[b * S + j] < P, "paged_decode_attention: key position outside the pool");
-  const float sc = static_cast<float>(scale);
+template <typename T>
+void attend(const float* qp, const T* kp, const T* vp, const int64_t* keyp, const int64_t* posp, float* op, int64_t B,
+            int64_t H, int64_t KV, int64_t hd, int64_t S, float sc) {
+  const int64_t G = H / KV, row = KV * hd;  // query heads per key head; values per pool position
   at::parallel_for(0, B * KV, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w(S);  // one query head's scores, then weights
-    std::vector<const float*> k_rows(S), v_rows(S);  // this (row, key head)'s keys and values in the pool
+    std::vector<const T*> k_rows(S), v_rows(S);  // this (row, key head)'s keys and values in the pool
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KV, g = i % KV;
       const int64_t n = std::min<int64_t>(S, std::max<int64_t>(0, posp[b] + 1));  // keys this row sees
@@ -174,10 +170,44 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
         }
         score(qp + head * hd, k_rows.data(), n, hd, sc, w.data());
         softmax(w.data(), n);
-        for (int64_t off = 0; off < hd; off += 64) kWeigh[std::min<int64_t>(8, (hd - off) / 8) - 1](w.data(), v_rows.data(), n, off, o + off);
+        for (int64_t off = 0; off < hd; off += 64)
+          kWeigh<T>[std::min<int64_t>(8, (hd - off) / 8) - 1](w.data(), v_rows.data(), n, off, o + off);
       }
     }
   });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& keys, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "paged_decode_attention: q (B, H, 1, hd)");
+  TORCH_CHECK(k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(), "paged_decode_attention: pools (P, n_kv, hd)");
+  const auto kind = k_pool.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v_pool.scalar_type() == kind &&
+                  (kind == at::kFloat || kind == at::kHalf || kind == at::kBFloat16),
+              "paged_decode_attention: a float32 query over float32, float16 or bfloat16 pools");
+  TORCH_CHECK(keys.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "paged_decode_attention: int64 keys and positions");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), P = k_pool.size(0), KV = k_pool.size(1);
+  const int64_t S = keys.size(1);
+  TORCH_CHECK(k_pool.size(2) == hd && hd % 8 == 0 && H % KV == 0, "paged_decode_attention: hd % 8, H % n_kv");
+  TORCH_CHECK(keys.size(0) == B && positions.numel() == B, "paged_decode_attention: keys (B, S), positions (B, 1)");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_decode_attention: contiguous pools");
+  const at::Tensor qc = q.contiguous(), kc = keys.contiguous(), pc = positions.contiguous();
+  at::Tensor out = at::empty({B, H, 1, hd}, qc.options());
+  const int64_t* keyp = kc.data_ptr<int64_t>();
+  const int64_t* posp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0, n = std::min<int64_t>(S, std::max<int64_t>(0, posp[b] + 1)); j < n; ++j)
+      TORCH_CHECK(keyp[b * S + j] >= 0 && keyp[b * S + j] < P, "paged_decode_attention: key position outside the pool");
+  const float sc = static_cast<float>(scale);
+  const float* qp = qc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (kind == at::kHalf)
+    attend(qp, k_pool.data_ptr<at::Half>(), v_pool.data_ptr<at::Half>(), keyp, posp, op, B, H, KV, hd, S, sc);
+  else if (kind == at::kBFloat16)
+    attend(qp, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), keyp, posp, op, B, H, KV, hd, S, sc);
+  else
+    attend(qp, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), keyp, posp, op, B, H, KV, hd, S, sc);
   return out;
 }
 

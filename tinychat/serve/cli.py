@@ -61,6 +61,11 @@ class ServeConfig:
         help="fp32 on a CPU: decode matmuls over a packed copy of the weights (model/packed.py; 1.3-2.2x tokens/s "
         "on 2 cores, docs/engine.md); false saves that copy's memory (the fp32 weights' size)",
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(
+        "auto",
+        help="the KV cache's dtype: auto (the model's compute dtype) or a 16-bit one, half the memory per token "
+        "(llama.cpp's default cache type; docs/engine.md measures what it costs)",
+    )
     threads: int = field(
         0, help="CPU threads for the model's kernels (0: torch's default less one core, kept for HTTP and streaming)"
     )
@@ -197,6 +202,7 @@ def engine_config(cfg: ServeConfig):  # noqa: ANN201 - EngineConfig
         compile=cfg.compile,
         decode_steps=cfg.decode_steps,
         pack_weights=cfg.pack_weights,
+        kv_cache_dtype=cfg.kv_cache_dtype,
     )
 
 

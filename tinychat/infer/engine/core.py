@@ -43,6 +43,17 @@ from tinychat.model.pooling import mean_pool
 
 log = logging.getLogger("tinychat.engine")
 
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for EngineConfig.kv_cache_dtype: "auto" is the compute dtype."""
+    if name == "auto":
+        return compute
+    if name not in KV_DTYPES:
+        raise UserError(f"kv_cache_dtype must be auto, {', '.join(KV_DTYPES)}; got {name!r}.")
+    return KV_DTYPES[name]
+
 
 class Engine:
     """Continuous-batching generation for one model; see the module docstring for the design."""
@@ -72,7 +83,8 @@ class Engine:
         p = model.model.norm.weight
         self.device = p.device
         bs = cfg.block_size
-        self.cache = PagedKVCache(mcfg, bs, 2, self.device, model.compute_dtype())
+        self.compute_dtype = model.compute_dtype()
+        self.cache = PagedKVCache(mcfg, bs, 2, self.device, kv_dtype(cfg.kv_cache_dtype, self.compute_dtype))
         seq_blocks = blocks_for(self.max_len, bs)
         if cfg.kv_cache_mb is None:
             num_blocks = cfg.max_num_seqs * seq_blocks + 1
@@ -489,7 +501,7 @@ class Engine:
         else:
             mask = visible_keys(positions, S)
         meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
-        rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.cache.dtype)
+        rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.compute_dtype)
         h = self.model.hidden_states(x, self.cache, meta=meta, adapters=rows)
         self._advance(seqs, chunks)
         return h
