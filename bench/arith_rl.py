@@ -25,6 +25,12 @@ Measured on run s5 (2026-11-23, 2-core CPU, 100 questions per suite; docs/post-t
   --no-mix-sft (arithmetic only): 1% -> 25% (facts_trained 21% -> 0%), then GRPO 3 min: 14%
 The drill's own validation accuracy (arithmetic only) was 0% at step 200, 6% at 400 and 47% at 554:
 arithmetic takes off after ~400 answer-only optimizer steps, more than a 15-minute speedrun can spend.
+
+Round 23 of docs/speedrun.md drills the pretrained base instead (2026-12-05, rw0; --limit 300 and the suites
+there were run by hand the same way):
+  --init runs/rw0/checkpoints/pretrain --no-mix-sft --drill-minutes 8 --drill-lr 1e-3 --drill-seq-len 128
+      --drill-batch 16 --skip-grpo: 1,336 steps, arithmetic 82.3%, facts_trained 0%
+  the same with --replay-sft 3500: arithmetic 53.0%, facts_trained 88.7%
 """
 
 from __future__ import annotations
@@ -98,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drill-minutes", type=float, default=8.0)
     ap.add_argument("--drill-rows", type=int, default=40000, help="capped by the ~13.7k distinct easy problems")
     ap.add_argument("--mix-sft", action=argparse.BooleanOptionalAction, default=True, help="add the run SFT rows")
+    ap.add_argument("--replay-sft", type=int, default=0, help="with --no-mix-sft: add this many of the run's SFT rows")
+    ap.add_argument("--drill-lr", type=float, default=0.0, help="0 = the config's [sft] lr")
+    ap.add_argument("--drill-seq-len", type=int, default=0, help="0 = the config's; 128 buys more steps per minute")
+    ap.add_argument("--drill-batch", type=int, default=0, help="0 = the config's")
+    ap.add_argument("--skip-grpo", action="store_true", help="stop after the drill (and its evaluation)")
     ap.add_argument("--grpo-minutes", type=float, default=3.0)
     ap.add_argument("--grpo-lr", type=float, default=0.0, help="0 = the config's")
     ap.add_argument("--rl-rows", type=int, default=4000)
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     drill = drill_rows(rng, exclude, a.drill_rows, seen)
     if a.mix_sft:
         drill += load_jsonl(world / "sft" / "train.jsonl")
+    elif a.replay_sft:
+        drill += random.Random(a.seed + 1).sample(load_jsonl(world / "sft" / "train.jsonl"), a.replay_sft)
     rng.shuffle(drill)
     rl = rl_rows(rng, exclude, a.rl_rows + 64)
     files = {
@@ -130,14 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     }
     common = ["--config", a.config, "--runs_dir", str(out), "--run", "bench"]
     results: dict[str, dict[str, float]] = {"start": evaluate(init, world, a.limit, out / "eval_start.json")}
+    drill_args = ["--train.max_time", str(a.drill_minutes)]
+    for flag, value in (
+        ("--train.lr", a.drill_lr),
+        ("--train.seq_len", a.drill_seq_len),
+        ("--train.batch_size", a.drill_batch),
+    ):
+        drill_args += [flag, str(value)] if value else []
     rc = tinychat(
         ["sft", *common, "--init", str(init), "--data", str(files["drill"]), "--val_data", str(files["drill_val"]),
-         "--train.max_time", str(a.drill_minutes)]
+         *drill_args]
     )  # fmt: skip
     if rc:
         return rc
     drilled = out / "bench" / "checkpoints" / "sft"
     results["drill"] = evaluate(drilled, world, a.limit, out / "eval_drill.json")
+    if a.skip_grpo:
+        (out / "results.json").write_text(json.dumps({"args": vars(a), "accuracy": results}, indent=1))
+        for s in SUITES:
+            print(f"{s:<15}" + "".join(f"{100 * results[k][s]:>9.1f}%" for k in results))
+        return 0
     grpo = ["grpo", *common, "--init", str(drilled), "--data", str(files["rl"]), "--val_data", str(files["rl_val"])]
     grpo += ["--train.max_time", str(a.grpo_minutes), "--max_new_tokens", "16"]
     if a.grpo_lr:
