@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from matmul import interleaved_medians  # bench/matmul.py, beside this file
 
 from tinychat.model import native, preset
 from tinychat.model.kv_cache import visible_keys
@@ -101,15 +100,7 @@ def main() -> None:
                         op(q, pk, pv, keys, positions, scale)
 
                 paths.append((str(d), kernel16))
-            best: dict[str, float] = {}
-            for name, step in paths * 2:
-                times = []
-                for _ in range(args.steps):
-                    junk.add_(1.0)
-                    t = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - t)
-                best[name] = min(best.get(name, float("inf")), statistics.median(times))
+            best = interleaved_medians(paths, args.steps, junk)
             read = 2 * L * B * n * KV * hd * 4  # key and value bytes a step reads
             s, k = best["sdpa"], best["kernel"]
             line = f"{B:>5} {s * 1e3:>15.3f} {k * 1e3:>10.3f} {read / k / 1e9:>6.1f} {s / k:>7.2f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,23 @@ def shapes(preset_name: str) -> list[tuple[int, int]]:
         out += [tuple(a.qkv_weight.shape), tuple(a.o_proj.weight.shape)]
         out += [tuple(mlp.gate_up_weight.shape), tuple(mlp.down_proj.weight.shape)]
     return out + [tuple(m.lm_head.weight.shape)]
+
+
+def interleaved_medians(
+    paths: list[tuple[str, Callable[[], None]]], steps: int, junk: torch.Tensor
+) -> dict[str, float]:
+    """Each path's median step time, the best of two interleaved passes; `junk` is written before every step so
+    what a step reads comes from where a real step finds it, not from a warm cache."""
+    best: dict[str, float] = {}
+    for name, step in paths * 2:
+        times = []
+        for _ in range(steps):
+            junk.add_(1.0)
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        best[name] = min(best.get(name, float("inf")), statistics.median(times))
+    return best
 
 
 def main() -> None:
@@ -71,15 +89,7 @@ def main() -> None:
                     op(x, p, None, w.shape[0])
 
             paths = [("aten", aten), ("packed", kernel)] + ([("avx512", lambda: kernel(wide=True))] if avx512 else [])
-            best: dict[str, float] = {}
-            for name, step in paths * 2:
-                times = []
-                for _ in range(args.steps):
-                    junk.add_(1.0)
-                    t = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - t)
-                best[name] = min(best.get(name, float("inf")), statistics.median(times))
+            best = interleaved_medians(paths, args.steps, junk)
             flops = sum(2 * M * n * k for n, k in dims)
             a, k = best["aten"], best["packed"]
             gf_a, gf_k = flops / a / 1e9, flops / k / 1e9
