@@ -17,7 +17,6 @@ too, beside the float32 one. Timings live here, never in tests.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from matmul import interleaved_medians  # bench/matmul.py, beside this file
+from matmul import interleaved_medians, step_parser  # bench/matmul.py, beside this file
 
 from tinychat.model import native, preset
 from tinychat.model.kv_cache import visible_keys
@@ -41,13 +40,8 @@ def against_op(source: Path) -> object:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", help="the model shape whose attention a step runs")
-    ap.add_argument("--rows", default="1,4,16,64", help="rows per step (running sequences)")
+    ap = step_parser(__doc__, "attention", "1,4,16,64", 32)
     ap.add_argument("--keys", type=int, default=64, help="keys each row sees (prompt + output so far)")
-    ap.add_argument("--threads", type=int, default=1, help="kernel threads (the server's default is 1 on 2 cores)")
-    ap.add_argument("--evict-mb", type=int, default=32, help="other memory written between steps")
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per pass (medians)")
     ap.add_argument("--against", default="", help="another paged_attention.cpp to time beside the current one")
     ap.add_argument("--kv-dtypes", default="", help="e.g. float16,bfloat16: also the kernel over such pools")
     args = ap.parse_args()

@@ -52,14 +52,19 @@ def interleaved_medians(
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", help="the model shape whose matmuls a step runs")
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="rows per step (running sequences)")
+def step_parser(doc: str, what: str, rows: str, evict_mb: int) -> argparse.ArgumentParser:
+    """The options of a bench that times one decode step's `what` per row count (this one and attention.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", help=f"the model shape whose {what} a step runs")
+    ap.add_argument("--rows", default=rows, help="rows per step (running sequences)")
     ap.add_argument("--threads", type=int, default=1, help="kernel threads (the server's default is 1 on 2 cores)")
-    ap.add_argument("--evict-mb", type=int, default=16, help="other memory written between steps")
+    ap.add_argument("--evict-mb", type=int, default=evict_mb, help="other memory written between steps")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per pass (medians)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = step_parser(__doc__, "matmuls", "1,2,4,8,16,32,64", 16).parse_args()
     torch.set_num_threads(args.threads)
     op = native.packed_linear()
     if op is None:
