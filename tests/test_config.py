@@ -94,3 +94,33 @@ def test_help_prints_each_commands_own_train_defaults(command, lr, capsys):
     assert main([command, "--help"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("--train.lr "))
     assert f"default {lr} " in line
+
+
+@dataclass
+class Unions:
+    eos: int | list[int] | None = field(None)
+    weights: dict[str, float] = field({})
+
+
+def test_union_fields_take_their_first_fitting_member_from_toml_and_flags(tmp_path):
+    """A field such as the model's eos_token_id (int | list[int] | None): a run's saved config.pretrain.toml
+    holds `eos_token_id = 2`, and loading it again once failed with "unsupported type"."""
+    assert from_dict(Unions, {"eos": 2}).eos == 2 and from_dict(Unions, {"eos": [2, 5]}).eos == [2, 5]
+    assert parse_args(Unions, ["--eos", "3"]).eos == 3 and parse_args(Unions, ["--eos", "none"]).eos is None
+    with pytest.raises(ConfigError, match="eos must be int or list or none"):
+        parse_args(Unions, ["--eos", "x"])
+
+
+def test_a_table_flag_takes_a_toml_inline_table():
+    assert parse_args(Unions, ["--weights", '{"*" = 2, facts = 0.5}']).weights == {"*": 2, "facts": 0.5}
+    with pytest.raises(ConfigError, match="TOML table"):
+        parse_args(Unions, ["--weights", "facts=2"])
+
+
+def test_a_runs_saved_stage_config_loads_again(tmp_path):
+    from tinychat.train.pretrain import PretrainConfig
+
+    cfg = from_dict(PretrainConfig, {"model": {"eos_token_id": 2}})
+    (tmp_path / "config.pretrain.toml").write_text(dumps_toml(cfg))
+    again = parse_args(PretrainConfig, ["--config", str(tmp_path / "config.pretrain.toml")])
+    assert again.model.eos_token_id == 2 and again == cfg

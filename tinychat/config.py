@@ -61,6 +61,18 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
     origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | list[int] | None: the first member that takes it
+        members = get_args(tp)
+        none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if none and type(None) in members:
+            return None
+        for member in (m for m in members if m is not type(None)):
+            try:
+                return coerce(value, member, name)
+            except ConfigError:
+                continue
+        kinds = " or ".join("none" if m is type(None) else getattr(m, "__name__", str(m)) for m in members)
+        raise ConfigError(f"{name} must be {kinds}, got {value!r}.")
     try:
         if origin is Literal:
             choices = get_args(tp)
@@ -75,6 +87,11 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ConfigError(f"{name} must be a list, got {value!r}.")
             return [coerce(v, item_tp, name) for v in value]
         if origin is dict:
+            if isinstance(value, str):  # a TOML inline table on the command line: --chat_weights '{"*" = 2}'
+                try:
+                    value = tomllib.loads(f"value = {value}")["value"]
+                except tomllib.TOMLDecodeError:
+                    raise ConfigError(f"{name} must be a TOML table such as {{a = 1}}, got {value!r}.") from None
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} must be a table, got {value!r}.")
             return dict(value)
