@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
+from tinychat.device import DTYPES
 from tinychat.errors import UserError
 from tinychat.infer.compiled import check_compilable, decode_step, sampled_steps, static_length
 from tinychat.infer.engine import request as rq
@@ -43,16 +44,14 @@ from tinychat.model.pooling import mean_pool
 
 log = logging.getLogger("tinychat.engine")
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
-    """The KV pool's dtype for EngineConfig.kv_cache_dtype: "auto" is the compute dtype."""
+    """The KV pool's dtype for EngineConfig.kv_cache_dtype: "auto" is the compute dtype, other names are --dtype's."""
     if name == "auto":
         return compute
-    if name not in KV_DTYPES:
-        raise UserError(f"kv_cache_dtype must be auto, {', '.join(KV_DTYPES)}; got {name!r}.")
-    return KV_DTYPES[name]
+    if name not in DTYPES:
+        raise UserError(f"kv_cache_dtype must be auto, float32, float16 or bfloat16; got {name!r}.")
+    return DTYPES[name]
 
 
 class Engine:
