@@ -55,16 +55,20 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _is_none(value: Any) -> bool:
+    """None in TOML's absence or on the command line (`--seed none`)."""
+    return value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a TOML value or a command-line string to the field's declared type, or raise ConfigError."""
     tp, optional = _unwrap_optional(tp)
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+    if optional and _is_none(value):
         return None
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):  # e.g. int | list[int] | None: the first member that takes it
         members = get_args(tp)
-        none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if none and type(None) in members:
+        if _is_none(value) and type(None) in members:
             return None
         for member in (m for m in members if m is not type(None)):
             try:
