@@ -43,19 +43,12 @@ from pathlib import Path
 
 from tinychat.cli import main as tinychat
 from tinychat.world import arith
+from tinychat.world.drills import held_out
 from tinychat.world.facts import LANGS
 from tinychat.world.load import load_jsonl
 from tinychat.world.messages import assistant, user
 
 SUITES = ("arithmetic", "facts_trained", "refusal")
-
-
-def held_out(world: Path) -> set[str]:
-    """Every arithmetic expression the run's eval sets ask: none may be trained on."""
-    keys: set[str] = set()
-    for name in ("arithmetic", "arithmetic_tool"):
-        keys |= {r["expression"] for r in load_jsonl(world / "eval" / f"{name}.jsonl") if r.get("expression")}
-    return keys
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -87,6 +87,40 @@ def test_the_copy_drill_stage_runs_first_and_pretraining_continues_it(micro_run:
     assert [r["step"] for r in drills if r["stage"] == "copy" and r["kind"] == "train"] == list(range(1, 7))
 
 
+def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path):
+    """`--drills`: a drill stage (sft on pure drill rows from the pretrained model), an anneal (pretraining
+    continued from the drilled model on the run's mix plus some drill rows), and SFT then starts from the anneal."""
+    runs = micro_run.parent
+    for part in ("world", "tokenizer", "data", "checkpoints/pretrain"):
+        shutil.copytree(micro_run / part, runs / "dr" / part)
+    args = [
+        "speedrun",
+        "--preset",
+        "micro",
+        "--runs-dir",
+        str(runs),
+        "--run",
+        "dr",
+        "--drills",
+        "arithmetic",
+    ]
+    assert main([*args, "--stages", "drill", "anneal", "sft", "--anneal_drill_rows", "10"]) == 0
+    run = runs / "dr"
+    for stage in ("drill", "anneal", "sft"):
+        assert (run / "checkpoints" / stage / "model.safetensors").is_file(), stage
+    rows = [json.loads(line) for line in (run / "drills" / "train.jsonl").read_text().splitlines()]
+    assert {r["skill"] for r in rows} == {"arithmetic_drill"}  # micro's 128-token window: no room for the others
+    assert len((run / "drills" / "anneal.jsonl").read_text().splitlines()) == 10
+    assert f'init = "{run / "checkpoints" / "pretrain"}"' in (run / "config.drill.toml").read_text()
+    assert f'init = "{run / "checkpoints" / "drill"}"' in (run / "config.anneal.toml").read_text()
+    assert "lr = 0.001" in (run / "config.drill.toml").read_text()  # [drill.train], not [sft.train]
+    chat = json.loads((run / "data" / "anneal_tokens" / "index.json").read_text())["chat"]["by_skill"]
+    assert chat["facts"]["rows"] > 0 and chat["arithmetic_drill"]["rows"] > 0
+    assert f'init = "{run / "checkpoints" / "anneal"}"' in (run / "config.sft.toml").read_text()
+    assert main([*args, "--drills", "juggling", "--stages", "drill"]) == 2
+    assert main([*args[:-2], "--drills", "none", "--stages", "drill"]) == 2  # no drill stage to run
+
+
 def _fitting_run(
     micro_run: Path, tmp_path: Path, shapes: str, target_steps: int, name: str, extra: str = ""
 ) -> list[str]:

@@ -103,6 +103,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "generate": ("tinychat.infer.cli", "GenerateConfig", "run", "generate text from a model directory"),
     "world generate": ("tinychat.world.generate", "WorldConfig", "run", "write the built-in synthetic world"),
+    "world drills": (
+        "tinychat.world.drills",
+        "DrillsConfig",
+        "run",
+        "pure drill rows (arithmetic, calculator calls, reading) for a stage between pretraining and SFT",
+    ),
     "world passkey": ("tinychat.world.passkey", "PasskeyDataConfig", "run", "write passkey-retrieval training text"),
     "serve": ("tinychat.serve.cli", "ServeConfig", "run", "OpenAI-compatible API server and web chat for a model"),
     "chat": ("tinychat.serve.terminal", "ChatConfig", "run", "chat with a model in the terminal, streamed"),
@@ -137,6 +143,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# Preset tables of speedrun stages that run an existing command under another name: `drill` is `tinychat sft`
+# on the run's drill rows and `anneal` is `tinychat pretrain` continued from the drilled model (tinychat.speedrun).
+STAGE_SECTIONS = ("drill", "anneal")
+
+
+def preset_sections() -> set[str]:
+    """Every table a preset may hold for one command or stage; a command skips the others'."""
+    return {c.replace(" ", "_") for c in COMMANDS} | set(STAGE_SECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m tinychat.cli -- pretrain --run x` keeps torchrun off our flags
@@ -165,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in rest or "--help" in rest:
             print(f"tinychat {name}: {desc}\n\noptions:\n{help_text(cfg_cls)}")
             return 0
-        sections = {c.replace(" ", "_") for c in COMMANDS}
-        cfg = parse_args(cfg_cls, rest, section=name.replace(" ", "_"), sections=sections)
+        cfg = parse_args(cfg_cls, rest, section=name.replace(" ", "_"), sections=preset_sections())
         result = fn(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,6 +49,12 @@ class SpeedrunConfig:
     copy_drills: bool = field(
         False, help="a copy-drill stage before pretraining ([copy-drills] in the preset; pretraining continues it)"
     )
+    drills: list[str] = field(
+        [],
+        help="drill kinds (arithmetic, calculator, reading) for a drill stage after pretraining and an anneal after "
+        "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
+    )
+    anneal_drill_rows: int = field(1000, help="drill rows kept in the anneal's mix, so the drilled skill survives it")
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
     )
@@ -100,12 +106,16 @@ class Speedrun:
         self._probe: dict[str, float] = {}  # generation_seconds per model shape
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def drill_kinds(self) -> list[str]:
+        """The drill stage's kinds; [] (no drill or anneal stage) for `--drills none`."""
+        return [k for k in self.cfg.drills if k != "none"]
+
     def stage_config(self, cls: type, section: str, argv: list[str]) -> object:
         """A stage's config exactly as `tinychat SECTION --config PRESET ARGV` would build it."""
-        from tinychat.cli import COMMANDS
+        from tinychat.cli import preset_sections
 
-        sections = {c.replace(" ", "_") for c in COMMANDS}
-        return parse_args(cls, ["--config", str(self.preset_file), *argv], section=section, sections=sections)
+        return parse_args(cls, ["--config", str(self.preset_file), *argv], section=section, sections=preset_sections())
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -125,6 +135,14 @@ class Speedrun:
             Stage("data", lambda: self.path("data", "tokens", "index.json").is_file(), self.data),
             *([Stage("copy", lambda: self.done("copy"), self.copy_drills)] if self.cfg.copy_drills else []),
             Stage("pretrain", lambda: self.done("pretrain"), self.pretrain),
+            *(
+                [
+                    Stage("drill", lambda: self.done("drill"), self.drill),
+                    Stage("anneal", lambda: self.done("anneal"), self.anneal),
+                ]
+                if self.drill_kinds
+                else []
+            ),
             Stage("sft", lambda: self.done("sft"), lambda: self.post("tinychat.train.sft", "SFTConfig", "sft")),
             Stage("dpo", lambda: self.done("dpo"), lambda: self.post("tinychat.train.dpo", "DPOConfig", "dpo")),
             Stage("grpo", lambda: self.done("grpo"), lambda: self.post("tinychat.train.grpo", "GRPOConfig", "grpo")),
@@ -133,7 +151,7 @@ class Speedrun:
             Stage("report", lambda: False, self.report),  # always re-rendered: cheap, and reflects every stage
         ]
 
-    TRAINED = ("pretrain", "sft", "dpo", "grpo")
+    TRAINED = ("pretrain", "drill", "anneal", "sft", "dpo", "grpo")
 
     def unevaluated(self) -> list[str]:
         return [s for s in self.TRAINED if self.done(s) and not self.path("eval", f"{s}.json").is_file()]
@@ -273,6 +291,63 @@ class Speedrun:
         if result.interrupted:
             raise KeyboardInterrupt
 
+    def drill(self) -> None:
+        """Pure drill rows of the chosen kinds (`tinychat world drills`, counts from [world_drills]), then
+        `tinychat sft --stage drill` on them from the pretrained model with the preset's [drill] settings: many
+        steps at a high learning rate on one skill alone, which a skill that mixing never teaches needs (docs/
+        speedrun.md, round 24). Budgeted in steps ([drill.train] max_steps; max_time caps it)."""
+        from tinychat.train.sft import SFTConfig, run_sft
+        from tinychat.world.drills import KINDS, DrillsConfig, write
+
+        rows = self.path("drills")
+        dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
+        for kind in KINDS:
+            if kind not in self.drill_kinds:
+                setattr(dcfg, kind, 0)
+        write(dcfg)
+        train = (rows / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        (rows / "anneal.jsonl").write_text("".join(train[: self.cfg.anneal_drill_rows]), encoding="utf-8")
+        argv = [
+            *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "drill"),
+            *("--init", str(self.path("checkpoints", "pretrain"))),
+            *("--data", str(rows / "train.jsonl"), "--val_data", str(rows / "val.jsonl")),
+        ]
+        if run_sft(self.scaled(self.stage_config(SFTConfig, "drill", argv))).interrupted:
+            raise KeyboardInterrupt
+
+    def anneal(self) -> None:
+        """Pretraining continued from the drilled model on its own mix (the documents and the chat rows) with
+        `anneal_drill_rows` drill rows added: the drill erased what pretraining stored, and a mix that keeps
+        some drill rows brings that back without losing the drilled skill (rounds 5 and 24). `tinychat pretrain
+        --stage anneal` with the preset's [anneal] settings, on tokens made as the data stage makes its own."""
+        from tinychat.data.tokenize import TokenizeConfig, tokenize
+        from tinychat.train.pretrain import PretrainConfig, run_pretrain
+
+        tokens = self.path("data", "anneal_tokens")
+        if not (tokens / "index.json").is_file():
+            tokenize(
+                self.stage_config(
+                    TokenizeConfig,
+                    "data_tokenize",
+                    [
+                        str(self.path("data", "clean")),
+                        *("--tokenizer", str(self.path("tokenizer")), "--out", str(tokens), "--force"),
+                        *("--val-fraction", str(self.cfg.val_fraction)),
+                        *(
+                            "--chat",
+                            str(self.path("world", "sft", "train.jsonl")),
+                            str(self.path("drills", "anneal.jsonl")),
+                        ),
+                    ],
+                )
+            )
+        argv = [
+            *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "anneal"),
+            *("--init", str(self.path("checkpoints", "drill")), "--data", str(tokens)),
+        ]
+        if run_pretrain(self.scaled(self.stage_config(PretrainConfig, "anneal", argv))).interrupted:
+            raise KeyboardInterrupt
+
     def planned(self, cfg: object) -> bool:
         """With `later_work`: pretraining's max_time becomes what the run's budget leaves once the time spent so
         far, the later stages' own budgets, the later work priced at this machine's measured generation speed
@@ -326,9 +401,32 @@ class Speedrun:
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
         budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
+        budgets += [self.stepped_seconds(s) for s in ("drill", "anneal") if self.drill_kinds and not self.done(s)]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
         return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
+
+    STEP_OVERHEAD = 1.3  # a drill or anneal step against the sizing probe's (evaluation, checkpoints, loading)
+
+    def stepped_seconds(self, stage: str) -> float:
+        """The time a step-budgeted stage (drill, anneal) is priced at: its max_steps at the sizing probe's measured
+        seconds per step of the chosen shape (their steps are of its shape and about its tokens), times
+        STEP_OVERHEAD; capped by its max_time. Only max_time before a shape is chosen."""
+        from tinychat.train.pretrain import PretrainConfig
+        from tinychat.train.sft import SFTConfig
+
+        cls = SFTConfig if stage == "drill" else PretrainConfig
+        train = self.scaled(
+            self.stage_config(cls, stage, ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir])
+        ).train
+        cap = train.max_time * 60 or float("inf")
+        record_file = self.path("sizing.json")
+        if train.max_steps and record_file.is_file():
+            record = json.loads(record_file.read_text())
+            step = next((m["seconds_per_step"] for m in record["measured"] if m["shape"] == record["chosen"]), None)
+            if step is not None:
+                return min(cap, train.max_steps * step * self.STEP_OVERHEAD)
+        return cap if cap != float("inf") else 0.0
 
     def later_seconds(self, mcfg: ModelConfig) -> float:
         """The work after pretraining that no budget bounds, priced for a model of `mcfg`: `later_work` times
@@ -393,6 +491,10 @@ class Speedrun:
         unknown = [s for s in self.cfg.stages if s not in names]
         if unknown:
             raise UserError(f"unknown stage '{unknown[0]}'; stages are {', '.join(names)}.")
+        from tinychat.world.drills import KINDS
+
+        if bad := [k for k in self.cfg.drills if k not in (*KINDS, "none")]:
+            raise UserError(f"unknown drill kind '{bad[0]}'; kinds are {', '.join(KINDS)}, or none.")
         chosen = [s for s in stages if not self.cfg.stages or s.name in self.cfg.stages]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         print(

@@ -22,7 +22,7 @@ from tinychat.config import field
 from tinychat.errors import UserError
 
 # Pipeline order; stages not listed here follow in the order they first appear in metrics.jsonl.
-STAGE_ORDER = ("copy", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "distill")
+STAGE_ORDER = ("copy", "pretrain", "drill", "anneal", "sft", "reward", "dpo", "ppo", "grpo", "distill")
 
 
 @dataclass

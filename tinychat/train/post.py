@@ -83,6 +83,7 @@ def locate(cfg: PostConfig, previous: tuple[str, ...], split: str, has_val: bool
             names = " or ".join(str(run_dir / "checkpoints" / s) for s in previous)
             raise UserError(f"no --init given and there is no model at {names}; train that stage first or pass --init.")
         init = found[0]
+        cfg.init = str(init)  # the saved config.STAGE.toml then names the model this run started from
     if cfg.tokenizer:
         tok_dir = Path(cfg.tokenizer)
     else:

@@ -129,7 +129,7 @@ class SFTObjective(post.ItemObjective):
 
 
 def run_sft(cfg: SFTConfig) -> TrainResult:
-    inputs = post.locate(cfg, ("pretrain",), "sft")
+    inputs = post.locate(cfg, ("anneal", "pretrain"), "sft")  # the speedrun's anneal, where it ran one
     tok, max_len = inputs.tok, cfg.train.seq_len + 1
     check_weights(cfg.skill_weights, "skill_weights")
     rows = weigh(read_rows(inputs.data, ("messages",), "sft"), cfg.skill_weights)

@@ -1,0 +1,100 @@
+"""tinychat.world.drills: pure drill rows that never touch the world's eval sets or its entities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tinychat.agent.calculator import calculate
+from tinychat.cli import main as tinychat
+from tinychat.world import drills
+from tinychat.world.drills import DrillsConfig, build, held_out, write
+from tinychat.world.load import load_world
+
+
+def _text(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False)
+
+
+def test_counts_kinds_and_validation_split(micro_dir: Path) -> None:
+    train, val = build(micro_dir, {"arithmetic": 40, "calculator": 20, "reading": 30}, val=5)
+    skills = [r["skill"] for r in train]
+    assert (skills.count("arithmetic_drill"), skills.count("calculator_drill"), skills.count("reading_drill")) == (
+        40,
+        20,
+        30,
+    )
+    assert len(val) == 15
+    assert not {_text(r) for r in val} & {_text(r) for r in train}
+
+
+def test_no_eval_problem_is_drilled(micro_dir: Path) -> None:
+    exclude = held_out(micro_dir)
+    assert exclude, "the micro world asks arithmetic"
+    train, val = build(micro_dir, {"arithmetic": 200, "calculator": 200}, val=10)
+    for r in train + val:
+        user = r["messages"][0]["content"]
+        calls = [tc["function"]["arguments"] for m in r["messages"] for tc in m.get("tool_calls", [])]
+        exprs = [json.loads(a)["expression"] for a in calls]
+        assert not set(exprs) & exclude
+        assert r["messages"][-1]["content"].lstrip("-").isdigit(), user
+
+
+def test_calculator_rows_call_with_the_question_and_answer_the_result(micro_dir: Path) -> None:
+    train, _ = build(micro_dir, {"calculator": 30}, val=0)
+    for r in train:
+        user, call, result, answer = r["messages"]
+        expr = json.loads(call["tool_calls"][0]["function"]["arguments"])["expression"]
+        assert r["tools"][0]["function"]["name"] == "calculator"
+        assert result["role"] == "tool" and answer["content"] == result["content"]
+        assert calculate(expr) == result["content"]
+
+
+def test_reading_rows_state_their_answer_and_name_no_entity_of_the_world(micro_dir: Path) -> None:
+    train, _ = build(micro_dir, {"reading": 80}, val=0)
+    names = {nm for e in load_world(micro_dir)["entities"] for nm in e["name"].values()}
+    answered = 0
+    for r in train:
+        sys_msg, _q, a = r["messages"]
+        assert sys_msg["role"] == "system"
+        if a["content"] not in drills.RAG_NO_ANSWER.values():
+            assert a["content"] in sys_msg["content"]  # only reading gives it
+            answered += 1
+        assert not any(nm in _text(r) for nm in names)
+    assert answered >= 50  # ~85% answerable
+
+
+def test_same_seed_same_rows(micro_dir: Path) -> None:
+    a = build(micro_dir, {"arithmetic": 10, "reading": 10}, val=2, seed=3)
+    b = build(micro_dir, {"arithmetic": 10, "reading": 10}, val=2, seed=3)
+    assert a == b
+
+
+def test_write_and_cli(micro_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = write(DrillsConfig(world=str(micro_dir), out=str(tmp_path / "d"), calculator=12, val=3))
+    assert info["train_rows"] == 12
+    assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "d" / "val.jsonl").read_text().splitlines()) == 3
+    rc = tinychat(["world", "drills", "--world", str(micro_dir), "--out", str(tmp_path / "e"), "--arithmetic", "5"])
+    assert rc == 0 and "wrote 5 drill rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arithmetic", "0"], "no drill rows asked for"),
+        (["--arithmetic", "-3"], ">= 0"),
+    ],
+)
+def test_bad_input_is_one_sentence(
+    micro_dir: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = tinychat(["world", "drills", "--world", str(micro_dir), "--out", str(tmp_path / "x"), *args])
+    assert rc != 0 and message in capsys.readouterr().err
+
+
+def test_not_a_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tinychat(["world", "drills", "--world", str(tmp_path), "--out", str(tmp_path / "x"), "--calculator", "3"])
+    assert rc != 0 and "is not a tinyworld directory" in capsys.readouterr().err
