@@ -391,9 +391,11 @@ class Speedrun:
             return None
         return Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
 
-    def seconds_left(self) -> float:
+    def seconds_left(self, stepped: bool = True) -> float:
         """Seconds of the budget left for pretraining and the later unbudgeted work: the budget, less the
-        finished stages' time, this stage's so far, the later training stages' budgets and the end margin."""
+        finished stages' time, this stage's so far, the later training stages' budgets and the end margin.
+        stepped=False leaves out the stages budgeted in steps (drill, anneal), for a caller that prices them
+        per model shape (fitted_shape)."""
         from tinychat.train.dpo import DPOConfig
         from tinychat.train.grpo import GRPOConfig
         from tinychat.train.sft import SFTConfig
@@ -401,24 +403,36 @@ class Speedrun:
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
         budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
-        budgets += [self.stepped_seconds(s) for s in ("drill", "anneal") if self.drill_kinds and not self.done(s)]
+        if stepped:
+            budgets += [self.stepped_seconds(s) for s in self.STEPPED if self.drill_kinds and not self.done(s)]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
         return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
 
     STEP_OVERHEAD = 1.3  # a drill or anneal step against the sizing probe's (evaluation, checkpoints, loading)
 
-    def stepped_seconds(self, stage: str) -> float:
-        """The time a step-budgeted stage (drill, anneal) is priced at: its max_steps at the sizing probe's measured
-        seconds per step of the chosen shape (their steps are of its shape and about its tokens), times
-        STEP_OVERHEAD; capped by its max_time. Only max_time before a shape is chosen."""
+    STEPPED = ("drill", "anneal")
+
+    def stepped_train(self, stage: str) -> object:
+        """The train config of a stage budgeted in steps, as the stage will run it."""
         from tinychat.train.pretrain import PretrainConfig
         from tinychat.train.sft import SFTConfig
 
         cls = SFTConfig if stage == "drill" else PretrainConfig
-        train = self.scaled(
-            self.stage_config(cls, stage, ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir])
-        ).train
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
+        return self.scaled(self.stage_config(cls, stage, argv)).train
+
+    def stepped_steps(self) -> float:
+        """The drill's and anneal's steps still to run, in sizing-probe steps (x STEP_OVERHEAD)."""
+        todo = [s for s in self.STEPPED if self.drill_kinds and not self.done(s)]
+        return sum(self.stepped_train(s).max_steps for s in todo) * self.STEP_OVERHEAD
+
+    def stepped_seconds(self, stage: str) -> float:
+        """The time a step-budgeted stage (drill, anneal) is priced at: its max_steps at the sizing probe's measured
+        seconds per step of the chosen shape (their steps are of its shape and about its tokens), times
+        STEP_OVERHEAD; capped by its max_time. Only max_time before a shape is chosen (fitted_shape prices them
+        per shape itself)."""
+        train = self.stepped_train(stage)
         cap = train.max_time * 60 or float("inf")
         record_file = self.path("sizing.json")
         if train.max_steps and record_file.is_file():
@@ -460,10 +474,11 @@ class Speedrun:
         vocab = self.vocab_size()
         if vocab is None:
             return {}  # pretraining itself says what is missing, in one sentence
-        later = None
+        later, steps = None, 0.0
         if self.cfg.later_work:  # priced per shape, out of what the budget leaves (see planned)
-            cfg.train.max_time, cfg.train.reserve_tokens, later = self.seconds_left() / 60, 0, self.later_seconds
-        record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab, later)
+            cfg.train.max_time, cfg.train.reserve_tokens = self.seconds_left(stepped=False) / 60, 0
+            later, steps = self.later_seconds, self.stepped_steps()
+        record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab, later, steps)
         record_file.write_text(json.dumps(record, indent=1))
         tried = "; ".join(
             f"{m['shape']}: {m['seconds_per_step']:.2f} s/step, ~{m['predicted_steps']} steps"

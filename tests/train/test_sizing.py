@@ -93,3 +93,14 @@ def test_when_no_shape_fits_every_one_is_timed_and_the_fastest_chosen():
 def test_choosing_needs_a_time_budget():
     with pytest.raises(UserError, match="time budget"):
         choose_shape(micro(), TrainConfig(max_steps=10), ["n_layer=1"], 100, vocab_size=64)
+
+
+def test_later_steps_of_the_shape_are_kept_back_at_its_own_step_time():
+    """The speedrun's drill and anneal run the chosen shape for a fixed number of steps after pretraining: a
+    slower shape pays more for them, so they are priced per shape, not as one fixed number of seconds."""
+    train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
+    record = choose_shape(micro(), train, ["n_layer=2"], 1, vocab_size=64, later_steps=500.0)
+    m = record["measured"][0]
+    assert m["later_seconds"] == pytest.approx(500.0 * m["seconds_per_step"], rel=0.01, abs=0.1)
+    fewer = predicted_steps(train, m["seconds_per_step"]) - m["predicted_steps"]
+    assert fewer == pytest.approx(500, rel=0.02)  # the record rounds the step time

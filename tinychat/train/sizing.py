@@ -113,10 +113,13 @@ def choose_shape(
     target_steps: int,
     vocab_size: int,
     later: Callable[[ModelConfig], float] | None = None,
+    later_steps: float = 0.0,
 ) -> dict[str, Any]:
     """Time the shapes in order and stop at the first that reaches its target; returns the record the
     speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time, the seconds `later` prices
-    the work after pretraining at for it (kept back from the budget), its predicted steps, the choice."""
+    the work after pretraining at for it plus `later_steps` of its own steps (stages budgeted in steps of the
+    same shape, such as the speedrun's drill and anneal), both kept back from the budget, its predicted steps,
+    the choice."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
     device = pick_device(train.device)
@@ -127,10 +130,10 @@ def choose_shape(
         overrides = parse_shape(text)
         mcfg = resolve(model, vocab_size=vocab_size, **overrides)
         sec = step_seconds(mcfg, train, device)
-        later_s = later(mcfg) if later else 0.0
+        later_s = (later(mcfg) if later else 0.0) + later_steps * sec
         steps = predicted_steps(train, sec, later_s)
         measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
-        if later:
+        if later or later_steps:
             measured[-1]["later_seconds"] = round(later_s, 1)
         if steps >= targets[-1]:
             break
