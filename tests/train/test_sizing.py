@@ -95,12 +95,14 @@ def test_choosing_needs_a_time_budget():
         choose_shape(micro(), TrainConfig(max_steps=10), ["n_layer=1"], 100, vocab_size=64)
 
 
-def test_later_steps_of_the_shape_are_kept_back_at_its_own_step_time():
+def test_later_steps_of_the_shape_are_kept_back_at_its_own_step_time(monkeypatch: pytest.MonkeyPatch):
     """The speedrun's drill and anneal run the chosen shape for a fixed number of steps after pretraining: a
     slower shape pays more for them, so they are priced per shape, not as one fixed number of seconds."""
+    import tinychat.train.sizing as sizing
+
+    monkeypatch.setattr(sizing, "step_seconds", lambda mcfg, train, device: 0.01 * mcfg.n_layer)  # deterministic
     train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
-    record = choose_shape(micro(), train, ["n_layer=2"], 1, vocab_size=64, later_steps=500.0)
-    m = record["measured"][0]
-    assert m["later_seconds"] == pytest.approx(500.0 * m["seconds_per_step"], rel=0.01, abs=0.1)
-    fewer = predicted_steps(train, m["seconds_per_step"]) - m["predicted_steps"]
-    assert fewer == pytest.approx(500, rel=0.02)  # the record rounds the step time
+    record = choose_shape(micro(), train, ["n_layer=2@1000000", "n_layer=1"], 1, vocab_size=64, later_steps=500.0)
+    for m, sec in zip(record["measured"], (0.02, 0.01), strict=True):
+        assert m["later_seconds"] == pytest.approx(500 * sec)
+        assert predicted_steps(train, sec) - m["predicted_steps"] == pytest.approx(500, abs=1)
