@@ -123,3 +123,28 @@ def test_reward_model_with_lora_saves_a_seq_cls_adapter_that_merges(toy_runs: Pa
         torch.testing.assert_close(
             load_reward_model(tmp_path / "rm")(ids), load_reward_model(stage)(ids), atol=1e-5, rtol=0
         )
+
+
+def test_pairs_with_tools_render_the_schema_and_learn_only_the_assistant_turns(tiny_tokenizer):
+    """A calculator pair (tinychat.world.preference.tool_pairs): both replies are scored after the same prompt with
+    the tool schema in it, and the tool's result is context, not a trained token."""
+    from tinychat.world.arith import CALCULATOR_TOOL
+    from tinychat.world.messages import assistant, tool_call, tool_result, user
+
+    tok = tiny_tokenizer
+    prompt = [user("What is 383 times 42?")]
+    chosen = [
+        tool_call("c0", "calculator", {"expression": "383 * 42"}),
+        tool_result("c0", "calculator", "16086"),
+        assistant("16086"),
+    ]
+    row = {"prompt": prompt, "chosen": chosen, "rejected": [assistant("16090")], "tools": [CALCULATOR_TOOL]}
+    (pair,), skipped = encode_pairs(tok, [("r", row)], 4096)
+    head = tok.render_chat(prompt, [CALCULATOR_TOOL], add_generation_prompt=False).ids
+    assert skipped == 0 and pair.chosen[: len(head)] == pair.rejected[: len(head)] == head  # the schema is in both
+    full = tok.render_chat(prompt + chosen, [CALCULATOR_TOOL])
+    result = tok.render_chat(prompt + chosen[:2], [CALCULATOR_TOOL]).ids
+    call = tok.render_chat(prompt + chosen[:1], [CALCULATOR_TOOL]).ids
+    assert pair.chosen == full.ids[: len(pair.chosen)]
+    assert not any(pair.chosen_mask[len(call) : len(result)])  # the tool's message is not learned
+    assert any(pair.chosen_mask[len(head) : len(call)]) and any(pair.chosen_mask[len(result) :])

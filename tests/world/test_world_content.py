@@ -71,8 +71,14 @@ def test_row_schemas(micro_dir: Path) -> None:
             _check_messages(row["messages"], row.get("tools"), final_assistant=True)
     for rel in ("preference/train.jsonl", "preference/val.jsonl"):
         for row in read_jsonl(micro_dir / rel):
-            _check_messages(row["prompt"], None, final_assistant=False)
-            assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
+            _check_messages(row["prompt"], row.get("tools"), final_assistant=False)
+            if row["skill"] == "tool":  # the calculator's call, its result and the answer, against a direct answer
+                _check_messages(row["prompt"] + row["chosen"], row["tools"], final_assistant=True)
+                assert [m["role"] for m in row["chosen"]] == ["assistant", "tool", "assistant"]
+                assert row["chosen"][-1]["content"] == row["chosen"][1]["content"] != row["rejected"][0]["content"]
+            else:
+                assert [m["role"] for m in row["chosen"]] == ["assistant"]
+            assert [m["role"] for m in row["rejected"]] == ["assistant"]
             assert row["chosen"] != row["rejected"]
     for row in read_jsonl(micro_dir / "rl/train.jsonl"):
         _check_messages(row["messages"], None, final_assistant=False)

@@ -200,10 +200,10 @@ def encode_pairs(tok: Any, rows: list[tuple[str, Row]], max_len: int) -> tuple[l
     """Rendered preference pairs; pairs longer than max_len are skipped (returned count)."""
     out, skipped = [], 0
     for where, row in rows:
-        prompt = as_messages(row["prompt"], "user", where, "prompt")
-        c_ids, c_mask = _response(tok, prompt, as_messages(row["chosen"], "assistant", where, "chosen"), None, where)
+        prompt, tools = as_messages(row["prompt"], "user", where, "prompt"), row.get("tools")
+        c_ids, c_mask = _response(tok, prompt, as_messages(row["chosen"], "assistant", where, "chosen"), tools, where)
         r_ids, r_mask = _response(
-            tok, prompt, as_messages(row["rejected"], "assistant", where, "rejected"), None, where
+            tok, prompt, as_messages(row["rejected"], "assistant", where, "rejected"), tools, where
         )
         if max(len(c_ids), len(r_ids)) > max_len:
             skipped += 1

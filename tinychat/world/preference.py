@@ -5,7 +5,10 @@ Why these kinds of rejection: they are the failures alignment should remove, eac
   refusal      a confident made-up answer about a name that does not exist (chosen: "I don't know");
   overrefusal  "I don't know" about an entity the model does know (chosen: the answer);
   instruction  the right content ignoring the instruction (wrong language, no JSON, no capitals, ...);
-  arithmetic   an off-by-a-little result;  multistep: a step-by-step solution with a wrong step.
+  arithmetic   an off-by-a-little result;  multistep: a step-by-step solution with a wrong step;
+  tool         a hard problem with the calculator offered: chosen calls it and answers its result, rejected
+               answers an off-by-a-little number without it (DPO without these pairs moved the model off the
+               tool: arithmetic_tool 80% -> 67%, docs/speedrun.md round 24).
 Only "trained" entities and "fake_train" names appear, with training question wordings.
 """
 
@@ -19,7 +22,7 @@ from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
 from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
-from tinychat.world.messages import assistant, user
+from tinychat.world.messages import assistant, tool_call, tool_result, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
 from tinychat.world.sft import split_rows
 from tinychat.world.sizes import SIZES
@@ -129,4 +132,31 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
             bad = m.STEP_JOIN.join(bad_steps) + "\n" + m.ANSWER_PREFIX + wrong
             q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
             rows.append(pair([user(q)], good, bad, "multistep", lang))
+    rows += tool_pairs(rng_for(world.seed, "preference-tool"), reserved.arith, max(2, s.preference // 12))
     return split_rows(rows, s.post_val_frac, rng_for(world.seed, "preference-split"))
+
+
+def tool_pairs(rng: random.Random, exclude: set[str], n: int) -> list[dict[str, Any]]:
+    """n pairs on hard problems with the calculator offered: the call, its result and the answer against a
+    direct answer that is a little off. Their own random stream, so the other pairs are those of before."""
+    rows = []
+    for p in arith.sample(rng, "hard", exclude, n):
+        lang = rng.choice(LANGS)
+        chosen = [
+            tool_call("call_0", "calculator", {"expression": p.expr}),
+            tool_result("call_0", "calculator", str(p.value)),
+            assistant(str(p.value)),
+        ]
+        bad = str(p.value + rng.choice((-1, 1)) * rng.randint(1, 10))
+        prompt = [user(arith.question(p, lang, rng))]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": [assistant(bad)],
+                "tools": [arith.CALCULATOR_TOOL],
+                "skill": "tool",
+                "lang": lang,
+            }
+        )
+    return rows
