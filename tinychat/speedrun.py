@@ -391,11 +391,11 @@ class Speedrun:
             return None
         return Tokenizer.from_pretrained(self.path("tokenizer")).vocab_size
 
-    def seconds_left(self, stepped: bool = True) -> float:
+    def seconds_left(self, per_shape: bool = False) -> float:
         """Seconds of the budget left for pretraining and the later unbudgeted work: the budget, less the
         finished stages' time, this stage's so far, the later training stages' budgets and the end margin.
-        stepped=False leaves out the stages budgeted in steps (drill, anneal), for a caller that prices them
-        per model shape (fitted_shape)."""
+        per_shape=True leaves out the steps of the stages budgeted in steps (drill, anneal), for a caller that
+        prices them at each model shape's own step time (fitted_shape)."""
         from tinychat.train.dpo import DPOConfig
         from tinychat.train.grpo import GRPOConfig
         from tinychat.train.sft import SFTConfig
@@ -403,8 +403,7 @@ class Speedrun:
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
         budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
-        if stepped:
-            budgets += [self.stepped_seconds(s) for s in self.STEPPED if self.drill_kinds and not self.done(s)]
+        budgets += [self.stepped_seconds(s, per_shape) for s in self.STEPPED if self.drill_kinds and not self.done(s)]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
         return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
@@ -427,20 +426,26 @@ class Speedrun:
         todo = [s for s in self.STEPPED if self.drill_kinds and not self.done(s)]
         return sum(self.stepped_train(s).max_steps for s in todo) * self.STEP_OVERHEAD
 
-    def stepped_seconds(self, stage: str) -> float:
-        """The time a step-budgeted stage (drill, anneal) is priced at: its max_steps at the sizing probe's measured
-        seconds per step of the chosen shape (their steps are of its shape and about its tokens), times
-        STEP_OVERHEAD; capped by its max_time. Only max_time before a shape is chosen (fitted_shape prices them
-        per shape itself)."""
+    def stepped_seconds(self, stage: str, per_shape: bool = False) -> float:
+        """The time a stage budgeted in steps (drill, anneal) is priced at: its max_steps at the chosen shape's
+        measured seconds per step (its steps are of that shape and about its tokens) times STEP_OVERHEAD, capped by
+        its max_time; its max_time alone if it has no max_steps or no shape is chosen yet; 0 for steps that
+        per_shape leaves to the caller."""
         train = self.stepped_train(stage)
-        cap = train.max_time * 60 or float("inf")
+        cap = train.max_time * 60
+        if not train.max_steps:
+            return cap
+        if per_shape:
+            return 0.0
         record_file = self.path("sizing.json")
-        if train.max_steps and record_file.is_file():
-            record = json.loads(record_file.read_text())
-            step = next((m["seconds_per_step"] for m in record["measured"] if m["shape"] == record["chosen"]), None)
-            if step is not None:
-                return min(cap, train.max_steps * step * self.STEP_OVERHEAD)
-        return cap if cap != float("inf") else 0.0
+        if not record_file.is_file():
+            return cap
+        record = json.loads(record_file.read_text())
+        step = next((m["seconds_per_step"] for m in record["measured"] if m["shape"] == record["chosen"]), None)
+        if step is None:
+            return cap
+        priced = train.max_steps * step * self.STEP_OVERHEAD
+        return min(cap, priced) if cap else priced
 
     def later_seconds(self, mcfg: ModelConfig) -> float:
         """The work after pretraining that no budget bounds, priced for a model of `mcfg`: `later_work` times
@@ -476,7 +481,7 @@ class Speedrun:
             return {}  # pretraining itself says what is missing, in one sentence
         later, steps = None, 0.0
         if self.cfg.later_work:  # priced per shape, out of what the budget leaves (see planned)
-            cfg.train.max_time, cfg.train.reserve_tokens = self.seconds_left(stepped=False) / 60, 0
+            cfg.train.max_time, cfg.train.reserve_tokens = self.seconds_left(per_shape=True) / 60, 0
             later, steps = self.later_seconds, self.stepped_steps()
         record = choose_shape(cfg.model, cfg.train, self.cfg.shapes, self.cfg.target_steps, vocab, later, steps)
         record_file.write_text(json.dumps(record, indent=1))
