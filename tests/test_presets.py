@@ -14,6 +14,7 @@ from tinychat.train.dpo import DPOConfig
 from tinychat.train.grpo import GRPOConfig
 from tinychat.train.pretrain import PretrainConfig
 from tinychat.train.sft import SFTConfig
+from tinychat.world.drills import DrillsConfig
 
 SPEEDRUN_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if "[speedrun]" in p.read_text())
 STAGES = [
@@ -25,6 +26,9 @@ STAGES = [
     (SFTConfig, "sft"),
     (DPOConfig, "dpo"),
     (GRPOConfig, "grpo"),
+    (DrillsConfig, "world_drills"),  # the speedrun's drill stage: its rows, then sft and pretrain under other names
+    (SFTConfig, "drill"),
+    (PretrainConfig, "anneal"),
 ]
 
 

@@ -297,13 +297,11 @@ class Speedrun:
         steps at a high learning rate on one skill alone, which a skill that mixing never teaches needs (docs/
         speedrun.md, round 24). Budgeted in steps ([drill.train] max_steps; max_time caps it)."""
         from tinychat.train.sft import SFTConfig, run_sft
-        from tinychat.world.drills import KINDS, DrillsConfig, write
+        from tinychat.world.drills import DrillsConfig, write
 
         rows = self.path("drills")
         dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
-        for kind in KINDS:
-            if kind not in self.drill_kinds:
-                setattr(dcfg, kind, 0)
+        dcfg.rows = {k: n for k, n in dcfg.rows.items() if k in self.drill_kinds}
         write(dcfg)
         train = (rows / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
         (rows / "anneal.jsonl").write_text("".join(train[: self.cfg.anneal_drill_rows]), encoding="utf-8")

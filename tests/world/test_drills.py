@@ -73,19 +73,22 @@ def test_same_seed_same_rows(micro_dir: Path) -> None:
 
 
 def test_write_and_cli(micro_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    info = write(DrillsConfig(world=str(micro_dir), out=str(tmp_path / "d"), calculator=12, val=3))
+    info = write(DrillsConfig(world=str(micro_dir), out=str(tmp_path / "d"), rows={"calculator": 12}, val=3))
     assert info["train_rows"] == 12
     assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 12
     assert len((tmp_path / "d" / "val.jsonl").read_text().splitlines()) == 3
-    rc = tinychat(["world", "drills", "--world", str(micro_dir), "--out", str(tmp_path / "e"), "--arithmetic", "5"])
+    rc = tinychat(
+        ["world", "drills", "--world", str(micro_dir), "--out", str(tmp_path / "e"), "--rows", "{arithmetic = 5}"]
+    )
     assert rc == 0 and "wrote 5 drill rows" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--arithmetic", "0"], "no drill rows asked for"),
-        (["--arithmetic", "-3"], ">= 0"),
+        (["--rows", "{arithmetic = 0}"], "no drill rows asked for"),
+        (["--rows", "{arithmetic = 4, calculator = -3}"], ">= 0"),
+        (["--rows", "{juggling = 3}"], "unknown drill kind"),
     ],
 )
 def test_bad_input_is_one_sentence(
@@ -96,5 +99,7 @@ def test_bad_input_is_one_sentence(
 
 
 def test_not_a_world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = tinychat(["world", "drills", "--world", str(tmp_path), "--out", str(tmp_path / "x"), "--calculator", "3"])
+    rc = tinychat(
+        ["world", "drills", "--world", str(tmp_path), "--out", str(tmp_path / "x"), "--rows", "{calculator = 3}"]
+    )
     assert rc != 0 and "is not a tinyworld directory" in capsys.readouterr().err

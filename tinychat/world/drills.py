@@ -35,9 +35,9 @@ from tinychat.world.entities import build_world
 from tinychat.world.facts import FACTS, LANGS
 from tinychat.world.kb import build_docs, passage
 from tinychat.world.load import load_jsonl, load_world
-from tinychat.world.messages import assistant, system, tool_call, tool_result, user
+from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
-from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, chat
+from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, calculator_turns, chat
 
 KINDS = ("arithmetic", "calculator", "reading")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
@@ -66,13 +66,7 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
     out = []
     for p in arith.sample(rng, "hard", exclude, n, seen):
         lang = rng.choice(LANGS)
-        msgs = [
-            user(arith.question(p, lang, rng)),
-            tool_call("call_0", "calculator", {"expression": p.expr}),
-            tool_result("call_0", "calculator", str(p.value)),
-            assistant(str(p.value)),
-        ]
-        out.append(chat(msgs, "calculator_drill", lang, [arith.CALCULATOR_TOOL]))
+        out.append(chat(calculator_turns(p, lang, rng), "calculator_drill", lang, [arith.CALCULATOR_TOOL]))
     return out
 
 
@@ -149,9 +143,12 @@ class DrillsConfig:
 
     world: str = field("", help="the tinyworld directory whose eval sets the drills must not touch")
     out: str = field("", help="directory for train.jsonl and val.jsonl (chat rows for `tinychat sft --data`)")
-    arithmetic: int = field(0, help="easy problems answered directly")
-    calculator: int = field(0, help="hard problems through the calculator tool")
-    reading: int = field(0, help="questions answered from documents about other worlds' entities")
+    rows: dict[str, int] = field(
+        {},
+        help="training rows per kind, a TOML table such as '{calculator = 3000, arithmetic = 14000}': arithmetic "
+        "(easy sums answered directly), calculator (hard problems through the tool), reading (questions answered "
+        "from documents about other worlds' entities)",
+    )
     val: int = field(32, help="validation rows per kind (not trained on)")
     seed: int = field(0, help="random seed")
 
@@ -159,17 +156,16 @@ class DrillsConfig:
 def write(cfg: DrillsConfig) -> dict[str, Any]:
     if not cfg.world or not cfg.out:
         raise UserError("world drills needs --world DIR and --out DIR.")
-    counts = {k: getattr(cfg, k) for k in KINDS}
-    if not sum(counts.values()):
-        raise UserError("no drill rows asked for; give --arithmetic, --calculator or --reading a count.")
-    train, val = build(Path(cfg.world), counts, cfg.val, cfg.seed)
+    if not sum(cfg.rows.values()):
+        raise UserError("no drill rows asked for; give --rows a count per kind, e.g. '{calculator = 3000}'.")
+    train, val = build(Path(cfg.world), cfg.rows, cfg.val, cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("val", val)):
         tmp = out / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(out / f"{name}.jsonl")
-    info = {"counts": counts, "val_per_kind": cfg.val, "seed": cfg.seed, "train_rows": len(train)}
+    info = {"counts": dict(cfg.rows), "val_per_kind": cfg.val, "seed": cfg.seed, "train_rows": len(train)}
     (out / "drills.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

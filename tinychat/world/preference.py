@@ -22,9 +22,9 @@ from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
 from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
-from tinychat.world.messages import assistant, tool_call, tool_result, user
+from tinychat.world.messages import assistant, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
-from tinychat.world.sft import split_rows
+from tinychat.world.sft import calculator_turns, split_rows
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
 
@@ -142,16 +142,11 @@ def tool_pairs(rng: random.Random, exclude: set[str], n: int) -> list[dict[str, 
     rows = []
     for p in arith.sample(rng, "hard", exclude, n):
         lang = rng.choice(LANGS)
-        chosen = [
-            tool_call("call_0", "calculator", {"expression": p.expr}),
-            tool_result("call_0", "calculator", str(p.value)),
-            assistant(str(p.value)),
-        ]
         bad = str(p.value + rng.choice((-1, 1)) * rng.randint(1, 10))
-        prompt = [user(arith.question(p, lang, rng))]
+        prompt, *chosen = calculator_turns(p, lang, rng)
         rows.append(
             {
-                "prompt": prompt,
+                "prompt": [prompt],
                 "chosen": chosen,
                 "rejected": [assistant(bad)],
                 "tools": [arith.CALCULATOR_TOOL],

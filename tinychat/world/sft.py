@@ -86,6 +86,17 @@ def chat(msgs: list[dict], skill: str, lang: Lang, tools: list[dict] | None = No
     return out
 
 
+def calculator_turns(p: arith.Problem, lang: Lang, rng: random.Random) -> list[dict]:
+    """A hard problem through the calculator: the question, the call with its expression, the tool's result
+    and the answer that repeats it (SFT's arithmetic_tool rows, the calculator drill, DPO's calculator pairs)."""
+    return [
+        user(arith.question(p, lang, rng)),
+        tool_call("call_0", "calculator", {"expression": p.expr}),
+        tool_result("call_0", "calculator", str(p.value)),
+        assistant(str(p.value)),
+    ]
+
+
 class _Sft:
     def __init__(self, world: World, reserved: Reserved, rag_docs: list[KbDoc]) -> None:
         self.w, self.res, self.s = world, reserved, SIZES[world.size]
@@ -130,13 +141,7 @@ class _Sft:
             out.append(chat([user(arith.question(p, lang, rng)), assistant(str(p.value))], "arithmetic", lang, tools))
         for p in arith.sample(rng, "hard", self.res.arith, self.s.arith_tool):
             lang = rng.choice(LANGS)
-            msgs = [
-                *self.sys(lang, 0.15),
-                user(arith.question(p, lang, rng)),
-                tool_call("call_0", "calculator", {"expression": p.expr}),
-                tool_result("call_0", "calculator", str(p.value)),
-                assistant(str(p.value)),
-            ]
+            msgs = [*self.sys(lang, 0.15), *calculator_turns(p, lang, rng)]
             out.append(chat(msgs, "arithmetic_tool", lang, [arith.CALCULATOR_TOOL]))
         return out
 
