@@ -43,10 +43,10 @@ from pathlib import Path
 
 from tinychat.cli import main as tinychat
 from tinychat.world import arith
-from tinychat.world.drills import held_out
+from tinychat.world.drills import arithmetic, held_out
 from tinychat.world.facts import LANGS
 from tinychat.world.load import load_jsonl
-from tinychat.world.messages import assistant, user
+from tinychat.world.messages import user
 
 SUITES = ("arithmetic", "facts_trained", "refusal")
 
@@ -63,13 +63,6 @@ def asked(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list
         lang = rng.choice(LANGS)
         out.append((p, lang, arith.question(p, lang, rng)))
     return out
-
-
-def drill_rows(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[dict]:
-    """SFT rows: the question and its answer."""
-    return [
-        {"messages": [user(q), assistant(str(p.value))], "lang": lang} for p, lang, q in asked(rng, exclude, n, seen)
-    ]
 
 
 def rl_rows(rng: random.Random, exclude: set[str], n: int) -> list[dict]:
@@ -120,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(a.seed)
     exclude = held_out(world)
     seen: set[str] = set()  # sample() records keys here, so validation problems are never drilled
-    val = drill_rows(rng, exclude, 200, seen)
-    drill = drill_rows(rng, exclude, a.drill_rows, seen)
+    val = arithmetic(rng, exclude, 200, seen)
+    drill = arithmetic(rng, exclude, a.drill_rows, seen)
     if a.mix_sft:
         drill += load_jsonl(world / "sft" / "train.jsonl")
     elif a.replay_sft:

@@ -229,8 +229,6 @@ class Speedrun:
     def data(self) -> None:
         from tinychat.data.prepare import PrepareConfig
         from tinychat.data.prepare import run as prepare
-        from tinychat.data.tokenize import TokenizeConfig
-        from tinychat.data.tokenize import run as tokenize
 
         clean = self.path("data", "clean")
         if not (clean / "stats.json").is_file():
@@ -242,24 +240,19 @@ class Speedrun:
                     [str(self.path("world", "pretrain", "train.jsonl")), "--out", str(clean)],
                 )
             )
-        tokens = self.path("data", "tokens")
-        shutil.rmtree(tokens, ignore_errors=True)  # a half-written one cannot exist (atomic), an old one is stale
-        tokenize(
-            self.stage_config(
-                TokenizeConfig,
-                "data_tokenize",
-                [
-                    str(clean),
-                    "--tokenizer",
-                    str(self.path("tokenizer")),
-                    "--out",
-                    str(tokens),
-                    "--val-fraction",
-                    str(self.cfg.val_fraction),
-                    *(["--chat", str(self.path("world", "sft", "train.jsonl"))] if self.cfg.chat_in_pretrain else []),
-                ],
-            )
-        )
+        sft_rows = [self.path("world", "sft", "train.jsonl")] if self.cfg.chat_in_pretrain else []
+        self.tokenize(self.path("data", "tokens"), sft_rows)
+
+    def tokenize(self, out: Path, chat: list[Path]) -> None:
+        """`tinychat data tokenize` of the cleaned text into `out`, with these chat rows mixed in ([data_tokenize]
+        chat_weights): the data stage's tokens, and the anneal's with the drill rows added."""
+        from tinychat.data.tokenize import TokenizeConfig
+        from tinychat.data.tokenize import run as tokenize
+
+        shutil.rmtree(out, ignore_errors=True)  # a half-written one cannot exist (atomic), an old one is stale
+        argv = [str(self.path("data", "clean")), "--tokenizer", str(self.path("tokenizer")), "--out", str(out)]
+        argv += ["--val-fraction", str(self.cfg.val_fraction), *(["--chat", *map(str, chat)] if chat else [])]
+        tokenize(self.stage_config(TokenizeConfig, "data_tokenize", argv))
 
     def copy_drills(self) -> None:
         """Pure copy drills for a fresh model of the fitted shape, so that pretraining starts with the circuit
@@ -318,27 +311,11 @@ class Speedrun:
         `anneal_drill_rows` drill rows added: the drill erased what pretraining stored, and a mix that keeps
         some drill rows brings that back without losing the drilled skill (rounds 5 and 24). `tinychat pretrain
         --stage anneal` with the preset's [anneal] settings, on tokens made as the data stage makes its own."""
-        from tinychat.data.tokenize import TokenizeConfig, tokenize
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
         tokens = self.path("data", "anneal_tokens")
         if not (tokens / "index.json").is_file():
-            tokenize(
-                self.stage_config(
-                    TokenizeConfig,
-                    "data_tokenize",
-                    [
-                        str(self.path("data", "clean")),
-                        *("--tokenizer", str(self.path("tokenizer")), "--out", str(tokens), "--force"),
-                        *("--val-fraction", str(self.cfg.val_fraction)),
-                        *(
-                            "--chat",
-                            str(self.path("world", "sft", "train.jsonl")),
-                            str(self.path("drills", "anneal.jsonl")),
-                        ),
-                    ],
-                )
-            )
+            self.tokenize(tokens, [self.path("world", "sft", "train.jsonl"), self.path("drills", "anneal.jsonl")])
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "anneal"),
             *("--init", str(self.path("checkpoints", "drill")), "--data", str(tokens)),
@@ -401,7 +378,7 @@ class Speedrun:
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
         budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
-        budgets += [self.stepped_seconds(s, per_shape) for s in self.STEPPED if self.drill_kinds and not self.done(s)]
+        budgets += [self.stepped_seconds(s, per_shape) for s in self.stepped_todo()]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
         return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
@@ -419,10 +396,13 @@ class Speedrun:
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         return self.scaled(self.stage_config(cls, stage, argv)).train
 
+    def stepped_todo(self) -> list[str]:
+        """The stages budgeted in steps that this run has and has not finished."""
+        return [s for s in self.STEPPED if self.drill_kinds and not self.done(s)]
+
     def stepped_steps(self) -> float:
         """The drill's and anneal's steps still to run, in sizing-probe steps (x STEP_OVERHEAD)."""
-        todo = [s for s in self.STEPPED if self.drill_kinds and not self.done(s)]
-        return sum(self.stepped_train(s).max_steps for s in todo) * self.STEP_OVERHEAD
+        return sum(self.stepped_train(s).max_steps for s in self.stepped_todo()) * self.STEP_OVERHEAD
 
     def stepped_seconds(self, stage: str, per_shape: bool = False) -> float:
         """The time a stage budgeted in steps (drill, anneal) is priced at: its max_steps at the chosen shape's
