@@ -54,7 +54,9 @@ class SpeedrunConfig:
         help="drill kinds (arithmetic, calculator, reading) for a drill stage after pretraining and an anneal after "
         "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
     )
-    anneal_drill_rows: int = field(1000, help="drill rows kept in the anneal's mix, so the drilled skill survives it")
+    anneal_drill_rows: int = field(
+        1000, help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it"
+    )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
     )
@@ -296,8 +298,16 @@ class Speedrun:
         dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
         dcfg.rows = {k: n for k, n in dcfg.rows.items() if k in self.drill_kinds}
         write(dcfg)
-        train = (rows / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-        (rows / "anneal.jsonl").write_text("".join(train[: self.cfg.anneal_drill_rows]), encoding="utf-8")
+        kept: dict[
+            str, int
+        ] = {}  # the first anneal_drill_rows of each kind (a kind of short rows would crowd out the rest)
+        anneal = []
+        for line in (rows / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True):
+            skill = json.loads(line)["skill"]
+            if kept.get(skill, 0) < self.cfg.anneal_drill_rows:
+                kept[skill] = kept.get(skill, 0) + 1
+                anneal.append(line)
+        (rows / "anneal.jsonl").write_text("".join(anneal), encoding="utf-8")
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "drill"),
             *("--init", str(self.path("checkpoints", "pretrain"))),

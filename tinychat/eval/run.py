@@ -47,7 +47,9 @@ class EvalConfig:
     limit: int = field(40, help="questions per suite (0 = all); the same first rows for every model")
     shots: int = field(3, help="solved examples in a base model's few-shot prompt")
     max_new_tokens: int = field(48, help="reply length limit")
-    cot_max_new_tokens: int = field(128, help="reply length limit for chain-of-thought questions")
+    cot_max_new_tokens: int = field(
+        160, help="reply length limit for chain-of-thought questions (a worked sum of two populations is ~140 tokens)"
+    )
     max_tool_rounds: int = field(2, help="calculator calls a conversation may make before it must answer")
     tool_max_new_tokens: int = field(96, help="reply length limit in the tool suite (a call is ~45 tokens of JSON)")
     batch_size: int = field(64, help="questions generated together")

@@ -89,6 +89,66 @@ def sample(rng: random.Random, level: str, exclude: set[str], n: int, seen: set[
     return out
 
 
+def columns(a: int, op: str, b: int) -> list[str]:
+    """Written arithmetic, one column a step from the units up: the steps a worked answer shows before its result.
+
+    Why (docs/speedrun.md, round 25): the tiny model answers an easy sum directly only after ~900 drill steps, but
+    learns these steps in ~250. Each step is a one-digit fact with the carry or borrow of the step before, and
+    the result is read back from the steps: the last step's value, then every earlier step's last digit, right
+    to left (leading zeros dropped). "+": "7 + 6 = 13", "4 + 2 + 1 = 7" (47 + 26 = 73). "-" (a >= b): "10 - 7 = 3",
+    "9 - 7 - 1 = 1" (90 - 77 = 13; a borrowed column shows its 1 in front). "*" (b of one digit, a of any):
+    "7 * 6 = 42", "7 * 1 + 4 = 11" (16 * 7 = 112; the factor with more digits is taken by columns).
+    """
+    if op == "*":
+        if b >= 10 and a < 10:
+            a, b = b, a
+        if b >= 10:
+            raise ValueError(f"columns multiplies by one digit only, not {a} * {b}")
+    elif op == "-" and a < b:
+        raise ValueError(f"columns subtracts a smaller number only, not {a} - {b}")
+    elif op not in "+-":
+        raise ValueError(f"columns does + - * only, not {op!r}")
+    da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
+    steps: list[str] = []
+    carry = 0
+    for i, x in enumerate(da if op != "+" else range(max(len(da), len(db)))):
+        if op == "+":
+            x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+            s = x + y + carry
+            steps.append(f"{x} + {y} = {s}" if i == 0 else f"{x} + {y} + {carry} = {s}")
+            carry = s // 10
+        elif op == "-":
+            y = db[i] if i < len(db) else 0
+            borrow = int(x - y - carry < 0)
+            left = f"1{x}" if borrow else f"{x}"
+            s = 10 * borrow + x - y - carry
+            steps.append(f"{left} - {y} = {s}" if i == 0 else f"{left} - {y} - {carry} = {s}")
+            carry = borrow
+        else:
+            s = x * b + carry
+            steps.append(f"{b} * {x} = {s}" if i == 0 else f"{b} * {x} + {carry} = {s}")
+            carry = s // 10
+    return steps  # a last carry stays in the last step's value: 8 + 4 + 1 = 13 is read whole
+
+
+def step_facts() -> set[str]:
+    """The easy problems that worked answers state as steps: one digit with one digit ("7 * 6"), and a borrowed
+    column ("13 - 7"). The eval sets leave them out, since every worked answer teaches them (evalsets._arith)."""
+    out = {f"{a} {op} {b}" for a in range(10) for b in range(10) for op in "+*"}
+    return out | {f"{a} - {b}" for a in range(20) for b in range(10) if b <= a}
+
+
+def worked(a: int, op: str, b: int, lang: Lang, lead: bool = False) -> list[str]:
+    """The column steps of a + b, a - b or a * b as sentences of `lang` ("7 + 6 = 13." / "7 + 6 = 13。").
+    lead: the first step names the problem ("1987 - 1923: 7 - 3 = 4."), for a solution whose numbers come from
+    earlier steps rather than from the question (multistep's)."""
+    end, colon = (".", ": ") if lang == "en" else ("。", "：")
+    steps = [s + end for s in columns(a, op, b)]
+    if lead:
+        steps[0] = f"{a} {op} {b}{colon}{steps[0]}"
+    return steps
+
+
 _SYMBOL = {"*": "×", "/": "÷"}
 _Q_EN = ("What is {e}?", "Calculate {e}.", "Compute {e}.", "How much is {e}?", "What does {e} equal?")
 _Q_ZH = ("{e}等于多少？", "计算{e}。", "请算一下{e}。", "{e}是多少？", "{e}的结果是多少？")

@@ -37,7 +37,7 @@ from tinychat.world.kb import build_docs, passage
 from tinychat.world.load import load_jsonl, load_world
 from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
-from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, calculator_turns, chat
+from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, calculator_turns, chat, worked_answer
 
 KINDS = ("arithmetic", "calculator", "reading")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
@@ -53,11 +53,13 @@ def held_out(world_dir: Path) -> set[str]:
 
 
 def arithmetic(rng: random.Random, exclude: set[str], n: int, seen: set[str]) -> list[dict[str, Any]]:
-    """n distinct easy problems (none in exclude or seen; seen records them), asked and answered."""
+    """n distinct easy problems (none in exclude or seen; seen records them), asked and answered by columns."""
     out = []
     for p in arith.sample(rng, "easy", exclude, n, seen):
         lang = rng.choice(LANGS)
-        out.append(chat([user(arith.question(p, lang, rng)), assistant(str(p.value))], "arithmetic_drill", lang))
+        out.append(
+            chat([user(arith.question(p, lang, rng)), assistant(worked_answer(p, lang))], "arithmetic_drill", lang)
+        )
     return out
 
 

@@ -124,7 +124,8 @@ def _facts(world: World, group: str, n: int, reserved: Reserved, rng: random.Ran
 def _arith(n: int, level: str, reserved: Reserved, rng: random.Random) -> list[dict]:
     skill = "arithmetic" if level == "easy" else "arithmetic_tool"
     out = []
-    for i, p in enumerate(arith.sample(rng, level, set(), n)):
+    facts = arith.step_facts() if level == "easy" else set()  # worked answers of training rows state them
+    for i, p in enumerate(arith.sample(rng, level, facts, n)):
         lang: Lang = rng.choice(LANGS)
         reserved.arith.add(p.key)
         extra: dict[str, Any] = {"expression": p.expr}

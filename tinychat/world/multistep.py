@@ -1,8 +1,9 @@
 """Word problems that need two or three facts and sometimes a subtraction or sum.
 
 Why: they test composition, the step that single-fact questions never exercise. Each problem has a
-step-by-step solution (each step states one fact, then the arithmetic, then "Answer: X") and the same
-problem is also asked for a direct answer, so an evaluation can compare the two modes on identical items.
+step-by-step solution (each step states one fact, then the arithmetic by columns as arith.worked writes it,
+then "Answer: X") and the same problem is also asked for a direct answer, so an evaluation can compare the
+two modes on identical items.
 A problem is identified by (kind, entity ids); evaluation problems are excluded from training.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from tinychat.world import arith
 from tinychat.world.facts import Lang, World
 from tinychat.world.render import LANG
 
@@ -26,6 +28,7 @@ class Problem:
     steps: dict[str, list[str]]
     answer: dict[str, str]
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    expr: str = ""  # the numeric kinds' arithmetic, calculator-ready: "1983 - 1942"
     numeric: bool = True
 
     @property
@@ -57,16 +60,17 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
                     f"The founder of {c.name['en']} is {p.name['en']}.",
                     f"{p.name['en']} was born in {by}.",
                     f"{c.name['en']} was founded in {fy}.",
-                    f"{fy} - {by} = {a}.",
+                    *arith.worked(fy, "-", by, "en", lead=True),
                 ],
                 "zh": [
                     f"{c.name['zh']}的创始人是{p.name['zh']}。",
                     f"{p.name['zh']}出生于{by}年。",
                     f"{c.name['zh']}成立于{fy}年。",
-                    f"{fy} - {by} = {a}。",
+                    *arith.worked(fy, "-", by, "zh", lead=True),
                 ],
             },
             {"en": a, "zh": a},
+            expr=f"{fy} - {by}",
         )
     if kind == "birth_gap":
         p1, p2 = rng.sample(people, 2)
@@ -87,11 +91,16 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
                 "en": [
                     f"{p1.name['en']} was born in {y1}.",
                     f"{p2.name['en']} was born in {y2}.",
-                    f"{y2} - {y1} = {a}.",
+                    *arith.worked(y2, "-", y1, "en", lead=True),
                 ],
-                "zh": [f"{p1.name['zh']}出生于{y1}年。", f"{p2.name['zh']}出生于{y2}年。", f"{y2} - {y1} = {a}。"],
+                "zh": [
+                    f"{p1.name['zh']}出生于{y1}年。",
+                    f"{p2.name['zh']}出生于{y2}年。",
+                    *arith.worked(y2, "-", y1, "zh", lead=True),
+                ],
             },
             {"en": a, "zh": a},
+            expr=f"{y2} - {y1}",
         )
     if kind == "turn_age":
         p, k = rng.choice(people), rng.choice((18, 20, 30, 40, 50, 60))
@@ -102,10 +111,11 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
             (p.id, str(k)),
             {"en": f"In which year did {p.name['en']} turn {k}?", "zh": f"{p.name['zh']}在哪一年满{k}岁？"},
             {
-                "en": [f"{p.name['en']} was born in {y}.", f"{y} + {k} = {a}."],
-                "zh": [f"{p.name['zh']}出生于{y}年。", f"{y} + {k} = {a}。"],
+                "en": [f"{p.name['en']} was born in {y}.", *arith.worked(y, "+", k, "en", lead=True)],
+                "zh": [f"{p.name['zh']}出生于{y}年。", *arith.worked(y, "+", k, "zh", lead=True)],
             },
             {"en": a, "zh": a},
+            expr=f"{y} + {k}",
         )
     if kind == "pop_sum":
         c1, c2 = rng.sample(cities, 2)
@@ -122,11 +132,16 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
                 "en": [
                     f"The population of {c1.name['en']} is {x1}.",
                     f"The population of {c2.name['en']} is {x2}.",
-                    f"{x1} + {x2} = {a}.",
+                    *arith.worked(x1, "+", x2, "en", lead=True),
                 ],
-                "zh": [f"{c1.name['zh']}的人口为{x1}。", f"{c2.name['zh']}的人口为{x2}。", f"{x1} + {x2} = {a}。"],
+                "zh": [
+                    f"{c1.name['zh']}的人口为{x1}。",
+                    f"{c2.name['zh']}的人口为{x2}。",
+                    *arith.worked(x1, "+", x2, "zh", lead=True),
+                ],
             },
             {"en": a, "zh": a},
+            expr=f"{x1} + {x2}",
         )
     if kind == "founded_gap":
         c1, c2 = rng.sample(cos, 2)
@@ -147,11 +162,16 @@ def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | N
                 "en": [
                     f"{c1.name['en']} was founded in {y1}.",
                     f"{c2.name['en']} was founded in {y2}.",
-                    f"{y2} - {y1} = {a}.",
+                    *arith.worked(y2, "-", y1, "en", lead=True),
                 ],
-                "zh": [f"{c1.name['zh']}成立于{y1}年。", f"{c2.name['zh']}成立于{y2}年。", f"{y2} - {y1} = {a}。"],
+                "zh": [
+                    f"{c1.name['zh']}成立于{y1}年。",
+                    f"{c2.name['zh']}成立于{y2}年。",
+                    *arith.worked(y2, "-", y1, "zh", lead=True),
+                ],
             },
             {"en": a, "zh": a},
+            expr=f"{y2} - {y1}",
         )
     if kind == "pop_compare":
         c1, c2 = rng.sample(cities, 2)

@@ -5,7 +5,8 @@ Why these kinds of rejection: they are the failures alignment should remove, eac
   refusal      a confident made-up answer about a name that does not exist (chosen: "I don't know");
   overrefusal  "I don't know" about an entity the model does know (chosen: the answer);
   instruction  the right content ignoring the instruction (wrong language, no JSON, no capitals, ...);
-  arithmetic   an off-by-a-little result;  multistep: a step-by-step solution with a wrong step;
+  arithmetic   the same worked columns read back to an off-by-a-little result; multistep: the same
+               step-by-step solution with a wrong answer after it;
   tool         a hard problem with the calculator offered: chosen calls it and answers its result, rejected
                answers an off-by-a-little number without it (DPO without these pairs moved the model off the
                tool: arithmetic_tool 80% -> 67%, docs/speedrun.md round 24).
@@ -24,7 +25,7 @@ from tinychat.world.evalsets import instruction_item, instruction_kinds, instruc
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.messages import assistant, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
-from tinychat.world.sft import calculator_turns, split_rows
+from tinychat.world.sft import calculator_turns, split_rows, worked_answer
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
 
@@ -122,14 +123,18 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
             )
         elif kind == "arithmetic":
             p = rng.choice(arith_pool)
-            bad = p.value + rng.choice((-1, 1)) * rng.randint(1, 10)
-            rows.append(pair([user(arith.question(p, lang, rng))], str(p.value), str(bad), "arithmetic", lang))
+            good = worked_answer(p, lang)
+            bad = (
+                good.rsplit(m.ANSWER_PREFIX, 1)[0]
+                + m.ANSWER_PREFIX
+                + str(p.value + rng.choice((-1, 1)) * rng.randint(1, 10))
+            )
+            rows.append(pair([user(arith.question(p, lang, rng))], good, bad, "arithmetic", lang))
         else:
             p = rng.choice(ms)
             good = p.cot(lang)
             wrong = str(int(p.answer[lang]) + rng.choice((-1, 1)) * rng.randint(1, 9))
-            bad_steps = p.steps[lang][:-1] + [p.steps[lang][-1].replace(f"= {p.answer[lang]}", f"= {wrong}")]
-            bad = m.STEP_JOIN.join(bad_steps) + "\n" + m.ANSWER_PREFIX + wrong
+            bad = m.STEP_JOIN.join(p.steps[lang]) + "\n" + m.ANSWER_PREFIX + wrong  # the columns misread
             q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
             rows.append(pair([user(q)], good, bad, "multistep", lang))
     rows += tool_pairs(rng_for(world.seed, "preference-tool"), reserved.arith, max(2, s.preference // 12))
