@@ -104,7 +104,7 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
         "--drills",
         "arithmetic",
     ]
-    assert main([*args, "--stages", "drill", "anneal", "sft", "--anneal_drill_rows", "10"]) == 0
+    assert main([*args, "--stages", "drill", "anneal", "sft", "--anneal_drill_rows", "{arithmetic = 10}"]) == 0
     run = runs / "dr"
     for stage in ("drill", "anneal", "sft"):
         assert (run / "checkpoints" / stage / "model.safetensors").is_file(), stage
@@ -225,7 +225,7 @@ def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys
 
 
 def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path: Path):
-    """cpu-tiny's drill (400 steps) and anneal (250) are budgeted in steps; the plan prices them at the sizing
+    """cpu-tiny's drill (300 steps) and anneal (250) are budgeted in steps; the plan prices them at the sizing
     probe's step time of the chosen shape x STEP_OVERHEAD, capped by their max_time, and leaves them to the
     shape choice (per shape) while no shape is chosen."""
     from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
@@ -234,11 +234,11 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert run.drill_kinds == ["calculator", "arithmetic"]
     assert run.stepped_seconds("drill") == 4.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
-    assert run.stepped_steps() == pytest.approx((400 + 250) * run.STEP_OVERHEAD)
+    assert run.stepped_steps() == pytest.approx((300 + 250) * run.STEP_OVERHEAD)
     (tmp_path / "p").mkdir()
     record = {"measured": [{"shape": "a", "seconds_per_step": 0.5}, {"shape": "b", "seconds_per_step": 0.2}]}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps({**record, "chosen": "b"}))
-    assert run.stepped_seconds("drill") == pytest.approx(400 * 0.2 * run.STEP_OVERHEAD)
+    assert run.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)
     assert run.stepped_seconds("anneal") == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD)
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]

@@ -54,8 +54,10 @@ class SpeedrunConfig:
         help="drill kinds (arithmetic, calculator, reading) for a drill stage after pretraining and an anneal after "
         "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
     )
-    anneal_drill_rows: int = field(
-        1000, help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it"
+    anneal_drill_rows: dict[str, int] = field(
+        {"arithmetic": 3000, "calculator": 1000, "reading": 1000},
+        help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it (a worked sum is "
+        "~45 tokens, a calculator row ~230)",
     )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
@@ -298,14 +300,12 @@ class Speedrun:
         dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
         dcfg.rows = {k: n for k, n in dcfg.rows.items() if k in self.drill_kinds}
         write(dcfg)
-        kept: dict[
-            str, int
-        ] = {}  # the first anneal_drill_rows of each kind (a kind of short rows would crowd out the rest)
+        left = dict(self.cfg.anneal_drill_rows)  # the first rows of each kind, as many as the table says
         anneal = []
         for line in (rows / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True):
-            skill = json.loads(line)["skill"]
-            if kept.get(skill, 0) < self.cfg.anneal_drill_rows:
-                kept[skill] = kept.get(skill, 0) + 1
+            kind = json.loads(line)["skill"].removesuffix("_drill")
+            if left.get(kind, 0) > 0:
+                left[kind] -= 1
                 anneal.append(line)
         (rows / "anneal.jsonl").write_text("".join(anneal), encoding="utf-8")
         argv = [
@@ -318,8 +318,8 @@ class Speedrun:
 
     def anneal(self) -> None:
         """Pretraining continued from the drilled model on its own mix (the documents and the chat rows) with
-        `anneal_drill_rows` drill rows added: the drill erased what pretraining stored, and a mix that keeps
-        some drill rows brings that back without losing the drilled skill (rounds 5 and 24). `tinychat pretrain
+        `anneal_drill_rows` drill rows of each kind added: the drill erased what pretraining stored, and a mix that
+        keeps some drill rows brings that back without losing the drilled skill (rounds 5 and 24). `tinychat pretrain
         --stage anneal` with the preset's [anneal] settings, on tokens made as the data stage makes its own."""
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
