@@ -111,14 +111,13 @@ def columns(a: int, op: str, b: int) -> list[str]:
     da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
     steps: list[str] = []
     carry = 0
-    for i, x in enumerate(da if op != "+" else range(max(len(da), len(db)))):
+    for i in range(max(len(da), len(db)) if op == "+" else len(da)):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         if op == "+":
-            x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
             s = x + y + carry
             steps.append(f"{x} + {y} = {s}" if i == 0 else f"{x} + {y} + {carry} = {s}")
             carry = s // 10
         elif op == "-":
-            y = db[i] if i < len(db) else 0
             borrow = int(x - y - carry < 0)
             left = f"1{x}" if borrow else f"{x}"
             s = 10 * borrow + x - y - carry
