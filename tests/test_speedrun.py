@@ -114,6 +114,7 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
     assert f'init = "{run / "checkpoints" / "pretrain"}"' in (run / "config.drill.toml").read_text()
     assert f'init = "{run / "checkpoints" / "drill"}"' in (run / "config.anneal.toml").read_text()
     assert "lr = 0.001" in (run / "config.drill.toml").read_text()  # [drill.train], not [sft.train]
+    assert "max_steps = 2" in (run / "config.drill.toml").read_text()  # micro's drill_steps for arithmetic
     chat = json.loads((run / "data" / "anneal_tokens" / "index.json").read_text())["chat"]["by_skill"]
     assert chat["facts"]["rows"] > 0 and chat["arithmetic_drill"]["rows"] > 0
     assert f'init = "{run / "checkpoints" / "anneal"}"' in (run / "config.sft.toml").read_text()
@@ -225,20 +226,27 @@ def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys
 
 
 def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path: Path):
-    """cpu-tiny's drill (300 steps) and anneal (250) are budgeted in steps; the plan prices them at the sizing
+    """cpu-tiny's drill (150 steps for the calculator, 300 with arithmetic: drill_steps) and anneal (250) are
+    budgeted in steps; the plan prices them at the sizing
     probe's step time of the chosen shape x STEP_OVERHEAD, capped by their max_time, and leaves them to the
     shape choice (per shape) while no shape is chosen."""
     from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
 
     run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
-    assert run.drill_kinds == ["calculator", "arithmetic"]
+    assert run.drill_kinds == ["calculator"]
     assert run.stepped_seconds("drill") == 4.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
-    assert run.stepped_steps() == pytest.approx((300 + 250) * run.STEP_OVERHEAD)
+    assert run.stepped_steps() == pytest.approx((150 + 250) * run.STEP_OVERHEAD)
     (tmp_path / "p").mkdir()
     record = {"measured": [{"shape": "a", "seconds_per_step": 0.5}, {"shape": "b", "seconds_per_step": 0.2}]}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps({**record, "chosen": "b"}))
-    assert run.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)
+    assert run.stepped_seconds("drill") == pytest.approx(150 * 0.2 * run.STEP_OVERHEAD)
+    both = Speedrun(
+        with_preset_defaults(
+            SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator", "arithmetic"])
+        )
+    )
+    assert both.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
     assert run.stepped_seconds("anneal") == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD)
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]

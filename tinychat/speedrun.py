@@ -54,6 +54,11 @@ class SpeedrunConfig:
         help="drill kinds (arithmetic, calculator, reading) for a drill stage after pretraining and an anneal after "
         "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
     )
+    drill_steps: dict[str, int] = field(
+        {"arithmetic": 150, "calculator": 150, "reading": 300},
+        help="the drill's steps for each kind it drills, summed (the calculator alone: 150; with arithmetic: 300); "
+        "a kind not named here leaves [drill.train] max_steps as it is",
+    )
     anneal_drill_rows: dict[str, int] = field(
         {"arithmetic": 3000, "calculator": 1000, "reading": 1000},
         help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it (a worked sum is "
@@ -292,8 +297,9 @@ class Speedrun:
         """Pure drill rows of the chosen kinds (`tinychat world drills`, counts from [world_drills]), then
         `tinychat sft --stage drill` on them from the pretrained model with the preset's [drill] settings: many
         steps at a high learning rate on one skill alone, which a skill that mixing never teaches needs (docs/
-        speedrun.md, round 24). Budgeted in steps ([drill.train] max_steps; max_time caps it)."""
-        from tinychat.train.sft import SFTConfig, run_sft
+        speedrun.md, round 24). Budgeted in steps (`drill_steps` per kind, else [drill.train] max_steps; max_time
+        caps it)."""
+        from tinychat.train.sft import run_sft
         from tinychat.world.drills import DrillsConfig, write
 
         rows = self.path("drills")
@@ -313,7 +319,7 @@ class Speedrun:
             *("--init", str(self.path("checkpoints", "pretrain"))),
             *("--data", str(rows / "train.jsonl"), "--val_data", str(rows / "val.jsonl")),
         ]
-        if run_sft(self.scaled(self.stage_config(SFTConfig, "drill", argv))).interrupted:
+        if run_sft(self.drill_config(argv)).interrupted:
             raise KeyboardInterrupt
 
     def anneal(self) -> None:
@@ -397,14 +403,24 @@ class Speedrun:
 
     STEPPED = ("drill", "anneal")
 
+    def drill_config(self, argv: list[str]) -> object:
+        """The drill stage's SFTConfig: the preset's [drill] with max_steps the sum of `drill_steps` over the
+        kinds drilled (each kind needs its own steps: round 25), scaled with the budget like every stage."""
+        from tinychat.train.sft import SFTConfig
+
+        cfg = self.stage_config(SFTConfig, "drill", argv)
+        if self.drill_kinds and all(k in self.cfg.drill_steps for k in self.drill_kinds):
+            cfg.train.max_steps = sum(self.cfg.drill_steps[k] for k in self.drill_kinds)
+        return self.scaled(cfg)
+
     def stepped_train(self, stage: str) -> object:
         """The train config of a stage budgeted in steps, as the stage will run it."""
         from tinychat.train.pretrain import PretrainConfig
-        from tinychat.train.sft import SFTConfig
 
-        cls = SFTConfig if stage == "drill" else PretrainConfig
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
-        return self.scaled(self.stage_config(cls, stage, argv)).train
+        if stage == "drill":
+            return self.drill_config(argv).train
+        return self.scaled(self.stage_config(PretrainConfig, stage, argv)).train
 
     def stepped_todo(self) -> list[str]:
         """The stages budgeted in steps that this run has and has not finished."""
