@@ -35,8 +35,10 @@ class Problem:
     def key(self) -> tuple[str, ...]:
         return (self.kind, *self.ids)
 
-    def cot(self, lang: Lang) -> str:
-        return LANG[lang].STEP_JOIN.join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + self.answer[lang]
+    def cot(self, lang: Lang, answer: str | None = None) -> str:
+        """The step-by-step solution; `answer`: another answer after the same steps (DPO's rejected reply)."""
+        final = self.answer[lang] if answer is None else answer
+        return LANG[lang].STEP_JOIN.join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + final
 
 
 def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | None:

@@ -124,17 +124,13 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
         elif kind == "arithmetic":
             p = rng.choice(arith_pool)
             good = worked_answer(p, lang)
-            bad = (
-                good.rsplit(m.ANSWER_PREFIX, 1)[0]
-                + m.ANSWER_PREFIX
-                + str(p.value + rng.choice((-1, 1)) * rng.randint(1, 10))
-            )
+            bad = worked_answer(p, lang, p.value + rng.choice((-1, 1)) * rng.randint(1, 10))
             rows.append(pair([user(arith.question(p, lang, rng))], good, bad, "arithmetic", lang))
         else:
             p = rng.choice(ms)
             good = p.cot(lang)
             wrong = str(int(p.answer[lang]) + rng.choice((-1, 1)) * rng.randint(1, 9))
-            bad = m.STEP_JOIN.join(p.steps[lang]) + "\n" + m.ANSWER_PREFIX + wrong  # the columns misread
+            bad = p.cot(lang, wrong)  # the columns misread
             q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
             rows.append(pair([user(q)], good, bad, "multistep", lang))
     rows += tool_pairs(rng_for(world.seed, "preference-tool"), reserved.arith, max(2, s.preference // 12))

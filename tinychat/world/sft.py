@@ -86,12 +86,14 @@ def chat(msgs: list[dict], skill: str, lang: Lang, tools: list[dict] | None = No
     return out
 
 
-def worked_answer(p: arith.Problem, lang: Lang) -> str:
+def worked_answer(p: arith.Problem, lang: Lang, answer: int | None = None) -> str:
     """An easy problem answered by columns, then the result: "7 + 6 = 13. 4 + 2 + 1 = 7.\nAnswer: 73" (the SFT's
     arithmetic rows, the arithmetic drill, DPO's arithmetic pairs). Why not the bare number: from the same
-    pretrained model a drill teaches these steps in ~250 steps and the bare answer in ~900 (round 25)."""
+    pretrained model a drill teaches these steps in ~250 steps and the bare answer in ~900 (round 25).
+    answer: another result after the same steps (DPO's rejected reply: the columns misread)."""
     m = LANG[lang]
-    return m.STEP_JOIN.join(arith.worked(p.a, p.op, p.b, lang)) + "\n" + m.ANSWER_PREFIX + str(p.value)
+    result = p.value if answer is None else answer
+    return m.STEP_JOIN.join(arith.worked(p.a, p.op, p.b, lang)) + "\n" + m.ANSWER_PREFIX + str(result)
 
 
 def calculator_turns(p: arith.Problem, lang: Lang, rng: random.Random) -> list[dict]:
