@@ -38,6 +38,8 @@ def test_every_stage_leaves_its_artefact(micro_run: Path):
     timings = json.loads((micro_run / "timings.json").read_text())
     assert set(timings) >= {"world", "tokenizer", "data", *STAGES, "eval", "report"}
     assert (micro_run / "report.md").is_file() and list((micro_run / "plots").glob("*.png"))
+    answers = json.loads((micro_run / "eval" / "apply.json").read_text())["answers"]
+    assert answers["k"] == 1 and "top-1 hybrid sources" in (micro_run / "report.md").read_text()  # apply_k
 
 
 def test_pretraining_mixes_in_the_conversations_and_the_final_model_gets_the_most_questions(micro_run: Path):
@@ -223,6 +225,8 @@ def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["speedrun", "--preset", "micro", "--runs-dir", str(tmp_path), "--stages", "bake"]) == 2
     assert "unknown stage 'bake'" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "micro", "--runs-dir", str(tmp_path), "--apply_k", "0"]) == 2
+    assert "apply_k must be at least 1" in capsys.readouterr().err
 
 
 def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path: Path):
@@ -234,7 +238,7 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
 
     run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
     assert run.drill_kinds == ["calculator"]
-    assert run.stepped_seconds("drill") == 4.0 * 60  # no shape chosen yet: the cap
+    assert run.stepped_seconds("drill") == 10.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
     assert run.stepped_steps() == pytest.approx((150 + 250) * run.STEP_OVERHEAD)
     (tmp_path / "p").mkdir()
@@ -248,5 +252,15 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     )
     assert both.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
     assert run.stepped_seconds("anneal") == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD)
+    reading = Speedrun(
+        with_preset_defaults(
+            SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator", "reading"])
+        )
+    )
+    drill = reading.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train
+    assert (drill.seq_len, drill.max_steps) == (512, 150 + 500)  # drill_seq_len: the longest window drilled
+    assert run.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train.seq_len == 256
+    # 512-token windows are priced as two of pretraining's 256-token steps, and capped by max_time
+    assert reading.stepped_seconds("drill") == pytest.approx(min(650 * 2 * 0.2 * run.STEP_OVERHEAD, 10.0 * 60))
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]

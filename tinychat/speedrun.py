@@ -24,6 +24,7 @@ from tinychat.errors import UserError
 
 if TYPE_CHECKING:
     from tinychat.model.config import ModelConfig
+    from tinychat.train.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -45,6 +46,9 @@ class SpeedrunConfig:
     eval_limit: int = field(24, help="questions per evaluation suite for the final model")
     stage_eval_limit: int = field(0, help="questions per suite for the earlier stages (0 = eval_limit)")
     apply_limit: int = field(48, help="knowledge-base questions for the final model (agent tasks: half as many)")
+    apply_k: int = field(
+        1, help="retrieved chunks in each knowledge-base prompt: the tiny model reads one (docs/speedrun.md, round 26)"
+    )
     eval_bpb_tokens: int = field(8192, help="validation tokens for bits per byte at each stage")
     copy_drills: bool = field(
         False, help="a copy-drill stage before pretraining ([copy-drills] in the preset; pretraining continues it)"
@@ -55,9 +59,15 @@ class SpeedrunConfig:
         "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
     )
     drill_steps: dict[str, int] = field(
-        {"arithmetic": 150, "calculator": 150, "reading": 300},
+        {"arithmetic": 150, "calculator": 150, "reading": 500},
         help="the drill's steps for each kind it drills, summed (the calculator alone: 150; with arithmetic: 300); "
         "a kind not named here leaves [drill.train] max_steps as it is",
+    )
+    drill_seq_len: dict[str, int] = field(
+        {"reading": 512},
+        help="the drill's window for kinds whose rows need more than [drill.train] seq_len, the longest over the kinds "
+        "drilled: a reading row is ~220 tokens (up to ~350), and 256-token windows with 4 questions a passage did not "
+        "take off in 500 steps (round 26); its steps are priced by their tokens",
     )
     anneal_drill_rows: dict[str, int] = field(
         {"arithmetic": 3000, "calculator": 1000, "reading": 1000},
@@ -186,7 +196,13 @@ class Speedrun:
         if final is None or final == "pretrain":
             print("    skipped: no chat model (run sft first)", flush=True)
             return
-        r = apply_eval(self.run_dir, self.path("checkpoints", final), self.cfg.apply_limit, self.cfg.apply_limit // 2)
+        r = apply_eval(
+            self.run_dir,
+            self.path("checkpoints", final),
+            self.cfg.apply_limit,
+            self.cfg.apply_limit // 2,
+            self.cfg.apply_k,
+        )
         a, g = r["answers"], r["agent"]
         print(
             f"    kb_qa {a['accuracy_without_kb']:.3f} -> {a['accuracy_with_kb']:.3f} with the knowledge base; "
@@ -411,6 +427,7 @@ class Speedrun:
         cfg = self.stage_config(SFTConfig, "drill", argv)
         if self.drill_kinds and all(k in self.cfg.drill_steps for k in self.drill_kinds):
             cfg.train.max_steps = sum(self.cfg.drill_steps[k] for k in self.drill_kinds)
+        cfg.train.seq_len = max([cfg.train.seq_len, *(self.cfg.drill_seq_len.get(k, 0) for k in self.drill_kinds)])
         return self.scaled(cfg)
 
     def stepped_train(self, stage: str) -> object:
@@ -428,7 +445,16 @@ class Speedrun:
 
     def stepped_steps(self) -> float:
         """The drill's and anneal's steps still to run, in sizing-probe steps (x STEP_OVERHEAD)."""
-        return sum(self.stepped_train(s).max_steps for s in self.stepped_todo()) * self.STEP_OVERHEAD
+        return sum(self.probe_steps(self.stepped_train(s)) for s in self.stepped_todo()) * self.STEP_OVERHEAD
+
+    def probe_steps(self, train: TrainConfig) -> float:
+        """A stage's max_steps in pretraining steps, the sizing probe's: scaled by its tokens per step (a reading
+        drill's 512-token windows cost two 256-token pretraining steps)."""
+        from tinychat.train.pretrain import PretrainConfig
+
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
+        pre = self.stage_config(PretrainConfig, "pretrain", argv).train
+        return train.max_steps * (train.batch_size * train.seq_len) / (pre.batch_size * pre.seq_len)
 
     def stepped_seconds(self, stage: str, per_shape: bool = False) -> float:
         """The time a stage budgeted in steps (drill, anneal) is priced at: its max_steps at the chosen shape's
@@ -448,7 +474,7 @@ class Speedrun:
         step = next((m["seconds_per_step"] for m in record["measured"] if m["shape"] == record["chosen"]), None)
         if step is None:
             return cap
-        priced = train.max_steps * step * self.STEP_OVERHEAD
+        priced = self.probe_steps(train) * step * self.STEP_OVERHEAD
         return min(cap, priced) if cap else priced
 
     def later_seconds(self, mcfg: ModelConfig) -> float:
@@ -519,6 +545,8 @@ class Speedrun:
 
         if bad := [k for k in self.cfg.drills if k not in (*KINDS, "none")]:
             raise UserError(f"unknown drill kind '{bad[0]}'; kinds are {', '.join(KINDS)}, or none.")
+        if self.cfg.apply_k < 1:
+            raise UserError(f"apply_k must be at least 1 (chunks in a knowledge-base prompt), got {self.cfg.apply_k}.")
         chosen = [s for s in stages if not self.cfg.stages or s.name in self.cfg.stages]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         print(

@@ -10,7 +10,7 @@ import pytest
 from tinychat.agent.calculator import calculate
 from tinychat.cli import main as tinychat
 from tinychat.world import drills
-from tinychat.world.answers import extract_answer
+from tinychat.world.answers import extract_answer, is_refusal
 from tinychat.world.drills import DrillsConfig, build, held_out, write
 from tinychat.world.load import load_world
 
@@ -53,18 +53,31 @@ def test_calculator_rows_call_with_the_question_and_answer_the_result(micro_dir:
         assert calculate(expr) == result["content"]
 
 
-def test_reading_rows_state_their_answer_and_name_no_entity_of_the_world(micro_dir: Path) -> None:
-    train, _ = build(micro_dir, {"reading": 80}, val=0)
+def test_reading_rows_show_one_chunk_and_ask_what_it_states(micro_dir: Path) -> None:
+    train, val = build(micro_dir, {"reading": 80}, val=8)
     names = {nm for e in load_world(micro_dir)["entities"] for nm in e["name"].values()}
-    answered = 0
-    for r in train:
-        sys_msg, _q, a = r["messages"]
-        assert sys_msg["role"] == "system"
-        if a["content"] not in drills.RAG_NO_ANSWER.values():
-            assert a["content"] in sys_msg["content"]  # only reading gives it
-            answered += 1
+    answers = refusals = unseen = 0
+    for r in train + val:
         assert not any(nm in _text(r) for nm in names)
-    assert answered >= 50  # ~85% answerable
+        if r["messages"][0]["role"] != "system":  # no passage: every question refused, naming its entity
+            unseen += 1
+            assert all(is_refusal(m["content"]) for m in r["messages"][1::2])
+            continue
+        sys_msg, *turns = r["messages"]
+        assert sys_msg["role"] == "system" and sys_msg["content"].count("[1] source: ") == 1
+        assert "[2]" not in sys_msg["content"]  # one passage, as the speedrun's top-1 prompt shows it
+        assert len(turns) >= 2 and len(turns) % 2 == 0
+        for q, a in zip(turns[::2], turns[1::2]):
+            assert (q["role"], a["role"]) == ("user", "assistant")
+            if a["content"] in drills.RAG_NO_ANSWER.values():
+                refusals += 1
+            else:
+                assert a["content"] in sys_msg["content"]  # only reading gives it
+                answers += 1
+    assert 0.08 < unseen / len(train + val) < 0.3  # ~1 in 6
+    assert answers > 3 * len(train)  # several questions a passage
+    assert 0 < refusals < answers / 5  # ~1 in 12
+    assert not {r["messages"][0]["content"] for r in val} & {r["messages"][0]["content"] for r in train}
 
 
 def test_same_seed_same_rows(micro_dir: Path) -> None:

@@ -19,8 +19,11 @@ from typing import Any
 from tinychat.eval.run import write_json
 
 
-def apply_eval(run_dir: str | Path, model_dir: str | Path, limit: int = 48, agent_limit: int = 24) -> dict[str, Any]:
-    """Retrieval quality, answers with/without the knowledge base, and agent tasks with/without tools."""
+def apply_eval(
+    run_dir: str | Path, model_dir: str | Path, limit: int = 48, agent_limit: int = 24, k: int = 1
+) -> dict[str, Any]:
+    """Retrieval quality, answers with/without the knowledge base (the top-k hybrid chunks in the prompt), and
+    agent tasks with/without tools."""
     from tinychat.agent.evaluate import AgentEvalConfig, evaluate
     from tinychat.infer.chat_backend import LocalChat
     from tinychat.rag.evaluate import answer_accuracy, build_kb, retrieval_metrics, world_rows
@@ -34,7 +37,7 @@ def apply_eval(run_dir: str | Path, model_dir: str | Path, limit: int = 48, agen
         out: dict[str, Any] = {"model": model_dir.name, "kb_chunks": kb.store.count()}
         out["retrieval"] = [retrieval_metrics(kb, kb_rows, m, 10) for m in ("dense", "bm25", "hybrid")]
         backend = LocalChat(model_dir)  # loaded once for both measurements
-        out["answers"] = answer_accuracy(kb, kb_rows, backend, k=3)
+        out["answers"] = answer_accuracy(kb, kb_rows, backend, k=k)
         out["agent"] = evaluate(world_rows(world, "agent", agent_limit), backend, kb, AgentEvalConfig())
     finally:
         kb.close()

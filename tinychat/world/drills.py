@@ -1,22 +1,23 @@
 """Drills: pure chat rows of one skill each, for a short stage of their own between pretraining and SFT.
 
-Why (docs/speedrun.md, rounds 5, 23 and 24): some skills the tiny model learns only from many optimizer steps
+Why (docs/speedrun.md, rounds 5, 23, 24 and 26): some skills the tiny model learns only from many optimizer steps
 on *undiluted* examples. Mixed into pretraining or SFT they stay at 0-2% for the whole budget; alone, from
 the pretrained base, at lr 1e-3:
 - arithmetic: easy sums answered with the bare number take off after ~900 steps (82% at 1,336); worked by
   columns (arith.worked) they reach 71% at 250 steps and 86% at 400 (round 25);
 - calculator calls (copy the question's numbers into the call, then the tool's result into the answer) are
   right in 100 of 100 after 100-300 steps;
-- reading (answer from the documents in the prompt) learns slowly.
+- reading (answer from a passage in the prompt) takes off after 300-500 steps when each row shows one chunk as
+  the knowledge base retrieves it and asks up to 8 questions about it (round 26: kb_qa 0% -> 56% in a whole run).
 A drill erases what the model knew (it answers everything as a drill), so the speedrun follows it with an
 anneal: pretraining's own mix with the drill rows kept in it, which restores the facts and keeps the drill.
 
 Every row is a chat row (messages, tools?, skill, lang) as `tinychat sft --data` reads it:
 - arithmetic: easy problems (tinychat.world.arith) answered by columns, then the number (the SFT rows' form);
 - calculator: hard problems through the calculator tool, the SFT's own arithmetic_tool format;
-- reading: the SFT's document-reading rows, but about the entities of *other* worlds (seeds no run uses), so
-  no answer can come from memory: only reading the documents gives it. Names that happen to equal one of
-  this world's are dropped with their rows.
+- reading: one knowledge-base chunk about the entities of *other* worlds (seeds no run uses), so no answer can
+  come from memory, and several questions about it; a sixth of the rows show no passage and refuse. Names that
+  happen to equal one of this world's are dropped with their rows.
 No problem of the world's eval sets appears in any row.
 """
 
@@ -33,8 +34,8 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.world import arith
 from tinychat.world.entities import build_world
-from tinychat.world.facts import FACTS, LANGS
-from tinychat.world.kb import build_docs, passage
+from tinychat.world.facts import FACTS, LANGS, Entity, World
+from tinychat.world.kb import KbDoc, build_docs
 from tinychat.world.load import load_jsonl, load_world
 from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
@@ -42,6 +43,8 @@ from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, calculator_turns, chat
 
 KINDS = ("arithmetic", "calculator", "reading")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
+NO_PASSAGE = 0.12  # draws of a row with no passage (~1 row in 6, as passage rows are redrawn more): refused names
+VAL_WORLDS = 100_000  # reading's validation rows come from worlds this far past the training rows' first
 GROUPS = ("trained", "heldout", "kb", "ragtrain")
 
 
@@ -73,40 +76,81 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
     return out
 
 
-def reading(rng: random.Random, n: int, taken: set[str], size: str = "small") -> list[dict[str, Any]]:
-    """n reading rows over fresh worlds' entities: 1-3 documents, the question, the value (or, for 15% of
-    rows whose documents do not state it, the refusal the SFT rows teach). `taken`: names of the run's
-    world; a row that mentions one is dropped."""
+def _stated(w: World, d: KbDoc, chunk: str) -> list[tuple[Entity, str]]:
+    """The (entity, fact) pairs of d.states that `chunk` itself states: the entity's name and the value are in
+    it (a key-facts chunk names no one, so it states nothing a question could be sure of)."""
+    out = []
+    for eid, f in d.states:
+        e = w.entities[eid]
+        if e.name[d.lang] in chunk and w.value(e, f, d.lang) in chunk:
+            out.append((e, f))
+    return out
+
+
+def reading(
+    rng: random.Random, n: int, taken: set[str], size: str = "small", turns: int = 8, first_seed: int = FRESH_SEED
+) -> list[dict[str, Any]]:
+    """n reading rows over fresh worlds' documents. A row shows ONE passage exactly as the knowledge base
+    shows a retrieved chunk (KbDoc.chunks, "[1] source: PATH"), then asks up to `turns` questions about it:
+    facts the passage states, answered with the value, and one question in twelve about a fact its document
+    does not state, answered with the refusal the SFT rows teach. Why one passage and many questions (round
+    26): each question is a supervised copy for the price of one passage, and with one passage the skill is
+    finding the value, not also choosing among documents; the speedrun then prompts with the top-1 chunk.
+    About one row in six (NO_PASSAGE) shows no passage and asks about names of that world, refused as the SFT
+    refuses unknown names: without them the drill taught the model to answer about any name, and refusal of
+    non-existent entities fell from 99% to 36% (round 26).
+    `taken`: names of the run's world; a row that mentions one is dropped."""
     out: list[dict[str, Any]] = []
-    seed = FRESH_SEED
+    seed = first_seed
     while len(out) < n:
         w = build_world(seed, size)
         seed += 1
         docs = [d for g in GROUPS for d in build_docs(w, g, random.Random(seed))]
         clash = [nm for e in w.entities.values() for nm in e.name.values() if nm in taken]
-        pools = {lang: [d for d in docs if d.lang == lang] for lang in LANGS}
         ents = [e for g in GROUPS for e in w.group(g)]
-        for _ in range(len(ents) * 2):
+        for _ in range(len(docs)):
             if len(out) == n:
                 break
-            e, lang = rng.choice(ents), rng.choice(LANGS)
-            f = rng.choice(FACTS[e.kind])
-            stating = [d for d in pools[lang] if (e.id, f) in d.states]
-            if not stating:
-                continue  # this entity's documents are in the other language only
-            answerable = rng.random() < 0.85
-            pool = rng.sample(pools[lang], min(6, len(pools[lang])))
-            others = [d for d in pool if (e.id, f) not in d.states][: rng.randint(1, 2)]
-            ctx = ([rng.choice(stating)] if answerable else []) + others
-            rng.shuffle(ctx)
-            docs_text = "\n\n".join(f"[{i + 1}] {passage(d)}" for i, d in enumerate(ctx))
-            q = question(w, e, f, lang, rng.randrange(len(LANG[lang].QUESTIONS[f])))
-            a = w.value(e, f, lang) if answerable else RAG_NO_ANSWER[lang]
-            row = chat([system(f"{RAG_SYSTEM[lang]}\n\n{docs_text}"), user(q), assistant(a)], "reading_drill", lang)
-            if clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
+            if rng.random() < NO_PASSAGE:  # the contract's other half: no passage, no answer
+                lang = rng.choice(LANGS)
+                msgs = []
+                for e in rng.sample(ents, min(turns // 2, len(ents))):
+                    f = rng.choice(FACTS[e.kind])
+                    q = question(w, e, f, lang, rng.randrange(len(LANG[lang].QUESTIONS[f])))
+                    msgs += [user(q), assistant(rng.choice(LANG[lang].REFUSALS).format(n=e.name[lang]))]
+                row: dict[str, Any] | None = chat(msgs, "reading_drill", lang)
+            else:
+                row = _passage_row(rng, w, docs, ents, turns)
+            if row is None or clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
                 continue
             out.append(row)
     return out
+
+
+def _passage_row(
+    rng: random.Random, w: World, docs: list[KbDoc], ents: list[Entity], turns: int
+) -> dict[str, Any] | None:
+    """One chunk of a random document and up to `turns` questions about it (None: the chunk states nothing)."""
+    d = rng.choice(docs)
+    chunk = rng.choice(d.chunks)
+    todo = _stated(w, d, chunk)
+    if not todo:
+        return None
+    rng.shuffle(todo)
+    msgs = [system(f"{RAG_SYSTEM[d.lang]}\n\n[1] source: {d.path}\n{chunk}")]
+    for _turn in range(min(turns, len(todo))):
+        if rng.random() < 1 / 12:  # a fact the document does not state: the refusal
+            e = rng.choice(ents)
+            f = rng.choice(FACTS[e.kind])
+            if (e.id, f) in d.states:
+                continue
+            a = RAG_NO_ANSWER[d.lang]
+        else:
+            e, f = todo.pop()
+            a = w.value(e, f, d.lang)
+        q = question(w, e, f, d.lang, rng.randrange(len(LANG[d.lang].QUESTIONS[f])))
+        msgs += [user(q), assistant(a)]
+    return chat(msgs, "reading_drill", d.lang)
 
 
 def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -130,10 +174,11 @@ def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> t
         n = counts.get(kind, 0)
         if not n:
             continue
-        if kind == "reading":
-            rows = reading(rng, n + val, taken, size)
-        else:
-            rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
+        if kind == "reading":  # validation from worlds of their own: a passage is never in both splits
+            held += reading(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
+            train += reading(rng, n, taken, size)
+            continue
+        rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
         held += rows[:val]
         train += rows[val:]
     rng.shuffle(train)

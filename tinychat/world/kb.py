@@ -60,6 +60,11 @@ class KbDoc:
     data: bytes = b""  # the file's bytes
     states: list[tuple[str, str]] = field(default_factory=list)  # (entity id, fact) pairs the document states
     owner: str = ""  # the entity the document is about ("" for reports and notes)
+    # The passages a knowledge base shows for the file: what tinychat.rag's loaders extract, cut where its
+    # default splitter cuts (at a heading; no file here reaches its 800 characters). Markdown and HTML files
+    # give a prose chunk and a key-facts chunk, plain text one chunk (tests/world/test_kb_chunks.py checks
+    # them against the real loaders and splitter). Reading drills show these, not `text`.
+    chunks: list[str] = field(default_factory=list)
 
 
 def slug(name: str) -> str:
@@ -79,7 +84,9 @@ def entity_files(world: World, e: Entity, lang: Lang, fmt: str, rng: random.Rand
     sep = ": " if lang == "en" else "："
     plain = f"{title}\n\n{para}\n\n{HEAD[lang]}\n" + "\n".join(f"{k}{sep}{v}" for k, v in facts) + "\n"
     if fmt == "md":
-        data = f"# {title}\n\n{para}\n\n## {HEAD[lang]}\n\n" + "\n".join(f"- **{k}**{sep}{v}" for k, v in facts) + "\n"
+        listed = "\n".join(f"- **{k}**{sep}{v}" for k, v in facts)
+        data = f"# {title}\n\n{para}\n\n## {HEAD[lang]}\n\n{listed}\n"
+        chunks = [f"# {title}\n\n{para}", f"## {HEAD[lang]}\n\n{listed}"]
     elif fmt == "html":
         items = "\n".join(f"<li><b>{html.escape(k)}</b>{sep}{html.escape(v)}</li>" for k, v in facts)
         data = (
@@ -87,12 +94,14 @@ def entity_files(world: World, e: Entity, lang: Lang, fmt: str, rng: random.Rand
             f"<title>{html.escape(title)}</title>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
             f"<p>{html.escape(para)}</p>\n<h2>{HEAD[lang]}</h2>\n<ul>\n{items}\n</ul>\n</body>\n</html>\n"
         )
+        chunks = [f"{title}\n\n{para}", f"{HEAD[lang]}\n\n" + "\n".join(f"{k}{sep}{v}" for k, v in facts)]
     else:
         data = plain.replace(f"{title}\n\n", f"{title}\n{'=' * (len(title) * (2 if lang == 'zh' else 1))}\n\n", 1)
+        chunks = [data.strip()]
     suffix = "-zh" if lang == "zh" else ""
     path = f"{FOLDER[e.kind]}/{slug(e.name['en'])}{suffix}.{fmt}"
     states = sorted({(eid, f) for (eid, f, _lang) in mentions} | {(e.id, f) for f in FACTS[e.kind]})
-    return KbDoc(path, lang, plain, data.encode("utf-8"), states, e.id)
+    return KbDoc(path, lang, plain, data.encode("utf-8"), states, e.id, chunks)
 
 
 def annual_report(world: World, c: Entity, rng: random.Random) -> KbDoc:
