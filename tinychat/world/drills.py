@@ -34,7 +34,7 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.world import arith
 from tinychat.world.entities import build_world
-from tinychat.world.facts import FACTS, LANGS, Entity, World
+from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, build_docs
 from tinychat.world.load import load_jsonl, load_world
 from tinychat.world.messages import assistant, system, user
@@ -112,19 +112,30 @@ def reading(
             if len(out) == n:
                 break
             if rng.random() < NO_PASSAGE:  # the contract's other half: no passage, no answer
-                lang = rng.choice(LANGS)
-                msgs = []
-                for e in rng.sample(ents, min(turns // 2, len(ents))):
-                    f = rng.choice(FACTS[e.kind])
-                    q = question(w, e, f, lang, rng.randrange(len(LANG[lang].QUESTIONS[f])))
-                    msgs += [user(q), assistant(rng.choice(LANG[lang].REFUSALS).format(n=e.name[lang]))]
-                row: dict[str, Any] | None = chat(msgs, "reading_drill", lang)
+                row: dict[str, Any] | None = _unseen_row(rng, w, ents, turns // 2)
             else:
                 row = _passage_row(rng, w, docs, ents, turns)
             if row is None or clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
                 continue
             out.append(row)
     return out
+
+
+def _ask(rng: random.Random, w: World, e: Entity, f: str, lang: Lang) -> dict[str, str]:
+    """The user turn asking fact f of e, in one of the world's question templates."""
+    return user(question(w, e, f, lang, rng.randrange(len(LANG[lang].QUESTIONS[f]))))
+
+
+def _unseen_row(rng: random.Random, w: World, ents: list[Entity], turns: int) -> dict[str, Any]:
+    """No passage, and `turns` questions about names of a world the model never saw, each refused."""
+    lang = rng.choice(LANGS)
+    msgs = []
+    for e in rng.sample(ents, min(turns, len(ents))):
+        msgs += [
+            _ask(rng, w, e, rng.choice(FACTS[e.kind]), lang),
+            assistant(rng.choice(LANG[lang].REFUSALS).format(n=e.name[lang])),
+        ]
+    return chat(msgs, "reading_drill", lang)
 
 
 def _passage_row(
@@ -148,8 +159,7 @@ def _passage_row(
         else:
             e, f = todo.pop()
             a = w.value(e, f, d.lang)
-        q = question(w, e, f, d.lang, rng.randrange(len(LANG[d.lang].QUESTIONS[f])))
-        msgs += [user(q), assistant(a)]
+        msgs += [_ask(rng, w, e, f, d.lang), assistant(a)]
     return chat(msgs, "reading_drill", d.lang)
 
 

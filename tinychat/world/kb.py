@@ -82,7 +82,8 @@ def entity_files(world: World, e: Entity, lang: Lang, fmt: str, rng: random.Rand
     facts = _facts_lines(world, e, lang)
     title = e.name[lang]
     sep = ": " if lang == "en" else "："
-    plain = f"{title}\n\n{para}\n\n{HEAD[lang]}\n" + "\n".join(f"{k}{sep}{v}" for k, v in facts) + "\n"
+    lines = "\n".join(f"{k}{sep}{v}" for k, v in facts)  # the key facts as plain text shows them
+    plain = f"{title}\n\n{para}\n\n{HEAD[lang]}\n{lines}\n"
     if fmt == "md":
         listed = "\n".join(f"- **{k}**{sep}{v}" for k, v in facts)
         data = f"# {title}\n\n{para}\n\n## {HEAD[lang]}\n\n{listed}\n"
@@ -94,7 +95,7 @@ def entity_files(world: World, e: Entity, lang: Lang, fmt: str, rng: random.Rand
             f"<title>{html.escape(title)}</title>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
             f"<p>{html.escape(para)}</p>\n<h2>{HEAD[lang]}</h2>\n<ul>\n{items}\n</ul>\n</body>\n</html>\n"
         )
-        chunks = [f"{title}\n\n{para}", f"{HEAD[lang]}\n\n" + "\n".join(f"{k}{sep}{v}" for k, v in facts)]
+        chunks = [f"{title}\n\n{para}", f"{HEAD[lang]}\n\n{lines}"]
     else:
         data = plain.replace(f"{title}\n\n", f"{title}\n{'=' * (len(title) * (2 if lang == 'zh' else 1))}\n\n", 1)
         chunks = [data.strip()]
