@@ -124,6 +124,34 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
     assert main([*args[:-2], "--drills", "none", "--stages", "drill"]) == 2  # no drill stage to run
 
 
+def test_a_drill_of_several_kinds_gives_each_kind_its_steps_worth_of_rows(micro_run: Path):
+    """drill_steps buy a kind that many steps' worth of tokens in the shuffled mix: reading's 500 steps are ~5 times
+    as many rows as agent's 300 (an agent row is ~3x longer), not the preset's 13,000 against 8,000."""
+    from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
+    from tinychat.tokenizer.tokenizer import Tokenizer
+    from tinychat.world.drills import build
+
+    runs = micro_run.parent
+    for part in ("world", "tokenizer"):
+        shutil.copytree(micro_run / part, runs / "mix" / part)
+
+    def speedrun(*kinds: str) -> Speedrun:
+        return Speedrun(
+            with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(runs), run="mix", drills=list(kinds)))
+        )
+
+    rows = speedrun("reading", "agent").drill_rows({"reading": 13000, "agent": 8000})
+    tok = Tokenizer.from_pretrained(runs / "mix" / "tokenizer")
+    sample, _ = build(runs / "mix" / "world", {"reading": 100, "agent": 100}, val=0)
+    for kind, steps in (("reading", 500), ("agent", 300)):
+        lens = [
+            len(tok.render_chat(r["messages"], r.get("tools")).ids) for r in sample if r["skill"] == f"{kind}_drill"
+        ]
+        assert rows[kind] * sum(lens) / len(lens) == pytest.approx(steps * 8 * 1024, rel=0.01)
+    assert rows["reading"] > 2 * rows["agent"]
+    assert speedrun("calculator").drill_rows({"calculator": 3000}) == {"calculator": 3000}  # one kind: as set
+
+
 def _fitting_run(
     micro_run: Path, tmp_path: Path, shapes: str, target_steps: int, name: str, extra: str = ""
 ) -> list[str]:
@@ -262,5 +290,14 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert run.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train.seq_len == 256
     # 512-token windows are priced as two of pretraining's 256-token steps, and capped by max_time
     assert reading.stepped_seconds("drill") == pytest.approx(min(650 * 2 * 0.2 * run.STEP_OVERHEAD, 10.0 * 60))
+    agent = Speedrun(
+        with_preset_defaults(
+            SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["reading", "agent"])
+        )
+    )
+    drill = agent.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train
+    # agent rows need 1024-token windows; the batch halves so a step holds drill_step_tokens, as reading's did
+    assert (drill.seq_len, drill.batch_size, drill.max_steps) == (1024, 8, 500 + 300)
+    assert agent.probe_steps(drill) == pytest.approx(800 * 2)
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -55,24 +56,30 @@ class SpeedrunConfig:
     )
     drills: list[str] = field(
         [],
-        help="drill kinds (arithmetic, calculator, reading) for a drill stage after pretraining and an anneal after "
-        "it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
+        help="drill kinds (arithmetic, calculator, reading, agent) for a drill stage after pretraining and an anneal "
+        "after it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
     )
     drill_steps: dict[str, int] = field(
-        {"arithmetic": 150, "calculator": 150, "reading": 500},
+        {"arithmetic": 150, "calculator": 150, "reading": 500, "agent": 300},
         help="the drill's steps for each kind it drills, summed (the calculator alone: 150; with arithmetic: 300); "
         "a kind not named here leaves [drill.train] max_steps as it is",
     )
     drill_seq_len: dict[str, int] = field(
-        {"reading": 512},
+        {"reading": 512, "agent": 1024},
         help="the drill's window for kinds whose rows need more than [drill.train] seq_len, the longest over the kinds "
         "drilled: a reading row is ~220 tokens (up to ~350), and 256-token windows with 4 questions a passage did not "
-        "take off in 500 steps (round 26); its steps are priced by their tokens",
+        "take off in 500 steps (round 26); an agent row is ~730 (up to ~960: two tool schemas, 2-3 search results); "
+        "its steps are priced by their tokens",
+    )
+    drill_step_tokens: int = field(
+        8192,
+        help="when drill_seq_len widens the drill's window, its batch shrinks to hold at most this many tokens a step "
+        "(rows are packed: 8 x 1024 shows an agent drill as many rows as 16 x 512 shows reading)",
     )
     anneal_drill_rows: dict[str, int] = field(
-        {"arithmetic": 3000, "calculator": 1000, "reading": 1000},
+        {"arithmetic": 3000, "calculator": 1000, "reading": 1000, "agent": 500},
         help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it (a worked sum is "
-        "~45 tokens, a calculator row ~230)",
+        "~45 tokens, a calculator row ~230, an agent row ~730)",
     )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
@@ -320,7 +327,7 @@ class Speedrun:
 
         rows = self.path("drills")
         dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
-        dcfg.rows = {k: n for k, n in dcfg.rows.items() if k in self.drill_kinds}
+        dcfg.rows = self.drill_rows({k: n for k, n in dcfg.rows.items() if k in self.drill_kinds})
         write(dcfg)
         left = dict(self.cfg.anneal_drill_rows)  # the first rows of each kind, as many as the table says
         anneal = []
@@ -337,6 +344,26 @@ class Speedrun:
         ]
         if run_sft(self.drill_config(argv)).interrupted:
             raise KeyboardInterrupt
+
+    def drill_rows(self, preset: dict[str, int]) -> dict[str, int]:
+        """Rows of each kind for a drill of several kinds: a kind in `drill_steps` gets that many steps' worth of
+        tokens (its rows' mean length with the run's tokenizer, measured on 100 of them), so that the shuffled mix
+        gives each kind the steps it is budgeted. With the preset's counts an agent row (~730 tokens) outweighed
+        reading rows (~210): reading got ~280 of its 500 steps (round 27). One kind keeps the preset's count."""
+        from tinychat.tokenizer.tokenizer import Tokenizer
+        from tinychat.world.drills import build
+
+        kinds = [k for k in self.drill_kinds if k in self.cfg.drill_steps]
+        if len(self.drill_kinds) < 2 or len(kinds) < 2:
+            return preset
+        tok = Tokenizer.from_pretrained(self.path("tokenizer"))
+        sample, _ = build(self.path("world"), dict.fromkeys(kinds, 100), val=0)
+        tokens: dict[str, list[int]] = {k: [] for k in kinds}
+        for r in sample:
+            tokens[r["skill"].removesuffix("_drill")].append(len(tok.render_chat(r["messages"], r.get("tools")).ids))
+        train = self.drill_config(["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]).train
+        step = train.batch_size * train.seq_len
+        return {**preset, **{k: math.ceil(self.cfg.drill_steps[k] * step * len(t) / sum(t)) for k, t in tokens.items()}}
 
     def anneal(self) -> None:
         """Pretraining continued from the drilled model on its own mix (the documents and the chat rows) with
@@ -427,7 +454,10 @@ class Speedrun:
         cfg = self.stage_config(SFTConfig, "drill", argv)
         if self.drill_kinds and all(k in self.cfg.drill_steps for k in self.drill_kinds):
             cfg.train.max_steps = sum(self.cfg.drill_steps[k] for k in self.drill_kinds)
-        cfg.train.seq_len = max([cfg.train.seq_len, *(self.cfg.drill_seq_len.get(k, 0) for k in self.drill_kinds)])
+        window = max([cfg.train.seq_len, *(self.cfg.drill_seq_len.get(k, 0) for k in self.drill_kinds)])
+        if window > cfg.train.seq_len:
+            cfg.train.batch_size = max(1, min(cfg.train.batch_size, self.cfg.drill_step_tokens // window))
+            cfg.train.seq_len = window
         return self.scaled(cfg)
 
     def stepped_train(self, stage: str) -> object:

@@ -19,6 +19,7 @@ from tinychat.agent.builtin import (
     make_python_tool,
     make_search_tool,
 )
+from tinychat.agent.evaluate import AgentEvalConfig
 from tinychat.agent.tools import Registry, Tool, ToolError, parse_docstring, tool
 from tinychat.rag.types import ChunkRecord, Hit
 from tinychat.world.arith import CALCULATOR_TOOL
@@ -223,11 +224,7 @@ def test_results_are_text_and_capped():
 
 # ---------------------------------------------------------------------------------------------- built-ins
 def test_calculator_matches_the_trained_spec():
-    fn = calculator.spec()["function"]
-    trained = CALCULATOR_TOOL["function"]
-    assert fn["name"] == trained["name"] == "calculator"
-    assert fn["parameters"]["properties"].keys() == trained["parameters"]["properties"].keys()
-    assert fn["parameters"]["required"] == trained["parameters"]["required"]
+    assert calculator.spec() == CALCULATOR_TOOL  # the prompt the model is trained on is the one it is served
     reg = Registry([calculator])
     assert reg.call("calculator", '{"expression": "17 * 23"}').content == "391"
     assert reg.call("calculator", {"expression": "(12 + 7) * 3 / 2"}).content == "28.5"
@@ -266,6 +263,8 @@ def test_search_tool_formats_passages_like_the_sft_data():
     assert fn["name"] == SEARCH_TOOL["function"]["name"] == "search"
     assert fn["parameters"]["required"] == SEARCH_TOOL["function"]["parameters"]["required"] == ["query"]
     assert fn["parameters"]["properties"]["k"]["default"] == 4
+    # at the agent eval's k the schema in the model's prompt is the one its training rows show
+    assert make_search_tool(search, default_k=AgentEvalConfig().search_k).spec() == SEARCH_TOOL
     reg = Registry([t])
     r = reg.call("search", {"query": "Alice"})
     want = "[1] source: kb/en/alice.md\nAlice was born in Lyon.\n\n[2] source: kb/en/bob.md\nBob is a baker."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from tinychat.agent.calculator import calculate
 from tinychat.cli import main as tinychat
 from tinychat.world import drills
 from tinychat.world.answers import extract_answer, is_refusal
+from tinychat.world.arith import CALCULATOR_TOOL
 from tinychat.world.drills import DrillsConfig, build, held_out, write
-from tinychat.world.load import load_world
+from tinychat.world.evalsets import SEARCH_TOOL
+from tinychat.world.load import load_jsonl, load_world
 
 
 def _text(row: dict) -> str:
@@ -78,6 +81,45 @@ def test_reading_rows_show_one_chunk_and_ask_what_it_states(micro_dir: Path) -> 
     assert answers > 3 * len(train)  # several questions a passage
     assert 0 < refusals < answers / 5  # ~1 in 12
     assert not {r["messages"][0]["content"] for r in val} & {r["messages"][0]["content"] for r in train}
+
+
+def _check_agent_row(r: dict) -> None:
+    """A solution as the agent loop runs it: searches whose queries are names the model has seen (in the
+    question or an earlier result), results formatted as the search tool formats 2 hits with the name's own
+    document first, then the calculator on numbers read from those results, and its result as the answer."""
+    assert r["tools"] == [SEARCH_TOOL, CALCULATOR_TOOL]
+    user, *steps, final = r["messages"]
+    assert user["role"] == "user" and final["role"] == "assistant" and not final.get("tool_calls")
+    calls, results = steps[0::2], steps[1::2]
+    assert 2 <= len(calls) <= 4 and all(m["role"] == "tool" for m in results)  # 1-3 searches, the calculator
+    seen = user["content"]
+    for call, result in zip(calls[:-1], results[:-1]):
+        fn = call["tool_calls"][0]["function"]
+        query = json.loads(fn["arguments"])["query"]
+        assert fn["name"] == "search" and query in seen  # copied, never recalled
+        hits = result["content"].split("\n\n[2] source: ")
+        assert len(hits) == 2 and hits[0].startswith("[1] source: ") and query in hits[0]
+        seen += result["content"]
+    fn = calls[-1]["tool_calls"][0]["function"]
+    expr = json.loads(fn["arguments"])["expression"]
+    assert fn["name"] == "calculator" and all(x in seen for x in re.findall(r"\d+", expr))
+    assert calculate(expr) == results[-1]["content"] == final["content"]
+
+
+def test_agent_rows_search_read_and_calculate(micro_dir: Path) -> None:
+    train, val = build(micro_dir, {"agent": 40}, val=6)
+    names = {nm for e in load_world(micro_dir)["entities"] for nm in e["name"].values()}
+    assert len(train) == 40 and len(val) == 6
+    for r in train + val:
+        assert r["skill"] == "agent_drill" and not any(nm in _text(r) for nm in names)
+        _check_agent_row(r)
+    assert {r["lang"] for r in train} == {"en", "zh"}
+    assert not {r["messages"][0]["content"] for r in val} & {r["messages"][0]["content"] for r in train}
+    # the world's own SFT agent rows (its "ragtrain" entities) are solved the same way
+    sft = [r for r in load_jsonl(micro_dir / "sft" / "train.jsonl") if r["skill"] == "agent"]
+    assert sft
+    for r in sft:
+        _check_agent_row(r)
 
 
 def test_same_seed_same_rows(micro_dir: Path) -> None:

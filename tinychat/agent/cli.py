@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tinychat.config import field
 from tinychat.errors import UserError
+from tinychat.world.evalsets import SEARCH_K
 
 
 @dataclass
@@ -30,7 +31,10 @@ class AgentConfig:
     api_key: str = field("")
     workspace: str = field("agent-workspace", help="the folder the file and python tools may use ('' = no such tools)")
     kb: str = field("", help="knowledge base for the search tool (see tinychat rag ingest)")
-    search_k: int = field(2, help="passages a search returns by default (small models have short contexts)")
+    search_k: int = field(
+        SEARCH_K,
+        help="passages a search returns by default (small models have short contexts; tinyworld's rows use this)",
+    )
     memory: str = field("", help="long-term memory directory: adds remember/recall, and recalls at the start")
     mcp: list[str] = field([], help='MCP servers to connect over stdio, each a quoted command ("python srv.py")')
     python: bool = field(True, help="offer the sandboxed python tool (needs --workspace)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tinychat.config import field
+from tinychat.world.evalsets import SEARCH_K
 
 
 @dataclass
@@ -32,7 +33,7 @@ class AgentEvalConfig:
     kb: str = field("", help="knowledge-base directory (default: WORLD/kb/index, built from WORLD/kb/docs)")
     limit: int = field(0, help="tasks (0 = all)")
     max_steps: int = field(6)
-    search_k: int = field(2, help="passages per search")
+    search_k: int = field(SEARCH_K, help="passages per search (the trained rows show SEARCH_K)")
     max_tokens: int = field(64)
     out: str = field("", help="write the results as JSON here")
     runs_dir: str = field("runs")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tinychat.world.facts import Lang
 
+# Byte for byte the spec of tinychat.agent.builtin.calculator, so a trained prompt is the served one.
 CALCULATOR_TOOL = {
     "type": "function",
     "function": {
@@ -22,6 +23,7 @@ CALCULATOR_TOOL = {
             "type": "object",
             "properties": {"expression": {"type": "string", "description": "for example: 17 * 23"}},
             "required": ["expression"],
+            "additionalProperties": False,
         },
     },
 }

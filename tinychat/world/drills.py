@@ -1,6 +1,6 @@
 """Drills: pure chat rows of one skill each, for a short stage of their own between pretraining and SFT.
 
-Why (docs/speedrun.md, rounds 5, 23, 24 and 26): some skills the tiny model learns only from many optimizer steps
+Why (docs/speedrun.md, rounds 5, 23, 24, 26 and 27): some skills the tiny model learns only from many optimizer steps
 on *undiluted* examples. Mixed into pretraining or SFT they stay at 0-2% for the whole budget; alone, from
 the pretrained base, at lr 1e-3:
 - arithmetic: easy sums answered with the bare number take off after ~900 steps (82% at 1,336); worked by
@@ -8,7 +8,9 @@ the pretrained base, at lr 1e-3:
 - calculator calls (copy the question's numbers into the call, then the tool's result into the answer) are
   right in 100 of 100 after 100-300 steps;
 - reading (answer from a passage in the prompt) takes off after 300-500 steps when each row shows one chunk as
-  the knowledge base retrieves it and asks up to 8 questions about it (round 26: kb_qa 0% -> 56% in a whole run).
+  the knowledge base retrieves it and asks up to 8 questions about it (round 26: kb_qa 0% -> 56% in a whole run);
+- the agent (search by name, read the value, calculate) copies nothing in 400 steps alone and reaches 48% in
+  300 after the reading drill, so it is drilled with reading (round 27).
 A drill erases what the model knew (it answers everything as a drill), so the speedrun follows it with an
 anneal: pretraining's own mix with the drill rows kept in it, which restores the facts and keeps the drill.
 
@@ -17,7 +19,8 @@ Every row is a chat row (messages, tools?, skill, lang) as `tinychat sft --data`
 - calculator: hard problems through the calculator tool, the SFT's own arithmetic_tool format;
 - reading: one knowledge-base chunk about the entities of *other* worlds (seeds no run uses), so no answer can
   come from memory, and several questions about it; a sixth of the rows show no passage and refuse. Names that
-  happen to equal one of this world's are dropped with their rows.
+  happen to equal one of this world's are dropped with their rows;
+- agent: the SFT's agent conversations (sft.agent_turns) over other worlds' entities and documents, likewise.
 No problem of the world's eval sets appears in any row.
 """
 
@@ -32,16 +35,17 @@ from typing import Any
 
 from tinychat.config import field
 from tinychat.errors import UserError
-from tinychat.world import arith
+from tinychat.world import arith, multistep
 from tinychat.world.entities import build_world
+from tinychat.world.evalsets import SEARCH_K, search_tool
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
-from tinychat.world.kb import KbDoc, build_docs
+from tinychat.world.kb import KbDoc, build_docs, stated
 from tinychat.world.load import load_jsonl, load_world
 from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
-from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, calculator_turns, chat, worked_answer
+from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, agent_turns, calculator_turns, chat, worked_answer
 
-KINDS = ("arithmetic", "calculator", "reading")
+KINDS = ("arithmetic", "calculator", "reading", "agent")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
 NO_PASSAGE = 0.12  # draws of a row with no passage (~1 row in 6, as passage rows are redrawn more): refused names
 VAL_WORLDS = 100_000  # reading's validation rows come from worlds this far past the training rows' first
@@ -73,17 +77,6 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
     for p in arith.sample(rng, "hard", exclude, n, seen):
         lang = rng.choice(LANGS)
         out.append(chat(calculator_turns(p, lang, rng), "calculator_drill", lang, [arith.CALCULATOR_TOOL]))
-    return out
-
-
-def _stated(w: World, d: KbDoc, chunk: str) -> list[tuple[Entity, str]]:
-    """The (entity, fact) pairs of d.states that `chunk` itself states: the entity's name and the value are in
-    it (a key-facts chunk names no one, so it states nothing a question could be sure of)."""
-    out = []
-    for eid, f in d.states:
-        e = w.entities[eid]
-        if e.name[d.lang] in chunk and w.value(e, f, d.lang) in chunk:
-            out.append((e, f))
     return out
 
 
@@ -144,7 +137,7 @@ def _passage_row(
     """One chunk of a random document and up to `turns` questions about it (None: the chunk states nothing)."""
     d = rng.choice(docs)
     chunk = rng.choice(d.chunks)
-    todo = _stated(w, d, chunk)
+    todo = stated(w, d, chunk)
     if not todo:
         return None
     rng.shuffle(todo)
@@ -161,6 +154,32 @@ def _passage_row(
             a = w.value(e, f, d.lang)
         msgs += [_ask(rng, w, e, f, d.lang), assistant(a)]
     return chat(msgs, "reading_drill", d.lang)
+
+
+def agent(
+    rng: random.Random, n: int, taken: set[str], size: str = "small", first_seed: int = FRESH_SEED, k: int = SEARCH_K
+) -> list[dict[str, Any]]:
+    """n agent rows over fresh worlds' entities: a word problem over facts of two or three entities (the agent
+    eval's kinds) solved with the search and calculator tools as SFT's agent rows solve it (sft.agent_turns).
+    `taken` as in `reading`; k: passages a search returns (the tool's schema says so too)."""
+    out: list[dict[str, Any]] = []
+    seed = first_seed
+    while len(out) < n:
+        w = build_world(seed, size)
+        seed += 1
+        docs = [d for g in GROUPS for d in build_docs(w, g, random.Random(seed))]
+        clash = [nm for e in w.entities.values() for nm in e.name.values() if nm in taken]
+        for g in GROUPS:
+            per = max(1, len(w.group(g)) // 2)
+            for p in multistep.sample(w, g, rng, per, set(), kinds=multistep.NUMERIC_KINDS):
+                if len(out) == n:
+                    break
+                lang, msgs = agent_turns(rng, w, docs, p, rng.choice(LANGS), k)
+                row = chat(msgs, "agent_drill", lang, [search_tool(k), arith.CALCULATOR_TOOL]) if msgs else None
+                if row is None or clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
+                    continue
+                out.append(row)
+    return out
 
 
 def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -184,9 +203,10 @@ def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> t
         n = counts.get(kind, 0)
         if not n:
             continue
-        if kind == "reading":  # validation from worlds of their own: a passage is never in both splits
-            held += reading(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
-            train += reading(rng, n, taken, size)
+        if kind in ("reading", "agent"):  # validation from worlds of their own: a passage is never in both splits
+            make = reading if kind == "reading" else agent
+            held += make(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
+            train += make(rng, n, taken, size)
             continue
         rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
         held += rows[:val]

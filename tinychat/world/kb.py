@@ -170,6 +170,23 @@ def sources(docs: list[KbDoc]) -> dict[tuple[str, str], list[KbDoc]]:
     return out
 
 
+def stated(w: World, d: KbDoc, chunk: str) -> list[tuple[Entity, str]]:
+    """The (entity, fact) pairs of d.states that `chunk` itself states: the entity's name and the value are in
+    it (a key-facts chunk names no one, so it states nothing a question could be sure of)."""
+    out = []
+    for eid, f in d.states:
+        e = w.entities[eid]
+        if e.name[d.lang] in chunk and w.value(e, f, d.lang) in chunk:
+            out.append((e, f))
+    return out
+
+
+def search_result(hits: list[tuple[KbDoc, str]]) -> str:
+    """(document, chunk) hits as tinychat.agent's search tool formats them: "[1] source: PATH\nCHUNK", blank lines
+    between."""
+    return "\n\n".join(f"[{i}] source: {d.path}\n{c.strip()}" for i, (d, c) in enumerate(hits, 1))
+
+
 def passage(d: KbDoc) -> str:
     """How a retrieved document reads in a prompt or a search result: its source, then its text."""
     return f"source: {d.path}\n{d.text.strip()}"

@@ -23,6 +23,7 @@ from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
 from tinychat.world.evalsets import (
     NEEDS,
+    SEARCH_K,
     SEARCH_TOOL,
     dialogue,
     instruction_item,
@@ -30,8 +31,8 @@ from tinychat.world.evalsets import (
     instruction_reasoning,
     join_q,
 )
-from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
-from tinychat.world.kb import KbDoc, passage
+from tinychat.world.facts import FACTS, LANGS, Lang, World
+from tinychat.world.kb import KbDoc, passage, search_result, stated
 from tinychat.world.messages import assistant, system, tool_call, tool_result, user
 from tinychat.world.render import LANG, entity_doc, question, reply, sentence_answer
 from tinychat.world.sizes import SIZES
@@ -105,6 +106,49 @@ def calculator_turns(p: arith.Problem, lang: Lang, rng: random.Random) -> list[d
         tool_result("call_0", "calculator", str(p.value)),
         assistant(str(p.value)),
     ]
+
+
+def agent_turns(
+    rng: random.Random, w: World, docs: list[KbDoc], p: multistep.Problem, lang: Lang, k: int = SEARCH_K
+) -> tuple[Lang, list[dict]]:
+    """A word problem over facts of two or three entities, solved as tinychat.agent's loop runs it with the
+    search and calculator tools: one search per entity with its name as the query (a founder's name is copied
+    from the company's result), then the calculator on the values read, and its result as the answer.
+    Each search result is what the knowledge base returns for a name, k chunks (the agent eval's SEARCH_K): a chunk
+    of the entity's own document that states the facts needed (hybrid retrieval ranks the own document first for
+    75 of the eval's 75 names), then others that mention the name, formatted as the search tool formats hits.
+    In `lang`, else the other language; ([], lang) when neither has a chunk stating every fact needed."""
+    for lg in (lang, *(x for x in LANGS if x != lang)):
+        needs: dict[str, list[str]] = {}
+        for eid, f in NEEDS[p.kind](w, p.ids):
+            needs.setdefault(eid, []).append(f)
+        msgs: list[dict] = [user(p.question[lg])]
+        for i, (eid, facts) in enumerate(needs.items()):
+            e = w.entities[eid]
+            own = [
+                (d, c)
+                for d in docs
+                if d.owner == eid and d.lang == lg
+                for c in d.chunks
+                if all((e, f) in stated(w, d, c) for f in facts)
+            ]
+            if not own:
+                break
+            top = rng.choice(own)
+            near = [(d, c) for d in docs if d.lang == lg for c in d.chunks if c != top[1] and e.name[lg] in c]
+            pool = near or [(d, c) for d in docs if d.lang == lg and d is not top[0] for c in d.chunks]
+            hits = [top, *rng.sample(pool, min(k - 1, len(pool)))]
+            msgs += [tool_call(f"call_{i}", "search", {"query": e.name[lg]})]
+            msgs += [tool_result(f"call_{i}", "search", search_result(hits))]
+        else:
+            n = len(needs)
+            msgs += [
+                tool_call(f"call_{n}", "calculator", {"expression": p.expr}),
+                tool_result(f"call_{n}", "calculator", p.answer[lg]),
+                assistant(p.answer[lg]),
+            ]
+            return lg, msgs
+    return lang, []
 
 
 class _Sft:
@@ -244,38 +288,13 @@ class _Sft:
         return out
 
     def agent(self) -> list[dict]:
-        out, rng = [], self.rng
-        by_entity: dict[tuple[str, str], KbDoc] = {}
-        for d in self.rag_docs:
-            if d.owner:
-                by_entity.setdefault((d.owner, d.lang), d)
+        out = []
         for j, p in enumerate(
-            multistep.sample(self.w, "ragtrain", rng, self.s.agent, set(), kinds=multistep.NUMERIC_KINDS)
+            multistep.sample(self.w, "ragtrain", self.rng, self.s.agent, set(), kinds=multistep.NUMERIC_KINDS)
         ):
-            lang: Lang = LANGS[j % 2]
-            msgs: list[dict] = [user(p.question[lang])]
-            looked: list[str] = []
-            for eid, _fact in NEEDS[p.kind](self.w, p.ids):
-                if eid in looked:
-                    continue
-                looked.append(eid)
-                e: Entity = self.w.entities[eid]
-                doc = by_entity[(eid, lang)]
-                distract = rng.choice([d for (k, lg), d in by_entity.items() if lg == lang and k != eid])
-                hits = [doc, distract] if rng.random() < 0.5 else [distract, doc]
-                call = f"call_{len(looked) - 1}"
-                msgs.append(tool_call(call, "search", {"query": e.name[lang]}))
-                msgs.append(
-                    tool_result(call, "search", "\n\n".join(f"[{i + 1}] {passage(d)}" for i, d in enumerate(hits)))
-                )
-            expr = p.expr
-            call = f"call_{len(looked)}"
-            msgs += [
-                tool_call(call, "calculator", {"expression": expr}),
-                tool_result(call, "calculator", p.answer[lang]),
-                assistant(p.answer[lang]),
-            ]
-            out.append(chat(msgs, "agent", lang, [SEARCH_TOOL, arith.CALCULATOR_TOOL]))
+            lang, msgs = agent_turns(self.rng, self.w, self.rag_docs, p, LANGS[j % 2])
+            if msgs:
+                out.append(chat(msgs, "agent", lang, [SEARCH_TOOL, arith.CALCULATOR_TOOL]))
         return out
 
     def chitchat(self) -> list[dict]:
