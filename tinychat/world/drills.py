@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,9 @@ def reading(
     non-existent entities fell from 99% to 36% (round 26).
     `taken`: names of the run's world; a row that mentions one is dropped."""
     out: list[dict[str, Any]] = []
-    seed = first_seed
-    while len(out) < n:
-        w = build_world(seed, size)
-        seed += 1
-        docs = [d for g in GROUPS for d in build_docs(w, g, random.Random(seed))]
-        clash = [nm for e in w.entities.values() for nm in e.name.values() if nm in taken]
+    for w, docs, clash in _fresh_worlds(first_seed, size, taken):
+        if len(out) == n:
+            break
         ents = [e for g in GROUPS for e in w.group(g)]
         for _ in range(len(docs)):
             if len(out) == n:
@@ -108,10 +106,25 @@ def reading(
                 row: dict[str, Any] | None = _unseen_row(rng, w, ents, turns // 2)
             else:
                 row = _passage_row(rng, w, docs, ents, turns)
-            if row is None or clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
-                continue
-            out.append(row)
+            if _clean(row, clash):
+                out.append(row)
     return out
+
+
+def _fresh_worlds(first_seed: int, size: str, taken: set[str]) -> Iterator[tuple[World, list[KbDoc], list[str]]]:
+    """Other worlds from first_seed on, each with its knowledge-base documents over every group and the names it
+    shares with the run's world (`taken`)."""
+    seed = first_seed
+    while True:
+        w = build_world(seed, size)
+        seed += 1
+        docs = [d for g in GROUPS for d in build_docs(w, g, random.Random(seed))]
+        yield w, docs, [nm for e in w.entities.values() for nm in e.name.values() if nm in taken]
+
+
+def _clean(row: dict[str, Any] | None, clash: list[str]) -> bool:
+    """A row to keep: one was made, and it mentions none of the run's own names."""
+    return row is not None and not any(nm in json.dumps(row, ensure_ascii=False) for nm in clash)
 
 
 def _ask(rng: random.Random, w: World, e: Entity, f: str, lang: Lang) -> dict[str, str]:
@@ -163,12 +176,9 @@ def agent(
     eval's kinds) solved with the search and calculator tools as SFT's agent rows solve it (sft.agent_turns).
     `taken` as in `reading`; k: passages a search returns (the tool's schema says so too)."""
     out: list[dict[str, Any]] = []
-    seed = first_seed
-    while len(out) < n:
-        w = build_world(seed, size)
-        seed += 1
-        docs = [d for g in GROUPS for d in build_docs(w, g, random.Random(seed))]
-        clash = [nm for e in w.entities.values() for nm in e.name.values() if nm in taken]
+    for w, docs, clash in _fresh_worlds(first_seed, size, taken):
+        if len(out) == n:
+            break
         for g in GROUPS:
             per = max(1, len(w.group(g)) // 2)
             for p in multistep.sample(w, g, rng, per, set(), kinds=multistep.NUMERIC_KINDS):
@@ -176,9 +186,8 @@ def agent(
                     break
                 lang, msgs = agent_turns(rng, w, docs, p, rng.choice(LANGS), k)
                 row = chat(msgs, "agent_drill", lang, [search_tool(k), arith.CALCULATOR_TOOL]) if msgs else None
-                if row is None or clash and any(nm in json.dumps(row, ensure_ascii=False) for nm in clash):
-                    continue
-                out.append(row)
+                if _clean(row, clash):
+                    out.append(row)
     return out
 
 
