@@ -117,7 +117,7 @@ def agent_turns(
     Each search result is what the knowledge base returns for a name, k chunks (the agent eval's SEARCH_K): a chunk
     of the entity's own document that states the facts needed (hybrid retrieval ranks the own document first for
     75 of the eval's 75 names), then others that mention the name, formatted as the search tool formats hits.
-    In `lang`, else the other language; ([], lang) when neither has a chunk stating every fact needed."""
+    In `lang`, else the other language; (lang, []) when neither has a chunk stating every fact needed."""
     for lg in (lang, *(x for x in LANGS if x != lang)):
         needs: dict[str, list[str]] = {}
         for eid, f in NEEDS[p.kind](w, p.ids):
