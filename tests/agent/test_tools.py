@@ -24,6 +24,7 @@ from tinychat.agent.tools import Registry, Tool, ToolError, parse_docstring, too
 from tinychat.rag.types import ChunkRecord, Hit
 from tinychat.world.arith import CALCULATOR_TOOL
 from tinychat.world.evalsets import SEARCH_TOOL
+from tinychat.world.kb import KbDoc, search_result
 
 
 class Unit(Enum):
@@ -269,6 +270,9 @@ def test_search_tool_formats_passages_like_the_sft_data():
     r = reg.call("search", {"query": "Alice"})
     want = "[1] source: kb/en/alice.md\nAlice was born in Lyon.\n\n[2] source: kb/en/bob.md\nBob is a baker."
     assert r.content == want
+    # tinyworld's agent rows format their hits with a twin of format_hits (world/ cannot import agent/)
+    hits = [("kb/en/alice.md", "Alice was born in Lyon.\n"), ("kb/en/bob.md", "  Bob is a baker.")]
+    assert search_result([(KbDoc(path, "en", text), text) for path, text in hits]) == want
     reg.call("search", {"query": "Bob", "k": 500})
     assert asked == [("Alice", 4), ("Bob", 20)]
 

@@ -118,10 +118,10 @@ def agent_turns(
     of the entity's own document that states the facts needed (hybrid retrieval ranks the own document first for
     75 of the eval's 75 names), then others that mention the name, formatted as the search tool formats hits.
     In `lang`, else the other language; (lang, []) when neither has a chunk stating every fact needed."""
+    needs: dict[str, list[str]] = {}
+    for eid, f in NEEDS[p.kind](w, p.ids):
+        needs.setdefault(eid, []).append(f)
     for lg in (lang, *(x for x in LANGS if x != lang)):
-        needs: dict[str, list[str]] = {}
-        for eid, f in NEEDS[p.kind](w, p.ids):
-            needs.setdefault(eid, []).append(f)
         msgs: list[dict] = [user(p.question[lg])]
         for i, (eid, facts) in enumerate(needs.items()):
             e = w.entities[eid]
