@@ -6,6 +6,8 @@ recent GPUs; fp16 is never chosen silently because it needs loss scaling in trai
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from tinychat.errors import UserError
@@ -47,3 +49,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not known; use auto, float32, bfloat16 or float16.")
     return DTYPES[name]
+
+
+def compiler_missing(device: torch.device) -> str:
+    """Why torch.compile cannot build kernels for `device` here ("" when it can): inductor writes C++ for
+    the CPU, which needs a C++ compiler on PATH (g++ by default), and Triton for GPUs. A laptop without
+    build tools then trains eagerly with a note, instead of failing at the first step."""
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - inductor raises its own types (or RuntimeError) when none is found
+            return "no C++ compiler (g++, or $CXX) was found on PATH for inductor's CPU kernels"
+        return ""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed for inductor's GPU kernels"
+    return ""

@@ -193,3 +193,33 @@ def test_the_time_budget_keeps_the_reserve_at_the_measured_rate():
 def test_a_reserve_cap_outside_zero_to_one_is_refused(tmp_path: Path):
     with pytest.raises(UserError, match="reserve_cap"):
         train(RandomTokens(), tiny_model(), config(reserve_cap=1.5), tmp_path / "r", "random")
+
+
+def test_compiled_training_takes_the_eager_steps(tmp_path):
+    """--train.compile trains through inductor's kernels (the speedrun's pretraining and anneal, round 28): the
+    same losses as eager training to float rounding, weights to 1% of what the steps moved them, and a
+    checkpoint that resumes."""
+    eager, compiled = tiny_model(), tiny_model()
+    train(RandomTokens(), eager, config(max_steps=3), tmp_path / "e", "random")
+    result = train(RandomTokens(), compiled, config(max_steps=3, compile=True), tmp_path / "c", "random")
+    assert result.steps == 3
+    for a, b in zip(train_records(tmp_path / "e"), train_records(tmp_path / "c")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-4, msg=name)  # 3 Adam steps of lr 1e-2 move one 3e-2
+    step_dir = result.model_dir / "step_000003"
+    assert not any("_orig_mod" in k for k in load_file(step_dir / "model.safetensors"))
+    resumed = config(max_steps=4, compile=True)
+    assert train(RandomTokens(), tiny_model(), resumed, tmp_path / "c", "random", resume=True).steps == 4
+
+
+def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_so(tmp_path, monkeypatch, capsys):
+    """A laptop without g++ gets the eager run (bit for bit) and a one-line note, not an inductor failure."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("tinychat-no-such-compiler",))
+    eager, fallback = tiny_model(), tiny_model()
+    train(RandomTokens(), eager, config(max_steps=2), tmp_path / "e", "random")
+    train(RandomTokens(), fallback, config(max_steps=2, compile=True), tmp_path / "f", "random")
+    assert "note: --train.compile is off for this run: no C++ compiler" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from tinychat.device import pick_device
+from tinychat.device import compiler_missing, pick_device
 from tinychat.train.parallel import apply_fsdp, apply_tp, build_mesh, parse_mesh
 from tinychat.train.pipeline import split_stage
 
@@ -97,7 +97,12 @@ def wrap_model(
         for key, block in list(layers._modules.items()):  # by key: a pipeline stage's keys are not 0..n-1
             layers._modules[key] = checkpoint_wrapper(block)
     if compile:
-        model = torch.compile(model)
+        missing = compiler_missing(info.device)
+        if missing:  # the same training, only slower: say so rather than fail at the first step
+            if info.is_main:
+                print(f"note: --train.compile is off for this run: {missing}.", flush=True)
+        else:
+            model = torch.compile(model)
     if info.mesh is not None:
         if info.mesh["dp"].size() > 1:
             apply_fsdp(model, info.mesh["dp"])  # beside tp/pp, data parallelism is always FSDP2
