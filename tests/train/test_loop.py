@@ -215,11 +215,34 @@ def test_compiled_training_takes_the_eager_steps(tmp_path):
 
 def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_so(tmp_path, monkeypatch, capsys):
     """A laptop without g++ gets the eager run (bit for bit) and a one-line note, not an inductor failure."""
-    import torch._inductor.config as inductor
+    from torch._inductor import cpp_builder, exc
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("tinychat-no-such-compiler",))
+    def none_found() -> str:
+        raise exc.InvalidCxxCompiler  # what inductor's search raises when no compiler answers `--version`
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
     eager, fallback = tiny_model(), tiny_model()
     train(RandomTokens(), eager, config(max_steps=2), tmp_path / "e", "random")
     train(RandomTokens(), fallback, config(max_steps=2, compile=True), tmp_path / "f", "random")
     assert "note: --train.compile is off for this run: no C++ compiler" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()))
+
+
+def test_compile_whose_kernels_do_not_build_trains_eagerly_and_says_why(tmp_path, monkeypatch, capsys):
+    """A compiler that is found but cannot build inductor's kernels (Apple's clang without OpenMP headers): the
+    probe kernel fails, so the run trains eagerly with the reason, and the model is never compiled."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("fatal error: 'omp.h' file not found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, fallback = tiny_model(), tiny_model()
+    train(RandomTokens(), eager, config(max_steps=2), tmp_path / "e", "random")
+    train(RandomTokens(), fallback, config(max_steps=2, compile=True), tmp_path / "f", "random")
+    out = capsys.readouterr().out
+    assert "note: --train.compile is off for this run: inductor could not build a CPU kernel here" in out
+    assert "RuntimeError: fatal error: 'omp.h' file not found" in out
     assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()))
