@@ -130,7 +130,7 @@ def agent_turns(
                 for d in docs
                 if d.owner == eid and d.lang == lg
                 for c in d.chunks
-                if all((e, f) in stated(w, d, c) for f in facts)
+                if set(facts) <= {f for x, f in stated(w, d, c) if x.id == eid}  # one pass over the chunk's facts
             ]
             if not own:
                 break
