@@ -301,3 +301,47 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert agent.probe_steps(drill) == pytest.approx(800 * 2)
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]
+
+
+def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: Path, capsys):
+    """With a plan, the anneal's max_steps give way to a time budget: what is left once the stages run so far, the
+    later stages' budgets, the plan's later work and the end margin are taken, at least half its priced time and
+    at most its max_time; kept in plan.json. Without a plan it keeps its steps."""
+    import time
+
+    from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
+    from tinychat.train.pretrain import PretrainConfig
+
+    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
+    argv = ["--run", "p", "--runs-dir", str(tmp_path)]
+    cfg = run.stage_config(PretrainConfig, "anneal", argv)
+    (tmp_path / "p").mkdir()
+    run.replan_anneal(cfg)  # no plan.json: the preset's steps
+    assert (cfg.train.max_steps, cfg.train.max_time) == (250, 4.0)
+    record = {"measured": [{"shape": "b", "seconds_per_step": 0.2}], "chosen": "b"}
+    (tmp_path / "p" / "sizing.json").write_text(json.dumps(record))
+    timings = {"world": 10.0, "tokenizer": 10.0, "data": 10.0, "pretrain": 400.0, "drill": 50.0}
+    (tmp_path / "p" / "timings.json").write_text(json.dumps(timings))
+    plan = {"budget_seconds": 900.0, "later_seconds": 100.0, "pretrain_minutes": 6.0}
+    (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))
+    run.stage_name, run.stage_t0 = "anneal", time.perf_counter()
+    run.replan_anneal(cfg)
+    # 900 - 480 spent - (SFT 90 + DPO 30 + GRPO 60) - 30 margin - 100 later work = 110 s
+    assert cfg.train.max_steps == 0 and cfg.train.max_time == pytest.approx(110 / 60, abs=0.01)
+    kept = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert kept["anneal_minutes"] == cfg.train.max_time
+    assert kept["anneal_priced_seconds"] == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD, abs=0.1)
+    assert "anneal: 1.83 min" in capsys.readouterr().out
+    (tmp_path / "p" / "timings.json").write_text(json.dumps({**timings, "pretrain": 900.0}))
+    cfg = run.stage_config(PretrainConfig, "anneal", argv)
+    run.replan_anneal(cfg)  # the kept plan, not priced again
+    assert cfg.train.max_time == kept["anneal_minutes"]
+    (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))
+    cfg = run.stage_config(PretrainConfig, "anneal", argv)
+    run.replan_anneal(cfg)  # behind schedule: half the priced time, not nothing
+    assert cfg.train.max_time == pytest.approx(0.5 * 250 * 0.2 * run.STEP_OVERHEAD / 60, abs=0.01)
+    (tmp_path / "p" / "timings.json").write_text(json.dumps({**timings, "pretrain": 0.0}))
+    (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))
+    cfg = run.stage_config(PretrainConfig, "anneal", argv)
+    run.replan_anneal(cfg)  # far ahead: at most its max_time
+    assert cfg.train.max_time == 4.0

@@ -129,6 +129,7 @@ class Speedrun:
         self.base_budget = float(self.preset.get("speedrun", {}).get("budget_minutes", 15.0))
         self.scale = (cfg.budget_minutes / self.base_budget) if cfg.budget_minutes else 1.0
         self.stage_t0 = time.perf_counter()  # when the running stage started (seconds_left)
+        self.stage_name = "pretrain"  # the running stage: its time so far is counted from stage_t0, not timings
         self._probe: dict[str, float] = {}  # generation_seconds per model shape
 
     # ------------------------------------------------------------------ helpers
@@ -379,8 +380,36 @@ class Speedrun:
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "anneal"),
             *("--init", str(self.path("checkpoints", "drill")), "--data", str(tokens)),
         ]
-        if run_pretrain(self.scaled(self.stage_config(PretrainConfig, "anneal", argv))).interrupted:
+        cfg = self.scaled(self.stage_config(PretrainConfig, "anneal", argv))
+        self.replan_anneal(cfg)
+        if run_pretrain(cfg).interrupted:
             raise KeyboardInterrupt
+
+    def replan_anneal(self, cfg: object) -> None:
+        """With a plan (see planned): the anneal trains for what the budget leaves once the time spent, SFT's, DPO's
+        and GRPO's budgets, the plan's later work and the end margin are taken, not for its max_steps; at least
+        half the time it was priced at, at most its max_time. Why: pretraining's budget is fixed before the drill
+        and the anneal run, so it prices them at the sizing probe's eager step x STEP_OVERHEAD, and both now
+        compile (a 2-core EPYC's run ended 2 minutes inside the 15, the drill and anneal 65 s under their price:
+        docs/speedrun.md, round 29). The anneal continues pretraining on the same mix, so it is where the time
+        the plan could not foresee trains the model instead of idling at the end. Kept in plan.json
+        (anneal_minutes), so a resumed anneal keeps it."""
+        plan_file = self.path("plan.json")
+        if not (plan_file.is_file() and cfg.train.max_time):
+            return  # no plan (a run budgeted in steps, or one without later_work): max_steps as the preset says
+        plan = json.loads(plan_file.read_text())
+        if "anneal_minutes" not in plan:
+            priced = self.stepped_seconds("anneal")
+            left = self.seconds_left(per_shape=True) - plan["later_seconds"]  # per_shape: the anneal's own steps out
+            plan["anneal_minutes"] = round(min(max(left, 0.5 * priced), cfg.train.max_time * 60) / 60, 3)
+            plan["anneal_priced_seconds"] = round(priced, 1)
+            plan_file.write_text(json.dumps(plan, indent=1))
+        cfg.train.max_time, cfg.train.max_steps = plan["anneal_minutes"], 0
+        print(
+            f"anneal: {plan['anneal_minutes']:.2f} min, what the budget leaves (priced at "
+            f"{plan['anneal_priced_seconds'] / 60:.2f} min before pretraining)",
+            flush=True,
+        )
 
     def planned(self, cfg: object) -> bool:
         """With `later_work`: pretraining's max_time becomes what the run's budget leaves once the time spent so
@@ -439,7 +468,7 @@ class Speedrun:
         budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
         budgets += [self.stepped_seconds(s, per_shape) for s in self.stepped_todo()]
         timings = self._load_timings()
-        spent = sum(t for name, t in timings.items() if name != "pretrain") + time.perf_counter() - self.stage_t0
+        spent = sum(t for name, t in timings.items() if name != self.stage_name) + time.perf_counter() - self.stage_t0
         return self.base_budget * self.scale * 60 - spent - sum(budgets) - self.cfg.end_margin
 
     STEP_OVERHEAD = 1.3  # a drill or anneal step against the sizing probe's (evaluation, checkpoints, loading)
@@ -593,6 +622,7 @@ class Speedrun:
                 continue
             print(f"{head} running ...", flush=True)
             t0 = self.stage_t0 = time.perf_counter()
+            self.stage_name = stage.name
             stage.run()
             dt = time.perf_counter() - t0
             timings[stage.name] = dt

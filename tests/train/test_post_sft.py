@@ -159,3 +159,23 @@ def test_sft_skill_weights_from_the_preset_and_their_errors(toy_runs: Path, tmp_
     assert "skill_weights must be numbers >= 0, got {'agent': -1}." in capsys.readouterr().err
     assert main(["sft", "--config", preset('"*" = 0\n'), *base]) == 2
     assert "leave none of the rows of" in capsys.readouterr().err
+
+
+def test_validation_tasks_grade_a_worked_reply_by_its_final_answer(tiny_tokenizer):
+    """A row without "answer" is graded by its last reply's final answer, as the model's reply is: a drill's
+    worked sum is right when the model's own working ends in the same "Answer: 132", and a plain reply is
+    compared whole as before."""
+    from tinychat.train.rewards import answer_reward
+    from tinychat.train.sft import task_prompts
+
+    worked = "7 + 5 = 12. 8 + 4 + 1 = 13.\nAnswer: 132"
+    rows = [
+        ("a:1", {"messages": [user("What is 87 plus 45?"), {"role": "assistant", "content": worked}]}),
+        ("a:2", {"messages": [user("Say hello."), {"role": "assistant", "content": "Hello there"}]}),
+        ("a:3", {"messages": [user("87 + 45?"), {"role": "assistant", "content": "It is 132."}], "answer": "132"}),
+    ]
+    tasks = task_prompts(tiny_tokenizer, rows)
+    assert [t.row["answer"] for t in tasks] == ["132", "Hello there", "132"]
+    assert answer_reward(worked, tasks[0].row) == 1.0  # the same working, read back: right
+    assert answer_reward("7 + 5 = 12. 8 + 4 + 1 = 12.\nAnswer: 122", tasks[0].row) == 0.0
+    assert answer_reward("Hello there", tasks[1].row) == 1.0

@@ -255,6 +255,14 @@ def _plan_lines(f: Path) -> list[str]:
         f"{later} s of that went to the later work that no budget bounds "
         "(evaluation, apply, stage overheads), priced by a generation probe on this machine "
         "(tinychat.speedrun.generation_seconds).",
+        *(
+            [
+                f"The anneal got {plan['anneal_minutes']:.2f} minutes, what the budget left when it started (priced "
+                f"at {fmt_num(plan.get('anneal_priced_seconds'), 0)} s before pretraining).",
+            ]
+            if isinstance(plan.get("anneal_minutes"), (int, float))
+            else []
+        ),
         "",
     ]
 

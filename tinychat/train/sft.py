@@ -27,6 +27,7 @@ from tinychat.train.config import TrainConfig
 from tinychat.train.distributed import all_reduce_sum
 from tinychat.train.loop import TrainResult
 from tinychat.train.pretrain import lm_loss
+from tinychat.train.rewards import final_answer
 
 
 @dataclass
@@ -58,7 +59,9 @@ def weigh(rows: list[tuple[str, dict]], weights: dict[str, float]) -> list[tuple
 
 
 def task_prompts(tok: Any, rows: list[tuple[str, dict]]) -> list[Prompt]:
-    """Validation rows as (prompt, expected answer): the row's "answer", else its last plain assistant reply."""
+    """Validation rows as (prompt, expected answer): the row's "answer", else the final answer of its last plain
+    assistant reply (what follows its "Answer:", as the reply is graded: a drill's worked sum ends "Answer: 132",
+    and compared whole it never matched, so drills reported eval_accuracy 0 at any validation loss)."""
     out = []
     for where, row in rows:
         msgs = row["messages"]
@@ -68,7 +71,7 @@ def task_prompts(tok: Any, rows: list[tuple[str, dict]]) -> list[Prompt]:
         if "answer" in row:
             prompt, target = msgs if last.get("role") != "assistant" else msgs[:-1], row
         elif last.get("role") == "assistant" and isinstance(last.get("content"), str) and not last.get("tool_calls"):
-            prompt, target = msgs[:-1], {"answer": last["content"]}
+            prompt, target = msgs[:-1], {"answer": final_answer(last["content"])}
         else:
             continue
         out.append(Prompt(render(tok, prompt, row.get("tools"), where, generation_prompt=True).ids, target))
