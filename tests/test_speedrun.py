@@ -264,7 +264,9 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     shape choice (per shape) while no shape is chosen."""
     from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
 
-    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
+    run = Speedrun(
+        with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator"]))
+    )
     assert run.drill_kinds == ["calculator"]
     assert run.stepped_seconds("drill") == 10.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
@@ -273,11 +275,8 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     record = {"measured": [{"shape": "a", "seconds_per_step": 0.5}, {"shape": "b", "seconds_per_step": 0.2}]}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps({**record, "chosen": "b"}))
     assert run.stepped_seconds("drill") == pytest.approx(150 * 0.2 * run.STEP_OVERHEAD)
-    both = Speedrun(
-        with_preset_defaults(
-            SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator", "arithmetic"])
-        )
-    )
+    both = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
+    assert both.drill_kinds == ["calculator", "arithmetic"]  # the default since round 29
     assert both.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
     assert run.stepped_seconds("anneal") == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD)
     reading = Speedrun(
