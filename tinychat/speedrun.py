@@ -403,13 +403,21 @@ class Speedrun:
             left = self.seconds_left(per_shape=True) - plan["later_seconds"]  # per_shape: the anneal's own steps out
             plan["anneal_minutes"] = round(min(max(left, 0.5 * priced), cfg.train.max_time * 60) / 60, 3)
             plan["anneal_priced_seconds"] = round(priced, 1)
-            plan_file.write_text(json.dumps(plan, indent=1))
-        cfg.train.max_time, cfg.train.max_steps = plan["anneal_minutes"], 0
-        print(
-            f"anneal: {plan['anneal_minutes']:.2f} min, what the budget leaves (priced at "
-            f"{plan['anneal_priced_seconds'] / 60:.2f} min before pretraining)",
-            flush=True,
-        )
+            self._save_plan(plan)
+        minutes, priced = plan["anneal_minutes"], plan["anneal_priced_seconds"] / 60
+        said = f"{minutes:.2f} min, what the budget leaves (priced at {priced:.2f} min before pretraining)"
+        self._take_budget(cfg, minutes, "max_steps", f"anneal: {said}")
+
+    def _save_plan(self, plan: dict[str, float]) -> None:
+        self.path("plan.json").write_text(json.dumps(plan, indent=1))
+
+    @staticmethod
+    def _take_budget(cfg: object, minutes: float, replaced: str, message: str) -> None:
+        """A stage trains for the plan's `minutes`; the budget they replace (`replaced` of its train config) is
+        zeroed, and the split is printed."""
+        cfg.train.max_time = minutes
+        setattr(cfg.train, replaced, 0)
+        print(message, flush=True)
 
     def planned(self, cfg: object) -> bool:
         """With `later_work`: pretraining's max_time becomes what the run's budget leaves once the time spent so
@@ -437,12 +445,15 @@ class Speedrun:
                 "later_seconds": round(later, 1),
                 "pretrain_minutes": round(max(left - later, 0.1 * cfg.train.max_time * 60) / 60, 3),
             }
-            plan_file.write_text(json.dumps(plan, indent=1))
-        cfg.train.max_time, cfg.train.reserve_tokens = plan["pretrain_minutes"], 0
-        print(
-            f"pretrain: {plan['pretrain_minutes']:.2f} min: {plan['left_seconds'] / 60:.2f} left for it and the later "
-            f"work, priced at {plan['later_seconds']:.0f} s on this machine",
-            flush=True,
+            self._save_plan(plan)
+        said = (
+            f"{plan['left_seconds'] / 60:.2f} left for it and the later work, priced at {plan['later_seconds']:.0f} s"
+        )
+        self._take_budget(
+            cfg,
+            plan["pretrain_minutes"],
+            "reserve_tokens",
+            f"pretrain: {plan['pretrain_minutes']:.2f} min: {said} on this machine",
         )
         return True
 
