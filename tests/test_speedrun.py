@@ -331,6 +331,9 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     assert kept["anneal_minutes"] == cfg.train.max_time
     assert kept["anneal_priced_seconds"] == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD, abs=0.1)
     assert "anneal: 1.83 min" in capsys.readouterr().out
+    from tinychat.eval.report import _plan_lines
+
+    assert "The anneal got 1.83 minutes" in " ".join(_plan_lines(tmp_path / "p" / "plan.json"))  # the report's line
     (tmp_path / "p" / "timings.json").write_text(json.dumps({**timings, "pretrain": 900.0}))
     cfg = run.stage_config(PretrainConfig, "anneal", argv)
     run.replan_anneal(cfg)  # the kept plan, not priced again

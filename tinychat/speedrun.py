@@ -394,10 +394,9 @@ class Speedrun:
         docs/speedrun.md, round 29). The anneal continues pretraining on the same mix, so it is where the time
         the plan could not foresee trains the model instead of idling at the end. Kept in plan.json
         (anneal_minutes), so a resumed anneal keeps it."""
-        plan_file = self.path("plan.json")
-        if not (plan_file.is_file() and cfg.train.max_time):
+        plan = self._load_plan()
+        if plan is None or not cfg.train.max_time:
             return  # no plan (a run budgeted in steps, or one without later_work): max_steps as the preset says
-        plan = json.loads(plan_file.read_text())
         if "anneal_minutes" not in plan:
             priced = self.stepped_seconds("anneal")
             left = self.seconds_left(per_shape=True) - plan["later_seconds"]  # per_shape: the anneal's own steps out
@@ -407,6 +406,11 @@ class Speedrun:
         minutes, priced = plan["anneal_minutes"], plan["anneal_priced_seconds"] / 60
         said = f"{minutes:.2f} min, what the budget leaves (priced at {priced:.2f} min before pretraining)"
         self._take_budget(cfg, minutes, "max_steps", f"anneal: {said}")
+
+    def _load_plan(self) -> dict[str, float] | None:
+        """runs/NAME/plan.json, kept by the first stage that planned; None before one has."""
+        f = self.path("plan.json")
+        return json.loads(f.read_text()) if f.is_file() else None
 
     def _save_plan(self, plan: dict[str, float]) -> None:
         self.path("plan.json").write_text(json.dumps(plan, indent=1))
@@ -428,10 +432,8 @@ class Speedrun:
         runs/NAME/plan.json, so a resumed pretraining keeps the same budget. False when there is no plan."""
         if not (self.cfg.later_work and self.cfg.shapes and self.cfg.target_steps and cfg.train.max_time):
             return False
-        plan_file = self.path("plan.json")
-        if plan_file.is_file():
-            plan = json.loads(plan_file.read_text())
-        else:
+        plan = self._load_plan()
+        if plan is None:
             from tinychat.model.config import resolve
 
             vocab = self.vocab_size()

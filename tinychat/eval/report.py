@@ -249,22 +249,20 @@ def _plan_lines(f: Path) -> list[str]:
     if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_minutes"), (int, float)):
         return []
     budget, left, later = (fmt_num(plan.get(k), 0) for k in ("budget_seconds", "left_seconds", "later_seconds"))
-    return [
+    lines = [
         f"Pretraining got {plan['pretrain_minutes']:.2f} minutes: of the {budget} s budget, {left} s were left for it "
         "and the later work once the time spent, the later stages' budgets and the end margin were taken, and "
         f"{later} s of that went to the later work that no budget bounds "
         "(evaluation, apply, stage overheads), priced by a generation probe on this machine "
-        "(tinychat.speedrun.generation_seconds).",
-        *(
-            [
-                f"The anneal got {plan['anneal_minutes']:.2f} minutes, what the budget left when it started (priced "
-                f"at {fmt_num(plan.get('anneal_priced_seconds'), 0)} s before pretraining).",
-            ]
-            if isinstance(plan.get("anneal_minutes"), (int, float))
-            else []
-        ),
-        "",
+        "(tinychat.speedrun.generation_seconds)."
     ]
+    if isinstance(plan.get("anneal_minutes"), (int, float)):  # the speedrun's replan_anneal
+        priced = fmt_num(plan.get("anneal_priced_seconds"), 0)
+        lines.append(
+            f"The anneal got {plan['anneal_minutes']:.2f} minutes, what the budget left when it started (priced "
+            f"at {priced} s before pretraining)."
+        )
+    return [*lines, ""]
 
 
 PEAK_KEYS = ("peak_flops", "probe_min", "probe_median", "probe_max")
