@@ -7,6 +7,7 @@ recent GPUs; fp16 is never chosen silently because it needs loss scaling in trai
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -20,6 +21,14 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tinychat.device import usable_cores
+
 ENV_FILE = "environment.json"
 
 
@@ -43,13 +45,6 @@ def ram_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def gpus() -> list[str]:

@@ -9,7 +9,6 @@ docs/architecture.md). The tokenizer is read from the model directory, or else f
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,7 @@ from typing import Literal
 import torch
 
 from tinychat.config import field
+from tinychat.device import usable_cores
 from tinychat.errors import UserError
 from tinychat.infer.locate import find_latest_model, how_to_get_one, resolve_model, tokenizer_dir  # noqa: F401
 
@@ -131,8 +131,7 @@ def kernel_threads(requested: int) -> int:
         raise UserError(f"--threads must be 0 (automatic) or a positive number, got {requested}.")
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - 1))
+    return max(1, min(torch.get_num_threads(), usable_cores() - 1))
 
 
 def load(model: str, runs: str, device: str, dtype: str):  # noqa: ANN201 - (Model, Tokenizer, Path)
