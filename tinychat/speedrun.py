@@ -490,7 +490,8 @@ class Speedrun:
 
     def drill_config(self, argv: list[str]) -> object:
         """The drill stage's SFTConfig: the preset's [drill] with max_steps the sum of `drill_steps` over the
-        kinds drilled (each kind needs its own steps: round 25), scaled with the budget like every stage."""
+        kinds drilled (each kind needs its own steps: round 25). --budget-minutes scales its max_time cap like
+        every stage's, not its steps: those are what the kinds need at any budget (round 30)."""
         from tinychat.train.sft import SFTConfig
 
         cfg = self.stage_config(SFTConfig, "drill", argv)
