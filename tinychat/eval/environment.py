@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tinychat.device import usable_cores
-
 ENV_FILE = "environment.json"
 
 
@@ -80,6 +78,7 @@ def capture() -> dict[str, Any]:
     import torch
 
     import tinychat
+    from tinychat.device import usable_cores  # torch, like the import above: not at this module's import
 
     return {
         "hardware": {
