@@ -56,11 +56,17 @@ class SpeedrunConfig:
     )
     drills: list[str] = field(
         [],
-        help="drill kinds (arithmetic, calculator, reading, agent) for a drill stage after pretraining and an anneal "
-        "after it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = neither stage",
+        help="drill kinds (arithmetic, calculator, reading, agent, multistep) for a drill stage after pretraining and "
+        "an anneal after it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = "
+        "neither stage",
+    )
+    anneal_drills: list[str] = field(
+        [],
+        help="drill kinds whose rows join only the anneal's mix (anneal_drill_rows of each), not the drill stage: "
+        "a skill the anneal's many mixed steps teach without a drill's erasure (multistep: round 31)",
     )
     drill_steps: dict[str, int] = field(
-        {"arithmetic": 150, "calculator": 150, "reading": 500, "agent": 300},
+        {"arithmetic": 150, "calculator": 150, "reading": 500, "agent": 300, "multistep": 150},
         help="the drill's steps for each kind it drills, summed (the calculator alone: 150; with arithmetic: 300); "
         "a kind not named here leaves [drill.train] max_steps as it is",
     )
@@ -77,9 +83,9 @@ class SpeedrunConfig:
         "(rows are packed: 8 x 1024 shows an agent drill as many rows as 16 x 512 shows reading)",
     )
     anneal_drill_rows: dict[str, int] = field(
-        {"arithmetic": 3000, "calculator": 1000, "reading": 1000, "agent": 500},
+        {"arithmetic": 3000, "calculator": 1000, "reading": 1000, "agent": 500, "multistep": 2000},
         help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it (a worked sum is "
-        "~45 tokens, a calculator row ~230, an agent row ~730)",
+        "~45 tokens, a calculator row ~230, an agent row ~730, a multistep solution ~90)",
     )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
@@ -137,6 +143,11 @@ class Speedrun:
     def drill_kinds(self) -> list[str]:
         """The drill stage's kinds; [] (no drill or anneal stage) for `--drills none`."""
         return [k for k in self.cfg.drills if k != "none"]
+
+    @property
+    def anneal_only(self) -> list[str]:
+        """Kinds whose drill rows only the anneal's mix gets (anneal_drills, less the drilled kinds)."""
+        return [k for k in self.cfg.anneal_drills if k not in self.drill_kinds]
 
     def stage_config(self, cls: type, section: str, argv: list[str]) -> object:
         """A stage's config exactly as `tinychat SECTION --config PRESET ARGV` would build it."""
@@ -324,11 +335,13 @@ class Speedrun:
         speedrun.md, round 24). Budgeted in steps (`drill_steps` per kind, else [drill.train] max_steps; max_time
         caps it)."""
         from tinychat.train.sft import run_sft
-        from tinychat.world.drills import DrillsConfig, write
+        from tinychat.world.drills import DrillsConfig, build, write
 
         rows = self.path("drills")
         dcfg = self.stage_config(DrillsConfig, "world_drills", ["--world", str(self.path("world")), "--out", str(rows)])
         dcfg.rows = self.drill_rows({k: n for k, n in dcfg.rows.items() if k in self.drill_kinds})
+        if empty := [k for k in self.drill_kinds if not dcfg.rows.get(k)]:
+            raise UserError(f"drill kind '{empty[0]}' has no rows; give it a count in [world_drills] rows.")
         write(dcfg)
         left = dict(self.cfg.anneal_drill_rows)  # the first rows of each kind, as many as the table says
         anneal = []
@@ -337,6 +350,9 @@ class Speedrun:
             if left.get(kind, 0) > 0:
                 left[kind] -= 1
                 anneal.append(line)
+        if only := {k: left.get(k, 0) for k in self.anneal_only}:  # rows for the anneal alone, never drilled
+            extra, _ = build(self.path("world"), only, val=0, seed=dcfg.seed + 1)
+            anneal += [json.dumps(r, ensure_ascii=False) + "\n" for r in extra]
         (rows / "anneal.jsonl").write_text("".join(anneal), encoding="utf-8")
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "drill"),
@@ -618,6 +634,10 @@ class Speedrun:
 
         if bad := [k for k in self.cfg.drills if k not in (*KINDS, "none")]:
             raise UserError(f"unknown drill kind '{bad[0]}'; kinds are {', '.join(KINDS)}, or none.")
+        if bad := [k for k in self.cfg.anneal_drills if k not in KINDS]:
+            raise UserError(f"unknown anneal drill kind '{bad[0]}'; kinds are {', '.join(KINDS)}.")
+        if empty := [k for k in self.anneal_only if self.cfg.anneal_drill_rows.get(k, 0) < 1]:
+            raise UserError(f"anneal drill kind '{empty[0]}' has no rows; give it a count in anneal_drill_rows.")
         if self.cfg.apply_k < 1:
             raise UserError(f"apply_k must be at least 1 (chunks in a knowledge-base prompt), got {self.cfg.apply_k}.")
         chosen = [s for s in stages if not self.cfg.stages or s.name in self.cfg.stages]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import pytest
 
 from tinychat.agent.calculator import calculate
 from tinychat.cli import main as tinychat
-from tinychat.world import drills
+from tinychat.world import drills, multistep
 from tinychat.world.answers import extract_answer, is_refusal
 from tinychat.world.arith import CALCULATOR_TOOL
 from tinychat.world.drills import DrillsConfig, build, held_out, write
+from tinychat.world.entities import build_world
 from tinychat.world.evalsets import SEARCH_TOOL
 from tinychat.world.load import load_jsonl, load_world
+from tinychat.world.render import LANG
 
 
 def _text(row: dict) -> str:
@@ -120,6 +123,38 @@ def test_agent_rows_search_read_and_calculate(micro_dir: Path) -> None:
     assert sft
     for r in sft:
         _check_agent_row(r)
+
+
+def _base_question(q: str) -> str:
+    """A multistep question without its "think step by step" or "answer directly" suffix."""
+    for lang in ("en", "zh"):
+        for suffix in (*LANG[lang].COT_SUFFIX, *LANG[lang].DIRECT_SUFFIX):
+            if q.endswith(suffix):
+                return q.removesuffix(suffix).rstrip()
+    return q
+
+
+def test_multistep_rows_solve_the_worlds_own_problems_but_no_eval_one(micro_dir: Path) -> None:
+    asked = {_base_question(r["question"]) for r in load_jsonl(micro_dir / "eval" / "multistep.jsonl")}
+    w = load_world(micro_dir)
+    world = build_world(w["seed"], w["size"])
+    drawn = multistep.sample(world, "trained", random.Random(0), 400, set())
+    assert asked & {p.question[g] for p in drawn for g in ("en", "zh")}, "unexcluded draws would hit the eval set"
+    train, val = build(micro_dir, {"multistep": 60}, val=6)
+    assert len(train) == 60 and len(val) == 6
+    assert not {r["messages"][0]["content"] for r in val} & {r["messages"][0]["content"] for r in train}
+    trained = {e.name[g] for e in world.group("trained") for g in ("en", "zh")}
+    for r in train + val:
+        q, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert r["skill"] == "multistep_drill" and _base_question(q) != q and _base_question(q) not in asked
+        assert any(nm in q + reply for nm in trained)  # the run's own entities: recall, then compose
+        lead = re.search(r"(\d+) ([+-]) (\d+)[:：]", reply)
+        if lead:  # a numeric kind: the columns' problem gives the answer
+            a, op, b = int(lead[1]), lead[2], int(lead[3])
+            assert extract_answer(reply) == str(a + b if op == "+" else a - b)
+        else:
+            assert extract_answer(reply)
+    assert {r["lang"] for r in train} == {"en", "zh"}
 
 
 def test_same_seed_same_rows(micro_dir: Path) -> None:

@@ -10,7 +10,10 @@ the pretrained base, at lr 1e-3:
 - reading (answer from a passage in the prompt) takes off after 300-500 steps when each row shows one chunk as
   the knowledge base retrieves it and asks up to 8 questions about it (round 26: kb_qa 0% -> 56% in a whole run);
 - the agent (search by name, read the value, calculate) copies nothing in 400 steps alone and reaches 48% in
-  300 after the reading drill, so it is drilled with reading (round 27).
+  300 after the reading drill, so it is drilled with reading (round 27);
+- multistep: the world's own word problems solved step by step. The model recalls each fact in the first
+  sentence, then copies the wrong operand into the columns ("born in 1948. 1948 - 1948: ..."), so the numeric
+  kinds stayed at 1 in 79; 150 drill steps take them to 48 in 79 (round 31).
 A drill erases what the model knew (it answers everything as a drill), so the speedrun follows it with an
 anneal: pretraining's own mix with the drill rows kept in it, which restores the facts and keeps the drill.
 
@@ -20,8 +23,11 @@ Every row is a chat row (messages, tools?, skill, lang) as `tinychat sft --data`
 - reading: one knowledge-base chunk about the entities of *other* worlds (seeds no run uses), so no answer can
   come from memory, and several questions about it; a sixth of the rows show no passage and refuse. Names that
   happen to equal one of this world's are dropped with their rows;
-- agent: the SFT's agent conversations (sft.agent_turns) over other worlds' entities and documents, likewise.
-No problem of the world's eval sets appears in any row.
+- agent: the SFT's agent conversations (sft.agent_turns) over other worlds' entities and documents, likewise;
+- multistep: step-by-step solutions (multistep.Problem.cot, the SFT's multistep_cot form) of problems over the
+  run's *own* trained entities, since what is drilled is composing facts the model stores. Problems are
+  drawn afresh, so most are not among the SFT's 400.
+No problem of the world's eval sets appears in any row (multistep's: no eval question is asked).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.world import arith, multistep
 from tinychat.world.entities import build_world
-from tinychat.world.evalsets import SEARCH_K, search_tool
+from tinychat.world.evalsets import SEARCH_K, join_q, search_tool
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, build_docs, stated
 from tinychat.world.load import load_jsonl, load_world
@@ -46,7 +52,7 @@ from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
 from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, agent_turns, calculator_turns, chat, worked_answer
 
-KINDS = ("arithmetic", "calculator", "reading", "agent")
+KINDS = ("arithmetic", "calculator", "reading", "agent", "multistep")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
 NO_PASSAGE = 0.12  # draws of a row with no passage (~1 row in 6, as passage rows are redrawn more): refused names
 VAL_WORLDS = 100_000  # reading's validation rows come from worlds this far past the training rows' first
@@ -78,6 +84,26 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
     for p in arith.sample(rng, "hard", exclude, n, seen):
         lang = rng.choice(LANGS)
         out.append(chat(calculator_turns(p, lang, rng), "calculator_drill", lang, [arith.CALCULATOR_TOOL]))
+    return out
+
+
+def multistep_rows(rng: random.Random, world_dir: Path, n: int) -> list[dict[str, Any]]:
+    """Up to n distinct word problems over the trained entities of the world at world_dir, each asked with a
+    "think step by step" suffix and answered with its worked solution. A problem whose question the multistep
+    eval set asks (in either language, with the eval's suffix) is skipped; fewer than n come back when the
+    world has fewer problems (a small world has ~25,000: pairs of people and ages)."""
+    w = load_world(world_dir)
+    world = build_world(w["seed"], w["size"])
+    asked = {r["question"] for r in load_jsonl(world_dir / "eval" / "multistep.jsonl")}
+    out = []
+    for p in multistep.sample(world, "trained", rng, n + len(asked), set()):
+        if any(join_q(p.question[g], LANG[g].COT_SUFFIX[0], g) in asked for g in LANGS):
+            continue
+        lang = rng.choice(LANGS)
+        q = join_q(p.question[lang], rng.choice(LANG[lang].COT_SUFFIX), lang)
+        out.append(chat([user(q), assistant(p.cot(lang))], "multistep_drill", lang))
+        if len(out) == n:
+            break
     return out
 
 
@@ -217,6 +243,11 @@ def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> t
             held += make(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
             train += make(rng, n, taken, size)
             continue
+        if kind == "multistep":  # one draw, split: a problem is never in both
+            rows = multistep_rows(rng, world_dir, n + val)
+            held += rows[:val]
+            train += rows[val:]
+            continue
         rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
         held += rows[:val]
         train += rows[val:]
@@ -233,8 +264,9 @@ class DrillsConfig:
     rows: dict[str, int] = field(
         {},
         help="training rows per kind, a TOML table such as '{calculator = 3000, arithmetic = 14000}': arithmetic "
-        "(easy sums answered directly), calculator (hard problems through the tool), reading (questions answered "
-        "from documents about other worlds' entities)",
+        "(easy sums worked by columns), calculator (hard problems through the tool), reading (questions answered "
+        "from documents about other worlds' entities), agent (search and calculate over other worlds), multistep "
+        "(the world's own word problems solved step by step)",
     )
     val: int = field(32, help="validation rows per kind (not trained on)")
     seed: int = field(0, help="random seed")
