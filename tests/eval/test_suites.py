@@ -60,6 +60,31 @@ def test_scripted_right_answers_score_full_marks(tiny_tokenizer, world_dir: Path
     assert fake.calls == 3  # one batched call per suite
 
 
+def test_a_direct_multistep_answer_may_think_first(tiny_tokenizer, world_dir: Path) -> None:
+    """A chat model asked for the answer alone may reason in a <think> block first (as the SFT rows teach): the
+    grader reads the answer after the block, and a direct row gets the step-by-step budget to think in."""
+    rows = {r["question"]: r for r in load_rows(world_dir, "multistep")}
+    budgets: list[int] = []
+
+    def answer(prompt: str) -> str:
+        r = rows[last_user_turn(prompt)]
+        steps = r["reference"] if r["mode"] == "cot" else f"<think>\nthe steps\n</think>\n\n{r['answer']}"
+        return steps
+
+    class Recording(ScriptedCompleter):
+        def complete(self, prompts: list[list[int]], max_new_tokens: int, stop=()) -> list[str]:  # noqa: ANN001
+            budgets.extend([max_new_tokens] * len(prompts))
+            return super().complete(prompts, max_new_tokens, stop)
+
+    opts = SuiteOptions(max_new_tokens=8, cot_max_new_tokens=12)
+    r = run_suite(Recording(tiny_tokenizer, answer), world_dir, "multistep", "chat", opts)
+    assert r["by_mode"]["direct"]["accuracy"] == 1.0 and r["accuracy"] == 1.0
+    assert set(budgets) == {12}
+    budgets.clear()
+    run_suite(Recording(tiny_tokenizer, lambda p: "x"), world_dir, "multistep", "base", opts)
+    assert set(budgets) == {8, 12}  # a base model's direct answer is one line, as before
+
+
 def test_base_prompts_are_few_shot(tiny_tokenizer, world_dir: Path) -> None:
     rows = load_rows(world_dir, "facts_heldout")
     fake = ScriptedCompleter(tiny_tokenizer, lambda p: " wrong\nQuestion: more text")

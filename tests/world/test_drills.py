@@ -125,6 +125,10 @@ def test_agent_rows_search_read_and_calculate(micro_dir: Path) -> None:
         _check_agent_row(r)
 
 
+def _is_direct(q: str) -> bool:
+    return any(q.endswith(x) for lang in ("en", "zh") for x in LANG[lang].DIRECT_SUFFIX)
+
+
 def _base_question(q: str) -> str:
     """A multistep question without its "think step by step" or "answer directly" suffix."""
     for lang in ("en", "zh"):
@@ -144,17 +148,22 @@ def test_multistep_rows_solve_the_worlds_own_problems_but_no_eval_one(micro_dir:
     assert len(train) == 60 and len(val) == 6
     assert not {r["messages"][0]["content"] for r in val} & {r["messages"][0]["content"] for r in train}
     trained = {e.name[g] for e in world.group("trained") for g in ("en", "zh")}
+    direct = 0
     for r in train + val:
-        q, reply = r["messages"][0]["content"], r["messages"][1]["content"]
-        assert r["skill"] == "multistep_drill" and _base_question(q) != q and _base_question(q) not in asked
-        assert any(nm in q + reply for nm in trained)  # the run's own entities: recall, then compose
-        lead = re.search(r"(\d+) ([+-]) (\d+)[:：]", reply)
+        q, turn = r["messages"][0]["content"], r["messages"][1]
+        steps = turn.get("reasoning_content") or turn["content"]  # direct: the steps thought; cot: said
+        direct += "reasoning_content" in turn
+        assert r["skill"] == "multistep_drill" and _base_question(q) not in asked
+        assert ("reasoning_content" in turn) == (_base_question(q) == q or _is_direct(q))
+        assert any(nm in q + steps for nm in trained)  # the run's own entities: recall, then compose
+        answer = extract_answer(turn["content"])
+        assert answer and ("\n" not in turn["content"]) == ("reasoning_content" in turn)
+        lead = re.search(r"(\d+) ([+-]) (\d+)[:：]", steps)
         if lead:  # a numeric kind: the columns' problem gives the answer
             a, op, b = int(lead[1]), lead[2], int(lead[3])
-            assert extract_answer(reply) == str(a + b if op == "+" else a - b)
-        else:
-            assert extract_answer(reply)
+            assert answer == str(a + b if op == "+" else a - b)
     assert {r["lang"] for r in train} == {"en", "zh"}
+    assert 10 < direct < 56  # about half of 66 answer directly after thinking
 
 
 def test_same_seed_same_rows(micro_dir: Path) -> None:

@@ -394,3 +394,18 @@ def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) ->
     with_think = [r for r in pairs if "reasoning_content" in r["chosen"][0]]
     assert with_think
     assert all(r["chosen"][0]["reasoning_content"] == r["rejected"][0]["reasoning_content"] for r in with_think)
+
+
+def test_direct_multistep_answers_think_the_steps_first(small_dir: Path) -> None:
+    """An SFT row asking a multistep problem for the answer alone thinks the step-by-step solution's steps in a
+    <think> block and says only the answer (round 31); its step-by-step twin says the same steps, then
+    "Answer: X". The grader reads the answer after the block."""
+    rows = read_jsonl(small_dir / "sft/train.jsonl") + read_jsonl(small_dir / "sft/val.jsonl")  # twins may split
+    cot = {r["messages"][-1]["content"].rsplit("\n", 1)[0] for r in rows if r["skill"] == "multistep_cot"}
+    direct = [r for r in rows if r["skill"] == "multistep_direct"]
+    assert len(direct) > 100
+    for r in direct:
+        a = r["messages"][-1]
+        think, answer = a["reasoning_content"], a["content"]
+        assert think in cot and "\n" not in answer and answer not in ("", think)
+        assert check(f"<think>\n{think}\n</think>\n\n{answer}", {"answer": answer, "check": "exact"})

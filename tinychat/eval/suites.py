@@ -167,7 +167,9 @@ def run_suite(
     pool = load_rows(world_dir, suite.source)
     rows = limited(pool, opts.limit)
     tok = completer.tokenizer
-    budget = [opts.cot_max_new_tokens if r.get("mode") == "cot" else opts.max_new_tokens for r in rows]
+    # a multistep row in either mode has room for the steps: a direct answer may follow them in a <think> block
+    thinks = ("cot", "direct") if mode == "chat" else ("cot",)
+    budget = [opts.cot_max_new_tokens if r.get("mode") in thinks else opts.max_new_tokens for r in rows]
     replies = [""] * len(rows)
     result: dict[str, Any] = {"suite": name, "mode": mode, "source": suite.source}
 

@@ -88,10 +88,11 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
 
 
 def multistep_rows(rng: random.Random, world_dir: Path, n: int) -> list[dict[str, Any]]:
-    """Up to n distinct word problems over the trained entities of the world at world_dir, each asked with a
-    "think step by step" suffix and answered with its worked solution. A problem whose question the multistep
-    eval set asks (in either language, with the eval's suffix) is skipped; fewer than n come back when the
-    world has fewer problems (a small world has ~25,000: pairs of people and ages)."""
+    """Up to n distinct word problems over the trained entities of the world at world_dir, half asked with a
+    "think step by step" suffix and answered with the worked solution, half asked for the answer and answered
+    with the steps in a <think> block, then the answer alone (the SFT's two forms). A problem whose question
+    the multistep eval set asks (in either language, with the eval's suffix) is skipped; fewer than n come back
+    when the world has fewer problems (a small world has ~25,000: pairs of people and ages)."""
     w = load_world(world_dir)
     world = build_world(w["seed"], w["size"])
     asked = {r["question"] for r in load_jsonl(world_dir / "eval" / "multistep.jsonl")}
@@ -100,8 +101,13 @@ def multistep_rows(rng: random.Random, world_dir: Path, n: int) -> list[dict[str
         if any(join_q(p.question[g], LANG[g].COT_SUFFIX[0], g) in asked for g in LANGS):
             continue
         lang = rng.choice(LANGS)
-        q = join_q(p.question[lang], rng.choice(LANG[lang].COT_SUFFIX), lang)
-        out.append(chat([user(q), assistant(p.cot(lang))], "multistep_drill", lang))
+        m = LANG[lang]
+        if rng.random() < 0.5:  # asked to reason: the steps, then "Answer: X"
+            q, reply = join_q(p.question[lang], rng.choice(m.COT_SUFFIX), lang), assistant(p.cot(lang))
+        else:  # asked for the answer (as SFT asks: a suffix or none): the steps thought, the answer said
+            q = join_q(p.question[lang], rng.choice(m.DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
+            reply = assistant(p.answer[lang], p.reasoning(lang))
+        out.append(chat([user(q), reply], "multistep_drill", lang))
         if len(out) == n:
             break
     return out

@@ -3,7 +3,8 @@
 Why: they test composition, the step that single-fact questions never exercise. Each problem has a
 step-by-step solution (each step states one fact, then the arithmetic by columns as arith.worked writes it,
 then "Answer: X") and the same problem is also asked for a direct answer, so an evaluation can compare the
-two modes on identical items.
+two modes on identical items. A direct answer is trained with the same steps in a <think> block before it,
+as a reasoning model answers (round 31): the reply the user reads is the answer alone.
 A problem is identified by (kind, entity ids); evaluation problems are excluded from training.
 """
 
@@ -35,10 +36,14 @@ class Problem:
     def key(self) -> tuple[str, ...]:
         return (self.kind, *self.ids)
 
+    def reasoning(self, lang: Lang) -> str:
+        """The solution's steps without the answer: the <think> block before a direct answer (round 31)."""
+        return LANG[lang].STEP_JOIN.join(self.steps[lang])
+
     def cot(self, lang: Lang, answer: str | None = None) -> str:
         """The step-by-step solution; `answer`: another answer after the same steps (DPO's rejected reply)."""
         final = self.answer[lang] if answer is None else answer
-        return LANG[lang].STEP_JOIN.join(self.steps[lang]) + "\n" + LANG[lang].ANSWER_PREFIX + final
+        return self.reasoning(lang) + "\n" + LANG[lang].ANSWER_PREFIX + final
 
 
 def make(world: World, kind: str, rng: random.Random, group: str) -> Problem | None:

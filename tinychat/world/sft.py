@@ -214,7 +214,7 @@ class _Sft:
                 )
             )
             q = join_q(p.question[lang], rng.choice(m.DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
-            out.append(chat([user(q), assistant(p.answer[lang])], "multistep_direct", lang))
+            out.append(chat([user(q), assistant(p.answer[lang], p.reasoning(lang))], "multistep_direct", lang))
         return out
 
     def multiturn(self) -> list[dict]:
