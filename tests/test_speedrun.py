@@ -124,6 +124,26 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
     assert main([*args[:-2], "--drills", "none", "--stages", "drill"]) == 2  # no drill stage to run
 
 
+def test_anneal_drills_join_the_anneal_but_not_the_drill(micro_run: Path):
+    """`--anneal_drills multistep`: the world's word problems go into the anneal's mix only, as many as
+    anneal_drill_rows says; the drill stage trains on its own kinds alone. Unknown or rowless kinds are errors."""
+    runs = micro_run.parent
+    for part in ("world", "tokenizer", "data", "checkpoints/pretrain"):
+        shutil.copytree(micro_run / part, runs / "ad" / part)
+    args = ["speedrun", "--preset", "micro", "--runs-dir", str(runs), "--run", "ad", "--drills", "arithmetic"]
+    rows = ["--anneal_drill_rows", "{arithmetic = 10, multistep = 7}"]
+    assert main([*args, "--anneal_drills", "multistep", *rows, "--stages", "drill", "anneal"]) == 0
+    run = runs / "ad"
+    drilled = [json.loads(line)["skill"] for line in (run / "drills" / "train.jsonl").read_text().splitlines()]
+    annealed = [json.loads(line)["skill"] for line in (run / "drills" / "anneal.jsonl").read_text().splitlines()]
+    assert set(drilled) == {"arithmetic_drill"}
+    assert (annealed.count("arithmetic_drill"), annealed.count("multistep_drill")) == (10, 7)
+    chat = json.loads((run / "data" / "anneal_tokens" / "index.json").read_text())["chat"]["by_skill"]
+    assert chat["multistep_drill"]["rows"] > 0
+    assert main([*args, "--anneal_drills", "juggling", "--stages", "drill"]) == 2
+    assert main([*args, "--anneal_drills", "multistep", "--anneal_drill_rows", "{arithmetic = 3}"]) == 2
+
+
 def test_a_drill_of_several_kinds_gives_each_kind_its_steps_worth_of_rows(micro_run: Path):
     """drill_steps buy a kind that many steps' worth of tokens in the shuffled mix: reading's 500 steps are ~5 times
     as many rows as agent's 300 (an agent row is ~3x longer), not the preset's 13,000 against 8,000."""
