@@ -24,9 +24,9 @@ Every row is a chat row (messages, tools?, skill, lang) as `tinychat sft --data`
   come from memory, and several questions about it; a sixth of the rows show no passage and refuse. Names that
   happen to equal one of this world's are dropped with their rows;
 - agent: the SFT's agent conversations (sft.agent_turns) over other worlds' entities and documents, likewise;
-- multistep: step-by-step solutions (multistep.Problem.cot, the SFT's multistep_cot form) of problems over the
-  run's *own* trained entities, since what is drilled is composing facts the model stores. Problems are
-  drawn afresh, so most are not among the SFT's 400.
+- multistep: problems over the run's *own* trained entities, since what is drilled is composing facts the model
+  stores, in the SFT's two forms: the worked solution (multistep.Problem.cot), or its steps in a <think> block
+  and then the answer alone. Problems are drawn afresh, so most are not among the SFT's 400.
 No problem of the world's eval sets appears in any row (multistep's: no eval question is asked).
 """
 
