@@ -68,8 +68,7 @@ def test_a_direct_multistep_answer_may_think_first(tiny_tokenizer, world_dir: Pa
 
     def answer(prompt: str) -> str:
         r = rows[last_user_turn(prompt)]
-        steps = r["reference"] if r["mode"] == "cot" else f"<think>\nthe steps\n</think>\n\n{r['answer']}"
-        return steps
+        return r["reference"] if r["mode"] == "cot" else f"<think>\nthe steps\n</think>\n\n{r['answer']}"
 
     class Recording(ScriptedCompleter):
         def complete(self, prompts: list[list[int]], max_new_tokens: int, stop=()) -> list[str]:  # noqa: ANN001

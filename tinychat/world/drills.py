@@ -50,7 +50,16 @@ from tinychat.world.kb import KbDoc, build_docs, stated
 from tinychat.world.load import load_jsonl, load_world
 from tinychat.world.messages import assistant, system, user
 from tinychat.world.render import LANG, question
-from tinychat.world.sft import RAG_NO_ANSWER, RAG_SYSTEM, agent_turns, calculator_turns, chat, worked_answer
+from tinychat.world.sft import (
+    RAG_NO_ANSWER,
+    RAG_SYSTEM,
+    agent_turns,
+    calculator_turns,
+    chat,
+    multistep_cot_turns,
+    multistep_direct_turns,
+    worked_answer,
+)
 
 KINDS = ("arithmetic", "calculator", "reading", "agent", "multistep")
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
@@ -101,13 +110,8 @@ def multistep_rows(rng: random.Random, world_dir: Path, n: int) -> list[dict[str
         if any(join_q(p.question[g], LANG[g].COT_SUFFIX[0], g) in asked for g in LANGS):
             continue
         lang = rng.choice(LANGS)
-        m = LANG[lang]
-        if rng.random() < 0.5:  # asked to reason: the steps, then "Answer: X"
-            q, reply = join_q(p.question[lang], rng.choice(m.COT_SUFFIX), lang), assistant(p.cot(lang))
-        else:  # asked for the answer (as SFT asks: a suffix or none): the steps thought, the answer said
-            q = join_q(p.question[lang], rng.choice(m.DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
-            reply = assistant(p.answer[lang], p.reasoning(lang))
-        out.append(chat([user(q), reply], "multistep_drill", lang))
+        turns = multistep_cot_turns if rng.random() < 0.5 else multistep_direct_turns
+        out.append(chat(turns(p, lang, rng), "multistep_drill", lang))
         if len(out) == n:
             break
     return out

@@ -97,6 +97,18 @@ def worked_answer(p: arith.Problem, lang: Lang, answer: int | None = None) -> st
     return m.STEP_JOIN.join(arith.worked(p.a, p.op, p.b, lang)) + "\n" + m.ANSWER_PREFIX + str(result)
 
 
+def multistep_cot_turns(p: multistep.Problem, lang: Lang, rng: random.Random) -> list[dict]:
+    """A word problem asked to be reasoned step by step, answered with its worked solution and "Answer: X"."""
+    return [user(join_q(p.question[lang], rng.choice(LANG[lang].COT_SUFFIX), lang)), assistant(p.cot(lang))]
+
+
+def multistep_direct_turns(p: multistep.Problem, lang: Lang, rng: random.Random) -> list[dict]:
+    """A word problem asked for its answer (half the time a suffix says so): the solution's steps in a <think>
+    block, then the answer alone, as a reasoning model answers (round 31)."""
+    q = join_q(p.question[lang], rng.choice(LANG[lang].DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
+    return [user(q), assistant(p.answer[lang], p.reasoning(lang))]
+
+
 def calculator_turns(p: arith.Problem, lang: Lang, rng: random.Random) -> list[dict]:
     """A hard problem through the calculator: the question, the call with its expression, the tool's result
     and the answer that repeats it (SFT's arithmetic_tool rows, the calculator drill, DPO's calculator pairs)."""
@@ -205,16 +217,8 @@ class _Sft:
         out, rng = [], self.rng
         for j, p in enumerate(multistep.sample(self.w, "trained", rng, self.s.multistep, self.res.multistep)):
             lang: Lang = LANGS[j % 2]
-            m = LANG[lang]
-            out.append(
-                chat(
-                    [user(join_q(p.question[lang], rng.choice(m.COT_SUFFIX), lang)), assistant(p.cot(lang))],
-                    "multistep_cot",
-                    lang,
-                )
-            )
-            q = join_q(p.question[lang], rng.choice(m.DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
-            out.append(chat([user(q), assistant(p.answer[lang], p.reasoning(lang))], "multistep_direct", lang))
+            out.append(chat(multistep_cot_turns(p, lang, rng), "multistep_cot", lang))
+            out.append(chat(multistep_direct_turns(p, lang, rng), "multistep_direct", lang))
         return out
 
     def multiturn(self) -> list[dict]:
