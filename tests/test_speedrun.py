@@ -126,7 +126,8 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
 
 def test_anneal_drills_join_the_anneal_but_not_the_drill(micro_run: Path):
     """`--anneal_drills multistep`: the world's word problems go into the anneal's mix only, as many as
-    anneal_drill_rows says; the drill stage trains on its own kinds alone. Unknown or rowless kinds are errors."""
+    anneal_drill_rows says, in the form [world_drills] multistep_direct sets; the drill stage trains on its own kinds
+    alone. Unknown or rowless kinds are errors."""
     runs = micro_run.parent
     for part in ("world", "tokenizer", "data", "checkpoints/pretrain"):
         shutil.copytree(micro_run / part, runs / "ad" / part)
@@ -135,9 +136,12 @@ def test_anneal_drills_join_the_anneal_but_not_the_drill(micro_run: Path):
     assert main([*args, "--anneal_drills", "multistep", *rows, "--stages", "drill", "anneal"]) == 0
     run = runs / "ad"
     drilled = [json.loads(line)["skill"] for line in (run / "drills" / "train.jsonl").read_text().splitlines()]
-    annealed = [json.loads(line)["skill"] for line in (run / "drills" / "anneal.jsonl").read_text().splitlines()]
+    annealed = [json.loads(line) for line in (run / "drills" / "anneal.jsonl").read_text().splitlines()]
+    skills = [r["skill"] for r in annealed]
     assert set(drilled) == {"arithmetic_drill"}
-    assert (annealed.count("arithmetic_drill"), annealed.count("multistep_drill")) == (10, 7)
+    assert (skills.count("arithmetic_drill"), skills.count("multistep_drill")) == (10, 7)
+    # [world_drills] multistep_direct = 0 (the micro preset, as cpu-tiny): every problem worked in the reply
+    assert not [r for r in annealed if "reasoning_content" in r["messages"][-1]]
     chat = json.loads((run / "data" / "anneal_tokens" / "index.json").read_text())["chat"]["by_skill"]
     assert chat["multistep_drill"]["rows"] > 0
     assert main([*args, "--anneal_drills", "juggling", "--stages", "drill"]) == 2

@@ -166,6 +166,15 @@ def test_multistep_rows_solve_the_worlds_own_problems_but_no_eval_one(micro_dir:
     assert 10 < direct < 56  # about half of 66 answer directly after thinking
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_multistep_direct_sets_the_share_of_thinking_rows(micro_dir: Path, share: float) -> None:
+    """0: every problem asked step by step and worked in the reply (round 32's anneal rows); 1: every one asked
+    for the answer, its steps in a <think> block."""
+    train, val = build(micro_dir, {"multistep": 30}, val=2, multistep_direct=share)
+    thinking = ["reasoning_content" in r["messages"][1] for r in train + val]
+    assert len(thinking) == 32 and set(thinking) == {bool(share)}
+
+
 def test_same_seed_same_rows(micro_dir: Path) -> None:
     a = build(micro_dir, {"arithmetic": 10, "reading": 10}, val=2, seed=3)
     b = build(micro_dir, {"arithmetic": 10, "reading": 10}, val=2, seed=3)
@@ -189,6 +198,7 @@ def test_write_and_cli(micro_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
         (["--rows", "{arithmetic = 0}"], "no drill rows asked for"),
         (["--rows", "{arithmetic = 4, calculator = -3}"], ">= 0"),
         (["--rows", "{juggling = 3}"], "unknown drill kind"),
+        (["--rows", "{multistep = 3}", "--multistep_direct", "1.5"], "between 0 and 1"),
     ],
 )
 def test_bad_input_is_one_sentence(

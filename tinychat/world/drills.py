@@ -96,21 +96,29 @@ def calculator(rng: random.Random, exclude: set[str], n: int, seen: set[str]) ->
     return out
 
 
-def multistep_rows(rng: random.Random, world_dir: Path, n: int) -> list[dict[str, Any]]:
-    """Up to n distinct word problems over the trained entities of the world at world_dir, half asked with a
-    "think step by step" suffix and answered with the worked solution, half asked for the answer and answered
-    with the steps in a <think> block, then the answer alone (the SFT's two forms). A problem whose question
-    the multistep eval set asks (in either language, with the eval's suffix) is skipped; fewer than n come back
-    when the world has fewer problems (a small world has ~25,000: pairs of people and ages)."""
+def multistep_rows(
+    rng: random.Random,
+    world_dir: Path,
+    n: int,
+    direct: float = 0.5,
+    kinds: tuple[str, ...] = multistep.KINDS,
+    langs: tuple[Lang, ...] = LANGS,
+) -> list[dict[str, Any]]:
+    """Up to n distinct word problems over the trained entities of the world at world_dir, a share `direct` of
+    them asked for the answer and answered with the steps in a <think> block, then the answer alone, the rest
+    asked with a "think step by step" suffix and answered with the worked solution (the SFT's two forms). A
+    problem whose question the multistep eval set asks (in either language, with the eval's suffix) is skipped;
+    fewer than n come back when the world has fewer problems (a small world has ~25,000: pairs of people and
+    ages). `kinds` and `langs` narrow the draw (bench/anneal_mix.py's variants)."""
     w = load_world(world_dir)
     world = build_world(w["seed"], w["size"])
     asked = {r["question"] for r in load_jsonl(world_dir / "eval" / "multistep.jsonl")}
     out = []
-    for p in multistep.sample(world, "trained", rng, n + len(asked), set()):
+    for p in multistep.sample(world, "trained", rng, n + len(asked), set(), kinds):
         if any(join_q(p.question[g], LANG[g].COT_SUFFIX[0], g) in asked for g in LANGS):
             continue
-        lang = rng.choice(LANGS)
-        turns = multistep_cot_turns if rng.random() < 0.5 else multistep_direct_turns
+        lang = rng.choice(langs)
+        turns = multistep_direct_turns if rng.random() < direct else multistep_cot_turns
         out.append(chat(turns(p, lang, rng), "multistep_drill", lang))
         if len(out) == n:
             break
@@ -227,9 +235,12 @@ def agent(
     return out
 
 
-def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def build(
+    world_dir: Path, counts: dict[str, int], val: int, seed: int = 0, multistep_direct: float = 0.5
+) -> tuple[list[dict], list[dict]]:
     """(train, val) drill rows of the world at world_dir: counts[kind] training rows of each kind, and `val`
-    rows of each kind with a count held out for validation; shuffled together."""
+    rows of each kind with a count held out for validation; shuffled together. `multistep_direct`: see
+    multistep_rows."""
     unknown = sorted(set(counts) - set(KINDS))
     if unknown:
         raise UserError(f"unknown drill kind {unknown[0]!r}; kinds are {', '.join(KINDS)}.")
@@ -254,7 +265,7 @@ def build(world_dir: Path, counts: dict[str, int], val: int, seed: int = 0) -> t
             train += make(rng, n, taken, size)
             continue
         if kind == "multistep":  # one draw, split: a problem is never in both
-            rows = multistep_rows(rng, world_dir, n + val)
+            rows = multistep_rows(rng, world_dir, n + val, multistep_direct)
             held += rows[:val]
             train += rows[val:]
             continue
@@ -280,6 +291,11 @@ class DrillsConfig:
     )
     val: int = field(32, help="validation rows per kind (not trained on)")
     seed: int = field(0, help="random seed")
+    multistep_direct: float = field(
+        0.5,
+        help="share of the multistep rows asked for the answer alone (its steps thought in a <think> block); the "
+        "rest are asked step by step and answered with the worked solution",
+    )
 
 
 def write(cfg: DrillsConfig) -> dict[str, Any]:
@@ -287,7 +303,9 @@ def write(cfg: DrillsConfig) -> dict[str, Any]:
         raise UserError("world drills needs --world DIR and --out DIR.")
     if not sum(cfg.rows.values()):
         raise UserError("no drill rows asked for; give --rows a count per kind, e.g. '{calculator = 3000}'.")
-    train, val = build(Path(cfg.world), cfg.rows, cfg.val, cfg.seed)
+    if not 0 <= cfg.multistep_direct <= 1:
+        raise UserError(f"--multistep_direct is a share between 0 and 1, got {cfg.multistep_direct}.")
+    train, val = build(Path(cfg.world), cfg.rows, cfg.val, cfg.seed, cfg.multistep_direct)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("val", val)):
