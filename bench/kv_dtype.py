@@ -1,12 +1,15 @@
-"""What `serve --kv_cache_dtype float16|bfloat16` costs in answers: the eval suites through the serving engine.
+"""What `serve --kv_cache_dtype float16|bfloat16` and `--prefill_dtype bfloat16` cost in answers: the eval suites
+through the serving engine.
 
     .venv/bin/python bench/kv_dtype.py --run runs/speedrun [--stage grpo] [--suites facts_heldout,instruction]
+    .venv/bin/python bench/kv_dtype.py --run runs/speedrun --dtypes float32,prefill:bfloat16
 
 Each suite's questions (the whole suite, chat-rendered as `tinychat eval` asks them, greedy, the same token
-budget) go through an Engine once per KV dtype: float32 (the default on a CPU) and the two 16-bit caches. Printed
-per suite: accuracy with its 95% interval under each dtype, and how many replies are identical to float32's
-(the rounding of the cached keys/values is the only difference between the runs). Grading is eval's own
-(`check`). This measures answers, not speed: bench/attention.py and bench/serve.py time the cache.
+budget) go through an Engine once per setup: a KV dtype (float32, the default on a CPU, and the two 16-bit
+caches), or `prefill:DTYPE`, prompts on a copy of the weights in that dtype with the float32 cache. Printed per
+suite: accuracy with its 95% interval under each setup, and how many replies are identical to the first's (the
+rounding of the cached keys/values, or of the prompt's whole forward, is the only difference between the runs).
+Grading is eval's own (`check`). This measures answers, not speed: bench/attention.py and bench/serve.py time them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a speedrun directory (its world and checkpoints)")
     ap.add_argument("--stage", default="grpo", help="the checkpoint to serve")
     ap.add_argument("--suites", default="facts_trained,facts_heldout,refusal,instruction,multistep")
-    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="KV dtypes, or prefill:DTYPE")
     ap.add_argument("--limit", type=int, default=0, help="questions per suite (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -52,7 +55,9 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for dt in dtypes:
         model, tok = load(run / "checkpoints" / args.stage)
-        engine = Engine(model, tok, EngineConfig(max_num_seqs=64, max_queue=10**6, kv_cache_dtype=dt)).start()
+        kv, prefill = ("auto", dt.removeprefix("prefill:")) if dt.startswith("prefill:") else (dt, "auto")
+        cfg = EngineConfig(max_num_seqs=64, max_queue=10**6, kv_cache_dtype=kv, prefill_dtype=prefill)
+        engine = Engine(model, tok, cfg).start()
         try:
             completer = EngineCompleter(engine, tok, int(model.cfg.max_seq_len))
             for name in args.suites.split(","):
@@ -60,7 +65,7 @@ def main() -> None:
                 results.setdefault(name, {})[dt] = run_suite(completer, world, name, "chat", opts)
         finally:
             engine.stop()
-    print(f"{run / 'checkpoints' / args.stage}: eval suites through the engine, greedy, per KV-cache dtype")
+    print(f"{run / 'checkpoints' / args.stage}: eval suites through the engine, greedy, per KV-cache or prefill dtype")
     head = f"{'suite':>14} {'n':>4}" + "".join(f" {dt + ' acc (95% CI)':>26}" for dt in dtypes)
     print(head + "".join(f" {'same as ' + dtypes[0] + ' (' + dt + ')':>24}" for dt in dtypes[1:]))
     for name, by in results.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import threading
@@ -16,6 +17,7 @@ from tinychat.infer.engine import Delta, Done, Engine, EngineConfig, EngineOverl
 from tinychat.infer.generate import generate_ids
 from tinychat.infer.sampling import SamplingParams
 from tinychat.infer.structured import Grammars
+from tinychat.model.packed import PackedLinear
 
 
 def greedy(n: int = 12, **kw) -> SamplingParams:
@@ -246,7 +248,6 @@ def test_packed_weights_are_optional_and_change_no_token(model, tok, prompts):
     """`pack_weights=False` leaves every projection an nn.Linear (no packed copy in memory); where the packed
     kernel runs, the default engine packs them, and both give the same greedy tokens."""
     from tinychat.model import Model, native
-    from tinychat.model.packed import PackedLinear
 
     outs = {}
     for pack in (False, True):
@@ -286,3 +287,45 @@ def test_a_16_bit_kv_cache_halves_the_memory_and_keeps_the_tokens(model, tok, pr
         ref_engine.stop()
     with pytest.raises(UserError, match="kv_cache_dtype"):
         Engine(model, tok, EngineConfig(kv_cache_dtype="int8"))
+
+
+def test_prefill_in_bf16_decodes_in_fp32_and_keeps_the_tokens(model, tok, prompts):
+    """--prefill_dtype bfloat16: prompt chunks run on a bf16 copy of the weights, every decode step on the fp32
+    model itself (its calls are one token a row), and 16 batched requests keep the fp32 engine's greedy tokens
+    for nearly every prompt, their first-token logprobs within bf16 rounding."""
+    ref_engine = Engine(model, tok, EngineConfig(max_num_seqs=16, prefill_chunk=16)).start()
+    try:
+        handles = [ref_engine.submit(GenerationRequest(p, greedy(16), logprobs=5)) for p in prompts]
+        ref = [collect(h, 1)[0][0] for h in handles]
+    finally:
+        ref_engine.stop()
+    # the model comes back fused and packed from ref_engine: its bf16 copy runs plain matmuls
+    e = Engine(model, tok, EngineConfig(max_num_seqs=16, prefill_chunk=16, prefill_dtype="bfloat16"))
+    assert not any(isinstance(m, PackedLinear) for m in e.prefill_model.modules())
+    assert {p.dtype for p in e.prefill_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    widths: dict[str, list[int]] = {"fp32": [], "bf16": []}
+    for name, m in (("fp32", model), ("bf16", e.prefill_model)):
+        orig = m.hidden_states
+
+        def spy(x, *a, _orig=orig, _name=name, **kw):
+            widths[_name].append(x.shape[1])
+            return _orig(x, *a, **kw)
+
+        m.hidden_states = spy
+    e.start()
+    try:
+        handles = [e.submit(GenerationRequest(p, greedy(16), logprobs=5)) for p in prompts]
+        outs = [collect(h, 1)[0][0] for h in handles]
+        same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(ref, outs))
+        assert same >= 13, f"{same} of 16 prompts kept their greedy tokens"
+        for a, b in zip(ref, outs):
+            assert abs(a["logprobs"][0].logprob - b["logprobs"][0].logprob) < 5e-2
+        assert max(widths["bf16"]) > 1 and set(widths["fp32"]) == {1}  # prompt chunks on bf16, decode rows on fp32
+    finally:
+        e.stop()
+        del model.hidden_states
+    with pytest.raises(UserError, match="prefill_dtype"):
+        Engine(model, tok, EngineConfig(prefill_dtype="int8"))
+    with pytest.raises(UserError, match="float32 model"):
+        Engine(copy.deepcopy(model).to(torch.bfloat16), tok, EngineConfig(prefill_dtype="bfloat16"))

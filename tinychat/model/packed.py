@@ -131,3 +131,20 @@ def pack_linears(model: M) -> M:
         if type(mod) is nn.Linear and id(mod) not in skip and _packable(mod.weight):
             set_module(model, name, PackedLinear(mod.weight, mod.bias, op))
     return model
+
+
+def unpack_linears(model: M) -> M:
+    """Undo pack_linears in place: each PackedLinear back to an nn.Linear over the same parameters, fused
+    projections back to their plain matmul, the packed copies dropped (a copy of a served model made to run in
+    another dtype: the serving engine's bf16 prefill weights)."""
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.qkv_mod = tuple(m for m in mod.qkv_mod if not isinstance(m, FusedPackedLinear))
+        elif isinstance(mod, MLP):
+            mod.gate_up_mod = tuple(m for m in mod.gate_up_mod if not isinstance(m, FusedPackedLinear))
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, PackedLinear):
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
+            set_module(model, name, plain)
+    return model

@@ -134,6 +134,7 @@ class EngineConfig:
     decode_steps: int = 4  # compiled: tokens per call while nothing waits (Engine._multi_decode); 1 = one per call
     pack_weights: bool = True  # fp32 on a CPU: decode matmuls over a packed copy of the weights (model/packed.py)
     kv_cache_dtype: str = "auto"  # the KV pool's dtype: auto (the compute dtype), float32, float16 or bfloat16
+    prefill_dtype: str = "auto"  # prompt chunks on a copy of the weights in this dtype (bfloat16); auto: the model's
 
 
 @dataclass
