@@ -46,12 +46,13 @@ from tinychat.model.pooling import mean_pool
 log = logging.getLogger("tinychat.engine")
 
 
-def kv_dtype(name: str, compute: torch.dtype) -> torch.dtype:
-    """The KV pool's dtype for EngineConfig.kv_cache_dtype: "auto" is the compute dtype, other names are --dtype's."""
+def option_dtype(option: str, name: str, auto: torch.dtype | None) -> torch.dtype | None:
+    """The dtype an EngineConfig dtype option names (kv_cache_dtype, prefill_dtype): `auto` for "auto", other
+    names are --dtype's."""
     if name == "auto":
-        return compute
+        return auto
     if name not in DTYPES:
-        raise UserError(f"kv_cache_dtype must be auto, float32, float16 or bfloat16; got {name!r}.")
+        raise UserError(f"{option} must be auto, float32, float16 or bfloat16; got {name!r}.")
     return DTYPES[name]
 
 
@@ -74,7 +75,8 @@ class Engine:
                 raise UserError("compiled decoding does not batch LoRA adapters yet; serve them without --compile.")
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
         self.cfg = cfg = cfg or rq.EngineConfig()
-        self.prefill_model = self._prefill_copy(model, cfg.prefill_dtype)
+        twin = self._prefill_copy(model, cfg.prefill_dtype)
+        self.prefill_model = model if twin is None else twin  # what prompt chunks run on
         if hasattr(model, "fuse_projections"):
             model.fuse_projections()  # q/k/v and gate/up in one matmul each (weights become views, no copy)
             if cfg.pack_weights:  # fp32 on the CPU: decode-step matmuls over packed weights (model/packed.py)
@@ -85,7 +87,8 @@ class Engine:
         self.device = p.device
         bs = cfg.block_size
         self.compute_dtype = model.compute_dtype()
-        self.cache = PagedKVCache(mcfg, bs, 2, self.device, kv_dtype(cfg.kv_cache_dtype, self.compute_dtype))
+        kv = option_dtype("kv_cache_dtype", cfg.kv_cache_dtype, self.compute_dtype)
+        self.cache = PagedKVCache(mcfg, bs, 2, self.device, kv)
         seq_blocks = blocks_for(self.max_len, bs)
         if cfg.kv_cache_mb is None:
             num_blocks = cfg.max_num_seqs * seq_blocks + 1
@@ -204,11 +207,9 @@ class Engine:
         dot products (AVX-512 BF16, AMX) multiplies a prefill's many rows in bf16 2.2-6.6x faster than in
         fp32, while one decode row has no packed bf16 path and stays fp32 (docs/engine.md). The prompt's keys
         and values are then rounded to bf16 precision, as with `--kv_cache_dtype bfloat16`."""
-        if name == "auto":
+        dtype = option_dtype("prefill_dtype", name, None)
+        if dtype is None:
             return None
-        if name not in DTYPES:
-            raise UserError(f"prefill_dtype must be auto, float32, float16 or bfloat16; got {name!r}.")
-        dtype = DTYPES[name]
         if any(t.dtype != torch.float32 for t in itertools.chain(model.parameters(), model.buffers())):
             raise UserError(
                 "prefill_dtype needs a float32 model (a bf16, fp16 or quantized one prefills in its own dtype)."
@@ -497,9 +498,9 @@ class Engine:
             self.out.emit(r, rq.Done(len(r.req.prompt_ids), r.completion_tokens, error=message))
 
     # ------------------------------------------------------------------ the runner
-    def _forward(self, seqs: list[Seq], chunks: list[list[int]], model: nn.Module | None = None) -> torch.Tensor:
+    def _forward(self, model: nn.Module, seqs: list[Seq], chunks: list[list[int]]) -> torch.Tensor:
         """Feed each sequence its chunk of tokens at its next positions; hidden states (B, T, d), from `model`
-        (default the served one; prefill passes its prefill_dtype copy).
+        (the served one, or for prompt chunks its prefill_dtype copy).
 
         Builds the call's attention metadata from the block tables: the pool slot of every new token,
         and the keys each row reads: a view of the pool when one sequence's blocks are consecutive,
@@ -529,7 +530,7 @@ class Engine:
             mask = visible_keys(positions, S)
         meta = PagedMeta(positions, torch.tensor(slots, device=dev), keys, first[0] * bs, S, mask, causal)
         rows = None if self.adapters is None else self.adapters.rows([s.r.slot for s in seqs], dev, self.compute_dtype)
-        h = (self.model if model is None else model).hidden_states(x, self.cache, meta=meta, adapters=rows)
+        h = model.hidden_states(x, self.cache, meta=meta, adapters=rows)
         self._advance(seqs, chunks)
         return h
 
@@ -645,7 +646,7 @@ class Engine:
         """Feed one chunk of prompt tokens for the sequences the scheduler picked."""
         seqs = [s for s, _ in batch]
         chunks = [s.prompt[s.computed : s.computed + n] for s, n in batch]
-        h = self._forward(seqs, chunks, self.prefill_model)
+        h = self._forward(self.prefill_model, seqs, chunks)
         ready = [(s, i, len(chunks[i])) for i, s in enumerate(seqs) if s.computed == len(s.prompt)]
         if not ready:
             return
@@ -679,7 +680,7 @@ class Engine:
                     self._warned_recompile = True
         if self.adapters is not None:  # rows of one adapter side by side: one run each ("group" batching)
             seqs = sorted(seqs, key=lambda s: s.r.slot)
-        h = self._forward(seqs, [[s.output[-1]] for s in seqs])
+        h = self._forward(self.model, seqs, [[s.output[-1]] for s in seqs])
         self._sample_and_emit(seqs, self.model.lm_head(h[:, 0]))  # (B, V)
 
     def _sample_and_emit(self, seqs: list[Seq], logits: torch.Tensor) -> None:
