@@ -21,7 +21,7 @@ from typing import Any
 
 from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
-from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning
+from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning, join_q
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.messages import assistant, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
@@ -131,7 +131,7 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
             good = p.cot(lang)
             wrong = str(int(p.answer[lang]) + rng.choice((-1, 1)) * rng.randint(1, 9))
             bad = p.cot(lang, wrong)  # the columns misread
-            q = p.question[lang] + (" " if lang == "en" else "") + rng.choice(m.COT_SUFFIX)
+            q = join_q(p.question[lang], rng.choice(m.COT_SUFFIX), lang)
             rows.append(pair([user(q)], good, bad, "multistep", lang))
     rows += tool_pairs(rng_for(world.seed, "preference-tool"), reserved.arith, max(2, s.preference // 12))
     return split_rows(rows, s.post_val_frac, rng_for(world.seed, "preference-split"))
