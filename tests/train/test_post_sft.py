@@ -168,7 +168,7 @@ def test_validation_tasks_grade_a_worked_reply_by_its_final_answer(tiny_tokenize
     from tinychat.train.rewards import answer_reward
     from tinychat.train.sft import task_prompts
 
-    worked = "7 + 5 = 12. 8 + 4 + 1 = 13.\nAnswer: 132"
+    worked = "7 + 5 = 12 (2). 8 + 4 + 1 = 13 (132).\nAnswer: 132"
     rows = [
         ("a:1", {"messages": [user("What is 87 plus 45?"), {"role": "assistant", "content": worked}]}),
         ("a:2", {"messages": [user("Say hello."), {"role": "assistant", "content": "Hello there"}]}),
@@ -177,5 +177,5 @@ def test_validation_tasks_grade_a_worked_reply_by_its_final_answer(tiny_tokenize
     tasks = task_prompts(tiny_tokenizer, rows)
     assert [t.row["answer"] for t in tasks] == ["132", "Hello there", "132"]
     assert answer_reward(worked, tasks[0].row) == 1.0  # the same working, read back: right
-    assert answer_reward("7 + 5 = 12. 8 + 4 + 1 = 12.\nAnswer: 122", tasks[0].row) == 0.0
+    assert answer_reward("7 + 5 = 12 (2). 8 + 4 + 1 = 12 (122).\nAnswer: 122", tasks[0].row) == 0.0
     assert answer_reward("Hello there", tasks[1].row) == 1.0

@@ -1,5 +1,6 @@
-"""tinychat.world.arith.columns / worked and the worked answers built on them: every step is true, and the
-result reads back from the steps alone (the last step's value, then each earlier step's last digit)."""
+"""tinychat.world.arith.columns / worked and the worked answers built on them: every step is true, each
+bracket is the bracket before with the step's last digit in front (the last step's whole value), and the last
+bracket is the result."""
 
 from __future__ import annotations
 
@@ -13,32 +14,33 @@ from tinychat.world.answers import check
 from tinychat.world.entities import build_world
 from tinychat.world.sft import worked_answer
 
-STEP = re.compile(r"^(1?\d|\d+) ([-+*]) (\d+)(?: ([-+]) (\d))? = (\d+)$")
+STEP = re.compile(r"^(1?\d|\d+) ([-+*]) (\d+)(?: ([-+]) (\d))? = (\d+) \((\d+)\)$")
 
 
 def _true_and_read_back(steps: list[str]) -> int:
-    """Checks each step's arithmetic from its text and returns the number the steps spell."""
-    values = []
-    for s in steps:
+    """Checks each step's arithmetic and bracket from its text and returns the number the last bracket holds."""
+    so_far = ""
+    for i, s in enumerate(steps):
         m = STEP.match(s.rstrip(".。"))
         assert m, s
-        x, op, y, op2, z, v = m.groups()
+        x, op, y, op2, z, v, bracket = m.groups()
         got = {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op]
         got = got + (int(z) if op2 == "+" else -int(z)) if op2 else got
         assert got == int(v), s
-        values.append(int(v))
-    return int(str(values[-1]) + "".join(str(v % 10) for v in reversed(values[:-1])))
+        so_far = (v if i == len(steps) - 1 else v[-1]) + so_far
+        assert bracket == so_far, s
+    return int(so_far)
 
 
 @pytest.mark.parametrize(
     ("a", "op", "b", "steps"),
     [
-        (47, "+", 26, ["7 + 6 = 13", "4 + 2 + 1 = 7"]),
-        (87, "+", 45, ["7 + 5 = 12", "8 + 4 + 1 = 13"]),  # the last carry stays in the last value: 132
-        (90, "-", 77, ["10 - 7 = 3", "9 - 7 - 1 = 1"]),  # a borrowed column shows its 1 in front
-        (2003, "-", 1987, ["13 - 7 = 6", "10 - 8 - 1 = 1", "10 - 9 - 1 = 0", "2 - 1 - 1 = 0"]),  # 0016 -> 16
-        (7, "*", 16, ["7 * 6 = 42", "7 * 1 + 4 = 11"]),
-        (16, "*", 7, ["7 * 6 = 42", "7 * 1 + 4 = 11"]),
+        (47, "+", 26, ["7 + 6 = 13 (3)", "4 + 2 + 1 = 7 (73)"]),
+        (87, "+", 45, ["7 + 5 = 12 (2)", "8 + 4 + 1 = 13 (132)"]),  # the last carry stays in the last value
+        (90, "-", 77, ["10 - 7 = 3 (3)", "9 - 7 - 1 = 1 (13)"]),  # a borrowed column shows its 1 in front
+        (2003, "-", 1987, ["13 - 7 = 6 (6)", "10 - 8 - 1 = 1 (16)", "10 - 9 - 1 = 0 (016)", "2 - 1 - 1 = 0 (0016)"]),
+        (7, "*", 16, ["7 * 6 = 42 (2)", "7 * 1 + 4 = 11 (112)"]),
+        (16, "*", 7, ["7 * 6 = 42 (2)", "7 * 1 + 4 = 11 (112)"]),
     ],
 )
 def test_columns_examples(a: int, op: str, b: int, steps: list[str]) -> None:

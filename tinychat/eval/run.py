@@ -48,9 +48,9 @@ class EvalConfig:
     shots: int = field(3, help="solved examples in a base model's few-shot prompt")
     max_new_tokens: int = field(48, help="reply length limit")
     cot_max_new_tokens: int = field(
-        160,
+        224,
         help="reply length limit for multistep questions, step by step or direct (a chat model may think before a "
-        "direct answer); a worked sum of two populations is ~140 tokens",
+        "direct answer); a worked sum of two populations is ~165 tokens (up to ~185) with its brackets",
     )
     max_tool_rounds: int = field(2, help="calculator calls a conversation may make before it must answer")
     tool_max_new_tokens: int = field(96, help="reply length limit in the tool suite (a call is ~45 tokens of JSON)")

@@ -65,7 +65,7 @@ class SuiteOptions:
     limit: int = 0  # questions per suite (0 = all); the first `limit` rows, so every stage sees the same ones
     shots: int = 3  # solved examples in a base model's prompt
     max_new_tokens: int = 48
-    cot_max_new_tokens: int = 160  # chain-of-thought rows need room to reason (worked columns: up to ~140)
+    cot_max_new_tokens: int = 224  # chain-of-thought rows need room to reason (worked columns: up to ~185)
     max_tool_rounds: int = 2
     # a calculator call is ~45 tokens of JSON under the speedrun's 8k tokenizer: at 48 the cpu-tiny SFT
     # model's calls were cut before their closing brace (43% valid), at 96 all of them parsed

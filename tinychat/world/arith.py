@@ -95,11 +95,16 @@ def columns(a: int, op: str, b: int) -> list[str]:
     """Written arithmetic, one column a step from the units up: the steps a worked answer shows before its result.
 
     Why (docs/speedrun.md, round 25): the tiny model answers an easy sum directly only after ~900 drill steps, but
-    learns these steps in ~250. Each step is a one-digit fact with the carry or borrow of the step before, and
-    the result is read back from the steps: the last step's value, then every earlier step's last digit, right
-    to left (leading zeros dropped). "+": "7 + 6 = 13", "4 + 2 + 1 = 7" (47 + 26 = 73). "-" (a >= b): "10 - 7 = 3",
-    "9 - 7 - 1 = 1" (90 - 77 = 13; a borrowed column shows its 1 in front). "*" (b of one digit, a of any):
-    "7 * 6 = 42", "7 * 1 + 4 = 11" (16 * 7 = 112; the factor with more digits is taken by columns).
+    learns these steps in ~250. Each step is a one-digit fact with the carry or borrow of the step before, then
+    in brackets the result so far: the step's last digit in front of the bracket before (the last step puts its
+    whole value there), so the answer is the last bracket, leading zeros dropped. "+": "7 + 6 = 13 (3)",
+    "4 + 2 + 1 = 7 (73)" (47 + 26 = 73). "-" (a >= b): "10 - 7 = 3 (3)", "9 - 7 - 1 = 1 (13)" (90 - 77 = 13; a
+    borrowed column shows its 1 in front). "*" (b of one digit, a of any): "7 * 6 = 42 (2)", "7 * 1 + 4 = 11 (112)"
+    (16 * 7 = 112; the factor with more digits is taken by columns).
+    Why the brackets (round 33): without them the answer is read back from the steps right to left, which the
+    2-digit drill teaches for two columns only; a year's four columns read back wrong ("1942 + 40" worked right,
+    then "Answer: 1996"), 2 of 60 such problems on one seed. Copying the bracket before with one digit in front is
+    the same small step at every length: 33 of 60 after the same anneal.
     """
     if op == "*":
         if b >= 10 and a < 10:
@@ -129,7 +134,12 @@ def columns(a: int, op: str, b: int) -> list[str]:
             s = x * b + carry
             steps.append(f"{b} * {x} = {s}" if i == 0 else f"{b} * {x} + {carry} = {s}")
             carry = s // 10
-    return steps  # a last carry stays in the last step's value: 8 + 4 + 1 = 13 is read whole
+    so_far = ""
+    for i, step in enumerate(steps):
+        value = step.rsplit(" ", 1)[1]
+        so_far = (value if i == len(steps) - 1 else value[-1]) + so_far  # a last carry stays whole: 8 + 4 + 1 = 13
+        steps[i] = f"{step} ({so_far})"
+    return steps
 
 
 def step_facts() -> set[str]:
