@@ -351,7 +351,9 @@ class Speedrun:
                 left[kind] -= 1
                 anneal.append(line)
         if only := {k: left.get(k, 0) for k in self.anneal_only}:  # rows for the anneal alone, never drilled
-            extra, _ = build(self.path("world"), only, 0, dcfg.seed + 1, dcfg.multistep_direct)
+            extra, _ = build(
+                self.path("world"), only, val=0, seed=dcfg.seed + 1, multistep_direct=dcfg.multistep_direct
+            )
             anneal += [json.dumps(r, ensure_ascii=False) + "\n" for r in extra]
         (rows / "anneal.jsonl").write_text("".join(anneal), encoding="utf-8")
         argv = [

@@ -48,7 +48,7 @@ class EvalConfig:
     shots: int = field(3, help="solved examples in a base model's few-shot prompt")
     max_new_tokens: int = field(48, help="reply length limit")
     cot_max_new_tokens: int = field(
-        224,
+        SuiteOptions.cot_max_new_tokens,
         help="reply length limit for multistep questions, step by step or direct (a chat model may think before a "
         "direct answer); a worked sum of two populations is ~165 tokens (up to ~185) with its brackets",
     )

@@ -117,6 +117,7 @@ def columns(a: int, op: str, b: int) -> list[str]:
         raise ValueError(f"columns does + - * only, not {op!r}")
     da, db = [int(c) for c in reversed(str(a))], [int(c) for c in reversed(str(b))]
     steps: list[str] = []
+    values: list[int] = []  # each step's value, for the brackets
     carry = 0
     for i in range(max(len(da), len(db)) if op == "+" else len(da)):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
@@ -134,11 +135,11 @@ def columns(a: int, op: str, b: int) -> list[str]:
             s = x * b + carry
             steps.append(f"{b} * {x} = {s}" if i == 0 else f"{b} * {x} + {carry} = {s}")
             carry = s // 10
+        values.append(s)
     so_far = ""
-    for i, step in enumerate(steps):
-        value = step.rsplit(" ", 1)[1]
-        so_far = (value if i == len(steps) - 1 else value[-1]) + so_far  # a last carry stays whole: 8 + 4 + 1 = 13
-        steps[i] = f"{step} ({so_far})"
+    for i, v in enumerate(values):
+        so_far = (str(v) if i == len(values) - 1 else str(v % 10)) + so_far  # a last carry stays whole: 8 + 4 + 1 = 13
+        steps[i] += f" ({so_far})"
     return steps
 
 

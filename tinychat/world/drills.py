@@ -246,6 +246,8 @@ def build(
         raise UserError(f"unknown drill kind {unknown[0]!r}; kinds are {', '.join(KINDS)}.")
     if any(n < 0 for n in counts.values()) or val < 0:
         raise UserError("drill row counts must be >= 0.")
+    if not 0 <= multistep_direct <= 1:
+        raise UserError(f"--multistep_direct is a share between 0 and 1, got {multistep_direct}.")
     if not (world_dir / "eval").is_dir():
         raise UserError(f"{world_dir} is not a tinyworld directory (no eval/); run 'tinychat world generate' first.")
     rng = random.Random(seed)
@@ -303,8 +305,6 @@ def write(cfg: DrillsConfig) -> dict[str, Any]:
         raise UserError("world drills needs --world DIR and --out DIR.")
     if not sum(cfg.rows.values()):
         raise UserError("no drill rows asked for; give --rows a count per kind, e.g. '{calculator = 3000}'.")
-    if not 0 <= cfg.multistep_direct <= 1:
-        raise UserError(f"--multistep_direct is a share between 0 and 1, got {cfg.multistep_direct}.")
     train, val = build(Path(cfg.world), cfg.rows, cfg.val, cfg.seed, cfg.multistep_direct)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
