@@ -282,7 +282,7 @@ def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys
 
 
 def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path: Path):
-    """cpu-tiny's drill (150 steps for the calculator, 300 with arithmetic: drill_steps) and anneal (250) are
+    """cpu-tiny's drill (150 steps for the calculator, 300 with arithmetic: drill_steps) and anneal (450) are
     budgeted in steps; the plan prices them at the sizing
     probe's step time of the chosen shape x STEP_OVERHEAD, capped by their max_time, and leaves them to the
     shape choice (per shape) while no shape is chosen."""
@@ -294,7 +294,7 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert run.drill_kinds == ["calculator"]
     assert run.stepped_seconds("drill") == 10.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
-    assert run.stepped_steps() == pytest.approx((150 + 250) * run.STEP_OVERHEAD)
+    assert run.stepped_steps() == pytest.approx((150 + 450) * run.STEP_OVERHEAD)
     (tmp_path / "p").mkdir()
     record = {"measured": [{"shape": "a", "seconds_per_step": 0.5}, {"shape": "b", "seconds_per_step": 0.2}]}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps({**record, "chosen": "b"}))
@@ -302,7 +302,7 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     both = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
     assert both.drill_kinds == ["calculator", "arithmetic"]  # the default since round 29
     assert both.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
-    assert run.stepped_seconds("anneal") == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD)
+    assert run.stepped_seconds("anneal") == pytest.approx(450 * 0.2 * run.STEP_OVERHEAD)
     reading = Speedrun(
         with_preset_defaults(
             SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator", "reading"])
@@ -326,6 +326,34 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]
 
 
+def test_pretraining_keeps_the_drill_and_anneal_steps_at_its_own_rate(tmp_path: Path, capsys):
+    """cpu-tiny's plan gives pretraining the drill's and anneal's time too, and a reserve of their tokens
+    (x RESERVE_OVERHEAD) that the loop prices at pretraining's measured rate: the sizing probe's eager step read
+    0.37-0.46 s for the same compiled 0.38 s (round 34). A kept plan sets the same reserve on a resume."""
+    from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
+    from tinychat.train.pretrain import PretrainConfig
+
+    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
+    assert run.stepped_tokens() == round((300 + 450) * 16 * 256 * run.RESERVE_OVERHEAD)
+    none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
+    assert none.stepped_tokens() == 0
+    (tmp_path / "p").mkdir()
+    plan = {"budget_seconds": 900.0, "left_seconds": 700.0, "later_seconds": 100.0, "pretrain_minutes": 10.0}
+    (tmp_path / "p" / "plan.json").write_text(json.dumps({**plan, "reserve_tokens": 3_000_000}))
+    cfg = run.stage_config(PretrainConfig, "pretrain", ["--run", "p", "--runs-dir", str(tmp_path)])
+    assert run.planned(cfg)
+    assert (cfg.train.max_time, cfg.train.reserve_tokens, cfg.train.reserve_cap) == (10.0, 3_000_000, run.RESERVE_CAP)
+    assert "less 3.00M tokens of drill and anneal at its own rate" in capsys.readouterr().out
+    from tinychat.eval.report import _plan_lines
+
+    said = " ".join(_plan_lines(tmp_path / "p" / "plan.json"))
+    assert "kept 3.00M tokens" in said
+    (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))  # a plan from before round 34: no reserve
+    cfg = run.stage_config(PretrainConfig, "pretrain", ["--run", "p", "--runs-dir", str(tmp_path)])
+    assert run.planned(cfg) and cfg.train.reserve_tokens == 0
+    assert "kept" not in " ".join(_plan_lines(tmp_path / "p" / "plan.json"))
+
+
 def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: Path, capsys):
     """With a plan, the anneal's max_steps give way to a time budget: what is left once the stages run so far, the
     later stages' budgets, the plan's later work and the end margin are taken, at least half its priced time and
@@ -340,7 +368,7 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     cfg = run.stage_config(PretrainConfig, "anneal", argv)
     (tmp_path / "p").mkdir()
     run.replan_anneal(cfg)  # no plan.json: the preset's steps
-    assert (cfg.train.max_steps, cfg.train.max_time) == (250, 4.0)
+    assert (cfg.train.max_steps, cfg.train.max_time) == (450, 4.0)
     record = {"measured": [{"shape": "b", "seconds_per_step": 0.2}], "chosen": "b"}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps(record))
     timings = {"world": 10.0, "tokenizer": 10.0, "data": 10.0, "pretrain": 400.0, "drill": 50.0}
@@ -353,7 +381,7 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     assert cfg.train.max_steps == 0 and cfg.train.max_time == pytest.approx(110 / 60, abs=0.01)
     kept = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert kept["anneal_minutes"] == cfg.train.max_time
-    assert kept["anneal_priced_seconds"] == pytest.approx(250 * 0.2 * run.STEP_OVERHEAD, abs=0.1)
+    assert kept["anneal_priced_seconds"] == pytest.approx(450 * 0.2 * run.STEP_OVERHEAD, abs=0.1)
     assert "anneal: 1.83 min" in capsys.readouterr().out
     from tinychat.eval.report import _plan_lines
 
@@ -365,7 +393,7 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))
     cfg = run.stage_config(PretrainConfig, "anneal", argv)
     run.replan_anneal(cfg)  # behind schedule: half the priced time, not nothing
-    assert cfg.train.max_time == pytest.approx(0.5 * 250 * 0.2 * run.STEP_OVERHEAD / 60, abs=0.01)
+    assert cfg.train.max_time == pytest.approx(0.5 * 450 * 0.2 * run.STEP_OVERHEAD / 60, abs=0.01)
     (tmp_path / "p" / "timings.json").write_text(json.dumps({**timings, "pretrain": 0.0}))
     (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))
     cfg = run.stage_config(PretrainConfig, "anneal", argv)

@@ -446,8 +446,10 @@ class Speedrun:
         far, the later stages' own budgets, the later work priced at this machine's measured generation speed
         and `end_margin` are taken (the loop's rate-priced reserve is then off). Why: a reserve priced at the
         training rate mispriced work whose speed is the machine's inference speed (two minutes unused on a fast
-        machine, 2.5 minutes over on a slow one: docs/speedrun.md, rounds 9, 11 and 17). Kept in
-        runs/NAME/plan.json, so a resumed pretraining keeps the same budget. False when there is no plan."""
+        machine, 2.5 minutes over on a slow one: docs/speedrun.md, rounds 9, 11 and 17). The drill's and anneal's
+        steps are not taken at the sizing probe's price: max_time keeps their time, and the loop's reserve
+        (stepped_tokens) takes it back at pretraining's own measured rate. Kept in runs/NAME/plan.json, so a
+        resumed pretraining keeps the same budget. False when there is no plan."""
         if not (self.cfg.later_work and self.cfg.shapes and self.cfg.target_steps and cfg.train.max_time):
             return False
         plan = self._load_plan()
@@ -458,24 +460,51 @@ class Speedrun:
             if vocab is None:
                 return False  # pretraining itself says what is missing, in one sentence
             later = self.later_seconds(resolve(cfg.model, vocab_size=vocab))
-            left = self.seconds_left()
+            stepped = sum(self.stepped_seconds(s) for s in self.stepped_todo())  # in seconds_left at the probe's price
+            reserve = self.stepped_tokens()
+            left = self.seconds_left() + (stepped if reserve else 0.0)
             plan = {
                 "budget_seconds": round(self.base_budget * self.scale * 60, 1),
                 "left_seconds": round(left, 1),
                 "later_seconds": round(later, 1),
                 "pretrain_minutes": round(max(left - later, 0.1 * cfg.train.max_time * 60) / 60, 3),
+                "reserve_tokens": reserve,
+                "stepped_probe_seconds": round(stepped, 1),
             }
             self._save_plan(plan)
         said = (
             f"{plan['left_seconds'] / 60:.2f} left for it and the later work, priced at {plan['later_seconds']:.0f} s"
         )
+        if plan.get("reserve_tokens"):
+            said += f", less {plan['reserve_tokens'] / 1e6:.2f}M tokens of drill and anneal at its own rate"
         self._take_budget(
             cfg,
             plan["pretrain_minutes"],
             "reserve_tokens",
             f"pretrain: {plan['pretrain_minutes']:.2f} min: {said} on this machine",
         )
+        cfg.train.reserve_tokens = plan.get("reserve_tokens", 0)
+        cfg.train.reserve_cap = self.RESERVE_CAP
         return True
+
+    RESERVE_OVERHEAD = 1.1  # a drill or anneal step's wall time against a pretraining step's, both compiled
+    # (evaluation, loading, its own compile: round 33's runs, 1.08-1.16)
+    RESERVE_CAP = 0.9  # the reserve is training at training's rate, not inference priced at it: no fp32 overpricing
+
+    def stepped_tokens(self) -> int:
+        """Tokens of the drill's and anneal's steps still to run, x RESERVE_OVERHEAD: the reserve pretraining keeps
+        for them at its own measured rate (train.reserve_tokens). Why: priced at the sizing probe's eager step
+        (stepped_seconds) they cost what the probe read, and on one machine it read 0.37 s in some runs and
+        0.41-0.46 s in others for the same compiled 0.38 s step; the runs that read fast gave pretraining ~1 minute
+        more and the anneal 320-353 steps instead of 450-500, and ended with multistep 40.5% against 56.3% and
+        held-out facts 68.2% against 71.9% (docs/speedrun.md, round 34). 0 without a plan for them."""
+        todo = self.stepped_todo()
+        if not todo:
+            return 0
+        trains = [self.stepped_train(s) for s in todo]
+        if not all(t.max_steps for t in trains):
+            return 0  # a stage budgeted in minutes only: the probe's price, as before
+        return round(sum(t.max_steps * t.batch_size * t.seq_len for t in trains) * self.RESERVE_OVERHEAD)
 
     def vocab_size(self) -> int | None:
         """The run's tokenizer's vocabulary size; None before the tokenizer stage has written it."""

@@ -190,6 +190,26 @@ def test_the_time_budget_keeps_the_reserve_at_the_measured_rate():
     assert time_budget(capped, 100, 4_000_000, 100.0) == pytest.approx(575.0)  # under the cap: 25 s
 
 
+def test_the_reserve_rate_is_measured_from_step_20_without_the_first_steps_compile():
+    """The loop passes (elapsed, tokens) at step 20: a 40 s compile in the first step would otherwise price the
+    reserve at ~6x the real rate and take the cap."""
+    cfg = TrainConfig(max_time=10.0, reserve_tokens=1_000_000, reserve_cap=0.9)
+    # 60 s at step 100, 40 of them compiling before step 20: 20 s for 320k tokens after it, 16k tokens/s
+    assert time_budget(cfg, 100, 400_000, 60.0, origin=(40.0, 80_000)) == pytest.approx(600.0 - 62.5)
+    assert time_budget(cfg, 100, 400_000, 60.0) == pytest.approx(600.0 - 150.0)  # the whole span's rate: 2.4x more
+    assert time_budget(cfg, 20, 80_000, 40.0, origin=(40.0, 80_000)) == 600.0  # nothing measured yet
+
+
+def test_the_loop_keeps_the_rate_origin_in_its_checkpoint(tmp_path: Path):
+    """A resumed stage measures its reserve's rate from the same step-20 origin."""
+    run = tmp_path / "o"
+    train(RandomTokens(), tiny_model(), config(max_steps=24, checkpoint_every=24), run, "random")
+    ckpt = sorted((run / "checkpoints" / "random").glob("step_*"))[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    elapsed, tokens = state["rate_origin"]
+    assert 0 < elapsed < state["elapsed"] and 0 < tokens < state["tokens"]
+
+
 def test_a_reserve_cap_outside_zero_to_one_is_refused(tmp_path: Path):
     with pytest.raises(UserError, match="reserve_cap"):
         train(RandomTokens(), tiny_model(), config(reserve_cap=1.5), tmp_path / "r", "random")

@@ -256,6 +256,11 @@ def _plan_lines(f: Path) -> list[str]:
         "(evaluation, apply, stage overheads), priced by a generation probe on this machine "
         "(tinychat.speedrun.generation_seconds)."
     ]
+    if isinstance(plan.get("reserve_tokens"), int) and plan["reserve_tokens"]:  # the speedrun's stepped_tokens
+        lines.append(
+            f"Those minutes include the drill's and the anneal's: pretraining kept {plan['reserve_tokens'] / 1e6:.2f}M "
+            "tokens of their steps back at its own measured rate and stopped when the rest was spent."
+        )
     if isinstance(plan.get("anneal_minutes"), (int, float)):  # the speedrun's replan_anneal
         priced = fmt_num(plan.get("anneal_priced_seconds"), 0)
         lines.append(

@@ -154,15 +154,24 @@ def _step_budget(cfg: TrainConfig, tokens_per_step: int) -> int | None:
     return min(budgets) if budgets else None
 
 
-def time_budget(cfg: TrainConfig, step: int, tokens: int, elapsed: float) -> float:
+def time_budget(
+    cfg: TrainConfig, step: int, tokens: int, elapsed: float, origin: tuple[float, int] | None = None
+) -> float:
     """Seconds the time budget allows: max_time, less the time reserve_tokens take at the rate measured so far
     (from step 20 on; at most reserve_cap of the budget). A slower machine thus stops earlier and leaves later
-    work whose cost grows with its slowness (the speedrun's post-training overheads, evaluation and apply) its
-    time. The cap matters where training is slow for a reason inference does not share: a CPU without fast
-    bf16 trains in fp32 at half the rate but evaluates about as fast (docs/speedrun.md, round 11)."""
+    work whose cost grows with its slowness (the speedrun's drill and anneal, which train at this rate) its
+    time. The cap matters where training is slow for a reason later work does not share: a CPU without fast
+    bf16 trains in fp32 at half the rate but evaluates about as fast (docs/speedrun.md, round 11).
+    `origin` = (elapsed, tokens) at step 20, which the loop passes: the rate is then measured from there, without
+    the first steps' compilation (~40 s of inductor on a fresh clone, 10-15% of a speedrun's pretraining: priced
+    into the reserve it would take the cap at step 20 and end the stage within ~100 steps)."""
     total = cfg.max_time * 60
     if not cfg.reserve_tokens or step < 20 or tokens <= 0:
         return total
+    if origin is not None:
+        if tokens <= origin[1]:
+            return total
+        elapsed, tokens = elapsed - origin[0], tokens - origin[1]
     return total - min(cfg.reserve_tokens * elapsed / tokens, total * cfg.reserve_cap)
 
 
@@ -241,11 +250,13 @@ def train(
 
     log = MetricsLog(run_dir, stage, info.is_main, cfg.tensorboard)
     step, tokens, elapsed = 0, 0, 0.0
+    origin: tuple[float, int] | None = None  # (elapsed, tokens) at step 20: the reserve's rate is measured from there
     if resume:
         ckpt = latest_checkpoint(stage_dir)
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer, stage=pipe is not None)
             step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+            origin = tuple(state["rate_origin"]) if state.get("rate_origin") else None
             objective.load_state_dict(state.get("objective", {}))
             if scaler.is_enabled() and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])
@@ -274,7 +285,7 @@ def train(
         """How much of the first budget to run out is spent (>= 1: stop); also drives the LR schedule."""
         return max(
             step / total_steps if total_steps else 0.0,
-            elapsed / time_budget(cfg, step, tokens, elapsed) if cfg.max_time else 0.0,
+            elapsed / time_budget(cfg, step, tokens, elapsed, origin) if cfg.max_time else 0.0,
             objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
         )
 
@@ -283,6 +294,7 @@ def train(
             "step": step,
             "tokens": tokens,
             "elapsed": elapsed,
+            "rate_origin": list(origin) if origin else None,
             "stage": stage,
             "objective": objective.state_dict(),
             "world": info.world,
@@ -378,6 +390,8 @@ def train(
             tokens += step_tokens
             dt = time.perf_counter() - t0
             elapsed = time.perf_counter() - t_start
+            if step == 20 and origin is None:
+                origin = (elapsed, tokens)
             tok_s = step_tokens / dt
             mfu = flops_tok * tok_s / (peak * info.devices) if peak and flops_tok else 0.0
             last_loss = loss_value
