@@ -7,7 +7,10 @@ drilled model, once per variant of its extra rows, then the suites.
 A variant is `none` (the default anneal's drill rows: arithmetic and calculator, no word problems) or
 `msN:FORM[:KINDS[:LANGS]]`: those rows plus N word problems over the world's trained entities (the multistep
 drill's rows, tinychat.world.drills.multistep_rows: no eval question), FORM cot (worked in the reply), direct
-(steps in a <think> block) or both (half each), KINDS all, numeric or lookup, LANGS en, zh or en,zh. Each variant
+(steps in a <think> block) or both (half each), KINDS all, numeric or lookup, LANGS en, zh or en,zh. Either may
+end in `+inN[:KINDS]`: N questions about the trained entities with an instruction (tinychat.world.drills.
+instruction_rows: capitals and the other language unless KINDS, a comma list of the eval's instruction kinds,
+says otherwise; no (entity, fact, instruction) the eval asks). Each variant
 tokenizes the run's cleaned text with its world's SFT rows and these rows (`tinychat data tokenize` with the
 preset's chat weights), anneals from runs/NAME/checkpoints/drill with the run's own anneal settings
 (config.anneal.toml) for the same number of steps as its anneal took (or --steps), and evaluates the four suites
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from tinychat.eval.report import wilson
 from tinychat.world import multistep
-from tinychat.world.drills import multistep_rows
+from tinychat.world.drills import INSTRUCTION_KINDS, instruction_rows, multistep_rows
 
 SUITES = ("facts_trained", "facts_heldout", "multistep", "instruction")
 KINDS = {
@@ -50,8 +53,18 @@ def anneal_steps(run: Path) -> int:
 
 
 def variant_rows(run: Path, spec: str) -> list[str]:
-    """The anneal's drill rows without word problems, plus the variant's (see the module docstring)."""
-    base = [ln for ln in (run / "drills" / "anneal.jsonl").read_text().splitlines(True) if "multistep_drill" not in ln]
+    """The anneal's drill rows without word problems or instruction rows, plus the variant's (see the module
+    docstring)."""
+    spec, *more = spec.split("+")
+    lines = (run / "drills" / "anneal.jsonl").read_text().splitlines(True)
+    base = [ln for ln in lines if "multistep_drill" not in ln and "instruction_drill" not in ln]
+    for part in more:  # inN[:KIND,KIND]: N instruction rows (tinychat.world.drills.instruction_rows)
+        n, _, kinds = part.partition(":")
+        if not n.startswith("in") or not n[2:].isdigit():
+            raise SystemExit(f"bad variant part {part!r}: inN[:upper,lang,json,sentence,number_only,one_word]")
+        asked = tuple(kinds.split(",")) if kinds else INSTRUCTION_KINDS
+        rows = instruction_rows(random.Random(11), run / "world", int(n[2:]), asked)
+        base += [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     if spec == "none":
         return base
     n, form, kinds, langs = (spec.split(":") + ["both", "all", "en,zh"][len(spec.split(":")) - 1 :])[:4]

@@ -166,6 +166,45 @@ def test_multistep_rows_solve_the_worlds_own_problems_but_no_eval_one(micro_dir:
     assert 10 < direct < 56  # about half of 66 answer directly after thinking
 
 
+def test_instruction_rows_ask_capitals_and_the_other_language_but_no_eval_triple(micro_dir: Path) -> None:
+    """Trained entities' facts with the capitals or other-language instruction, answered with the value so
+    written after the fact is thought in the question's language; no (entity, fact, instruction) of the eval set."""
+    from tinychat.world.evalsets import instruction_kinds
+    from tinychat.world.facts import FACTS
+    from tinychat.world.render import n_questions, question
+
+    w = load_world(micro_dir)
+    world = build_world(w["seed"], w["size"])
+    asked = {(r["entity"], r["fact"], r["instruction"]) for r in load_jsonl(micro_dir / "eval" / "instruction.jsonl")}
+    asked_q = {r["question"] for r in load_jsonl(micro_dir / "eval" / "instruction.jsonl")}
+    which = {  # a training wording -> the (entity, fact, language) it asks about
+        question(world, e, f, g, i): (e, f, g)
+        for e in world.group("trained")
+        for f in FACTS[e.kind]
+        for g in ("en", "zh")
+        for i in range(n_questions(f))
+    }
+    hit = {(e.id, f, k) for e in world.group("trained") for f in FACTS[e.kind] for k in ("upper", "lang")}
+    assert hit & asked, "unexcluded draws would hit the eval set"
+    train, val = build(micro_dir, {"instruction": 80}, val=4)
+    assert len(train) == 80 and len(val) == 4
+    kinds = set()
+    for r in train + val:
+        q, turn = r["messages"][0]["content"], r["messages"][1]
+        base = next(b for b in sorted(which, key=len, reverse=True) if q.startswith(b))
+        e, f, g = which[base]
+        kind = "upper" if q.endswith(LANG["en"].INSTRUCTIONS["upper"]) else "lang"
+        kinds.add(kind)
+        assert r["skill"] == "instruction_drill" and r["lang"] == g and q not in asked_q
+        assert (e.id, f, kind) not in asked and kind in instruction_kinds(world, e, f, g)
+        other = "zh" if g == "en" else "en"
+        assert turn["content"] == (world.value(e, f, g).upper() if kind == "upper" else world.value(e, f, other))
+        assert turn["reasoning_content"]  # the fact recalled in the question's language first
+        if kind == "lang":
+            assert world.value(e, f, g) in turn["reasoning_content"]
+    assert kinds == {"upper", "lang"}
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_multistep_direct_sets_the_share_of_thinking_rows(micro_dir: Path, share: float) -> None:
     """0: every problem asked step by step and worked in the reply (round 32's anneal rows); 1: every one asked

@@ -26,7 +26,9 @@ Every row is a chat row (messages, tools?, skill, lang) as `tinychat sft --data`
 - agent: the SFT's agent conversations (sft.agent_turns) over other worlds' entities and documents, likewise;
 - multistep: problems over the run's *own* trained entities, since what is drilled is composing facts the model
   stores, in the SFT's two forms: the worked solution (multistep.Problem.cot), or its steps in a <think> block
-  and then the answer alone. Problems are drawn afresh, so most are not among the SFT's 400.
+  and then the answer alone. Problems are drawn afresh, so most are not among the SFT's 400;
+- instruction: the trained entities' facts asked with an instruction (capitals, the other language), answered as
+  the SFT's instruction rows are, for the anneal's mix (round 34).
 No problem of the world's eval sets appears in any row (multistep's: no eval question is asked).
 """
 
@@ -44,7 +46,7 @@ from tinychat.config import field
 from tinychat.errors import UserError
 from tinychat.world import arith, multistep
 from tinychat.world.entities import build_world
-from tinychat.world.evalsets import SEARCH_K, join_q, search_tool
+from tinychat.world.evalsets import SEARCH_K, instruction_kinds, join_q, search_tool
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, build_docs, stated
 from tinychat.world.load import load_jsonl, load_world
@@ -56,12 +58,15 @@ from tinychat.world.sft import (
     agent_turns,
     calculator_turns,
     chat,
+    instruction_turns,
     multistep_cot_turns,
     multistep_direct_turns,
     worked_answer,
 )
+from tinychat.world.splits import reserve_templates
 
-KINDS = ("arithmetic", "calculator", "reading", "agent", "multistep")
+KINDS = ("arithmetic", "calculator", "reading", "agent", "multistep", "instruction")
+INSTRUCTION_KINDS = ("upper", "lang")  # the instructions the instruction drill asks by default (round 34)
 FRESH_SEED = 1_000_003  # the other worlds' seeds start here, far from any seed a run would use
 NO_PASSAGE = 0.12  # draws of a row with no passage (~1 row in 6, as passage rows are redrawn more): refused names
 VAL_WORLDS = 100_000  # reading's validation rows come from worlds this far past the training rows' first
@@ -122,6 +127,39 @@ def multistep_rows(
         out.append(chat(turns(p, lang, rng), "multistep_drill", lang))
         if len(out) == n:
             break
+    return out
+
+
+def instruction_rows(
+    rng: random.Random, world_dir: Path, n: int, kinds: tuple[str, ...] = INSTRUCTION_KINDS
+) -> list[dict[str, Any]]:
+    """n questions about the trained entities' facts with a format or language instruction of `kinds` (the
+    eval's instruction kinds: upper, lang, json, sentence, number_only, one_word), asked in a training wording
+    and answered as the SFT's instruction rows answer (sft.instruction_turns). No (entity, fact, instruction) that
+    the instruction eval set asks is drawn, in either language. Why capitals and the other language: a model
+    answers each from a fact it knows in one form, and must write that value in another (DALZAN, 达尔赞 for
+    Dalzan). Every run's final model answered 0-1 of 23-32 capitals questions and 4-5 of 42-53 cross-language ones
+    with 32 and ~110 SFT rows of each (round 33); the values are the world's closed lists and entity names, so
+    they are seen again and again under other entities' facts."""
+    w = load_world(world_dir)
+    world = build_world(w["seed"], w["size"])
+    res = reserve_templates(world)
+    asked = {(r["entity"], r["fact"], r["instruction"]) for r in load_jsonl(world_dir / "eval" / "instruction.jsonl")}
+    cands = [
+        (e, f, lang, k)
+        for e in world.group("trained")
+        for f in FACTS[e.kind]
+        for lang in LANGS
+        for k in instruction_kinds(world, e, f, lang)
+        if k in kinds and (e.id, f, k) not in asked
+    ]
+    if not cands:
+        return []
+    out = []
+    for _ in range(n):
+        e, f, lang, k = rng.choice(cands)
+        q = question(world, e, f, lang, rng.choice(res.train_templates(e.id, f, lang)))
+        out.append(chat(instruction_turns(world, e, f, lang, k, q), "instruction_drill", lang))
     return out
 
 
@@ -266,8 +304,12 @@ def build(
             held += make(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
             train += make(rng, n, taken, size)
             continue
-        if kind == "multistep":  # one draw, split: a problem is never in both
-            rows = multistep_rows(rng, world_dir, n + val, multistep_direct)
+        if kind in ("multistep", "instruction"):  # one draw, split
+            rows = (
+                multistep_rows(rng, world_dir, n + val, multistep_direct)
+                if kind == "multistep"
+                else instruction_rows(rng, world_dir, n + val)
+            )
             held += rows[:val]
             train += rows[val:]
             continue
@@ -289,7 +331,8 @@ class DrillsConfig:
         help="training rows per kind, a TOML table such as '{calculator = 3000, arithmetic = 14000}': arithmetic "
         "(easy sums worked by columns), calculator (hard problems through the tool), reading (questions answered "
         "from documents about other worlds' entities), agent (search and calculate over other worlds), multistep "
-        "(the world's own word problems solved step by step)",
+        "(the world's own word problems solved step by step), instruction (its facts asked in capitals or the other "
+        "language)",
     )
     val: int = field(32, help="validation rows per kind (not trained on)")
     seed: int = field(0, help="random seed")

@@ -197,9 +197,12 @@ def instruction_reasoning(world: World, e: Entity, f: str, lang: Lang, kind: str
     another fact of the same entity. Stating the fact first, in a <think> block the graders ignore, lets
     the formatted answer follow the fact the relation phrase has already retrieved. Where the plain answer is
     the bare value (Chinese, numbers) or the instruction asks for that sentence anyway, there is nothing to
-    think.
+    think, except for an answer in the other language: the value is recalled in the question's language first
+    and then written in the other, two steps instead of one (round 34).
     """
     said = reply(world, e, f, lang)
+    if kind == "lang":
+        return said
     return None if kind == "sentence" or said == world.value(e, f, lang) else said
 
 

@@ -31,7 +31,7 @@ from tinychat.world.evalsets import (
     instruction_reasoning,
     join_q,
 )
-from tinychat.world.facts import FACTS, LANGS, Lang, World
+from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.kb import KbDoc, passage, search_result, stated
 from tinychat.world.messages import assistant, system, tool_call, tool_result, user
 from tinychat.world.render import LANG, entity_doc, question, reply, sentence_answer
@@ -107,6 +107,18 @@ def multistep_direct_turns(p: multistep.Problem, lang: Lang, rng: random.Random)
     block, then the answer alone, as a reasoning model answers (round 31)."""
     q = join_q(p.question[lang], rng.choice(LANG[lang].DIRECT_SUFFIX), lang) if rng.random() < 0.5 else p.question[lang]
     return [user(q), assistant(p.answer[lang], p.reasoning(lang))]
+
+
+def instruction_turns(world: World, e: Entity, f: str, lang: Lang, kind: str, q: str) -> list[dict]:
+    """A fact question `q` with a format or language instruction of `kind`, answered as asked: the fact as a
+    plain answer states it in a <think> block where that differs (instruction_reasoning), then the formatted
+    value (the SFT's instruction rows and the instruction drill's)."""
+    q, ans, _check, _aliases = instruction_item(world, e, f, lang, kind, q)
+    if kind == "json":
+        ans = json.dumps({"answer": ans}, ensure_ascii=False)
+    elif kind == "sentence":
+        ans = sentence_answer(world, e, f, lang)
+    return [user(q), assistant(ans, instruction_reasoning(world, e, f, lang, kind))]
 
 
 def calculator_turns(p: arith.Problem, lang: Lang, rng: random.Random) -> list[dict]:
@@ -243,13 +255,7 @@ class _Sft:
             f = rng.choice(FACTS[e.kind])
             kind = rng.choice(instruction_kinds(self.w, e, f, lang))
             q0 = question(self.w, e, f, lang, rng.choice(self.res.train_templates(e.id, f, lang)))
-            q, ans, _check, _aliases = instruction_item(self.w, e, f, lang, kind, q0)
-            if kind == "json":
-                ans = json.dumps({"answer": ans}, ensure_ascii=False)
-            elif kind == "sentence":
-                ans = sentence_answer(self.w, e, f, lang)
-            think = instruction_reasoning(self.w, e, f, lang, kind)
-            out.append(chat([*self.sys(lang), user(q), assistant(ans, think)], "instruction", lang))
+            out.append(chat([*self.sys(lang), *instruction_turns(self.w, e, f, lang, kind, q0)], "instruction", lang))
         return out
 
     def refusal(self) -> list[dict]:
