@@ -125,25 +125,26 @@ def test_drill_and_anneal_stages_run_between_pretraining_and_sft(micro_run: Path
 
 
 def test_anneal_drills_join_the_anneal_but_not_the_drill(micro_run: Path):
-    """`--anneal_drills multistep`: the world's word problems go into the anneal's mix only, as many as
-    anneal_drill_rows says, in the form [world_drills] multistep_direct sets; the drill stage trains on its own kinds
-    alone. Unknown or rowless kinds are errors."""
+    """`--anneal_drills multistep instruction`: the world's word problems and instruction questions go into the
+    anneal's mix only, as many as anneal_drill_rows says, the problems in the form [world_drills] multistep_direct
+    sets; the drill stage trains on its own kinds alone. Unknown or rowless kinds are errors."""
     runs = micro_run.parent
     for part in ("world", "tokenizer", "data", "checkpoints/pretrain"):
         shutil.copytree(micro_run / part, runs / "ad" / part)
     args = ["speedrun", "--preset", "micro", "--runs-dir", str(runs), "--run", "ad", "--drills", "arithmetic"]
-    rows = ["--anneal_drill_rows", "{arithmetic = 10, multistep = 7}"]
-    assert main([*args, "--anneal_drills", "multistep", *rows, "--stages", "drill", "anneal"]) == 0
+    rows = ["--anneal_drill_rows", "{arithmetic = 10, multistep = 7, instruction = 5}"]
+    only = ["--anneal_drills", "multistep", "instruction"]
+    assert main([*args, *only, *rows, "--stages", "drill", "anneal"]) == 0
     run = runs / "ad"
     drilled = [json.loads(line)["skill"] for line in (run / "drills" / "train.jsonl").read_text().splitlines()]
     annealed = [json.loads(line) for line in (run / "drills" / "anneal.jsonl").read_text().splitlines()]
     skills = [r["skill"] for r in annealed]
     assert set(drilled) == {"arithmetic_drill"}
-    assert (skills.count("arithmetic_drill"), skills.count("multistep_drill")) == (10, 7)
+    assert [skills.count(f"{k}_drill") for k in ("arithmetic", "multistep", "instruction")] == [10, 7, 5]
     # [world_drills] multistep_direct = 0 (the micro preset, as cpu-tiny): every problem worked in the reply
-    assert not [r for r in annealed if "reasoning_content" in r["messages"][-1]]
+    assert not [r for r in annealed if r["skill"] == "multistep_drill" and "reasoning_content" in r["messages"][-1]]
     chat = json.loads((run / "data" / "anneal_tokens" / "index.json").read_text())["chat"]["by_skill"]
-    assert chat["multistep_drill"]["rows"] > 0
+    assert chat["multistep_drill"]["rows"] > 0 and chat["instruction_drill"]["rows"] > 0
     assert main([*args, "--anneal_drills", "juggling", "--stages", "drill"]) == 2
     assert main([*args, "--anneal_drills", "multistep", "--anneal_drill_rows", "{arithmetic = 3}"]) == 2
 

@@ -56,17 +56,18 @@ class SpeedrunConfig:
     )
     drills: list[str] = field(
         [],
-        help="drill kinds (arithmetic, calculator, reading, agent, multistep) for a drill stage after pretraining and "
-        "an anneal after it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round 24); none = "
-        "neither stage",
+        help="drill kinds (arithmetic, calculator, reading, agent, multistep, instruction) for a drill stage after "
+        "pretraining and an anneal after it ([world_drills], [drill], [anneal] in the preset; docs/speedrun.md, round "
+        "24); none = neither stage",
     )
     anneal_drills: list[str] = field(
         [],
         help="drill kinds whose rows join only the anneal's mix (anneal_drill_rows of each), not the drill stage: "
-        "a skill the anneal's many mixed steps teach without a drill's erasure (multistep: round 31)",
+        "a skill the anneal's many mixed steps teach without a drill's erasure (multistep: round 31; instruction: "
+        "round 34)",
     )
     drill_steps: dict[str, int] = field(
-        {"arithmetic": 150, "calculator": 150, "reading": 500, "agent": 300, "multistep": 150},
+        {"arithmetic": 150, "calculator": 150, "reading": 500, "agent": 300, "multistep": 150, "instruction": 150},
         help="the drill's steps for each kind it drills, summed (the calculator alone: 150; with arithmetic: 300); "
         "a kind not named here leaves [drill.train] max_steps as it is",
     )
@@ -83,9 +84,9 @@ class SpeedrunConfig:
         "(rows are packed: 8 x 1024 shows an agent drill as many rows as 16 x 512 shows reading)",
     )
     anneal_drill_rows: dict[str, int] = field(
-        {"arithmetic": 3000, "calculator": 1000, "reading": 1000, "agent": 500, "multistep": 2000},
+        {"arithmetic": 3000, "calculator": 1000, "reading": 1000, "agent": 500, "multistep": 2000, "instruction": 3000},
         help="drill rows of each kind kept in the anneal's mix, so the drilled skill survives it (a worked sum is "
-        "~45 tokens, a calculator row ~230, an agent row ~730, a multistep solution ~90)",
+        "~45 tokens, a calculator row ~230, an agent row ~730, a multistep solution ~90, an instruction row ~40)",
     )
     chat_in_pretrain: bool = field(
         True, help="mix the world's SFT conversations into the pretraining tokens ([data_tokenize] chat_weights)"
