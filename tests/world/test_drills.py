@@ -188,6 +188,7 @@ def test_instruction_rows_ask_capitals_and_the_other_language_but_no_eval_triple
     assert hit & asked, "unexcluded draws would hit the eval set"
     train, val = build(micro_dir, {"instruction": 80}, val=4)
     assert len(train) == 80 and len(val) == 4
+    assert len({_text(r) for r in train + val}) == 84  # distinct draws: validation never repeats a training row
     kinds = set()
     for r in train + val:
         q, turn = r["messages"][0]["content"], r["messages"][1]

@@ -136,30 +136,30 @@ def instruction_rows(
     """n questions about the trained entities' facts with a format or language instruction of `kinds` (the
     eval's instruction kinds: upper, lang, json, sentence, number_only, one_word), asked in a training wording
     and answered as the SFT's instruction rows answer (sft.instruction_turns). No (entity, fact, instruction) that
-    the instruction eval set asks is drawn, in either language. Why capitals and the other language: a model
-    answers each from a fact it knows in one form, and must write that value in another (DALZAN, 达尔赞 for
-    Dalzan). Every run's final model answered 0-1 of 23-32 capitals questions and 4-5 of 42-53 cross-language ones
-    with 32 and ~110 SFT rows of each (round 33); the values are the world's closed lists and entity names, so
-    they are seen again and again under other entities' facts."""
+    the instruction eval set asks is drawn, in either language; each (entity, fact, language, instruction,
+    wording) at most once until all have been. Why capitals and the other language: a model answers each from a
+    fact it knows in one form, and must write that value in another (MECHANIC for mechanic, 伦锡亚 for Lensimia).
+    Every round 33 final model answered 0-1 of 23-32 capitals questions and 4 of 42-53 cross-language ones, with 32
+    and ~110 SFT rows of each; the values are the world's closed lists and entity names, so they are seen again
+    and again under other entities' facts (docs/speedrun.md, round 34)."""
     w = load_world(world_dir)
     world = build_world(w["seed"], w["size"])
     res = reserve_templates(world)
     asked = {(r["entity"], r["fact"], r["instruction"]) for r in load_jsonl(world_dir / "eval" / "instruction.jsonl")}
     cands = [
-        (e, f, lang, k)
+        (e, f, lang, k, t)
         for e in world.group("trained")
         for f in FACTS[e.kind]
         for lang in LANGS
         for k in instruction_kinds(world, e, f, lang)
         if k in kinds and (e.id, f, k) not in asked
+        for t in res.train_templates(e.id, f, lang)
     ]
-    if not cands:
-        return []
-    out = []
-    for _ in range(n):
-        e, f, lang, k = rng.choice(cands)
-        q = question(world, e, f, lang, rng.choice(res.train_templates(e.id, f, lang)))
-        out.append(chat(instruction_turns(world, e, f, lang, k, q), "instruction_drill", lang))
+    out: list[dict[str, Any]] = []
+    while cands and len(out) < n:  # distinct draws, pass after pass
+        for e, f, lang, k, t in rng.sample(cands, min(len(cands), n - len(out))):
+            q = question(world, e, f, lang, t)
+            out.append(chat(instruction_turns(world, e, f, lang, k, q), "instruction_drill", lang))
     return out
 
 
