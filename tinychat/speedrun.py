@@ -461,16 +461,14 @@ class Speedrun:
             if vocab is None:
                 return False  # pretraining itself says what is missing, in one sentence
             later = self.later_seconds(resolve(cfg.model, vocab_size=vocab))
-            stepped = sum(self.stepped_seconds(s) for s in self.stepped_todo())  # in seconds_left at the probe's price
             reserve = self.stepped_tokens()
-            left = self.seconds_left() + (stepped if reserve else 0.0)
+            left = self.seconds_left(per_shape=bool(reserve))  # with a reserve, not the drill's and anneal's price
             plan = {
                 "budget_seconds": round(self.base_budget * self.scale * 60, 1),
                 "left_seconds": round(left, 1),
                 "later_seconds": round(later, 1),
                 "pretrain_minutes": round(max(left - later, 0.1 * cfg.train.max_time * 60) / 60, 3),
                 "reserve_tokens": reserve,
-                "stepped_probe_seconds": round(stepped, 1),
             }
             self._save_plan(plan)
         said = (
@@ -519,7 +517,8 @@ class Speedrun:
         """Seconds of the budget left for pretraining and the later unbudgeted work: the budget, less the
         finished stages' time, this stage's so far, the later training stages' budgets and the end margin.
         per_shape=True leaves out the steps of the stages budgeted in steps (drill, anneal), for a caller that
-        prices them at each model shape's own step time (fitted_shape)."""
+        prices them otherwise: at each model shape's own step time (fitted_shape), or with pretraining's reserve
+        at its measured rate (planned)."""
         from tinychat.train.dpo import DPOConfig
         from tinychat.train.grpo import GRPOConfig
         from tinychat.train.sft import SFTConfig

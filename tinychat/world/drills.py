@@ -304,17 +304,13 @@ def build(
             held += make(rng, val, taken, size, first_seed=FRESH_SEED + VAL_WORLDS)
             train += make(rng, n, taken, size)
             continue
-        if kind in ("multistep", "instruction"):  # one draw, split
-            rows = (
-                multistep_rows(rng, world_dir, n + val, multistep_direct)
-                if kind == "multistep"
-                else instruction_rows(rng, world_dir, n + val)
-            )
-            held += rows[:val]
-            train += rows[val:]
-            continue
-        rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
-        held += rows[:val]
+        if kind == "multistep":
+            rows = multistep_rows(rng, world_dir, n + val, multistep_direct)
+        elif kind == "instruction":
+            rows = instruction_rows(rng, world_dir, n + val)
+        else:
+            rows = (arithmetic if kind == "arithmetic" else calculator)(rng, exclude, n + val, seen)
+        held += rows[:val]  # one draw, split: a row is never in both
         train += rows[val:]
     rng.shuffle(train)
     return train, held

@@ -15,17 +15,16 @@ Only "trained" entities and "fake_train" names appear, with training question wo
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
 from tinychat.world import arith, multistep
 from tinychat.world.entities import rng_for
-from tinychat.world.evalsets import instruction_item, instruction_kinds, instruction_reasoning, join_q
+from tinychat.world.evalsets import instruction_kinds, join_q
 from tinychat.world.facts import FACTS, LANGS, Entity, Lang, World
 from tinychat.world.messages import assistant, user
 from tinychat.world.render import LANG, question, reply, sentence_answer
-from tinychat.world.sft import calculator_turns, split_rows, worked_answer
+from tinychat.world.sft import calculator_turns, instruction_turns, split_rows, worked_answer
 from tinychat.world.sizes import SIZES
 from tinychat.world.splits import Reserved
 
@@ -96,16 +95,12 @@ def build_preference(world: World, reserved: Reserved) -> tuple[list[dict], list
                 rows.append(pair([user(q)], reply(world, e, f, lang), refusal, "overrefusal", lang))
             else:
                 ik = rng.choice(instruction_kinds(world, e, f, lang))
-                full, ans, _c, _a = instruction_item(world, e, f, lang, ik, q)
-                chosen = {
-                    "json": json.dumps({"answer": ans}, ensure_ascii=False),
-                    "sentence": sentence_answer(world, e, f, lang),
-                }.get(ik, ans)
+                asked, answered = instruction_turns(world, e, f, lang, ik, q)  # the SFT's row: chosen
+                chosen = answered["content"]
                 rejected = sentence_answer(world, e, f, lang) if ik in ("one_word", "number_only") else v
                 if chosen == rejected:  # e.g. capitals of an already upper-case value: no signal, skip
                     continue
-                think = instruction_reasoning(world, e, f, lang, ik)
-                rows.append(pair([user(full)], chosen, rejected, "instruction", lang, think))
+                rows.append(pair([asked], chosen, rejected, "instruction", lang, answered.get("reasoning_content")))
         elif kind == "refusal":
             e = rng.choice(fakes)
             f = rng.choice(FACTS[e.kind])
