@@ -66,6 +66,7 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
         assert steps[stage]["train"].pop("max_steps") == n * k
         assert steps[stage]["train"].pop("max_time") == 0
     assert base["speedrun"].pop("later_work") > 0  # pretraining's time = what the budget leaves: steps fix it
+    assert base["pretrain"]["train"].pop("reserve_floor") > 0  # a floor under the time plan's reserve: steps fix it
     assert base["speedrun"].pop("end_margin") >= 0
     assert steps["speedrun"].pop("budget_minutes") == 15.0 * k
     assert base["speedrun"].pop("target_steps") > 0  # fitting the shape to the time budget: steps fix both

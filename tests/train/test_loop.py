@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,27 @@ def test_the_reserve_rate_is_measured_from_step_20_without_the_first_steps_compi
     assert time_budget(cfg, 100, 400_000, 60.0, origin=(40.0, 80_000)) == pytest.approx(600.0 - 62.5)
     assert time_budget(cfg, 100, 400_000, 60.0) == pytest.approx(600.0 - 150.0)  # the whole span's rate: 2.4x more
     assert time_budget(cfg, 20, 80_000, 40.0, origin=(40.0, 80_000)) == 600.0  # nothing measured yet
+
+
+def test_the_reserve_never_stops_training_before_its_floor():
+    """reserve_floor steps are kept at the measured rate, whatever the reserve takes; max_time still bounds them."""
+    cfg = TrainConfig(max_time=10.0, reserve_tokens=100_000_000, reserve_cap=0.9, reserve_floor=300)
+    # 4k tokens a step, 60 s to step 100 of which 40 compiled before step 20: 0.25 s a step after it
+    origin = (40.0, 80_000)
+    assert time_budget(cfg, 100, 400_000, 60.0, origin) == pytest.approx(40.0 + 280 * 0.25)  # the floor: 110 s
+    assert time_budget(replace(cfg, reserve_floor=0), 100, 400_000, 60.0, origin) == pytest.approx(600.0 - 540.0)
+    assert time_budget(replace(cfg, reserve_floor=50), 100, 400_000, 60.0, origin) == pytest.approx(60.0)
+    assert time_budget(replace(cfg, reserve_floor=10_000), 100, 400_000, 60.0, origin) == 600.0  # at most max_time
+    assert time_budget(replace(cfg, reserve_tokens=0), 100, 400_000, 60.0, origin) == 600.0  # no reserve, no floor
+
+
+def test_the_loop_trains_to_the_reserve_floor(tmp_path: Path):
+    """A reserve larger than the whole budget would stop training at step 20; the floor carries it on."""
+    huge = {"max_steps": 0, "max_time": 5.0, "reserve_tokens": 10**12, "reserve_cap": 1.0, "eval_every": 0}
+    floored = train(RandomTokens(), tiny_model(), config(reserve_floor=30, **huge), tmp_path / "f", "random")
+    assert floored.steps == 30
+    with pytest.raises(UserError, match="reserve_floor"):
+        train(RandomTokens(), tiny_model(), config(reserve_floor=-1), tmp_path / "n", "random")
 
 
 def test_the_loop_keeps_the_rate_origin_in_its_checkpoint(tmp_path: Path):

@@ -73,6 +73,11 @@ class TrainConfig:
         help="the largest share of max_time the reserve may take: the training rate overprices later work "
         "on a machine that trains in fp32 but evaluates at a similar speed",
     )
+    reserve_floor: int = field(
+        0,
+        help="the reserve never stops training before this step (the time its steps take at the measured rate): "
+        "later work budgeted in time gives way to it; at most max_time (0 = no floor)",
+    )
     epochs: float = field(0.0, help="passes over the training data (0 = no epoch budget)")
     eval_every: int = field(100, help="steps between evaluations (0 = only at the end)")
     eval_batches: int = field(8, help="validation micro-batches per evaluation")

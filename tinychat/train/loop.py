@@ -164,15 +164,23 @@ def time_budget(
     bf16 trains in fp32 at half the rate but evaluates about as fast (docs/speedrun.md, round 11).
     `origin` = (elapsed, tokens) at step 20, which the loop passes: the rate is then measured from there, without
     the first steps' compilation (~40 s of inductor on a fresh clone, 10-15% of a speedrun's pretraining: priced
-    into the reserve it would take the cap at step 20 and end the stage within ~100 steps)."""
+    into the reserve it would take the cap at step 20 and end the stage within ~100 steps).
+    `reserve_floor` steps are kept whatever the reserve says, up to max_time: below ~650 pretraining steps the
+    speedrun's model has not stored the facts yet (held-out facts after pretraining 17-46% at 389-511 steps, 45-82%
+    at 594-700), and a run that lost a minute to an uncached compile and a slower hour had stopped at 489
+    (docs/speedrun.md, round 35); the anneal, budgeted in what time is left, gives way instead."""
     total = cfg.max_time * 60
     if not cfg.reserve_tokens or step < 20 or tokens <= 0:
         return total
-    if origin is not None:
-        if tokens <= origin[1]:
-            return total
-        elapsed, tokens = elapsed - origin[0], tokens - origin[1]
-    return total - min(cfg.reserve_tokens * elapsed / tokens, total * cfg.reserve_cap)
+    start, done = origin if origin is not None else (0.0, 0)
+    if tokens <= done:
+        return total
+    per_token = (elapsed - start) / (tokens - done)
+    budget = total - min(cfg.reserve_tokens * per_token, total * cfg.reserve_cap)
+    if cfg.reserve_floor > step:  # from that step on the reserve decides again, and stops the stage
+        floor = start + (cfg.reserve_floor * tokens / step - done) * per_token  # its steps at the measured rate
+        budget = max(budget, min(floor, total))
+    return budget
 
 
 class _Interrupt:
@@ -216,6 +224,8 @@ def train(
         raise UserError("no training budget: set one of --train.max_steps, max_tokens, max_time or epochs.")
     if not 0.0 <= cfg.reserve_cap <= 1.0:
         raise UserError(f"--train.reserve_cap is a share of max_time between 0 and 1, not {cfg.reserve_cap}.")
+    if cfg.reserve_floor < 0:
+        raise UserError(f"--train.reserve_floor is a step count, 0 or more, not {cfg.reserve_floor}.")
     torch.manual_seed(cfg.seed)
     amp = autocast_dtype(device, cfg.precision)
     ctx = TrainContext(cfg, info, device, amp, run_dir, stage)
@@ -285,7 +295,7 @@ def train(
         """How much of the first budget to run out is spent (>= 1: stop); also drives the LR schedule."""
         return max(
             step / total_steps if total_steps else 0.0,
-            elapsed / time_budget(cfg, step, tokens, elapsed, origin) if cfg.max_time else 0.0,
+            elapsed / max(time_budget(cfg, step, tokens, elapsed, origin), 1e-9) if cfg.max_time else 0.0,  # cap 1: 0
             objective.progress(step) / cfg.epochs if cfg.epochs else 0.0,
         )
 
