@@ -348,7 +348,15 @@ def test_pretraining_keeps_the_drill_and_anneal_steps_at_its_own_rate(tmp_path: 
     from tinychat.eval.report import _plan_lines
 
     said = " ".join(_plan_lines(tmp_path / "p" / "plan.json"))
-    assert "kept 3.00M tokens" in said
+    assert "kept 3.00M tokens" in said and "floor" not in said  # a plan from before round 35: no floor
+    assert cfg.train.reserve_floor == 650  # the preset's: below it the facts are not stored yet (round 35)
+    (tmp_path / "p" / "plan.json").write_text(json.dumps({**plan, "reserve_tokens": 3_000_000, "reserve_floor": 650}))
+    assert "floor of 650 steps, which the anneal gives way to, held it" in " ".join(
+        _plan_lines(tmp_path / "p" / "plan.json", 650)
+    )
+    assert "650 steps, which the anneal gives way to, was passed (702 steps)" in " ".join(
+        _plan_lines(tmp_path / "p" / "plan.json", 702)
+    )
     (tmp_path / "p" / "plan.json").write_text(json.dumps(plan))  # a plan from before round 34: no reserve
     cfg = run.stage_config(PretrainConfig, "pretrain", ["--run", "p", "--runs-dir", str(tmp_path)])
     assert run.planned(cfg) and cfg.train.reserve_tokens == 0

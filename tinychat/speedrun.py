@@ -469,6 +469,7 @@ class Speedrun:
                 "later_seconds": round(later, 1),
                 "pretrain_minutes": round(max(left - later, 0.1 * cfg.train.max_time * 60) / 60, 3),
                 "reserve_tokens": reserve,
+                "reserve_floor": cfg.train.reserve_floor if reserve else 0,  # the steps the reserve leaves in any case
             }
             self._save_plan(plan)
         said = (
@@ -476,6 +477,8 @@ class Speedrun:
         )
         if plan.get("reserve_tokens"):
             said += f", less {plan['reserve_tokens'] / 1e6:.2f}M tokens of drill and anneal at its own rate"
+            if cfg.train.reserve_floor:
+                said += f" (not before step {cfg.train.reserve_floor})"
         self._take_budget(
             cfg,
             plan["pretrain_minutes"],

@@ -232,7 +232,8 @@ def section_sizing(d: RunData) -> list[str]:
     later = ["later work (s)"] if priced else []
     head = ["shape ([model] options)", "seconds per step", *later, "predicted steps", ""]
     out = ["## Model shape fitted to this machine", "", intro, "", *table(head, rows), ""]
-    return out + _plan_lines(d.run_dir / "plan.json")
+    pretrained = d.train.get("pretrain") or [{}]
+    return out + _plan_lines(d.run_dir / "plan.json", pretrained[-1].get("step"))
 
 
 def _json_file(f: Path | None) -> object:
@@ -243,8 +244,9 @@ def _json_file(f: Path | None) -> object:
         return None
 
 
-def _plan_lines(f: Path) -> list[str]:
-    """The speedrun's split of its budget (runs/NAME/plan.json), when it priced the later work."""
+def _plan_lines(f: Path, pretrain_steps: int | None = None) -> list[str]:
+    """The speedrun's split of its budget (runs/NAME/plan.json), when it priced the later work; `pretrain_steps`,
+    the steps pretraining ran, say whether the reserve's floor held it."""
     plan = _json_file(f)
     if not isinstance(plan, dict) or not isinstance(plan.get("pretrain_minutes"), (int, float)):
         return []
@@ -261,6 +263,10 @@ def _plan_lines(f: Path) -> list[str]:
             f"Those minutes include the drill's and the anneal's: pretraining kept {plan['reserve_tokens'] / 1e6:.2f}M "
             "tokens of their steps back at its own measured rate and stopped when the rest was spent."
         )
+        floor = plan.get("reserve_floor")
+        if isinstance(floor, int) and floor and isinstance(pretrain_steps, int):
+            held = "held it: the reserve would have stopped it earlier" if pretrain_steps <= floor else "was passed"
+            lines[-1] += f" Its floor of {floor} steps, which the anneal gives way to, {held} ({pretrain_steps} steps)."
     if isinstance(plan.get("anneal_minutes"), (int, float)):  # the speedrun's replan_anneal
         priced = fmt_num(plan.get("anneal_priced_seconds"), 0)
         lines.append(
