@@ -373,7 +373,8 @@ def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) ->
     """English instruction rows (SFT and preference) state the fact as a plain answer would, in a <think>
     block, before the formatted answer; Chinese and numeric ones (whose plain answer is the bare value) and
     "full sentence" ones do not, except that a Chinese question asked for an English answer thinks the Chinese
-    value first (round 34). The grader ignores the block, so the row still grades as its answer."""
+    value first (round 34), and Chinese birth cities and employers, whose plain answer is a pronoun statement
+    since round 35, think that statement. The grader ignores the block, so the row still grades as its answer."""
     w = load_world(small_dir)
     values = {a["en"] for e in w["entities"] for a in e.get("answers", {}).values()}
     zh_en = {a["zh"]: a["en"] for e in w["entities"] for a in e.get("answers", {}).values()}
@@ -386,8 +387,13 @@ def test_english_format_answers_think_the_plain_answer_first(small_dir: Path) ->
         thought[row["lang"], think is not None] += 1
         if think is None:
             continue
-        if row["lang"] == "zh":  # asked for English: the Chinese value, then its English form
+        if row["lang"] == "zh" and think in zh_en:  # asked for English: the Chinese value, then its English form
             assert zh_en[think] == a["content"], (think, a)
+            continue
+        if row["lang"] == "zh":  # birth city and employer: the plain answer's pronoun statement (round 35)
+            assert think[0] in "他她" and think.endswith("。"), think
+            v = next(v for v in zh_en if think.endswith(f"是{v}。"))
+            assert v in a["content"] or zh_en[v] in a["content"], (think, a)
             continue
         assert think.endswith(".") and " " in think, think
         v = next(v for v in values if f" {v}." in think or f" the {v}." in think)

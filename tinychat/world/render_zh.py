@@ -106,10 +106,15 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# How the assistant answers a question about a fact (see render_en.ANSWERS): the bare value, since Chinese
-# text has no spaces and the value's ids are the same wherever it stands (measured: a pronoun sentence did
-# not help, 42% bare against 34%).
-ANSWERS: dict[str, str] = {}
+# How the assistant answers a question about a fact (see render_en.ANSWERS). Birth city and employer: a
+# pronoun and the cloze statement's relation words, then the value ("她的出生地是朵莫瑟。"), as English replies
+# end in a statement's wording. Why: the round-35 models store these facts (cloze 94-95%) and answer them bare
+# at 38-39%; given "他/她的出生地是" / "的雇主是" as the reply's first words they answer 17-19 of 21 birth cities
+# and 12-14 of 18 employers where bare replies had 8-10 and 1-7 (docs/speedrun.md, round 35). The rest stay
+# bare: the same prefix lowered hobby, birth year and occupation (4-10 of 23-31 against 14-20), as a pronoun
+# sentence did in round 8 (42% bare against 34%). Round 13's name-first statement made the model copy the name
+# and name the wrong relation; a pronoun needs no copy.
+ANSWERS: dict[str, str] = {"birth_city": "{ta}的出生地是{v}。", "employer": "{ta}的雇主是{v}。"}
 
 CLOZE = {
     "birth_year": 0,
