@@ -113,7 +113,8 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
 # and 12-14 of 18 employers where bare replies had 8-10 and 1-7 (docs/speedrun.md, round 35). The rest stay
 # bare: the same prefix lowered hobby, birth year and occupation (4-10 of 23-31 against 14-20), as a pronoun
 # sentence did in round 8 (42% bare against 34%). Round 13's name-first statement made the model copy the name
-# and name the wrong relation; a pronoun needs no copy.
+# and name the wrong relation; a pronoun needs no copy. Whole runs, three seeds: these two facts 70 -> 115 of 132
+# right, held-out facts +5.7 to +8.6 points.
 ANSWERS: dict[str, str] = {"birth_city": "{ta}的出生地是{v}。", "employer": "{ta}的雇主是{v}。"}
 
 CLOZE = {
