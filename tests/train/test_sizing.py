@@ -106,3 +106,28 @@ def test_later_steps_of_the_shape_are_kept_back_at_its_own_step_time(monkeypatch
     for m, sec in zip(record["measured"], (0.02, 0.01), strict=True):
         assert m["later_seconds"] == pytest.approx(500 * sec)
         assert predicted_steps(train, sec) - m["predicted_steps"] == pytest.approx(500, abs=1)
+
+
+def test_later_work_is_priced_only_for_a_shape_its_own_steps_leave_in_reach(monkeypatch: pytest.MonkeyPatch):
+    """The later work's price is a generation probe per shape (2-4 s on a 2-core CPU): a shape that the drill's
+    and anneal's steps alone already leave short of its target is not probed, and its prediction is then the
+    bound its steps give."""
+    import tinychat.train.sizing as sizing
+
+    monkeypatch.setattr(sizing, "step_seconds", lambda mcfg, train, device: 0.01 * mcfg.n_layer)
+    priced: list[int] = []
+
+    def later(mcfg: ModelConfig) -> float:
+        priced.append(mcfg.n_layer)
+        return 1.0
+
+    train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
+    # 600 s at 0.03 s a step: 20,000 steps, less 19,000 of later steps leaves 1,000 < 5,000 for n_layer=3
+    shapes = ["n_layer=3@5000", "n_layer=2@5000", "n_layer=1@5000"]
+    record = choose_shape(micro(), train, shapes, 1, vocab_size=64, later=later, later_steps=19_000.0)
+    assert priced == [2]  # n_layer=2: 30,000 - 19,000 steps in reach, priced, then 29,000 - 19,000 - 50 left
+    by_shape = {m["shape"]: m for m in record["measured"]}
+    assert by_shape["n_layer=3@5000"]["later_seconds"] is None
+    assert by_shape["n_layer=3@5000"]["predicted_steps"] == predicted_steps(train, 0.03, 19_000 * 0.03)
+    assert by_shape["n_layer=2@5000"]["later_seconds"] == pytest.approx(19_000 * 0.02 + 1.0, abs=0.1)
+    assert record["chosen"] == "n_layer=2@5000" and "n_layer=1@5000" not in by_shape

@@ -119,7 +119,9 @@ def choose_shape(
     speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time, the seconds `later` prices
     the work after pretraining at for it plus `later_steps` of its own steps (stages budgeted in steps of the
     same shape, such as the speedrun's drill and anneal), both kept back from the budget, its predicted steps,
-    the choice."""
+    the choice. `later` is not called for a shape whose own steps already leave it short of its target (its
+    later_seconds are then None, its predicted steps an upper bound): on a 2-core CPU that trains in fp32 each
+    such call is a generation probe of 2-4 s for a shape that cannot be chosen."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
     device = pick_device(train.device)
@@ -130,11 +132,15 @@ def choose_shape(
         overrides = parse_shape(text)
         mcfg = resolve(model, vocab_size=vocab_size, **overrides)
         sec = step_seconds(mcfg, train, device)
-        later_s = (later(mcfg) if later else 0.0) + later_steps * sec
-        steps = predicted_steps(train, sec, later_s)
+        later_s = later_steps * sec
+        steps = predicted_steps(train, sec, later_s)  # at most this: `later` only takes more
+        priced = later is not None and steps >= targets[-1]
+        if priced:
+            later_s += later(mcfg)
+            steps = predicted_steps(train, sec, later_s)
         measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
         if later or later_steps:
-            measured[-1]["later_seconds"] = round(later_s, 1)
+            measured[-1]["later_seconds"] = round(later_s, 1) if priced or not later else None
         if steps >= targets[-1]:
             break
     chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], targets)
