@@ -176,8 +176,8 @@ class Speedrun:
             Stage("pretrain", lambda: self.done("pretrain"), self.pretrain),
             *(
                 [
-                    Stage("drill", lambda: self.done("drill"), self.drill),
-                    Stage("anneal", lambda: self.done("anneal"), self.anneal),
+                    Stage("drill", lambda: self.done("drill") or self.skipped("drill"), self.drill),
+                    Stage("anneal", lambda: self.done("anneal") or self.skipped("anneal"), self.anneal),
                 ]
                 if self.drill_kinds
                 else []
@@ -357,6 +357,9 @@ class Speedrun:
             )
             anneal += [json.dumps(r, ensure_ascii=False) + "\n" for r in extra]
         (rows / "anneal.jsonl").write_text("".join(anneal), encoding="utf-8")
+        if reason := self.drill_unaffordable():
+            self.skip("drill", reason)
+            return
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "drill"),
             *("--init", str(self.path("checkpoints", "pretrain"))),
@@ -395,12 +398,15 @@ class Speedrun:
         tokens = self.path("data", "anneal_tokens")
         if not (tokens / "index.json").is_file():
             self.tokenize(tokens, [self.path("world", "sft", "train.jsonl"), self.path("drills", "anneal.jsonl")])
+        init = self.path("checkpoints", "pretrain" if self.skipped("drill") else "drill")
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "anneal"),
-            *("--init", str(self.path("checkpoints", "drill")), "--data", str(tokens)),
+            *("--init", str(init), "--data", str(tokens)),
         ]
         cfg = self.scaled(self.stage_config(PretrainConfig, "anneal", argv))
         self.replan_anneal(cfg)
+        if self.skipped("anneal"):
+            return
         if run_pretrain(cfg).interrupted:
             raise KeyboardInterrupt
 
@@ -416,12 +422,18 @@ class Speedrun:
         plan = self._load_plan()
         if plan is None or not cfg.train.max_time:
             return  # no plan (a run budgeted in steps, or one without later_work): max_steps as the preset says
-        if "anneal_minutes" not in plan:
+        if "anneal_minutes" not in plan and not self.skipped("anneal"):
             priced = self.stepped_seconds("anneal")
             left = self.seconds_left(per_shape=True) - plan["later_seconds"]  # per_shape: the anneal's own steps out
-            plan["anneal_minutes"] = round(min(max(left, 0.5 * priced), cfg.train.max_time * 60) / 60, 3)
+            least = 0.0 if self.skipped("drill") else 0.5 * priced  # a drilled model needs its facts back
+            if left < self.MIN_ANNEAL_SECONDS and not least:
+                self.skip("anneal", f"{max(left, 0):.0f} s of the budget are left for it")
+                return
+            plan["anneal_minutes"] = round(min(max(left, least), cfg.train.max_time * 60) / 60, 3)
             plan["anneal_priced_seconds"] = round(priced, 1)
             self._save_plan(plan)
+        if self.skipped("anneal"):
+            return
         minutes, priced = plan["anneal_minutes"], plan["anneal_priced_seconds"] / 60
         said = f"{minutes:.2f} min, what the budget leaves (priced at {priced:.2f} min before pretraining)"
         self._take_budget(cfg, minutes, "max_steps", f"anneal: {said}")
@@ -433,6 +445,61 @@ class Speedrun:
 
     def _save_plan(self, plan: dict[str, float]) -> None:
         self.path("plan.json").write_text(json.dumps(plan, indent=1))
+
+    MIN_ANNEAL_SECONDS = 30.0  # an anneal shorter than this (~40 steps on a CPU that trains in fp32) is left out
+
+    def skipped(self, stage: str) -> bool:
+        """A stage the plan left out of this run (plan.json `skipped`): the budget could not hold it."""
+        plan = self._load_plan() or {}
+        return stage in plan.get("skipped", {})
+
+    def skip(self, stage: str, reason: str) -> None:
+        """Leave `stage` out of this run and say why, in plan.json (so a resumed run leaves it out too, and the
+        report says so) and on the console."""
+        plan = self._load_plan() or {}
+        plan.setdefault("skipped", {})[stage] = reason
+        self._save_plan(plan)
+        print(f"{stage}: left out of this run: {reason}", flush=True)
+
+    def drill_unaffordable(self) -> str:
+        """Why the drill does not fit the budget, or "" when it does (or when no plan prices it). The drill and the
+        anneal's least time (half its price: the anneal brings back the facts the drill erases) at pretraining's
+        own measured rate, x RESERVE_OVERHEAD, against what is left once the later stages' budgets, the later
+        work and the end margin are taken. Why: pretraining's reserve never stops it before `reserve_floor` steps,
+        so on a CPU that trains in fp32 at half the rate of a fast-bf16 one (0.70 s a step for the narrow shape)
+        the floor takes the drill's and anneal's time and the run ended at 20m24s, with held-out facts at 54%
+        after the drill and a 2-minute anneal against 71% after pretraining (docs/speedrun.md, round 36).
+        Without the drill the anneal, pretraining continued on its own mix, takes what is left."""
+        plan = self._load_plan()
+        per_token = self.measured_seconds_per_token("pretrain")
+        if plan is None or "later_seconds" not in plan or per_token is None:
+            return ""
+        train = self.stepped_train("drill")
+        drill = train.max_steps * train.batch_size * train.seq_len * per_token * self.RESERVE_OVERHEAD
+        need = drill + 0.5 * self.stepped_seconds("anneal")
+        left = self.seconds_left(per_shape=True) - plan["later_seconds"]
+        if left >= need:
+            return ""
+        return (
+            f"its {train.max_steps} steps and the anneal's least time need {need:.0f} s at pretraining's rate "
+            f"({1 / per_token:,.0f} tokens/s), and the budget has {max(left, 0):.0f} s left for them"
+        )
+
+    def measured_seconds_per_token(self, stage: str) -> float | None:
+        """Seconds per token of a finished stage's training steps from step 20 on (its metrics.jsonl rows: past the
+        first steps' compilation, evaluations and checkpoints included), or None without 20 more steps."""
+        f = self.path("metrics.jsonl")
+        if not f.is_file():
+            return None
+        rows = []
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("stage") == stage and r.get("kind") == "train" and r.get("step", 0) >= 20:
+                rows.append(r)
+        if len(rows) < 20:
+            return None
+        tokens = rows[-1]["tokens"] - rows[0]["tokens"]  # the rows count tokens from the stage's start
+        return (rows[-1]["time"] - rows[0]["time"]) / tokens if tokens > 0 else None
 
     @staticmethod
     def _take_budget(cfg: object, minutes: float, replaced: str, message: str) -> None:
@@ -564,7 +631,7 @@ class Speedrun:
 
     def stepped_todo(self) -> list[str]:
         """The stages budgeted in steps that this run has and has not finished."""
-        return [s for s in self.STEPPED if self.drill_kinds and not self.done(s)]
+        return [s for s in self.STEPPED if self.drill_kinds and not self.done(s) and not self.skipped(s)]
 
     def stepped_steps(self) -> float:
         """The drill's and anneal's steps still to run, in sizing-probe steps (x STEP_OVERHEAD)."""

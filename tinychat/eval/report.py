@@ -267,6 +267,10 @@ def _plan_lines(f: Path, pretrain_steps: int | None = None) -> list[str]:
         if isinstance(floor, int) and floor and isinstance(pretrain_steps, int):
             held = "held it: the reserve would have stopped it earlier" if pretrain_steps <= floor else "was passed"
             lines[-1] += f" Its floor of {floor} steps, which the anneal gives way to, {held} ({pretrain_steps} steps)."
+    skipped = plan.get("skipped")
+    if isinstance(skipped, dict):  # the speedrun's skip: stages the budget could not hold
+        for stage, reason in skipped.items():
+            lines.append(f"The {stage} was left out of this run: {reason}.")
     if isinstance(plan.get("anneal_minutes"), (int, float)):  # the speedrun's replan_anneal
         priced = fmt_num(plan.get("anneal_priced_seconds"), 0)
         lines.append(
