@@ -408,3 +408,73 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     cfg = run.stage_config(PretrainConfig, "anneal", argv)
     run.replan_anneal(cfg)  # far ahead: at most its max_time
     assert cfg.train.max_time == 4.0
+
+
+def _pretrain_metrics(run_dir: Path, tokens_per_second: float, steps: int = 60) -> None:
+    """metrics.jsonl rows of a pretraining that ran `steps` steps of 4,096 tokens at this rate."""
+    rows = [
+        {"stage": "pretrain", "kind": "train", "step": i, "time": i * 4096 / tokens_per_second, "tokens": i * 4096}
+        for i in range(1, steps + 1)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_drill_is_left_out_when_it_and_the_anneals_least_time_do_not_fit(tmp_path: Path, capsys):
+    """The drill runs only when the budget left holds it and half the anneal's price (the anneal brings back the
+    facts the drill erases), the drill priced at pretraining's measured rate: a CPU that trains in fp32 at half a
+    fast one's rate reached the reserve's floor of 650 steps with no time left, and the run ended at 20m24s.
+    Without the drill the anneal needs no least time: it takes what is left, or is left out under 30 s."""
+    import time
+
+    from tinychat.eval.report import _plan_lines
+    from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
+    from tinychat.train.pretrain import PretrainConfig
+
+    run = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
+    d = tmp_path / "p"
+    d.mkdir()
+    assert run.drill_unaffordable() == ""  # no plan, no measured rate: the drill runs as the preset says
+    (d / "sizing.json").write_text(json.dumps({"measured": [{"shape": "b", "seconds_per_step": 0.4}], "chosen": "b"}))
+    plan = {"budget_seconds": 900.0, "later_seconds": 100.0, "pretrain_minutes": 6.0}
+    (d / "plan.json").write_text(json.dumps(plan))
+    assert run.drill_unaffordable() == ""  # a plan but no pretraining steps measured yet
+    _pretrain_metrics(d, 10_000.0)
+    assert run.measured_seconds_per_token("pretrain") == pytest.approx(1 / 10_000)
+    run.stage_name, run.stage_t0 = "drill", time.perf_counter()
+    # need: 300 drill steps x 4,096 tokens at 10k tokens/s x 1.1 = 135 s, + half the anneal's 450 x 0.4 x 1.3 s
+    need = 300 * 4096 / 10_000 * run.RESERVE_OVERHEAD + 0.5 * 450 * 0.4 * run.STEP_OVERHEAD
+    # left: 900 - spent - (SFT 90 + DPO 30 + GRPO 60) - 30 margin - 100 later work
+    (d / "timings.json").write_text(json.dumps({"pretrain": 589.0 - need}))
+    assert run.drill_unaffordable() == ""  # it fits, with a second to spare
+    (d / "timings.json").write_text(json.dumps({"pretrain": 600.0 - need}))
+    reason = run.drill_unaffordable()
+    assert f"need {need:.0f} s at pretraining's rate (10,000 tokens/s)" in reason and "has 0 s left" not in reason
+    _pretrain_metrics(d, 5_000.0)  # a machine at half the rate: the drill's own steps cost twice as much
+    (d / "timings.json").write_text(json.dumps({"pretrain": 590.0 - need}))
+    assert run.drill_unaffordable() != ""
+
+    run.skip("drill", reason)
+    assert run.skipped("drill") and not run.skipped("anneal")
+    assert f"drill: left out of this run: {reason}" in capsys.readouterr().out
+    assert run.stepped_todo() == ["anneal"]  # the plan prices the anneal alone now
+    assert f"The drill was left out of this run: {reason}." in _plan_lines(d / "plan.json")
+    assert json.loads((d / "plan.json").read_text())["later_seconds"] == 100.0  # the rest of the plan is kept
+
+    # the anneal takes what is left, with no least time: 900 - 700 - 180 - 30 - 100 < 0 ... left out
+    (d / "timings.json").write_text(json.dumps({"pretrain": 700.0}))
+    run.stage_name, run.stage_t0 = "anneal", time.perf_counter()
+    cfg = run.stage_config(PretrainConfig, "anneal", ["--run", "p", "--runs-dir", str(tmp_path)])
+    run.replan_anneal(cfg)
+    assert run.skipped("anneal") and "anneal_minutes" not in json.loads((d / "plan.json").read_text())
+    assert "anneal: left out of this run: 0 s of the budget are left for it" in capsys.readouterr().out
+    assert [s.name for s in run.stages() if not s.done()][:2] == ["world", "tokenizer"]
+    assert {s.name: s.done() for s in run.stages()}["drill"] and {s.name: s.done() for s in run.stages()}["anneal"]
+
+    # 90 s left: the anneal trains for them from pretraining's model, not half its price
+    plan = json.loads((d / "plan.json").read_text())
+    plan["skipped"].pop("anneal")
+    (d / "plan.json").write_text(json.dumps(plan))
+    (d / "timings.json").write_text(json.dumps({"pretrain": 500.0}))
+    cfg = run.stage_config(PretrainConfig, "anneal", ["--run", "p", "--runs-dir", str(tmp_path)])
+    run.replan_anneal(cfg)
+    assert cfg.train.max_time == pytest.approx(90 / 60, abs=0.01) and not run.skipped("anneal")

@@ -396,9 +396,7 @@ class Speedrun:
         from tinychat.train.pretrain import PretrainConfig, run_pretrain
 
         tokens = self.path("data", "anneal_tokens")
-        if not (tokens / "index.json").is_file():
-            self.tokenize(tokens, [self.path("world", "sft", "train.jsonl"), self.path("drills", "anneal.jsonl")])
-        init = self.path("checkpoints", "pretrain" if self.skipped("drill") else "drill")
+        init = self.path("checkpoints", "pretrain" if self.skipped("drill") else "drill")  # no drill: pretraining's
         argv = [
             *("--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir, "--resume", "--stage", "anneal"),
             *("--init", str(init), "--data", str(tokens)),
@@ -407,6 +405,8 @@ class Speedrun:
         self.replan_anneal(cfg)
         if self.skipped("anneal"):
             return
+        if not (tokens / "index.json").is_file():
+            self.tokenize(tokens, [self.path("world", "sft", "train.jsonl"), self.path("drills", "anneal.jsonl")])
         if run_pretrain(cfg).interrupted:
             raise KeyboardInterrupt
 
