@@ -707,6 +707,8 @@ class Speedrun:
         record_file.write_text(json.dumps(record, indent=1))
         tried = "; ".join(
             f"{m['shape']}: {m['seconds_per_step']:.2f} s/step, ~{m['predicted_steps']} steps"
+            if m["seconds_per_step"] is not None
+            else f"{m['shape']}: not timed, at most ~{m['predicted_steps']} steps"
             for m in record["measured"]
         )
         print(f"pretrain: model shape {record['chosen']} (target {self.cfg.target_steps} steps; {tried})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tinychat.errors import UserError
-from tinychat.model.config import ModelConfig
+from tinychat.model.config import ModelConfig, resolve
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import time_budget
 from tinychat.train.sizing import choose_shape, parse_shape, pick, predicted_steps, shape_target
@@ -67,11 +67,13 @@ def micro() -> ModelConfig:
 
 
 def test_choosing_stops_at_the_first_shape_that_fits():
+    """On a CPU the cheapest shape is timed first (the yardstick for the others); the ladder then stops at the
+    first that fits, so a shape after it is never timed."""
     train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
-    record = choose_shape(micro(), train, ["n_layer=2", "n_layer=1"], 1, vocab_size=64)
+    record = choose_shape(micro(), train, ["n_layer=2", "n_layer=2,d_ff=32", "n_layer=1"], 1, vocab_size=64)
     assert record["chosen"] == "n_layer=2"
-    assert [m["shape"] for m in record["measured"]] == ["n_layer=2"]  # the second was never timed
-    assert record["measured"][0]["seconds_per_step"] > 0
+    assert [m["shape"] for m in record["measured"]] == ["n_layer=2", "n_layer=1"]  # the second was never timed
+    assert all(m["seconds_per_step"] > 0 for m in record["measured"])
 
 
 def test_a_shape_short_of_its_own_target_gives_way():
@@ -79,15 +81,52 @@ def test_a_shape_short_of_its_own_target_gives_way():
     record = choose_shape(micro(), train, ["n_layer=2@1000000000", "n_layer=1"], 1, vocab_size=64)
     assert [m["shape"] for m in record["measured"]] == ["n_layer=2@1000000000", "n_layer=1"]
     assert record["chosen"] == "n_layer=1" and parse_shape(record["chosen"]) == {"n_layer": 1}
+    assert record["measured"][0]["seconds_per_step"] is None  # the cheapest one's step already rules it out
 
 
-def test_when_no_shape_fits_every_one_is_timed_and_the_fastest_chosen():
+def test_when_no_shape_fits_the_fastest_timed_is_chosen(monkeypatch: pytest.MonkeyPatch):
+    import tinychat.train.sizing as sizing
+
     train = TrainConfig(max_time=0.01, batch_size=2, seq_len=16, device="cpu")
     record = choose_shape(micro(), train, ["n_layer=2", "n_layer=1,d_ff=32"], 10**9, vocab_size=64)
     measured = record["measured"]
     assert [m["shape"] for m in measured] == ["n_layer=2", "n_layer=1,d_ff=32"]
-    assert record["chosen"] == min(measured, key=lambda m: m["seconds_per_step"])["shape"]
+    assert record["chosen"] == "n_layer=1,d_ff=32" and measured[1]["seconds_per_step"] > 0
     assert all(m["predicted_steps"] < 10**9 for m in measured)
+    # timed, not bounded (a slack of 0: no bound), the choice is still the faster of the two
+    monkeypatch.setattr(sizing, "CPU_FLOPS_SLACK", 0.0)
+    monkeypatch.setattr(sizing, "step_seconds", lambda mcfg, train, device: 0.01 * mcfg.n_layer)
+    record = choose_shape(micro(), train, ["n_layer=2", "n_layer=1,d_ff=32"], 10**9, vocab_size=64)
+    assert [m["seconds_per_step"] for m in record["measured"]] == [0.02, 0.01]
+    assert record["chosen"] == "n_layer=1,d_ff=32"
+
+
+def test_a_larger_shape_the_cheapest_ones_step_rules_out_is_never_timed(monkeypatch: pytest.MonkeyPatch):
+    """On a CPU a step takes at least CPU_FLOPS_SLACK of the cheapest shape's, scaled by FLOPs per token: a
+    larger shape that even this bound leaves short of its target is not timed, and one it leaves in reach is."""
+    import tinychat.train.sizing as sizing
+
+    timed: list[int] = []
+
+    def step(mcfg: ModelConfig, train: TrainConfig, device: object) -> float:
+        timed.append(mcfg.n_layer)
+        return 0.01 * mcfg.n_layer
+
+    monkeypatch.setattr(sizing, "step_seconds", step)
+    train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
+    two, one = (sizing.flops_per_token(resolve(micro(), vocab_size=64, n_layer=n), 16) for n in (2, 1))
+    bound = 0.01 * two / one * sizing.CPU_FLOPS_SLACK  # the least an n_layer=2 step can take
+    reach = predicted_steps(train, bound)
+    record = choose_shape(micro(), train, [f"n_layer=2@{reach + 1}", "n_layer=1"], 1, vocab_size=64)
+    assert timed == [1] and record["measured"][0] == {
+        "shape": f"n_layer=2@{reach + 1}",
+        "seconds_per_step": None,
+        "predicted_steps": reach,
+    }
+    timed.clear()
+    record = choose_shape(micro(), train, [f"n_layer=2@{reach}", "n_layer=1"], 1, vocab_size=64)
+    assert timed == [1, 2] and record["measured"][0]["seconds_per_step"] == 0.02
+    assert record["chosen"] == "n_layer=1"  # timed: 0.02 s a step leaves it short of the bound's steps
 
 
 def test_choosing_needs_a_time_budget():
@@ -102,7 +141,7 @@ def test_later_steps_of_the_shape_are_kept_back_at_its_own_step_time(monkeypatch
 
     monkeypatch.setattr(sizing, "step_seconds", lambda mcfg, train, device: 0.01 * mcfg.n_layer)  # deterministic
     train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
-    record = choose_shape(micro(), train, ["n_layer=2@1000000", "n_layer=1"], 1, vocab_size=64, later_steps=500.0)
+    record = choose_shape(micro(), train, ["n_layer=2@1000", "n_layer=1"], 1, vocab_size=64, later_steps=500.0)
     for m, sec in zip(record["measured"], (0.02, 0.01), strict=True):
         assert m["later_seconds"] == pytest.approx(500 * sec)
         assert predicted_steps(train, sec) - m["predicted_steps"] == pytest.approx(500, abs=1)
@@ -122,12 +161,14 @@ def test_later_work_is_priced_only_for_a_shape_its_own_steps_leave_in_reach(monk
         return 1.0
 
     train = TrainConfig(max_time=10.0, batch_size=2, seq_len=16, device="cpu")
-    # 600 s at 0.03 s a step: 20,000 steps, less 19,000 of later steps leaves 1,000 < 5,000 for n_layer=3
+    # 600 s at 0.03 s a step: 20,000 steps, less 19,000 of later steps leaves 1,000 < 5,000 for n_layer=3 (timed:
+    # its FLOPs bound, ~0.02 s, leaves it ~10,000)
     shapes = ["n_layer=3@5000", "n_layer=2@5000", "n_layer=1@5000"]
     record = choose_shape(micro(), train, shapes, 1, vocab_size=64, later=later, later_steps=19_000.0)
-    assert priced == [2]  # n_layer=2: 30,000 - 19,000 steps in reach, priced, then 29,000 - 19,000 - 50 left
+    assert priced == [1, 2]  # the cheapest, timed first, and n_layer=2; n_layer=3's own steps leave it short
     by_shape = {m["shape"]: m for m in record["measured"]}
-    assert by_shape["n_layer=3@5000"]["later_seconds"] is None
+    three = by_shape["n_layer=3@5000"]
+    assert three["seconds_per_step"] == 0.03 and three["later_seconds"] is None
     assert by_shape["n_layer=3@5000"]["predicted_steps"] == predicted_steps(train, 0.03, 19_000 * 0.03)
     assert by_shape["n_layer=2@5000"]["later_seconds"] == pytest.approx(19_000 * 0.02 + 1.0, abs=0.1)
-    assert record["chosen"] == "n_layer=2@5000" and "n_layer=1@5000" not in by_shape
+    assert record["chosen"] == "n_layer=2@5000"

@@ -14,8 +14,9 @@ it, and less the later work the caller prices for that shape: the speedrun's eva
 model) over that time. The first shape, largest first, that reaches `target_steps` is chosen; if none does,
 the fastest. A shape may name its own target after an '@' ("n_layer=6@1100"): a deeper model needs more
 steps than the default before it pays (docs/speedrun.md, rounds 10 and 21), so it is tried first and taken
-only on a machine fast enough for it. A machine slower than that costs the shapes' few probe steps (~4 s
-each) and gets what it got before.
+only on a machine fast enough for it. On a CPU the cheapest shape is timed first, and a larger one whose step,
+bounded from below by the cheapest one's scaled by their FLOPs, could not reach its target is not timed at all:
+a 2-core CPU that trains in fp32 spent 15-25 s probing two shapes it could never choose (round 36).
 """
 
 from __future__ import annotations
@@ -98,12 +99,25 @@ def predicted_steps(train: TrainConfig, seconds_per_step: float, later_seconds: 
     return max(int(budget / seconds_per_step), 0)
 
 
-def pick(predicted: Sequence[int], seconds: Sequence[float], targets: Sequence[int]) -> int:
-    """The first shape (largest first) predicted to reach its target, else the fastest."""
+def pick(predicted: Sequence[int], seconds: Sequence[float | None], targets: Sequence[int]) -> int:
+    """The first shape (largest first) predicted to reach its target, else the fastest of those timed."""
     for i, (n, need) in enumerate(zip(predicted, targets, strict=True)):
         if n >= need:
             return i
-    return min(range(len(seconds)), key=lambda i: seconds[i])
+    timed = [i for i, sec in enumerate(seconds) if sec is not None]
+    return min(timed, key=lambda i: seconds[i])
+
+
+# A larger shape's training step on a CPU takes at least this share of the cheapest shape's step scaled by their
+# FLOPs per token: 0.85-0.97 measured on two 2-core EPYCs (fp32 and bf16) for 3 and 6 layers of d_model 256 against
+# 3 of d_model 192 (docs/speedrun.md, round 36). On a GPU small shapes are overhead-bound, so every shape is timed.
+CPU_FLOPS_SLACK = 0.7
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of a model of `mcfg` (Model.flops_per_token), without allocating its weights."""
+    with torch.device("meta"):
+        return Model(mcfg).flops_per_token(seq_len)
 
 
 def choose_shape(
@@ -116,32 +130,58 @@ def choose_shape(
     later_steps: float = 0.0,
 ) -> dict[str, Any]:
     """Time the shapes in order and stop at the first that reaches its target; returns the record the
-    speedrun keeps (runs/NAME/sizing.json): every shape measured, its step time, the seconds `later` prices
+    speedrun keeps (runs/NAME/sizing.json): every shape considered, its step time, the seconds `later` prices
     the work after pretraining at for it plus `later_steps` of its own steps (stages budgeted in steps of the
     same shape, such as the speedrun's drill and anneal), both kept back from the budget, its predicted steps,
-    the choice. `later` is not called for a shape whose own steps already leave it short of its target (its
-    later_seconds are then None, its predicted steps an upper bound): on a 2-core CPU that trains in fp32 each
-    such call is a generation probe of 2-4 s for a shape that cannot be chosen."""
+    the choice.
+
+    Two shortcuts keep the probes cheap where the budget is tight, each taken only when it cannot change the
+    choice by its own measure: on a CPU the cheapest shape (fewest FLOPs per token) is timed first, and a larger
+    shape whose step, bounded from below by the cheapest one's scaled by their FLOPs (x CPU_FLOPS_SLACK), would
+    leave it short of its target is not timed (its seconds_per_step None, its predicted steps that bound's); and
+    `later` is not called for a shape whose own steps already leave it short of its target (later_seconds None,
+    its predicted steps an upper bound). On a 2-core CPU that trains in fp32 the ladder's two larger shapes cost
+    ~15-25 s of probes that could never be chosen (round 36)."""
     if not train.max_time:
         raise UserError("choosing a model shape needs a time budget (train.max_time) to predict steps in.")
     device = pick_device(train.device)
-    measured: list[dict[str, Any]] = []
-    targets: list[int] = []
-    for text in shapes:
-        targets.append(shape_target(text, target_steps)[1])
-        overrides = parse_shape(text)
-        mcfg = resolve(model, vocab_size=vocab_size, **overrides)
+    targets = [shape_target(text, target_steps)[1] for text in shapes]
+    configs = [resolve(model, vocab_size=vocab_size, **parse_shape(text)) for text in shapes]
+    records: dict[int, dict[str, Any]] = {}
+
+    def measure(i: int) -> dict[str, Any]:
+        mcfg = configs[i]
         sec = step_seconds(mcfg, train, device)
         later_s = later_steps * sec
         steps = predicted_steps(train, sec, later_s)  # at most this: `later` only takes more
-        priced = later is not None and steps >= targets[-1]
+        priced = later is not None and steps >= targets[i]
         if priced:
             later_s += later(mcfg)
             steps = predicted_steps(train, sec, later_s)
-        measured.append({"shape": text, "seconds_per_step": round(sec, 4), "predicted_steps": steps})
+        rec = {"shape": shapes[i], "seconds_per_step": round(sec, 4), "predicted_steps": steps}
         if later or later_steps:
-            measured[-1]["later_seconds"] = round(later_s, 1) if priced or not later else None
-        if steps >= targets[-1]:
+            rec["later_seconds"] = round(later_s, 1) if priced or not later else None
+        return rec
+
+    yardstick = None
+    if device.type == "cpu" and len(shapes) > 1:
+        flops = [flops_per_token(m, train.seq_len) for m in configs]
+        cheapest = min(range(len(shapes)), key=lambda i: flops[i])
+        records[cheapest] = measure(cheapest)
+        yardstick = (records[cheapest]["seconds_per_step"], flops[cheapest])
+    for i in range(len(shapes)):
+        if i not in records:
+            if yardstick is not None and (bound := yardstick[0] * flops[i] / yardstick[1] * CPU_FLOPS_SLACK) > 0:
+                most = predicted_steps(train, bound, later_steps * bound)
+                if most < targets[i]:
+                    records[i] = {"shape": shapes[i], "seconds_per_step": None, "predicted_steps": most}
+                    continue
+            records[i] = measure(i)
+        if records[i]["predicted_steps"] >= targets[i]:
             break
-    chosen = pick([m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], targets)
+    order = sorted(records)
+    measured = [records[i] for i in order]
+    chosen = pick(
+        [m["predicted_steps"] for m in measured], [m["seconds_per_step"] for m in measured], [targets[i] for i in order]
+    )
     return {"target_steps": target_steps, "measured": measured, "chosen": measured[chosen]["shape"]}
