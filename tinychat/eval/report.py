@@ -227,7 +227,8 @@ def section_sizing(d: RunData) -> list[str]:
     intro = (
         f"Pretraining's model shape: the first, largest first, predicted to reach {fmt_num(rec.get('target_steps'))} "
         "steps (or the target written after its '@') in its time budget, else the fastest; each timed on random "
-        "tokens before training (tinychat.train.sizing)."
+        "tokens before training (tinychat.train.sizing). A dash: not timed, since on a CPU the cheapest shape's step "
+        "scaled by FLOPs already left it short, or its later work not priced, since its own steps did."
     )
     later = ["later work (s)"] if priced else []
     head = ["shape ([model] options)", "seconds per step", *later, "predicted steps", ""]
