@@ -422,7 +422,9 @@ class Speedrun:
         plan = self._load_plan()
         if plan is None or not cfg.train.max_time:
             return  # no plan (a run budgeted in steps, or one without later_work): max_steps as the preset says
-        if "anneal_minutes" not in plan and not self.skipped("anneal"):
+        if "anneal" in plan.get("skipped", {}):
+            return  # left out before, on a resume: anneal() sees it
+        if "anneal_minutes" not in plan:
             priced = self.stepped_seconds("anneal")
             left = self.seconds_left(per_shape=True) - plan["later_seconds"]  # per_shape: the anneal's own steps out
             least = 0.0 if self.skipped("drill") else 0.5 * priced  # a drilled model needs its facts back
@@ -432,8 +434,6 @@ class Speedrun:
             plan["anneal_minutes"] = round(min(max(left, least), cfg.train.max_time * 60) / 60, 3)
             plan["anneal_priced_seconds"] = round(priced, 1)
             self._save_plan(plan)
-        if self.skipped("anneal"):
-            return
         minutes, priced = plan["anneal_minutes"], plan["anneal_priced_seconds"] / 60
         said = f"{minutes:.2f} min, what the budget leaves (priced at {priced:.2f} min before pretraining)"
         self._take_budget(cfg, minutes, "max_steps", f"anneal: {said}")
@@ -488,14 +488,9 @@ class Speedrun:
     def measured_seconds_per_token(self, stage: str) -> float | None:
         """Seconds per token of a finished stage's training steps from step 20 on (its metrics.jsonl rows: past the
         first steps' compilation, evaluations and checkpoints included), or None without 20 more steps."""
-        f = self.path("metrics.jsonl")
-        if not f.is_file():
-            return None
-        rows = []
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("stage") == stage and r.get("kind") == "train" and r.get("step", 0) >= 20:
-                rows.append(r)
+        from tinychat.train.metrics import read_metrics
+
+        rows = [r for r in read_metrics(self.run_dir, stage, "train") if r.get("step", 0) >= 20]
         if len(rows) < 20:
             return None
         tokens = rows[-1]["tokens"] - rows[0]["tokens"]  # the rows count tokens from the stage's start
