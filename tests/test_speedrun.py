@@ -451,6 +451,9 @@ def test_the_drill_is_left_out_when_it_and_the_anneals_least_time_do_not_fit(tmp
     (d / "timings.json").write_text(json.dumps({"pretrain": 600.0 - need}))
     reason = run.drill_unaffordable()
     assert f"need {need:.0f} s at pretraining's rate (10,000 tokens/s)" in reason and "has 0 s left" not in reason
+    # 10 s short: each budget minute gives the drill 60 s less SFT's, DPO's and GRPO's 3 min / 15 of it = 48 s
+    assert reason.endswith("--budget-minutes 16 would hold them on this machine")
+    assert run.budget_holding_drill(480.0) == 25 and run.budget_holding_drill(481.0) == 26
     _pretrain_metrics(d, 5_000.0)  # a machine at half the rate: the drill's own steps cost twice as much
     (d / "timings.json").write_text(json.dumps({"pretrain": 590.0 - need}))
     assert run.drill_unaffordable() != ""

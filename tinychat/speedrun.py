@@ -469,7 +469,9 @@ class Speedrun:
         so on a CPU that trains in fp32 at half the rate of a fast-bf16 one (0.70 s a step for the narrow shape)
         the floor takes the drill's and anneal's time and the run ended at 20m24s, with held-out facts at 54%
         after the drill and a 2-minute anneal against 71% after pretraining (docs/speedrun.md, round 36).
-        Without the drill the anneal, pretraining continued on its own mix, takes what is left."""
+        Without the drill the anneal, pretraining continued on its own mix, takes what is left.
+
+        The reason ends with the budget that would hold the drill on this machine (budget_holding_drill)."""
         plan = self._load_plan()
         per_token = self.measured_seconds_per_token("pretrain")
         if plan is None or "later_seconds" not in plan or per_token is None:
@@ -482,8 +484,31 @@ class Speedrun:
             return ""
         return (
             f"its {train.max_steps} steps and the anneal's least time need {need:.0f} s at pretraining's rate "
-            f"({1 / per_token:,.0f} tokens/s), and the budget has {max(left, 0):.0f} s left for them"
+            f"({1 / per_token:,.0f} tokens/s), and the budget has {max(left, 0):.0f} s left for them; "
+            f"--budget-minutes {self.budget_holding_drill(need - left)} would hold them on this machine"
         )
+
+    def budget_holding_drill(self, short: float) -> int:
+        """The whole minutes of --budget-minutes whose extra time holds `short` more seconds at the drill stage.
+
+        Where the drill does not fit, pretraining's floor (`reserve_floor` steps) set its length, not the
+        budget, so a larger budget reaches the drill stage at the same time: each extra minute gives it 60 s,
+        less what that minute adds to SFT's, DPO's and GRPO's budgets (they scale with it; the drill's and
+        anneal's steps, the later work and the end margin do not). An estimate at the hour's speed: on a CPU
+        without bf16 a 15-minute run was ~390 s short (-> 24) and a 30-minute one, on a host 12% slower, 37 s short
+        (-> 31; docs/speedrun.md, round 37)."""
+        scaled = sum(self.later_minutes().values()) * 60 / self.base_budget  # seconds per budget minute
+        return math.ceil(self.base_budget * self.scale + short / (60 - scaled))
+
+    def later_minutes(self) -> dict[str, float]:
+        """SFT's, DPO's and GRPO's time budgets in the preset, before --budget-minutes scales them."""
+        from tinychat.train.dpo import DPOConfig
+        from tinychat.train.grpo import GRPOConfig
+        from tinychat.train.sft import SFTConfig
+
+        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
+        later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
+        return {s: self.stage_config(c, s, argv).train.max_time for c, s in later}
 
     def measured_seconds_per_token(self, stage: str) -> float | None:
         """Seconds per token of a finished stage's training steps from step 20 on (its metrics.jsonl rows: past the
@@ -584,13 +609,7 @@ class Speedrun:
         per_shape=True leaves out the steps of the stages budgeted in steps (drill, anneal), for a caller that
         prices them otherwise: at each model shape's own step time (fitted_shape), or with pretraining's reserve
         at its measured rate (planned)."""
-        from tinychat.train.dpo import DPOConfig
-        from tinychat.train.grpo import GRPOConfig
-        from tinychat.train.sft import SFTConfig
-
-        argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
-        later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
-        budgets = [self.scaled(self.stage_config(c, s, argv)).train.max_time * 60 for c, s in later if not self.done(s)]
+        budgets = [round(m * self.scale, 3) * 60 for s, m in self.later_minutes().items() if not self.done(s)]
         budgets += [self.stepped_seconds(s, per_shape) for s in self.stepped_todo()]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != self.stage_name) + time.perf_counter() - self.stage_t0
