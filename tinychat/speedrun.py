@@ -495,8 +495,8 @@ class Speedrun:
         budget, so a larger budget reaches the drill stage at the same time: each extra minute gives it 60 s,
         less what that minute adds to SFT's, DPO's and GRPO's budgets (they scale with it; the drill's and
         anneal's steps, the later work and the end margin do not). An estimate at the hour's speed: on a CPU
-        without bf16 a 15-minute run was ~390 s short (-> 24) and a 30-minute one, on a host 12% slower, 37 s short
-        (-> 31; docs/speedrun.md, round 37)."""
+        without bf16 a 15-minute run was 392 s or more short (-> 24 or more), and a 30-minute one on a host 12%
+        slower 37 s short (-> 31; docs/speedrun.md, round 37)."""
         scaled = sum(self.later_minutes().values()) * 60 / self.base_budget  # seconds per budget minute
         return math.ceil(self.base_budget * self.scale + short / (60 - scaled))
 
