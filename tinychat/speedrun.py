@@ -497,18 +497,19 @@ class Speedrun:
         anneal's steps, the later work and the end margin do not). An estimate at the hour's speed: on a CPU
         without bf16 a 15-minute run was 392 s or more short (-> 24 or more), and a 30-minute one on a host 12%
         slower 37 s short (-> 31; docs/speedrun.md, round 37)."""
-        scaled = sum(self.later_minutes().values()) * 60 / self.base_budget  # seconds per budget minute
+        minutes = sum(cfg.train.max_time for cfg in self.later_configs().values())
+        scaled = minutes * 60 / self.base_budget  # seconds per budget minute
         return math.ceil(self.base_budget * self.scale + short / (60 - scaled))
 
-    def later_minutes(self) -> dict[str, float]:
-        """SFT's, DPO's and GRPO's time budgets in the preset, before --budget-minutes scales them."""
+    def later_configs(self) -> dict[str, object]:
+        """SFT's, DPO's and GRPO's configs from the preset, their time budgets not yet scaled by --budget-minutes."""
         from tinychat.train.dpo import DPOConfig
         from tinychat.train.grpo import GRPOConfig
         from tinychat.train.sft import SFTConfig
 
         argv = ["--run", self.cfg.run, "--runs-dir", self.cfg.runs_dir]
         later = [(SFTConfig, "sft"), (DPOConfig, "dpo"), (GRPOConfig, "grpo")]
-        return {s: self.stage_config(c, s, argv).train.max_time for c, s in later}
+        return {s: self.stage_config(c, s, argv) for c, s in later}
 
     def measured_seconds_per_token(self, stage: str) -> float | None:
         """Seconds per token of a finished stage's training steps from step 20 on (its metrics.jsonl rows: past the
@@ -609,7 +610,7 @@ class Speedrun:
         per_shape=True leaves out the steps of the stages budgeted in steps (drill, anneal), for a caller that
         prices them otherwise: at each model shape's own step time (fitted_shape), or with pretraining's reserve
         at its measured rate (planned)."""
-        budgets = [round(m * self.scale, 3) * 60 for s, m in self.later_minutes().items() if not self.done(s)]
+        budgets = [self.scaled(c).train.max_time * 60 for s, c in self.later_configs().items() if not self.done(s)]
         budgets += [self.stepped_seconds(s, per_shape) for s in self.stepped_todo()]
         timings = self._load_timings()
         spent = sum(t for name, t in timings.items() if name != self.stage_name) + time.perf_counter() - self.stage_t0
