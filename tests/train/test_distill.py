@@ -15,7 +15,8 @@ from train_helpers import TINY, run_cmd
 from tinychat.cli import main
 from tinychat.data.shards import TokenIndex
 from tinychat.model import Model, preset
-from tinychat.train.distill import kd_loss, topk_kl
+from tinychat.model.loss import topk_kl
+from tinychat.train.distill import kd_loss
 
 
 def test_kl_is_zero_when_student_equals_teacher_and_positive_otherwise():

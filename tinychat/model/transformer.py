@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from tinychat.model.config import ModelConfig
 from tinychat.model.kv_cache import CacheMeta, KVCache, PagedKVCache, PagedMeta, sdpa
-from tinychat.model.loss import linear_cross_entropy, summed_ce
+from tinychat.model.loss import linear_cross_entropy, summed_ce, summed_soft_ce
 from tinychat.model.moe import MoE, inactive_params
 from tinychat.model.positions import base_inv_freq, layer_masks, rope_attention_factor, rope_kind, yarn_inv_freq
 
@@ -410,20 +410,27 @@ class Model(nn.Module):
         adapters: object = None,
         targets: torch.Tensor | None = None,  # (B, T) next-token ids, -100 = no loss
         last: torch.Tensor | None = None,  # (B,) the one position per row whose logits are wanted
+        soft_targets: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, T, K) a teacher's top-k ids, log-probs
+        alpha: float = 1.0,  # with soft_targets: the cross-entropy's weight, 1 - alpha the KL's
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size), or (B, vocab_size) at the positions `last` (a prefill reads only its
         last token's); with `targets`, the summed cross-entropy against them instead (an fp32 scalar),
         computed in row chunks without materialising the logits where the head is a plain Linear
-        (model/loss.py). Through forward, so DDP, FSDP and compile wrappers see the call."""
+        (model/loss.py); with `soft_targets` too, (3,): the summed alpha * CE + (1 - alpha) * KL to the
+        teacher's top-k, then CE and KL alone (distillation). Through forward, so DDP, FSDP and compile
+        wrappers see the call."""
         h = self.hidden_states(input_ids, cache, n_new, rows, meta, adapters)
         if last is not None:
             return self.lm_head(h[torch.arange(h.shape[0], device=h.device), last])
         if targets is None:
             return self.lm_head(h)
+        soft = None if soft_targets is None else tuple(t.flatten(0, 1) for t in soft_targets)
         w = self.lm_head.weight
         plain = parametrize.type_before_parametrizations(self.lm_head) is nn.Linear  # not LoRA or int8
         if plain and type(w) in (torch.Tensor, nn.Parameter):  # not a DTensor
-            return linear_cross_entropy(h.flatten(0, 1), w, targets.flatten())
+            return linear_cross_entropy(h.flatten(0, 1), w, targets.flatten(), soft, alpha)
+        if soft is not None:
+            return summed_soft_ce(self.lm_head(h).flatten(0, 1), targets.flatten(), soft, alpha)
         return summed_ce(self.lm_head(h), targets)
 
     def compute_dtype(self) -> torch.dtype:

@@ -15,10 +15,12 @@ A small student learns from a bigger teacher that shares its tokenizer, in two w
   one inference pass of the teacher over every training window stores its K likeliest next tokens and
   their log-probabilities at temperature T (the loader's windows are fixed, so each position's context is
   the one the student will see). The KL is then taken over K + 1 outcomes, the K tokens and "the rest",
-  which is the exact KL between both distributions coarsened that way. A training step then costs about
-  what a cross-entropy step costs, instead of adding a teacher forward pass to every step of every epoch:
-  the teacher runs once per window, not once per window per epoch. Forward KL only (the reverse needs
-  the teacher's probability of every token the student favours).
+  which is the exact KL between both distributions coarsened that way. The teacher runs once per window,
+  not once per window per epoch. At T = 1 the student's head computes both losses in row chunks, as
+  pretraining's fused cross-entropy does (model/loss.py, soft targets), so a step costs what a
+  cross-entropy step costs: with the (B, T, V) logits and a log-softmax it cost 1.38-1.47x on a 2-core
+  AVX2 CPU. Forward KL only (the reverse needs the teacher's probability of every token the student
+  favours).
 * Sequence-level (Kim & Rush 2016), "use the big model to make data for the small one". With
   `--seq.samples N` the teacher first continues the opening `--seq.prompt_tokens` tokens of N training
   documents; the student then trains on those N teacher-written documents instead of the data. The
@@ -47,6 +49,8 @@ import torch.nn.functional as F
 
 from tinychat.config import field
 from tinychat.errors import UserError
+from tinychat.model.loss import topk_kl
+from tinychat.model.transformer import Model
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import TrainContext, TrainResult, train
 from tinychat.train.pretrain import (
@@ -103,25 +107,6 @@ def kd_loss(
         kl = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
     else:
         raise ValueError(f"unknown KL direction {direction!r}")
-    return (kl * mask).sum() * temperature**2
-
-
-def topk_kl(
-    s: torch.Tensor,  # (B, T, V) the student's log-probabilities at the temperature (fp32)
-    teacher_ids: torch.Tensor,  # (B, T, K) the teacher's K likeliest next tokens
-    teacher_logp: torch.Tensor,  # (B, T, K) their log-probabilities at the temperature
-    mask: torch.Tensor,  # (B, T) bool
-    temperature: float,
-) -> torch.Tensor:
-    """T^2 * KL(teacher || student) over K + 1 outcomes (the K tokens, then all others together), summed over
-    masked positions (fp32); with K = V it is kd_loss's forward KL exactly. The student's log-probabilities
-    come in computed, so at T = 1 one log-softmax serves cross-entropy too."""
-    s_k = s.gather(-1, teacher_ids.long())  # (B, T, K)
-    t_k = teacher_logp.float()
-    # the rest's log-probability, log(1 - sum exp), computed stably; clamped where the K tokens hold all the mass
-    t_rest = torch.log1p(-t_k.exp().sum(-1).clamp(max=1 - 1e-6))
-    s_rest = torch.log1p(-s_k.exp().sum(-1).clamp(max=1 - 1e-6))
-    kl = (t_k.exp() * (t_k - s_k)).sum(-1) + t_rest.exp() * (t_rest - s_rest)  # (B, T)
     return (kl * mask).sum() * temperature**2
 
 
@@ -192,18 +177,23 @@ class DistillObjective(PretrainObjective):
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch[0], batch[1]  # (B, T) each
-        logits = model(x)  # (B, T, V)
         alpha, T = self.dcfg.alpha, self.dcfg.temperature
         if self.cache is not None and alpha < 1.0:
-            # one log-softmax over the vocabulary serves both terms at T = 1: for a small student the V-wide
-            # operations are a large part of the step, so a second one would cost more than the cache saves
+            rows = torch.as_tensor(batch[2], dtype=torch.long)
+            ids, logp = (t[rows].to(x.device) for t in self.cache)  # (B, T, K) each
+            inner = getattr(model, "module", getattr(model, "_orig_mod", model))  # under DDP or torch.compile
+            if T == 1.0 and isinstance(inner, Model):
+                # the head and both losses in row chunks (model/loss.py): no (B, T, V) logits, so a step costs
+                # about a cross-entropy step (1.47x with them on a 2-core AVX2 CPU: docs/compress.md)
+                out = model(x, targets=y, soft_targets=(ids, logp), alpha=alpha)
+                return out[0], {"ce": out[1], "kd": out[2]}
             mask = y != -100
+            logits = model(x)  # (B, T, V)
             s = F.log_softmax(logits.float(), dim=-1)
             ce = -(s.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum()
-            rows = torch.as_tensor(batch[2], dtype=torch.long)
-            ids, logp = (t[rows].to(x.device) for t in self.cache)
             kd = topk_kl(s if T == 1.0 else F.log_softmax(logits.float() / T, dim=-1), ids, logp, mask, T)
             return alpha * ce + (1.0 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
+        logits = model(x)  # (B, T, V)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         if alpha >= 1.0:
             return ce, {"ce": ce.detach()}
