@@ -26,6 +26,12 @@ def _grads(model: Model, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, 
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_close_grads(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], tol: float) -> None:
+    for name in want:
+        err = (want[name] - got[name]).norm() / want[name].norm().clamp_min(1e-12)
+        assert err < tol, name
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_equals_the_logits_cross_entropy(monkeypatch: pytest.MonkeyPatch, bf16: bool):
     monkeypatch.setattr(fused, "CHUNK_LOGITS", 500 * 7)  # 7 rows a chunk: 40 rows take 6 chunks, the last short
@@ -48,9 +54,7 @@ def test_equals_the_logits_cross_entropy(monkeypatch: pytest.MonkeyPatch, bf16: 
     assert l2.dtype == torch.float32
     tol = 2e-2 if bf16 else 1e-4
     torch.testing.assert_close(l2, l1, rtol=tol, atol=tol)
-    for name in g1:
-        err = (g1[name] - g2[name]).norm() / g1[name].norm().clamp_min(1e-12)
-        assert err < (3e-2 if bf16 else 1e-4), name
+    _assert_close_grads(g1, g2, 3e-2 if bf16 else 1e-4)
 
 
 def test_all_targets_ignored_is_zero_loss_and_zero_gradient():
@@ -92,9 +96,7 @@ def test_soft_targets_equal_the_logits_topk_kl(monkeypatch: pytest.MonkeyPatch, 
     torch.testing.assert_close(out["fused"], out["plain"], rtol=tol, atol=tol)
     assert out["fused"].dtype == torch.float32 and out["fused"][2] > 0
     torch.testing.assert_close(out["fused"][0], alpha * out["fused"][1] + (1 - alpha) * out["fused"][2])
-    for name in g1:
-        err = (g1[name] - g2[name]).norm() / g1[name].norm().clamp_min(1e-12)
-        assert err < (3e-2 if bf16 else 1e-4), name
+    _assert_close_grads(g1, g2, 3e-2 if bf16 else 1e-4)
 
 
 def test_soft_targets_of_the_student_itself_give_a_zero_kl_gradient():
