@@ -119,15 +119,20 @@ def topk_kl(
 
 
 def summed_soft_ce(
-    logits: torch.Tensor, targets: torch.Tensor, soft_targets: tuple[torch.Tensor, torch.Tensor], alpha: float
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    soft_targets: tuple[torch.Tensor, torch.Tensor],
+    alpha: float,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(N, V) logits, (N,) targets, a teacher's (N, K) top-k ids and log-probabilities -> (3,) fp32: summed
-    alpha * CE + (1 - alpha) * KL over the K + 1 outcomes, then CE and KL alone (without gradient); the
-    plain path of linear_cross_entropy's soft targets."""
+    """(N, V) logits, (N,) targets, a teacher's (N, K) top-k ids and log-probabilities (at `temperature`) ->
+    (3,) fp32: summed alpha * CE + (1 - alpha) * T^2 * KL over the K + 1 outcomes, then CE and KL alone
+    (without gradient); the plain path of linear_cross_entropy's soft targets, and the one for T != 1."""
     mask = targets != -100
     s = F.log_softmax(logits.float(), dim=-1)
     ce = -(s.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask).sum()
-    kl = topk_kl(s, *soft_targets, mask, 1.0)
+    s_t = s if temperature == 1.0 else F.log_softmax(logits.float() / temperature, dim=-1)
+    kl = topk_kl(s_t, *soft_targets, mask, temperature)
     return torch.stack([alpha * ce + (1.0 - alpha) * kl, ce.detach(), kl.detach()])
 
 

@@ -49,14 +49,14 @@ import torch.nn.functional as F
 
 from tinychat.config import field
 from tinychat.errors import UserError
-from tinychat.model.loss import topk_kl
-from tinychat.model.transformer import Model
+from tinychat.model.loss import summed_soft_ce
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import TrainContext, TrainResult, train
 from tinychat.train.pretrain import (
     PretrainConfig,
     PretrainObjective,
     freeze_for_stage,
+    has_fused_head,
     prepare,
     summary,
     write_config,
@@ -181,18 +181,14 @@ class DistillObjective(PretrainObjective):
         if self.cache is not None and alpha < 1.0:
             rows = torch.as_tensor(batch[2], dtype=torch.long)
             ids, logp = (t[rows].to(x.device) for t in self.cache)  # (B, T, K) each
-            inner = getattr(model, "module", getattr(model, "_orig_mod", model))  # under DDP or torch.compile
-            if T == 1.0 and isinstance(inner, Model):
+            if T == 1.0 and has_fused_head(model):
                 # the head and both losses in row chunks (model/loss.py): no (B, T, V) logits, so a step costs
                 # about a cross-entropy step (1.47x with them on a 2-core AVX2 CPU: docs/compress.md)
                 out = model(x, targets=y, soft_targets=(ids, logp), alpha=alpha)
-                return out[0], {"ce": out[1], "kd": out[2]}
-            mask = y != -100
-            logits = model(x)  # (B, T, V)
-            s = F.log_softmax(logits.float(), dim=-1)
-            ce = -(s.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum()
-            kd = topk_kl(s if T == 1.0 else F.log_softmax(logits.float() / T, dim=-1), ids, logp, mask, T)
-            return alpha * ce + (1.0 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
+            else:
+                soft = (ids.flatten(0, 1), logp.flatten(0, 1))
+                out = summed_soft_ce(model(x).flatten(0, 1), y.flatten(), soft, alpha, T)
+            return out[0], {"ce": out[1], "kd": out[2]}
         logits = model(x)  # (B, T, V)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         if alpha >= 1.0:

@@ -63,11 +63,16 @@ class PretrainConfig:
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
 
+def has_fused_head(model: torch.nn.Module) -> bool:
+    """Whether the model, under DDP or torch.compile, is tinychat's Model, whose forward takes `targets` (and
+    `soft_targets`) and computes the loss with the head in row chunks (model/loss.py)."""
+    return isinstance(getattr(model, "module", getattr(model, "_orig_mod", model)), Model)
+
+
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over targets != -100, in fp32: the model's own fused head-and-loss
     (model/loss.py: no (tokens, vocab) logits), or the logits' cross-entropy for a model without it."""
-    inner = getattr(model, "module", getattr(model, "_orig_mod", model))  # under DDP or torch.compile
-    if isinstance(inner, Model):
+    if has_fused_head(model):
         return model(x, targets=y)
     return summed_ce(model(x), y)
 
