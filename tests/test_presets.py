@@ -60,10 +60,11 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
     from tinychat.config import load_toml
 
     base, steps = load_toml(CONFIG_DIR / "cpu-tiny.toml"), load_toml(CONFIG_DIR / f"cpu-tiny-{k}x.toml")
-    s4 = {"pretrain": 693, "sft": 99, "dpo": 119, "grpo": 45}
+    s4 = {"pretrain": 693, "sft": 99, "dpo": 119, "grpo": 45}  # s4's steps, pretraining's of 16 x 256 tokens
     for stage, n in s4.items():
         assert base[stage]["train"].pop("max_time") > 0
-        assert steps[stage]["train"].pop("max_steps") == n * k
+        batch = base[stage]["train"].get("batch_size", base["train"]["batch_size"])
+        assert steps[stage]["train"].pop("max_steps") == n * k * (16 if stage == "pretrain" else batch) // batch
         assert steps[stage]["train"].pop("max_time") == 0
     assert base["speedrun"].pop("later_work") > 0  # pretraining's time = what the budget leaves: steps fix it
     assert base["pretrain"]["train"].pop("reserve_floor") > 0  # a floor under the time plan's reserve: steps fix it

@@ -286,9 +286,9 @@ def test_unknown_preset_and_stage_are_one_sentence_errors(tmp_path: Path, capsys
 
 def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path: Path):
     """cpu-tiny's drill (150 steps for the calculator, 300 with arithmetic: drill_steps) and anneal (450) are
-    budgeted in steps; the plan prices them at the sizing
-    probe's step time of the chosen shape x STEP_OVERHEAD, capped by their max_time, and leaves them to the
-    shape choice (per shape) while no shape is chosen."""
+    budgeted in steps of 16 x 256 tokens; the plan prices them at the sizing probe's step time of the chosen
+    shape (one of pretraining's 8 x 256-token steps since round 38, so two a step) x STEP_OVERHEAD, capped by
+    their max_time, and leaves them to the shape choice (per shape) while no shape is chosen."""
     from tinychat.speedrun import Speedrun, SpeedrunConfig, with_preset_defaults
 
     run = Speedrun(
@@ -297,15 +297,15 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     assert run.drill_kinds == ["calculator"]
     assert run.stepped_seconds("drill") == 10.0 * 60  # no shape chosen yet: the cap
     assert run.stepped_seconds("drill", per_shape=True) == 0.0
-    assert run.stepped_steps() == pytest.approx((150 + 450) * run.STEP_OVERHEAD)
+    assert run.stepped_steps() == pytest.approx((150 + 450) * 2 * run.STEP_OVERHEAD)
     (tmp_path / "p").mkdir()
     record = {"measured": [{"shape": "a", "seconds_per_step": 0.5}, {"shape": "b", "seconds_per_step": 0.2}]}
     (tmp_path / "p" / "sizing.json").write_text(json.dumps({**record, "chosen": "b"}))
-    assert run.stepped_seconds("drill") == pytest.approx(150 * 0.2 * run.STEP_OVERHEAD)
+    assert run.stepped_seconds("drill") == pytest.approx(150 * 2 * 0.2 * run.STEP_OVERHEAD)
     both = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p")))
     assert both.drill_kinds == ["calculator", "arithmetic"]  # the default since round 29
-    assert both.stepped_seconds("drill") == pytest.approx(300 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
-    assert run.stepped_seconds("anneal") == pytest.approx(450 * 0.2 * run.STEP_OVERHEAD)
+    assert both.stepped_seconds("drill") == pytest.approx(300 * 2 * 0.2 * run.STEP_OVERHEAD)  # 150 per kind
+    assert run.stepped_seconds("anneal") == pytest.approx(min(450 * 2 * 0.2 * run.STEP_OVERHEAD, 4.0 * 60))
     reading = Speedrun(
         with_preset_defaults(
             SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["calculator", "reading"])
@@ -314,8 +314,8 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     drill = reading.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train
     assert (drill.seq_len, drill.max_steps) == (512, 150 + 500)  # drill_seq_len: the longest window drilled
     assert run.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train.seq_len == 256
-    # 512-token windows are priced as two of pretraining's 256-token steps, and capped by max_time
-    assert reading.stepped_seconds("drill") == pytest.approx(min(650 * 2 * 0.2 * run.STEP_OVERHEAD, 10.0 * 60))
+    # 16 x 512-token windows are priced as four of pretraining's 8 x 256-token steps, and capped by max_time
+    assert reading.stepped_seconds("drill") == pytest.approx(min(650 * 4 * 0.2 * run.STEP_OVERHEAD, 10.0 * 60))
     agent = Speedrun(
         with_preset_defaults(
             SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), run="p", drills=["reading", "agent"])
@@ -324,7 +324,7 @@ def test_the_drill_and_anneal_are_priced_at_the_chosen_shapes_step_time(tmp_path
     drill = agent.drill_config(["--run", "p", "--runs-dir", str(tmp_path)]).train
     # agent rows need 1024-token windows; the batch halves so a step holds drill_step_tokens, as reading's did
     assert (drill.seq_len, drill.batch_size, drill.max_steps) == (1024, 8, 500 + 300)
-    assert agent.probe_steps(drill) == pytest.approx(800 * 2)
+    assert agent.probe_steps(drill) == pytest.approx(800 * 4)  # 8 x 1024 tokens: four of pretraining's 8 x 256
     none = Speedrun(with_preset_defaults(SpeedrunConfig(preset="cpu-tiny", runs_dir=str(tmp_path), drills=["none"])))
     assert none.drill_kinds == [] and "drill" not in [s.name for s in none.stages()]
 
@@ -351,7 +351,7 @@ def test_pretraining_keeps_the_drill_and_anneal_steps_at_its_own_rate(tmp_path: 
 
     said = " ".join(_plan_lines(tmp_path / "p" / "plan.json"))
     assert "kept 3.00M tokens" in said and "floor" not in said  # a plan from before round 35: no floor
-    assert cfg.train.reserve_floor == 650  # the preset's: below it the facts are not stored yet (round 35)
+    assert cfg.train.reserve_floor == 1300  # the preset's: below it the facts are not stored yet (rounds 35, 38)
     (tmp_path / "p" / "plan.json").write_text(json.dumps({**plan, "reserve_tokens": 3_000_000, "reserve_floor": 650}))
     assert "floor of 650 steps, which the anneal gives way to, held it" in " ".join(
         _plan_lines(tmp_path / "p" / "plan.json", 650)
@@ -380,7 +380,7 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     (tmp_path / "p").mkdir()
     run.replan_anneal(cfg)  # no plan.json: the preset's steps
     assert (cfg.train.max_steps, cfg.train.max_time) == (450, 4.0)
-    record = {"measured": [{"shape": "b", "seconds_per_step": 0.2}], "chosen": "b"}
+    record = {"measured": [{"shape": "b", "seconds_per_step": 0.1}], "chosen": "b"}  # an 8 x 256 pretraining step
     (tmp_path / "p" / "sizing.json").write_text(json.dumps(record))
     timings = {"world": 10.0, "tokenizer": 10.0, "data": 10.0, "pretrain": 400.0, "drill": 50.0}
     (tmp_path / "p" / "timings.json").write_text(json.dumps(timings))
@@ -392,7 +392,7 @@ def test_the_anneal_trains_for_what_the_budget_leaves_when_it_starts(tmp_path: P
     assert cfg.train.max_steps == 0 and cfg.train.max_time == pytest.approx(110 / 60, abs=0.01)
     kept = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert kept["anneal_minutes"] == cfg.train.max_time
-    assert kept["anneal_priced_seconds"] == pytest.approx(450 * 0.2 * run.STEP_OVERHEAD, abs=0.1)
+    assert kept["anneal_priced_seconds"] == pytest.approx(450 * 2 * 0.1 * run.STEP_OVERHEAD, abs=0.1)
     assert "anneal: 1.83 min" in capsys.readouterr().out
     from tinychat.eval.report import _plan_lines
 
@@ -436,15 +436,16 @@ def test_the_drill_is_left_out_when_it_and_the_anneals_least_time_do_not_fit(tmp
     d = tmp_path / "p"
     d.mkdir()
     assert run.drill_unaffordable() == ""  # no plan, no measured rate: the drill runs as the preset says
-    (d / "sizing.json").write_text(json.dumps({"measured": [{"shape": "b", "seconds_per_step": 0.4}], "chosen": "b"}))
+    (d / "sizing.json").write_text(json.dumps({"measured": [{"shape": "b", "seconds_per_step": 0.2}], "chosen": "b"}))
     plan = {"budget_seconds": 900.0, "later_seconds": 100.0, "pretrain_minutes": 6.0}
     (d / "plan.json").write_text(json.dumps(plan))
     assert run.drill_unaffordable() == ""  # a plan but no pretraining steps measured yet
     _pretrain_metrics(d, 10_000.0)
     assert run.measured_seconds_per_token("pretrain") == pytest.approx(1 / 10_000)
     run.stage_name, run.stage_t0 = "drill", time.perf_counter()
-    # need: 300 drill steps x 4,096 tokens at 10k tokens/s x 1.1 = 135 s, + half the anneal's 450 x 0.4 x 1.3 s
-    need = 300 * 4096 / 10_000 * run.RESERVE_OVERHEAD + 0.5 * 450 * 0.4 * run.STEP_OVERHEAD
+    # need: 300 drill steps x 4,096 tokens at 10k tokens/s x 1.1 = 135 s, + half the anneal's 450 steps, each two
+    # 0.2 s probe steps of 8 x 256 tokens, x 1.3
+    need = 300 * 4096 / 10_000 * run.RESERVE_OVERHEAD + 0.5 * 450 * 2 * 0.2 * run.STEP_OVERHEAD
     # left: 900 - spent - (SFT 90 + DPO 30 + GRPO 60) - 30 margin - 100 later work
     (d / "timings.json").write_text(json.dumps({"pretrain": 589.0 - need}))
     assert run.drill_unaffordable() == ""  # it fits, with a second to spare
