@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from tinychat.config import field
 from tinychat.errors import UserError
-from tinychat.model.loss import summed_soft_ce
+from tinychat.model.loss import summed_ce, summed_soft_ce
 from tinychat.train.config import TrainConfig
 from tinychat.train.loop import TrainContext, TrainResult, train
 from tinychat.train.pretrain import (
@@ -190,7 +190,7 @@ class DistillObjective(PretrainObjective):
                 out = summed_soft_ce(model(x).flatten(0, 1), y.flatten(), soft, alpha, T)
             return out[0], {"ce": out[1], "kd": out[2]}
         logits = model(x)  # (B, T, V)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        ce = summed_ce(logits, y)
         if alpha >= 1.0:
             return ce, {"ce": ce.detach()}
         with torch.no_grad():
