@@ -64,7 +64,8 @@ def test_step_presets_are_cpu_tiny_with_fixed_steps(k: int):
     for stage, n in s4.items():
         assert base[stage]["train"].pop("max_time") > 0
         batch = base[stage]["train"].get("batch_size", base["train"]["batch_size"])
-        assert steps[stage]["train"].pop("max_steps") == n * k * (16 if stage == "pretrain" else batch) // batch
+        per_s4_step = 16 // batch if stage == "pretrain" else 1  # s4's tokens, in the preset's steps
+        assert steps[stage]["train"].pop("max_steps") == n * k * per_s4_step
         assert steps[stage]["train"].pop("max_time") == 0
     assert base["speedrun"].pop("later_work") > 0  # pretraining's time = what the budget leaves: steps fix it
     assert base["pretrain"]["train"].pop("reserve_floor") > 0  # a floor under the time plan's reserve: steps fix it
