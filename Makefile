@@ -19,8 +19,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tinychat speedrun
 
+# Two pytest-xdist workers, each with its share of torch's threads (tests/conftest.py): much of the suite waits on
+# subprocesses, servers and compilers, so two workers fill a 2-core machine. `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tinychat tests bench
