@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tinychat.cli import main
+from tinychat.eval.backend import detect_mode
 from tinychat.speedrun import CONFIG_DIR
 from tinychat.train.sizing import parse_shape
 
@@ -50,6 +51,11 @@ def test_pretraining_mixes_in_the_conversations_and_the_final_model_gets_the_mos
     mode = {r["stage"]: r["mode"] for r in suites}
     n = {r["stage"]: r["n"] for r in suites}
     assert mode["pretrain"] == "chat"  # it has met the chat format, so it is asked through the template
+    for stage in STAGES:  # and its config.json says so, for `tinychat eval --mode auto` on the directory alone
+        final = micro_run / "checkpoints" / stage
+        record = json.loads((final / "config.json").read_text())
+        assert record["tinychat_stage"] == stage and record["tinychat_chat"] is True, stage
+        assert detect_mode(final, stage=stage) == "chat", stage
     assert n["grpo"] == 6 and n["pretrain"] == n["sft"] == 3  # micro: eval_limit 6, stage_eval_limit 3
     assert all(r["refused"] is not None for r in suites)
 

@@ -128,6 +128,15 @@ def test_detect_mode(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
     (tmp_path / "plain" / "config.json").write_text(json.dumps({**cfg, "tinychat_stage": "pretrain"}))
     assert detect_mode(tmp_path / "plain") == "base"
+    # what training records wins over every other rule: a pretrained model that met chat rows is asked as a chat
+    # model whatever stage the caller names; one that met plain text only is a base model even after "sft"
+    record = {**cfg, "tinychat_stage": "pretrain", "tinychat_chat": True}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(record))
+    assert detect_mode(tmp_path / "plain") == "chat" and detect_mode(tmp_path / "plain", stage="pretrain") == "chat"
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({**cfg, "tinychat_chat": False}))
+    assert detect_mode(tmp_path / "plain", stage="sft") == "base"
+    shutil.copytree(tmp_path / "plain", ck / "sft")
+    assert detect_mode(ck / "sft") == "base"
     tc = json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
     (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "plain" / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": None}))

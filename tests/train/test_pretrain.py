@@ -16,6 +16,7 @@ import torch
 from train_helpers import TINY, pretrain_cmd, run_cmd, train_losses
 
 from tinychat.cli import main
+from tinychat.eval.backend import detect_mode
 
 
 def test_loss_falls_and_checkpoints_open_in_transformers(corpus_run: Path):
@@ -55,6 +56,9 @@ def test_loss_falls_and_checkpoints_open_in_transformers(corpus_run: Path):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
     assert (final / "tokenizer.json").exists()
+    record = json.loads((final / "config.json").read_text())  # plain text, no chat rows: a base model
+    assert record["tinychat_stage"] == "pretrain" and record["tinychat_chat"] is False
+    assert detect_mode(final) == "base"
     assert sorted(p.name for p in final.glob("step_*")) == ["step_000030", "step_000060"]
     assert transformers.AutoModelForCausalLM.from_pretrained(final / "step_000030") is not None
 

@@ -19,19 +19,25 @@ BASE_STAGES = ("pretrain", "distill")
 def detect_mode(model_dir: str | Path, stage: str = "", tokenizer: Any = None) -> Mode:
     """base or chat, by explicit rules in this order (first that applies wins):
 
-    1. a stage name given by the caller: pretrain and distill are base, any other (sft, dpo, grpo, ...) chat;
-    2. config.json's "tinychat_stage", when a writer recorded one (same rule);
-    3. a run checkpoint directory (.../checkpoints/STAGE or .../checkpoints/STAGE/step_N): the folder
+    1. config.json's "tinychat_chat", which training records (tinychat.train.loop.record_stage): chat if the
+       model met the chat template in training, post-training or chat rows mixed into pretraining, else base;
+    2. a stage name given by the caller: pretrain and distill are base, any other (sft, dpo, grpo, ...) chat;
+    3. config.json's "tinychat_stage", when a writer recorded one (same rule);
+    4. a run checkpoint directory (.../checkpoints/STAGE or .../checkpoints/STAGE/step_N): the folder
        name is the stage (same rule);
-    4. otherwise a directory whose tokenizer has a chat template with <|im_start|> is chat, else base.
+    5. otherwise a directory whose tokenizer has a chat template with <|im_start|> is chat, else base.
     """
     d = Path(model_dir)
+    try:
+        record = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    if isinstance(record.get("tinychat_chat"), bool):
+        return "chat" if record["tinychat_chat"] else "base"
     if stage:
         return "base" if stage in BASE_STAGES else "chat"
-    try:
-        hint = json.loads((d / "config.json").read_text()).get("tinychat_stage")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        hint = None
+    hint = record.get("tinychat_stage")
     if isinstance(hint, str) and hint:
         return "base" if hint in BASE_STAGES else "chat"
     r = d.resolve()

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tinychat.data.shards import write_json_atomic
 from tinychat.errors import UserError
 from tinychat.model.hf import copy_tokenizer
 from tinychat.model.moe import clear_router_stats, router_losses
@@ -47,6 +48,10 @@ class Objective:
     """What an objective supplies to the loop; subclasses override the first five methods."""
 
     name: str = "objective"
+    # whether the model met the chat template in training (post-training rows, or chat rows mixed into the
+    # pretraining text): config.json records it as "tinychat_chat", and evaluation then asks the model through
+    # the template (tinychat.eval.backend.detect_mode)
+    chat: bool = False
 
     def setup(self, ctx: TrainContext) -> None:
         """Called once the device and world are known, before the first batch."""
@@ -441,7 +446,7 @@ def train(
             last_eval = {**last_eval, **averaged}
         path = checkpoint()
         if not interrupted:
-            _save_final(objective, raw, stage_dir, tokenizer_dir, info, pipe, ema)
+            _save_final(objective, raw, stage_dir, tokenizer_dir, ctx, pipe, ema)
     console.close()
     log.close()
     if interrupted and info.is_main:
@@ -476,7 +481,7 @@ def _save_final(
     raw: torch.nn.Module,
     stage_dir: Path,
     tokenizer_dir: str | Path | None,
-    info: DistInfo,
+    ctx: TrainContext,
     pipe: Pipeline | None = None,
     ema: WeightEMA | None = None,
 ) -> None:
@@ -488,7 +493,17 @@ def _save_final(
     if ema is not None:
         model_sd = ema.merged(model_sd)
     model_sd = fold_state(raw, model_sd)
-    if info.is_main:
+    if ctx.dist.is_main:
         objective.save_model(raw, stage_dir, model_sd)
         copy_tokenizer(tokenizer_dir, stage_dir)
+        record_stage(stage_dir, ctx.stage, objective.chat)
     barrier()
+
+
+def record_stage(model_dir: Path, stage: str, chat: bool) -> None:
+    """config.json's record of how the model was trained: "tinychat_stage" and "tinychat_chat" (see Objective.chat),
+    read by tinychat.eval.backend.detect_mode. transformers keeps unknown keys as attributes and ignores them. A
+    prompt/prefix adapter's directory has no config.json: nothing is recorded there."""
+    path = model_dir / "config.json"
+    if path.is_file():
+        write_json_atomic(path, {**json.loads(path.read_text()), "tinychat_stage": stage, "tinychat_chat": chat})

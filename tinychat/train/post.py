@@ -255,6 +255,7 @@ class PostObjective(Objective):
     alone for prompt/prefix methods."""
 
     task_type = "CAUSAL_LM"
+    chat = True  # every post-training row is a conversation in the chat template
     adapter_modules: tuple[str, ...] = ()  # whole modules saved with the adapter (a reward model's score)
 
     def __init__(self, cfg: PostConfig, tok: Any, init: Path) -> None:

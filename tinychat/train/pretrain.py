@@ -101,6 +101,8 @@ class PretrainObjective(Objective):
 
         super().setup(ctx)
         cfg, d = self.cfg, ctx.dist
+        # chat rows mixed into the text (`tinychat data tokenize --chat`): the model learns the template here
+        self.chat = bool(json.loads((self.data_dir / "index.json").read_text()).get("chat"))
         per_micro = cfg.batch_size * cfg.seq_len * d.world
         self.accum = max(1, cfg.batch_tokens // per_micro) if cfg.batch_tokens else 1
         if cfg.batch_tokens and cfg.batch_tokens % per_micro:
