@@ -254,6 +254,33 @@ def test_low_rank_factorisation_cli_saves_parameters_and_merges_back(tmp_path: P
     assert merge_lowrank(low).lowrank is None
 
 
+def test_compressed_directories_keep_the_training_record(tmp_path: Path) -> None:
+    """quantize, prune and factorize rewrite config.json; eval's --mode auto must still see a chat model."""
+    from tinychat.eval.backend import detect_mode
+
+    tiny().save_pretrained(tmp_path / "plain")
+    assert main(["quantize", "--model", str(tmp_path / "plain"), "--bits", "8", "--out", str(tmp_path / "p8")]) == 0
+    assert "tinychat_chat" not in json.loads((tmp_path / "p8" / "config.json").read_text())  # nothing to carry
+    fp = tmp_path / "fp"
+    tiny().save_pretrained(fp)
+    cfg = json.loads((fp / "config.json").read_text())
+    (fp / "config.json").write_text(json.dumps({**cfg, "tinychat_stage": "pretrain", "tinychat_chat": True}))
+    commands = {
+        "q8": ["quantize", "--model", str(fp), "--bits", "8"],
+        "q4": ["quantize", "--model", str(fp), "--bits", "4", "--group-size", "32"],
+        "heads": ["prune", "--model", str(fp), "--method", "heads", "--sparsity", "0.5"],
+        "magnitude": ["prune", "--model", str(fp), "--method", "magnitude", "--sparsity", "0.5"],
+        "low": ["factorize", "--model", str(fp), "--rank", "4"],
+        "merged": ["factorize", "--model", str(tmp_path / "low"), "--merge"],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0, name
+        record = json.loads((tmp_path / name / "config.json").read_text())
+        assert (record["tinychat_stage"], record["tinychat_chat"]) == ("pretrain", True), name
+        assert detect_mode(str(tmp_path / name), stage="pretrain") == "chat", name
+        Model.from_pretrained(str(tmp_path / name))  # the record does not get in the way of loading
+
+
 def test_serve_engine_and_eval_run_a_quantized_directory(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The serving engine and `tinychat eval`'s bits per byte load the integer directory like any other."""
     from tinychat.eval.run import evaluate_model

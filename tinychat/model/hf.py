@@ -273,11 +273,16 @@ def copy_tokenizer(src: str | Path | None, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------- save
 def save_pretrained(
-    model: Model, path: str | Path, dtype: torch.dtype | None = None, state_dict: dict | None = None
+    model: Model,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    state_dict: dict | None = None,
+    record: dict[str, Any] | None = None,
 ) -> None:
     """Write config.json, model.safetensors and generation_config.json in HF's layout.
 
     `state_dict` overrides the model's own (a trainer passes the full weights gathered from FSDP shards).
+    `record` (see `training_record`) goes into config.json beside the architecture.
     """
     cfg = model.cfg
     quant = getattr(model, "quantization", None)  # set by tinychat.model.compress.quant
@@ -297,6 +302,7 @@ def save_pretrained(
         hf_config["tie_word_embeddings"] = False  # the head is stored (see quant.quantized_state)
     if getattr(model, "lowrank", None):
         hf_config["tinychat_lowrank"] = model.lowrank  # tinychat's own layout (see compress/factorize.py)
+    hf_config.update(record or {})
     gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
     if cfg.eos_token_id is not None:
         gen["eos_token_id"] = cfg.eos_token_id
@@ -323,6 +329,17 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist.")
     return read_json_object(p / "config.json", "a model directory needs config.json and model.safetensors")
+
+
+TRAINING_RECORD = ("tinychat_stage", "tinychat_chat")
+
+
+def training_record(path: str | Path) -> dict[str, Any]:
+    """How the model at `path` was trained, as training wrote it into config.json (tinychat.train.loop.record_stage):
+    the keys of TRAINING_RECORD that are there. A command that rewrites a model without training it (quantize,
+    prune, factorize) passes this on to save_pretrained, so eval still knows to ask its output as a chat model."""
+    raw = read_config_json(path)
+    return {k: raw[k] for k in TRAINING_RECORD if k in raw}
 
 
 def read_json_object(file: Path, needs: str) -> dict[str, Any]:

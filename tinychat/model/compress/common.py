@@ -41,7 +41,8 @@ def load_float(path: str) -> nn.Module:
 
 
 def save_with_tokenizer(model: nn.Module, src: str, out: str) -> None:
-    from tinychat.model.hf import copy_tokenizer, save_pretrained
+    """The compressed model at `out`, with `src`'s tokenizer and its record of how it was trained."""
+    from tinychat.model.hf import copy_tokenizer, save_pretrained, training_record
 
-    save_pretrained(model, out)
+    save_pretrained(model, out, record=training_record(src))
     copy_tokenizer(src, Path(out))
