@@ -196,6 +196,7 @@ class TokenIndex:
     vocab_size: int
     eot_id: int
     splits: dict[str, dict[str, Any]]
+    chat: bool = False  # conversations rendered with the chat template are mixed into the train split (--chat)
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> TokenIndex:
@@ -208,7 +209,8 @@ class TokenIndex:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
             assert meta.get("kind") == TOKENS_KIND
-            return cls(root, np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eot_id"]), meta["splits"])
+            dtype, vocab, eot = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["eot_id"])
+            return cls(root, dtype, vocab, eot, meta["splits"], bool(meta.get("chat")))
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UserError(f"{path} is not a valid tinychat token index.") from None
 

@@ -101,8 +101,6 @@ class PretrainObjective(Objective):
 
         super().setup(ctx)
         cfg, d = self.cfg, ctx.dist
-        # chat rows mixed into the text (`tinychat data tokenize --chat`): the model learns the template here
-        self.chat = bool(json.loads((self.data_dir / "index.json").read_text()).get("chat"))
         per_micro = cfg.batch_size * cfg.seq_len * d.world
         self.accum = max(1, cfg.batch_tokens // per_micro) if cfg.batch_tokens else 1
         if cfg.batch_tokens and cfg.batch_tokens % per_micro:
@@ -113,6 +111,7 @@ class PretrainObjective(Objective):
         self.loader = PackedLoader(
             self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=d.rank, world_size=d.world
         )
+        self.chat = self.loader.index.chat  # chat rows mixed into the text: the model learns the template here
         # a validation split too small for one batch fails here, not at the first evaluation minutes later
         PackedLoader(self.data_dir, cfg.batch_size, cfg.seq_len, split="val", rank=d.rank, world_size=d.world)
         self.token_bytes = torch.tensor(token_byte_lengths(self.tok), dtype=torch.float32, device=ctx.device)
